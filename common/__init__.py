@@ -1,0 +1,1 @@
+"""Small pieces every stage uses: atomic output directories, provenance, the CLI error boundary."""

@@ -1,0 +1,1 @@
+"""exporter stage of the toolkit."""

@@ -1,0 +1,1 @@
+"""loadtest stage of the toolkit."""
