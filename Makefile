@@ -22,7 +22,6 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/python -m finetune --version >/dev/null
 	bash scripts/demo.sh $(PY) $(DEMO_DIR) $(DEMO_LIMIT) $(DEMO_EPOCHS)
 
 test: install
