@@ -1,0 +1,508 @@
+"""`python -m loadtest bench`: every way to run the classifier, side by side, on the same texts and threads.
+
+In-process backends (timed per call, tokenization included, texts in file order, padded to the
+longest text of each batch, truncated at ``max_length``):
+  - HF ``pipeline("text-classification")`` in PyTorch fp32, batch 32 and batch 1 (the baseline),
+  - PyTorch bf16 autocast (only where the CPU has AMX, unless forced),
+  - ONNX Runtime for each variant of the exporter's build/report.json.
+Served backends: the Triton repository behind a local tritonserver, HTTP and gRPC, closed loop at each
+concurrency (each request ``texts_per_request`` texts), one text per request at one concurrency, and an
+open-loop constant-rate run at 70 % of the best closed-loop throughput for the tail-latency goal.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from common.atomic import atomic_directory
+from common.provenance import versions
+from loadtest.errors import LoadtestError
+from loadtest.report import fmt, markdown_table
+from loadtest.run import default_out
+
+log = logging.getLogger(__name__)
+
+PIPELINE_BASELINE = "pytorch pipeline fp32 b32"
+GOAL_A_RATIO = 2.5
+GOAL_B_RATIO = 0.90
+GOAL_C_LOAD = 0.70
+GOAL_C_TAIL = 2.0
+
+
+class Bf16Mode(str, enum.Enum):
+    AUTO = "auto"  # only with AMX (amx_bf16 in /proc/cpuinfo)
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: Path = Path("finetuned_model")
+    build: Path | None = Path("build")
+    repository: Path | None = Path("model_repository")
+    texts: Path | None = None
+    n_texts: int = 512
+    threads: int = 2
+    batch_size: int = 32
+    max_length: int = 128
+    concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    texts_per_request: int = 8
+    single_text_concurrency: int = 16
+    served_seconds: float = 10.0
+    open_loop_seconds: float = 15.0
+    warmup_seconds: float = 2.0
+    protocols: tuple[str, ...] = ("http", "grpc")
+    bf16: Bf16Mode = Bf16Mode.AUTO
+    pipeline_batch1: bool = True
+    served: bool = True
+    out: Path | None = None
+    seed: int = 0
+    notes: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.bf16 = Bf16Mode(self.bf16)
+        self.checkpoint = Path(self.checkpoint)
+        if not (self.checkpoint / "config.json").is_file():
+            raise LoadtestError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
+        if self.n_texts < 1 or self.threads < 1 or self.batch_size < 1 or self.texts_per_request < 1:
+            raise LoadtestError("--n-texts, --threads, --batch-size and --texts-per-request must be >= 1")
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise LoadtestError("--concurrency must be a list of integers >= 1")
+        if any(p not in ("http", "grpc") for p in self.protocols) or not self.protocols:
+            raise LoadtestError("--protocols must name http and/or grpc")
+        if self.build is not None:
+            self.build = Path(self.build)
+            if not (self.build / "report.json").is_file():
+                raise LoadtestError(f"{self.build}/report.json not found (run `python -m exporter build`)")
+        if self.served:
+            if self.repository is None or not Path(self.repository).is_dir():
+                raise LoadtestError(f"repository {self.repository} not found (or pass --no-served)")
+            self.repository = Path(self.repository)
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise LoadtestError(f"texts file {self.texts} not found")
+        self.out = Path(self.out) if self.out is not None else default_out("bench")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class BackendResult:
+    name: str
+    kind: str  # "in-process" | "served" | "open-loop"
+    rows_per_call: int
+    seq_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    accuracy: float | None
+    n_texts: int
+    detail: dict[str, Any] = field(default_factory=dict)
+    ratio_to_pipeline: float | None = None
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _chunks(seq: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def time_calls(fn: Callable[[Sequence[str]], list[str]], texts: Sequence[str], batch: int
+               ) -> tuple[list[str], list[float], float]:
+    """Run ``fn`` on every batch after one untimed warm-up call; (predicted labels, ms per call, seconds)."""
+    batches = _chunks(texts, batch)
+    fn(batches[0])
+    preds: list[str] = []
+    lat: list[float] = []
+    t_all = time.perf_counter()
+    for b in batches:
+        t0 = time.perf_counter()
+        preds.extend(fn(b))
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return preds, lat, time.perf_counter() - t_all
+
+
+def accuracy(preds: Sequence[str], gold: Sequence[str] | None) -> float | None:
+    if gold is None:
+        return None
+    return float(np.mean([p == g for p, g in zip(preds, gold)]))
+
+
+def _result(name: str, kind: str, batch: int, texts, gold, preds, lat, seconds, **detail) -> BackendResult:
+    res = BackendResult(name, kind, batch, len(texts) / seconds, float(np.percentile(lat, 50)),
+                        float(np.percentile(lat, 99)), accuracy(preds, gold), len(texts), dict(detail))
+    log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  acc %s", name, res.seq_per_s, res.p50_ms,
+             res.p99_ms, fmt(res.accuracy, 4))
+    return res
+
+
+def bench_pipeline(checkpoint: Path, texts, gold, batch: int, max_length: int) -> BackendResult:
+    """HF pipeline('text-classification') in PyTorch fp32: what users pick without this toolkit."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=str(checkpoint), tokenizer=str(checkpoint), device=-1)
+
+    def run(b: Sequence[str]) -> list[str]:
+        out = pipe(list(b), batch_size=len(b), truncation=True, max_length=max_length)
+        return [o["label"] for o in out]
+
+    preds, lat, secs = time_calls(run, texts, batch)
+    return _result(f"pytorch pipeline fp32 b{batch}", "in-process", batch, texts, gold, preds, lat, secs)
+
+
+def bench_torch_bf16(checkpoint: Path, texts, gold, batch: int, max_length: int, isa: str) -> BackendResult:
+    """PyTorch eager with bf16 autocast on the CPU."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    id2label = model.config.id2label
+
+    def run(b: Sequence[str]) -> list[str]:
+        enc = tok(list(b), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**enc).logits
+        return [id2label[int(i)] for i in logits.float().argmax(-1)]
+
+    preds, lat, secs = time_calls(run, texts, batch)
+    return _result(f"pytorch bf16 autocast b{batch}", "in-process", batch, texts, gold, preds, lat, secs, isa=isa)
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def bench_ort(name: str, onnx_path: Path, checkpoint: Path, texts, gold, batch: int, max_length: int,
+              threads: int) -> BackendResult:
+    """In-process ONNX Runtime on one exported variant (same tokenizer, same padding as the pipeline)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    id2label = {int(k): v for k, v in AutoConfig.from_pretrained(checkpoint).id2label.items()}
+    sess = ort_session(onnx_path, threads)
+    wanted = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in sess.get_outputs()]
+    out_name = "logits" if "logits" in out_names else out_names[0]
+
+    def run(b: Sequence[str]) -> list[str]:
+        enc = tok(list(b), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feed = {k: enc[k].astype(np.int64) for k in wanted if k in enc}
+        for k in wanted:  # e.g. token_type_ids when the tokenizer does not return it
+            feed.setdefault(k, np.zeros_like(enc["input_ids"], dtype=np.int64))
+        (scores,) = sess.run([out_name], feed)
+        return [id2label[int(i)] for i in scores.argmax(-1)]
+
+    preds, lat, secs = time_calls(run, texts, batch)
+    return _result(f"onnxruntime {name} b{batch}", "in-process", batch, texts, gold, preds, lat, secs,
+                   onnx=str(onnx_path), variant=name)
+
+
+def build_variants(build: Path) -> list[tuple[str, Path]]:
+    """(variant name, ONNX file) for each usable variant in build/report.json."""
+    from loadtest.artifacts import read_build_variants
+
+    return read_build_variants(build)
+
+
+# ---------------------------------------------------------------- served
+
+
+def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResult]:
+    from loadtest.clients import closed_loop
+
+    results = []
+    plan = [(proto, c, cfg.texts_per_request) for proto in cfg.protocols for c in cfg.concurrency]
+    plan += [(proto, cfg.single_text_concurrency, 1) for proto in cfg.protocols]
+    for proto, conc, k in plan:
+        url = endpoints.http_url if proto == "http" else endpoints.grpc_url
+        r = closed_loop(proto, url, texts, gold, concurrency=conc, texts_per_request=k,
+                        duration_s=cfg.served_seconds, warmup_s=cfg.warmup_seconds)
+        if r.requests == 0:
+            raise LoadtestError(f"served {proto} c={conc}: no request succeeded ({r.first_error})")
+        res = BackendResult(f"served {proto} c{conc} x{k}", "served", k, r.seq_per_s, r.percentile(50),
+                            r.percentile(99), r.accuracy, r.rows, {"load": r.as_dict()})
+        log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d", res.name, res.seq_per_s,
+                 res.p50_ms or 0, res.p99_ms or 0, r.failures)
+        if r.failures:
+            cfg.notes.append(f"{res.name}: {r.failures} failed requests, first: {r.first_error}")
+        results.append(res)
+    return results
+
+
+def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResult) -> BackendResult:
+    from loadtest.clients import open_loop
+
+    proto = best.detail["load"]["protocol"]
+    url = endpoints.http_url if proto == "http" else endpoints.grpc_url
+    sat_rps = best.detail["load"]["requests_per_s"]
+    rate = GOAL_C_LOAD * sat_rps
+    r = open_loop(proto, url, texts, gold, rate_rps=rate, texts_per_request=best.rows_per_call,
+                  duration_s=cfg.open_loop_seconds, warmup_s=cfg.warmup_seconds)
+    res = BackendResult(f"served {proto} open-loop {GOAL_C_LOAD:.0%} x{best.rows_per_call}", "open-loop",
+                        best.rows_per_call, r.seq_per_s, r.percentile(50), r.percentile(99), r.accuracy,
+                        r.rows, {"load": r.as_dict(), "saturating_requests_per_s": sat_rps})
+    log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  (target %.1f req/s)", res.name, res.seq_per_s,
+             res.p50_ms or 0, res.p99_ms or 0, rate)
+    return res
+
+
+# ---------------------------------------------------------------- goals and report
+
+
+def evaluate_goals(results: Sequence[BackendResult], served_variant: str | None) -> dict[str, Any]:
+    """The three goals (a, b, c) with their numbers; ``met`` is None when a goal could not be measured."""
+    by_name = {r.name: r for r in results}
+    base = by_name.get(PIPELINE_BASELINE)
+    served = [r for r in results if r.kind == "served"]
+    best = max(served, key=lambda r: r.seq_per_s, default=None)
+    goals: dict[str, Any] = {}
+
+    a: dict[str, Any] = {"goal": f"served int8 throughput >= {GOAL_A_RATIO}x the PyTorch pipeline (batch 32)",
+                         "served_variant": served_variant}
+    if best and base:
+        a.update(served_seq_per_s=best.seq_per_s, served_point=best.name, pipeline_seq_per_s=base.seq_per_s,
+                 ratio=best.seq_per_s / base.seq_per_s)
+        is_int8 = bool(served_variant and "int8" in served_variant.lower())
+        a["met"] = bool(is_int8 and a["ratio"] >= GOAL_A_RATIO)
+        if not is_int8:
+            a["note"] = f"the repository serves {served_variant!r}, not an int8 variant"
+    else:
+        a["met"] = None
+    goals["a"] = a
+
+    b: dict[str, Any] = {"goal": f"served throughput >= {GOAL_B_RATIO:.0%} of in-process ORT, same variant"}
+    ort = None
+    if served_variant:
+        ort = next((r for r in results if r.kind == "in-process" and r.detail.get("variant") == served_variant), None)
+    if best and ort:
+        b.update(served_seq_per_s=best.seq_per_s, ort_backend=ort.name, ort_seq_per_s=ort.seq_per_s,
+                 ratio=best.seq_per_s / ort.seq_per_s, met=best.seq_per_s >= GOAL_B_RATIO * ort.seq_per_s)
+    else:
+        b["met"] = None
+        b["note"] = f"no in-process ORT result for the served variant {served_variant!r}"
+    goals["b"] = b
+
+    c: dict[str, Any] = {"goal": f"p99 <= {GOAL_C_TAIL:g}x p50 at {GOAL_C_LOAD:.0%} of the saturating load"}
+    ol = next((r for r in results if r.kind == "open-loop"), None)
+    if ol and ol.p50_ms and ol.p99_ms:
+        c.update(saturating_requests_per_s=ol.detail["saturating_requests_per_s"],
+                 offered_requests_per_s=ol.detail["load"]["target_rps"],
+                 achieved_requests_per_s=ol.detail["load"]["requests_per_s"], p50_ms=ol.p50_ms, p99_ms=ol.p99_ms,
+                 ratio=ol.p99_ms / ol.p50_ms, met=ol.p99_ms <= GOAL_C_TAIL * ol.p50_ms,
+                 failures=ol.detail["load"]["failures"])
+    else:
+        c["met"] = None
+    goals["c"] = c
+    return goals
+
+
+def goal_lines(goals: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, g in goals.items():
+        verdict = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[g.get("met")]
+        if key == "a" and g.get("ratio") is not None:
+            nums = (f"{g['served_seq_per_s']:.1f} seq/s ({g['served_point']}, variant {g['served_variant']}) vs "
+                    f"pipeline {g['pipeline_seq_per_s']:.1f} = {g['ratio']:.2f}x")
+        elif key == "b" and g.get("ratio") is not None:
+            nums = f"{g['served_seq_per_s']:.1f} vs {g['ort_backend']} {g['ort_seq_per_s']:.1f} seq/s = {g['ratio']:.0%}"
+        elif key == "c" and g.get("ratio") is not None:
+            nums = (f"at {g['offered_requests_per_s']:.1f} req/s offered (saturation "
+                    f"{g['saturating_requests_per_s']:.1f}): p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms "
+                    f"= {g['ratio']:.2f}x")
+        else:
+            nums = g.get("note", "")
+        note = f" ({g['note']})" if g.get("note") and g.get("ratio") is not None else ""
+        lines.append(f"({key}) {g['goal']}: {verdict} — {nums}{note}")
+    return lines
+
+
+TABLE_HEADER = ("backend", "rows/call", "seq/s", "p50 ms", "p99 ms", "x pipeline", "accuracy")
+
+
+def table_rows(results: Sequence[BackendResult]) -> list[tuple]:
+    return [(r.name, r.rows_per_call, r.seq_per_s, r.p50_ms, r.p99_ms,
+             None if r.ratio_to_pipeline is None else f"{r.ratio_to_pipeline:.2f}",
+             None if r.accuracy is None else f"{r.accuracy:.4f}") for r in results]
+
+
+def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
+    lines = [
+        "# Benchmark\n",
+        f"{meta['n_texts']} texts from `{meta['texts_source']}`, {cfg.threads} thread(s) per backend "
+        f"(torch.set_num_threads / ORT intra_op), {meta['cpu']} ({meta['cores']} cores). In-process latency is "
+        f"per call of `rows/call` texts (tokenization included); served latency is per request of "
+        f"`rows/call` texts from closed-loop clients (`cN` = N concurrent clients), open-loop = constant rate.\n",
+        markdown_table(TABLE_HEADER, table_rows(results)),
+        "## Goals\n",
+        *[f"- {line}" for line in goal_lines(goals)],
+        "",
+    ]
+    if meta.get("served"):
+        lines += ["## Served configuration\n", "```json", json.dumps(meta["served"], indent=2), "```", ""]
+    if cfg.notes:
+        lines += ["## Notes\n", *[f"- {n}" for n in cfg.notes], ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_bench(results: Sequence[BackendResult], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(results) + 1.5)),
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    names = [r.name for r in results][::-1]
+    vals = [r.seq_per_s for r in results][::-1]
+    colors = [{"in-process": "tab:blue", "served": "tab:green", "open-loop": "tab:olive"}[r.kind]
+              for r in results][::-1]
+    ax1.barh(names, vals, color=colors)
+    ax1.set_xlabel("sequences / s")
+    ax1.set_title("throughput")
+    for proto, style in (("http", "o-"), ("grpc", "s-")):
+        pts = sorted((r.detail["load"]["concurrency"], r.seq_per_s, r.p99_ms) for r in results
+                     if r.kind == "served" and r.detail["load"]["protocol"] == proto and r.rows_per_call > 1)
+        if pts:
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{proto} seq/s")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("concurrent clients")
+    ax2.set_ylabel("sequences / s")
+    ax2.set_title("served, closed loop")
+    ax2b = ax2.twinx()
+    for proto, style in (("http", "o:"), ("grpc", "s:")):
+        pts = sorted((r.detail["load"]["concurrency"], r.p99_ms or 0) for r in results
+                     if r.kind == "served" and r.detail["load"]["protocol"] == proto and r.rows_per_call > 1)
+        if pts:
+            ax2b.plot([p[0] for p in pts], [p[1] for p in pts], style, alpha=0.6, label=f"{proto} p99 ms")
+    ax2b.set_ylabel("p99 latency (ms)")
+    h1, l1 = ax2.get_legend_handles_labels()
+    h2, l2 = ax2b.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every backend, evaluate the goals, write bench.{json,md,png} into ``cfg.out``."""
+    import torch
+
+    from loadtest.texts import load_texts
+
+    torch.set_num_threads(cfg.threads)
+    textset = load_texts(cfg.texts).sample(cfg.n_texts, seed=cfg.seed)
+    texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
+    if gold is None:
+        cfg.notes.append(f"{textset.source} has no labels: accuracy not measured")
+    log.info("bench: %d texts from %s, %d thread(s)", len(texts), textset.source, cfg.threads)
+
+    results: list[BackendResult] = []
+    stage_t = time.perf_counter()
+
+    def stage(msg: str) -> None:
+        nonlocal stage_t
+        log.info("[%5.1fs] %s", time.perf_counter() - stage_t, msg)
+
+    stage("pipeline fp32")
+    results.append(bench_pipeline(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length))
+    if cfg.pipeline_batch1:
+        results.append(bench_pipeline(cfg.checkpoint, texts, gold, 1, cfg.max_length))
+
+    flags = cpu_flags()
+    isa = "amx_bf16" if "amx_bf16" in flags else ("avx512_bf16" if "avx512_bf16" in flags else None)
+    if cfg.bf16 is Bf16Mode.ON or (cfg.bf16 is Bf16Mode.AUTO and "amx_bf16" in flags):
+        stage("pytorch bf16 autocast")
+        results.append(bench_torch_bf16(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, isa or "none"))
+    elif cfg.bf16 is Bf16Mode.AUTO:
+        cfg.notes.append("pytorch bf16 autocast skipped: no AMX (amx_bf16) on this CPU"
+                         + (f"; it has {isa} (force with --bf16 on)" if isa else ""))
+
+    if cfg.build is not None:
+        for name, path in build_variants(cfg.build):
+            stage(f"onnxruntime {name}")
+            results.append(bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length,
+                                     cfg.threads))
+
+    served_meta = None
+    served_variant = None
+    if cfg.served:
+        from loadtest.artifacts import served_summary
+        from loadtest.serve import served
+
+        served_meta = served_summary(cfg.repository, cfg.build)
+        served_variant = served_meta.get("variant")
+        stage(f"starting tritonserver on {cfg.repository} (variant {served_variant})")
+        with served(cfg.repository) as endpoints:
+            served_meta["endpoints"] = endpoints.as_dict()
+            stage("served closed loop")
+            served_results = _served_points(cfg, endpoints, texts, gold)
+            results.extend(served_results)
+            multi = [r for r in served_results if r.rows_per_call == cfg.texts_per_request]
+            best = max(multi, key=lambda r: r.seq_per_s)
+            stage(f"served open loop at {GOAL_C_LOAD:.0%} of {best.name}")
+            results.append(_open_loop_point(cfg, endpoints, texts, gold, best))
+        threads = served_meta.get("encoder_intra_op_threads")
+        cfg.notes.append(
+            f"served: encoder intra_op threads {threads}, {served_meta.get('encoder_instances')} instance(s); "
+            f"server, tokenizer/postprocess python stubs and this client share the machine's "
+            f"{os.cpu_count()} cores, while each in-process backend had {cfg.threads} thread(s) to itself")
+
+    base = next((r for r in results if r.name == PIPELINE_BASELINE), None)
+    for r in results:
+        r.ratio_to_pipeline = r.seq_per_s / base.seq_per_s if base else None
+    goals = evaluate_goals(results, served_variant)
+
+    meta = {
+        "n_texts": len(texts), "texts_source": textset.source, "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cpu_bf16": isa, "served": served_meta,
+    }
+    out = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": meta, "results": [asdict(r) for r in results], "goals": goals, "notes": cfg.notes,
+        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with atomic_directory(cfg.out) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+        write_markdown(tmp / "bench.md", cfg, results, goals, meta)
+        plot_bench(results, tmp / "bench.png")
+    out["out"] = str(cfg.out.absolute())
+    out["table"] = (TABLE_HEADER, table_rows(results))
+    out["goal_lines"] = goal_lines(goals)
+    log.info("wrote %s", cfg.out)
+    return out

@@ -1,0 +1,260 @@
+"""`python -m loadtest tune`: a small Model-Analyzer-style sweep of the served configuration.
+
+Stage 1 tries thread layouts (encoder instances x ONNX Runtime intra-op threads) with the repository's
+batching; stage 2 varies one batching knob at a time (max queue delay, max batch size) around the best
+layout. Each trial writes a full repository through ``serving.repository.write_repository`` into a
+temporary directory, starts tritonserver on it and measures a short closed-loop run at fixed concurrency.
+The best trial (highest seq/s without failures; within 3 %, the lower p99) is written into the
+repository atomically, from the same ONNX file and tokenizer, and tune.json / tune.md record every trial.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_directory
+from loadtest.errors import LoadtestError
+from loadtest.report import markdown_table
+from loadtest.run import Protocol, default_out, parse_duration
+
+log = logging.getLogger(__name__)
+
+TIE = 0.03
+
+
+def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
+    """``1x2,2x1`` -> ((1, 2), (2, 1)): encoder instances x intra-op threads."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            inst, thr = (int(x) for x in item.lower().split("x"))
+        except ValueError as exc:
+            raise LoadtestError(f"bad layout {item!r}: use INSTANCESxTHREADS, e.g. 2x1") from exc
+        if inst < 1 or thr < 0:
+            raise LoadtestError(f"bad layout {item!r}: instances >= 1, threads >= 0")
+        out.append((inst, thr))
+    if not out:
+        raise LoadtestError("no layouts given")
+    return tuple(out)
+
+
+def parse_ints(text: str, what: str, minimum: int = 0) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as exc:
+        raise LoadtestError(f"{what}: comma-separated integers expected, got {text!r}") from exc
+    if any(v < minimum for v in values):
+        raise LoadtestError(f"{what}: values must be >= {minimum}")
+    return values
+
+
+@dataclass
+class TuneConfig:
+    repository: Path = Path("model_repository")
+    texts: Path | None = None
+    duration_per_trial: str = "10s"
+    warmup: str = "2s"
+    concurrency: int = 16
+    texts_per_request: int = 8
+    protocol: Protocol = Protocol.GRPC
+    layouts: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (1, 1))
+    queue_delays_us: tuple[int, ...] = (500, 8000)
+    max_batch_sizes: tuple[int, ...] = (32, 128)
+    n_texts: int = 512
+    apply: bool = True
+    out: Path | None = None
+    duration_s: float = field(init=False, default=0.0)
+    warmup_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.repository = Path(self.repository)
+        if not (self.repository / "provenance.json").is_file():
+            raise LoadtestError(f"{self.repository} is not a repository written by serving.repository "
+                                f"(no provenance.json)")
+        self.protocol = Protocol(self.protocol)
+        self.duration_s = parse_duration(self.duration_per_trial)
+        self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0
+        if self.concurrency < 1 or self.texts_per_request < 1 or self.n_texts < 1:
+            raise LoadtestError("--concurrency, --texts-per-request and --n-texts must be >= 1")
+        if not self.layouts:
+            raise LoadtestError("at least one layout is needed")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise LoadtestError(f"texts file {self.texts} not found")
+        self.out = Path(self.out) if self.out is not None else default_out("tune")
+
+
+def _sources(repository: Path, workdir: Path) -> tuple[Path, Path, dict[int, str], dict[str, Any]]:
+    """Copies of the served ONNX file and tokenizer (from provenance, else the repository), id2label."""
+    from serving.repository import ENCODER, TOKENIZER, VERSION
+
+    from loadtest.artifacts import read_provenance
+
+    prov = read_provenance(repository)
+    labels = prov.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise LoadtestError(f"{repository}/provenance.json has no labels list")
+    onnx_src = Path((prov.get("onnx") or {}).get("source") or "")
+    if not onnx_src.is_file():
+        onnx_src = repository / ENCODER / VERSION / "model.onnx"
+    exporter = prov.get("exporter") or {}
+    tok_src = None
+    for key in ("tokenizer_dir", "checkpoint"):
+        cand = Path(str(exporter.get(key) or ""))
+        if exporter.get(key) and (cand / "tokenizer.json").is_file():
+            tok_src = cand
+            break
+    tok_src = tok_src or repository / TOKENIZER / VERSION / "tokenizer"
+    if not onnx_src.is_file() or not (tok_src / "tokenizer.json").is_file():
+        raise LoadtestError(f"cannot find the served ONNX file or tokenizer for {repository}")
+    onnx = workdir / "model.onnx"
+    shutil.copy2(onnx_src, onnx)
+    tok = workdir / "tokenizer"
+    shutil.copytree(tok_src, tok, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    log.info("tune sources: onnx %s, tokenizer %s", onnx_src, tok_src)
+    return onnx, tok, dict(enumerate(labels)), prov
+
+
+def _base_config(prov: dict[str, Any]):
+    from serving.repository import RepositoryConfig
+
+    raw = dict(prov.get("config") or {})
+    known = {f.name for f in dataclasses.fields(RepositoryConfig)}
+    raw = {k: v for k, v in raw.items() if k in known}
+    if "preferred_batch_sizes" in raw:
+        raw["preferred_batch_sizes"] = tuple(raw["preferred_batch_sizes"])
+    return RepositoryConfig(**raw)
+
+
+def _knobs(cfg) -> dict[str, Any]:
+    return {"encoder_instances": cfg.encoder_instances, "intra_op_threads": cfg.intra_op_threads,
+            "max_batch_size": cfg.max_batch_size, "preferred_batch_sizes": list(cfg.preferred_batch_sizes),
+            "max_queue_delay_us": cfg.max_queue_delay_us}
+
+
+def _trial(i: int, stage: str, rcfg, onnx: Path, tok: Path, id2label, workdir: Path, cfg: TuneConfig,
+           texts, gold) -> dict[str, Any]:
+    from serving.repository import write_repository
+
+    from loadtest.clients import closed_loop
+    from loadtest.serve import served
+
+    repo = write_repository(workdir / f"trial-{i}", onnx_model=onnx, tokenizer_dir=tok, id2label=id2label,
+                            config=rcfg)
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"trial": i, "stage": stage, **_knobs(rcfg)}
+    try:
+        with served(repo) as ep:
+            url = ep.http_url if cfg.protocol is Protocol.HTTP else ep.grpc_url
+            r = closed_loop(cfg.protocol.value, url, texts, gold, concurrency=cfg.concurrency,
+                            texts_per_request=cfg.texts_per_request, duration_s=cfg.duration_s,
+                            warmup_s=cfg.warmup_s)
+        record.update(seq_per_s=r.seq_per_s, p50_ms=r.percentile(50), p99_ms=r.percentile(99),
+                      requests=r.requests, failures=r.failures, error=r.first_error)
+    except LoadtestError as exc:
+        record.update(seq_per_s=0.0, p50_ms=None, p99_ms=None, requests=0, failures=None, error=str(exc))
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("trial %d (%s) %s: %.1f seq/s, p99 %s ms%s", i, stage, _knobs(rcfg), record["seq_per_s"],
+             f"{record['p99_ms']:.1f}" if record["p99_ms"] else "-",
+             f", error: {record['error']}" if record.get("error") else "")
+    return record
+
+
+def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    """Is trial ``a`` better than ``b``: valid, faster by more than TIE, or as fast with a lower p99."""
+    if a["seq_per_s"] <= 0 or a.get("failures"):
+        return False
+    if b is None:
+        return True
+    if a["seq_per_s"] > b["seq_per_s"] * (1 + TIE):
+        return True
+    if a["seq_per_s"] >= b["seq_per_s"] * (1 - TIE):
+        return (a["p99_ms"] or float("inf")) < (b["p99_ms"] or float("inf"))
+    return False
+
+
+def run_tune(cfg: TuneConfig) -> dict[str, Any]:
+    """Sweep, write tune.json/tune.md into ``cfg.out``, and (if ``cfg.apply``) rewrite the repository."""
+    from serving.repository import write_repository
+
+    from loadtest.texts import load_texts
+
+    textset = load_texts(cfg.texts).sample(cfg.n_texts)
+    texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
+    trials: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tune-") as tmpname:
+        workdir = Path(tmpname)
+        onnx, tok, id2label, prov = _sources(cfg.repository, workdir)
+        base = _base_config(prov)
+        log.info("tune: base config %s", _knobs(base))
+        best, best_cfg = None, None
+        for inst, thr in cfg.layouts:
+            rcfg = dataclasses.replace(base, encoder_instances=inst, intra_op_threads=thr)
+            rec = _trial(len(trials) + 1, "layout", rcfg, onnx, tok, id2label, workdir, cfg, texts, gold)
+            trials.append(rec)
+            if _better(rec, best):
+                best, best_cfg = rec, rcfg
+        if best_cfg is None:
+            raise LoadtestError("no layout served without failures: " + "; ".join(
+                f"trial {t['trial']}: {t.get('error')}" for t in trials))
+        stage1 = best_cfg
+        variations = [dataclasses.replace(stage1, max_queue_delay_us=d) for d in cfg.queue_delays_us
+                      if d != stage1.max_queue_delay_us]
+        for mbs in cfg.max_batch_sizes:
+            if mbs != stage1.max_batch_size:
+                pref = tuple(b for b in stage1.preferred_batch_sizes if b <= mbs)
+                variations.append(dataclasses.replace(stage1, max_batch_size=mbs, preferred_batch_sizes=pref,
+                                                      max_queue_size=max(stage1.max_queue_size, mbs)))
+        for rcfg in variations:
+            rec = _trial(len(trials) + 1, "batching", rcfg, onnx, tok, id2label, workdir, cfg, texts, gold)
+            trials.append(rec)
+            if _better(rec, best):
+                best, best_cfg = rec, rcfg
+        applied = False
+        if cfg.apply:
+            exporter = dict(prov.get("exporter") or {})
+            exporter["tuned"] = {"best": _knobs(best_cfg), "seq_per_s": best["seq_per_s"],
+                                 "p99_ms": best["p99_ms"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_repository(cfg.repository, onnx_model=onnx, tokenizer_dir=tok, id2label=id2label,
+                             config=best_cfg, provenance=exporter)
+            applied = True
+            log.info("wrote the best configuration into %s", cfg.repository)
+    summary = {
+        "repository": str(cfg.repository.absolute()), "applied": applied, "base": _knobs(base),
+        "best": {**_knobs(best_cfg), "trial": best["trial"], "seq_per_s": best["seq_per_s"],
+                 "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"]},
+        "load": {"protocol": cfg.protocol.value, "concurrency": cfg.concurrency,
+                 "texts_per_request": cfg.texts_per_request, "duration_s": cfg.duration_s,
+                 "warmup_s": cfg.warmup_s, "texts": textset.source, "n_texts": len(texts)},
+        "trials": trials,
+    }
+    header = ("trial", "stage", "instances", "intra-op", "max batch", "preferred", "delay us", "seq/s",
+              "p50 ms", "p99 ms", "failures")
+    rows = [(t["trial"], t["stage"], t["encoder_instances"], t["intra_op_threads"], t["max_batch_size"],
+             ",".join(map(str, t["preferred_batch_sizes"])) or "-", t["max_queue_delay_us"], t["seq_per_s"],
+             t["p50_ms"], t["p99_ms"], t["failures"] if t.get("error") is None else f"error: {t['error'][:60]}")
+            for t in trials]
+    summary["table"] = (header, rows)
+    with atomic_directory(cfg.out) as tmp:
+        (tmp / "tune.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"},
+                                                  indent=2, default=str) + "\n")
+        md = [
+            "# Serving configuration sweep\n",
+            f"Closed loop, {cfg.protocol.value}, {cfg.concurrency} clients x {cfg.texts_per_request} texts/request, "
+            f"{cfg.duration_s:g} s per trial after {cfg.warmup_s:g} s warm-up, texts from `{textset.source}`.\n",
+            markdown_table(header, rows),
+            f"Best: trial {best['trial']} {_knobs(best_cfg)} at {best['seq_per_s']:.1f} seq/s"
+            + (" (written into the repository)." if applied else " (not applied)."),
+            "",
+        ]
+        (tmp / "tune.md").write_text("\n".join(md))
+    summary["out"] = str(cfg.out.absolute())
+    return summary
