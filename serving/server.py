@@ -1,0 +1,352 @@
+"""`LocalTritonServer`: the real tritonserver bundled in `nvidia-pytriton`, run on this machine's CPU.
+
+The python backend needs a stub built for the running Python; it is copied next to a copy of
+`libtriton_python.so` in a private backend directory. The stub embeds libpython, so the server gets
+`LD_LIBRARY_PATH` with the interpreter's LIBDIR and `PYTHONPATH` with its site-packages (see DESIGN.md).
+Endpoints bind 127.0.0.1 unless asked otherwise; port 0 picks a free port.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+_INDEX_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*(UNAVAILABLE: .*?)\s*\|\s*$")
+
+
+@dataclass
+class ServerConfig:
+    """How to run the local server. A port of 0 means: pick a free one."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    log_file: Path | None = None
+    startup_timeout_s: float = 120.0
+    exit_timeout_s: int = 10
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.repository = Path(self.repository)
+        if self.log_file is not None:
+            self.log_file = Path(self.log_file)
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ServerError(f"{name} must be in 0..65535, got {port}")
+        if self.startup_timeout_s <= 0 or self.exit_timeout_s < 0:
+            raise ServerError("startup_timeout_s must be > 0 and exit_timeout_s >= 0")
+
+
+def tritonserver_dir() -> Path:
+    """The `pytriton/tritonserver` directory of the installed nvidia-pytriton wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed; it provides the tritonserver binary")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise ServerError(f"no tritonserver binary in {root / 'bin'}")
+    return root
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prepare_backends(root: Path, workdir: Path) -> Path:
+    """A private backend directory: python backend + the stub for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no python-backend stub for Python {version}")
+    backends = workdir / "backends"
+    shutil.copytree(root / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    return backends
+
+
+def _server_env() -> dict[str, str]:
+    env = os.environ.copy()
+    libdirs = [sysconfig.get_config_var("LIBDIR") or ""]
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        libs = Path(list(spec.submodule_search_locations)[0]).parent / "nvidia_pytriton.libs"
+        if libs.is_dir():
+            libdirs.append(str(libs))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    paths = sysconfig.get_paths()
+    site = [paths["purelib"], paths["platlib"]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(site + [env.get("PYTHONPATH", "")])).rstrip(":")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM the server when the Python process that started it dies."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def model_errors(log_text: str) -> dict[str, str]:
+    """Model name -> its load error, parsed from a tritonserver log."""
+    errors: dict[str, str] = {}
+    for line in log_text.splitlines():
+        match = _LOAD_FAILED.search(line)
+        if match:
+            errors.setdefault(match.group(1), match.group(2).strip())
+            continue
+        match = _INDEX_ROW.match(line.strip())
+        if match:
+            errors.setdefault(match.group(1), match.group(2).strip())
+    return errors
+
+
+class LocalTritonServer:
+    """Start tritonserver on a repository; ``with LocalTritonServer(cfg) as server: server.http_url``."""
+
+    def __init__(self, config: ServerConfig | Path | str, **kwargs) -> None:
+        self.config = config if isinstance(config, ServerConfig) else ServerConfig(Path(config), **kwargs)
+        self.process: subprocess.Popen | None = None
+        self.start_seconds: float | None = None
+        self._workdir: Path | None = None
+        self._log_path: Path | None = None
+        self._log_handle = None
+        self.http_port = self.grpc_port = self.metrics_port = 0
+
+    # -- endpoints
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    def log_text(self) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(encoding="utf-8", errors="replace")
+
+    # -- life cycle
+    def command(self, backends: Path) -> list[str]:
+        cfg = self.config
+        return [
+            str(tritonserver_dir() / "bin" / "tritonserver"),
+            f"--model-repository={cfg.repository.absolute()}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={cfg.exit_timeout_s}",
+            f"--http-address={cfg.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={cfg.host}", f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=true", f"--metrics-address={cfg.host}", f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={cfg.log_verbose}",
+            *cfg.extra_args,
+        ]
+
+    def start(self) -> "LocalTritonServer":
+        """Start the server and wait until it and every model are ready; raise ServerError if not."""
+        if self.process is not None:
+            raise ServerError("server already started")
+        cfg = self.config
+        from serving.repository import validate_repository
+
+        validate_repository(cfg.repository)  # RepositoryError: a clear line before any server starts
+        taken: set[int] = set()
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(cfg, name)
+            while port == 0 or port in taken:
+                port = free_port(cfg.host)
+            taken.add(port)
+            setattr(self, name, port)
+        self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        backends = _prepare_backends(tritonserver_dir(), self._workdir)
+        self._log_path = cfg.log_file.absolute() if cfg.log_file else self._workdir / "tritonserver.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self._log_handle = open(self._log_path, "ab")
+        cmd = self.command(backends)
+        log.info("starting tritonserver on %s (http %d, grpc %d, metrics %d), log %s",
+                 cfg.host, self.http_port, self.grpc_port, self.metrics_port, self._log_path)
+        log.debug("command: %s", " ".join(cmd))
+        t0 = time.perf_counter()
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=_server_env(), cwd=self._workdir, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.perf_counter() - t0
+        log.info("tritonserver ready in %.1f s: http %s, grpc %s", self.start_seconds, self.http_url, self.grpc_url)
+        return self
+
+    def _new_log(self) -> str:
+        return self.log_text()[self._log_offset:] if self._log_offset else self.log_text()
+
+    def _failure(self, what: str) -> ServerError:
+        text = self._new_log()
+        errors = model_errors(text)
+        if errors:
+            detail = "; ".join(f"model '{m}' failed to load: {e}" for m, e in errors.items())
+        else:
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
+            detail = " | ".join(tail) or "no log output"
+        return ServerError(f"tritonserver {what}: {detail} (log: {self._log_path})")
+
+    def _wait_ready(self, t0: float) -> None:
+        deadline = t0 + self.config.startup_timeout_s
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise self._failure(f"exited with code {code} during start-up")
+            if self._ready():
+                not_ready = self._models_not_ready()
+                if not not_ready:
+                    return
+            errors = model_errors(self._new_log())
+            if errors:  # a model failed; with --exit-on-error the server is about to exit
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=self.config.exit_timeout_s + 5)
+                raise self._failure("could not load every model")
+            if time.perf_counter() > deadline:
+                raise self._failure(f"not ready after {self.config.startup_timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def _http(self, method: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
+                                     data=b"{}" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (OSError, urllib.error.URLError):
+            return 0, b""
+
+    def _ready(self) -> bool:
+        return self._http("GET", "/v2/health/ready")[0] == 200
+
+    def _models_not_ready(self) -> list[str]:
+        status, body = self._http("POST", "/v2/repository/index")
+        if status != 200:
+            return ["<repository index unavailable>"]
+        return [m.get("name", "?") for m in json.loads(body) if m.get("state") != "READY"]
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check(self) -> None:
+        """Raise ServerError if the server process has died or is no longer ready."""
+        if self.process is None:
+            raise ServerError("server not started")
+        code = self.process.poll()
+        if code is not None:
+            raise self._failure(f"died with exit code {code}")
+        if not self._ready():
+            raise self._failure("is running but not ready")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait up to the exit timeout (+5 s), then SIGKILL; return the exit code."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=self.config.exit_timeout_s + 5)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop within %d s; killing it", self.config.exit_timeout_s + 5)
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._workdir is not None:
+            if self.config.log_file is None and code not in (0, None):
+                log.info("tritonserver log kept at %s", self._log_path)
+            else:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> "LocalTritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(config: ServerConfig, on_ready=None) -> int:
+    """Run the server until SIGTERM/SIGINT (then stop it gracefully) or until it dies (non-zero)."""
+    stop = {"signal": None}
+
+    def handler(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = LocalTritonServer(config)
+        server.start()
+        try:
+            if on_ready is not None:
+                on_ready(server)
+            while stop["signal"] is None:
+                if not server.is_alive():
+                    raise server._failure(f"died with exit code {server.process.returncode}")
+                time.sleep(0.5)
+            log.info("signal %s: stopping tritonserver", signal.Signals(stop["signal"]).name)
+        finally:
+            code = server.stop()
+        return 0 if code in (0, None) else 1
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)

@@ -1,0 +1,387 @@
+"""The served classifier on a real tritonserver (CPU target): parity with PyTorch, clients, bad input.
+
+One server (module scope) serves every test that only sends requests; the start-up failure and CLI
+tests start their own.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_helpers import corpus_texts, export_tiny_onnx, torch_reference
+
+from serving.client import AsyncTextClassifier, TextClassifier
+from serving.errors import InvalidInputError, ServerError, ServerUnavailableError
+from serving.repository import RepositoryConfig, write_repository
+from serving.server import LocalTritonServer, ServerConfig
+
+pytestmark = pytest.mark.server
+
+LABELS = ["negative", "neutral", "positive"]
+MAX_BATCH = 16
+N_TEXTS = 240  # > MAX_BATCH: the client must split into chunks
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def cpu_repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
+    return write_repository(
+        tmp_path_factory.mktemp("served") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+        id2label=dict(enumerate(LABELS)),
+        config=RepositoryConfig(max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8), max_queue_delay_us=1000,
+                                intra_op_threads=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def server(cpu_repository):
+    with LocalTritonServer(ServerConfig(cpu_repository, startup_timeout_s=120)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return corpus_texts(N_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, texts):
+    return torch_reference(tiny_checkpoint, texts)
+
+
+def _assert_parity(predictions, reference):
+    ref_probs, ref_labels = reference
+    assert [p.label for p in predictions] == ref_labels
+    probs = np.array([[p.probabilities[label] for label in LABELS] for p in predictions])
+    assert np.abs(probs - ref_probs).max() < 1e-4
+    assert all(p.score == pytest.approx(max(p.probabilities.values())) for p in predictions)
+
+
+def _post(url: str, body: bytes | dict, timeout: float = 30) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _text_request(data, shape=None, datatype="BYTES", name="TEXT") -> dict:
+    return {"inputs": [{"name": name, "shape": shape or [len(data), 1], "datatype": datatype, "data": data}]}
+
+
+def _infer_url(server, model="classifier") -> str:
+    return f"http://{server.http_url}/v2/models/{model}/infer"
+
+
+def _assert_still_serving(server):
+    server.check()
+    status, body = _post(_infer_url(server), _text_request(["still alive"]))
+    assert status == 200 and body["outputs"]
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_parity_with_pytorch(server, texts, reference, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with TextClassifier(url, protocol=protocol, timeout_s=60) as client:
+        assert client.metadata() == (MAX_BATCH, LABELS)
+        predictions = client.classify(texts)
+    assert len(predictions) == N_TEXTS
+    _assert_parity(predictions, reference)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_async_client_parity(server, texts, reference, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    subset = 40
+
+    async def run():
+        async with AsyncTextClassifier(url, protocol=protocol, timeout_s=60, return_logits=True) as client:
+            return await client.classify(texts[:subset])
+
+    predictions = asyncio.run(run())
+    _assert_parity(predictions, (reference[0][:subset], reference[1][:subset]))
+    assert all(p.logits is not None and len(p.logits) == 3 for p in predictions)
+
+
+def test_plain_kserve_v2_http_json(server, texts, reference):
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/classifier", timeout=5) as resp:
+        meta = json.loads(resp.read())
+    assert {o["name"] for o in meta["outputs"]} == {"LABEL", "PROBABILITIES", "LOGITS"}
+    batch = texts[:8]
+    status, body = _post(_infer_url(server), {**_text_request(batch), "outputs": [{"name": "LABEL"},
+                                                                                  {"name": "PROBABILITIES"}]})
+    assert status == 200
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["LABEL"]["data"] == reference[1][:8]
+    probs = np.array(out["PROBABILITIES"]["data"], dtype=np.float32).reshape(out["PROBABILITIES"]["shape"])
+    assert np.abs(probs - reference[0][:8]).max() < 1e-4
+
+
+def test_metrics_endpoint_on_loopback(server):
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'nv_inference_request_success{model="classifier"' in text
+
+
+# --------------------------------------------------------------------------------- input edge cases
+
+
+@pytest.mark.parametrize("text", ["", "   \t\n  "], ids=["empty", "whitespace"])
+def test_empty_and_whitespace_text_are_the_empty_sequence(server, tiny_checkpoint, text):
+    ref_probs, ref_labels = torch_reference(tiny_checkpoint, [""])
+    status, body = _post(_infer_url(server), _text_request([text]))
+    assert status == 200
+    out = {o["name"]: o["data"] for o in body["outputs"]}
+    assert out["LABEL"] == ref_labels
+    assert np.abs(np.array(out["PROBABILITIES"]) - ref_probs[0]).max() < 1e-4
+    _assert_still_serving(server)
+
+
+def test_100k_character_text_is_truncated_not_an_error(server, tiny_checkpoint, texts):
+    long_text = (" ".join(texts) * 50)[:100_000]
+    assert len(long_text) == 100_000
+    ref_probs, ref_labels = torch_reference(tiny_checkpoint, [long_text])
+    with TextClassifier(server.http_url, timeout_s=60) as client:
+        [prediction] = client.classify([long_text])
+    assert prediction.label == ref_labels[0]
+    assert np.abs(np.array([prediction.probabilities[label] for label in LABELS]) - ref_probs[0]).max() < 1e-4
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_undecodable_bytes_are_invalid_argument(server, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    if protocol == "http":
+        import tritonclient.http as module
+
+        client = module.InferenceServerClient(server.http_url)
+    else:
+        import tritonclient.grpc as module
+
+        client = module.InferenceServerClient(server.grpc_url)
+    tensor = module.InferInput("TEXT", [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"fine"], [b"\xff\xfe not utf-8"]], dtype=np.object_))
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("classifier", [tensor])
+    finally:
+        client.close()
+    assert str(info.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
+    assert "TEXT row 1 is not valid UTF-8" in info.value.message()
+    _assert_still_serving(server)
+
+
+def test_a_bad_request_fails_only_itself_within_a_dynamic_batch(server, texts):
+    """Concurrent requests batch together in the tokenizer; the undecodable one alone fails."""
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.utils import InferenceServerException
+
+    def request(payload: bytes):
+        tensor = grpcaio.InferInput("TEXT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[payload]], dtype=np.object_))
+        return [tensor]
+
+    async def run():
+        client = grpcaio.InferenceServerClient(server.grpc_url)
+        try:
+            payloads = [t.encode() for t in texts[:12]]
+            payloads.insert(5, b"\xc3\x28 broken")
+            return await asyncio.gather(*(client.infer("classifier", request(p)) for p in payloads),
+                                        return_exceptions=True)
+        finally:
+            await client.close()
+
+    def tokenizer_counts() -> tuple[int, int]:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/tokenizer/stats", timeout=5) as resp:
+            stats = json.loads(resp.read())["model_stats"][0]
+        return stats["inference_count"], stats["execution_count"]
+
+    before = tokenizer_counts()
+    results = asyncio.run(run())
+    after = tokenizer_counts()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 13 and executions < inferences  # some requests shared an execute() call
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert failed == [5]
+    assert isinstance(results[5], InferenceServerException) and "UTF-8" in results[5].message()
+
+
+@pytest.mark.parametrize("case, body, status, message", [
+    ("wrong datatype", _text_request([1, 2], datatype="INT32"), 400, "data-type is 'INT32'"),
+    ("wrong shape", _text_request(["a", "b"], shape=[2]), 400, "unexpected shape for input 'TEXT'"),
+    ("too many rows", _text_request(["a"] * (MAX_BATCH + 1)), 400, f"batch-size must be <= {MAX_BATCH}"),
+    ("missing input", {"inputs": []}, 400, "missing required input(s) ['TEXT']"),
+    ("unknown input", _text_request(["a"], name="TXT"), 400, "unexpected inference input 'TXT'"),
+    # Triton's HTTP front answers JSON it cannot parse with 500 (not 400): pinned, see docs/SERVING.md.
+    ("malformed JSON", b'{"inputs": [', 500, "failed to parse the request JSON buffer"),
+])
+def test_bad_requests_over_http(server, case, body, status, message):
+    code, answer = _post(_infer_url(server), body)
+    assert code == status, answer
+    assert message in answer["error"]
+    _assert_still_serving(server)
+
+
+def test_unknown_model_is_404(server):
+    code, answer = _post(_infer_url(server, "no_such_model"), _text_request(["a"]))
+    assert code == 404 and "no_such_model" in answer["error"]
+    with TextClassifier(server.http_url, model="no_such_model") as client:
+        with pytest.raises(InvalidInputError, match="no_such_model"):
+            client.classify(["a"])
+    _assert_still_serving(server)
+
+
+def test_grpc_wrong_datatype_is_invalid_argument(server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("TEXT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("classifier", [tensor])
+    finally:
+        client.close()
+    assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT" and "INT32" in info.value.message()
+    _assert_still_serving(server)
+
+
+def test_unreachable_server_is_a_typed_error_after_bounded_retries():
+    from serving.server import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    for protocol in ("http", "grpc"):
+        start = time.perf_counter()
+        with pytest.raises(ServerUnavailableError):
+            with TextClassifier(url, protocol=protocol, retries=2, backoff_s=0.05, timeout_s=5) as client:
+                client.classify(["hello"])
+        assert time.perf_counter() - start < 10
+
+
+def test_cli_classify_and_health(server, capsys):
+    from serving.cli import main
+
+    assert main(["health", "--url", server.http_url]) == 0
+    assert "ready" in capsys.readouterr().out
+    assert main(["classify", "--url", server.grpc_url, "--protocol", "grpc", "--json", "good day", ""]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == ["good day", ""]
+    assert all(r["label"] in LABELS and set(r["probabilities"]) == set(LABELS) for r in rows)
+    assert main(["classify", "--url", server.http_url, "a table row"]) == 0
+    assert "a table row" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- start-up and shutdown
+
+
+@pytest.fixture(scope="module")
+def broken_repository(cpu_repository, tmp_path_factory) -> Path:
+    """An encoder ONNX file that parses but that ONNX Runtime refuses (an unknown operator)."""
+    import shutil
+
+    import onnx
+
+    broken = tmp_path_factory.mktemp("broken") / "model_repository"
+    shutil.copytree(cpu_repository, broken)
+    path = broken / "encoder" / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    model.graph.node[len(model.graph.node) // 2].op_type = "NoSuchOperator"
+    onnx.save(model, str(path))
+    return broken
+
+
+def test_model_load_failure_raises_server_error_naming_the_model(broken_repository):
+    start = time.perf_counter()
+    server = LocalTritonServer(ServerConfig(broken_repository, startup_timeout_s=120))
+    with pytest.raises(ServerError, match=r"model 'encoder' failed to load: .*NoSuchOperator"):
+        server.start()
+    assert time.perf_counter() - start < 60
+    assert not server.is_alive()
+
+
+def _serving_up(repository: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving", "up", "--repository", str(repository), "--http-port", "0",
+         "--grpc-port", "0", "--metrics-port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent,
+    )
+
+
+def test_cli_up_exits_non_zero_on_a_load_failure(broken_repository):
+    proc = _serving_up(broken_repository)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m serving: error:") and "model 'encoder' failed to load" in last
+
+
+def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, tmp_path):
+    log_file = tmp_path / "server.log"
+    proc = _serving_up(cpu_repository, "--log-file", str(log_file))
+    try:
+        lines = {}
+        deadline = time.monotonic() + 120
+        while "pid" not in lines and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("  "):
+                key, value = line.split(None, 1)
+                lines[key] = value.strip()
+        assert "pid" in lines, proc.stderr.read() if proc.poll() is not None else "no endpoints printed"
+        host, port = lines["HTTP"].removeprefix("http://").split(":")
+        assert host == "127.0.0.1"
+        with TextClassifier(f"{host}:{port}") as client:
+            assert client.classify(["hello"])[0].label in LABELS
+        # kill the tritonserver behind `serving up`: the command must notice and exit non-zero
+        os.kill(int(lines["pid"]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2 and "died" in err.strip().splitlines()[-1]
+        assert "Started HTTPService at 127.0.0.1" in log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_graceful_stop_on_sigterm(cpu_repository):
+    proc = _serving_up(cpu_repository)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line or line.startswith("  pid"):
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert time.perf_counter() - start < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
