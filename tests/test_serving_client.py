@@ -1,0 +1,118 @@
+"""serving.client without tritonserver: error mapping, bounded retries, timeouts against fake endpoints."""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from serving.client import AsyncTextClassifier, TextClassifier, _Retry, classify_error
+from serving.errors import ClientError, InvalidInputError, RequestTimeoutError, ServerUnavailableError
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("400", InvalidInputError), ("404", InvalidInputError), ("StatusCode.INVALID_ARGUMENT", InvalidInputError),
+    ("StatusCode.DEADLINE_EXCEEDED", RequestTimeoutError), ("500", ClientError),
+])
+def test_error_mapping(status, expected):
+    error = classify_error(InferenceServerException("msg", status=status), "host:1")
+    assert type(error) is expected and "msg" in str(error)
+
+
+@pytest.mark.parametrize("status", ["503", "StatusCode.UNAVAILABLE"])
+def test_unavailable_is_retryable(status):
+    error = classify_error(InferenceServerException("queue full", status=status), "host:1")
+    assert isinstance(error, _Retry) and isinstance(error.error, ServerUnavailableError)
+    assert isinstance(classify_error(ConnectionRefusedError(), "h:1"), _Retry)
+
+
+@pytest.fixture()
+def silent_port():
+    """A TCP port that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_timeouts_are_typed_and_bounded(silent_port, protocol):
+    url = f"127.0.0.1:{silent_port}"
+    start = time.perf_counter()
+    with pytest.raises(RequestTimeoutError):
+        with TextClassifier(url, protocol=protocol, timeout_s=0.5, retries=3) as client:
+            client.classify(["x"])
+
+    async def run():
+        async with AsyncTextClassifier(url, protocol=protocol, timeout_s=0.5, retries=3) as client:
+            await client.classify(["x"])
+
+    with pytest.raises(RequestTimeoutError):
+        asyncio.run(run())
+    assert time.perf_counter() - start < 5  # a timeout is not retried
+
+
+def test_unavailable_is_retried_with_bounded_backoff_then_raised():
+    hits = []
+
+    class Always503(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            hits.append(self.path)
+            body = json.dumps({"error": "Server not ready"}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Always503)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ServerUnavailableError, match="Server not ready"):
+            with TextClassifier(f"127.0.0.1:{server.server_port}", retries=3, backoff_s=0.05) as client:
+                client.classify(["x"])
+        elapsed = time.perf_counter() - start
+    finally:
+        server.shutdown()
+        thread.join()
+    assert len(hits) == 4 and all(h.startswith("/v2/models/classifier/config") for h in hits)
+    assert 0.05 + 0.1 + 0.2 <= elapsed < 3
+
+
+def test_texts_must_be_strings():
+    with pytest.raises(InvalidInputError, match="strings"):
+        TextClassifier("127.0.0.1:1").classify(["ok", b"bytes"])
+    assert TextClassifier("127.0.0.1:1").classify([]) == []
+
+
+def test_bad_protocol():
+    with pytest.raises(ClientError, match="protocol"):
+        TextClassifier("127.0.0.1:1", protocol="udp")
