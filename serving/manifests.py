@@ -49,6 +49,7 @@ KSERVE_HTTP_PORT = 8080  # the kserve-tritonserver ClusterServingRuntime passes 
 KSERVE_RUNTIME = "kserve-tritonserver"
 LOCUST_WEB_PORT = 8089
 LOCUST_MASTER_PORT = 5557
+NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"  # in every NGC image; execs its arguments
 TRITON_UID = 1000  # the NGC tritonserver image creates user triton-server with uid/gid 1000
 
 GCS_KEY_DIR = "/var/secrets/google"
@@ -474,7 +475,7 @@ def deployment(config: ManifestConfig) -> dict[str, Any]:
         "image": config.image,
         "imagePullPolicy": "IfNotPresent",
         # the NGC entrypoint sets up CUDA compatibility libraries, then execs its arguments
-        "command": ["/opt/nvidia/nvidia_entrypoint.sh"],
+        "command": [NGC_ENTRYPOINT],
         "args": triton_args(config),
         "ports": [
             {"name": "http", "containerPort": config.http_port, "protocol": "TCP"},
@@ -662,6 +663,9 @@ def inference_service(config: ManifestConfig) -> dict[str, Any]:
         "runtime": KSERVE_RUNTIME,
         "storageUri": config.repo_uri.kserve_uri,
         "image": config.image,
+        # the runtime's args start with "tritonserver" (written for the NGC entrypoint, which execs them);
+        # serving/docker/Dockerfile replaces that ENTRYPOINT, so name it again
+        "command": [NGC_ENTRYPOINT],
         "args": args,
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _resources(config),

@@ -90,7 +90,8 @@ def test_ports_probes_and_args_agree():
     files = m.render_manifests(config)
     _, container = triton_container(files)
     args = flags(container["args"])
-    assert container["command"] == ["/opt/nvidia/nvidia_entrypoint.sh"]
+    # the command replaces the image's ENTRYPOINT (serving/docker/Dockerfile's names another repository)
+    assert container["command"] == [m.NGC_ENTRYPOINT]
     assert args["--model-control-mode"] == "none" and args["--strict-readiness"] == "true"
     assert args["--model-repository"] == config.repository_uri
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -213,7 +214,7 @@ def test_kserve_alternative():
     model = predictor["model"]
     assert model["modelFormat"] == {"name": "triton"} and model["runtime"] == m.KSERVE_RUNTIME
     assert model["storageUri"] == "s3://models/repo"  # KServe takes the endpoint from the credentials
-    assert model["image"] == IMAGE
+    assert model["image"] == IMAGE and model["command"] == [m.NGC_ENTRYPOINT]
     args = flags(["tritonserver", *model["args"]])
     assert "--model-repository" not in args and "--model-store" not in args  # KServe's runtime passes it
     assert args["--strict-readiness"] == "true"
@@ -401,3 +402,121 @@ def test_rendered_locust_master_and_workers_run_distributed(tmp_path):
     assert aggregated, stats
     requests = int(aggregated[0].split(",")[2])
     assert requests > 0  # workers sent requests (they fail: nothing listens on the port)
+
+
+def test_public_entry_python_m_serving_manifests(tmp_path, capsys):
+    """`python -m serving manifests` (serving.cli) registers these flags and maps errors to one line."""
+    from serving.cli import main as serving_main
+
+    out = tmp_path / "k8s"
+    assert serving_main(["manifests", *ARGS, "--out", str(out)]) == 0
+    assert (out / "kustomization.yaml").is_file() and (out / "kserve" / "inferenceservice.yaml").is_file()
+    assert serving_main(["manifests", "--image", IMAGE, "--repository-uri", "hdfs://x/y",
+                         "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert "error: repository URI 'hdfs://x/y'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- real tritonserver
+
+@pytest.mark.server
+def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_checkpoint, tmp_path):
+    """The rendered container command line runs the bundled tritonserver (CPU target, loopback).
+
+    Only the repository path (the PVC mount -> a local directory) and the bind addresses change. Then the
+    Deployment's probe paths must answer 200 on the named port, and the prometheus-adapter rule, evaluated
+    on two real /metrics scrapes around real requests, must find its series and give a queue time per
+    request between 0 and the measured request latency.
+    """
+    import re
+    import threading
+    import urllib.request
+
+    from serving_helpers import corpus_texts, export_tiny_onnx
+
+    from serving.repository import write_repository
+    from serving.server import LocalTritonServer, ServerConfig, free_port
+
+    repo_config = RepositoryConfig(max_batch_size=8, max_queue_delay_us=1000, intra_op_threads=1)
+    repository = write_repository(tmp_path / "repos" / "v1", onnx_model=export_tiny_onnx(
+        tiny_checkpoint, tmp_path / "model.onnx"), tokenizer_dir=tiny_checkpoint,
+        id2label={0: "negative", 1: "neutral", 2: "positive"}, config=repo_config)
+    ports = sorted({free_port() for _ in range(6)})[:3]
+    config = make(repository_uri="pvc://model-store/repos/v1", gpus_per_pod=0, repository=repo_config,
+                  http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], exit_timeout_s=5)
+    files = m.render_manifests(config)
+    _, container = triton_container(files)
+    rendered = flags(container["args"])
+    assert rendered["--model-repository"] == f"{m.PVC_MOUNT}/repos/v1"
+
+    class RenderedServer(LocalTritonServer):
+        def command(self, backends):
+            args = [a.replace(m.PVC_MOUNT, str(tmp_path)) for a in container["args"][1:]]
+            return [str(super().command(backends)[0]), *args, f"--backend-directory={backends}",
+                    "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
+
+    texts = corpus_texts(64)
+    latencies: list[float] = []
+    with RenderedServer(ServerConfig(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                                     startup_timeout_s=120, exit_timeout_s=config.exit_timeout_s)) as server:
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{named[get['port']]}{get['path']}", timeout=5) as resp:
+                assert resp.status == 200, probe
+
+        def scrape() -> list[tuple[str, dict[str, str], float]]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{named['metrics']}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            samples = []
+            for line in text.splitlines():
+                match = re.match(r"^(\w+)\{([^}]*)\} (\S+)$", line)
+                if match:
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+                    samples.append((match.group(1), labels, float(match.group(3))))
+            return samples
+
+        def send(chunk: list[str]) -> None:
+            body = json.dumps({"inputs": [{"name": "TEXT", "shape": [len(chunk), 1], "datatype": "BYTES",
+                                           "data": chunk}]}).encode()
+            request = urllib.request.Request(f"http://{server.http_url}/v2/models/{ENSEMBLE}/infer", data=body,
+                                             headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                assert resp.status == 200
+            latencies.append((time.perf_counter() - t0) * 1e6)
+
+        before = scrape()
+        threads = [threading.Thread(target=send, args=(texts[i:i + 4],)) for i in range(0, len(texts), 4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        after = scrape()
+        t_stop = time.perf_counter()
+    stop_s = time.perf_counter() - t_stop
+    assert len(latencies) == len(threads) == 16
+    assert stop_s < config.grace_period_s  # an idle server exits well inside the grace period
+
+    (rule,) = m.adapter_values(config)["rules"]["custom"]
+    series = rule["seriesQuery"].split("{")[0]
+    assert any(name == series for name, _, _ in after)
+    selectors = re.findall(r'(\w+)\{<<\.LabelMatchers>>,model(!?=)"(\w+)"\}', rule["metricsQuery"])
+    assert [s[0] for s in selectors] == [m.QUEUE_METRIC, m.SUCCESS_METRIC]
+
+    def delta(name: str, op: str, model: str) -> tuple[float, int]:
+        def pick(samples):
+            return {tuple(sorted(lab.items())): v for n, lab, v in samples
+                    if n == name and ((lab.get("model") == model) == (op == "="))}
+        old, new = pick(before), pick(after)
+        assert new, f"no series {name}{{model{op}{model!r}}} on the real server"
+        return sum(v - old.get(k, 0.0) for k, v in new.items()), len(new)
+
+    queue_us, queue_series = delta(*selectors[0])
+    successes, _ = delta(*selectors[1])
+    assert queue_series == 3  # tokenizer, encoder, postprocess
+    assert successes == len(threads)
+    per_request = queue_us / successes
+    print(f"adapter metric on the real server: {per_request:.0f} us queued per request, mean latency "
+          f"{sum(latencies) / len(latencies):.0f} us over {successes:.0f} requests; idle stop {stop_s:.2f} s")
+    assert 0 < per_request < sum(latencies) / len(latencies), (per_request, latencies)
