@@ -385,3 +385,43 @@ def test_graceful_stop_on_sigterm(cpu_repository):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_overload_is_a_fast_unavailable(tiny_onnx, tiny_checkpoint, tmp_path):
+    """A bounded queue (max_queue_size, REJECT) turns overload into quick UNAVAILABLE answers."""
+    import tritonclient.grpc.aio as grpcaio
+
+    repository = write_repository(
+        tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+        id2label=dict(enumerate(LABELS)), config=RepositoryConfig(max_batch_size=4, max_queue_size=2),
+    )
+    long_text = ("lorem ipsum dolor " * 6000)[:100_000].encode()
+
+    async def flood(url: str):
+        client = grpcaio.InferenceServerClient(url)
+
+        async def one():
+            tensor = grpcaio.InferInput("TEXT", [4, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[long_text]] * 4, dtype=np.object_))
+            start = time.perf_counter()
+            try:
+                await client.infer("classifier", [tensor])
+                return "ok", time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001 - classified below
+                return f"{exc.status()} {exc.message()}", time.perf_counter() - start
+
+        try:
+            return await asyncio.gather(*(one() for _ in range(48)))
+        finally:
+            await client.close()
+
+    with LocalTritonServer(ServerConfig(repository)) as srv:
+        results = asyncio.run(flood(srv.grpc_url))
+        srv.check()
+        with TextClassifier(srv.http_url) as client:
+            assert client.classify(["after the storm"])[0].label in LABELS
+    ok = [t for status, t in results if status == "ok"]
+    rejected = [(status, t) for status, t in results if status != "ok"]
+    assert ok and rejected
+    assert all(s.startswith("StatusCode.UNAVAILABLE") and "Exceeds maximum queue size" in s for s, _ in rejected)
+    assert max(t for _, t in rejected) < max(ok)
