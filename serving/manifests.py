@@ -856,8 +856,11 @@ def validate_manifests(files: Mapping[str, Sequence[Mapping[str, Any]]],
     in ``serving/deploy/k8s/schemas``, and the InferenceService's container and volumes against the core
     Container and Volume definitions. The helm values file is checked for the fields the chart reads.
     """
-    import jsonschema
-    import kubernetes_validate
+    try:
+        import jsonschema
+        import kubernetes_validate
+    except ImportError as exc:
+        raise ManifestError(f"offline validation needs kubernetes-validate (pip install '.[k8s]'): {exc}") from None
 
     problems: list[str] = []
     container_validator = volume_validator = None

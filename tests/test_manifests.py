@@ -520,3 +520,19 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     print(f"adapter metric on the real server: {per_request:.0f} us queued per request, mean latency "
           f"{sum(latencies) / len(latencies):.0f} us over {successes:.0f} requests; idle stop {stop_s:.2f} s")
     assert 0 < per_request < sum(latencies) / len(latencies), (per_request, latencies)
+
+
+@pytest.mark.skipif(__import__("shutil").which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_builds_each_directory(tmp_path):
+    """`kubectl kustomize` (offline) builds every rendered kustomization into exactly the rendered objects."""
+    config = make()
+    files = m.write_manifests(config, tmp_path / "k8s")
+    for sub in ("", "kserve", "locust"):
+        directory = tmp_path / "k8s" / sub
+        proc = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        built = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(proc.stdout) if d)
+        listed = one(files, f"{sub}/kustomization.yaml".lstrip("/"))["resources"]
+        expected = sorted((d["kind"], d["metadata"]["name"])
+                          for rel in listed for d in files[f"{sub}/{rel}".lstrip("/")])
+        assert built == expected and built
