@@ -35,9 +35,6 @@ from loadtest.texts import load_texts  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_POOL: tuple[str, ...] = ()
-
-
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     group = parser.add_argument_group("triton-textclf", "options of loadtest/locustfile.py")
@@ -55,17 +52,28 @@ def _add_arguments(parser) -> None:
                        help="check each LABEL is the argmax of PROBABILITIES (needs the labels parameter)")
 
 
+_POOLS: dict[str, tuple[str, ...]] = {}
+
+
+def text_pool(path: str | None) -> tuple[str, ...]:
+    """The texts of ``path`` (default data/test.csv, else the corpus), loaded once per process.
+
+    Users call it from on_start with the options in force, which on a distributed worker are the
+    master's (so ``--texts`` must name a file that exists on every worker machine).
+    """
+    key = path or ""
+    if key not in _POOLS:
+        texts = load_texts(path or None)
+        _POOLS[key] = texts.texts
+        log.info("loaded %d texts from %s", len(texts.texts), texts.source)
+    return _POOLS[key]
+
+
 @events.init.add_listener
-def _load_pool(environment, **_kwargs) -> None:
-    global _POOL
+def _check_options(environment, **_kwargs) -> None:
     opts = environment.parsed_options
-    if opts is None:
-        return
-    if opts.texts_per_request < 1:
+    if opts is not None and opts.texts_per_request < 1:
         raise SystemExit("--texts-per-request must be >= 1")
-    texts = load_texts(opts.texts or None)
-    _POOL = texts.texts
-    log.info("loaded %d texts from %s", len(_POOL), texts.source)
 
 
 def _opts(user: User):
@@ -96,6 +104,7 @@ class TritonHttpUser(FastHttpUser):
 
     def on_start(self) -> None:
         self.rng = random.Random()
+        self.pool = text_pool(_opts(self).texts)
         self.n = _opts(self).texts_per_request
         self.model = _opts(self).model_name
         self.name = payload.request_name("http", self.n)
@@ -108,7 +117,7 @@ class TritonHttpUser(FastHttpUser):
 
     @task
     def infer(self) -> None:
-        texts = payload.pick_texts(_POOL, self.n, self.rng)
+        texts = payload.pick_texts(self.pool, self.n, self.rng)
         with self.client.post(
             payload.infer_path(self.model), json=payload.http_infer_body(texts), name=self.name,
             catch_response=True, timeout=_opts(self).request_timeout,
@@ -132,6 +141,7 @@ class TritonGrpcUser(User):
 
         self._grpc = grpcclient
         self.rng = random.Random()
+        self.pool = text_pool(_opts(self).texts)
         self.n = _opts(self).texts_per_request
         self.model = _opts(self).model_name
         self.name = payload.request_name("grpc", self.n)
@@ -148,7 +158,7 @@ class TritonGrpcUser(User):
 
     @task
     def infer(self) -> None:
-        texts = payload.pick_texts(_POOL, self.n, self.rng)
+        texts = payload.pick_texts(self.pool, self.n, self.rng)
         inp = self._grpc.InferInput(payload.INPUT, [len(texts), 1], "BYTES")
         inp.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
         start = time.perf_counter()

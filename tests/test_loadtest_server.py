@@ -1,0 +1,206 @@
+"""The load-test stage against a real tritonserver on a tiny-model repository: real Locust runs (HTTP and
+gRPC), failure detection, the side-by-side bench (in-process and served) and the tuner."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from serving_helpers import corpus_texts, export_tiny_onnx
+
+from serving.repository import ENCODER, RepositoryConfig, read_config, write_repository
+
+LABELS = ("negative", "neutral", "positive")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("lt-onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
+    return write_repository(
+        tmp_path_factory.mktemp("lt-served") / "model_repository", onnx_model=tiny_onnx,
+        tokenizer_dir=tiny_checkpoint, id2label=dict(enumerate(LABELS)),
+        config=RepositoryConfig(max_batch_size=32, max_queue_delay_us=1000, intra_op_threads=1),
+        provenance={"variant": "fp32", "checkpoint": str(tiny_checkpoint)},
+    )
+
+
+@pytest.fixture(scope="module")
+def texts_csv(tmp_path_factory) -> Path:
+    """Real held-out-like tweets with labels, as the finetune stage writes them."""
+    path = tmp_path_factory.mktemp("lt-data") / "test.csv"
+    rng = __import__("random").Random(0)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for t in corpus_texts(64):
+            w.writerow([t, rng.choice(LABELS)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    from loadtest.serve import served
+
+    with served(repository) as endpoints:
+        yield endpoints
+
+
+def _check_reports(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "report.html",
+                 "throughput_latency.png", "config.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "throughput_latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<html" in (out / "report.html").read_text(errors="replace").lower()
+    return summary
+
+
+@pytest.mark.server
+def test_locust_http_smoke_with_its_own_server(repository, texts_csv, tmp_path, capsys):
+    """CI smoke: `python -m loadtest run --start-server` for real; zero failures, every report written."""
+    from loadtest.cli import main
+
+    out = tmp_path / "http"
+    rc = main(["run", "--start-server", "--repository", str(repository), "--users", "4", "--spawn-rate", "4",
+               "--duration", "10s", "--texts-per-request", "4", "--texts", str(texts_csv), "--out", str(out),
+               "--fail-on-error"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    s = _check_reports(out)
+    assert s["requests"] > 0 and s["failures"] == 0 and s["failure_ratio"] == 0
+    assert [n["name"] for n in s["per_name"]] == ["http infer x4"]
+    assert s["requests_per_s"] > 0 and s["latency_ms"]["p50"] > 0 and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"]
+    assert s["texts_per_s"] == pytest.approx(4 * s["requests_per_s"])
+    assert "http infer x4" in capsys.readouterr().out
+
+
+@pytest.mark.server
+def test_locust_grpc_smoke(server, texts_csv, tmp_path):
+    from loadtest.run import RunConfig, run_loadtest
+
+    s = run_loadtest(RunConfig(host=server.grpc_url, protocol="grpc", users=4, spawn_rate=4, duration="8s",
+                               texts_per_request=2, texts=texts_csv, out=tmp_path / "grpc"))
+    _check_reports(tmp_path / "grpc")
+    assert s["requests"] > 0 and s["failures"] == 0
+    assert [n["name"] for n in s["per_name"]] == ["grpc infer x2"]
+
+
+@pytest.mark.server
+def test_rejected_requests_count_as_failures(server, texts_csv, tmp_path, capsys):
+    """48 texts per request exceed max_batch_size 32: the server answers 400, every request fails, exit 1."""
+    from loadtest.cli import main
+
+    out = tmp_path / "fail"
+    rc = main(["run", "--host", server.http_url, "--users", "2", "--spawn-rate", "2", "--duration", "4s",
+               "--texts-per-request", "48", "--texts", str(texts_csv), "--out", str(out), "--fail-on-error"])
+    assert rc == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["requests"] > 0 and s["failures"] == s["requests"]
+    assert any("HTTP 400" in f["error"] for f in s["top_failures"])
+    assert "requests failed" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_closed_and_open_loop_clients(server, texts_csv):
+    from loadtest.clients import closed_loop, open_loop
+    from loadtest.texts import load_texts
+
+    ts = load_texts(texts_csv)
+    for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        r = closed_loop(proto, url, ts.texts, ts.labels, concurrency=3, texts_per_request=4, duration_s=1.5,
+                        warmup_s=0.5)
+        assert r.failures == 0 and r.requests > 0 and r.rows == 4 * r.requests
+        assert r.labelled == r.rows and 0 <= r.accuracy <= 1 and r.percentile(99) >= r.percentile(50) > 0
+    o = open_loop("grpc", server.grpc_url, ts.texts, ts.labels, rate_rps=20, texts_per_request=2, duration_s=2,
+                  warmup_s=0.5)
+    assert o.failures == 0 and 36 <= o.requests <= 41  # 20 req/s for 2 s, paced, not as fast as possible
+
+
+def _build_dir(tmp_path: Path, tiny_onnx: Path) -> Path:
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    (build / "report.json").write_text(json.dumps({"variants": [{"name": "fp32", "path": "model.onnx"}]}))
+    return build
+
+
+def test_bench_in_process_backends(tiny_checkpoint, tiny_onnx, texts_csv, tmp_path):
+    from loadtest.bench import BenchConfig, run_bench
+
+    out = tmp_path / "bench"
+    res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx), served=False,
+                                texts=texts_csv, n_texts=12, batch_size=4, threads=1, bf16="off", out=out))
+    names = [r["name"] for r in res["results"]]
+    assert names == ["pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "onnxruntime fp32 b4"]
+    by = {r["name"]: r for r in res["results"]}
+    for r in res["results"]:
+        assert r["seq_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["n_texts"] == 12
+        assert 0 <= r["accuracy"] <= 1
+    # the same model in PyTorch and ONNX Runtime labels the same texts the same way
+    assert by["onnxruntime fp32 b4"]["accuracy"] == pytest.approx(by["pytorch pipeline fp32 b4"]["accuracy"])
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["goals"]["a"]["met"] is None and len(saved["results"]) == 3
+    assert "| onnxruntime fp32 b4 |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.server
+def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, tmp_path):
+    from loadtest.bench import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx),
+                                repository=repository, texts=texts_csv, n_texts=16, batch_size=8, threads=1,
+                                bf16="off", pipeline_batch1=False, concurrency=(2,), protocols=("grpc", "http"),
+                                texts_per_request=4, single_text_concurrency=2, served_seconds=1.5,
+                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench"))
+    kinds = [r["kind"] for r in res["results"]]
+    assert kinds.count("served") == 4 and kinds.count("open-loop") == 1
+    for r in res["results"]:
+        assert r["seq_per_s"] > 0
+        if r["kind"] != "in-process":
+            assert r["detail"]["load"]["failures"] == 0
+    g = res["goals"]
+    assert g["b"]["ort_backend"] == "onnxruntime fp32 b8" and g["b"]["met"] in (True, False)
+    assert g["a"]["met"] is False and "not an int8" in g["a"]["note"]  # the tiny repository serves fp32
+    assert g["c"]["p50_ms"] > 0 and g["c"]["offered_requests_per_s"] == pytest.approx(
+        0.7 * g["c"]["saturating_requests_per_s"])
+
+
+@pytest.mark.server
+def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
+    import shutil
+
+    from loadtest.tune import TuneConfig, run_tune
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo)
+    s = run_tune(TuneConfig(repository=repo, texts=texts_csv, duration_per_trial="2s", warmup="0.5s",
+                            concurrency=4, texts_per_request=4, layouts=((1, 1), (2, 1)), queue_delays_us=(500,),
+                            max_batch_sizes=(), n_texts=32, out=tmp_path / "tune"))
+    assert len(s["trials"]) == 3 and all(t["failures"] == 0 and t["seq_per_s"] > 0 for t in s["trials"])
+    best = s["best"]
+    enc = read_config(repo / ENCODER / "config.pbtxt")
+    assert sum(g.count for g in enc.instance_group) == best["encoder_instances"]
+    assert enc.dynamic_batching.max_queue_delay_microseconds == best["max_queue_delay_us"]
+    prov = json.loads((repo / "provenance.json").read_text())
+    assert prov["exporter"]["tuned"]["best"]["encoder_instances"] == best["encoder_instances"]
+    assert prov["exporter"]["variant"] == "fp32"
+    saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert len(saved["trials"]) == 3 and "| trial |" in (tmp_path / "tune" / "tune.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_full_bench_defaults_on_tiny_model(tiny_checkpoint, tiny_onnx, repository, tmp_path):
+    """The default bench (all concurrencies, both protocols, 512 corpus texts) end to end: minutes."""
+    from loadtest.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--build", str(_build_dir(tmp_path, tiny_onnx)),
+                 "--repository", str(repository), "--out", str(out)]) == 0
+    saved = json.loads((out / "bench.json").read_text())
+    assert sum(r["kind"] == "served" for r in saved["results"]) == 10

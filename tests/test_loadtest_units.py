@@ -1,0 +1,341 @@
+"""Fast unit tests of the load-test stage: request bodies, response validation, text loading, configs,
+Locust CSV parsing, plots, goals. No server, no model."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest import payload
+from loadtest.errors import LoadtestError
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def _probs(rows):
+    return np.array(rows, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ payload
+
+
+def test_http_body_is_kserve_v2_bytes_tensor():
+    body = payload.http_infer_body(["a b", "c"])
+    (inp,) = body["inputs"]
+    assert inp == {"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": ["a b", "c"]}
+    assert {o["name"] for o in body["outputs"]} == {"LABEL", "PROBABILITIES"}
+    json.dumps(body)  # serialisable as is
+    with pytest.raises(ValueError):
+        payload.http_infer_body([])
+
+
+def test_request_name_says_protocol_and_batch():
+    assert payload.request_name("http", 4) == "http infer x4"
+    assert payload.request_name("grpc", 1) == "grpc infer x1"
+
+
+def test_pick_texts_draws_from_pool_with_mixed_lengths():
+    pool = ["short", "a somewhat longer text here", "x " * 40]
+    got = payload.pick_texts(pool, 50, random.Random(0))
+    assert len(got) == 50 and set(got) <= set(pool) and len({len(t) for t in got}) > 1
+    with pytest.raises(ValueError):
+        payload.pick_texts([], 1, random.Random(0))
+
+
+def test_valid_outputs_pass_and_return_labels():
+    probs = _probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    labels = np.array([[b"negative"], [b"positive"]], dtype=object)
+    assert payload.validate_outputs(labels, probs, 2, LABELS) == ["negative", "positive"]
+    assert payload.validate_outputs(["negative"], [0.5, 0.3, 0.2], 1) == ["negative"]
+
+
+@pytest.mark.parametrize(
+    "labels, probs, rows, message",
+    [
+        (None, [[0.5, 0.5]], 1, "missing output LABEL"),
+        (["a"], None, 1, "missing output PROBABILITIES"),
+        (["a", "b"], [[0.5, 0.5], [0.5, 0.5]], 3, "LABEL has 2 rows"),
+        (["a"], [[0.5, 0.5], [0.5, 0.5]], 1, "shape"),
+        (["a"], [[0.5, 0.6]], 1, "sum to"),
+        (["a"], [[float("nan"), 1.0]], 1, "NaN"),
+        (["a"], [[1.5, -0.5]], 1, "outside"),
+        ([""], [[0.5, 0.5]], 1, "empty LABEL"),
+        (["a"], [["x", "y"]], 1, "not numeric"),
+    ],
+)
+def test_malformed_outputs_fail(labels, probs, rows, message):
+    with pytest.raises(payload.InvalidResponse, match=message):
+        payload.validate_outputs(labels, probs, rows)
+
+
+def test_label_must_be_the_argmax_when_the_label_set_is_known():
+    with pytest.raises(payload.InvalidResponse, match="not the argmax"):
+        payload.validate_outputs(["neutral"], _probs([[0.7, 0.2, 0.1]]), 1, LABELS)
+    with pytest.raises(payload.InvalidResponse, match="columns"):
+        payload.validate_outputs(["neutral"], _probs([[0.5, 0.5]]), 1, LABELS)
+
+
+def test_http_response_parsing():
+    good = {"model_name": "classifier", "outputs": [
+        {"name": "LABEL", "datatype": "BYTES", "shape": [2, 1], "data": ["positive", "negative"]},
+        {"name": "PROBABILITIES", "datatype": "FP32", "shape": [2, 3], "data": [0.1, 0.1, 0.8, 0.6, 0.3, 0.1]},
+    ]}
+    assert payload.validate_http_response(good, 2, LABELS) == ["positive", "negative"]
+    with pytest.raises(payload.InvalidResponse, match="LABEL has 2 rows"):
+        payload.validate_http_response(good, 3)
+    missing = {"outputs": [good["outputs"][1]]}
+    with pytest.raises(payload.InvalidResponse, match="missing output LABEL"):
+        payload.validate_http_response(missing, 2)
+    with pytest.raises(payload.InvalidResponse, match="no 'outputs'"):
+        payload.validate_http_response({"error": "boom"}, 2)
+    bad_shape = json.loads(json.dumps(good))
+    bad_shape["outputs"][1]["shape"] = [2, 4]
+    with pytest.raises(payload.InvalidResponse, match="does not match shape"):
+        payload.validate_http_response(bad_shape, 2)
+
+
+def test_labels_from_model_config_http_and_grpc_forms():
+    assert payload.labels_from_model_config({"parameters": {"labels": {"string_value": json.dumps(LABELS)}}}) == LABELS
+    assert payload.labels_from_model_config({"parameters": {"labels": json.dumps(LABELS)}}) == LABELS
+    assert payload.labels_from_model_config({"parameters": {}}) is None
+    assert payload.labels_from_model_config({"parameters": {"labels": {"string_value": "not json"}}}) is None
+
+
+# ------------------------------------------------------------------ texts
+
+
+def test_read_csv_texts_with_and_without_labels(tmp_path):
+    from loadtest.texts import load_texts
+
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\nhello there,positive\n,negative\nbad day,negative\n", encoding="utf-8")
+    ts = load_texts(p)
+    assert ts.texts == ("hello there", "bad day") and ts.labels == ("positive", "negative")
+    q = tmp_path / "u.csv"
+    q.write_text("text\nonly text\n", encoding="utf-8")
+    assert load_texts(q).labels is None
+    r = tmp_path / "v.csv"
+    r.write_text("sentence\nx\n", encoding="utf-8")
+    with pytest.raises(LoadtestError, match="no 'text' column"):
+        load_texts(r)
+    with pytest.raises(LoadtestError, match="cannot read"):
+        load_texts(tmp_path / "missing.csv")
+
+
+def test_default_texts_fall_back_to_the_packaged_corpus(tmp_path, monkeypatch):
+    from loadtest.texts import load_texts
+
+    monkeypatch.chdir(tmp_path)  # no data/test.csv here
+    ts = load_texts(None)
+    assert len(ts.texts) > 30_000 and ts.labels is not None
+    assert set(ts.labels) == {"negative", "neutral", "positive"}
+    sub = ts.sample(10, seed=1)
+    assert len(sub.texts) == 10 and sub.texts == ts.sample(10, seed=1).texts
+    assert all(t in set(ts.texts) for t in sub.texts)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.csv").write_text("text,label\nfrom the split,neutral\n", encoding="utf-8")
+    assert load_texts(None).texts == ("from the split",)
+
+
+# ------------------------------------------------------------------ run config and Locust command
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("2m", 120), ("1h30m", 5400), (15, 15)])
+def test_parse_duration(text, seconds):
+    from loadtest.run import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-3", "0s", "1m2"])
+def test_parse_duration_rejects(text):
+    from loadtest.run import parse_duration
+
+    with pytest.raises(LoadtestError):
+        parse_duration(text)
+
+
+def test_run_config_validation(tmp_path):
+    from loadtest.run import RunConfig
+
+    with pytest.raises(LoadtestError, match="--host"):
+        RunConfig()
+    with pytest.raises(LoadtestError, match="not both"):
+        RunConfig(host="http://x:1", start_server=True, repository=tmp_path)
+    with pytest.raises(LoadtestError, match="repository"):
+        RunConfig(start_server=True, repository=tmp_path / "nope")
+    with pytest.raises(LoadtestError, match="protocol"):
+        RunConfig(host="h:1", protocol="ftp")
+    with pytest.raises(LoadtestError, match="texts-per-request"):
+        RunConfig(host="h:1", texts_per_request=0)
+    cfg = RunConfig(host="h:1", protocol="grpc")
+    assert cfg.out.parent == Path("results") and cfg.out.name.startswith("loadtest-")
+
+
+def test_locust_command_carries_every_option(tmp_path):
+    from loadtest.run import LOCUSTFILE, RunConfig, locust_command
+
+    texts = tmp_path / "t.csv"
+    texts.write_text("text\nx\n")
+    cfg = RunConfig(host="127.0.0.1:9", protocol="grpc", users=5, spawn_rate=2.5, duration="1m",
+                    texts_per_request=4, texts=texts, processes=2, request_rate=3)
+    cmd = locust_command(cfg, "127.0.0.1:9", tmp_path)
+    joined = " ".join(cmd)
+    assert str(LOCUSTFILE) in cmd and "--headless" in cmd and cmd[-1] == "TritonGrpcUser"
+    for piece in ("-u 5", "-r 2.5", "-t 60s", "--host 127.0.0.1:9", f"--csv {tmp_path / 'locust'}",
+                  "--csv-full-history", f"--html {tmp_path / 'report.html'}", "--texts-per-request 4",
+                  f"--texts {texts.absolute()}", "--processes 2", "--request-rate 3"):
+        assert piece in joined
+
+
+def test_locustfile_loads_in_locust_and_parses_its_options():
+    """Locust itself loads the locustfile: both users are listed, and our options reach the init check."""
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    base = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
+    out = subprocess.run(base + ["--list"], capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "TritonHttpUser" in out.stdout and "TritonGrpcUser" in out.stdout
+    bad = subprocess.run(base + ["--headless", "-t", "1s", "--host", "http://127.0.0.1:9", "--texts-per-request",
+                                 "0", "TritonHttpUser"], capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert bad.returncode != 0 and "--texts-per-request must be >= 1" in bad.stderr + bad.stdout
+
+
+# ------------------------------------------------------------------ reports
+
+
+def _write_locust_csvs(prefix: Path, requests: int, failures: int):
+    cols = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
+            "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
+            "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+    with open(f"{prefix}_stats.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for name, typ in (("http infer x4", "POST"), ("Aggregated", "")):
+            w.writerow([typ, name, requests, failures, 14, 15.5, 7, 80, 300, 26.3, 0.5, 14, 15, 16, 17, 19, 21,
+                        25, 30, 60, 80, 80])
+    hist_cols = ["Timestamp", "User Count", "Type", "Name", "Requests/s", "Failures/s", "50%", "95%", "99%",
+                 "Total Request Count"]
+    with open(f"{prefix}_stats_history.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(hist_cols)
+        w.writerow([1000, 1, "", "Aggregated", 0, 0, 0, 0, 0, 0])
+        for t in range(1001, 1006):
+            w.writerow([t, 4, "", "Aggregated", 20 + t - 1000, 0, 13, 20, 30, (t - 1000) * 20])
+            w.writerow([t, 4, "POST", "http infer x4", 20, 0, 13, 20, 30, (t - 1000) * 20])
+
+
+def test_read_locust_stats_and_history(tmp_path):
+    from loadtest.report import read_history, read_locust_stats
+
+    _write_locust_csvs(tmp_path / "locust", 263, 2)
+    stats = read_locust_stats(tmp_path / "locust_stats.csv")
+    total = stats["total"]
+    assert total["requests"] == 263 and total["failures"] == 2
+    assert total["failure_ratio"] == pytest.approx(2 / 263)
+    assert total["latency_ms"]["p50"] == 14 and total["latency_ms"]["p99"] == 30
+    assert [e["name"] for e in stats["per_name"]] == ["http infer x4"]
+    hist = read_history(tmp_path / "locust_stats_history.csv")
+    assert len(hist) == 6 and hist[0]["p50"] is None and hist[-1]["t"] == 5 and hist[-1]["rps"] == 25
+    with pytest.raises(LoadtestError):
+        read_locust_stats(tmp_path / "missing_stats.csv")
+
+
+def test_plot_history_writes_png(tmp_path):
+    from loadtest.report import plot_history, read_history
+
+    _write_locust_csvs(tmp_path / "locust", 10, 0)
+    png = tmp_path / "p.png"
+    assert plot_history(read_history(tmp_path / "locust_stats_history.csv"), png, "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_history([], tmp_path / "none.png", "t") and not (tmp_path / "none.png").exists()
+
+
+def test_markdown_table():
+    from loadtest.report import markdown_table
+
+    md = markdown_table(("a", "b"), [("x", 1.234), ("y", None)])
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| x | 1.2 |", "| y | - |"]
+
+
+# ------------------------------------------------------------------ bench goals, tune parsing, CLI
+
+
+def _res(name, kind, seq, p50=10.0, p99=15.0, variant=None, load=None, **detail):
+    from loadtest.bench import BackendResult
+
+    d = dict(detail)
+    if variant:
+        d["variant"] = variant
+    if load:
+        d["load"] = load
+    return BackendResult(name, kind, 8, seq, p50, p99, None, 100, d)
+
+
+def test_goals_are_computed_from_the_measurements():
+    from loadtest.bench import evaluate_goals, goal_lines
+
+    results = [
+        _res("pytorch pipeline fp32 b32", "in-process", 100.0),
+        _res("onnxruntime int8 b32", "in-process", 300.0, variant="int8"),
+        _res("served grpc c16 x8", "served", 280.0, load={"protocol": "grpc", "requests_per_s": 35.0}),
+        _res("served http c16 x8", "served", 200.0, load={"protocol": "http", "requests_per_s": 25.0}),
+        _res("served grpc open-loop 70% x8", "open-loop", 196.0, p50=20.0, p99=50.0,
+             load={"target_rps": 24.5, "requests_per_s": 24.4, "failures": 0}, saturating_requests_per_s=35.0),
+    ]
+    g = evaluate_goals(results, "int8")
+    assert g["a"]["met"] is True and g["a"]["ratio"] == pytest.approx(2.8)
+    assert g["b"]["met"] is True and g["b"]["ratio"] == pytest.approx(280 / 300)
+    assert g["c"]["met"] is False and g["c"]["ratio"] == pytest.approx(2.5)
+    assert evaluate_goals(results, "fp32")["a"]["met"] is False  # not int8: missed whatever the ratio
+    assert evaluate_goals(results, "fp32")["b"]["met"] is None  # no in-process fp32 result
+    lines = goal_lines(g)
+    assert lines[0].startswith("(a)") and "MET" in lines[0] and "MISSED" in lines[2]
+    assert evaluate_goals(results[:2], None)["c"]["met"] is None
+
+
+def test_tune_layout_parsing():
+    from loadtest.tune import parse_ints, parse_layouts
+
+    assert parse_layouts("1x2, 2x1") == ((1, 2), (2, 1))
+    for bad in ("2", "0x1", "ax1", ""):
+        with pytest.raises(LoadtestError):
+            parse_layouts(bad)
+    assert parse_ints("500,8000", "d") == (500, 8000)
+    with pytest.raises(LoadtestError):
+        parse_ints("1,x", "d")
+
+
+def test_build_report_variants(tmp_path):
+    from loadtest.artifacts import read_build_variants
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    (tmp_path / "model_int8.onnx").write_bytes(b"y")
+    (tmp_path / "report.json").write_text(json.dumps({"variants": [
+        {"name": "fp32", "path": "model.onnx"}, {"name": "int8", "file": str(tmp_path / "model_int8.onnx")},
+        {"name": "fp16", "path": "missing.onnx"}]}))
+    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "model.onnx"), ("int8", tmp_path / "model_int8.onnx")]
+    (tmp_path / "report.json").write_text(json.dumps({"variants": {"fp32": {"path": "model.onnx"}}}))
+    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "model.onnx")]
+    (tmp_path / "report.json").write_text(json.dumps({"variants": []}))
+    with pytest.raises(LoadtestError):
+        read_build_variants(tmp_path)
+
+
+def test_cli_user_errors_are_one_line(capsys, tmp_path):
+    from loadtest.cli import main
+
+    assert main(["run", "--duration", "10s"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m loadtest: error:") and "--host" in err[0]
+    assert main(["bench", "--checkpoint", str(tmp_path)]) == 2
+    assert "not a Hugging Face checkpoint" in capsys.readouterr().err
+    assert main(["tune", "--repository", str(tmp_path)]) == 2
+    assert "provenance.json" in capsys.readouterr().err
