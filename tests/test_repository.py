@@ -36,7 +36,7 @@ def _parse(path: Path) -> pb.ModelConfig:
 def cpu_repo(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("cpu") / "model_repository", tiny_onnx, tiny_checkpoint,
                   max_batch_size=32, max_length=64, intra_op_threads=2, preferred_batch_sizes=(8, 16),
-                  max_queue_delay_us=1500, max_queue_size=100, default_queue_timeout_us=5_000_000)
+                  max_queue_delay_us=1500, aux_queue_delay_us=250, max_queue_size=100, default_queue_timeout_us=5_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_cpu_configs_parse_back_with_contract_fields(cpu_repo):
             continue
         batching = cfg.dynamic_batching
         assert list(batching.preferred_batch_size) == [8, 16]
-        assert batching.max_queue_delay_microseconds == 1500
+        assert batching.max_queue_delay_microseconds == (1500 if name == repo.ENCODER else 250)
         policy = batching.default_queue_policy
         assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
         assert (policy.max_queue_size, policy.default_timeout_microseconds) == (100, 5_000_000)

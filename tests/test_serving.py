@@ -42,8 +42,9 @@ def cpu_repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
     return write_repository(
         tmp_path_factory.mktemp("served") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
+        # aux delay > 0 so that concurrent requests reliably share a tokenizer execute() (batch isolation test)
         config=RepositoryConfig(max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8), max_queue_delay_us=1000,
-                                intra_op_threads=1),
+                                aux_queue_delay_us=1000, intra_op_threads=1),
     )
 
 
