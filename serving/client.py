@@ -1,9 +1,11 @@
 """Thin client of the `classifier` ensemble over HTTP or gRPC, sync (`TextClassifier`) and asyncio
 (`AsyncTextClassifier`). No tokenizer here: the server tokenizes.
 
-Large inputs are split into chunks of at most the model's ``max_batch_size`` rows. Connection failures and
-UNAVAILABLE (queue full / queue timeout / server starting) are retried with bounded exponential backoff;
-errors come back as the typed exceptions of ``serving.errors``.
+Large inputs are split into chunks of at most the model's ``max_batch_size`` rows. Connection failures,
+UNAVAILABLE (queue full / queue timeout / server starting) and Triton's 500 "Stub process ... is not healthy"
+(a dead python-backend stub; see serving.supervisor) are retried with bounded exponential backoff, at most
+``retries`` times and never past ``timeout_s`` after the first attempt; errors come back as the typed
+exceptions of ``serving.errors``.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class ClientConfig:
 _INVALID = {"400", "404", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"}
 _UNAVAILABLE = {"503", "502", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 _TIMEOUT = {"504", "StatusCode.DEADLINE_EXCEEDED"}
+_STUB_UNHEALTHY = "is not healthy"  # "Stub process '<instance>' is not healthy." (500 / INTERNAL)
 
 
 class _Retry(Exception):
@@ -101,6 +104,10 @@ def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
             return RequestTimeoutError(f"{message} ({status or 'timeout'})")
         if status in _UNAVAILABLE or "failed to connect" in message.lower() or "connection" in message.lower():
             return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
+        if _STUB_UNHEALTHY in message:
+            # Triton 2.51 after a python-backend stub died: the request never ran, and classification is
+            # idempotent, so it is safe to retry while serving.supervisor restarts the server (RELIABILITY.md).
+            return _Retry(ServerUnavailableError(f"{url}: {message} ({status or '500'}, stub restarting)"))
         if status.startswith("4"):
             return InvalidInputError(f"{message} ({status})")
         return ClientError(f"server error: {message} ({status})")
@@ -208,7 +215,7 @@ class TextClassifier:
 
     def _call(self, func, *args, **kwargs):
         """Run ``func`` with retries on connection failures and UNAVAILABLE."""
-        attempt = 0
+        attempt, deadline = 0, time.monotonic() + self._cfg.timeout_s
         while True:
             try:
                 return func(*args, **kwargs)
@@ -218,9 +225,9 @@ class TextClassifier:
                 error = classify_error(exc, self._cfg.url)
                 if not isinstance(error, _Retry):
                     raise error from exc
-                if attempt >= self._cfg.retries:
-                    raise error.error from exc
                 delay = self._cfg.delay(attempt)
+                if attempt >= self._cfg.retries or time.monotonic() + delay > deadline:
+                    raise error.error from exc
                 log.debug("retrying in %.2f s after: %s", delay, error)
                 time.sleep(delay)
                 attempt += 1
@@ -317,7 +324,7 @@ class AsyncTextClassifier:
         return self._client
 
     async def _call(self, func, *args, **kwargs):
-        attempt = 0
+        attempt, deadline = 0, time.monotonic() + self._cfg.timeout_s
         while True:
             try:
                 return await asyncio.wait_for(func(*args, **kwargs), timeout=self._cfg.timeout_s)
@@ -327,9 +334,10 @@ class AsyncTextClassifier:
                 error = classify_error(exc, self._cfg.url)
                 if not isinstance(error, _Retry):
                     raise error from exc
-                if attempt >= self._cfg.retries:
+                delay = self._cfg.delay(attempt)
+                if attempt >= self._cfg.retries or time.monotonic() + delay > deadline:
                     raise error.error from exc
-                await asyncio.sleep(self._cfg.delay(attempt))
+                await asyncio.sleep(delay)
                 attempt += 1
 
     def _grpc_timeout(self) -> dict[str, Any]:
