@@ -45,10 +45,14 @@ def _add_up(sub) -> None:
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for every model")
     p.add_argument("--exit-timeout", type=int, default=10, help="seconds tritonserver may take to stop")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="do not restart a broken server (dead stub / process); see docs/RELIABILITY.md")
+    p.add_argument("--check-interval", type=float, default=2.0, help="seconds between supervisor checks")
 
 
 def _run_up(args) -> int:
     from serving.server import ServerConfig, serve_forever
+    from serving.supervisor import SupervisorConfig, supervise_forever
 
     config = ServerConfig(
         repository=args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -63,8 +67,12 @@ def _run_up(args) -> int:
         print(f"  metrics  {server.metrics_url}", flush=True)
         print(f"  log      {server.log_path}", flush=True)
         print(f"  pid      {server.process.pid}", flush=True)
+        if not args.no_supervise:
+            print(f"  supervisor  on (checks every {args.check_interval:g} s; --no-supervise to opt out)", flush=True)
 
-    return serve_forever(config, on_ready=ready)
+    if args.no_supervise:
+        return serve_forever(config, on_ready=ready)
+    return supervise_forever(config, SupervisorConfig(check_interval_s=args.check_interval), on_ready=ready)
 
 
 def _add_classify(sub) -> None:

@@ -341,7 +341,7 @@ def test_cli_up_exits_non_zero_on_a_load_failure(broken_repository):
 
 def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, tmp_path):
     log_file = tmp_path / "server.log"
-    proc = _serving_up(cpu_repository, "--log-file", str(log_file))
+    proc = _serving_up(cpu_repository, "--log-file", str(log_file), "--no-supervise")  # else it is restarted
     try:
         lines = {}
         deadline = time.monotonic() + 120
