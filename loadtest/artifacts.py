@@ -61,6 +61,16 @@ def read_build_variants(build: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def build_parity(build: Path) -> dict[str, bool | None]:
+    """Variant name -> whether it passed the exporter's parity gate (None when the report does not say)."""
+    out: dict[str, bool | None] = {}
+    for name, entry in _variant_entries(_read_json(Path(build) / "report.json")):
+        parity = entry.get("parity")
+        passed = parity.get("passed") if isinstance(parity, Mapping) else entry.get("passed")
+        out[name] = passed if isinstance(passed, bool) else None
+    return out
+
+
 def selected_variant(build: Path) -> str | None:
     """The variant the exporter selected for serving, when its report says."""
     report = _read_json(Path(build) / "report.json")

@@ -140,12 +140,14 @@ def time_calls(fn: Callable[[Sequence[str]], list[str]], texts: Sequence[str], b
     fn(batches[0])
     preds: list[str] = []
     lat: list[float] = []
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     for b in batches:
         t0 = time.perf_counter()
         preds.extend(fn(b))
         lat.append((time.perf_counter() - t0) * 1e3)
-    return preds, lat, time.perf_counter() - t_all
+    secs = time.perf_counter() - t_all
+    time_calls.last_cores = (time.process_time() - c_all) / secs if secs > 0 else 0.0
+    return preds, lat, secs
 
 
 def accuracy(preds: Sequence[str], gold: Sequence[str] | None) -> float | None:
@@ -155,8 +157,9 @@ def accuracy(preds: Sequence[str], gold: Sequence[str] | None) -> float | None:
 
 
 def _result(name: str, kind: str, batch: int, texts, gold, preds, lat, seconds, **detail) -> BackendResult:
+    detail = {**detail, "cpu_cores": {"client": round(getattr(time_calls, "last_cores", 0.0), 3)}}
     res = BackendResult(name, kind, batch, len(texts) / seconds, float(np.percentile(lat, 50)),
-                        float(np.percentile(lat, 99)), accuracy(preds, gold), len(texts), dict(detail))
+                        float(np.percentile(lat, 99)), accuracy(preds, gold), len(texts), detail)
     log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  acc %s", name, res.seq_per_s, res.p50_ms,
              res.p99_ms, fmt(res.accuracy, 4))
     return res
@@ -241,6 +244,7 @@ def build_variants(build: Path) -> list[tuple[str, Path]]:
 
 
 def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResult]:
+    from loadtest import cpu
     from loadtest.clients import closed_loop
 
     results = []
@@ -248,14 +252,17 @@ def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResu
     plan += [(proto, cfg.single_text_concurrency, 1) for proto in cfg.protocols]
     for proto, conc, k in plan:
         url = endpoints.http_url if proto == "http" else endpoints.grpc_url
+        before = cpu.snapshot(endpoints.pid)
         r = closed_loop(proto, url, texts, gold, concurrency=conc, texts_per_request=k,
                         duration_s=cfg.served_seconds, warmup_s=cfg.warmup_seconds)
+        used = cpu.cores_used(before, cpu.snapshot(endpoints.pid))
         if r.requests == 0:
             raise LoadtestError(f"served {proto} c={conc}: no request succeeded ({r.first_error})")
         res = BackendResult(f"served {proto} c{conc} x{k}", "served", k, r.seq_per_s, r.percentile(50),
-                            r.percentile(99), r.accuracy, r.rows, {"load": r.as_dict()})
-        log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d", res.name, res.seq_per_s,
-                 res.p50_ms or 0, res.p99_ms or 0, r.failures)
+                            r.percentile(99), r.accuracy, r.rows, {"load": r.as_dict(), "cpu_cores": used})
+        log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d  cores %s", res.name, res.seq_per_s,
+                 res.p50_ms or 0, res.p99_ms or 0, r.failures,
+                 " ".join(f"{k}={v:.2f}" for k, v in used.items() if k != "machine_cores"))
         if r.failures:
             cfg.notes.append(f"{res.name}: {r.failures} failed requests, first: {r.first_error}")
         results.append(res)
@@ -269,11 +276,15 @@ def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResu
     url = endpoints.http_url if proto == "http" else endpoints.grpc_url
     sat_rps = best.detail["load"]["requests_per_s"]
     rate = GOAL_C_LOAD * sat_rps
+    from loadtest import cpu
+
+    before = cpu.snapshot(endpoints.pid)
     r = open_loop(proto, url, texts, gold, rate_rps=rate, texts_per_request=best.rows_per_call,
                   duration_s=cfg.open_loop_seconds, warmup_s=cfg.warmup_seconds)
     res = BackendResult(f"served {proto} open-loop {GOAL_C_LOAD:.0%} x{best.rows_per_call}", "open-loop",
                         best.rows_per_call, r.seq_per_s, r.percentile(50), r.percentile(99), r.accuracy,
-                        r.rows, {"load": r.as_dict(), "saturating_requests_per_s": sat_rps})
+                        r.rows, {"load": r.as_dict(), "saturating_requests_per_s": sat_rps,
+                                 "cpu_cores": cpu.cores_used(before, cpu.snapshot(endpoints.pid))})
     log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  (target %.1f req/s)", res.name, res.seq_per_s,
              res.p50_ms or 0, res.p99_ms or 0, rate)
     return res
@@ -371,6 +382,15 @@ def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
         *[f"- {line}" for line in goal_lines(goals)],
         "",
     ]
+    cpu_rows = [r for r in results if r.kind != "in-process" and r.detail.get("cpu_cores")]
+    if cpu_rows:
+        roles = ("client", "tritonserver", "tokenizer", "encoder", "postprocess", "total")
+        lines += [
+            "## CPU use during the served points (average cores busy)\n",
+            f"The machine has {meta['cores']} cores; `client` is the load generator (this process).\n",
+            markdown_table(("point", *roles), [(r.name, *(r.detail["cpu_cores"].get(k) for k in roles))
+                                               for r in cpu_rows]),
+        ]
     if meta.get("served"):
         lines += ["## Served configuration\n", "```json", json.dumps(meta["served"], indent=2), "```", ""]
     if cfg.notes:
@@ -455,10 +475,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                          + (f"; it has {isa} (force with --bf16 on)" if isa else ""))
 
     if cfg.build is not None:
+        from loadtest.artifacts import build_parity
+
+        parity = build_parity(cfg.build)
         for name, path in build_variants(cfg.build):
             stage(f"onnxruntime {name}")
-            results.append(bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length,
-                                     cfg.threads))
+            res = bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, cfg.threads)
+            res.detail["parity_passed"] = parity.get(name)
+            if parity.get(name) is False:
+                cfg.notes.append(f"{res.name}: this variant FAILED the exporter's parity gate (not servable)")
+            results.append(res)
 
     served_meta = None
     served_variant = None

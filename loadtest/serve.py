@@ -19,6 +19,7 @@ class Endpoints:
     metrics_url: str
     start_seconds: float | None
     log_path: str | None
+    pid: int | None = None
 
     def as_dict(self) -> dict:
         return {"http_url": self.http_url, "grpc_url": self.grpc_url, "metrics_url": self.metrics_url,
@@ -38,7 +39,8 @@ def served(repository: Path, log_file: Path | None = None) -> Iterator[Endpoints
         raise LoadtestError(f"could not start tritonserver: {exc}") from exc
     try:
         yield Endpoints(f"http://{server.http_url}", server.grpc_url, server.metrics_url, server.start_seconds,
-                        None if server.log_path is None else str(server.log_path))
+                        None if server.log_path is None else str(server.log_path),
+                        server.process.pid if server.process is not None else None)
         if not server.is_alive():
             raise LoadtestError(f"tritonserver died during the run (log: {server.log_path})")
     finally:

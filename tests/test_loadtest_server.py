@@ -163,6 +163,8 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
         assert r["seq_per_s"] > 0
         if r["kind"] != "in-process":
             assert r["detail"]["load"]["failures"] == 0
+            cores = r["detail"]["cpu_cores"]  # measured from the server's process tree and this process
+            assert cores["encoder"] > 0 and cores["tokenizer"] > 0 and cores["client"] > 0
     g = res["goals"]
     assert g["b"]["ort_backend"] == "onnxruntime fp32 b8" and g["b"]["met"] in (True, False)
     assert g["a"]["met"] is False and "not an int8" in g["a"]["note"]  # the tiny repository serves fp32
