@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,6 +47,7 @@ class ServerConfig:
     startup_timeout_s: float = 120.0
     exit_timeout_s: int = 10
     log_verbose: int = 0
+    validate: bool = True  # check the repository offline (serving.repository layout) before starting
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -197,7 +199,10 @@ class LocalTritonServer:
         cfg = self.config
         from serving.repository import validate_repository
 
-        validate_repository(cfg.repository)  # RepositoryError: a clear line before any server starts
+        if cfg.validate:
+            validate_repository(cfg.repository)  # RepositoryError: a clear line before any server starts
+        elif not cfg.repository.is_dir():
+            raise ServerError(f"repository not found: {cfg.repository}")
         taken: set[int] = set()
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(cfg, name)
@@ -218,7 +223,9 @@ class LocalTritonServer:
         t0 = time.perf_counter()
         self.process = subprocess.Popen(
             cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_server_env(), cwd=self._workdir, start_new_session=True, preexec_fn=_die_with_parent,
+            env=_server_env(), cwd=self._workdir, start_new_session=True,
+            # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         try:
             self._wait_ready(t0)
@@ -312,6 +319,7 @@ class LocalTritonServer:
             self._log_handle = None
         if self._workdir is not None:
             if self.config.log_file is None and code not in (0, None):
+                shutil.rmtree(self._workdir / "backends", ignore_errors=True)
                 log.info("tritonserver log kept at %s", self._log_path)
             else:
                 shutil.rmtree(self._workdir, ignore_errors=True)
