@@ -313,13 +313,14 @@ def broken_repository(cpu_repository, tmp_path_factory) -> Path:
     return broken
 
 
-def test_model_load_failure_raises_server_error_naming_the_model(broken_repository):
+def test_model_load_failure_raises_server_error_naming_the_model(broken_repository, tmp_path):
     start = time.perf_counter()
-    server = LocalTritonServer(ServerConfig(broken_repository, startup_timeout_s=120))
+    server = LocalTritonServer(ServerConfig(broken_repository, startup_timeout_s=120, log_file=tmp_path / "log"))
     with pytest.raises(ServerError, match=r"model 'encoder' failed to load: .*NoSuchOperator"):
         server.start()
     assert time.perf_counter() - start < 60
     assert not server.is_alive()
+    assert "NoSuchOperator" in (tmp_path / "log").read_text()
 
 
 def _serving_up(repository: Path, *extra: str) -> subprocess.Popen:
@@ -331,8 +332,8 @@ def _serving_up(repository: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_cli_up_exits_non_zero_on_a_load_failure(broken_repository):
-    proc = _serving_up(broken_repository)
+def test_cli_up_exits_non_zero_on_a_load_failure(broken_repository, tmp_path):
+    proc = _serving_up(broken_repository, "--log-file", str(tmp_path / "log"))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]
