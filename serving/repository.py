@@ -257,7 +257,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         outputs[out.name] = _ONNX_TO_TRITON.get(elem, f"onnx-elem-{elem}")
     initializer_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializer_names]
-    return {"ir_version": model.ir_version, "opset": opset, "inputs": inputs, "outputs": outputs}
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return {"ir_version": model.ir_version, "opset": opset, "inputs": inputs, "outputs": outputs,
+            "external_data": external}
 
 
 def check_onnx_for_image(info: Mapping[str, Any], path: Path) -> None:
@@ -328,12 +330,12 @@ def write_repository(
     out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
     if not onnx_model.is_file():
         raise RepositoryError(f"ONNX model not found: {onnx_model}")
-    if any(onnx_model.parent.glob(f"{onnx_model.name}.data")) or any(onnx_model.parent.glob("*.onnx_data")):
-        raise RepositoryError(f"{onnx_model}: external-data ONNX files are not supported; save it as one file")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise RepositoryError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer is required)")
     labels = _labels(id2label)
     info = inspect_onnx(onnx_model)
+    if info["external_data"]:
+        raise RepositoryError(f"{onnx_model}: weights in external-data files are not supported; save one file")
     missing = [n for n in ("input_ids", "attention_mask") if n not in info["inputs"]]
     missing += [n for n in ENCODER_OUTPUTS if n not in info["outputs"]]
     if missing:

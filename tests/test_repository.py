@@ -231,3 +231,17 @@ def test_failure_inside_the_write_leaves_no_partial_output(cpu_repo, tiny_onnx, 
         _write(out, tiny_onnx, tiny_checkpoint, max_batch_size=8)
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+def test_write_requires_the_encoder_tensor_contract(tiny_onnx, tiny_checkpoint, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    kept = [o for o in model.graph.output if o.name != "probabilities"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    no_probs = tmp_path / "no_probs.onnx"
+    onnx.save(model, str(no_probs))
+    with pytest.raises(RepositoryError, match=r"missing tensors \['probabilities'\]"):
+        _write(tmp_path / "r", no_probs, tiny_checkpoint)
+    assert not (tmp_path / "r").exists()
