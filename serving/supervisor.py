@@ -131,10 +131,12 @@ class Supervisor:
         self._reason = "not started"
         self._stubs: dict[str, Any] = {}
         self._lock = threading.RLock()
+        self._restart_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fatal: ServerError | None = None
         self._canary_misses = 0
+        self._urls = ("", "", "")
 
     # -- what a caller sees
     @property
@@ -154,15 +156,15 @@ class Supervisor:
 
     @property
     def http_url(self) -> str:
-        return self.server.http_url
+        return self._urls[0]
 
     @property
     def grpc_url(self) -> str:
-        return self.server.grpc_url
+        return self._urls[1]
 
     @property
     def metrics_url(self) -> str:
-        return self.server.metrics_url
+        return self._urls[2]
 
     # -- life cycle
     def start(self) -> "Supervisor":
@@ -172,6 +174,7 @@ class Supervisor:
         # restarts reuse the ports the first start picked
         self.server_config = replace(self.server_config, http_port=server.http_port, grpc_port=server.grpc_port,
                                      metrics_port=server.metrics_port)
+        self._urls = (server.http_url, server.grpc_url, server.metrics_url)  # the same after a restart
         with self._lock:
             self.server = server
             self._stubs = stub_processes(server.process.pid)
@@ -190,10 +193,10 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout=self.config.canary_timeout_s + 30)
             self._thread = None
-        with self._lock:
+        with self._restart_lock, self._lock:
             self._ready, self._reason = False, "stopped"
             server, self.server = self.server, None
-            return server.stop() if server is not None else None
+        return server.stop() if server is not None else None
 
     def __enter__(self) -> "Supervisor":
         return self.start()
@@ -281,8 +284,9 @@ class Supervisor:
     def restart(self, reason: str) -> RestartEvent:
         """Mark not ready, stop the broken instance quickly, start a new one on the same ports."""
         event = RestartEvent(time.time(), reason)
-        with self._lock:
-            self._ready, self._reason = False, reason
+        with self._restart_lock:
+            with self._lock:  # held briefly: status() must answer during a restart
+                self._ready, self._reason = False, reason
             log.error("tritonserver is broken: %s; NOT READY, restarting it", reason)
             recent = [e for e in self.events if event.detected_at - e.detected_at < self.config.restart_window_s]
             self.events.append(event)
@@ -300,10 +304,11 @@ class Supervisor:
                     log.warning("restart attempt %d failed: %s", attempt + 1, exc)
                     time.sleep(1.0)
                     continue
-                self.server = server
-                self._stubs = stub_processes(server.process.pid)
-                self._canary_misses = 0
-                self._ready, self._reason = True, ""
+                stubs = stub_processes(server.process.pid)
+                with self._lock:
+                    self.server, self._stubs = server, stubs
+                    self._canary_misses = 0
+                    self._ready, self._reason = True, ""
                 event.recovered_at = time.time()
                 log.warning("tritonserver restarted (pid %d) %.1f s after: %s", server.process.pid,
                             event.down_s, reason)
@@ -316,7 +321,9 @@ class Supervisor:
         return event
 
     def _kill_broken(self) -> None:
-        server, stubs = self.server, dict(self._stubs)
+        with self._lock:
+            server, stubs = self.server, dict(self._stubs)
+            self.server, self._stubs = None, {}
         if server is None:
             return
         regions = _shm_regions(stubs)
@@ -338,7 +345,6 @@ class Supervisor:
         for region in regions:
             with contextlib.suppress(OSError):
                 os.unlink(Path("/dev/shm") / region)
-        self.server = None
 
 
 def supervise_forever(config: ServerConfig, supervisor_config: SupervisorConfig | None = None,
