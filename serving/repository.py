@@ -57,8 +57,8 @@ class RepositoryConfig:
     postprocess models. Measured here (tiny model, 2 cores, gRPC): 2 ms on all three models costs ~6 ms on
     every lone request (p50 ~13 ms); 0 on tokenizer/postprocess gives p50 ~5 ms but fewer, smaller batches
     under 16 concurrent clients (~270 req/s vs ~420-520); 500 us there gave p50 ~5.5 ms and ~580 req/s.
-    ``max_text_chars``: a text is cut to this many characters before tokenization (far beyond
-    ``max_length`` tokens for any real text, so the result is unchanged; it bounds the tokenizer's work).
+    ``max_text_chars``: a longer text is refused with 400 (far beyond ``max_length`` tokens for any real
+    text; with ``max_batch_size`` it bounds a request's size and the tokenizer's work).
     """
 
     target: Target = Target.CPU

@@ -2,12 +2,14 @@
 
 One `tokenizers.Tokenizer` per model instance (the backend calls `execute` serially per instance, so it is
 never shared between threads). Every row is padded to `max_length` so that requests batch dynamically, and
-truncated at `max_length`. Texts longer than `max_text_chars` characters are cut before tokenization.
+truncated at `max_length`. A text longer than `max_text_chars` characters is refused (INVALID_ARG, HTTP 400):
+with `max_batch_size` rows this bounds a request's size (Triton 2.51 has no --http-max-input-size).
 
 Input handling (each request of a dynamic batch is handled on its own, so a bad one fails only itself):
 - bytes that are not valid UTF-8 -> the request fails with INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT);
 - an empty or whitespace-only text is the empty sequence ([CLS] [SEP]): a defined, normal result;
-- a very long text is truncated: a normal result.
+- a long text (up to `max_text_chars`) is truncated at `max_length` tokens: a normal result;
+- a text over `max_text_chars` characters -> INVALID_ARG naming the row and the limit.
 """
 import json
 import os
@@ -51,7 +53,9 @@ class TritonPythonModel:
                     return None, f"TEXT row {i} is not valid UTF-8: {exc}"
                 except TypeError:
                     return None, f"TEXT row {i} is not a string"
-            out.append(text[: self.max_chars])
+            if len(text) > self.max_chars:
+                return None, f"TEXT row {i} has {len(text)} characters; the limit is {self.max_chars} (max_text_chars)"
+            out.append(text)
         return out, None
 
     def execute(self, requests):
