@@ -1,0 +1,104 @@
+"""Build configuration: precisions, target, parity budgets (dataclasses validated on creation)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.errors import ExporterError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Target(str, enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Parity budgets per precision. Agreements are fractions (0..1), drops are accuracy points."""
+
+    fp32_max_abs: float = 1e-4
+    fp32_min_agreement: float = 1.0
+    fp16_max_abs: float = 2e-2
+    fp16_min_agreement: float = 0.995
+    int8_max_accuracy_drop: float = 0.5
+    int8_min_agreement: float = 0.98
+
+    def __post_init__(self) -> None:
+        for name in ("fp32_max_abs", "fp16_max_abs", "int8_max_accuracy_drop"):
+            if getattr(self, name) < 0:
+                raise ExporterError(f"budget {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("fp32_min_agreement", "fp16_min_agreement", "int8_min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ExporterError(f"budget {name} must be within 0..1, got {getattr(self, name)}")
+
+
+def parse_precisions(text: str | tuple | list) -> tuple[Precision, ...]:
+    """``"fp32,int8"`` -> (Precision.FP32, Precision.INT8); unknown names are a user error."""
+    items = [p.strip().lower() for p in text.split(",")] if isinstance(text, str) else list(text)
+    out: list[Precision] = []
+    for item in items:
+        if not item:
+            continue
+        try:
+            precision = Precision(item)
+        except ValueError:
+            known = ", ".join(p.value for p in Precision)
+            raise ExporterError(f"unknown precision {item!r} (known: {known})") from None
+        if precision not in out:
+            out.append(precision)
+    if not out:
+        raise ExporterError("no precision given")
+    return tuple(out)
+
+
+@dataclass
+class BuildConfig:
+    """Everything `python -m exporter build` needs."""
+
+    checkpoint: Path
+    out: Path = Path("build")
+    repository: Path | None = Path("model_repository")
+    target: Target = Target.CPU
+    precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16, Precision.INT8)
+    eval_data: Path | None = None
+    eval_size: int = 1000
+    calibration_size: int = 256
+    max_length: int = 128
+    batch_size: int = 32
+    budgets: Budgets = field(default_factory=Budgets)
+    speed_seconds: float = 1.5  # per variant, split between batch-1 latency and batch throughput
+    max_exclusion_rounds: int = 3  # int8: bounded retries excluding the most sensitive nodes
+    tuning_size: int = 512  # int8: rows (from validation/train, never the eval set) used to pick exclusions
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        self.out = Path(self.out)
+        self.repository = Path(self.repository) if self.repository is not None else None
+        self.eval_data = Path(self.eval_data) if self.eval_data is not None else None
+        try:
+            self.target = Target(self.target)
+        except ValueError:
+            raise ExporterError(f"unknown target {self.target!r} (known: cpu, gpu)") from None
+        self.precisions = parse_precisions(self.precisions)
+        checks = {
+            "eval_size": self.eval_size >= 1,
+            "calibration_size": self.calibration_size >= 1,
+            "max_length": 8 <= self.max_length <= 4096,
+            "batch_size": self.batch_size >= 1,
+            "speed_seconds": self.speed_seconds > 0,
+            "max_exclusion_rounds": self.max_exclusion_rounds >= 0,
+            "tuning_size": self.tuning_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ExporterError(f"invalid {name.replace('_', '-')}: {getattr(self, name)}")
+        if self.repository is not None and self.repository.absolute() == self.out.absolute():
+            raise ExporterError("--repository and --out must be different directories")

@@ -1,0 +1,85 @@
+"""Stage 1: PyTorch checkpoint -> ONNX with Optimum, plus a `probabilities` (Softmax) output."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from exporter.errors import CheckpointError, ExporterError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES = ("logits", "probabilities")
+
+
+def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) -> Path:
+    """Export ``checkpoint`` to ``out_dir/model.onnx`` (dynamic batch/sequence axes) and return the path.
+
+    The graph gets a ``probabilities`` output (Softmax over ``logits``), every model input is int64 and
+    named as in :data:`INPUT_NAMES`, and the result passes ``onnx.checker``.
+    """
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        main_export(
+            str(checkpoint), out_dir, task="text-classification", opset=opset, do_validation=False,
+            local_files_only=True, library_name="transformers",
+        )
+    except (OSError, ValueError, KeyError) as exc:  # unreadable weights, unsupported architecture
+        raise CheckpointError(f"cannot export {checkpoint} to ONNX: {exc}") from exc
+    path = out_dir / "model.onnx"
+    model = onnx.load(str(path))
+    add_probabilities(model)
+    ensure_token_type_ids(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    # Optimum copies tokenizer/config files beside the model; the optimizer needs config.json only.
+    for extra in out_dir.iterdir():
+        if extra.name not in ("model.onnx", "config.json"):
+            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    log.info("exported %s (opset %s)", path, [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")])
+    return path
+
+
+def add_probabilities(model) -> None:
+    """Append ``probabilities = Softmax(logits, axis=-1)`` as a second graph output (idempotent)."""
+    from onnx import TensorProto, helper
+
+    outputs = [o.name for o in model.graph.output]
+    if "logits" not in outputs:
+        raise ExporterError(f"exported graph has no 'logits' output (outputs: {outputs})")
+    if "probabilities" in outputs:
+        return
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]
+    model.graph.node.append(
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="probabilities_softmax")
+    )
+    model.graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, dims))
+
+
+def ensure_token_type_ids(model) -> None:
+    """Check the served input contract: int64 inputs named input_ids, attention_mask, token_type_ids.
+
+    Encoders without segment embeddings (e.g. DistilBERT) export no ``token_type_ids``; they get an
+    unused graph input so every encoder answers the same request.
+    """
+    from onnx import TensorProto, helper
+
+    names = [i.name for i in model.graph.input]
+    for name in INPUT_NAMES[:2]:
+        if name not in names:
+            raise ExporterError(f"exported graph lacks input {name!r} (inputs: {names})")
+    if "token_type_ids" not in names:
+        model.graph.input.append(
+            helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        )
+    for inp in model.graph.input:
+        if inp.type.tensor_type.elem_type != TensorProto.INT64:
+            raise ExporterError(f"input {inp.name} is not int64")
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) != 2 or not all(d.dim_param for d in dims):
+            raise ExporterError(f"input {inp.name} lacks dynamic batch/sequence axes")

@@ -1,0 +1,287 @@
+"""Stage 4: int8 variants (dynamic, static QDQ) with a sensitivity-driven search for nodes to keep fp32.
+
+Quantization runs on the fused fp32 graph. When a variant leaves its budget on the tuning rows, the
+quantizable nodes are ranked by their local int8 error (each node's output with its weight and input
+activation quantized, given fp32 inputs captured on tuning text) and the most sensitive are excluded,
+a bounded number of times.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporter.parity import Batch
+
+log = logging.getLogger(__name__)
+
+DYNAMIC = "dynamic"
+STATIC = "static"
+# The projections carry the compute. Embedding tables (Gather) stay fp32: quantizing them saves file
+# size, not time, and per-tensor table quantization flipped labels in measurements here.
+DYNAMIC_OPS = ("MatMul", "Attention")
+# Static QDQ: weights and activations of the projections; fused contrib ops (Attention) stay fp32.
+STATIC_OPS = ("MatMul",)
+# Fractions of the ranked candidates excluded in rounds 1, 2, 3, ... (round 0 quantizes everything).
+EXCLUSION_SCHEDULE = (0.125, 0.25, 0.5, 0.75)
+
+
+def cpu_preset() -> str:
+    """The Optimum AutoQuantizationConfig preset that fits this CPU."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "arm64"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"
+
+
+@dataclass
+class QuantSettings:
+    """Quantizer parameters taken from an Optimum preset."""
+
+    preset: str
+    is_static: bool
+    per_channel: bool
+    reduce_range: bool
+    activation_type: object
+    weight_type: object
+
+    @classmethod
+    def from_preset(cls, preset: str, *, is_static: bool, per_channel: bool = True) -> "QuantSettings":
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        qc = getattr(AutoQuantizationConfig, preset)(is_static=is_static, per_channel=per_channel)
+        return cls(preset, is_static, qc.per_channel, qc.reduce_range, qc.activations_dtype, qc.weights_dtype)
+
+    def describe(self) -> dict:
+        return {"preset": self.preset, "per_channel": self.per_channel, "reduce_range": self.reduce_range,
+                "activation_type": getattr(self.activation_type, "name", str(self.activation_type)),
+                "weight_type": getattr(self.weight_type, "name", str(self.weight_type))}
+
+
+@dataclass
+class Candidate:
+    name: str
+    op_type: str
+    activation: str | None  # input tensor quantized at run time (None for Gather tables)
+    weight: str
+
+
+def candidates(model, op_types: tuple[str, ...]) -> list[Candidate]:
+    """Nodes the quantizer would touch: constant float weights feeding MatMul/Attention/Gather."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        if node.op_type == "Gather":
+            table = inits.get(node.input[0])
+            if table is not None and table.data_type == TensorProto.FLOAT and len(table.dims) == 2:
+                found.append(Candidate(node.name, node.op_type, None, table.name))
+        elif len(node.input) > 1 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            found.append(Candidate(node.name, node.op_type, node.input[0], node.input[1]))
+    return found
+
+
+def _fake_quant_activation(x: np.ndarray, rng: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 asymmetric per-tensor quantization then dequantization; the range is the tensor's own
+    (DynamicQuantizeLinear) or, for static quantization, the calibrated ``rng``."""
+    lo, hi = (float(x.min()), float(x.max())) if rng is None else rng
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_quant_weight(w: np.ndarray, *, per_channel: bool, reduce_range: bool, amax=None) -> np.ndarray:
+    """Symmetric int8 weight quantization (per output column when per_channel) then dequantize."""
+    qmax = 63 if reduce_range else 127
+    if amax is None:
+        amax = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max()
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return np.clip(np.round(w / scale), -qmax, qmax) * scale
+
+
+def rank_sensitivity(fp32_path: Path, batches: list[Batch], op_types: tuple[str, ...],
+                     settings: QuantSettings, calibration: list[Batch] | None = None) -> list[dict]:
+    """Nodes sorted by local relative output error under int8, most sensitive first.
+
+    Each node sees fp32 inputs captured on ``batches``; its activation is quantized with its own range
+    (dynamic) or with the MinMax range seen on ``calibration`` (static), its weight as the quantizer does.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    cands = candidates(model, op_types)
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = sorted({c.activation for c in cands if c.activation})
+    have = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in have:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name for i in sess.get_inputs()}
+    errors: dict[str, list[float]] = {c.name: [] for c in cands}
+    weights = {c.weight: numpy_helper.to_array(inits[c.weight]) for c in cands}
+    ranges: dict[str, tuple[float, float]] = {}
+    for batch in (calibration or []) if settings.is_static else []:
+        for name, x in zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})):
+            lo, hi = ranges.get(name, (np.inf, -np.inf))
+            ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+    for batch in batches:
+        acts = dict(zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})))
+        mask = batch["attention_mask"].astype(bool)
+        for c in cands:
+            w = weights[c.weight]
+            if c.activation is None:  # embedding table: weight-only error on the rows looked up
+                ids = np.unique(batch["input_ids"])
+                ids = ids[ids < w.shape[0]] if w.shape[0] > 1024 else np.arange(w.shape[0])
+                rows = w[ids]
+                rows_q = _fake_quant_weight(rows, per_channel=False, reduce_range=False, amax=np.abs(w).max())
+                errors[c.name].append(float(np.linalg.norm(rows_q - rows) / (np.linalg.norm(rows) or 1.0)))
+                continue
+            x = acts[c.activation]
+            y = x @ w
+            yq = _fake_quant_activation(x, ranges.get(c.activation)) @ _fake_quant_weight(w, per_channel=settings.per_channel,
+                                                                 reduce_range=settings.reduce_range)
+            d, r = (yq - y), y
+            if d.ndim == 3 and d.shape[:2] == mask.shape:
+                d, r = d[mask], r[mask]
+            errors[c.name].append(float(np.linalg.norm(d) / (np.linalg.norm(r) or 1.0)))
+    ranked = [{"node": c.name, "op_type": c.op_type, "local_rel_error": round(float(np.mean(errors[c.name])), 6)}
+              for c in cands]
+    ranked.sort(key=lambda r: r["local_rel_error"], reverse=True)
+    return ranked
+
+
+class _Reader:
+    """CalibrationDataReader over tokenized batches."""
+
+    def __init__(self, batches: list[Batch], names: set[str]):
+        self._it = iter([{k: v for k, v in b.items() if k in names} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
+             calibration: list[Batch] | None = None) -> None:
+    """Write the ``kind`` int8 variant of ``src`` to ``dst``, keeping ``exclude`` nodes in fp32."""
+    import onnx
+
+    extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    with _quiet_root_logger():
+        _quantize(kind, src, dst, settings, exclude, calibration, extra)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs per-tensor chatter on the root logger; keep warnings only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(kind, src, dst, settings, exclude, calibration, extra) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
+
+    if kind == DYNAMIC:
+        quantize_dynamic(src, dst, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=settings.per_channel,
+                         reduce_range=settings.reduce_range, weight_type=settings.weight_type,
+                         nodes_to_exclude=exclude, extra_options=extra)
+        return
+    if not calibration:
+        raise ValueError("static quantization needs calibration batches")
+    names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    quantize_static(src, dst, _Reader(calibration, names), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
+                    reduce_range=settings.reduce_range, activation_type=settings.activation_type,
+                    weight_type=settings.weight_type, nodes_to_exclude=exclude,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+
+
+@dataclass
+class SearchResult:
+    path: Path | None
+    excluded: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)
+    sensitivity: list[dict] = field(default_factory=list)
+    eval_record: dict | None = None
+
+
+def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], dict],
+           final: Callable[[Path], dict], tuning_batches: list[Batch], calibration: list[Batch] | None,
+           max_rounds: int) -> SearchResult:
+    """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
+
+    ``tune(path)`` and ``final(path)`` return parity records (``passed``, ``reason``, ...): ``tune`` on
+    tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set itself.
+    Returns the last attempt; its ``eval_record`` says whether it passed.
+    """
+    result = SearchResult(path=None)
+    ops = DYNAMIC_OPS if kind == DYNAMIC else STATIC_OPS
+    ranked: list[dict] | None = None
+    exclude: list[str] = []
+    for round_ in range(max_rounds + 1):
+        if round_ > 0:
+            if ranked is None:
+                t0 = time.perf_counter()
+                ranked = rank_sensitivity(src, tuning_batches[:2], ops, settings, (calibration or [])[:4])
+                result.sensitivity = ranked[:10]
+                log.info("int8 %s: ranked %d nodes by local error in %.1fs; most sensitive: %s", kind, len(ranked),
+                         time.perf_counter() - t0, ", ".join(f"{r['node']} ({r['local_rel_error']:.3f})" for r in ranked[:3]))
+            frac = EXCLUSION_SCHEDULE[min(round_ - 1, len(EXCLUSION_SCHEDULE) - 1)]
+            k = min(len(ranked), max(len(exclude) + 1, math.ceil(frac * len(ranked))))
+            if k <= len(exclude):
+                break
+            exclude = [r["node"] for r in ranked[:k]]
+        t0 = time.perf_counter()
+        result.eval_record = None
+        quantize(kind, src, dst, settings, exclude=exclude, calibration=calibration)
+        tuning = tune(dst)
+        attempt = {"round": round_, "excluded": len(exclude), "tuning": _brief(tuning)}
+        if tuning["passed"]:
+            record = final(dst)
+            attempt["eval"] = _brief(record)
+            result.eval_record = record
+        result.attempts.append(attempt)
+        result.path, result.excluded = dst, list(exclude)
+        log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", kind, round_, len(exclude),
+                 "pass" if tuning["passed"] else f"fail ({tuning['reason']})",
+                 "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
+                 time.perf_counter() - t0)
+        if result.eval_record is not None and result.eval_record["passed"]:
+            break
+    if result.path is not None and result.eval_record is None:
+        result.eval_record = final(result.path)  # the gate always speaks for the file that is kept
+    return result
+
+
+def _brief(record: dict) -> dict:
+    keys = ("n_examples", "label_agreement", "accuracy_drop_pts", "max_abs_diff", "nan_inf", "passed", "reason")
+    return {k: record[k] for k in keys if k in record}

@@ -1,0 +1,187 @@
+"""Stage 5: the parity gate. Every variant is compared with the PyTorch checkpoint on real text,
+batched and padded as served (pad to the longest row of each batch, truncate at max_length)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from exporter.config import Budgets, Precision
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[Batch]:
+    """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row."""
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
+                        max_length=max_length, return_tensors="np")
+        ids = enc["input_ids"].astype(np.int64)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+            "token_type_ids": enc["token_type_ids"].astype(np.int64) if "token_type_ids" in enc else np.zeros_like(ids),
+        }
+        batches.append(batch)
+    return batches
+
+
+def load_torch_model(checkpoint: Path):
+    """The checkpoint as an eval-mode PyTorch sequence classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+
+
+def torch_logits(model, batches: list[Batch]) -> np.ndarray:
+    """Reference logits from PyTorch (fp32)."""
+    import torch
+
+    names = set(model.forward.__code__.co_varnames)
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            feed = {k: torch.from_numpy(v) for k, v in batch.items() if k in names}
+            out.append(model(**feed).logits.float().numpy())
+    return np.concatenate(out)
+
+
+def providers_for(precision: Precision) -> list[str]:
+    """fp16 runs on CUDA when onnxruntime-gpu is installed; everything else (and CI) on the CPU."""
+    import onnxruntime as ort
+
+    if precision is Precision.FP16 and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session(path: Path, precision: Precision, *, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers_for(precision))
+
+
+def ort_outputs(sess, batches: list[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) of an ONNX Runtime session over the batches."""
+    names = {i.name for i in sess.get_inputs()}
+    logits, probs = [], []
+    for batch in batches:
+        lo, pr = sess.run(["logits", "probabilities"], {k: v for k, v in batch.items() if k in names})
+        logits.append(lo.astype(np.float32))
+        probs.append(pr.astype(np.float32))
+    return np.concatenate(logits), np.concatenate(probs)
+
+
+def task_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
+    from sklearn.metrics import f1_score
+
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "macro_f1": float(f1_score(labels, pred, average="macro", labels=list(range(num_labels)), zero_division=0)),
+    }
+
+
+@dataclass
+class Reference:
+    """PyTorch's answers on the evaluation set."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def metrics(self) -> dict:
+        return {**task_metrics(self.logits.argmax(1), self.labels, self.logits.shape[1]), "n_examples": len(self.labels)}
+
+
+def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.ndarray, budgets: Budgets) -> dict:
+    """Parity record of one variant against the reference, with its verdict and the reason for it.
+
+    ``max_rel_diff`` is, per row, the largest absolute logit difference over the row's largest absolute
+    reference logit, maximised over rows (elementwise ratios explode on logits near zero).
+    """
+    finite = np.isfinite(logits).all(1) & np.isfinite(probs).all(1)
+    nan_inf = int((~np.isfinite(logits)).sum() + (~np.isfinite(probs)).sum())
+    diff = np.abs(np.where(np.isfinite(logits), logits, np.inf) - ref.logits)
+    scale = np.maximum(np.abs(ref.logits).max(1), 1e-6)
+    pred = np.where(finite, np.nan_to_num(logits, nan=-np.inf).argmax(1), -1)
+    ref_pred = ref.logits.argmax(1)
+    metrics = task_metrics(pred, ref.labels, ref.logits.shape[1])
+    ref_metrics = ref.metrics
+    exp = np.exp(ref.logits - ref.logits.max(1, keepdims=True))
+    softmax = exp / exp.sum(1, keepdims=True)
+    record = {
+        "n_examples": int(len(ref.labels)),
+        "max_abs_diff": _num(diff.max()),
+        "mean_abs_diff": _num(diff.mean()),
+        "max_rel_diff": _num((diff.max(1) / scale).max()),
+        "max_prob_diff": _num(np.abs(np.where(np.isfinite(probs), probs, np.inf) - softmax).max()),
+        "label_agreement": float((pred == ref_pred).mean()),
+        "accuracy": metrics["accuracy"],
+        "accuracy_drop_pts": round((ref_metrics["accuracy"] - metrics["accuracy"]) * 100, 4),
+        "macro_f1": metrics["macro_f1"],
+        "macro_f1_drop_pts": round((ref_metrics["macro_f1"] - metrics["macro_f1"]) * 100, 4),
+        "nan_inf": nan_inf,
+    }
+    failures = gate_failures(precision, record, budgets)
+    record["budget"] = budget_for(precision, budgets)
+    record["passed"] = not failures
+    record["reason"] = "; ".join(failures) if failures else "within budget"
+    return record
+
+
+def budget_for(precision: Precision, budgets: Budgets) -> dict:
+    if precision is Precision.FP32:
+        return {"max_abs_diff": budgets.fp32_max_abs, "min_label_agreement": budgets.fp32_min_agreement}
+    if precision is Precision.FP16:
+        return {"max_abs_diff": budgets.fp16_max_abs, "min_label_agreement": budgets.fp16_min_agreement}
+    return {"max_accuracy_drop_pts": budgets.int8_max_accuracy_drop, "min_label_agreement": budgets.int8_min_agreement}
+
+
+def gate_failures(precision: Precision, record: dict, budgets: Budgets) -> list[str]:
+    """Human-readable reasons a parity record leaves its budget (empty when it passes)."""
+    failures = []
+    if record["nan_inf"]:
+        failures.append(f"{record['nan_inf']} NaN/Inf outputs")
+    budget = budget_for(precision, budgets)
+    if "max_abs_diff" in budget and not _within(record["max_abs_diff"], budget["max_abs_diff"]):
+        failures.append(f"max abs logit diff {_fmt(record['max_abs_diff'])} > {budget['max_abs_diff']:.3g}")
+    if record["label_agreement"] < budget["min_label_agreement"]:
+        failures.append(f"label agreement {record['label_agreement']:.2%} < {budget['min_label_agreement']:.2%}")
+    if "max_accuracy_drop_pts" in budget and not _within(record["accuracy_drop_pts"], budget["max_accuracy_drop_pts"]):
+        failures.append(f"accuracy drop {record['accuracy_drop_pts']:.2f} pts > {budget['max_accuracy_drop_pts']:.2f}")
+    return failures
+
+
+def check_variant(path: Path, precision: Precision, ref: Reference, batches: list[Batch], budgets: Budgets) -> dict:
+    """Run ``path`` on the evaluation batches and return its parity record."""
+    logits, probs = ort_outputs(session(path, precision), batches)
+    record = compare(precision, ref, logits, probs, budgets)
+    log.info("parity %s: max|d|=%s agreement=%.4f acc=%.4f drop=%.2f pts nan/inf=%d -> %s",
+             Path(path).name, record["max_abs_diff"], record["label_agreement"], record["accuracy"],
+             record["accuracy_drop_pts"], record["nan_inf"], "pass" if record["passed"] else record["reason"])
+    return record
+
+
+def _within(value: float | None, limit: float) -> bool:
+    return value is not None and value <= limit
+
+
+def _fmt(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3g}"
+
+
+def _num(value) -> float | None:
+    """JSON-safe float (NaN/Inf become None)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
