@@ -1,0 +1,287 @@
+"""`python -m loadtest soak`: hold 70 % of the measured saturation for a long time and look for decay.
+
+Steps (each logged with its time):
+1. start tritonserver on the repository (LocalTritonServer: loopback, free ports);
+2. saturation: a short closed-loop Locust run (no wait) -> requests/s;
+3. soak: Locust with constant-throughput users whose rates add up to ``load_fraction`` of it, while a
+   thread samples the resident memory (RSS) of tritonserver and its python-backend stubs with psutil;
+4. verdict: it fails on any failed request, on p99 drift over ``max_p99_drift`` (the first window after
+   warm-up vs the last window) or on RSS growth over ``max_rss_growth`` (same windows).
+
+Window p99: Locust's history holds, every second, the p99 of the last ~10 s of requests; a window's p99
+is the median of those rows inside it (robust to one slow second on a shared machine).
+Everything lands in ``out`` (default results/soak-<time>/): summary.json, the Locust CSVs and reports,
+rss.csv, and a plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_directory
+from common.provenance import versions
+from loadtest.errors import LoadtestError
+from loadtest.run import Protocol, RunConfig, default_out, parse_duration, run_locust, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SoakConfig:
+    repository: Path = Path("model_repository")
+    duration: str = "600s"
+    saturation_duration: str = "30s"
+    saturation_users: int = 16
+    users: int = 16
+    load_fraction: float = 0.7
+    protocol: Protocol = Protocol.HTTP
+    texts_per_request: int = 1
+    texts: Path | None = None
+    warmup: str = "60s"
+    window: str = "60s"
+    max_p99_drift: float = 0.10
+    max_rss_growth: float = 0.10
+    sample_interval_s: float = 2.0
+    out: Path | None = None
+    duration_s: float = field(init=False, default=0.0)
+    warmup_s: float = field(init=False, default=0.0)
+    window_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        try:
+            self.protocol = Protocol(self.protocol)
+        except ValueError as exc:
+            raise LoadtestError(f"protocol must be http or grpc, got {self.protocol!r}") from exc
+        self.duration_s = parse_duration(self.duration)
+        self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0
+        self.window_s = parse_duration(self.window)
+        parse_duration(self.saturation_duration)
+        if self.warmup_s + 2 * self.window_s > self.duration_s:
+            raise LoadtestError(f"duration {self.duration_s:g}s is too short for warm-up {self.warmup_s:g}s "
+                                f"and two {self.window_s:g}s windows")
+        if not 0 < self.load_fraction <= 1:
+            raise LoadtestError("--load-fraction must be in (0, 1]")
+        if self.users < 1 or self.saturation_users < 1 or self.texts_per_request < 1:
+            raise LoadtestError("--users, --saturation-users and --texts-per-request must be >= 1")
+        if self.max_p99_drift <= 0 or self.max_rss_growth <= 0 or self.sample_interval_s <= 0:
+            raise LoadtestError("--max-p99-drift, --max-rss-growth and the sample interval must be > 0")
+        self.repository = Path(self.repository)
+        if not self.repository.is_dir():
+            raise LoadtestError(f"repository {self.repository} not found (run `python -m exporter build` first)")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise LoadtestError(f"texts file {self.texts} not found")
+        self.out = Path(self.out) if self.out is not None else default_out("soak")
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def process_tree_rss(pid: int) -> dict[str, int]:
+    """RSS in bytes of ``pid`` ('tritonserver') and of each child (stub instance name or pid)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    out = {"tritonserver": proc.memory_info().rss}
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = child.cmdline()
+            name = cmd[-2] if child.name() == "triton_python_backend_stub" and len(cmd) >= 3 else str(child.pid)
+            out[name] = child.memory_info().rss
+    return out
+
+
+class RssSampler(threading.Thread):
+    """Sample the RSS of a process tree every ``interval`` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self.samples.append((time.time(), process_tree_rss(self.pid)))
+            if self._stop_event.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=self.interval + 5)
+
+
+# ----------------------------------------------------------------------------------------- verdict
+
+
+def window_values(points: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    return [v for t, v in points if start <= t <= end and v is not None]
+
+
+def drift(first: list[float], last: list[float]) -> float | None:
+    """Relative change of the median from the first to the last window (None without data)."""
+    if not first or not last:
+        return None
+    a, b = statistics.median(first), statistics.median(last)
+    return (b - a) / a if a > 0 else None
+
+
+def verdict(cfg: SoakConfig, requests: int, failures: int, p99_points: list[tuple[float, float]],
+            rss_points: list[tuple[float, float]], t_start: float, t_end: float) -> dict[str, Any]:
+    """The soak's pass/fail, its reasons and the figures behind them (times are seconds since the start)."""
+    first = (t_start + cfg.warmup_s, t_start + cfg.warmup_s + cfg.window_s)
+    last = (t_end - cfg.window_s, t_end)
+    p99_first, p99_last = window_values(p99_points, *first), window_values(p99_points, *last)
+    rss_first, rss_last = window_values(rss_points, *first), window_values(rss_points, *last)
+    p99_drift, rss_growth = drift(p99_first, p99_last), drift(rss_first, rss_last)
+    reasons = []
+    if requests == 0:
+        reasons.append("no requests were made")
+    if failures:
+        reasons.append(f"{failures} of {requests} requests failed")
+    if p99_drift is None:
+        reasons.append("no p99 figures in the first or last window")
+    elif p99_drift > cfg.max_p99_drift:
+        reasons.append(f"p99 drifted {p99_drift:+.1%} (limit {cfg.max_p99_drift:.0%})")
+    if rss_growth is None:
+        reasons.append("no memory samples in the first or last window")
+    elif rss_growth > cfg.max_rss_growth:
+        reasons.append(f"server RSS grew {rss_growth:+.1%} (limit {cfg.max_rss_growth:.0%})")
+    return {
+        "passed": not reasons, "reasons": reasons,
+        "windows_s": {"first": [first[0] - t_start, first[1] - t_start], "last": [last[0] - t_start, last[1] - t_start]},
+        "p99_ms": {"first": statistics.median(p99_first) if p99_first else None,
+                   "last": statistics.median(p99_last) if p99_last else None, "drift": p99_drift},
+        "rss_mb": {"first": statistics.median(rss_first) / 2**20 if rss_first else None,
+                   "last": statistics.median(rss_last) / 2**20 if rss_last else None, "growth": rss_growth},
+    }
+
+
+def _plot(p99: list[tuple[float, float]], rss: list[tuple[float, float]], t0: float, png: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot([t - t0 for t, _ in p99], [v for _, v in p99], color="tab:red", label="p99 ms (10 s window)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("p99 ms")
+    ax2 = ax.twinx()
+    ax2.plot([t - t0 for t, _ in rss], [v / 2**20 for _, v in rss], color="tab:blue", label="server RSS MiB")
+    ax2.set_ylabel("RSS MiB")
+    ax.set_title(title)
+    fig.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _history_p99(history_csv: Path) -> list[tuple[float, float]]:
+    import csv
+
+    if not history_csv.is_file():
+        return []
+    out = []
+    with open(history_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("Name") != "Aggregated" or not float(row.get("Total Request Count") or 0):
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                p99 = float(row["99%"])
+                if p99 > 0:
+                    out.append((float(row["Timestamp"]), p99))
+    return out
+
+
+def run_soak(cfg: SoakConfig) -> dict[str, Any]:
+    """Measure saturation, soak at ``load_fraction`` of it, judge; the summary is also summary.json."""
+    from serving.errors import ServingError
+    from serving.server import LocalTritonServer, ServerConfig
+
+    t_begin = time.perf_counter()
+
+    def stage(msg: str) -> None:
+        log.info("[%6.1f s] %s", time.perf_counter() - t_begin, msg)
+
+    try:
+        server = LocalTritonServer(ServerConfig(cfg.repository))
+        server.start()
+    except ServingError as exc:
+        raise LoadtestError(f"could not start tritonserver: {exc}") from exc
+    stage(f"tritonserver ready (pid {server.process.pid})")
+    host = f"http://{server.http_url}" if cfg.protocol is Protocol.HTTP else server.grpc_url
+    try:
+        with atomic_directory(cfg.out) as tmp:
+            sat_dir, soak_dir = tmp / "saturation", tmp / "soak"
+            sat_dir.mkdir()
+            soak_dir.mkdir()
+            sat_cfg = RunConfig(users=cfg.saturation_users, spawn_rate=cfg.saturation_users,
+                                duration=cfg.saturation_duration, protocol=cfg.protocol,
+                                texts_per_request=cfg.texts_per_request, host=host, texts=cfg.texts, out=sat_dir)
+            stage(f"saturation: {cfg.saturation_users} closed-loop users for {sat_cfg.duration_s:g} s")
+            t0 = time.perf_counter()
+            run_locust(sat_cfg, host, sat_dir)
+            sat = summarize(sat_cfg, sat_dir, host, time.perf_counter() - t0, None)
+            saturation = sat["requests_per_s"]
+            if not saturation or sat["failures"]:
+                raise LoadtestError(f"saturation run: {sat['requests']} requests, {sat['failures']} failed")
+            target = cfg.load_fraction * saturation
+            rate = target / cfg.users
+            stage(f"saturation {saturation:.1f} req/s (p99 {sat['latency_ms']['p99']} ms); soak at "
+                  f"{target:.1f} req/s = {cfg.users} users x {rate:.3f} req/s for {cfg.duration_s:g} s")
+            soak_cfg = RunConfig(users=cfg.users, spawn_rate=cfg.users, duration=f"{cfg.duration_s:g}s",
+                                 protocol=cfg.protocol, texts_per_request=cfg.texts_per_request, host=host,
+                                 texts=cfg.texts, out=soak_dir, request_rate=rate)
+            sampler = RssSampler(server.process.pid, cfg.sample_interval_s)
+            sampler.start()
+            t_start = time.time()
+            try:
+                run_locust(soak_cfg, host, soak_dir)
+            finally:
+                t_end = time.time()
+                sampler.stop()
+            server.check()  # still alive and ready after the soak
+            stage("soak done; judging")
+            soak = summarize(soak_cfg, soak_dir, host, t_end - t_start, None)
+            p99 = _history_p99(soak_dir / "locust_stats_history.csv")
+            rss = [(t, sum(v.values())) for t, v in sampler.samples]
+            result = verdict(cfg, soak["requests"], soak["failures"], p99, rss, t_start, t_end)
+            with open(tmp / "rss.csv", "w", encoding="utf-8") as fh:
+                names = sorted({k for _, v in sampler.samples for k in v})
+                fh.write("timestamp,total," + ",".join(names) + "\n")
+                for t, v in sampler.samples:
+                    fh.write(f"{t:.3f},{sum(v.values())}," + ",".join(str(v.get(n, "")) for n in names) + "\n")
+            summary = {
+                **result,
+                "saturation": {"requests_per_s": saturation, "users": cfg.saturation_users,
+                               "duration_s": sat_cfg.duration_s, "latency_ms": sat["latency_ms"]},
+                "soak": {"target_requests_per_s": target, "requests_per_s": soak["requests_per_s"],
+                         "users": cfg.users, "rate_per_user": rate, "duration_s": cfg.duration_s,
+                         "requests": soak["requests"], "failures": soak["failures"],
+                         "latency_ms": soak["latency_ms"], "top_failures": soak["top_failures"]},
+                "rss_samples": len(sampler.samples),
+                "config": {**asdict(cfg), "protocol": cfg.protocol.value},
+                "versions": versions(("locust", "tritonclient", "nvidia-pytriton", "onnxruntime", "numpy")),
+                "out": str(cfg.out.absolute()),
+            }
+            summary["plot"] = "soak.png" if _plot(p99, rss, t_start, tmp / "soak.png",
+                                                  f"soak at {cfg.load_fraction:.0%} of {saturation:.0f} req/s") else None
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    finally:
+        server.stop()
+    stage(f"{'PASSED' if summary['passed'] else 'FAILED'}: wrote {cfg.out}")
+    return summary
