@@ -1,4 +1,4 @@
-"""`python -m loadtest {run,bench,tune}`: parse, build a config, call one library function, print a table."""
+"""`python -m loadtest {run,bench,tune,soak}`: parse, build a config, call one library function, print a table."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,31 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from loadtest.soak import SoakConfig, run_soak
+
+    cfg = SoakConfig(
+        repository=args.repository, duration=args.duration, saturation_duration=args.saturation_duration,
+        saturation_users=args.saturation_users, users=args.users, load_fraction=args.load_fraction,
+        protocol=args.protocol, texts_per_request=args.texts_per_request, texts=args.texts, warmup=args.warmup,
+        window=args.window, max_p99_drift=args.max_p99_drift, max_rss_growth=args.max_rss_growth, out=args.out,
+    )
+    s = run_soak(cfg)
+    p99, rss, soak = s["p99_ms"], s["rss_mb"], s["soak"]
+    _print_table(f"soak: {soak['duration_s']:g} s at {cfg.load_fraction:.0%} of {s['saturation']['requests_per_s']:.1f} req/s",
+                 ("measure", "value"),
+                 [("requests", soak["requests"]), ("failures", soak["failures"]), ("req/s", soak["requests_per_s"]),
+                  ("p99 ms first window", p99["first"]), ("p99 ms last window", p99["last"]),
+                  ("p99 drift %", None if p99["drift"] is None else 100 * p99["drift"]),
+                  ("RSS MiB first window", rss["first"]), ("RSS MiB last window", rss["last"]),
+                  ("RSS growth %", None if rss["growth"] is None else 100 * rss["growth"])])
+    print(f"reports: {s['out']}")
+    if not s["passed"]:
+        print(f"{PROG}: error: soak failed: {'; '.join(s['reasons'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Load tests and benchmarks of the served classifier.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -156,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-apply", action="store_true", help="only report; leave the repository as it is")
     tune.add_argument("--out", type=Path)
     tune.set_defaults(func=_tune)
+
+    soak = sub.add_parser("soak", help="hold 70%% of the measured saturation for a long time; fail on errors, "
+                                       "p99 drift or memory growth")
+    soak.add_argument("--repository", type=Path, default=Path("model_repository"))
+    soak.add_argument("--duration", default="600", help="soak length, e.g. 600, 10m (default 10 minutes)")
+    soak.add_argument("--saturation-duration", default="30s", help="closed-loop run that measures saturation")
+    soak.add_argument("--saturation-users", type=int, default=16)
+    soak.add_argument("--users", type=int, default=16, help="constant-throughput users of the soak")
+    soak.add_argument("--load-fraction", type=float, default=0.7, help="share of saturation to hold")
+    soak.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    soak.add_argument("--texts-per-request", type=int, default=1)
+    soak.add_argument("--texts", type=Path)
+    soak.add_argument("--warmup", default="60s", help="ignored at the start before the first window")
+    soak.add_argument("--window", default="60s", help="length of the first and last windows compared")
+    soak.add_argument("--max-p99-drift", type=float, default=0.10)
+    soak.add_argument("--max-rss-growth", type=float, default=0.10)
+    soak.add_argument("--out", type=Path, help="report directory (default results/soak-<time>/)")
+    soak.set_defaults(func=_soak)
     return parser
 
 
