@@ -186,6 +186,7 @@ def build_configs(
             trt.parameters["precision_mode"] = "FP16"
             trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
             trt.parameters["trt_engine_cache_enable"] = "1"
+            trt.parameters["trt_engine_cache_path"] = "/tmp/trt_cache"  # the repository is mounted read-only
             enc.optimization.execution_accelerators.gpu_execution_accelerator.append(trt)
 
     post = pb.ModelConfig(name=POSTPROCESS, backend="python", max_batch_size=config.max_batch_size)
