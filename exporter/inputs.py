@@ -12,7 +12,7 @@ from exporter.errors import CheckpointError, EvalDataError, ExporterError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors",)  # only safetensors: a pickle (pytorch_model.bin) can run code on load
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
@@ -80,6 +80,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: id2label must map 0..n-1 to n >= 2 labels, got {raw}")
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
+        if (path / "pytorch_model.bin").is_file():
+            raise CheckpointError(f"checkpoint {path} has only pickle weights (pytorch_model.bin); only safetensors "
+                                  "are loaded: re-save it with save_pretrained(..., safe_serialization=True)")
         raise CheckpointError(f"checkpoint {path} has no weights ({' or '.join(WEIGHT_FILES)})")
     if weights.suffix == ".safetensors":
         _check_safetensors(weights)
