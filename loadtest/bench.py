@@ -245,8 +245,11 @@ def build_variants(build: Path) -> list[tuple[str, Path]]:
 
 def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResult]:
     from loadtest import cpu
-    from loadtest.clients import closed_loop
+    from loadtest.clients import classify_all, closed_loop
 
+    # one pass over exactly the same texts as the in-process backends: the served accuracy (and a warm-up)
+    served_labels = classify_all("grpc", endpoints.grpc_url, texts, texts_per_request=cfg.texts_per_request)
+    served_acc = accuracy(served_labels, gold)
     results = []
     plan = [(proto, c, cfg.texts_per_request) for proto in cfg.protocols for c in cfg.concurrency]
     plan += [(proto, cfg.single_text_concurrency, 1) for proto in cfg.protocols]
@@ -259,7 +262,7 @@ def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResu
         if r.requests == 0:
             raise LoadtestError(f"served {proto} c={conc}: no request succeeded ({r.first_error})")
         res = BackendResult(f"served {proto} c{conc} x{k}", "served", k, r.seq_per_s, r.percentile(50),
-                            r.percentile(99), r.accuracy, r.rows, {"load": r.as_dict(), "cpu_cores": used})
+                            r.percentile(99), served_acc, r.rows, {"load": r.as_dict(), "cpu_cores": used})
         log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d  cores %s", res.name, res.seq_per_s,
                  res.p50_ms or 0, res.p99_ms or 0, r.failures,
                  " ".join(f"{k}={v:.2f}" for k, v in used.items() if k != "machine_cores"))
@@ -282,7 +285,7 @@ def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResu
     r = open_loop(proto, url, texts, gold, rate_rps=rate, texts_per_request=best.rows_per_call,
                   duration_s=cfg.open_loop_seconds, warmup_s=cfg.warmup_seconds)
     res = BackendResult(f"served {proto} open-loop {GOAL_C_LOAD:.0%} x{best.rows_per_call}", "open-loop",
-                        best.rows_per_call, r.seq_per_s, r.percentile(50), r.percentile(99), r.accuracy,
+                        best.rows_per_call, r.seq_per_s, r.percentile(50), r.percentile(99), best.accuracy,
                         r.rows, {"load": r.as_dict(), "saturating_requests_per_s": sat_rps,
                                  "cpu_cores": cpu.cores_used(before, cpu.snapshot(endpoints.pid))})
     log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  (target %.1f req/s)", res.name, res.seq_per_s,
@@ -376,7 +379,9 @@ def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
         f"{meta['n_texts']} texts from `{meta['texts_source']}`, {cfg.threads} thread(s) per backend "
         f"(torch.set_num_threads / ORT intra_op), {meta['cpu']} ({meta['cores']} cores). In-process latency is "
         f"per call of `rows/call` texts (tokenization included); served latency is per request of "
-        f"`rows/call` texts from closed-loop clients (`cN` = N concurrent clients), open-loop = constant rate.\n",
+        f"`rows/call` texts from closed-loop clients (`cN` = N concurrent clients), open-loop = constant rate. "
+        f"Accuracy is on the same {meta['n_texts']} texts for every backend (served: one gRPC pass before "
+        f"the timed points).\n",
         markdown_table(TABLE_HEADER, table_rows(results)),
         "## Goals\n",
         *[f"- {line}" for line in goal_lines(goals)],

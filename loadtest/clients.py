@@ -214,6 +214,30 @@ async def _open(protocol, url, model, texts, gold, rate_rps, per_request, durati
         await sender.close()
 
 
+async def _classify_all(protocol, url, model, texts, per_request, concurrency, timeout_s):
+    sender = _Sender(protocol, url, model, concurrency)
+    try:
+        await sender.fetch_labels()
+        chunks = [list(texts[i:i + per_request]) for i in range(0, len(texts), per_request)]
+        out: list[list[str] | None] = [None] * len(chunks)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                out[i] = await sender.send(chunks[i], timeout_s)
+
+        await asyncio.gather(*(one(i) for i in range(len(chunks))))
+        return [label for chunk in out for label in chunk]
+    finally:
+        await sender.close()
+
+
+def classify_all(protocol: str, url: str, texts: Sequence[str], *, texts_per_request: int = 8,
+                 concurrency: int = 4, timeout_s: float = 60.0, model: str = payload.MODEL) -> list[str]:
+    """Labels of every text, in order, from the served model (one pass; errors propagate)."""
+    return asyncio.run(_classify_all(protocol, url, model, texts, texts_per_request, concurrency, timeout_s))
+
+
 def closed_loop(protocol: str, url: str, texts: Sequence[str], gold: Sequence[str] | None, *, concurrency: int,
                 texts_per_request: int, duration_s: float, warmup_s: float = 2.0, timeout_s: float = 30.0,
                 model: str = payload.MODEL) -> LoadResult:

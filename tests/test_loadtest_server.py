@@ -165,6 +165,9 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
             assert r["detail"]["load"]["failures"] == 0
             cores = r["detail"]["cpu_cores"]  # measured from the server's process tree and this process
             assert cores["encoder"] > 0 and cores["tokenizer"] > 0 and cores["client"] > 0
+    by = {r["name"]: r for r in res["results"]}
+    # the served deployment and in-process ORT run the same ONNX file on the same texts: same labels
+    assert by["served grpc c2 x4"]["accuracy"] == pytest.approx(by["onnxruntime fp32 b8"]["accuracy"], abs=1 / 16)
     g = res["goals"]
     assert g["b"]["ort_backend"] == "onnxruntime fp32 b8" and g["b"]["met"] in (True, False)
     assert g["a"]["met"] is False and "not an int8" in g["a"]["note"]  # the tiny repository serves fp32
