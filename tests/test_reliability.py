@@ -363,3 +363,82 @@ def test_sigterm_under_load_finishes_accepted_requests_and_exits_0(repository):
     assert exited_after < exit_timeout + 5
     assert len(before) > 10 and lost == [], lost[:3]
     assert refused, "requests after the signal must be refused"
+
+
+# ------------------------------------------------------------------------------ safe defaults, live
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with LocalTritonServer(ServerConfig(repository)) as srv:
+        yield srv
+
+
+def _post(url: str, data: bytes, timeout: float = 60) -> tuple[int, str, float]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(), time.perf_counter() - start
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), time.perf_counter() - start
+
+
+def _body(texts: list[str]) -> bytes:
+    return json.dumps({"inputs": [{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES",
+                                   "data": texts}]}).encode()
+
+
+def test_listens_on_loopback_only_and_refuses_model_control(server):
+    import psutil
+
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.process.pid).net_connections()
+                 if c.status == psutil.CONN_LISTEN}
+    assert {port for _, port in listening} >= {server.http_port, server.grpc_port, server.metrics_port}
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
+    for action in ("unload", "load"):
+        status, text, _ = _post(f"http://{server.http_url}/v2/repository/models/classifier/{action}", b"{}")
+        assert status >= 400 and "not allowed" in text
+    server.check()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_text_over_the_character_limit_is_a_clear_400(server, protocol):
+    from serving.errors import InvalidInputError
+
+    limit = RepositoryConfig().max_text_chars
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with TextClassifier(url, protocol=protocol, retries=0) as client:
+        assert client.classify(["x " * (limit // 2)])[0].label in LABELS  # at the limit: fine
+        with pytest.raises(InvalidInputError, match=rf"TEXT row 1 has {limit + 1} characters; the limit is {limit}"):
+            client.classify(["short", "y" * (limit + 1)])
+
+
+def test_a_huge_body_is_a_400_and_the_server_stays_up(server):
+    """Triton 2.51 has no --http-max-input-size: the limit is max_batch_size rows x max_text_chars chars,
+    enforced by the ensemble (rows) and the tokenizer (chars) with a 400."""
+    url = f"http://{server.http_url}/v2/models/classifier/infer"
+    status, text, seconds = _post(url, _body(["z" * (32 << 20)]))  # one 32 MiB text
+    assert status == 400 and "the limit is" in text, text[:200]
+    status, text, _ = _post(url, _body(["row"] * 9))  # max_batch_size is 8
+    assert status == 400 and "batch-size must be <= 8" in text
+    status, text, _ = _post(url, _body(["still fine"]))
+    assert status == 200
+    figures("huge_body", body_mib=32, status=400, seconds=round(seconds, 2))
+
+
+def test_corrupt_onnx_makes_serving_up_exit_non_zero_naming_the_model(repository, tmp_path):
+    import shutil
+
+    broken = tmp_path / "model_repository"
+    shutil.copytree(repository, broken)
+    onnx_file = broken / "encoder" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 3])  # a torn write
+    proc = _serving_up(broken)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m serving: error:") and "encoder" in last and "ONNX" in last, last
