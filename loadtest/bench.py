@@ -458,6 +458,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         cfg.notes.append(f"{textset.source} has no labels: accuracy not measured")
     log.info("bench: %d texts from %s, %d thread(s)", len(texts), textset.source, cfg.threads)
 
+    from loadtest import cpu
+
+    busy = cpu.busy_processes()
+    load_before = os.getloadavg()
+    if busy:
+        cfg.notes.append("other processes were busy when the bench started (numbers may be noisy): " + "; ".join(
+            f"{b['cpu_percent']:.0f}% {b['cmd'][:60]}" for b in busy))
+        log.warning("other processes are using the CPU: %s", busy)
     results: list[BackendResult] = []
     stage_t = time.perf_counter()
 
@@ -523,7 +531,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     meta = {
         "n_texts": len(texts), "texts_source": textset.source, "cpu": cpu_model(), "cores": os.cpu_count(),
-        "cpu_bf16": isa, "served": served_meta,
+        "cpu_bf16": isa, "served": served_meta, "busy_processes_at_start": busy,
+        "loadavg_at_start": load_before, "loadavg_at_end": os.getloadavg(),
     }
     out = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},

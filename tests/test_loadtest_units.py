@@ -339,3 +339,23 @@ def test_cli_user_errors_are_one_line(capsys, tmp_path):
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
     assert main(["tune", "--repository", str(tmp_path)]) == 2
     assert "provenance.json" in capsys.readouterr().err
+
+
+def test_cores_used_from_snapshots():
+    from loadtest.cpu import cores_used
+
+    before = {"_wall": 100.0, "client": 1.0, "encoder": 10.0}
+    after = {"_wall": 110.0, "client": 2.0, "encoder": 25.0, "tokenizer": 3.0}
+    used = cores_used(before, after)
+    assert used["client"] == 0.1 and used["encoder"] == 1.5 and used["tokenizer"] == 0.3
+    assert used["total"] == pytest.approx(1.9) and used["machine_cores"] >= 1
+    assert cores_used(after, after) == {}
+
+
+def test_stub_roles_from_command_lines():
+    from loadtest.cpu import _role
+
+    stub = ["/x/triton_python_backend_stub", "/repo/encoder/1/model.py", "shm", "1048576"]
+    assert _role(stub, 10, 11) == "encoder"
+    assert _role(["/bin/tritonserver"], 10, 10) == "tritonserver"
+    assert _role(["python"], 10, 12) == "other"
