@@ -442,3 +442,32 @@ def test_corrupt_onnx_makes_serving_up_exit_non_zero_naming_the_model(repository
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]
     assert last.startswith("python -m serving: error:") and "encoder" in last and "ONNX" in last, last
+
+
+def test_sigterm_with_http_keepalive_clients_is_pinned(repository):
+    """Triton 2.51's known limit (server PR 6986): on SIGTERM the HTTP front stops accepting connections
+    but keeps serving open keep-alive ones until the exit timeout, then cuts what is in flight and exits 1.
+    Pinned so that an upgrade which fixes it shows up here; see docs/RELIABILITY.md for the advice."""
+    exit_timeout = 3
+    proc = _serving_up(repository, "--exit-timeout", str(exit_timeout))
+    try:
+        http_url = _endpoints(proc)["HTTP"].removeprefix("http://")
+        with Load(http_url, 3, retries=0, timeout_s=30) as load:
+            time.sleep(2.0)
+            sent_at = time.time()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=exit_timeout + 30)
+            exited_after = time.time() - sent_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    served_after = [r for r in load.records if r[0] > sent_at and r[2]]
+    cut = [r for r in load.records if r[0] < sent_at + exit_timeout and not r[2]]
+    figures("sigterm_http_keepalive", exit_code=proc.returncode, exit_s=round(exited_after, 2),
+            served_after_signal=len(served_after), failed_in_window=len(cut),
+            failed_total=sum(not r[2] for r in load.records),
+            errors=sorted({e[:80] for *_, e in load.records if e})[:3])
+    assert exit_timeout - 0.5 < exited_after < exit_timeout + 15
+    assert served_after, "open keep-alive connections are still served after SIGTERM"
+    assert proc.returncode == 1, err[-1500:]
