@@ -81,6 +81,7 @@ _INVALID = {"400", "404", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND",
 _UNAVAILABLE = {"503", "502", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 _TIMEOUT = {"504", "StatusCode.DEADLINE_EXCEEDED"}
 _STUB_UNHEALTHY = "is not healthy"  # "Stub process '<instance>' is not healthy." (500 / INTERNAL)
+_NO_VERSIONS = "has no available versions"  # "Request for unknown model: 'm' has no available versions"
 
 
 class _Retry(Exception):
@@ -98,6 +99,9 @@ def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
     if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
         message = exc.message() or str(exc)
+        if _NO_VERSIONS in message:
+            # the model is being unloaded (server shutting down or restarting): transient, not a bad request
+            return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
         if status in _INVALID:
             return InvalidInputError(f"{message} ({status})")
         if status in _TIMEOUT or "Deadline Exceeded" in message or "timed out" in message.lower():
