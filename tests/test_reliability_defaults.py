@@ -230,3 +230,24 @@ def test_soak_config_validation(tmp_path):
         _soak_cfg(tmp_path, load_fraction=1.5)
     with pytest.raises(LoadtestError, match="not found"):
         _soak_cfg(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("status, message, retried", [
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'classifier' has no available versions", True),
+    ("400", "Request for unknown model: 'classifier' has no available versions", True),  # during shutdown
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'nope' is not found", False),
+    ("500", "in ensemble 'classifier', Stub process 'encoder_0_0' is not healthy.", True),
+    ("500", "onnxruntime: bad things", False),
+])
+def test_transient_server_states_are_retryable_bad_requests_are_not(status, message, retried):
+    from tritonclient.utils import InferenceServerException
+
+    from serving.client import _Retry, classify_error
+    from serving.errors import InvalidInputError, ServerUnavailableError
+
+    error = classify_error(InferenceServerException(message, status=status), "h:1")
+    if retried:
+        assert isinstance(error, _Retry) and isinstance(error.error, ServerUnavailableError)
+    else:
+        assert not isinstance(error, _Retry)
+        assert isinstance(error, InvalidInputError) == status.endswith("NOT_FOUND")
