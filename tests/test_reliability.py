@@ -49,6 +49,9 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model's repository, or RELIABILITY_REPOSITORY=path to drill a real one (docs/RELIABILITY.md)."""
+    if os.environ.get("RELIABILITY_REPOSITORY"):
+        return Path(os.environ["RELIABILITY_REPOSITORY"]).absolute()
     return write_repository(
         tmp_path_factory.mktemp("rel") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)), config=RepositoryConfig(max_batch_size=8, intra_op_threads=1),
@@ -235,7 +238,7 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
     with Supervisor(ServerConfig(repository), cfg) as sup:
         http_url, grpc_url = sup.http_url, sup.grpc_url
         stubs = stub_processes(sup.server.process.pid)
-        assert set(stubs) == {"tokenizer_0_0", "encoder_0_0", "postprocess_0_0"}
+        assert {"tokenizer_0_0", "encoder_0_0", "postprocess_0_0"} <= set(stubs)
         seen_not_ready = []
         with Load(http_url, 2, retries=0, timeout_s=10) as plain, \
                 Load(grpc_url, 2, protocol="grpc", retries=12, backoff_s=0.2, timeout_s=30) as retrying:
