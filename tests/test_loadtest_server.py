@@ -91,15 +91,20 @@ def test_locust_grpc_smoke(server, texts_csv, tmp_path):
 
 @pytest.mark.server
 def test_rejected_requests_count_as_failures(server, texts_csv, tmp_path, capsys):
-    """48 texts per request exceed max_batch_size 32: the server answers 400, every request fails, exit 1."""
+    """48 texts per request exceed max_batch_size 32: the server answers 400, every request fails, exit 1.
+
+    Run in Locust's distributed mode (--processes 2): the workers get the master's options and their
+    failures reach the master's report."""
     from loadtest.cli import main
 
     out = tmp_path / "fail"
-    rc = main(["run", "--host", server.http_url, "--users", "2", "--spawn-rate", "2", "--duration", "4s",
-               "--texts-per-request", "48", "--texts", str(texts_csv), "--out", str(out), "--fail-on-error"])
+    rc = main(["run", "--host", server.http_url, "--users", "2", "--spawn-rate", "2", "--duration", "5s",
+               "--texts-per-request", "48", "--texts", str(texts_csv), "--out", str(out), "--fail-on-error",
+               "--processes", "2"])
     assert rc == 1
     s = json.loads((out / "summary.json").read_text())
     assert s["requests"] > 0 and s["failures"] == s["requests"]
+    assert [n["name"] for n in s["per_name"]] == ["http infer x48"]
     assert any("HTTP 400" in f["error"] for f in s["top_failures"])
     assert "requests failed" in capsys.readouterr().err
 
