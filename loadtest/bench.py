@@ -518,6 +518,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             stage(f"served open loop at {GOAL_C_LOAD:.0%} of {best.name}")
             results.append(_open_loop_point(cfg, endpoints, texts, gold, best))
         threads = served_meta.get("encoder_intra_op_threads")
+        threads = f"{threads}" if threads else "0 (onnxruntime's default: one per physical core)"
         cfg.notes.append(
             f"served: encoder intra_op threads {threads}, {served_meta.get('encoder_instances')} instance(s); "
             f"server, tokenizer/postprocess python stubs and this client share the machine's "

@@ -27,6 +27,7 @@ from loadtest.run import Protocol, default_out, parse_duration
 log = logging.getLogger(__name__)
 
 TIE = 0.03
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
@@ -116,7 +117,10 @@ def _sources(repository: Path, workdir: Path) -> tuple[Path, Path, dict[int, str
     onnx = workdir / "model.onnx"
     shutil.copy2(onnx_src, onnx)
     tok = workdir / "tokenizer"
-    shutil.copytree(tok_src, tok, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    tok.mkdir()
+    for name in TOKENIZER_FILES:  # only the tokenizer: a checkpoint directory may also hold weights, runs
+        if (tok_src / name).is_file():
+            shutil.copy2(tok_src / name, tok / name)
     log.info("tune sources: onnx %s, tokenizer %s", onnx_src, tok_src)
     return onnx, tok, dict(enumerate(labels)), prov
 
