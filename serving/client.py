@@ -117,7 +117,8 @@ def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
         return ClientError(f"server error: {message} ({status})")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("timeout", "ServerTimeoutError"):
         return RequestTimeoutError(f"{url}: no answer within the timeout ({type(exc).__name__})")
-    if isinstance(exc, (ConnectionError, OSError)) or type(exc).__name__ in ("ClientConnectorError", "ClientOSError"):
+    if isinstance(exc, (ConnectionError, OSError)) or type(exc).__name__ in (
+            "ClientConnectorError", "ClientOSError", "HTTPConnectionClosed"):  # the last: geventhttpclient
         return _Retry(ServerUnavailableError(f"{url}: cannot connect: {exc or type(exc).__name__}"))
     return ClientError(f"{url}: {type(exc).__name__}: {exc}")
 
