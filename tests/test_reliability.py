@@ -241,7 +241,8 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
         assert {"tokenizer_0_0", "encoder_0_0", "postprocess_0_0"} <= set(stubs)
         seen_not_ready = []
         with Load(http_url, 2, retries=0, timeout_s=10) as plain, \
-                Load(grpc_url, 2, protocol="grpc", retries=12, backoff_s=0.2, timeout_s=30) as retrying:
+                Load(grpc_url, 1, protocol="grpc", retries=12, backoff_s=0.2, timeout_s=30) as retrying, \
+                Load(http_url, 1, retries=12, backoff_s=0.2, timeout_s=30) as retrying_http:
             time.sleep(1.5)
             killed_at = time.time()
             os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)
@@ -264,15 +265,16 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
     first_good = min((r[1] for r in plain.records if r[2] and r[0] > killed_at), default=None)
     assert first_good is not None
     gap = first_good - killed_at
-    lost_retrying = [r for r in retrying.records if not r[2]]
+    lost_retrying = [r for r in retrying.records + retrying_http.records if not r[2]]
     figures("stub_kill", gap_s=round(gap, 2), down_s=round(event.down_s, 2),
             detect_s=round(event.detected_at - killed_at, 2), plain_requests=len(plain.records),
-            plain_lost=len(failed_plain), retrying_requests=len(retrying.records), retrying_lost=len(lost_retrying),
-            plain_errors=sorted({e.split(":")[0] for *_, e in failed_plain}))
+            plain_lost=len(failed_plain), retrying_requests=len(retrying.records) + len(retrying_http.records),
+            retrying_lost=len(lost_retrying),
+            plain_errors=sorted({e[:110] for *_, e in failed_plain if not e.startswith("ServerUnavailable")}))
     assert gap < 30
     assert failed_plain, "the plain clients must have seen the gap (else the kill did nothing)"
     assert lost_retrying == [], lost_retrying[:3]
-    assert len(retrying.records) > 10
+    assert len(retrying.records) > 5 and len(retrying_http.records) > 5
 
 
 def test_unhealthy_stub_error_without_the_supervisor_is_pinned(repository):
