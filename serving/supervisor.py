@@ -130,6 +130,7 @@ class Supervisor:
         self._ready = False
         self._reason = "not started"
         self._stubs: dict[str, Any] = {}
+        self._regions: list[str] = []
         self._lock = threading.RLock()
         self._restart_lock = threading.Lock()
         self._stop = threading.Event()
@@ -178,6 +179,7 @@ class Supervisor:
         with self._lock:
             self.server = server
             self._stubs = stub_processes(server.process.pid)
+            self._regions = _shm_regions(self._stubs)  # recorded while alive: a dead stub's cmdline is gone
             self._ready, self._reason = True, ""
         log.info("supervising tritonserver pid %d (stubs: %s), checks every %.1f s", server.process.pid,
                  ", ".join(f"{n}={p.pid}" for n, p in sorted(self._stubs.items())) or "none",
@@ -306,7 +308,7 @@ class Supervisor:
                     continue
                 stubs = stub_processes(server.process.pid)
                 with self._lock:
-                    self.server, self._stubs = server, stubs
+                    self.server, self._stubs, self._regions = server, stubs, _shm_regions(stubs)
                     self._canary_misses = 0
                     self._ready, self._reason = True, ""
                 event.recovered_at = time.time()
@@ -322,11 +324,10 @@ class Supervisor:
 
     def _kill_broken(self) -> None:
         with self._lock:
-            server, stubs = self.server, dict(self._stubs)
-            self.server, self._stubs = None, {}
+            server, stubs, regions = self.server, dict(self._stubs), list(self._regions)
+            self.server, self._stubs, self._regions = None, {}, []
         if server is None:
             return
-        regions = _shm_regions(stubs)
         proc = server.process
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

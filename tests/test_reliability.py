@@ -26,7 +26,7 @@ from serving.client import TextClassifier
 from serving.errors import ServerUnavailableError
 from serving.repository import RepositoryConfig, write_repository
 from serving.server import LocalTritonServer, ServerConfig
-from serving.supervisor import Supervisor, SupervisorConfig, stub_processes
+from serving.supervisor import Supervisor, SupervisorConfig, _shm_regions, stub_processes
 
 pytestmark = pytest.mark.server
 
@@ -239,6 +239,7 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
         http_url, grpc_url = sup.http_url, sup.grpc_url
         stubs = stub_processes(sup.server.process.pid)
         assert {"tokenizer_0_0", "encoder_0_0", "postprocess_0_0"} <= set(stubs)
+        old_regions = _shm_regions(stubs)
         seen_not_ready = []
         with Load(http_url, 2, retries=0, timeout_s=10) as plain, \
                 Load(grpc_url, 1, protocol="grpc", retries=12, backoff_s=0.2, timeout_s=30) as retrying, \
@@ -253,6 +254,7 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
                 time.sleep(0.1)
             time.sleep(2.0)
         assert sup.ready and (sup.http_url, sup.grpc_url) == (http_url, grpc_url)
+        assert old_regions and not [r for r in old_regions if (Path("/dev/shm") / r).exists()]  # cleaned up
         new_stubs = stub_processes(sup.server.process.pid)
         assert set(new_stubs) == set(stubs) and new_stubs["encoder_0_0"].pid != stubs["encoder_0_0"].pid
         with TextClassifier(http_url, retries=0) as client:

@@ -251,3 +251,28 @@ def test_transient_server_states_are_retryable_bad_requests_are_not(status, mess
     else:
         assert not isinstance(error, _Retry)
         assert isinstance(error, InvalidInputError) == status.endswith("NOT_FOUND")
+
+
+# ------------------------------------------------------------------------------------ supervisor canary
+
+
+@pytest.mark.parametrize("status, message, restart_after", [
+    (500, "in ensemble 'classifier', Stub process 'encoder_0_0' is not healthy.", 1),  # at once
+    (503, "in ensemble 'classifier', Exceeds maximum queue size", 3),  # load: only 3 in a row
+    (200, "", None),
+])
+def test_supervisor_canary_tells_a_broken_stub_from_load(fake_triton, status, message, restart_after):
+    from types import SimpleNamespace
+
+    from serving.server import ServerConfig
+    from serving.supervisor import Supervisor, SupervisorConfig
+
+    url, _ = fake_triton(status, message)
+    sup = Supervisor(ServerConfig(Path(".")), SupervisorConfig(canary_failures=3, canary_timeout_s=2))
+    server = SimpleNamespace(http_url=url)
+    reasons = [sup._canary(server) for _ in range(3)]
+    if restart_after is None:
+        assert reasons == [None, None, None]
+    else:
+        assert reasons[restart_after - 1] and all(r is None for r in reasons[:restart_after - 1])
+        assert message[-25:] in reasons[restart_after - 1]
