@@ -478,3 +478,27 @@ def test_sigterm_with_http_keepalive_clients_is_pinned(repository):
     assert exit_timeout - 0.5 < exited_after < exit_timeout + 15
     assert served_after, "open keep-alive connections are still served after SIGTERM"
     assert proc.returncode == 1, err[-1500:]
+
+
+def test_serving_up_restarts_a_server_whose_stub_died(repository):
+    """The wiring of `python -m serving up`: supervised by default, the restart is in its log, the same
+    port serves again, and SIGTERM still stops it cleanly."""
+    proc = _serving_up(repository, "--check-interval", "0.5")
+    try:
+        lines = _endpoints(proc)
+        http_url = lines["HTTP"].removeprefix("http://")
+        stubs = stub_processes(int(lines["pid"]))
+        os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)
+        killed_at = time.time()
+        with TextClassifier(http_url, retries=20, backoff_s=0.2, timeout_s=30) as client:
+            assert client.classify(["served again"])[0].label in LABELS
+        recovered = time.time() - killed_at
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stub 'encoder_0_0'" in err and "NOT READY" in err and "tritonserver restarted" in err
+    assert recovered < 30
