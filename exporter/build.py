@@ -209,7 +209,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
                 try:
                     found = int8.search(kind, fp32_path, dst, settings, tune=tune, final=final,
                                         tuning_batches=tuning_batches, calibration=calib_batches,
-                                        max_rounds=config.max_exclusion_rounds)
+                                        max_rounds=config.max_exclusion_rounds,
+                                        calibration_cache=scratch / "calibration.json")
                 except Exception as exc:  # a quantizer failure fails the variant, not the build
                     failed_variant(name, Precision.INT8, exc)
                     continue

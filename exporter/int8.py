@@ -161,13 +161,19 @@ def rank_sensitivity(fp32_path: Path, batches: list[Batch], op_types: tuple[str,
                 errors[c.name].append(float(np.linalg.norm(rows_q - rows) / (np.linalg.norm(rows) or 1.0)))
                 continue
             x = acts[c.activation]
+            # the range covers the whole tensor (padding included, as DynamicQuantizeLinear sees it);
+            # the error is measured on real tokens only
+            rng = ranges.get(c.activation) or (float(x.min()), float(x.max()))
+            if x.ndim == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1])
             y = x @ w
-            yq = _fake_quant_activation(x, ranges.get(c.activation)) @ _fake_quant_weight(w, per_channel=settings.per_channel,
-                                                                 reduce_range=settings.reduce_range)
-            d, r = (yq - y), y
-            if d.ndim == 3 and d.shape[:2] == mask.shape:
-                d, r = d[mask], r[mask]
-            errors[c.name].append(float(np.linalg.norm(d) / (np.linalg.norm(r) or 1.0)))
+            yq = _fake_quant_activation(x, rng) @ _fake_quant_weight(w, per_channel=settings.per_channel,
+                                                                    reduce_range=settings.reduce_range)
+            # per-token relative error, averaged: a coarse range ruins small-norm tokens that a norm over
+            # the whole tensor would hide
+            per_token = np.linalg.norm(yq - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
+            errors[c.name].append(float(per_token.mean()))
     ranked = [{"node": c.name, "op_type": c.op_type, "local_rel_error": round(float(np.mean(errors[c.name])), 6)}
               for c in cands]
     ranked.sort(key=lambda r: r["local_rel_error"], reverse=True)
@@ -185,13 +191,17 @@ class _Reader:
 
 
 def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
-             calibration: list[Batch] | None = None) -> None:
-    """Write the ``kind`` int8 variant of ``src`` to ``dst``, keeping ``exclude`` nodes in fp32."""
+             calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
+    """Write the ``kind`` int8 variant of ``src`` to ``dst``, keeping ``exclude`` nodes in fp32.
+
+    Static quantization calibrates once: the tensor ranges go to ``calibration_cache`` and later rounds
+    (which only exclude nodes, so need a subset of the ranges) reuse them.
+    """
     import onnx
 
     extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with _quiet_root_logger():
-        _quantize(kind, src, dst, settings, exclude, calibration, extra)
+        _quantize(kind, src, dst, settings, exclude, calibration, extra, calibration_cache)
 
 
 @contextlib.contextmanager
@@ -206,7 +216,7 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def _quantize(kind, src, dst, settings, exclude, calibration, extra) -> None:
+def _quantize(kind, src, dst, settings, exclude, calibration, extra, calibration_cache) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
@@ -222,7 +232,8 @@ def _quantize(kind, src, dst, settings, exclude, calibration, extra) -> None:
                     op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
                     reduce_range=settings.reduce_range, activation_type=settings.activation_type,
                     weight_type=settings.weight_type, nodes_to_exclude=exclude,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
+                    calibration_cache_path=calibration_cache)
 
 
 @dataclass
@@ -236,7 +247,7 @@ class SearchResult:
 
 def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], dict],
            final: Callable[[Path], dict], tuning_batches: list[Batch], calibration: list[Batch] | None,
-           max_rounds: int) -> SearchResult:
+           max_rounds: int, calibration_cache: Path | None = None) -> SearchResult:
     """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
 
     ``tune(path)`` and ``final(path)`` return parity records (``passed``, ``reason``, ...): ``tune`` on
@@ -262,7 +273,8 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ca
             exclude = [r["node"] for r in ranked[:k]]
         t0 = time.perf_counter()
         result.eval_record = None
-        quantize(kind, src, dst, settings, exclude=exclude, calibration=calibration)
+        quantize(kind, src, dst, settings, exclude=exclude, calibration=calibration,
+                 calibration_cache=calibration_cache if kind == STATIC else None)
         tuning = tune(dst)
         attempt = {"round": round_, "excluded": len(exclude), "tuning": _brief(tuning)}
         if tuning["passed"]:
