@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import statistics
 import threading
 import time
@@ -104,12 +105,15 @@ class RssSampler(threading.Thread):
         super().__init__(name="rss-sampler", daemon=True)
         self.pid, self.interval = pid, interval
         self.samples: list[tuple[float, dict[str, int]]] = []
+        self.loadavg: list[float] = []  # 1-minute load average: how shared the machine was
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while True:
             with contextlib.suppress(Exception):
                 self.samples.append((time.time(), process_tree_rss(self.pid)))
+            with contextlib.suppress(OSError):
+                self.loadavg.append(os.getloadavg()[0])
             if self._stop_event.wait(self.interval):
                 return
 
@@ -274,6 +278,9 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                          "requests": soak["requests"], "failures": soak["failures"],
                          "latency_ms": soak["latency_ms"], "top_failures": soak["top_failures"]},
                 "rss_samples": len(sampler.samples),
+                "machine": {"cpus": os.cpu_count(),
+                            "loadavg_1m_median": statistics.median(sampler.loadavg) if sampler.loadavg else None,
+                            "loadavg_1m_max": max(sampler.loadavg, default=None)},
                 "config": {**asdict(cfg), "protocol": cfg.protocol.value},
                 "versions": versions(("locust", "tritonclient", "nvidia-pytriton", "onnxruntime", "numpy")),
                 "out": str(cfg.out.absolute()),
