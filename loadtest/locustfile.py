@@ -21,7 +21,6 @@ grpc_gevent.init_gevent()
 
 import json  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
