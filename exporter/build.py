@@ -196,8 +196,7 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
         del base_sess
 
         def tune(path: Path) -> dict:
-            lo, pr = parity.ort_outputs(parity.session(path, Precision.INT8), tuning_batches)
-            return parity.compare(Precision.INT8, tune_ref, lo, pr, config.budgets)
+            return parity.tuning_check(parity.session(path, Precision.INT8), tuning_batches, tune_ref, config.budgets)
 
         def final(path: Path) -> dict:
             return parity.check_variant(path, Precision.INT8, ref, eval_batches, config.budgets)
@@ -230,6 +229,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
     if Precision.FP32 not in config.precisions:
         fp32_path.unlink()
 
+    for name, v in variants.items():
+        v["servable"] = name in SERVABLE[config.target]  # int8 does not run as int8 on the CUDA provider
     selected = select(variants, config.target)
     doc = {
         "checkpoint": str(ck.path.absolute()),

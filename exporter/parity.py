@@ -163,6 +163,25 @@ def gate_failures(precision: Precision, record: dict, budgets: Budgets) -> list[
     return failures
 
 
+def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets) -> dict:
+    """The int8 gate on tuning rows, stopping as soon as the label flips exceed what the budget allows
+    on all rows (the full run could only fail too); otherwise the full :func:`compare` record."""
+    allowed = math.floor((1.0 - budgets.int8_min_agreement) * len(ref.labels) + 1e-9)
+    names = {i.name for i in sess.get_inputs()}
+    logits, probs, flips, start = [], [], 0, 0
+    for batch in batches:
+        lo, pr = sess.run(["logits", "probabilities"], {k: v for k, v in batch.items() if k in names})
+        end = start + len(lo)
+        flips += int((np.nan_to_num(lo, nan=-np.inf).argmax(1) != ref.logits[start:end].argmax(1)).sum())
+        logits.append(lo.astype(np.float32))
+        probs.append(pr.astype(np.float32))
+        start = end
+        if flips > allowed and end < len(ref.labels):
+            return {"n_examples": end, "label_agreement": 1.0 - flips / end, "passed": False, "early_stop": True,
+                    "reason": f"{flips} label flips in the first {end} rows > {allowed} allowed on {len(ref.labels)}"}
+    return compare(Precision.INT8, ref, np.concatenate(logits), np.concatenate(probs), budgets)
+
+
 def check_variant(path: Path, precision: Precision, ref: Reference, batches: list[Batch], budgets: Budgets) -> dict:
     """Run ``path`` on the evaluation batches and return its parity record."""
     logits, probs = ort_outputs(session(path, precision), batches)

@@ -20,7 +20,7 @@ def measure(run: Callable[[Batch], object], singles: list[Batch], batches: list[
     latencies = []
     start = time.perf_counter()
     i = 0
-    while i < 10 or (time.perf_counter() - start < budget and i < 2000):
+    while i < 5 or (time.perf_counter() - start < budget and i < 2000):
         batch = singles[i % len(singles)]
         t0 = time.perf_counter()
         run(batch)

@@ -197,3 +197,39 @@ def test_markdown_table_rows():
     assert "| fp32 | 2.0 MB | 3.00 | 150.0 | 1.00e-06 | 100.00% | 80.00% | 0.00 | PASS (selected) |" in md
     assert "| int8_static | - | - | - | - | -% | -% | - | FAIL |" in md
     assert "conversion failed: boom" in md
+
+
+class _FakeSession:
+    """Stands in for an InferenceSession: returns prepared logits batch by batch."""
+
+    def __init__(self, logits):
+        self.logits, self.calls = logits, 0
+
+    def get_inputs(self):
+        class _I:
+            name = "input_ids"
+        return [_I()]
+
+    def run(self, names, feed):
+        n = len(feed["input_ids"])
+        lo = self.logits[self.calls * 32:self.calls * 32 + n]
+        self.calls += 1
+        return lo, _softmax(lo)
+
+
+def test_tuning_check_stops_early_only_when_the_budget_is_already_lost():
+    from exporter.parity import tuning_check
+
+    ref = _ref(n=320)
+    batches = [{"input_ids": np.zeros((32, 4), dtype=np.int64)} for _ in range(10)]
+    allowed = 6  # floor(2 % of 320)
+    bad = ref.logits.copy()
+    bad[:allowed + 1] = -bad[:allowed + 1]  # 7 flips, all in the first batch
+    sess = _FakeSession(bad)
+    rec = tuning_check(sess, batches, ref, Budgets())
+    assert not rec["passed"] and rec["early_stop"] and sess.calls == 1 and "7 label flips" in rec["reason"]
+    ok = ref.logits.copy()
+    ok[:allowed] = -ok[:allowed]  # exactly the allowance: the whole set is run and passes the agreement gate
+    sess = _FakeSession(ok)
+    rec = tuning_check(sess, batches, ref, Budgets(int8_max_accuracy_drop=100.0))
+    assert sess.calls == 10 and rec["passed"] and rec["label_agreement"] == pytest.approx(1 - 6 / 320)
