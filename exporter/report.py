@@ -66,7 +66,9 @@ def markdown(report: dict) -> str:
                          "inputs/outputs float32")
     opt = report.get("optimization") or {}
     if opt:
-        lines.append(f"- graph optimisation: {opt.get('level')} ({opt.get('tool')}), fused {opt.get('fused_ops')}")
+        measured = ", ".join(f"{k} {v:.1f} seq/s" for k, v in (opt.get("throughput_seq_s") or {}).items())
+        lines.append(f"- graph optimisation: {opt.get('level')} ({opt.get('tool')}), {opt.get('nodes_before')} -> "
+                     f"{opt.get('nodes_after')} nodes, fused {opt.get('fused_ops')}; measured {measured or '-'}")
     lines.append(f"- repository: {report.get('repository') or 'not written'}")
     stages = report.get("stage_seconds") or {}
     if stages:

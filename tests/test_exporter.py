@@ -313,6 +313,23 @@ def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkey
     assert rep["repository"] is None and "interrupted" in rep["repository_error"]
 
 
+def test_interrupt_mid_build_leaves_previous_build(tiny, tmp_path, monkeypatch):
+    import exporter.export
+
+    out = tmp_path / "build"
+    shutil.copytree(tiny["build"], out)
+    before = tree_digest(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter.export, "export_onnx", interrupted)
+    rc = run_main(["build", tiny["ckpt"], "--out", out, "--repository", tmp_path / "repo", *FAST])
+    assert rc == 130
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no temp dirs, no repository
+
+
 # -------------------------------------------------------------------------------------------- bad input
 
 
