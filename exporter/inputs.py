@@ -165,15 +165,15 @@ def resolve_eval_data(checkpoint: Checkpoint, eval_data: Path | None) -> Path:
     return checkpoint.data_dir / "test.csv"
 
 
-def calibration_sources(checkpoint: Checkpoint, eval_path: Path) -> list[Path]:
-    """CSVs to draw calibration/tuning text from, never the evaluation file itself."""
+def split_sources(checkpoint: Checkpoint, eval_path: Path) -> dict[str, Path]:
+    """``train.csv`` and ``validation.csv`` beside the data record (or the eval CSV), never the eval file."""
     dirs = [d for d in (checkpoint.data_dir, eval_path.parent) if d is not None]
-    found: list[Path] = []
-    for name in ("train.csv", "validation.csv"):
+    found: dict[str, Path] = {}
+    for name in ("train", "validation"):
         for d in dirs:
-            p = d / name
-            if p.is_file() and p.resolve() != eval_path.resolve() and p not in found:
-                found.append(p)
+            p = d / f"{name}.csv"
+            if p.is_file() and p.resolve() != eval_path.resolve():
+                found[name] = p
                 break
     return found
 
