@@ -73,7 +73,7 @@ class BuildConfig:
     max_length: int = 128
     batch_size: int = 32
     budgets: Budgets = field(default_factory=Budgets)
-    speed_seconds: float = 1.5  # per variant, split between batch-1 latency and batch throughput
+    speed_seconds: float = 1.0  # per variant, split between batch-1 latency and batch throughput
     max_exclusion_rounds: int = 3  # int8: bounded retries excluding the most sensitive nodes
     tuning_size: int = 512  # int8: rows (from validation/train, never the eval set) used to pick exclusions
     seed: int = 0

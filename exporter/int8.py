@@ -243,16 +243,20 @@ class SearchResult:
     attempts: list[dict] = field(default_factory=list)
     sensitivity: list[dict] = field(default_factory=list)
     eval_record: dict | None = None
+    skipped: str | None = None
 
 
 def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], dict],
            final: Callable[[Path], dict], tuning_batches: list[Batch], calibration: list[Batch] | None,
-           max_rounds: int, calibration_cache: Path | None = None) -> SearchResult:
+           max_rounds: int, calibration_cache: Path | None = None,
+           throughput: Callable[[Path], float] | None = None, speed_floor: float | None = None) -> SearchResult:
     """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
 
     ``tune(path)`` and ``final(path)`` return parity records (``passed``, ``reason``, ...): ``tune`` on
     tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set itself.
-    Returns the last attempt; its ``eval_record`` says whether it passed.
+    Returns the last attempt; its ``eval_record`` says whether it passed. When round 0 fails and
+    ``throughput(path)`` is already below ``speed_floor`` (the best passing variant's), no exclusion
+    round is tried: keeping nodes in fp32 only slows a variant down, so it could never be selected.
     """
     result = SearchResult(path=None)
     ops = DYNAMIC_OPS if kind == DYNAMIC else STATIC_OPS
@@ -289,8 +293,18 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ca
                  time.perf_counter() - t0)
         if result.eval_record is not None and result.eval_record["passed"]:
             break
+        if round_ == 0 and throughput is not None and speed_floor:
+            seq_s = throughput(dst)
+            attempt["throughput_seq_s"] = seq_s
+            if seq_s < speed_floor:
+                result.skipped = (f"exclusion search skipped: round 0 runs {seq_s:.1f} seq/s, below the "
+                                  f"{speed_floor:.1f} seq/s of a variant that already passed")
+                log.info("int8 %s: %s", kind, result.skipped)
+                break
     if result.path is not None and result.eval_record is None:
         result.eval_record = final(result.path)  # the gate always speaks for the file that is kept
+    if result.skipped and not result.eval_record["passed"]:
+        result.eval_record["reason"] += f"; {result.skipped}"
     return result
 
 

@@ -233,3 +233,47 @@ def test_tuning_check_stops_early_only_when_the_budget_is_already_lost():
     sess = _FakeSession(ok)
     rec = tuning_check(sess, batches, ref, Budgets(int8_max_accuracy_drop=100.0))
     assert sess.calls == 10 and rec["passed"] and rec["label_agreement"] == pytest.approx(1 - 6 / 320)
+
+
+def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: float, floor: float | None,
+                 max_rounds: int = 3):
+    """Run int8.search with the quantizer and the sensitivity ranking replaced by stand-ins."""
+    from exporter import int8
+
+    calls = []
+    monkeypatch.setattr(int8, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
+    ranked = [{"node": f"n{i}", "op_type": "MatMul", "local_rel_error": 1.0 / (i + 1)} for i in range(16)]
+    monkeypatch.setattr(int8, "rank_sensitivity", lambda *a, **k: ranked)
+
+    def tune(path):
+        ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
+        return {"passed": ok, "reason": "ok" if ok else "label agreement 90% < 98%"}
+
+    def final(path):
+        ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
+        return {"passed": ok, "reason": "within budget" if ok else "label agreement 90% < 98%"}
+
+    settings = int8.QuantSettings("avx2", False, True, True, None, None)
+    result = int8.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=tune, final=final,
+                         tuning_batches=[], calibration=None, max_rounds=max_rounds,
+                         throughput=lambda p: seq_s, speed_floor=floor)
+    return result, calls
+
+
+def test_search_excludes_the_most_sensitive_nodes_until_it_passes(monkeypatch, tmp_path):
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=2, seq_s=100.0, floor=50.0)
+    assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"]]  # 1/8 then 1/4 of 16 ranked nodes
+    assert result.eval_record["passed"] and result.excluded == ["n0", "n1", "n2", "n3"]
+    assert [a["round"] for a in result.attempts] == [0, 1, 2]
+
+
+def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=100.0, floor=50.0, max_rounds=2)
+    assert len(calls) == 3 and not result.eval_record["passed"]
+    assert "label agreement" in result.eval_record["reason"]
+
+
+def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monkeypatch, tmp_path):
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=30.0, floor=50.0)
+    assert calls == [[]] and not result.eval_record["passed"]
+    assert "exclusion search skipped" in result.eval_record["reason"] and result.skipped
