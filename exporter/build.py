@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import tempfile
 import time
@@ -234,7 +235,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
                                         tuning_batches=tuning_batches, calibration=calib_batches,
                                         max_rounds=config.max_exclusion_rounds,
                                         calibration_cache=scratch / "calibration.json",
-                                        throughput=quick_throughput, speed_floor=best_passing())
+                                        throughput=quick_throughput,
+                                        speed_floor=None if config.exhaustive_int8 else best_passing())
                 except Exception as exc:  # a quantizer failure fails the variant, not the build
                     failed_variant(name, Precision.INT8, exc)
                     continue
@@ -268,6 +270,7 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
                      "max_length": config.max_length, "eval_size": config.eval_size,
                      "calibration_size": config.calibration_size, "tuning_size": config.tuning_size,
                      "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
+                     "exhaustive_int8": config.exhaustive_int8, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "budgets": vars(config.budgets)},
         "labels": [ck.id2label[i] for i in range(len(ck.id2label))],
         "optimization": opt_record,

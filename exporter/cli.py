@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"timing budget per variant (default {d.speed_seconds})")
     s.add_argument("--max-exclusion-rounds", type=int, default=d.max_exclusion_rounds,
                    help=f"int8: retries excluding sensitive nodes (default {d.max_exclusion_rounds})")
+    s.add_argument("--exhaustive-int8", action="store_true",
+                   help="run the int8 exclusion search even for a variant already slower than a passing one")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -61,13 +64,17 @@ def _config(args: argparse.Namespace) -> BuildConfig:
         target=target, precisions=parse_precisions(args.precisions), eval_data=args.eval_data,
         eval_size=args.eval_size, calibration_size=args.calibration_size, max_length=args.max_length,
         batch_size=args.batch_size, budgets=budgets, speed_seconds=args.speed_seconds,
-        max_exclusion_rounds=args.max_exclusion_rounds,
+        max_exclusion_rounds=args.max_exclusion_rounds, exhaustive_int8=args.exhaustive_int8,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
+    # PyTorch's OpenMP threads spin while waiting; on a shared 2-core machine that turned a 1 ms batch-1
+    # forward into 25-500 ms (measured here). Passive waiting keeps the reference timings honest. Only
+    # effective before torch is first imported, which this CLI does lazily.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def run() -> int:
         from exporter.build import build

@@ -75,6 +75,7 @@ class BuildConfig:
     budgets: Budgets = field(default_factory=Budgets)
     speed_seconds: float = 1.0  # per variant, split between batch-1 latency and batch throughput
     max_exclusion_rounds: int = 3  # int8: bounded retries excluding the most sensitive nodes
+    exhaustive_int8: bool = False  # search even a variant already slower than a passing one
     tuning_size: int = 512  # int8: rows (from validation/train, never the eval set) used to pick exclusions
     seed: int = 0
 
