@@ -271,6 +271,7 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
                      "calibration_size": config.calibration_size, "tuning_size": config.tuning_size,
                      "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
                      "exhaustive_int8": config.exhaustive_int8, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     "ort_intra_op_spinning": False,
                      "budgets": vars(config.budgets)},
         "labels": [ck.id2label[i] for i in range(len(ck.id2label))],
         "optimization": opt_record,
