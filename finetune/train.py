@@ -274,9 +274,21 @@ def _threads(requested: int | None) -> int:
 def train(config: TrainConfig) -> TrainResult:
     """Validate, fine-tune, evaluate on validation and test, and write the checkpoint with metrics.json."""
     labels = validate(config)
-    label2id = {label: i for i, label in enumerate(labels)}
     log.info("labels (id order): %s", labels)
 
+    import torch
+
+    threads = _threads(config.threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _fit(config, labels, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(config: TrainConfig, labels: list[str], threads: int) -> TrainResult:
+    """The work of :func:`train` once the input is known to be good (torch threads already set)."""
     import datasets
     import torch
     import transformers
@@ -286,8 +298,7 @@ def train(config: TrainConfig) -> TrainResult:
     from common.atomic import atomic_directory
     from common.provenance import sha256_file, versions
 
-    threads = _threads(config.threads)
-    torch.set_num_threads(threads)
+    label2id = {label: i for i, label in enumerate(labels)}
     precision = resolve_precision(config.precision)
     use_cuda = torch.cuda.is_available()
     log.info("precision %s (asked %s), %d torch threads, device %s", precision.value, config.precision.value,
