@@ -25,6 +25,7 @@ def atomic_directory(target: Path | str, *, overwrite: bool = True) -> Iterator[
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a plain mkdir
     try:
         yield tmp
     except BaseException:
@@ -39,6 +40,12 @@ def atomic_directory(target: Path | str, *, overwrite: bool = True) -> Iterator[
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     log.debug("wrote %s", target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
