@@ -393,7 +393,8 @@ def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
         lines += [
             "## CPU use during the served points (average cores busy)\n",
             f"The machine has {meta['cores']} cores; `client` is the load generator (this process).\n",
-            markdown_table(("point", *roles), [(r.name, *(r.detail["cpu_cores"].get(k) for k in roles))
+            markdown_table(("point", *roles), [(r.name, *(None if r.detail["cpu_cores"].get(k) is None else
+                                                          f"{r.detail['cpu_cores'][k]:.2f}" for k in roles))
                                                for r in cpu_rows]),
         ]
     if meta.get("served"):
