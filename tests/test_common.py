@@ -47,6 +47,7 @@ def test_atomic_write_text(tmp_path):
     path = tmp_path / "a" / "b.json"
     atomic_write_text(path, "{}")
     assert path.read_text() == "{}"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
     assert [p.name for p in path.parent.iterdir()] == ["b.json"]
 
 
