@@ -180,8 +180,8 @@ def _inputs(module, texts: list[str]):
 
 
 @dataclass
-class TextClassifier:
-    """Classify texts with the served `classifier` ensemble (sync)."""
+class _ClassifierBase:
+    """What the sync and asyncio clients share: their settings and the validated ClientConfig."""
 
     url: str = "127.0.0.1:8000"
     protocol: Protocol | str = Protocol.HTTP
@@ -198,6 +198,11 @@ class TextClassifier:
         self._cfg = ClientConfig(self.url, self.protocol, self.model, self.timeout_s, self.retries,
                                  self.backoff_s, return_logits=self.return_logits)
         self.protocol = self._cfg.protocol
+
+
+@dataclass
+class TextClassifier(_ClassifierBase):
+    """Classify texts with the served `classifier` ensemble (sync)."""
 
     @property
     def _module(self):
@@ -293,24 +298,8 @@ class TextClassifier:
 
 
 @dataclass
-class AsyncTextClassifier:
+class AsyncTextClassifier(_ClassifierBase):
     """The asyncio twin of TextClassifier (tritonclient.http.aio / tritonclient.grpc.aio)."""
-
-    url: str = "127.0.0.1:8000"
-    protocol: Protocol | str = Protocol.HTTP
-    model: str = "classifier"
-    timeout_s: float = 30.0
-    retries: int = 4
-    backoff_s: float = 0.1
-    return_logits: bool = False
-    _cfg: ClientConfig = field(init=False, repr=False)
-    _client: Any = field(init=False, default=None, repr=False)
-    _meta: tuple[int, list[str]] | None = field(init=False, default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self._cfg = ClientConfig(self.url, self.protocol, self.model, self.timeout_s, self.retries,
-                                 self.backoff_s, return_logits=self.return_logits)
-        self.protocol = self._cfg.protocol
 
     @property
     def _module(self):
