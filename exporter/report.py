@@ -59,6 +59,9 @@ def markdown(report: dict) -> str:
         p = v.get("parity") or {}
         if not p.get("passed"):
             lines.append(f"- **{name}** failed: {p.get('reason') or v.get('error')}")
+        if p.get("label_agreement_batch1") is not None:
+            lines.append(f"- {name}: label agreement one row at a time (as a request served alone) "
+                         f"{p['label_agreement_batch1']:.2%}")
         if v.get("excluded_nodes"):
             lines.append(f"- {name}: {len(v['excluded_nodes'])} nodes kept in fp32 after the sensitivity search")
         if v.get("fp32_nodes") and v["precision"] == "fp16":

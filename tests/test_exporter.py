@@ -149,6 +149,27 @@ def test_verdicts_follow_the_numbers(tiny):
     assert fp32["nan_inf"] == 0
 
 
+def test_int8_is_also_gated_one_row_at_a_time(tiny, reference):
+    """Rows run alone reproduce fp32 exactly; int8 records and gates its one-row-at-a-time agreement."""
+    from exporter import parity
+    from exporter.config import Budgets, Precision
+
+    batches, ref = reference
+    rows = parity.unbatch(batches)
+    assert len(rows) == len(ref.labels) and all(r["input_ids"].shape[0] == 1 for r in rows)
+    assert all(int(r["attention_mask"].min()) == 1 for r in rows), "a row alone carries no padding"
+    fp32 = parity.session(tiny["build"] / "fp32.onnx", Precision.FP32)
+    alone, batched = parity.ort_outputs(fp32, rows)[0], parity.ort_outputs(fp32, batches)[0]
+    assert np.abs(alone - batched).max() < 1e-4
+    int8_variants = [v for v in tiny["report"]["variants"].values() if v["precision"] == "int8" and v.get("file")]
+    assert int8_variants
+    for v in int8_variants:
+        assert 0.0 <= v["parity"]["label_agreement_batch1"] <= 1.0
+    strict = Budgets(int8_min_agreement=1.0, int8_max_accuracy_drop=100.0)
+    rec = parity.check_variant(tiny["build"] / int8_variants[0]["file"], Precision.INT8, ref, batches, strict)
+    assert rec["passed"] == (rec["label_agreement"] == 1.0 and rec["label_agreement_batch1"] == 1.0)
+
+
 def test_selection_is_fastest_passing_and_written_to_repository(tiny):
     from common.provenance import sha256_file
     from serving.repository import validate_repository

@@ -89,6 +89,20 @@ def test_compare_counts_flips_and_accuracy_drop():
     assert rec["accuracy_drop_pts"] == pytest.approx((acc_ref - acc) * 100, abs=1e-3)
 
 
+def test_int8_gate_also_holds_one_row_at_a_time():
+    """A served request may be batched with anything: int8 agreement measured alone must meet the budget too."""
+    from exporter.parity import compare, gate_failures
+
+    ref = _ref()
+    rec = compare(Precision.INT8, ref, ref.logits.copy(), _softmax(ref.logits), Budgets())
+    assert rec["passed"]
+    rec["label_agreement_batch1"] = 0.97
+    failures = gate_failures(Precision.INT8, rec, Budgets())
+    assert failures == ["label agreement one row at a time 97.00% < 98.00%"]
+    rec["label_agreement_batch1"] = 0.98
+    assert gate_failures(Precision.INT8, rec, Budgets()) == []
+
+
 def test_compare_nan_fails_even_with_generous_budgets():
     from exporter.parity import compare
 
