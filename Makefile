@@ -30,7 +30,7 @@ test: install
 test-all: install
 	$(PY) -m pytest -m "not gpu" --timeout 3600
 
-# the full fine-tune whose numbers the README quotes (about 15-20 minutes on 2 cores)
+# the full fine-tune whose numbers the README quotes (47 min measured here on 2 shared cores; ~15 min idle)
 finetune-full: install
 	$(PY) -m finetune data --out data/
 	$(PY) -m finetune train --data data/ --out finetuned_model
