@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,18 @@ def torch_reference(checkpoint: Path, texts: list[str], *, batch: int = 64) -> t
     p = np.concatenate(probs)
     id2label = model.config.id2label
     return p, [id2label[int(i)] for i in p.argmax(axis=1)]
+
+
+def read_endpoints(proc: subprocess.Popen, timeout: float = 120) -> dict[str, str]:
+    """The endpoint lines (`  HTTP  http://…`, `  gRPC …`, `  pid …`) that `python -m serving up` prints."""
+    lines: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while "pid" not in lines and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("  "):
+            key, value = line.split(None, 1)
+            lines[key] = value.strip()
+    assert "pid" in lines, proc.stderr.read() if proc.poll() is not None else "no endpoints printed"
+    return lines

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import corpus_texts, export_tiny_onnx
+from serving_helpers import corpus_texts, export_tiny_onnx, read_endpoints
 
 from serving.client import TextClassifier
 from serving.errors import ServerUnavailableError
@@ -327,27 +327,13 @@ def _serving_up(repository: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _endpoints(proc: subprocess.Popen, timeout: float = 120) -> dict[str, str]:
-    lines: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    while "pid" not in lines and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("  "):
-            key, value = line.split(None, 1)
-            lines[key] = value.strip()
-    assert "pid" in lines, proc.stderr.read() if proc.poll() is not None else "no endpoints printed"
-    return lines
-
-
 def test_sigterm_under_load_finishes_accepted_requests_and_exits_0(repository):
     """`python -m serving up` (supervised) gets SIGTERM while gRPC clients keep sending: every request
     accepted before the signal completes, later ones are refused, and the command exits 0 in time."""
     exit_timeout = 10
     proc = _serving_up(repository, "--exit-timeout", str(exit_timeout))
     try:
-        grpc_url = _endpoints(proc)["gRPC"]
+        grpc_url = read_endpoints(proc)["gRPC"]
         with Load(grpc_url, 3, protocol="grpc", retries=0, timeout_s=30) as load:
             time.sleep(2.0)
             sent_at = time.time()
@@ -458,7 +444,7 @@ def test_sigterm_with_http_keepalive_clients_is_pinned(repository):
     exit_timeout = 3
     proc = _serving_up(repository, "--exit-timeout", str(exit_timeout))
     try:
-        http_url = _endpoints(proc)["HTTP"].removeprefix("http://")
+        http_url = read_endpoints(proc)["HTTP"].removeprefix("http://")
         with Load(http_url, 3, retries=0, timeout_s=30) as load:
             time.sleep(2.0)
             sent_at = time.time()
@@ -485,7 +471,7 @@ def test_serving_up_restarts_a_server_whose_stub_died(repository):
     port serves again, and SIGTERM still stops it cleanly."""
     proc = _serving_up(repository, "--check-interval", "0.5")
     try:
-        lines = _endpoints(proc)
+        lines = read_endpoints(proc)
         http_url = lines["HTTP"].removeprefix("http://")
         stubs = stub_processes(int(lines["pid"]))
         os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)

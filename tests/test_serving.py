@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import corpus_texts, export_tiny_onnx, torch_reference
+from serving_helpers import corpus_texts, export_tiny_onnx, read_endpoints, torch_reference
 
 from serving.client import AsyncTextClassifier, TextClassifier
 from serving.errors import InvalidInputError, ServerError, ServerUnavailableError
@@ -344,16 +344,7 @@ def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, t
     log_file = tmp_path / "server.log"
     proc = _serving_up(cpu_repository, "--log-file", str(log_file), "--no-supervise")  # else it is restarted
     try:
-        lines = {}
-        deadline = time.monotonic() + 120
-        while "pid" not in lines and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("  "):
-                key, value = line.split(None, 1)
-                lines[key] = value.strip()
-        assert "pid" in lines, proc.stderr.read() if proc.poll() is not None else "no endpoints printed"
+        lines = read_endpoints(proc)
         host, port = lines["HTTP"].removeprefix("http://").split(":")
         assert host == "127.0.0.1"
         with TextClassifier(f"{host}:{port}") as client:
