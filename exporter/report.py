@@ -91,7 +91,7 @@ def plot(report: dict, path: Path) -> None:
     if (ref.get("speed") or {}).get("throughput_seq_s"):
         ax.scatter([ref["speed"]["throughput_seq_s"]], [ref["accuracy"] * 100], marker="s", color="black")
         ax.annotate("pytorch", (ref["speed"]["throughput_seq_s"], ref["accuracy"] * 100), textcoords="offset points", xytext=(5, 5))
-    for name, v in report["variants"].items():
+    for i, (name, v) in enumerate(report["variants"].items()):
         p, s = v.get("parity") or {}, v.get("speed") or {}
         if s.get("throughput_seq_s") is None or p.get("accuracy") is None:
             continue
@@ -99,7 +99,7 @@ def plot(report: dict, path: Path) -> None:
         ax.scatter([s["throughput_seq_s"]], [p["accuracy"] * 100], s=60, facecolors="tab:green" if ok else "none",
                    edgecolors="tab:green" if ok else "tab:red")
         ax.annotate(name + ("" if ok else " (fail)"), (s["throughput_seq_s"], p["accuracy"] * 100),
-                    textcoords="offset points", xytext=(5, -10))
+                    textcoords="offset points", xytext=(5, -12 - 11 * (i % 2)))  # stagger: close points overlap
     ax.set_xlabel(f"throughput, batch {report['settings']['batch_size']} (seq/s)")
     ax.set_ylabel("accuracy on held-out text (%)")
     ax.set_title(f"{Path(report['checkpoint']).name}: speed vs accuracy ({report['target']})")
