@@ -32,6 +32,14 @@ class Protocol(str, enum.Enum):
 USER_CLASS = {Protocol.HTTP: "TritonHttpUser", Protocol.GRPC: "TritonGrpcUser"}
 
 
+def parse_protocol(value: str | Protocol) -> Protocol:
+    """``http`` or ``grpc``; anything else is a user error."""
+    try:
+        return Protocol(value)
+    except ValueError as exc:
+        raise LoadtestError(f"protocol must be http or grpc, got {value!r}") from exc
+
+
 def parse_duration(text: str | int | float) -> float:
     """Seconds from ``90``, ``90s``, ``2m``, ``1h30m`` (Locust's -t syntax)."""
     if isinstance(text, (int, float)):
@@ -75,10 +83,7 @@ class RunConfig:
     duration_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        try:
-            self.protocol = Protocol(self.protocol)
-        except ValueError as exc:
-            raise LoadtestError(f"protocol must be http or grpc, got {self.protocol!r}") from exc
+        self.protocol = parse_protocol(self.protocol)
         self.duration_s = parse_duration(self.duration)
         if self.users < 1:
             raise LoadtestError("--users must be >= 1")

@@ -29,7 +29,7 @@ from typing import Any
 from common.atomic import atomic_directory
 from common.provenance import versions
 from loadtest.errors import LoadtestError
-from loadtest.run import Protocol, RunConfig, default_out, parse_duration, run_locust, summarize
+from loadtest.run import Protocol, RunConfig, default_out, parse_duration, parse_protocol, run_locust, summarize
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ class SoakConfig:
     window_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        try:
-            self.protocol = Protocol(self.protocol)
-        except ValueError as exc:
-            raise LoadtestError(f"protocol must be http or grpc, got {self.protocol!r}") from exc
+        self.protocol = parse_protocol(self.protocol)
         self.duration_s = parse_duration(self.duration)
         self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0
         self.window_s = parse_duration(self.window)

@@ -22,7 +22,7 @@ from typing import Any
 from common.atomic import atomic_directory
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
-from loadtest.run import Protocol, default_out, parse_duration
+from loadtest.run import Protocol, default_out, parse_duration, parse_protocol
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TuneConfig:
         if not (self.repository / "provenance.json").is_file():
             raise LoadtestError(f"{self.repository} is not a repository written by serving.repository "
                                 f"(no provenance.json)")
-        self.protocol = Protocol(self.protocol)
+        self.protocol = parse_protocol(self.protocol)
         self.duration_s = parse_duration(self.duration_per_trial)
         self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0
         if self.concurrency < 1 or self.texts_per_request < 1 or self.n_texts < 1:

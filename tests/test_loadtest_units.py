@@ -359,3 +359,12 @@ def test_stub_roles_from_command_lines():
     assert _role(stub, 10, 11) == "encoder"
     assert _role(["/bin/tritonserver"], 10, 10) == "tritonserver"
     assert _role(["python"], 10, 12) == "other"
+
+
+def test_parse_protocol_is_a_user_error_not_a_traceback():
+    from loadtest.errors import LoadtestError
+    from loadtest.run import Protocol, parse_protocol
+
+    assert parse_protocol("grpc") is Protocol.GRPC and parse_protocol(Protocol.HTTP) is Protocol.HTTP
+    with pytest.raises(LoadtestError, match="protocol must be http or grpc, got 'udp'"):
+        parse_protocol("udp")
