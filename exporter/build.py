@@ -302,7 +302,7 @@ def select(variants: dict[str, dict], target: Target) -> str | None:
 def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, doc: dict) -> Path:
     """Hand the selected variant to the serving stage's repository writer (atomic on its side)."""
     from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, Target as ServingTarget, write_repository
+    from serving.repository import RepositoryConfig, write_repository
 
     selected = doc["selected"]
     provenance = {
@@ -319,7 +319,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, doc: dict)
         "files": {onnx_model.name: doc["files"].get(onnx_model.name)},
     }
     try:
-        repo_config = RepositoryConfig(target=ServingTarget(config.target.value), max_length=config.max_length)
+        repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.path,
                                      id2label=dict(ck.id2label), config=repo_config, provenance=provenance))
     except ServingError as exc:

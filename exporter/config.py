@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import ExporterError
+from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
 
 
 class Precision(str, enum.Enum):
@@ -14,9 +15,6 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
-class Target(str, enum.Enum):
-    CPU = "cpu"
-    GPU = "gpu"
 
 
 @dataclass(frozen=True)
