@@ -333,15 +333,25 @@ class LocalTritonServer:
         self.stop()
 
 
-def serve_forever(config: ServerConfig, on_ready=None) -> int:
-    """Run the server until SIGTERM/SIGINT (then stop it gracefully) or until it dies (non-zero)."""
-    stop = {"signal": None}
+@contextlib.contextmanager
+def stop_signals():
+    """Record SIGTERM/SIGINT in the yielded dict (``stop["signal"]``) instead of dying; restore on exit."""
+    stop: dict[str, int | None] = {"signal": None}
 
     def handler(signum, _frame):
         stop["signal"] = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        yield stop
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
+
+
+def serve_forever(config: ServerConfig, on_ready=None) -> int:
+    """Run the server until SIGTERM/SIGINT (then stop it gracefully) or until it dies (non-zero)."""
+    with stop_signals() as stop:
         server = LocalTritonServer(config)
         server.start()
         try:
@@ -355,6 +365,3 @@ def serve_forever(config: ServerConfig, on_ready=None) -> int:
         finally:
             code = server.stop()
         return 0 if code in (0, None) else 1
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from serving.errors import ServerError
-from serving.server import LocalTritonServer, ServerConfig
+from serving.server import LocalTritonServer, ServerConfig, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -355,13 +355,7 @@ def supervise_forever(config: ServerConfig, supervisor_config: SupervisorConfig 
     SIGTERM/SIGINT stop it gracefully (accepted requests finish within the exit timeout) -> 0; a crash
     loop the supervisor gives up on -> ServerError.
     """
-    stop = {"signal": None}
-
-    def handler(signum, _frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals() as stop:
         supervisor = Supervisor(config, supervisor_config)
         supervisor.start()
         try:
@@ -372,6 +366,3 @@ def supervise_forever(config: ServerConfig, supervisor_config: SupervisorConfig 
         finally:
             code = supervisor.stop()
         return 0 if code in (0, None) else 1
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev)
