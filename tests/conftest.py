@@ -59,3 +59,11 @@ def encoder_dir() -> Path:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random-init classifier (3 labels); treat it as read-only."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny classifier as ONNX with `logits` and `probabilities` outputs; treat it as read-only."""
+    from serving_helpers import export_tiny_onnx
+
+    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny-onnx") / "model.onnx")

@@ -16,10 +16,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from serving_helpers import export_tiny_onnx
 
 from serving.repository import RepositoryConfig, write_repository
 from serving.server import LocalTritonServer, ServerConfig
@@ -37,10 +35,9 @@ PARSE_500 = re.compile(r'^\{"error":"(failed to parse the request JSON buffer|Un
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    onnx_path = export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("fuzz-onnx") / "model.onnx")
+def server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     repo = write_repository(
-        tmp_path_factory.mktemp("fuzz") / "model_repository", onnx_model=onnx_path, tokenizer_dir=tiny_checkpoint,
+        tmp_path_factory.mktemp("fuzz") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
         config=RepositoryConfig(max_batch_size=MAX_BATCH, intra_op_threads=1, max_text_chars=2000),
     )

@@ -7,16 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from serving_helpers import corpus_texts, export_tiny_onnx
+from serving_helpers import corpus_texts
 
 from serving.repository import ENCODER, RepositoryConfig, read_config, write_repository
 
 LABELS = ("negative", "neutral", "positive")
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("lt-onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import corpus_texts, export_tiny_onnx, read_endpoints
+from serving_helpers import corpus_texts, read_endpoints
 
 from serving.client import TextClassifier
 from serving.errors import ServerUnavailableError
@@ -40,11 +40,6 @@ def figures(name: str, **values) -> None:
 
 def pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("rel-onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")

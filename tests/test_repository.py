@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from serving_helpers import export_tiny_onnx
 from tritonclient.grpc import model_config_pb2 as pb
 
 from serving import repository as repo
@@ -16,11 +15,6 @@ from serving.repository import RepositoryConfig, Target, validate_repository, wr
 
 LABELS = ["negative", "neutral", "positive"]
 ID2LABEL = dict(enumerate(LABELS))
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def _write(out, onnx_model, checkpoint, **cfg) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import corpus_texts, export_tiny_onnx, read_endpoints, torch_reference
+from serving_helpers import corpus_texts, read_endpoints, torch_reference
 
 from serving.client import AsyncTextClassifier, TextClassifier
 from serving.errors import InvalidInputError, ServerError, ServerUnavailableError
@@ -30,11 +30,6 @@ pytestmark = pytest.mark.server
 LABELS = ["negative", "neutral", "positive"]
 MAX_BATCH = 16
 N_TEXTS = 240  # > MAX_BATCH: the client must split into chunks
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")
