@@ -50,7 +50,7 @@ def test_corpus_is_read_as_a_data_file():
 def test_limited_splits_are_deterministic_stratified_and_clean(tmp_path):
     a = make_splits(DataConfig(out=tmp_path / "a", limit=900, seed=7))
     b = make_splits(DataConfig(out=tmp_path / "b", limit=900, seed=7))
-    c = make_splits(DataConfig(out=tmp_path / "c", limit=900, seed=8))
+    make_splits(DataConfig(out=tmp_path / "c", limit=900, seed=8))
     for name in ("train", "validation", "test"):
         assert (tmp_path / "a" / f"{name}.csv").read_bytes() == (tmp_path / "b" / f"{name}.csv").read_bytes()
     assert (tmp_path / "a" / "train.csv").read_bytes() != (tmp_path / "c" / "train.csv").read_bytes()
