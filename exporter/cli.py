@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         result = build(_config(args))
         print(markdown(result.report))
         if result.exit_code:
-            print(f"{prog_name(PROG)}: no variant passed its parity gate (report: {result.out / 'report.md'})", file=sys.stderr)
+            print(f"{prog_name(PROG)}: no variant passed its parity gate (report: {result.out / 'report.md'})",
+                  file=sys.stderr)
         return result.exit_code
 
     return run_cli(run, user_errors=(ExporterError,), prog=prog_name(PROG))

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.data import DataConfig
     from finetune.train import Precision, TrainConfig
 
-    parser = argparse.ArgumentParser(prog=prog_name(PROG), description="Prepare data for and fine-tune a text classifier.")
+    parser = argparse.ArgumentParser(prog=prog_name(PROG),
+                                     description="Prepare data for and fine-tune a text classifier.")
     add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -48,9 +48,11 @@ def packaged_base() -> Path:
 class TrainConfig:
     data: Path = field(metadata={"help": "directory with train/validation/test.csv"})
     out: Path = field(metadata={"help": "checkpoint directory (written atomically)"})
-    base: Path | None = field(default=None, metadata={"help": "base checkpoint directory (default: packaged all-MiniLM-L6-v2)"})
+    base: Path | None = field(default=None,
+                              metadata={"help": "base checkpoint directory (default: packaged all-MiniLM-L6-v2)"})
     epochs: float = field(default=1.0, metadata={"help": "training epochs (fractions allowed)"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (overrides --epochs)"})
+    max_steps: int | None = field(default=None,
+                                  metadata={"help": "stop after this many optimizer steps (overrides --epochs)"})
     max_length: int = field(default=128, metadata={"help": "truncate texts to this many tokens"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=128, metadata={"help": "batch size of validation and test evaluation"})
@@ -61,9 +63,12 @@ class TrainConfig:
     text_column: str = field(default="text", metadata={"help": "CSV column with the text"})
     label_column: str = field(default="label", metadata={"help": "CSV column with the label"})
     limit_train: int | None = field(default=None, metadata={"help": "train on a random subset of this many rows"})
-    precision: Precision = field(default=Precision.AUTO, metadata={"help": "auto: bf16 autocast where the hardware does bf16 natively (measured faster, same accuracy)"})
+    precision: Precision = field(default=Precision.AUTO,
+                                 metadata={"help": "auto: bf16 autocast where the hardware does bf16 natively "
+                                                   "(measured faster, same accuracy)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch texts of similar length together"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default: the CPUs this process may use)"})
+    threads: int | None = field(default=None,
+                                metadata={"help": "torch threads (default: the CPUs this process may use)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing checkpoint at --out"})
 
     def __post_init__(self) -> None:

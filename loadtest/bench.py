@@ -46,19 +46,26 @@ class Bf16Mode(str, enum.Enum):
 
 @dataclass
 class BenchConfig:
-    checkpoint: Path = field(default=Path("finetuned_model"), metadata={"help": "fine-tuned checkpoint (the PyTorch pipeline)"})
-    build: Path | None = field(default=Path("build"), metadata={"help": "exporter build directory (the in-process ONNX Runtime variants)"})
-    repository: Path | None = field(default=Path("model_repository"), metadata={"help": "repository of the served deployment"})
-    texts: Path | None = field(default=None, metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    checkpoint: Path = field(default=Path("finetuned_model"),
+                             metadata={"help": "fine-tuned checkpoint (the PyTorch pipeline)"})
+    build: Path | None = field(default=Path("build"),
+                               metadata={"help": "exporter build directory (the in-process ONNX Runtime variants)"})
+    repository: Path | None = field(default=Path("model_repository"),
+                                    metadata={"help": "repository of the served deployment"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
     n_texts: int = field(default=512, metadata={"help": "texts measured"})
     threads: int = field(default=2, metadata={"help": "thread budget of every in-process backend"})
     batch_size: int = field(default=32, metadata={"help": "in-process batch size"})
     max_length: int = field(default=128, metadata={"help": "token truncation of the in-process backends"})
-    concurrency: tuple[int, ...] = field(default=(1, 4, 16, 32), metadata={"help": "comma list of served concurrency levels"})
+    concurrency: tuple[int, ...] = field(default=(1, 4, 16, 32),
+                                         metadata={"help": "comma list of served concurrency levels"})
     texts_per_request: int = field(default=8, metadata={"help": "texts per served request"})
-    single_text_concurrency: int = field(default=16, metadata={"help": "concurrency of the 1-text-per-request served point"})
+    single_text_concurrency: int = field(default=16,
+                                         metadata={"help": "concurrency of the 1-text-per-request served point"})
     served_seconds: float = field(default=10.0, metadata={"help": "measured seconds per served point"})
-    open_loop_seconds: float = field(default=15.0, metadata={"help": "seconds of the open-loop (fixed arrival rate) point"})
+    open_loop_seconds: float = field(default=15.0,
+                                     metadata={"help": "seconds of the open-loop (fixed arrival rate) point"})
     warmup_seconds: float = field(default=2.0, metadata={"help": "unmeasured seconds before each served point"})
     protocols: tuple[str, ...] = field(default=("http", "grpc"), metadata={"help": "comma list of http, grpc"})
     bf16: Bf16Mode = field(default=Bf16Mode.AUTO, metadata={"help": "PyTorch bf16 autocast: auto = only with AMX"})

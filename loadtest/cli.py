@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest.soak import SoakConfig
     from loadtest.tune import TuneConfig
 
-    parser = argparse.ArgumentParser(prog=prog_name(PROG), description="Load tests and benchmarks of the served classifier.")
+    parser = argparse.ArgumentParser(prog=prog_name(PROG),
+                                     description="Load tests and benchmarks of the served classifier.")
     add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 

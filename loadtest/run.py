@@ -72,11 +72,15 @@ class RunConfig:
     protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
     texts_per_request: int = field(default=1, metadata={"help": "texts per request"})
     start_server: bool = field(default=False, metadata={"help": "start a local tritonserver on --repository"})
-    repository: Path = field(default=Path("model_repository"), metadata={"help": "repository served by --start-server"})
-    host: str | None = field(default=None, metadata={"help": "server URL: http://HOST:PORT (http) or HOST:PORT (grpc)"})
-    texts: Path | None = field(default=None, metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    repository: Path = field(default=Path("model_repository"),
+                             metadata={"help": "repository served by --start-server"})
+    host: str | None = field(default=None,
+                             metadata={"help": "server URL: http://HOST:PORT (http) or HOST:PORT (grpc)"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
     out: Path | None = field(default=None, metadata={"help": "report directory (default results/loadtest-<time>/)"})
-    processes: int | None = field(default=None, metadata={"help": "Locust worker processes (distributed mode; -1: one per core)"})
+    processes: int | None = field(default=None,
+                                  metadata={"help": "Locust worker processes (distributed mode; -1: one per core)"})
     request_rate: float = field(default=0.0, metadata={"help": "requests/s per user (0: closed loop)"})
     fail_on_error: bool = field(default=False, metadata={"help": "exit 1 if any request failed"})
     model_name: str = field(default="classifier", metadata={"help": "served model name"})

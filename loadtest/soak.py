@@ -44,11 +44,15 @@ class SoakConfig:
     load_fraction: float = field(default=0.7, metadata={"help": "share of saturation to hold"})
     protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
     texts_per_request: int = field(default=1, metadata={"help": "texts per request"})
-    texts: Path | None = field(default=None, metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
     warmup: str = field(default="60s", metadata={"help": "ignored at the start before the first window"})
     window: str = field(default="60s", metadata={"help": "length of the first and last windows compared"})
-    max_p99_drift: float = field(default=0.10, metadata={"help": "largest allowed p99 growth, last vs first window (fraction)"})
-    max_rss_growth: float = field(default=0.10, metadata={"help": "largest allowed server memory growth, last vs first window (fraction)"})
+    max_p99_drift: float = field(default=0.10,
+                                 metadata={"help": "largest allowed p99 growth, last vs first window (fraction)"})
+    max_rss_growth: float = field(default=0.10,
+                                  metadata={"help": "largest allowed server memory growth, last vs first window "
+                                                    "(fraction)"})
     sample_interval_s: float = field(default=2.0, metadata={"help": "seconds between memory samples"})
     out: Path | None = field(default=None, metadata={"help": "report directory (default results/soak-<time>/)"})
     duration_s: float = field(init=False, default=0.0)

@@ -44,10 +44,13 @@ class ServerConfig:
     grpc_port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free port"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 picks a free port"})
     log_file: Path | None = field(default=None, metadata={"help": "server log (default: a temporary file)"})
-    startup_timeout_s: float = field(default=120.0, metadata={"help": "seconds to wait for the server and every model"})
+    startup_timeout_s: float = field(default=120.0,
+                                     metadata={"help": "seconds to wait for the server and every model"})
     exit_timeout_s: int = field(default=10, metadata={"help": "seconds tritonserver may take to stop"})
     log_verbose: int = field(default=0, metadata={"help": "tritonserver --log-verbose level"})
-    validate: bool = field(default=True, metadata={"help": "check the repository offline (serving.repository layout) before starting"})
+    validate: bool = field(default=True,
+                           metadata={"help": "check the repository offline (serving.repository layout) before "
+                                             "starting"})
     extra_args: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more tritonserver arguments"})
 
     def __post_init__(self) -> None:

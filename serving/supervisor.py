@@ -48,13 +48,17 @@ class SupervisorConfig:
     """How often to check, what counts as broken, and how hard to try to recover."""
 
     check_interval_s: float = field(default=2.0, metadata={"help": "seconds between supervisor checks"})
-    canary: bool = field(default=True, metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
+    canary: bool = field(default=True,
+                         metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
     canary_model: str = field(default="classifier", metadata={"help": "model the canary request goes to"})
     canary_text: str = field(default="supervisor canary", metadata={"help": "text of the canary request"})
     canary_timeout_s: float = field(default=10.0, metadata={"help": "seconds a canary may take"})
-    canary_failures: int = field(default=3, metadata={"help": "slow / 503 canaries in a row before a restart (a stub error restarts at once)"})
+    canary_failures: int = field(default=3,
+                                 metadata={"help": "slow / 503 canaries in a row before a restart (a stub error "
+                                                   "restarts at once)"})
     broken_exit_timeout_s: float = field(default=2.0, metadata={"help": "seconds a broken server may take to stop"})
-    max_restarts: int = field(default=5, metadata={"help": "restarts allowed within --restart-window before giving up"})
+    max_restarts: int = field(default=5,
+                              metadata={"help": "restarts allowed within --restart-window before giving up"})
     restart_window_s: float = field(default=600.0, metadata={"help": "seconds over which restarts are counted"})
 
     def __post_init__(self) -> None:
