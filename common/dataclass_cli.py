@@ -84,6 +84,16 @@ def _list_parser(item: Callable[[str], Any]) -> Callable[[str], tuple]:
     return parse
 
 
+class _KeyValueAction(argparse.Action):
+    """``--label KEY=VALUE`` (repeatable) into a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        key, sep, value = values.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})
+
+
 def _wrap(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """A custom parser's own error (any exception) becomes argparse's one-line usage error."""
     def parse_arg(text: str) -> Any:
@@ -125,6 +135,8 @@ def _kwargs(field: dataclasses.Field, tp: Any, flag: Flag) -> dict[str, Any]:
         kwargs["type"] = _wrap(flag.type)
     elif tp is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) is dict and typing.get_args(tp) == (str, str):
+        kwargs.update(action=_KeyValueAction, metavar="KEY=VALUE")
     elif item_tp is not None and _scalar_parser(item_tp) is not None and typing.get_args(tp)[1:] == (...,):
         kwargs["type"] = _list_parser(_scalar_parser(item_tp))
         kwargs["metavar"] = "A,B,..."
@@ -144,24 +156,33 @@ def _kwargs(field: dataclasses.Field, tp: Any, flag: Flag) -> dict[str, Any]:
         kwargs["required"] = not flag.positional
     else:
         kwargs["default"] = default
-        if default is not None:
+        if default is not None and default not in ((), {}):  # nothing to show for an empty list/dict
             shown = (flag.show or show_value)(default).replace("%", "%%")
             if tp is bool:
                 name = (flag.names or (option_name(field),))[0]
                 shown = name if default else "--no-" + name[2:]
             text = f"{text} (default: {shown})" if text else f"default: {shown}"
+    if kwargs.get("action") is _KeyValueAction:
+        text = f"{text} (repeatable)" if text else "repeatable"
     kwargs["help"] = text
     return kwargs
 
 
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
-                         flags: Mapping[str, Flag] | None = None, exclude: Iterable[str] = ()) -> None:
-    """One option per init field of the dataclass ``cls`` (dest = the field name), in field order."""
+                         flags: Mapping[str, Flag] | None = None, exclude: Iterable[str] = (),
+                         include: Iterable[str] | None = None) -> None:
+    """One option per init field of the dataclass ``cls`` (dest = the field name), in field order.
+
+    ``include`` (only these fields) or ``exclude`` (all but these) pick the fields; ``flags`` overrides.
+    """
     flags = dict(flags or {})
     excluded = set(exclude)
-    unknown = (set(flags) | excluded) - {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = (set(flags) | excluded | set(include or ())) - names
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    if include is not None:
+        excluded |= names - set(include)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if not field.init or field.name in excluded:

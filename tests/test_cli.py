@@ -110,12 +110,55 @@ def test_flag_overrides_exclude_and_positional():
         add_config_arguments(argparse.ArgumentParser(), Odd)
 
 
+def test_key_value_dicts_and_include():
+    @dataclass
+    class Labels:
+        labels: dict[str, str] = field(default_factory=dict, metadata={"help": "pod labels"})
+        name: str = field(default="x", metadata={"help": "a name"})
+        other: int = field(default=1, metadata={"help": "left out"})
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Labels, include={"labels", "name"})
+    assert "--other" not in parser.format_help() and "pod labels (repeatable)" in parser.format_help()
+    ns = parser.parse_args(["--labels", "a=1", "--labels", "b=c=d"])
+    assert config_from_args(Labels, ns) == Labels({"a": "1", "b": "c=d"})
+    assert parser.parse_args([]).labels == {} and Labels().labels == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--labels", "novalue"])
+
+
 def test_option_names_drop_the_seconds_suffix():
     names = {f.name: option_name(f) for f in dataclasses.fields(Toy)}
     assert names["wait_s"] == "--wait" and names["size"] == "--size"
 
 
 # ------------------------------------------------------------------------------------------ the four CLIs
+
+
+def test_every_config_dataclass_has_a_command_line_form():
+    """Each stage config can be generated (ManifestConfig too, for its conversion after the manifests split)."""
+    from exporter.config import Budgets, BuildConfig
+    from finetune.data import DataConfig
+    from finetune.train import TrainConfig
+    from loadtest.bench import BenchConfig
+    from loadtest.cli import TUNE_FLAGS
+    from loadtest.run import RunConfig
+    from loadtest.soak import SoakConfig
+    from loadtest.tune import TuneConfig
+    from serving.repository import RepositoryConfig
+    from serving.server import ServerConfig
+    from serving.supervisor import SupervisorConfig
+
+    cases = [(DataConfig, {}, ()), (TrainConfig, {}, ()), (BuildConfig, {}, ("budgets",)), (Budgets, {}, ()),
+             (ServerConfig, {}, ("extra_args",)), (SupervisorConfig, {}, ()), (RepositoryConfig, {}, ("extra",)),
+             (RunConfig, {}, ()), (BenchConfig, {}, ()), (TuneConfig, TUNE_FLAGS, ()), (SoakConfig, {}, ())]
+    for cls, flags, exclude in cases:
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, cls, flags=flags, exclude=exclude)
+        assert [a.dest for a in parser._actions[1:] if not a.help] == [], cls.__name__
+    manifest_config = getattr(importlib.import_module("serving.manifests"), "ManifestConfig", None)
+    if manifest_config is not None:
+        add_config_arguments(argparse.ArgumentParser(), manifest_config, exclude={"repository"})
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
