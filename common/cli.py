@@ -30,6 +30,13 @@ def prog_name(module_prog: str) -> str:
     return invoked if invoked.startswith("textclf-") else module_prog
 
 
+def command_parser(module_prog: str, description: str, verbose: bool = True):
+    """A CLI's top parser (``--version``, ``-v``) and its required subcommands: ``(parser, subparsers)``."""
+    parser = argparse.ArgumentParser(prog=prog_name(module_prog), description=description)
+    add_common_flags(parser, verbose=verbose)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
 def add_common_flags(parser: argparse.ArgumentParser, verbose: bool = True) -> None:
     """``--version`` (and ``-v/--verbose`` unless the subcommands carry it), the same on every CLI."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",

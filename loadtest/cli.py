@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from common.cli import add_common_flags, prog_name, run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from loadtest.errors import LoadtestError
 from loadtest.tune import parse_ints, parse_layouts
@@ -112,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest.soak import SoakConfig
     from loadtest.tune import TuneConfig
 
-    parser = argparse.ArgumentParser(prog=prog_name(PROG),
-                                     description="Load tests and benchmarks of the served classifier.")
-    add_common_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(PROG, "Load tests and benchmarks of the served classifier.")
 
     run = sub.add_parser("run", help="headless Locust run: CSV/HTML reports, summary.json, a plot")
     add_config_arguments(run, RunConfig)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import add_common_flags, prog_name, run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from serving.contract import DEFAULT_CLASSIFIER, Protocol
 from serving.errors import ServingError
@@ -171,9 +171,7 @@ def _manifests():
 
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog_name(PROG), description=__doc__)
-    add_common_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(PROG, __doc__)
     for add in (_add_up, _add_classify, _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
