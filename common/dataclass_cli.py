@@ -2,9 +2,11 @@
 
 The dataclass is the one source of each option: its field's ``metadata["help"]`` is the help text, its
 default is the option's default (shown in the help by this module, never restated by hand), an ``Enum``
-type gives the choices, ``bool`` gives ``--flag/--no-flag``, ``tuple[X, ...]`` a comma list. A field named
-``*_s`` (seconds) is spelled without the suffix (``startup_timeout_s`` -> ``--startup-timeout``).
-:class:`Flag` covers the few CLI-only spellings, parsers and defaults. Validation stays in the dataclass's
+type gives the choices, ``bool`` gives ``--flag/--no-flag``, ``tuple[X, ...]`` a comma list,
+``dict[str, str]`` a repeatable ``KEY=VALUE``. A field named ``*_s`` (seconds) is spelled without the
+suffix (``startup_timeout_s`` -> ``--startup-timeout``). ``include``/``exclude`` pick the fields;
+:class:`Flag` covers the few CLI-only spellings, parsers and defaults (aliases such as ``--no-build`` are
+plain ``add_argument(..., dest=<field>)`` calls beside the generated ones). Validation stays in the dataclass's
 ``__post_init__``: build it inside :func:`common.cli.run_cli` so its errors are one line and exit 2::
 
     add_config_arguments(parser, ServerConfig, flags={"http_port": Flag(default=8000)}, exclude={"extra_args"})
