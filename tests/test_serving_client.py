@@ -116,3 +116,69 @@ def test_texts_must_be_strings():
 def test_bad_protocol():
     with pytest.raises(ClientError, match="protocol"):
         TextClassifier("127.0.0.1:1", protocol="udp")
+
+
+def test_retry_policy_yields_bounded_delays():
+    from serving.client import RetryPolicy
+
+    assert list(RetryPolicy(retries=5, backoff_s=0.1, backoff_max_s=0.3, timeout_s=60).delays()) == [
+        0.1, 0.2, 0.3, 0.3, 0.3]
+    assert list(RetryPolicy(retries=0).delays()) == []
+    assert list(RetryPolicy(retries=9, backoff_s=1.0, timeout_s=2.5).delays()) == [1.0]  # 1 + 2 > 2.5 s
+
+
+@pytest.fixture()
+def plaintext_config_server():
+    """A plaintext HTTP server answering a classifier's config the way Triton does."""
+    from serving.contract import ServedModel
+
+    config = {"name": "classifier", "max_batch_size": 8,
+              "parameters": {k: {"string_value": v} for k, v in
+                             ServedModel(labels=("neg", "pos")).to_parameters().items()}}
+
+    class Config(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            body = json.dumps(config).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Config)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port
+    server.shutdown()
+    thread.join()
+
+
+def test_https_is_tls_or_fails_never_plaintext(plaintext_config_server):
+    """The same plaintext server: http:// reads the config, https:// must not (no silent downgrade)."""
+    port = plaintext_config_server
+    with TextClassifier(f"http://127.0.0.1:{port}") as client:
+        assert client.metadata() == (8, ["neg", "pos"])
+    with pytest.raises(ClientError):
+        with TextClassifier(f"https://127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout_s=3) as client:
+            client.metadata()
+
+    async def run(url):
+        async with AsyncTextClassifier(url, retries=1, backoff_s=0.01, timeout_s=3) as client:
+            return await client.metadata()
+
+    assert asyncio.run(run(f"http://127.0.0.1:{port}")) == (8, ["neg", "pos"])
+    with pytest.raises(ClientError):
+        asyncio.run(run(f"https://127.0.0.1:{port}"))
+
+
+def test_url_scheme_sets_protocol_and_tls():
+    from serving.client import ClientConfig
+
+    cfg = ClientConfig("grpcs://h:8001")
+    assert cfg.protocol.value == "grpc" and cfg.endpoint.tls and cfg.url == "h:8001"
+    assert ClientConfig("h:8000").endpoint.tls is False
+    with pytest.raises(ClientError, match="grpc"):
+        ClientConfig("grpc://h:8001", protocol="http")
