@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -17,16 +16,12 @@ from typing import Any
 from common.atomic import atomic_directory
 from common.provenance import versions
 from loadtest.errors import LoadtestError
+from serving.contract import DEFAULT_CLASSIFIER, Protocol
 
 log = logging.getLogger(__name__)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PREFIX = "locust"
-
-
-class Protocol(str, enum.Enum):
-    HTTP = "http"
-    GRPC = "grpc"
 
 
 USER_CLASS = {Protocol.HTTP: "TritonHttpUser", Protocol.GRPC: "TritonGrpcUser"}
@@ -79,7 +74,7 @@ class RunConfig:
     processes: int | None = None
     request_rate: float = 0.0
     fail_on_error: bool = False
-    model_name: str = "classifier"
+    model_name: str = DEFAULT_CLASSIFIER
     duration_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -196,7 +191,7 @@ def run_loadtest(cfg: RunConfig) -> dict[str, Any]:
         host = cfg.host
         if cfg.start_server:
             endpoints = stack.enter_context(served(cfg.repository))
-            host = endpoints.http_url if cfg.protocol is Protocol.HTTP else endpoints.grpc_url
+            host = endpoints.url(cfg.protocol)
             server_info = {"repository": str(cfg.repository.absolute()), **endpoints.as_dict()}
         assert host is not None
         with atomic_directory(cfg.out) as tmp:

@@ -199,24 +199,15 @@ def _texts(texts: str | Iterable[str]) -> list[str]:
 
 
 @dataclass
-class _Base:
-    """Settings shared by the sync and asyncio clients, validated into a ClientConfig."""
+class _Base(ClientConfig):
+    """What the sync and asyncio clients share: their (validated) ClientConfig and connection state."""
 
-    url: str = "127.0.0.1:8000"
-    protocol: Protocol | str | None = None
-    model: str = DEFAULT_CLASSIFIER
-    timeout_s: float = 30.0
-    retries: int = 4
-    backoff_s: float = 0.1
-    return_logits: bool = False
-    _cfg: ClientConfig = field(init=False, repr=False)
     _client: Any = field(init=False, default=None, repr=False)
     _served: ServedModel | None = field(init=False, default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self._cfg = ClientConfig(self.url, self.protocol, self.model, self.timeout_s, self.retries,
-                                 self.backoff_s, return_logits=self.return_logits)
-        self.protocol = self._cfg.protocol
+    @property
+    def _cfg(self) -> ClientConfig:
+        return self
 
     _aio = False
 
