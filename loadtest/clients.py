@@ -91,8 +91,11 @@ class _Sender:
 
     async def fetch_contract(self) -> None:
         grpc = self.protocol is Protocol.GRPC
-        self.served = ServedModel.from_config(
-            await self.client.get_model_config(self.model, **({"as_json": True} if grpc else {})))
+        config = await self.client.get_model_config(self.model, **({"as_json": True} if grpc else {}))
+        try:
+            self.served = ServedModel.from_config(config)
+        except ContractError as exc:
+            raise LoadtestError(f"{self.model}: {exc}") from exc
         self.outputs = requested_outputs(self.mod, self.served.default_outputs)
 
     async def send(self, texts: Sequence[str], timeout_s: float) -> list[str]:

@@ -76,7 +76,7 @@ def test_no_protocol_enum_or_model_literal_outside_the_contract():
     for path in [root / "serving" / "client.py", *sorted((root / "loadtest").glob("*.py"))]:
         text = path.read_text()
         assert not re.search(r"class Protocol\b", text), path
-        assert '"classifier"' not in text and "'classifier'" not in text, path
+        assert f'"{DEFAULT_CLASSIFIER}"' not in text and f"'{DEFAULT_CLASSIFIER}'" not in text, path
         assert '"grpc://"' not in text and '"https://"' not in text, path
 
 
