@@ -205,36 +205,32 @@ class _Base(ClientConfig):
     _client: Any = field(init=False, default=None, repr=False)
     _served: ServedModel | None = field(init=False, default=None, repr=False)
 
-    @property
-    def _cfg(self) -> ClientConfig:
-        return self
-
-    _aio = False
+    _aio = False  # the asyncio transport sets True
 
     @property
     def _module(self) -> Any:
-        return tritonclient_module(self._cfg.protocol, self._aio)
+        return tritonclient_module(self.protocol, self._aio)
 
     def _connect(self) -> Any:
         if self._client is None:
-            self._client = connect(self._cfg.endpoint, aio=self._aio, timeout_s=self._cfg.timeout_s)
+            self._client = connect(self.endpoint, aio=self._aio, timeout_s=self.timeout_s)
         return self._client
 
     def _grpc_timeout(self) -> dict[str, Any]:
-        return {"client_timeout": self._cfg.timeout_s} if self._cfg.protocol is Protocol.GRPC else {}
+        return {"client_timeout": self.timeout_s} if self.protocol is Protocol.GRPC else {}
 
     def _config_kwargs(self) -> dict[str, Any]:
-        return {"as_json": True, **self._grpc_timeout()} if self._cfg.protocol is Protocol.GRPC else {}
+        return {"as_json": True, **self._grpc_timeout()} if self.protocol is Protocol.GRPC else {}
 
     def _outputs(self, served: ServedModel) -> list[str]:
         names = list(served.default_outputs)
-        return names + [LOGITS] if self._cfg.return_logits and LOGITS not in names else names
+        return names + [LOGITS] if self.return_logits and LOGITS not in names else names
 
     def _request(self, served: ServedModel, chunk: list[str]) -> tuple[tuple, dict[str, Any]]:
         """(args, kwargs) of ``client.infer`` for one chunk, built through the contract."""
         module = self._module
         outputs = requested_outputs(module, self._outputs(served))
-        return (self._cfg.model, infer_inputs(module, chunk)), {"outputs": outputs, **self._grpc_timeout()}
+        return (self.model, infer_inputs(module, chunk)), {"outputs": outputs, **self._grpc_timeout()}
 
     def _read(self, served: ServedModel, response: Any) -> dict[str, Any]:
         return {name: response.as_numpy(name) for name in self._outputs(served)}
@@ -248,21 +244,21 @@ class _SyncTransport(_Base):
 
     def _call(self, func, *args, **kwargs):
         """Run ``func`` with the retry policy on connection failures and UNAVAILABLE."""
-        delays = self._cfg.retry.delays()
+        delays = self.retry.delays()
         while True:
             try:
                 return func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - mapped to typed errors
-                time.sleep(_next_delay(exc, self._cfg.url, delays))
+                time.sleep(_next_delay(exc, self.url, delays))
 
     def served_model(self) -> ServedModel:
         """The model's contract (labels, max_batch_size), read once from its config."""
         if self._served is None:
-            config = self._call(self._connect().get_model_config, self._cfg.model, **self._config_kwargs())
+            config = self._call(self._connect().get_model_config, self.model, **self._config_kwargs())
             try:
                 self._served = ServedModel.from_config(config)
             except ContractError as exc:
-                raise ClientError(f"{self._cfg.model}: {exc}") from exc
+                raise ClientError(f"{self.model}: {exc}") from exc
         return self._served
 
     def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
@@ -281,7 +277,7 @@ class _SyncTransport(_Base):
         """True if the server and the model answer ready (no retries)."""
         try:
             client = self._connect()
-            return bool(client.is_server_ready() and client.is_model_ready(self._cfg.model))
+            return bool(client.is_server_ready() and client.is_model_ready(self.model))
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
 
@@ -303,20 +299,20 @@ class _AsyncTransport(_Base):
     _aio = True
 
     async def _call(self, func, *args, **kwargs):
-        delays = self._cfg.retry.delays()
+        delays = self.retry.delays()
         while True:
             try:
-                return await asyncio.wait_for(func(*args, **kwargs), timeout=self._cfg.timeout_s)
+                return await asyncio.wait_for(func(*args, **kwargs), timeout=self.timeout_s)
             except Exception as exc:  # noqa: BLE001 - mapped to typed errors
-                await asyncio.sleep(_next_delay(exc, self._cfg.url, delays))
+                await asyncio.sleep(_next_delay(exc, self.url, delays))
 
     async def served_model(self) -> ServedModel:
         if self._served is None:
-            config = await self._call(self._connect().get_model_config, self._cfg.model, **self._config_kwargs())
+            config = await self._call(self._connect().get_model_config, self.model, **self._config_kwargs())
             try:
                 self._served = ServedModel.from_config(config)
             except ContractError as exc:
-                raise ClientError(f"{self._cfg.model}: {exc}") from exc
+                raise ClientError(f"{self.model}: {exc}") from exc
         return self._served
 
     async def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
