@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -17,16 +16,12 @@ from typing import Any
 from common.atomic import atomic_directory
 from common.provenance import versions
 from loadtest.errors import LoadtestError
+from serving.contract import DEFAULT_CLASSIFIER, Protocol
 
 log = logging.getLogger(__name__)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PREFIX = "locust"
-
-
-class Protocol(str, enum.Enum):
-    HTTP = "http"
-    GRPC = "grpc"
 
 
 USER_CLASS = {Protocol.HTTP: "TritonHttpUser", Protocol.GRPC: "TritonGrpcUser"}
@@ -83,7 +78,7 @@ class RunConfig:
                                   metadata={"help": "Locust worker processes (distributed mode; -1: one per core)"})
     request_rate: float = field(default=0.0, metadata={"help": "requests/s per user (0: closed loop)"})
     fail_on_error: bool = field(default=False, metadata={"help": "exit 1 if any request failed"})
-    model_name: str = field(default="classifier", metadata={"help": "served model name"})
+    model_name: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
     duration_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -200,7 +195,7 @@ def run_loadtest(cfg: RunConfig) -> dict[str, Any]:
         host = cfg.host
         if cfg.start_server:
             endpoints = stack.enter_context(served(cfg.repository))
-            host = endpoints.http_url if cfg.protocol is Protocol.HTTP else endpoints.grpc_url
+            host = endpoints.url(cfg.protocol)
             server_info = {"repository": str(cfg.repository.absolute()), **endpoints.as_dict()}
         assert host is not None
         with atomic_directory(cfg.out) as tmp:
