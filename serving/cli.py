@@ -48,6 +48,10 @@ def _add_up(sub) -> None:
     p.add_argument("--no-supervise", action="store_true",
                    help="do not restart a broken server (dead stub / process); see docs/RELIABILITY.md")
     p.add_argument("--check-interval", type=float, default=2.0, help="seconds between supervisor checks")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="serve a repository that differs from the hashes in its provenance.json (know why)")
+    p.add_argument("--admin-key", default=None,
+                   help="key of the restricted admin APIs (default: $TRITON_ADMIN_KEY, else random; docs/SECURITY.md)")
 
 
 def _run_up(args) -> int:
@@ -57,7 +61,7 @@ def _run_up(args) -> int:
     config = ServerConfig(
         repository=args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, log_file=args.log_file, startup_timeout_s=args.startup_timeout,
-        exit_timeout_s=args.exit_timeout,
+        exit_timeout_s=args.exit_timeout, admin_key=args.admin_key, skip_verify=args.skip_verify,
     )
 
     def ready(server) -> None:
@@ -67,6 +71,8 @@ def _run_up(args) -> int:
         print(f"  metrics  {server.metrics_url}", flush=True)
         print(f"  log      {server.log_path}", flush=True)
         print(f"  pid      {server.process.pid}", flush=True)
+        print(f"  admin    restricted (header {server.admin_header}; key from --admin-key/$TRITON_ADMIN_KEY, "
+              "else random)", flush=True)
         if not args.no_supervise:
             print(f"  supervisor  on (checks every {args.check_interval:g} s; --no-supervise to opt out)", flush=True)
 
