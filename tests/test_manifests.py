@@ -486,6 +486,7 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     """
     import re
     import threading
+    import urllib.error
     import urllib.request
 
     from serving_helpers import corpus_texts, export_tiny_onnx
@@ -506,8 +507,9 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     assert rendered["--model-repository"] == f"{m.PVC_MOUNT}/repos/v1"
 
     class RenderedServer(LocalTritonServer):
-        def command(self, backends):
-            args = [a.replace(m.PVC_MOUNT, str(tmp_path)) for a in container["args"][1:]]
+        def command(self, backends):  # the kubelet expands $(TRITON_ADMIN_KEY) from the Secret
+            args = [a.replace(m.PVC_MOUNT, str(tmp_path)).replace("$(TRITON_ADMIN_KEY)", self.admin_key)
+                    for a in container["args"][1:]]
             return [str(super().command(backends)[0]), *args, f"--backend-directory={backends}",
                     "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
 
@@ -516,10 +518,15 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     with RenderedServer(ServerConfig(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
                                      startup_timeout_s=120, exit_timeout_s=config.exit_timeout_s)) as server:
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             get = container[probe]["httpGet"]
             with urllib.request.urlopen(f"http://127.0.0.1:{named[get['port']]}{get['path']}", timeout=5) as resp:
                 assert resp.status == 200, probe
+        liveness = [sys.executable if c == "python3" else c for c in container["livenessProbe"]["exec"]["command"]]
+        assert subprocess.run(liveness, timeout=10).returncode == 0
+        admin = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(admin, timeout=5)
 
         def scrape() -> list[tuple[str, dict[str, str], float]]:
             with urllib.request.urlopen(f"http://127.0.0.1:{named['metrics']}/metrics", timeout=5) as resp:
@@ -549,6 +556,15 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
         for thread in threads:
             thread.join()
         after = scrape()
+        # a dead python stub: /v2/health/live stays 200, the liveness exec probe fails
+        from serving.supervisor import stub_processes
+
+        stubs = stub_processes(server.process.pid)
+        stubs[sorted(n for n in stubs if n.startswith("tokenizer"))[0]].kill()
+        time.sleep(1.0)
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live", timeout=5) as resp:
+            assert resp.status == 200
+        assert subprocess.run(liveness, timeout=10, capture_output=True).returncode == 1
         t_stop = time.perf_counter()
     stop_s = time.perf_counter() - t_stop
     assert len(latencies) == len(threads) == 16
