@@ -244,7 +244,7 @@ class Supervisor:
     def _canary(self, server: LocalTritonServer) -> str | None:
         body = json.dumps(http_infer_body([self.config.canary_text])).encode()
         req = urllib.request.Request(f"http://{server.http_url}{infer_path(self.config.canary_model)}", data=body,
-                                     headers={"Content-Type": "application/json", **server.admin_headers()})
+                                     headers={"Content-Type": "application/json"})  # inference: open
         hard, soft = None, None
         try:
             with urllib.request.urlopen(req, timeout=self.config.canary_timeout_s) as resp:

@@ -362,11 +362,11 @@ def server(repository):
         yield srv
 
 
-def _post(url: str, data: bytes, timeout: float = 60) -> tuple[int, str, float]:
+def _post(url: str, data: bytes, timeout: float = 60, headers: dict | None = None) -> tuple[int, str, float]:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -388,7 +388,10 @@ def test_listens_on_loopback_only_and_refuses_model_control(server):
     assert {port for _, port in listening} >= {server.http_port, server.grpc_port, server.metrics_port}
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
     for action in ("unload", "load"):
-        status, text, _ = _post(f"http://{server.http_url}/v2/repository/models/classifier/{action}", b"{}")
+        url = f"http://{server.http_url}/v2/repository/models/classifier/{action}"
+        status, text, _ = _post(url, b"{}")  # anonymous: the model-repository API is restricted
+        assert status == 403 and "restricted" in text
+        status, text, _ = _post(url, b"{}", headers=server.admin_headers())  # the key: model control is off
         assert status >= 400 and "not allowed" in text
     server.check()
 
