@@ -21,7 +21,8 @@ def _selectors(config: ManifestConfig) -> tuple[dict[str, str], dict[str, str]]:
 def _container(config: ManifestConfig, args: list[str], ports: list[dict]) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": "locust", "image": config.locust_image, "imagePullPolicy": "IfNotPresent", "args": args,
-        "env": [{"name": "LOCUST_LOCUSTFILE", "value": "/app/loadtest/locustfile.py"}, {"name": "HOME", "value": "/tmp"}],
+        "env": [{"name": "LOCUST_LOCUSTFILE", "value": "/app/loadtest/locustfile.py"},
+                {"name": "HOME", "value": "/tmp"}],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "runAsUser": 1000, "capabilities": {"drop": ["ALL"]}},
