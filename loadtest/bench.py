@@ -46,26 +46,33 @@ class Bf16Mode(str, enum.Enum):
 
 @dataclass
 class BenchConfig:
-    checkpoint: Path = Path("finetuned_model")
-    build: Path | None = Path("build")
-    repository: Path | None = Path("model_repository")
-    texts: Path | None = None
-    n_texts: int = 512
-    threads: int = 2
-    batch_size: int = 32
-    max_length: int = 128
-    concurrency: tuple[int, ...] = (1, 4, 16, 32)
-    texts_per_request: int = 8
-    single_text_concurrency: int = 16
-    served_seconds: float = 10.0
-    open_loop_seconds: float = 15.0
-    warmup_seconds: float = 2.0
-    protocols: tuple[str, ...] = ("http", "grpc")
-    bf16: Bf16Mode = Bf16Mode.AUTO
-    pipeline_batch1: bool = True
-    served: bool = True
-    out: Path | None = None
-    seed: int = 0
+    checkpoint: Path = field(default=Path("finetuned_model"),
+                             metadata={"help": "fine-tuned checkpoint (the PyTorch pipeline)"})
+    build: Path | None = field(default=Path("build"),
+                               metadata={"help": "exporter build directory (the in-process ONNX Runtime variants)"})
+    repository: Path | None = field(default=Path("model_repository"),
+                                    metadata={"help": "repository of the served deployment"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    n_texts: int = field(default=512, metadata={"help": "texts measured"})
+    threads: int = field(default=2, metadata={"help": "thread budget of every in-process backend"})
+    batch_size: int = field(default=32, metadata={"help": "in-process batch size"})
+    max_length: int = field(default=128, metadata={"help": "token truncation of the in-process backends"})
+    concurrency: tuple[int, ...] = field(default=(1, 4, 16, 32),
+                                         metadata={"help": "comma list of served concurrency levels"})
+    texts_per_request: int = field(default=8, metadata={"help": "texts per served request"})
+    single_text_concurrency: int = field(default=16,
+                                         metadata={"help": "concurrency of the 1-text-per-request served point"})
+    served_seconds: float = field(default=10.0, metadata={"help": "measured seconds per served point"})
+    open_loop_seconds: float = field(default=15.0,
+                                     metadata={"help": "seconds of the open-loop (fixed arrival rate) point"})
+    warmup_seconds: float = field(default=2.0, metadata={"help": "unmeasured seconds before each served point"})
+    protocols: tuple[str, ...] = field(default=("http", "grpc"), metadata={"help": "comma list of http, grpc"})
+    bf16: Bf16Mode = field(default=Bf16Mode.AUTO, metadata={"help": "PyTorch bf16 autocast: auto = only with AMX"})
+    pipeline_batch1: bool = field(default=True, metadata={"help": "measure the batch-1 PyTorch pipeline"})
+    served: bool = field(default=True, metadata={"help": "measure the served deployment"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/bench-<time>/)"})
+    seed: int = field(default=0, metadata={"help": "random seed of the text sample"})
     notes: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:

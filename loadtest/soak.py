@@ -36,21 +36,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SoakConfig:
-    repository: Path = Path("model_repository")
-    duration: str = "600s"
-    saturation_duration: str = "30s"
-    saturation_users: int = 16
-    users: int = 16
-    load_fraction: float = 0.7
-    protocol: Protocol = Protocol.HTTP
-    texts_per_request: int = 1
-    texts: Path | None = None
-    warmup: str = "60s"
-    window: str = "60s"
-    max_p99_drift: float = 0.10
-    max_rss_growth: float = 0.10
-    sample_interval_s: float = 2.0
-    out: Path | None = None
+    repository: Path = field(default=Path("model_repository"), metadata={"help": "repository served during the soak"})
+    duration: str = field(default="600s", metadata={"help": "soak length, e.g. 600, 10m"})
+    saturation_duration: str = field(default="30s", metadata={"help": "closed-loop run that measures saturation"})
+    saturation_users: int = field(default=16, metadata={"help": "users of the saturation run"})
+    users: int = field(default=16, metadata={"help": "constant-throughput users of the soak"})
+    load_fraction: float = field(default=0.7, metadata={"help": "share of saturation to hold"})
+    protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
+    texts_per_request: int = field(default=1, metadata={"help": "texts per request"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    warmup: str = field(default="60s", metadata={"help": "ignored at the start before the first window"})
+    window: str = field(default="60s", metadata={"help": "length of the first and last windows compared"})
+    max_p99_drift: float = field(default=0.10,
+                                 metadata={"help": "largest allowed p99 growth, last vs first window (fraction)"})
+    max_rss_growth: float = field(default=0.10,
+                                  metadata={"help": "largest allowed server memory growth, last vs first window "
+                                                    "(fraction)"})
+    sample_interval_s: float = field(default=2.0, metadata={"help": "seconds between memory samples"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/soak-<time>/)"})
     duration_s: float = field(init=False, default=0.0)
     warmup_s: float = field(init=False, default=0.0)
     window_s: float = field(init=False, default=0.0)

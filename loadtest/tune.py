@@ -58,19 +58,24 @@ def parse_ints(text: str, what: str, minimum: int = 0) -> tuple[int, ...]:
 
 @dataclass
 class TuneConfig:
-    repository: Path = Path("model_repository")
-    texts: Path | None = None
-    duration_per_trial: str = "10s"
-    warmup: str = "2s"
-    concurrency: int = 16
-    texts_per_request: int = 8
-    protocol: Protocol = Protocol.GRPC
-    layouts: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (1, 1))
-    queue_delays_us: tuple[int, ...] = (500, 8000)
-    max_batch_sizes: tuple[int, ...] = (32, 128)
-    n_texts: int = 512
-    apply: bool = True
-    out: Path | None = None
+    repository: Path = field(default=Path("model_repository"),
+                             metadata={"help": "repository to tune (written by python -m exporter build)"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    duration_per_trial: str = field(default="10s", metadata={"help": "measured length of each trial, e.g. 10s"})
+    warmup: str = field(default="2s", metadata={"help": "unmeasured warm-up of each trial"})
+    concurrency: int = field(default=16, metadata={"help": "concurrent clients"})
+    texts_per_request: int = field(default=8, metadata={"help": "texts per request"})
+    protocol: Protocol = field(default=Protocol.GRPC, metadata={"help": "wire protocol"})
+    layouts: tuple[tuple[int, int], ...] = field(default=((1, 2), (2, 1), (1, 1)),
+                                                 metadata={"help": "encoder INSTANCESxTHREADS list (stage 1)"})
+    queue_delays_us: tuple[int, ...] = field(default=(500, 8000),
+                                             metadata={"help": "max_queue_delay values to try (stage 2)"})
+    max_batch_sizes: tuple[int, ...] = field(default=(32, 128),
+                                             metadata={"help": "max_batch_size values to try (stage 2)"})
+    n_texts: int = field(default=512, metadata={"help": "texts sent round-robin"})
+    apply: bool = field(default=True, metadata={"help": "write the best configuration into the repository"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/tune-<time>/)"})
     duration_s: float = field(init=False, default=0.0)
     warmup_s: float = field(init=False, default=0.0)
 

@@ -63,21 +63,33 @@ class RepositoryConfig:
     text; with ``max_batch_size`` it bounds a request's size and the tokenizer's work).
     """
 
-    target: Target = Target.CPU
-    max_batch_size: int = 64
-    max_length: int = 128
-    encoder_instances: int = 1
-    tokenizer_instances: int = 1
-    intra_op_threads: int = 0  # 0: onnxruntime's default
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 2000
-    max_queue_size: int = 256
-    default_queue_timeout_us: int = 30_000_000
-    tensorrt: bool = False  # gpu target: TensorRT execution accelerator on the onnxruntime backend
-    aux_queue_delay_us: int = 500  # tokenizer and postprocess
-    max_text_chars: int = 100_000
-    trim_batch: bool = True  # cpu target: cut each batch to its longest real sequence (exact for BERT)
-    extra: dict[str, Any] = field(default_factory=dict)
+    target: Target = field(default=Target.CPU,
+                           metadata={"help": "cpu: one python-backend classifier; gpu: ensemble on the onnxruntime "
+                                             "backend"})
+    max_batch_size: int = field(default=64, metadata={"help": "largest batch Triton forms"})
+    max_length: int = field(default=128, metadata={"help": "tokenizer truncation in tokens"})
+    encoder_instances: int = field(default=1, metadata={"help": "encoder model instances"})
+    tokenizer_instances: int = field(default=1, metadata={"help": "tokenizer model instances"})
+    intra_op_threads: int = field(default=0,
+                                  metadata={"help": "onnxruntime intra-op threads per instance (0: its default)"})
+    preferred_batch_sizes: tuple[int, ...] = field(default=(),
+                                                   metadata={"help": "dynamic batcher preferred sizes (empty: the "
+                                                                     "largest the delay allows)"})
+    max_queue_delay_us: int = field(default=2000, metadata={"help": "encoder dynamic batcher delay in microseconds"})
+    max_queue_size: int = field(default=256,
+                                metadata={"help": "requests queued before the server answers unavailable"})
+    default_queue_timeout_us: int = field(default=30_000_000,
+                                          metadata={"help": "microseconds a request may wait in the queue"})
+    tensorrt: bool = field(default=False,
+                           metadata={"help": "gpu target: TensorRT execution accelerator on the onnxruntime backend"})
+    aux_queue_delay_us: int = field(default=500,
+                                    metadata={"help": "batcher delay of the tokenizer and postprocess models in "
+                                                      "microseconds"})
+    max_text_chars: int = field(default=100_000, metadata={"help": "longer texts are refused with 400"})
+    trim_batch: bool = field(default=True,
+                             metadata={"help": "cpu target: cut each batch to its longest real sequence (exact for "
+                                               "BERT)"})
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "more model-config parameters"})
 
     def __post_init__(self) -> None:
         try:

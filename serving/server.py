@@ -46,17 +46,20 @@ _INDEX_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*(UNAVAILABLE: .*?)\s*\|\
 class ServerConfig:
     """How to run the local server. A port of 0 means: pick a free one."""
 
-    repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 0
-    grpc_port: int = 0
-    metrics_port: int = 0
-    log_file: Path | None = None
-    startup_timeout_s: float = 120.0
-    exit_timeout_s: int = 10
-    log_verbose: int = 0
-    validate: bool = True  # check the repository offline (serving.repository layout) before starting
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    repository: Path = field(metadata={"help": "model repository to serve"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback only by default)"})
+    http_port: int = field(default=0, metadata={"help": "HTTP port; 0 picks a free port"})
+    grpc_port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free port"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 picks a free port"})
+    log_file: Path | None = field(default=None, metadata={"help": "server log (default: a temporary file)"})
+    startup_timeout_s: float = field(default=120.0,
+                                     metadata={"help": "seconds to wait for the server and every model"})
+    exit_timeout_s: int = field(default=10, metadata={"help": "seconds tritonserver may take to stop"})
+    log_verbose: int = field(default=0, metadata={"help": "tritonserver --log-verbose level"})
+    validate: bool = field(default=True,
+                           metadata={"help": "check the repository offline (serving.repository layout) before "
+                                             "starting"})
+    extra_args: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more tritonserver arguments"})
     admin_key: str | None = field(default=None, repr=False, metadata={
         "help": "key of the restricted admin APIs, sent as header 'triton-admin-key' (default: $TRITON_ADMIN_KEY, "
                 "else a random key per start); see docs/SECURITY.md"})

@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,15 +48,19 @@ UNHEALTHY_STUB = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is 
 class SupervisorConfig:
     """How often to check, what counts as broken, and how hard to try to recover."""
 
-    check_interval_s: float = 2.0
-    canary: bool = True
-    canary_model: str = DEFAULT_CLASSIFIER
-    canary_text: str = "supervisor canary"
-    canary_timeout_s: float = 10.0
-    canary_failures: int = 3  # slow / 503 canaries in a row before a restart (a stub error: at once)
-    broken_exit_timeout_s: float = 2.0
-    max_restarts: int = 5
-    restart_window_s: float = 600.0
+    check_interval_s: float = field(default=2.0, metadata={"help": "seconds between supervisor checks"})
+    canary: bool = field(default=True,
+                         metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
+    canary_model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "model the canary request goes to"})
+    canary_text: str = field(default="supervisor canary", metadata={"help": "text of the canary request"})
+    canary_timeout_s: float = field(default=10.0, metadata={"help": "seconds a canary may take"})
+    canary_failures: int = field(default=3,
+                                 metadata={"help": "slow / 503 canaries in a row before a restart (a stub error "
+                                                   "restarts at once)"})
+    broken_exit_timeout_s: float = field(default=2.0, metadata={"help": "seconds a broken server may take to stop"})
+    max_restarts: int = field(default=5,
+                              metadata={"help": "restarts allowed within --restart-window before giving up"})
+    restart_window_s: float = field(default=600.0, metadata={"help": "seconds over which restarts are counted"})
 
     def __post_init__(self) -> None:
         if self.check_interval_s <= 0 or self.canary_timeout_s <= 0 or self.broken_exit_timeout_s < 0:
