@@ -91,6 +91,8 @@ def _run_up(args) -> int:
         print(f"  metrics  {server.metrics_url}", flush=True)
         print(f"  log      {server.log_path}", flush=True)
         print(f"  pid      {server.process.pid}", flush=True)
+        print(f"  admin    restricted (header {server.admin_header}; key from --admin-key/$TRITON_ADMIN_KEY, "
+              "else random)", flush=True)
         if supervisor is not None:
             print(f"  supervisor  on (checks every {supervisor.check_interval_s:g} s; --no-supervise to opt out)",
                   flush=True)

@@ -30,14 +30,16 @@ TEXT, LABEL, PROBABILITIES, LOGITS = "TEXT", "LABEL", "PROBABILITIES", "LOGITS"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ENCODER_OUTPUTS = ("logits", "probabilities")
 
-# The GPU target runs in this NGC image. Triton 24.10 (= Triton 2.51.0, the version pytriton bundles here)
-# ships ONNX Runtime 1.19.2: source: triton-inference-server/server docs/introduction/compatibility.md,
-# table "ONNX Runtime Versions" (row "24.10 | 1.19.2"). ONNX Runtime 1.19 supports ONNX 1.16, i.e.
-# IR version <= 10 and ai.onnx opset <= 21 (onnxruntime docs/compatibility: "ONNX opset support").
-NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-NGC_ORT_VERSION = "1.19.2"
-NGC_MAX_IR_VERSION = 10
-NGC_MAX_OPSET = 21
+# The GPU target runs in this NGC image: 26.08, the newest release in Triton's compatibility matrix and past
+# 25.07, which fixed the python-backend RCE chain (CVE-2025-23319/23320/23334) and the HTTP chunked-encoding
+# overflow (CVE-2025-23310/23311) of 2.51 (docs/SECURITY.md). It ships ONNX Runtime 1.28.0: source:
+# triton-inference-server/server docs/introduction/compatibility.md, table "ONNX Runtime Versions" (row
+# "26.08 | 1.28.0"). The limits were measured on the onnxruntime 1.28.0 wheel (an Identity model per IR
+# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27.
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.08-py3"
+NGC_ORT_VERSION = "1.28.0"
+NGC_MAX_IR_VERSION = 13
+NGC_MAX_OPSET = 26
 
 MODELS_SRC = Path(__file__).parent / "models"
 

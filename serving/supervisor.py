@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
 from serving.errors import ServerError
 from serving.server import LocalTritonServer, ServerConfig, stop_signals
 
@@ -50,7 +51,7 @@ class SupervisorConfig:
     check_interval_s: float = field(default=2.0, metadata={"help": "seconds between supervisor checks"})
     canary: bool = field(default=True,
                          metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
-    canary_model: str = field(default="classifier", metadata={"help": "model the canary request goes to"})
+    canary_model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "model the canary request goes to"})
     canary_text: str = field(default="supervisor canary", metadata={"help": "text of the canary request"})
     canary_timeout_s: float = field(default=10.0, metadata={"help": "seconds a canary may take"})
     canary_failures: int = field(default=3,
@@ -160,6 +161,11 @@ class Supervisor:
             }
 
     @property
+    def admin_key(self) -> str | None:
+        """The key of the restricted admin APIs (the same across restarts); None before start."""
+        return self.server_config.admin_key if self.server is not None else None
+
+    @property
     def http_url(self) -> str:
         return self._urls[0]
 
@@ -176,9 +182,9 @@ class Supervisor:
         """Start tritonserver (ServerError if it cannot), pin its ports for restarts, start watching."""
         server = LocalTritonServer(self.server_config)
         server.start()
-        # restarts reuse the ports the first start picked
+        # restarts reuse the ports and the admin key the first start picked (tools keep working)
         self.server_config = replace(self.server_config, http_port=server.http_port, grpc_port=server.grpc_port,
-                                     metrics_port=server.metrics_port)
+                                     metrics_port=server.metrics_port, admin_key=server.admin_key)
         self._urls = (server.http_url, server.grpc_url, server.metrics_url)  # the same after a restart
         with self._lock:
             self.server = server
@@ -240,10 +246,9 @@ class Supervisor:
         return None
 
     def _canary(self, server: LocalTritonServer) -> str | None:
-        body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
-                                       "data": [self.config.canary_text]}]}).encode()
-        req = urllib.request.Request(f"http://{server.http_url}/v2/models/{self.config.canary_model}/infer",
-                                     data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(http_infer_body([self.config.canary_text])).encode()
+        req = urllib.request.Request(f"http://{server.http_url}{infer_path(self.config.canary_model)}", data=body,
+                                     headers={"Content-Type": "application/json"})  # inference: open
         hard, soft = None, None
         try:
             with urllib.request.urlopen(req, timeout=self.config.canary_timeout_s) as resp:
