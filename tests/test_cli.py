@@ -156,9 +156,12 @@ def test_every_config_dataclass_has_a_command_line_form():
         parser = argparse.ArgumentParser()
         add_config_arguments(parser, cls, flags=flags, exclude=exclude)
         assert [a.dest for a in parser._actions[1:] if not a.help] == [], cls.__name__
-    manifest_config = getattr(importlib.import_module("serving.manifests"), "ManifestConfig", None)
-    if manifest_config is not None:
-        add_config_arguments(argparse.ArgumentParser(), manifest_config, exclude={"repository"})
+    from serving.manifests import ManifestConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ManifestConfig, exclude={"repository"})
+    assert [a.dest for a in parser._actions[1:] if not a.help] == []
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ManifestConfig))
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
@@ -178,17 +181,11 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
     return {}
 
 
-# serving/manifests.py is being split into a package; its add_arguments moves to the generator afterwards.
-NOT_YET_GENERATED = {"manifests"}
-
-
 @pytest.mark.parametrize("name", ["finetune", "exporter", "serving", "loadtest"])
 def test_every_flag_has_help_and_every_command_prints_help(name, capsys):
     parser = parsers()[name]
     missing = []
     for command, sub in {"": parser, **subparsers(parser)}.items():
-        if command in NOT_YET_GENERATED:
-            continue
         for action in sub._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
@@ -262,6 +259,40 @@ def test_existing_spellings_keep_working():
     assert (up.startup_timeout_s, up.exit_timeout_s, up.no_supervise) == (9.0, 3, True)
 
 
+def test_manifests_spellings_and_defaults():
+    """`serving manifests`: the hand-written flags' spellings, generated; its defaults are ManifestConfig's."""
+    from serving.manifests import ManifestConfig, config_from_args as manifest_config
+    from serving.manifests.values import KServeMode, ServiceType
+    from serving.repository import Target
+
+    required = ["manifests", "--image", "reg/img:1", "--repository-uri", "s3://bucket/repo"]
+    parser = parsers()["serving"]
+    default = manifest_config(parser.parse_args(required))
+    assert default == ManifestConfig("reg/img:1", "s3://bucket/repo")
+    assert default.repository.target is Target.GPU
+    args = parser.parse_args([
+        *required, "--no-namespace-object", "--no-autoscale", "--exit-timeout-secs", "7", "--startup-timeout", "60",
+        "--service-type", "NodePort", "--credentials-secret", "", "--service-account-annotation", "a/b=c=d",
+        "--service-account-annotation", "e=f", "--node-selector", "pool=gpu", "--writable-root-fs",
+        "--no-service-monitor", "--service-monitor-label", "release=kps", "--no-kserve", "--kserve-mode",
+        "Serverless", "--locust-workers", "3", "--no-network-policy", "--target", "cpu",
+        "--gpus-per-pod", "0", "--max-batch-size", "8", "--tokenizer-instances", "2", "--validate", "--out", "k"])
+    config = manifest_config(args)
+    assert (config.create_namespace, config.autoscale, config.exit_timeout_s, config.startup_timeout_s) == (
+        False, False, 7, 60)
+    assert (config.service_type, config.kserve_mode, config.credentials_secret) == (
+        ServiceType.NODE_PORT, KServeMode.SERVERLESS, None)
+    assert config.service_account_annotations == {"a/b": "c=d", "e": "f"}
+    assert (config.node_selector, config.service_monitor_labels) == ({"pool": "gpu"}, {"release": "kps"})
+    assert not (config.read_only_root_fs or config.service_monitor or config.kserve or config.network_policy)
+    assert parser.parse_args([*required, "--require-digest"]).require_digest and not default.require_digest
+    assert config.locust_workers == 3 and (args.validate, args.out) == (True, Path("k"))
+    assert (config.repository.target, config.repository.max_batch_size, config.repository.tokenizer_instances) == (
+        Target.CPU, 8, 2)
+    text = " ".join(subparsers(parser)["manifests"].format_help().split())
+    assert "(default: 20000)" in text and "(default: gpu)" in text and "(repeatable)" in text
+
+
 def test_target_has_choices(capsys):
     for name, argv in (("exporter", ["build", "ckpt"]), ("serving", ["validate", "repo"])):
         with pytest.raises(SystemExit) as exc:
@@ -310,7 +341,7 @@ def test_console_script_name_is_the_prog(monkeypatch, capsys):
 
 
 CLI_MODULES = ("common/cli.py", "common/dataclass_cli.py", "finetune/cli.py", "exporter/cli.py", "serving/cli.py",
-               "loadtest/cli.py")
+               "serving/manifests/cli.py", "loadtest/cli.py")
 
 
 def test_cli_functions_are_under_60_lines():

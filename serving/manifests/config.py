@@ -19,49 +19,70 @@ from serving.repository import RepositoryConfig, Target
 class ManifestConfig:
     """Every value the rendered manifests depend on. Validated in ``__post_init__``."""
 
-    image: str
-    repository_uri: str
-    replicas: int = 1
-    name: str = "triton"
-    namespace: str = "triton"
-    create_namespace: bool = True
-    gpus_per_pod: int = 1
-    shm_size: str = "1Gi"
-    tmp_size: str = "8Gi"  # emptyDir for /tmp: Triton copies s3/gs repositories here
-    cpu: str = "4"
-    memory: str = "16Gi"
+    image: str = field(metadata={
+        "help": "image built from serving/docker/Dockerfile, REGISTRY/NAME:TAG or @sha256 digest"})
+    repository_uri: str = field(metadata={
+        "help": "s3://BUCKET/PATH (or s3://[https://]HOST:PORT/BUCKET/PATH), gs://BUCKET/PATH, or pvc://CLAIM/PATH "
+                "(mounted read-only)"})
+    replicas: int = field(default=1, metadata={"help": "pods (with autoscaling: the default --min-replicas)"})
+    name: str = field(default="triton", metadata={"help": "name of the Deployment, Service, HPA..."})
+    namespace: str = field(default="triton", metadata={"help": "namespace"})
+    create_namespace: bool = field(default=True, metadata={
+        "help": "render a Namespace object (--no-namespace-object: the namespace exists already)"})
+    gpus_per_pod: int = field(default=1, metadata={"help": "nvidia.com/gpu limit per pod"})
+    shm_size: str = field(default="1Gi", metadata={"help": "sizeLimit of the in-memory /dev/shm"})
+    tmp_size: str = field(default="8Gi", metadata={
+        "help": "sizeLimit of /tmp, where Triton copies an s3/gs repository"})
+    cpu: str = field(default="4", metadata={"help": "CPU request = limit per pod"})
+    memory: str = field(default="16Gi", metadata={"help": "memory request = limit per pod, /dev/shm included"})
     # autoscaling (autoscaling/v2 HPA on the prometheus-adapter metric HPA_METRIC)
-    autoscale: bool = True
-    min_replicas: int | None = None  # default: replicas
-    max_replicas: int | None = None  # default: 2 x min_replicas
-    target_queue_us: int = 20_000
+    autoscale: bool = field(default=True, metadata={
+        "help": "a HorizontalPodAutoscaler (--no-autoscale: fixed --replicas)"})
+    min_replicas: int | None = field(default=None, metadata={"help": "HPA minimum (default: --replicas)"})
+    max_replicas: int | None = field(default=None, metadata={"help": "HPA maximum (default: 2 x minimum)"})
+    target_queue_us: int = field(default=20_000, metadata={
+        "help": "HPA target: mean Triton queue time per request in us, per pod"})
     # Triton and the pod lifecycle
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    exit_timeout_s: int = 30
-    pre_stop_sleep_s: int = 5
-    grace_period_s: int | None = None  # default: pre_stop_sleep_s + exit_timeout_s + 15
-    startup_timeout_s: int = 900
-    log_verbose: int = 0
+    http_port: int = field(default=8000, metadata={"help": "Triton's HTTP port in the pod and the Service"})
+    grpc_port: int = field(default=8001, metadata={"help": "Triton's gRPC port in the pod and the Service"})
+    metrics_port: int = field(default=8002, metadata={"help": "Triton's metrics port in the pod and the Service"})
+    exit_timeout_s: int = field(default=30, metadata={
+        "help": "Triton's --exit-timeout-secs; the grace period is longer"})
+    pre_stop_sleep_s: int = field(default=5, metadata={
+        "help": "seconds the preStop hook sleeps so endpoints drop the pod before Triton stops"})
+    grace_period_s: int | None = field(default=None, metadata={
+        "help": "terminationGracePeriodSeconds (default: pre-stop sleep + exit timeout + 15)"})
+    startup_timeout_s: int = field(default=900, metadata={
+        "help": "seconds the startup probe allows for downloading and loading models"})
+    log_verbose: int = field(default=0, metadata={"help": "Triton's --log-verbose level"})
     # exposure, identity, scheduling
-    service_type: ServiceType = ServiceType.CLUSTER_IP
-    credentials_secret: str | None = "triton-repository-credentials"
-    service_account_annotations: dict[str, str] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    read_only_root_fs: bool = True
+    service_type: ServiceType = field(default=ServiceType.CLUSTER_IP, metadata={"help": "type of the Service"})
+    credentials_secret: str | None = field(default="triton-repository-credentials", metadata={
+        "help": "Secret with the object-store credentials ('' for none: workload identity/IRSA)"})
+    service_account_annotations: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "annotation on the ServiceAccount, e.g. eks.amazonaws.com/role-arn=arn:..."})
+    node_selector: dict[str, str] = field(default_factory=dict, metadata={"help": "node selector for the pods"})
+    read_only_root_fs: bool = field(default=True, metadata={
+        "help": "make the container's root filesystem read-only (--writable-root-fs: do not)"})
     # monitoring
-    service_monitor: bool = True
-    service_monitor_labels: dict[str, str] = field(default_factory=dict)
-    prometheus_url: str = "http://prometheus-operated.monitoring.svc"
-    prometheus_port: int = 9090
+    service_monitor: bool = field(default=True, metadata={
+        "help": "a ServiceMonitor (--no-service-monitor: no prometheus-operator in the cluster; pods keep scrape "
+                "annotations)"})
+    service_monitor_labels: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "label the Prometheus' serviceMonitorSelector wants, e.g. release=kube-prometheus-stack"})
+    prometheus_url: str = field(default="http://prometheus-operated.monitoring.svc", metadata={
+        "help": "Prometheus for prometheus-adapter (http(s)://HOST, no path)"})
+    prometheus_port: int = field(default=9090, metadata={"help": "port of that Prometheus"})
     # alternatives and extras
-    kserve: bool = True
-    kserve_mode: KServeMode = KServeMode.RAW
-    locust_image: str | None = None
-    locust_workers: int = 2
-    locust_user_class: str = "TritonHttpUser"
-    repository: RepositoryConfig = field(default_factory=lambda: RepositoryConfig(target=Target.GPU))
+    kserve: bool = field(default=True, metadata={"help": "also render the KServe InferenceService alternative"})
+    kserve_mode: KServeMode = field(default=KServeMode.RAW, metadata={"help": "KServe deployment mode"})
+    locust_image: str | None = field(default=None, metadata={
+        "help": "image from serving/deploy/k8s/locust.Dockerfile: renders distributed Locust in locust/"})
+    locust_workers: int = field(default=2, metadata={"help": "Locust worker pods"})
+    locust_user_class: str = field(default="TritonHttpUser", metadata={"help": "TritonHttpUser or TritonGrpcUser"})
+    repository: RepositoryConfig = field(default_factory=lambda: RepositoryConfig(target=Target.GPU), metadata={
+        "help": "the repository the image serves (on the command line: --target, --max-batch-size, --max-length, "
+                "--tokenizer-instances)"})
     # security (docs/SECURITY.md)
     admin_secret: str = field(default="triton-admin", metadata={
         "help": "Secret whose key 'admin-key' holds the key of Triton's restricted admin APIs"})
