@@ -7,6 +7,7 @@ from typing import Any
 from serving.manifests.config import ManifestConfig
 from serving.manifests.objects import (
     _meta, _pod_security_context, _probe, _resources, _security_context, admin_key_env, ingress_rules, liveness_probe,
+    scheduling,
 )
 from serving.manifests.values import (
     ADMIN_KEY_ENV, KSERVE_GRPC_PORT, KSERVE_HTTP_PORT, KSERVE_ISVC_LABEL, KSERVE_RUNTIME, NGC_ENTRYPOINT, KServeMode,
@@ -52,10 +53,7 @@ def inference_service(config: ManifestConfig) -> dict[str, Any]:
     }
     if config.repo_uri.scheme is not RepositoryScheme.PVC and config.credentials_secret:
         predictor["serviceAccountName"] = f"{config.name}-kserve"
-    if config.gpus_per_pod:
-        predictor["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    if config.node_selector:
-        predictor["nodeSelector"] = dict(config.node_selector)
+    predictor.update(scheduling(config))
     meta = _meta(config, config.name, annotations={
         "serving.kserve.io/deploymentMode": config.kserve_mode.value,
         "prometheus.io/scrape": "true", "prometheus.io/port": str(config.metrics_port),

@@ -163,6 +163,16 @@ def _triton_container(config: ManifestConfig) -> tuple[dict[str, Any], list[dict
     return {k: v for k, v in container.items() if v is not None}, cred_volumes
 
 
+def scheduling(config: ManifestConfig) -> dict[str, Any]:
+    """A pod spec's GPU toleration and node selector (the Deployment's and KServe's predictor's)."""
+    spec: dict[str, Any] = {}
+    if config.gpus_per_pod:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if config.node_selector:
+        spec["nodeSelector"] = dict(config.node_selector)
+    return spec
+
+
 def _pod_spec(config: ManifestConfig) -> dict[str, Any]:
     container, cred_volumes = _triton_container(config)
     pod_spec: dict[str, Any] = {
@@ -182,10 +192,7 @@ def _pod_spec(config: ManifestConfig) -> dict[str, Any]:
             "labelSelector": {"matchLabels": _selector(config)},
         }],
     }
-    if config.gpus_per_pod:
-        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    if config.node_selector:
-        pod_spec["nodeSelector"] = dict(config.node_selector)
+    pod_spec.update(scheduling(config))
     return pod_spec
 
 
