@@ -294,7 +294,7 @@ def _normalize_nodes():
 # ---------------------------------------------------------------------------------------- variants
 
 
-def _finish(body_variant: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
+def append_head_to_file(body_variant: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
     """Append the head to ``body_variant``, check the graph and write ``dst`` atomically."""
     import onnx
 
@@ -315,7 +315,7 @@ def _finish(body_variant: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
 
 def fp32_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
     """The fused fp32 body with the pooling head."""
-    return _finish(body, pipeline, dst)
+    return append_head_to_file(body, pipeline, dst)
 
 
 def fp16_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
@@ -325,7 +325,7 @@ def fp16_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
         converted = Path(tmp) / "body.onnx"
         convert_fp16(body, converted)
-        return _finish(converted, pipeline, dst)
+        return append_head_to_file(converted, pipeline, dst)
 
 
 def int8_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path, *, per_channel: bool = True) -> Path:
@@ -336,7 +336,7 @@ def int8_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path, *, per_chan
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
         quantized = Path(tmp) / "body.onnx"
         quantize(DYNAMIC, body, quantized, settings, exclude=[])
-        return _finish(quantized, pipeline, dst)
+        return append_head_to_file(quantized, pipeline, dst)
 
 
 def copy_tokenizer(pipeline: EmbeddingPipeline, out_dir: Path) -> Path:

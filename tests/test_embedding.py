@@ -206,3 +206,24 @@ def test_selection_and_held_out_texts():
         held_out_texts(["a", "b", "a", "", "c"], top_k=5)
     assert held_out_texts(["a", "b", "a", "c"], top_k=2) == ["a", "b", "c"]
     assert select([]) is None
+
+
+TUNING = [
+    "the bus was late again this morning", "robots will drive us all to work one day", "I prefer trains anyway",
+    "who is liable when a driverless car crashes?", "electric cars are quiet", "parking is the real problem",
+    "my neighbour bought a self-driving car", "lidar sensors are getting cheaper",
+]
+
+
+def test_int8_exclusion_search_is_judged_by_the_embedding_gate(st_mean, tmp_path):
+    """A budget round 0 cannot meet makes the search exclude nodes; the kept file carries the final gate."""
+    budgets = EmbeddingBudgets(int8_min_cosine=0.9999999, int8_min_topk_overlap=1.0)
+    build = build_embedding_variants(st_mean, TEXTS, tmp_path / "out", precisions=["int8"], budgets=budgets,
+                                     tuning_texts=TUNING + TEXTS[:2], max_exclusion_rounds=2)
+    (v,) = build.variants
+    assert build.n_tuning_texts == len(TUNING)  # texts of the gate are never tuning texts
+    assert v.error is None and len(v.search) >= 2 and v.excluded_nodes
+    assert [a["round"] for a in v.search] == list(range(len(v.search)))
+    assert v.path == tmp_path / "out" / "int8.onnx" and v.gate.n_texts == len(TEXTS)
+    assert v.passed == (v.gate.min_cosine >= 0.9999999 and v.gate.topk_overlap == 1.0)
+    assert build.selected == ("int8" if v.passed else None)
