@@ -170,7 +170,7 @@ def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant)
     def tune(body_q: Path) -> dict:
         path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
         gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
-                                ctx.budgets, ctx.tokenizer)
+                                ctx.budgets, ctx.tokenizer, label=" (tuning texts)")
         return as_dict(gate)
 
     def final(body_q: Path) -> dict:

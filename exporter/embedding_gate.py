@@ -205,11 +205,12 @@ def judge(precision: Precision, reference: np.ndarray, got: np.ndarray, budgets:
 
 
 def check_variant(path: Path, precision: Precision, pipeline: EmbeddingPipeline, texts: Sequence[str],
-                  reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None) -> tuple[EmbeddingGate, EmbeddingSpeed]:
+                  reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None, *,
+                  label: str = "") -> tuple[EmbeddingGate, EmbeddingSpeed]:
     """Run ``path`` row by row on ``texts`` and judge it against ``reference``; also its throughput."""
     got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
     gate = judge(Precision(precision), reference, got, budgets)
-    log.info("embedding %s: %s (%s); %.1f rows/s per thread", Precision(precision).value,
+    log.info("embedding %s%s: %s (%s); %.1f rows/s per thread", Precision(precision).value, label,
              "pass" if gate.passed else "FAIL", gate.reason, speed.rows_per_s)
     return gate, speed
 

