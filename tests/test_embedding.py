@@ -11,8 +11,8 @@ import pytest
 from embedding_helpers import build_tiny_sentence_transformer
 from exporter.config import Precision
 from exporter.embedding import Pooling, Source, export_body, fp32_variant, read_pipeline
-from exporter.embedding_build import build_embedding_variants, held_out_texts, select
-from exporter.embedding_gate import (EmbeddingBudgets, RowEncoder, check_variant, judge, reference_embeddings,
+from exporter.embedding_build import EmbeddingVariant, build_embedding_variants, held_out_texts, select
+from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingSpeed, RowEncoder, check_variant, judge, reference_embeddings,
                                      reference_model)
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
 
@@ -206,6 +206,17 @@ def test_selection_and_held_out_texts():
         held_out_texts(["a", "b", "a", "", "c"], top_k=5)
     assert held_out_texts(["a", "b", "a", "c"], top_k=2) == ["a", "b", "c"]
     assert select([]) is None
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(10, 4)).astype(np.float32)
+    ok = judge(Precision.FP32, ref, ref, EmbeddingBudgets())
+    bad = judge(Precision.FP32, ref, -ref, EmbeddingBudgets())
+
+    def variant(name, gate, cpu_rate):
+        return EmbeddingVariant(name, Precision(name), gate=gate, speed=EmbeddingSpeed(1.0, 10, 1.0, 1, cpu_rate, 1.0))
+
+    # fastest passing wins; a faster failing variant is never selected; a failed conversion neither
+    assert select([variant("fp32", ok, 10.0), variant("fp16", ok, 20.0), variant("int8", bad, 99.0)]) == "fp16"
+    assert select([variant("fp32", bad, 10.0), EmbeddingVariant("int8", Precision.INT8, error="boom")]) is None
 
 
 TUNING = [
