@@ -90,11 +90,12 @@ def read_pipeline(model_dir: Path, *, pooling: Pooling | str | None = None,
     (``normalize`` defaults to False).
     """
     model_dir = Path(model_dir)
+    pooling = None if pooling is None else parse_pooling(pooling)
     if not (model_dir / "config.json").is_file() and not (model_dir / "modules.json").is_file():
         raise CheckpointError(f"{model_dir} is neither a sentence-transformers nor a Hugging Face model directory")
     if (model_dir / "modules.json").is_file():
         found = _read_sentence_transformers(model_dir)
-        wanted = {"pooling": None if pooling is None else Pooling(pooling).value, "normalize": normalize}
+        wanted = {"pooling": None if pooling is None else pooling.value, "normalize": normalize}
         actual = {"pooling": found.pooling.value, "normalize": found.normalize}
         for key, value in wanted.items():
             if value is not None and value != actual[key]:
@@ -103,8 +104,16 @@ def read_pipeline(model_dir: Path, *, pooling: Pooling | str | None = None,
     if pooling is None:
         raise CheckpointError(f"{model_dir} has no modules.json: choose a pooling ({', '.join(p.value for p in Pooling)})")
     hidden, max_len = _encoder_limits(model_dir, None)
-    return EmbeddingPipeline(model_dir, model_dir, Source.TRANSFORMERS, Pooling(pooling), bool(normalize),
-                             hidden, max_len)
+    return EmbeddingPipeline(model_dir, model_dir, Source.TRANSFORMERS, pooling, bool(normalize), hidden, max_len)
+
+
+def parse_pooling(value: Pooling | str) -> Pooling:
+    """``"mean"`` -> Pooling.MEAN; an unsupported mode is a one-line CheckpointError."""
+    try:
+        return Pooling(value)
+    except ValueError:
+        raise CheckpointError(f"pooling {value!r} is not supported "
+                              f"(supported: {', '.join(p.value for p in Pooling)})") from None
 
 
 def _read_json(path: Path) -> dict | list:
@@ -146,10 +155,9 @@ def _pooling_mode(config: dict, root: Path) -> Pooling:
     if config.get("include_prompt", True) is False:
         raise CheckpointError(f"{root}: pooling excludes prompt tokens (include_prompt=false); not supported")
     try:
-        return Pooling(modes[0])
-    except ValueError:
-        raise CheckpointError(f"{root}: pooling mode {modes[0]!r} is not supported "
-                              f"(supported: {', '.join(p.value for p in Pooling)})") from None
+        return parse_pooling(modes[0])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{root}: {exc}") from None
 
 
 def _encoder_limits(encoder_dir: Path, max_seq_length: int | None) -> tuple[int, int]:

@@ -100,7 +100,7 @@ def test_plain_encoder_needs_a_pooling(st_mean, tmp_path):
         read_pipeline(model)
     p = read_pipeline(model, pooling="cls")
     assert (p.source, p.pooling, p.normalize, p.max_seq_length) == (Source.TRANSFORMERS, Pooling.CLS, False, 128)
-    with pytest.raises(ValueError):
+    with pytest.raises(CheckpointError, match="pooling 'lasttoken' is not supported"):
         read_pipeline(model, pooling="lasttoken")
 
 
