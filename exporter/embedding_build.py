@@ -1,0 +1,187 @@
+"""Build every embedding variant, gate each on held-out text and select the fastest that passes.
+
+``build_embedding_variants`` is the library entry point for ``python -m exporter build --task embedding``:
+read the pipeline, export and fuse the encoder body once, write fp32/fp16/int8 graphs with the pooling
+head, run the gate (:mod:`exporter.embedding_gate`) and pick, among passing variants, the one with the
+highest per-row 1-thread throughput (the CPU target's per-core ceiling, DECISIONS 3).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from exporter import int8
+from exporter.config import Precision
+from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
+                                fp32_variant, int8_variant, load_tokenizer, read_pipeline)
+from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, as_dict, check_variant,
+                                     reference_embeddings, reference_model, reference_speed)
+from exporter.errors import EvalDataError, ExporterError
+
+log = logging.getLogger(__name__)
+
+VARIANT_BUILDERS: dict[Precision, Callable[[Path, EmbeddingPipeline, Path], Path]] = {
+    Precision.FP32: fp32_variant, Precision.FP16: fp16_variant, Precision.INT8: int8_variant,
+}
+
+
+@dataclass
+class EmbeddingVariant:
+    """One built (or failed) variant: its file, its gate and its per-row throughput."""
+
+    name: str
+    precision: Precision
+    path: Path | None = None
+    size_bytes: int | None = None
+    gate: EmbeddingGate | None = None
+    speed: EmbeddingSpeed | None = None
+    error: str | None = None
+    excluded_nodes: list[str] = field(default_factory=list)
+    search: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.gate is not None and self.gate.passed
+
+
+@dataclass
+class EmbeddingBuild:
+    """Everything the embedding build produced; ``selected`` names the variant to serve (None: none passed)."""
+
+    pipeline: EmbeddingPipeline
+    n_texts: int
+    budgets: EmbeddingBudgets
+    variants: list[EmbeddingVariant] = field(default_factory=list)
+    selected: str | None = None
+    tokenizer_dir: Path | None = None
+    reference_speed: EmbeddingSpeed | None = None
+    n_tuning_texts: int = 0
+
+    def variant(self, name: str) -> EmbeddingVariant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def held_out_texts(texts: Sequence[str], top_k: int) -> list[str]:
+    """Non-empty, de-duplicated texts in their order (duplicates would tie as each other's neighbours)."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            seen.setdefault(text, None)
+    kept = list(seen)
+    if len(kept) <= top_k:
+        raise EvalDataError(f"the embedding gate needs more than {top_k} distinct non-empty texts, got {len(kept)}")
+    if len(kept) < len(texts):
+        log.info("embedding gate: %d of %d texts kept (empty or duplicate ones dropped)", len(kept), len(texts))
+    return kept
+
+
+def select(variants: Sequence[EmbeddingVariant]) -> str | None:
+    """The passing variant with the highest per-row 1-thread throughput (rows per CPU-second)."""
+    passing = [v for v in variants if v.passed and v.speed is not None]
+    return max(passing, key=lambda v: v.speed.rows_per_cpu_s).name if passing else None
+
+
+@dataclass
+class _Context:
+    """What every variant's gate needs, computed once."""
+
+    pipeline: EmbeddingPipeline
+    out_dir: Path
+    scratch: Path
+    texts: list[str]
+    reference: np.ndarray
+    budgets: EmbeddingBudgets
+    tokenizer: object
+    tuning_texts: list[str]
+    tuning_reference: np.ndarray | None
+    max_exclusion_rounds: int
+
+
+def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Path, *,
+                             pooling: str | None = None, normalize: bool | None = None,
+                             budgets: EmbeddingBudgets | None = None,
+                             precisions: Sequence[Precision | str] = tuple(Precision),
+                             tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3,
+                             opset: int | None = None, measure_reference: bool = False) -> EmbeddingBuild:
+    """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
+    tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error.
+
+    ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
+    quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
+    (:func:`exporter.int8.search`); without them int8 is quantized once.
+    """
+    budgets = budgets or EmbeddingBudgets()
+    pipeline = read_pipeline(Path(model_dir), pooling=pooling, normalize=normalize)
+    texts = held_out_texts(texts, budgets.top_k)
+    gated = set(texts)
+    tuning = [t for t in held_out_texts(tuning_texts, budgets.top_k) if t not in gated] if tuning_texts else []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = reference_model(pipeline)
+    build = EmbeddingBuild(pipeline, len(texts), budgets, tokenizer_dir=copy_tokenizer(pipeline, out_dir / "tokenizer"),
+                           n_tuning_texts=len(tuning))
+    if measure_reference:
+        build.reference_speed = reference_speed(model, texts)
+    with tempfile.TemporaryDirectory(prefix="embedding-body-", dir=out_dir) as scratch:
+        ctx = _Context(pipeline, out_dir, Path(scratch), texts, reference_embeddings(model, texts), budgets,
+                       load_tokenizer(pipeline), tuning, reference_embeddings(model, tuning) if tuning else None,
+                       max_exclusion_rounds)
+        body = export_body(pipeline, ctx.scratch, opset=opset)
+        for precision in map(Precision, precisions):
+            build.variants.append(_variant(precision, body, ctx))
+    build.selected = select(build.variants)
+    log.info("embedding variants: %s; selected %s", ", ".join(
+        f"{v.name} {'pass' if v.passed else 'fail'}" for v in build.variants), build.selected or "none")
+    return build
+
+
+def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVariant:
+    record = EmbeddingVariant(precision.value, precision)
+    dst = ctx.out_dir / f"{precision.value}.onnx"
+    try:
+        if precision is Precision.INT8 and ctx.tuning_texts and ctx.max_exclusion_rounds > 0:
+            return _int8_search(body, dst, ctx, record)
+        record.path = VARIANT_BUILDERS[precision](body, ctx.pipeline, dst)
+    except (ExporterError, ValueError, RuntimeError, OSError) as exc:
+        log.warning("embedding %s variant failed: %s", precision.value, exc)
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record
+    record.size_bytes = record.path.stat().st_size
+    record.gate, record.speed = check_variant(record.path, precision, ctx.pipeline, ctx.texts, ctx.reference,
+                                              ctx.budgets, ctx.tokenizer)
+    return record
+
+
+def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant) -> EmbeddingVariant:
+    """Dynamic int8 with exporter.int8's exclusion search, judged by the embedding gate (tuning texts for
+    the search, the held-out texts for the final word on the kept file)."""
+    from exporter.parity import tokenize
+
+    settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=False)
+
+    def tune(body_q: Path) -> dict:
+        path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
+        gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
+                                ctx.budgets, ctx.tokenizer, label=" (tuning texts)")
+        return as_dict(gate)
+
+    def final(body_q: Path) -> dict:
+        record.path = append_head_to_file(body_q, ctx.pipeline, dst)
+        record.gate, record.speed = check_variant(record.path, Precision.INT8, ctx.pipeline, ctx.texts,
+                                                  ctx.reference, ctx.budgets, ctx.tokenizer)
+        return as_dict(record.gate)
+
+    batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)
+    found = int8.search(int8.DYNAMIC, body, ctx.scratch / "int8-body.onnx", settings, tune=tune, final=final,
+                        tuning_batches=batches, calibration=None, max_rounds=ctx.max_exclusion_rounds)
+    record.excluded_nodes, record.search = list(found.excluded), list(found.attempts)
+    record.size_bytes = record.path.stat().st_size
+    return record

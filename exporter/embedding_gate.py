@@ -1,0 +1,228 @@
+"""The embedding parity gate: each variant against sentence-transformers on held-out text.
+
+The reference is ``SentenceTransformer(model_dir, device="cpu").encode`` (what users of the peer get).
+Each variant runs the way the CPU target serves (DECISIONS 2/3): every row alone, tokenized to its own
+length, in a session with one intra-op thread. The gate reports minimum and mean cosine, the largest norm
+gap, and nearest-neighbour agreement (mean top-k overlap of each text's k nearest neighbours inside the
+held-out set, variant vs reference); the same pass times per-row throughput with tokenization included.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from exporter.config import Precision
+from exporter.embedding import EmbeddingPipeline, Source, load_tokenizer
+from exporter.errors import EvalDataError, ExporterError
+from serving.contract import ENCODER_EMBEDDING
+
+log = logging.getLogger(__name__)
+
+WARMUP_ROWS = 8
+
+
+@dataclass(frozen=True)
+class EmbeddingBudgets:
+    """Per-precision limits a variant must meet to be served."""
+
+    fp32_min_cosine: float = field(default=0.99999, metadata={"help": "fp32: lowest cosine to the reference"})
+    fp16_min_cosine: float = field(default=0.999, metadata={"help": "fp16: lowest cosine to the reference"})
+    int8_min_cosine: float = field(default=0.99, metadata={"help": "int8: lowest cosine to the reference"})
+    int8_min_topk_overlap: float = field(default=0.9, metadata={"help": "int8: mean top-k neighbour overlap"})
+    fp32_min_topk_overlap: float = field(default=0.0, metadata={"help": "fp32: mean top-k neighbour overlap"})
+    fp16_min_topk_overlap: float = field(default=0.0, metadata={"help": "fp16: mean top-k neighbour overlap"})
+    top_k: int = field(default=5, metadata={"help": "neighbours compared per text"})
+
+    def __post_init__(self) -> None:
+        for name in ("fp32_min_cosine", "fp16_min_cosine", "int8_min_cosine"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0) or math.isnan(value):
+                raise ExporterError(f"budget {name} must be a cosine in [-1, 1], got {value!r}")
+        for name in ("fp32_min_topk_overlap", "fp16_min_topk_overlap", "int8_min_topk_overlap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ExporterError(f"budget {name} must be a fraction in [0, 1], got {value!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ExporterError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+
+    def limits(self, precision: Precision) -> tuple[float, float]:
+        """(minimum cosine, minimum top-k overlap) for ``precision``."""
+        p = Precision(precision).value
+        return getattr(self, f"{p}_min_cosine"), getattr(self, f"{p}_min_topk_overlap")
+
+
+@dataclass
+class EmbeddingGate:
+    """One variant's agreement with the reference on the held-out texts."""
+
+    n_texts: int
+    min_cosine: float | None
+    mean_cosine: float | None
+    max_norm_gap: float | None
+    topk_overlap: float | None
+    top_k: int
+    nan_inf: bool
+    budget_min_cosine: float
+    budget_min_topk_overlap: float
+    passed: bool
+    reason: str
+
+
+@dataclass
+class EmbeddingSpeed:
+    """Per-row throughput: one row at a time, one intra-op thread, tokenization included.
+
+    ``rows_per_cpu_s`` counts the process's CPU time instead of wall time: for a one-thread run that is
+    the per-core ceiling, and unlike wall time it hardly moves when other work shares the machine, so
+    selection uses it.
+    """
+
+    rows_per_s: float
+    n_rows: int
+    seconds: float
+    intra_op_threads: int = 1
+    rows_per_cpu_s: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def reference_model(pipeline: EmbeddingPipeline):
+    """The sentence-transformers model for ``pipeline`` (the directory itself when it is one)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    if pipeline.source is Source.SENTENCE_TRANSFORMERS:
+        return SentenceTransformer(str(pipeline.root), device="cpu")
+    body = Transformer(str(pipeline.encoder_dir), max_seq_length=pipeline.max_seq_length)
+    modules = [body, Pooling(pipeline.dim, pooling_mode=pipeline.pooling.value)]
+    if pipeline.normalize:
+        modules.append(Normalize())
+    return SentenceTransformer(modules=modules, device="cpu")
+
+
+def reference_embeddings(model, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    """``model.encode`` as float32 [n, dim]."""
+    out = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    return np.asarray(out, dtype=np.float32)
+
+
+def reference_speed(model, texts: Sequence[str], *, batch_size: int = 32, threads: int = 2) -> EmbeddingSpeed:
+    """Throughput of ``model.encode`` (padded batches) with ``threads`` torch threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        reference_embeddings(model, texts[:batch_size], batch_size=batch_size)  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        reference_embeddings(model, texts, batch_size=batch_size)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        torch.set_num_threads(before)
+    return EmbeddingSpeed(len(texts) / seconds, len(texts), seconds, threads, len(texts) / cpu, cpu)
+
+
+# --------------------------------------------------------------------------------------------- variant
+
+
+class RowEncoder:
+    """Embeds one text at a time the way the CPU target serves it: own length, 1 intra-op thread."""
+
+    def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = tokenizer or load_tokenizer(pipeline)
+        self.max_length = pipeline.max_seq_length
+
+    def __call__(self, text: str) -> np.ndarray:
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="np")
+        feeds = {name: np.asarray(enc[name], dtype=np.int64) for name in self.inputs}
+        return self.session.run([ENCODER_EMBEDDING], feeds)[0][0]
+
+
+def encode_rows(encoder: RowEncoder, texts: Sequence[str]) -> tuple[np.ndarray, EmbeddingSpeed]:
+    """Every text alone (after a short warm-up); the embeddings [n, dim] and the timed throughput."""
+    for text in texts[:WARMUP_ROWS]:
+        encoder(text)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = [encoder(text) for text in texts]
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    speed = EmbeddingSpeed(len(texts) / seconds, len(texts), seconds, 1, len(texts) / cpu, cpu)
+    return np.stack(rows).astype(np.float32), speed
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Indices [n, k] of each row's k most cosine-similar other rows (stable order on ties)."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def agreement(reference: np.ndarray, got: np.ndarray, top_k: int) -> dict:
+    """min/mean cosine, max norm gap, mean top-k overlap and whether ``got`` holds NaN/Inf."""
+    if reference.shape != got.shape:
+        raise ExporterError(f"variant embeddings have shape {got.shape}, the reference {reference.shape}")
+    if len(reference) <= top_k:
+        raise EvalDataError(f"nearest-neighbour agreement needs more than top_k={top_k} texts, got {len(reference)}")
+    if not np.isfinite(got).all():
+        return {"min_cosine": None, "mean_cosine": None, "max_norm_gap": None, "topk_overlap": None, "nan_inf": True}
+    g64, r64 = got.astype(np.float64), reference.astype(np.float64)
+    g_norm, r_norm = np.linalg.norm(g64, axis=1), np.linalg.norm(r64, axis=1)
+    cos = (g64 * r64).sum(axis=1) / np.maximum(g_norm * r_norm, 1e-300)
+    ref_nn, got_nn = neighbours(r64, top_k), neighbours(g64, top_k)
+    overlap = np.mean([len(set(a) & set(b)) / top_k for a, b in zip(ref_nn, got_nn)])
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "max_norm_gap": float(np.abs(g_norm - r_norm).max()), "topk_overlap": float(overlap), "nan_inf": False}
+
+
+def judge(precision: Precision, reference: np.ndarray, got: np.ndarray, budgets: EmbeddingBudgets) -> EmbeddingGate:
+    """The gate record for one variant's embeddings."""
+    min_cos, min_overlap = budgets.limits(precision)
+    m = agreement(reference, got, budgets.top_k)
+    failures = []
+    if m["nan_inf"]:
+        failures.append("NaN/Inf in the embeddings")
+    else:
+        if m["min_cosine"] < min_cos:
+            failures.append(f"min cosine {m['min_cosine']:.6f} < {min_cos}")
+        if m["topk_overlap"] < min_overlap:
+            failures.append(f"top-{budgets.top_k} overlap {m['topk_overlap']:.3f} < {min_overlap}")
+    reason = "; ".join(failures) or (f"min cosine {m['min_cosine']:.6f} >= {min_cos}, "
+                                     f"top-{budgets.top_k} overlap {m['topk_overlap']:.3f} >= {min_overlap}")
+    return EmbeddingGate(len(got), m["min_cosine"], m["mean_cosine"], m["max_norm_gap"], m["topk_overlap"],
+                         budgets.top_k, m["nan_inf"], min_cos, min_overlap, not failures, reason)
+
+
+def check_variant(path: Path, precision: Precision, pipeline: EmbeddingPipeline, texts: Sequence[str],
+                  reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None, *,
+                  label: str = "") -> tuple[EmbeddingGate, EmbeddingSpeed]:
+    """Run ``path`` row by row on ``texts`` and judge it against ``reference``; also its throughput."""
+    got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
+    gate = judge(Precision(precision), reference, got, budgets)
+    log.info("embedding %s%s: %s (%s); %.1f rows/s, %.1f rows/CPU-s, 1 thread", Precision(precision).value, label,
+             "pass" if gate.passed else "FAIL", gate.reason, speed.rows_per_s, speed.rows_per_cpu_s)
+    return gate, speed
+
+
+def as_dict(record) -> dict:
+    """A dataclass record as plain JSON-able values."""
+    return asdict(record)
