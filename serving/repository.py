@@ -94,17 +94,20 @@ class RepositoryConfig:
     target: Target = Target.CPU
     max_batch_size: int = 64
     max_length: int = 128
-    encoder_instances: int = 0
+    encoder_instances: int = field(default=0, metadata={
+        "help": "instances of the model that runs the encoder (0: one per usable core on cpu, 1 on gpu)"})
     tokenizer_instances: int = 1
-    intra_op_threads: int = 1  # cpu target; 0: onnxruntime's default
+    intra_op_threads: int = field(default=1, metadata={
+        "help": "cpu target: ONNX Runtime intra-op threads per instance (0: the runtime's default)"})
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 2000
     max_queue_size: int = 256
     default_queue_timeout_us: int = 30_000_000
     tensorrt: bool = False  # gpu target: TensorRT execution accelerator on the onnxruntime backend
     aux_queue_delay_us: int = 500  # gpu target: tokenizer and postprocess
-    max_text_chars: int = 0
-    trim_batch: bool = True
+    max_text_chars: int = field(default=0, metadata={
+        "help": f"longest accepted text in characters (0: {CHARS_PER_TOKEN} x max_length)"})
+    trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
