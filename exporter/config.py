@@ -21,12 +21,14 @@ class Precision(str, enum.Enum):
 class Budgets:
     """Parity budgets per precision. Agreements are fractions (0..1), drops are accuracy points."""
 
-    fp32_max_abs: float = 1e-4
-    fp32_min_agreement: float = 1.0
-    fp16_max_abs: float = 2e-2
-    fp16_min_agreement: float = 0.995
-    int8_max_accuracy_drop: float = 0.5
-    int8_min_agreement: float = 0.98
+    fp32_max_abs: float = field(default=1e-4,
+                                metadata={"help": "fp32 budget: largest absolute probability difference"})
+    fp32_min_agreement: float = field(default=1.0, metadata={"help": "fp32 budget: label agreement fraction"})
+    fp16_max_abs: float = field(default=2e-2,
+                                metadata={"help": "fp16 budget: largest absolute probability difference"})
+    fp16_min_agreement: float = field(default=0.995, metadata={"help": "fp16 budget: label agreement fraction"})
+    int8_max_accuracy_drop: float = field(default=0.5, metadata={"help": "int8 budget: accuracy drop in points"})
+    int8_min_agreement: float = field(default=0.98, metadata={"help": "int8 budget: label agreement fraction"})
 
     def __post_init__(self) -> None:
         for name in ("fp32_max_abs", "fp16_max_abs", "int8_max_accuracy_drop"):
@@ -60,22 +62,33 @@ def parse_precisions(text: str | tuple | list) -> tuple[Precision, ...]:
 class BuildConfig:
     """Everything `python -m exporter build` needs."""
 
-    checkpoint: Path
-    out: Path = Path("build")
-    repository: Path | None = Path("model_repository")
-    target: Target = Target.CPU
-    precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16, Precision.INT8)
-    eval_data: Path | None = None
-    eval_size: int = 1000
-    calibration_size: int = 256
-    max_length: int = 128
-    batch_size: int = 32
-    budgets: Budgets = field(default_factory=Budgets)
-    speed_seconds: float = 1.0  # per variant, split between batch-1 latency and batch throughput
-    max_exclusion_rounds: int = 3  # int8: bounded retries excluding the most sensitive nodes
-    exhaustive_int8: bool = False  # search even a variant already slower than a passing one
-    tuning_size: int = 512  # int8: rows (from validation/train, never the eval set) used to pick exclusions
-    seed: int = 0
+    checkpoint: Path = field(metadata={"help": "Hugging Face sequence-classification checkpoint directory"})
+    out: Path = field(default=Path("build"), metadata={"help": "build directory"})
+    repository: Path | None = field(default=Path("model_repository"),
+                                    metadata={"help": "Triton repository to write the selected variant into"})
+    target: Target = field(default=Target.CPU,
+                           metadata={"help": "cpu: local python-backend classifier; gpu: Triton onnxruntime "
+                                             "backend, fp16"})
+    precisions: tuple[Precision, ...] = field(default=(Precision.FP32, Precision.FP16, Precision.INT8),
+                                              metadata={"help": "comma list of the precisions to build"})
+    eval_data: Path | None = field(default=None,
+                                   metadata={"help": "held-out CSV (text,label); default <metrics.json "
+                                                     "data_dir>/test.csv"})
+    eval_size: int = field(default=1000, metadata={"help": "rows of eval data used"})
+    calibration_size: int = field(default=256, metadata={"help": "training rows for static int8 calibration"})
+    max_length: int = field(default=128, metadata={"help": "token truncation"})
+    batch_size: int = field(default=32, metadata={"help": "parity/throughput batch"})
+    budgets: Budgets = field(default_factory=Budgets, metadata={"help": "parity budgets per precision"})
+    speed_seconds: float = field(default=1.0, metadata={"help": "timing budget per variant, split between batch-1 "
+                                                                "latency and batch throughput"})
+    max_exclusion_rounds: int = field(default=3,
+                                      metadata={"help": "int8: retries excluding the most sensitive nodes"})
+    exhaustive_int8: bool = field(default=False,
+                                  metadata={"help": "run the int8 exclusion search even for a variant already "
+                                                    "slower than a passing one"})
+    tuning_size: int = field(default=512, metadata={"help": "int8: rows (from validation/train, never the eval set) "
+                                                            "used to pick exclusions"})
+    seed: int = field(default=0, metadata={"help": "random seed of the calibration and int8 tuning row samples"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)

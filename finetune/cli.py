@@ -3,66 +3,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from common.cli import run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
+from common.dataclass_cli import add_config_arguments, config_from_args
 from finetune.errors import FinetuneError
 
 PROG = "python -m finetune"
 
 
-def _size(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import PackageNotFoundError, version
+    from finetune.data import DataConfig
+    from finetune.train import Precision, TrainConfig
 
-    try:
-        own_version = version("triton-textclf")
-    except PackageNotFoundError:
-        own_version = "unknown"
-    parser = argparse.ArgumentParser(prog=PROG, description="Prepare data for and fine-tune a text classifier.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {own_version}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(PROG, "Prepare data for and fine-tune a text classifier.")
 
     data = sub.add_parser("data", help="clean and split the packaged example corpus into train/validation/test.csv")
-    data.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
-    data.add_argument("--limit", type=int, help="sample this many rows first (stratified)")
-    data.add_argument("--seed", type=int, default=42)
-    data.add_argument("--test-size", type=_size, help="rows (>= 1) or fraction (< 1); default 3000, or 0.1 with --limit")
-    data.add_argument("--validation-size", type=_size,
-                      help="rows (>= 1) or fraction (< 1); default 2000, or 0.1 with --limit")
-    data.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    add_config_arguments(data, DataConfig)
 
     train = sub.add_parser("train", help="fine-tune a sequence classifier and write a checkpoint with metrics.json")
-    train.add_argument("--data", type=Path, required=True, help="directory with train/validation/test.csv")
-    train.add_argument("--out", type=Path, required=True, help="checkpoint directory (written atomically)")
-    train.add_argument("--base", type=Path, help="base checkpoint directory (default: packaged all-MiniLM-L6-v2)")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    train.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--eval-batch-size", type=int, default=128)
-    train.add_argument("--learning-rate", type=float, default=5e-5)
-    train.add_argument("--warmup-ratio", type=float, default=0.1)
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--text-column", default="text")
-    train.add_argument("--label-column", default="label")
-    train.add_argument("--limit-train", type=int, help="train on a random subset of this many rows")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto: bf16 autocast where the hardware does bf16 natively (measured faster, same accuracy)")
-    train.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
-    train.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                       help="do not batch texts of similar length together")
-    train.add_argument("--threads", type=int, help="torch threads (default: the CPUs this process may use)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    add_config_arguments(train, TrainConfig)
+    train.add_argument("--no-bf16", dest="precision", action="store_const", const=Precision.FP32,
+                       help="same as --precision fp32")
     return parser
 
 
@@ -123,24 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "data":
             from finetune.data import DataConfig, make_splits
 
-            config = DataConfig(out=ns.out, limit=ns.limit, seed=ns.seed, test_size=ns.test_size,
-                                validation_size=ns.validation_size, overwrite=ns.overwrite)
-            _print_split_table(make_splits(config))
+            _print_split_table(make_splits(config_from_args(DataConfig, ns)))
             return 0
-        from finetune.train import Precision, TrainConfig, train
+        from finetune.train import TrainConfig, train
 
-        config = TrainConfig(
-            data=ns.data, out=ns.out, base=ns.base, epochs=ns.epochs, max_steps=ns.max_steps,
-            max_length=ns.max_length, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
-            learning_rate=ns.learning_rate, warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay,
-            seed=ns.seed, text_column=ns.text_column, label_column=ns.label_column, limit_train=ns.limit_train,
-            precision=Precision(ns.precision), group_by_length=ns.group_by_length, threads=ns.threads,
-            overwrite=ns.overwrite,
-        )
-        _print_metrics_table(train(config))
+        _print_metrics_table(train(config_from_args(TrainConfig, ns)))
         return 0
 
-    return run_cli(run, user_errors=(FinetuneError,), prog=PROG)
+    return run_cli(run, user_errors=(FinetuneError,), prog=prog_name(PROG))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import DataError
@@ -157,12 +157,14 @@ def _resolve_size(size: float | None, n: int, default: float) -> int:
 class DataConfig:
     """How to split the corpus. Sizes are row counts (>= 1) or fractions (< 1) of the (limited) corpus."""
 
-    out: Path
-    limit: int | None = None
-    seed: int = 42
-    test_size: float | None = None
-    validation_size: float | None = None
-    overwrite: bool = False
+    out: Path = field(metadata={"help": "output directory (written atomically)"})
+    limit: int | None = field(default=None, metadata={"help": "sample this many rows first (stratified)"})
+    seed: int = field(default=42, metadata={"help": "random seed of the sampling and the splits"})
+    test_size: float | None = field(default=None, metadata={"help": "rows (>= 1) or fraction (< 1); default "
+                                    f"{DEFAULT_TEST_ROWS}, or {DEFAULT_LIMITED_FRACTION} with --limit"})
+    validation_size: float | None = field(default=None, metadata={"help": "rows (>= 1) or fraction (< 1); default "
+                                          f"{DEFAULT_VALIDATION_ROWS}, or {DEFAULT_LIMITED_FRACTION} with --limit"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing data directory"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))

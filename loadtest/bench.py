@@ -4,7 +4,9 @@ In-process backends (timed per call, tokenization included, texts in file order,
 longest text of each batch, truncated at ``max_length``):
   - HF ``pipeline("text-classification")`` in PyTorch fp32, batch 32 and batch 1 (the baseline),
   - PyTorch bf16 autocast (only where the CPU has AMX, unless forced),
-  - ONNX Runtime for each variant of the exporter's build/report.json.
+  - ONNX Runtime for each variant of the exporter's build/report.json,
+  - the ceiling: the served variant run one text at a time in one 1-thread session per core, all cores at
+    once (loadtest.ceiling); served rows are also given as a fraction of it.
 Served backends: the Triton repository behind a local tritonserver, HTTP and gRPC, closed loop at each
 concurrency (each request ``texts_per_request`` texts), one text per request at one concurrency, and an
 open-loop constant-rate run at 70 % of the best closed-loop throughput for the tail-latency goal.
@@ -25,15 +27,18 @@ import numpy as np
 
 from common.atomic import atomic_directory
 from common.provenance import versions
+from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.report import fmt, markdown_table
-from loadtest.run import default_out
+from loadtest.run import default_out, parse_protocol
+from serving.contract import ENCODER_LOGITS, Protocol
 
 log = logging.getLogger(__name__)
 
 PIPELINE_BASELINE = "pytorch pipeline fp32 b32"
-GOAL_A_RATIO = 2.5
+GOAL_A_RATIO = 6.0
 GOAL_B_RATIO = 0.90
+GOAL_D_RATIO = 0.60  # one text per request, of the ceiling
 GOAL_C_LOAD = 0.70
 GOAL_C_TAIL = 2.0
 
@@ -46,27 +51,39 @@ class Bf16Mode(str, enum.Enum):
 
 @dataclass
 class BenchConfig:
-    checkpoint: Path = Path("finetuned_model")
-    build: Path | None = Path("build")
-    repository: Path | None = Path("model_repository")
-    texts: Path | None = None
-    n_texts: int = 512
-    threads: int = 2
-    batch_size: int = 32
-    max_length: int = 128
-    concurrency: tuple[int, ...] = (1, 4, 16, 32)
-    texts_per_request: int = 8
-    single_text_concurrency: int = 16
-    served_seconds: float = 10.0
-    open_loop_seconds: float = 15.0
-    warmup_seconds: float = 2.0
-    protocols: tuple[str, ...] = ("http", "grpc")
-    bf16: Bf16Mode = Bf16Mode.AUTO
-    pipeline_batch1: bool = True
-    served: bool = True
-    out: Path | None = None
-    seed: int = 0
+    checkpoint: Path = field(default=Path("finetuned_model"),
+                             metadata={"help": "fine-tuned checkpoint (the PyTorch pipeline)"})
+    build: Path | None = field(default=Path("build"),
+                               metadata={"help": "exporter build directory (the in-process ONNX Runtime variants)"})
+    repository: Path | None = field(default=Path("model_repository"),
+                                    metadata={"help": "repository of the served deployment"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    n_texts: int = field(default=512, metadata={"help": "texts measured"})
+    threads: int = field(default=2, metadata={"help": "thread budget of every in-process backend"})
+    batch_size: int = field(default=32, metadata={"help": "in-process batch size"})
+    max_length: int = field(default=128, metadata={"help": "token truncation of the in-process backends"})
+    concurrency: tuple[int, ...] = field(default=(1, 4, 16, 32),
+                                         metadata={"help": "comma list of served concurrency levels"})
+    texts_per_request: int = field(default=8, metadata={"help": "texts per served request"})
+    single_text_concurrency: int = field(default=16,
+                                         metadata={"help": "concurrency of the 1-text-per-request served point"})
+    served_seconds: float = field(default=10.0, metadata={"help": "measured seconds per served point"})
+    open_loop_seconds: float = field(default=15.0,
+                                     metadata={"help": "seconds of the open-loop (fixed arrival rate) point"})
+    warmup_seconds: float = field(default=2.0, metadata={"help": "unmeasured seconds before each served point"})
+    protocols: tuple[Protocol, ...] = field(default=(Protocol.HTTP, Protocol.GRPC),
+                                            metadata={"help": "comma list of http, grpc"})
+    bf16: Bf16Mode = field(default=Bf16Mode.AUTO, metadata={"help": "PyTorch bf16 autocast: auto = only with AMX"})
+    pipeline_batch1: bool = field(default=True, metadata={"help": "measure the batch-1 PyTorch pipeline"})
+    served: bool = field(default=True, metadata={"help": "measure the served deployment"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/bench-<time>/)"})
+    seed: int = field(default=0, metadata={"help": "random seed of the text sample"})
     notes: list[str] = field(default_factory=list, init=False)
+    ceiling: bool = field(default=True, metadata={
+        "help": "measure the ceiling: the served variant, one text at a time, one 1-thread process per core"})
+    ceiling_processes: int = field(default=0, metadata={
+        "help": "processes of the ceiling run (0: one per usable core)"})
 
     def __post_init__(self) -> None:
         self.bf16 = Bf16Mode(self.bf16)
@@ -77,8 +94,11 @@ class BenchConfig:
             raise LoadtestError("--n-texts, --threads, --batch-size and --texts-per-request must be >= 1")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise LoadtestError("--concurrency must be a list of integers >= 1")
-        if any(p not in ("http", "grpc") for p in self.protocols) or not self.protocols:
+        if not self.protocols:
             raise LoadtestError("--protocols must name http and/or grpc")
+        self.protocols = tuple(parse_protocol(p) for p in self.protocols)
+        if self.ceiling_processes < 0:
+            raise LoadtestError("--ceiling-processes must be >= 0")
         if self.build is not None:
             self.build = Path(self.build)
             if not (self.build / "report.json").is_file():
@@ -107,6 +127,7 @@ class BackendResult:
     n_texts: int
     detail: dict[str, Any] = field(default_factory=dict)
     ratio_to_pipeline: float | None = None
+    ratio_to_ceiling: float | None = None
 
 
 def cpu_flags() -> set[str]:
@@ -218,7 +239,7 @@ def bench_ort(name: str, onnx_path: Path, checkpoint: Path, texts, gold, batch: 
     sess = ort_session(onnx_path, threads)
     wanted = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
-    out_name = "logits" if "logits" in out_names else out_names[0]
+    out_name = ENCODER_LOGITS if ENCODER_LOGITS in out_names else out_names[0]
 
     def run(b: Sequence[str]) -> list[str]:
         enc = tok(list(b), padding=True, truncation=True, max_length=max_length, return_tensors="np")
@@ -240,51 +261,96 @@ def build_variants(build: Path) -> list[tuple[str, Path]]:
     return read_build_variants(build)
 
 
+def bench_ceiling(name: str, onnx_path: Path, checkpoint: Path, texts, gold, max_length: int,
+                  processes: int) -> BackendResult:
+    """The per-core in-process ceiling of one ONNX file (loadtest.ceiling), as a bench row."""
+    from transformers import AutoConfig
+
+    from loadtest.ceiling import measure_ceiling
+
+    id2label = {int(k): v for k, v in AutoConfig.from_pretrained(checkpoint).id2label.items()}
+    run = measure_ceiling(onnx_path, checkpoint, texts, max_length, processes)
+    res = BackendResult(f"ceiling onnxruntime {name} 1 row x {run.processes} proc", "ceiling", 1, run.seq_per_s,
+                        float(np.percentile(run.latencies_ms, 50)), float(np.percentile(run.latencies_ms, 99)),
+                        accuracy([id2label[i] for i in run.label_ids], gold), len(texts),
+                        {"onnx": str(onnx_path), "variant": name, "processes": run.processes,
+                         "per_process_seq_per_s": run.per_process_seq_per_s, "intra_op_threads": 1})
+    log.info("%-34s %8.1f seq/s  (%s)", res.name, res.seq_per_s,
+             " + ".join(f"{r:.1f}" for r in run.per_process_seq_per_s))
+    return res
+
+
+def ceiling_source(cfg: BenchConfig) -> tuple[str, Path] | None:
+    """(variant, ONNX file) the ceiling runs: what the repository serves, else the build's selection."""
+    from loadtest.artifacts import read_served_repository, selected_variant
+
+    if cfg.repository is not None and (Path(cfg.repository) / "provenance.json").is_file():
+        info = read_served_repository(cfg.repository, cfg.build)
+        return info.variant or info.onnx.stem, info.onnx
+    if cfg.build is not None:
+        variants = dict(build_variants(cfg.build))
+        name = selected_variant(cfg.build)
+        name = name if name in variants else next(iter(variants))
+        return name, variants[name]
+    return None
+
+
 # ---------------------------------------------------------------- served
 
 
-def _served_points(cfg: BenchConfig, endpoints, texts, gold) -> list[BackendResult]:
+def _served_plan(cfg: BenchConfig) -> list[tuple[Protocol, int, int]]:
+    """(protocol, concurrency, texts per request) of every closed-loop point."""
+    plan = [(proto, c, cfg.texts_per_request) for proto in cfg.protocols for c in cfg.concurrency]
+    return plan + [(proto, cfg.single_text_concurrency, 1) for proto in cfg.protocols]
+
+
+def _served_point(cfg: BenchConfig, endpoints, texts, gold, point, served_acc) -> BackendResult:
     from loadtest import cpu
-    from loadtest.clients import classify_all, closed_loop
+    from loadtest.clients import closed_loop
+
+    proto, conc, k = point
+    before = cpu.snapshot(endpoints.pid)
+    r = closed_loop(proto, endpoints.url(proto), texts, gold, concurrency=conc, texts_per_request=k,
+                    duration_s=cfg.served_seconds, warmup_s=cfg.warmup_seconds)
+    used = cpu.cores_used(before, cpu.snapshot(endpoints.pid))
+    if r.requests == 0:
+        raise LoadtestError(f"served {proto.value} c={conc}: no request succeeded ({r.first_error})")
+    res = BackendResult(f"served {proto.value} c{conc} x{k}", "served", k, r.seq_per_s, r.percentile(50),
+                        r.percentile(99), served_acc, r.rows, {"load": r.as_dict(), "cpu_cores": used})
+    log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d  cores %s", res.name, res.seq_per_s,
+             res.p50_ms or 0, res.p99_ms or 0, r.failures,
+             " ".join(f"{k}={v:.2f}" for k, v in used.items() if k != "machine_cores"))
+    if r.failures:
+        cfg.notes.append(f"{res.name}: {r.failures} failed requests, first: {r.first_error}")
+    return res
+
+
+def _served_points(cfg: BenchConfig, endpoints, texts, gold, step) -> list[BackendResult]:
+    from loadtest.clients import classify_all
 
     # one pass over exactly the same texts as the in-process backends: the served accuracy (and a warm-up)
-    served_labels = classify_all("grpc", endpoints.grpc_url, texts, texts_per_request=cfg.texts_per_request)
+    step("served accuracy pass")
+    served_labels = classify_all(Protocol.GRPC, endpoints.url(Protocol.GRPC), texts,
+                                 texts_per_request=cfg.texts_per_request)
     served_acc = accuracy(served_labels, gold)
     results = []
-    plan = [(proto, c, cfg.texts_per_request) for proto in cfg.protocols for c in cfg.concurrency]
-    plan += [(proto, cfg.single_text_concurrency, 1) for proto in cfg.protocols]
-    for proto, conc, k in plan:
-        url = endpoints.http_url if proto == "http" else endpoints.grpc_url
-        before = cpu.snapshot(endpoints.pid)
-        r = closed_loop(proto, url, texts, gold, concurrency=conc, texts_per_request=k,
-                        duration_s=cfg.served_seconds, warmup_s=cfg.warmup_seconds)
-        used = cpu.cores_used(before, cpu.snapshot(endpoints.pid))
-        if r.requests == 0:
-            raise LoadtestError(f"served {proto} c={conc}: no request succeeded ({r.first_error})")
-        res = BackendResult(f"served {proto} c{conc} x{k}", "served", k, r.seq_per_s, r.percentile(50),
-                            r.percentile(99), served_acc, r.rows, {"load": r.as_dict(), "cpu_cores": used})
-        log.info("%-34s %8.1f seq/s  p50 %7.1f ms  p99 %7.1f ms  failures %d  cores %s", res.name, res.seq_per_s,
-                 res.p50_ms or 0, res.p99_ms or 0, r.failures,
-                 " ".join(f"{k}={v:.2f}" for k, v in used.items() if k != "machine_cores"))
-        if r.failures:
-            cfg.notes.append(f"{res.name}: {r.failures} failed requests, first: {r.first_error}")
-        results.append(res)
+    for point in _served_plan(cfg):
+        step(f"served {point[0].value} c{point[1]} x{point[2]}")
+        results.append(_served_point(cfg, endpoints, texts, gold, point, served_acc))
     return results
 
 
 def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResult) -> BackendResult:
+    from loadtest import cpu
     from loadtest.clients import open_loop
 
-    proto = best.detail["load"]["protocol"]
-    url = endpoints.http_url if proto == "http" else endpoints.grpc_url
+    proto = Protocol(best.detail["load"]["protocol"])
     sat_rps = best.detail["load"]["requests_per_s"]
     rate = GOAL_C_LOAD * sat_rps
-    from loadtest import cpu
-
     before = cpu.snapshot(endpoints.pid)
-    r = open_loop(proto, url, texts, gold, rate_rps=rate, texts_per_request=best.rows_per_call,
+    r = open_loop(proto, endpoints.url(proto), texts, gold, rate_rps=rate, texts_per_request=best.rows_per_call,
                   duration_s=cfg.open_loop_seconds, warmup_s=cfg.warmup_seconds)
-    res = BackendResult(f"served {proto} open-loop {GOAL_C_LOAD:.0%} x{best.rows_per_call}", "open-loop",
+    res = BackendResult(f"served {proto.value} open-loop {GOAL_C_LOAD:.0%} x{best.rows_per_call}", "open-loop",
                         best.rows_per_call, r.seq_per_s, r.percentile(50), r.percentile(99), best.accuracy,
                         r.rows, {"load": r.as_dict(), "saturating_requests_per_s": sat_rps,
                                  "cpu_cores": cpu.cores_used(before, cpu.snapshot(endpoints.pid))})
@@ -293,20 +359,32 @@ def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResu
     return res
 
 
+def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> list[BackendResult]:
+    """Every served point against a local tritonserver on the repository; ``meta`` gets the endpoints."""
+    from loadtest.serve import served
+
+    step(f"starting tritonserver on {cfg.repository}")
+    with served(cfg.repository) as endpoints:
+        meta["endpoints"] = endpoints.as_dict()
+        results = _served_points(cfg, endpoints, texts, gold, step)
+        multi = [r for r in results if r.rows_per_call == cfg.texts_per_request]
+        best = max(multi, key=lambda r: r.seq_per_s)
+        step(f"served open loop at {GOAL_C_LOAD:.0%} of {best.name}")
+        results.append(_open_loop_point(cfg, endpoints, texts, gold, best))
+    cfg.notes.append(
+        f"served: {meta.get('instances')} instance(s) x {meta.get('intra_op_threads') or 'default'} intra-op "
+        f"thread(s); server, python stubs and this client share the machine's {os.cpu_count()} cores, while "
+        f"each in-process backend had {cfg.threads} thread(s) to itself")
+    return results
+
+
 # ---------------------------------------------------------------- goals and report
 
 
-def evaluate_goals(results: Sequence[BackendResult], served_variant: str | None,
-                   baseline: str = PIPELINE_BASELINE) -> dict[str, Any]:
-    """The three goals (a, b, c) with their numbers; ``met`` is None when a goal could not be measured."""
-    by_name = {r.name: r for r in results}
-    base = by_name.get(baseline)
-    served = [r for r in results if r.kind == "served"]
-    best = max(served, key=lambda r: r.seq_per_s, default=None)
-    goals: dict[str, Any] = {}
-
-    a: dict[str, Any] = {"goal": f"served int8 throughput >= {GOAL_A_RATIO}x the PyTorch pipeline ({baseline})",
-                         "served_variant": served_variant}
+def _goal_a(base: BackendResult | None, best: BackendResult | None, served_variant: str | None,
+            baseline: str) -> dict[str, Any]:
+    a: dict[str, Any] = {"goal": f"served int8 throughput >= {GOAL_A_RATIO:g}x the PyTorch pipeline ({baseline})",
+                         "served_variant": served_variant, "met": None}
     if best and base:
         a.update(served_seq_per_s=best.seq_per_s, served_point=best.name, pipeline_seq_per_s=base.seq_per_s,
                  ratio=best.seq_per_s / base.seq_per_s)
@@ -314,23 +392,26 @@ def evaluate_goals(results: Sequence[BackendResult], served_variant: str | None,
         a["met"] = bool(is_int8 and a["ratio"] >= GOAL_A_RATIO)
         if not is_int8:
             a["note"] = f"the repository serves {served_variant!r}, not an int8 variant"
-    else:
-        a["met"] = None
-    goals["a"] = a
+    return a
 
-    b: dict[str, Any] = {"goal": f"served throughput >= {GOAL_B_RATIO:.0%} of in-process ORT, same variant"}
-    ort = None
-    if served_variant:
-        ort = next((r for r in results if r.kind == "in-process" and r.detail.get("variant") == served_variant), None)
-    if best and ort:
-        b.update(served_seq_per_s=best.seq_per_s, ort_backend=ort.name, ort_seq_per_s=ort.seq_per_s,
-                 ratio=best.seq_per_s / ort.seq_per_s, met=best.seq_per_s >= GOAL_B_RATIO * ort.seq_per_s)
-    else:
-        b["met"] = None
-        b["note"] = f"no in-process ORT result for the served variant {served_variant!r}"
-    goals["b"] = b
 
-    c: dict[str, Any] = {"goal": f"p99 <= {GOAL_C_TAIL:g}x p50 at {GOAL_C_LOAD:.0%} of the saturating load"}
+def _goal_vs_reference(goal: str, minimum: float, served: Sequence[BackendResult],
+                       reference: BackendResult | None, note: str) -> dict[str, Any]:
+    """The best of ``served`` as a fraction of ``reference`` (the ceiling, else in-process ORT)."""
+    best = max(served, key=lambda r: r.seq_per_s, default=None)
+    out: dict[str, Any] = {"goal": goal, "met": None}
+    if best and reference:
+        ratio = best.seq_per_s / reference.seq_per_s
+        out.update(served_seq_per_s=best.seq_per_s, served_point=best.name, ort_backend=reference.name,
+                   ort_seq_per_s=reference.seq_per_s, ratio=ratio, met=ratio >= minimum)
+    else:
+        out["note"] = note
+    return out
+
+
+def _goal_c(results: Sequence[BackendResult]) -> dict[str, Any]:
+    c: dict[str, Any] = {"goal": f"p99 <= {GOAL_C_TAIL:g}x p50 at {GOAL_C_LOAD:.0%} of the saturating load",
+                         "met": None}
     ol = next((r for r in results if r.kind == "open-loop"), None)
     if ol and ol.p50_ms and ol.p99_ms:
         c.update(saturating_requests_per_s=ol.detail["saturating_requests_per_s"],
@@ -338,10 +419,33 @@ def evaluate_goals(results: Sequence[BackendResult], served_variant: str | None,
                  achieved_requests_per_s=ol.detail["load"]["requests_per_s"], p50_ms=ol.p50_ms, p99_ms=ol.p99_ms,
                  ratio=ol.p99_ms / ol.p50_ms, met=ol.p99_ms <= GOAL_C_TAIL * ol.p50_ms,
                  failures=ol.detail["load"]["failures"])
-    else:
-        c["met"] = None
-    goals["c"] = c
-    return goals
+    return c
+
+
+def evaluate_goals(results: Sequence[BackendResult], served_variant: str | None,
+                   baseline: str = PIPELINE_BASELINE) -> dict[str, Any]:
+    """The goals (a: x pipeline, b: of the ceiling at several texts/request, c: tail latency, d: of the
+    ceiling at one text/request); ``met`` is None when a goal could not be measured. The reference of b
+    and d is the ceiling row when there is one, else in-process ORT on the served variant."""
+    by_name = {r.name: r for r in results}
+    served = [r for r in results if r.kind == "served"]
+    multi = [r for r in served if r.rows_per_call > 1] or served
+    single = [r for r in served if r.rows_per_call == 1]
+    reference = next((r for r in results if r.kind == "ceiling"), None)
+    if reference is None and served_variant:
+        reference = next((r for r in results if r.kind == "in-process"
+                          and r.detail.get("variant") == served_variant), None)
+    missing = f"no ceiling or in-process ORT result for the served variant {served_variant!r}"
+    what = "the ceiling" if reference is not None and reference.kind == "ceiling" else "in-process ORT"
+    return {
+        "a": _goal_a(by_name.get(baseline), max(served, key=lambda r: r.seq_per_s, default=None), served_variant,
+                     baseline),
+        "b": _goal_vs_reference(f"served throughput >= {GOAL_B_RATIO:.0%} of {what}, same variant", GOAL_B_RATIO,
+                                multi, reference, missing),
+        "c": _goal_c(results),
+        "d": _goal_vs_reference(f"served at 1 text/request >= {GOAL_D_RATIO:.0%} of {what}", GOAL_D_RATIO,
+                                single, reference, missing if single else "no 1-text/request point"),
+    }
 
 
 def goal_lines(goals: dict[str, Any]) -> list[str]:
@@ -351,8 +455,9 @@ def goal_lines(goals: dict[str, Any]) -> list[str]:
         if key == "a" and g.get("ratio") is not None:
             nums = (f"{g['served_seq_per_s']:.1f} seq/s ({g['served_point']}, variant {g['served_variant']}) vs "
                     f"pipeline {g['pipeline_seq_per_s']:.1f} = {g['ratio']:.2f}x")
-        elif key == "b" and g.get("ratio") is not None:
-            nums = f"{g['served_seq_per_s']:.1f} vs {g['ort_backend']} {g['ort_seq_per_s']:.1f} seq/s = {g['ratio']:.0%}"
+        elif key in ("b", "d") and g.get("ratio") is not None:
+            nums = (f"{g['served_point']} {g['served_seq_per_s']:.1f} vs {g['ort_backend']} "
+                    f"{g['ort_seq_per_s']:.1f} seq/s = {g['ratio']:.0%}")
         elif key == "c" and g.get("ratio") is not None:
             nums = (f"at {g['offered_requests_per_s']:.1f} req/s offered (saturation "
                     f"{g['saturating_requests_per_s']:.1f}): p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms "
@@ -364,12 +469,13 @@ def goal_lines(goals: dict[str, Any]) -> list[str]:
     return lines
 
 
-TABLE_HEADER = ("backend", "rows/call", "seq/s", "p50 ms", "p99 ms", "x pipeline", "accuracy")
+TABLE_HEADER = ("backend", "rows/call", "seq/s", "p50 ms", "p99 ms", "x pipeline", "of ceiling", "accuracy")
 
 
 def table_rows(results: Sequence[BackendResult]) -> list[tuple]:
     return [(r.name, r.rows_per_call, r.seq_per_s, r.p50_ms, r.p99_ms,
              None if r.ratio_to_pipeline is None else f"{r.ratio_to_pipeline:.2f}",
+             None if r.ratio_to_ceiling is None else f"{r.ratio_to_ceiling:.2f}",
              None if r.accuracy is None else f"{r.accuracy:.4f}") for r in results]
 
 
@@ -380,6 +486,8 @@ def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
         f"(torch.set_num_threads / ORT intra_op), {meta['cpu']} ({meta['cores']} cores). In-process latency is "
         f"per call of `rows/call` texts (tokenization included); served latency is per request of "
         f"`rows/call` texts from closed-loop clients (`cN` = N concurrent clients), open-loop = constant rate. "
+        f"The ceiling runs the served variant one text at a time in one 1-intra-op-thread process per core, all "
+        f"at once (summed seq/s); `of ceiling` is each row's fraction of it. "
         f"Accuracy is on the same {meta['n_texts']} texts for every backend (served: one gRPC pass before "
         f"the timed points).\n",
         markdown_table(TABLE_HEADER, table_rows(results)),
@@ -389,7 +497,8 @@ def write_markdown(path: Path, cfg: BenchConfig, results, goals, meta) -> None:
     ]
     cpu_rows = [r for r in results if r.kind != "in-process" and r.detail.get("cpu_cores")]
     if cpu_rows:
-        roles = ("client", "tritonserver", "tokenizer", "encoder", "postprocess", "total")
+        found = {k for r in cpu_rows for k in r.detail["cpu_cores"]} - {"client", "total", "machine_cores"}
+        roles = ("client", *sorted(found), "total")
         lines += [
             "## CPU use during the served points (average cores busy)\n",
             f"The machine has {meta['cores']} cores; `client` is the load generator (this process).\n",
@@ -414,7 +523,7 @@ def plot_bench(results: Sequence[BackendResult], png: Path) -> None:
                                    gridspec_kw={"width_ratios": [3, 2]})
     names = [r.name for r in results][::-1]
     vals = [r.seq_per_s for r in results][::-1]
-    colors = [{"in-process": "tab:blue", "served": "tab:green", "open-loop": "tab:olive"}[r.kind]
+    colors = [{"in-process": "tab:blue", "ceiling": "tab:purple", "served": "tab:green", "open-loop": "tab:olive"}[r.kind]
               for r in results][::-1]
     ax1.barh(names, vals, color=colors)
     ax1.set_xlabel("sequences / s")
@@ -446,96 +555,86 @@ def plot_bench(results: Sequence[BackendResult], png: Path) -> None:
 # ---------------------------------------------------------------- the whole run
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure every backend, evaluate the goals, write bench.{json,md,png} into ``cfg.out``."""
-    import torch
-
+def _load_texts(cfg: BenchConfig) -> tuple[list[str], list[str] | None, str]:
     from loadtest.texts import load_texts
 
-    torch.set_num_threads(cfg.threads)
     textset = load_texts(cfg.texts).sample(cfg.n_texts, seed=cfg.seed)
-    texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
+    gold = None if textset.labels is None else list(textset.labels)
     if gold is None:
         cfg.notes.append(f"{textset.source} has no labels: accuracy not measured")
-    log.info("bench: %d texts from %s, %d thread(s)", len(texts), textset.source, cfg.threads)
+    log.info("bench: %d texts from %s, %d thread(s)", len(textset.texts), textset.source, cfg.threads)
+    return list(textset.texts), gold, textset.source
 
-    from loadtest import cpu
 
-    busy = cpu.busy_processes()
-    load_before = os.getloadavg()
-    if busy:
-        cfg.notes.append("other processes were busy when the bench started (numbers may be noisy): " + "; ".join(
-            f"{b['cpu_percent']:.0f}% {b['cmd'][:60]}" for b in busy))
-        log.warning("other processes are using the CPU: %s", busy)
-    results: list[BackendResult] = []
-    stage_t = time.perf_counter()
-
-    def stage(msg: str) -> None:
-        nonlocal stage_t
-        log.info("[%5.1fs] %s", time.perf_counter() - stage_t, msg)
-
-    stage("pipeline fp32")
-    results.append(bench_pipeline(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length))
-    if cfg.pipeline_batch1:
-        results.append(bench_pipeline(cfg.checkpoint, texts, gold, 1, cfg.max_length))
-
+def _bf16_isa(cfg: BenchConfig) -> tuple[str | None, bool]:
+    """(the CPU's bf16 ISA, whether to run the bf16 backend)."""
     flags = cpu_flags()
     isa = "amx_bf16" if "amx_bf16" in flags else ("avx512_bf16" if "avx512_bf16" in flags else None)
-    if cfg.bf16 is Bf16Mode.ON or (cfg.bf16 is Bf16Mode.AUTO and "amx_bf16" in flags):
-        stage("pytorch bf16 autocast")
-        results.append(bench_torch_bf16(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, isa or "none"))
-    elif cfg.bf16 is Bf16Mode.AUTO:
+    run = cfg.bf16 is Bf16Mode.ON or (cfg.bf16 is Bf16Mode.AUTO and "amx_bf16" in flags)
+    if not run and cfg.bf16 is Bf16Mode.AUTO:
         cfg.notes.append("pytorch bf16 autocast skipped: no AMX (amx_bf16) on this CPU"
                          + (f"; it has {isa} (force with --bf16 on)" if isa else ""))
+    return isa, run
 
-    if cfg.build is not None:
-        from loadtest.artifacts import build_parity
 
-        parity = build_parity(cfg.build)
-        for name, path in build_variants(cfg.build):
-            stage(f"onnxruntime {name}")
-            res = bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, cfg.threads)
-            res.detail["parity_passed"] = parity.get(name)
-            if parity.get(name) is False:
-                cfg.notes.append(f"{res.name}: this variant FAILED the exporter's parity gate (not servable)")
-            results.append(res)
+def _ort_rows(cfg: BenchConfig, texts, gold, step) -> list[BackendResult]:
+    from loadtest.artifacts import build_parity
 
-    served_meta = None
-    served_variant = None
-    if cfg.served:
-        from loadtest.artifacts import served_summary
-        from loadtest.serve import served
+    parity, results = build_parity(cfg.build), []
+    for name, path in build_variants(cfg.build):
+        step(f"onnxruntime {name}")
+        res = bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, cfg.threads)
+        res.detail["parity_passed"] = parity.get(name)
+        if parity.get(name) is False:
+            cfg.notes.append(f"{res.name}: this variant FAILED the exporter's parity gate (not servable)")
+        results.append(res)
+    return results
 
-        served_meta = served_summary(cfg.repository, cfg.build)
-        served_variant = served_meta.get("variant")
-        stage(f"starting tritonserver on {cfg.repository} (variant {served_variant})")
-        with served(cfg.repository) as endpoints:
-            served_meta["endpoints"] = endpoints.as_dict()
-            stage("served closed loop")
-            served_results = _served_points(cfg, endpoints, texts, gold)
-            results.extend(served_results)
-            multi = [r for r in served_results if r.rows_per_call == cfg.texts_per_request]
-            best = max(multi, key=lambda r: r.seq_per_s)
-            stage(f"served open loop at {GOAL_C_LOAD:.0%} of {best.name}")
-            results.append(_open_loop_point(cfg, endpoints, texts, gold, best))
-        threads = served_meta.get("encoder_intra_op_threads")
-        threads = f"{threads}" if threads else "0 (onnxruntime's default: one per physical core)"
-        cfg.notes.append(
-            f"served: encoder intra_op threads {threads}, {served_meta.get('encoder_instances')} instance(s); "
-            f"server, tokenizer/postprocess python stubs and this client share the machine's "
-            f"{os.cpu_count()} cores, while each in-process backend had {cfg.threads} thread(s) to itself")
 
-    baseline = f"pytorch pipeline fp32 b{cfg.batch_size}"
+def _n_steps(cfg: BenchConfig, bf16: bool) -> int:
+    n = 1 + cfg.pipeline_batch1 + bf16 + cfg.ceiling
+    n += len(build_variants(cfg.build)) if cfg.build is not None else 0
+    return n + (3 + len(_served_plan(cfg)) if cfg.served else 0)
+
+
+def measure_all(cfg: BenchConfig, texts, gold, served_meta: dict[str, Any], isa: str | None,
+                bf16: bool) -> list[BackendResult]:
+    """Every backend the config asks for, in report order, with one progress bar."""
+    results: list[BackendResult] = []
+    with progress.steps("bench", _n_steps(cfg, bf16)) as step:
+        step("pipeline fp32")
+        results.append(bench_pipeline(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length))
+        if cfg.pipeline_batch1:
+            step("pipeline fp32 b1")
+            results.append(bench_pipeline(cfg.checkpoint, texts, gold, 1, cfg.max_length))
+        if bf16:
+            step("pytorch bf16 autocast")
+            results.append(bench_torch_bf16(cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length,
+                                            isa or "none"))
+        if cfg.build is not None:
+            results += _ort_rows(cfg, texts, gold, step)
+        source = ceiling_source(cfg) if cfg.ceiling else None
+        if source is not None:
+            step(f"ceiling ({source[0]})")
+            results.append(bench_ceiling(*source, cfg.checkpoint, texts, gold, cfg.max_length,
+                                         cfg.ceiling_processes))
+        elif cfg.ceiling:
+            cfg.notes.append("ceiling not measured: no repository or build to take the ONNX file from")
+        if cfg.served:
+            results += bench_served(cfg, texts, gold, served_meta, step)
+    return results
+
+
+def _set_ratios(results: Sequence[BackendResult], baseline: str) -> None:
     base = next((r for r in results if r.name == baseline), None)
+    ceiling = next((r for r in results if r.kind == "ceiling"), None)
     for r in results:
         r.ratio_to_pipeline = r.seq_per_s / base.seq_per_s if base else None
-    goals = evaluate_goals(results, served_variant, baseline)
+        if ceiling is not None and r.kind in ("served", "open-loop", "ceiling"):
+            r.ratio_to_ceiling = r.seq_per_s / ceiling.seq_per_s
 
-    meta = {
-        "n_texts": len(texts), "texts_source": textset.source, "cpu": cpu_model(), "cores": os.cpu_count(),
-        "cpu_bf16": isa, "served": served_meta, "busy_processes_at_start": busy,
-        "loadavg_at_start": load_before, "loadavg_at_end": os.getloadavg(),
-    }
+
+def _write_reports(cfg: BenchConfig, results, goals, meta) -> dict[str, Any]:
     out = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": meta, "results": [asdict(r) for r in results], "goals": goals, "notes": cfg.notes,
@@ -545,8 +644,37 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         (tmp / "bench.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
         write_markdown(tmp / "bench.md", cfg, results, goals, meta)
         plot_bench(results, tmp / "bench.png")
+    log.info("wrote %s", cfg.out)
+    return out
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every backend, evaluate the goals, write bench.{json,md,png} into ``cfg.out``."""
+    import torch
+
+    from loadtest import cpu
+    from loadtest.artifacts import read_served_repository
+
+    torch.set_num_threads(cfg.threads)
+    texts, gold, source = _load_texts(cfg)
+    busy, load_before = cpu.busy_processes(), os.getloadavg()
+    if busy:
+        cfg.notes.append("other processes were busy when the bench started (numbers may be noisy): " + "; ".join(
+            f"{b['cpu_percent']:.0f}% {b['cmd'][:60]}" for b in busy))
+        log.warning("other processes are using the CPU: %s", busy)
+    isa, bf16 = _bf16_isa(cfg)
+    served_meta = read_served_repository(cfg.repository, cfg.build).summary() if cfg.served else None
+    results = measure_all(cfg, texts, gold, served_meta if served_meta is not None else {}, isa, bf16)
+    baseline = f"pytorch pipeline fp32 b{cfg.batch_size}"
+    _set_ratios(results, baseline)
+    goals = evaluate_goals(results, served_meta.get("variant") if served_meta else None, baseline)
+    meta = {
+        "n_texts": len(texts), "texts_source": source, "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cpu_bf16": isa, "served": served_meta, "busy_processes_at_start": busy,
+        "loadavg_at_start": load_before, "loadavg_at_end": os.getloadavg(),
+    }
+    out = _write_reports(cfg, results, goals, meta)
     out["out"] = str(cfg.out.absolute())
     out["table"] = (TABLE_HEADER, table_rows(results))
     out["goal_lines"] = goal_lines(goals)
-    log.info("wrote %s", cfg.out)
     return out

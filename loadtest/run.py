@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -17,16 +16,12 @@ from typing import Any
 from common.atomic import atomic_directory
 from common.provenance import versions
 from loadtest.errors import LoadtestError
+from serving.contract import DEFAULT_CLASSIFIER, Protocol
 
 log = logging.getLogger(__name__)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PREFIX = "locust"
-
-
-class Protocol(str, enum.Enum):
-    HTTP = "http"
-    GRPC = "grpc"
 
 
 USER_CLASS = {Protocol.HTTP: "TritonHttpUser", Protocol.GRPC: "TritonGrpcUser"}
@@ -66,20 +61,24 @@ def default_out(prefix: str) -> Path:
 class RunConfig:
     """One headless Locust run against a served classifier."""
 
-    users: int = 32
-    spawn_rate: float = 8.0
-    duration: str = "60s"
-    protocol: Protocol = Protocol.HTTP
-    texts_per_request: int = 1
-    start_server: bool = False
-    repository: Path = Path("model_repository")
-    host: str | None = None
-    texts: Path | None = None
-    out: Path | None = None
-    processes: int | None = None
-    request_rate: float = 0.0
-    fail_on_error: bool = False
-    model_name: str = "classifier"
+    users: int = field(default=32, metadata={"help": "simulated users"})
+    spawn_rate: float = field(default=8.0, metadata={"help": "users started per second"})
+    duration: str = field(default="60s", metadata={"help": "run length, e.g. 60s, 5m"})
+    protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
+    texts_per_request: int = field(default=1, metadata={"help": "texts per request"})
+    start_server: bool = field(default=False, metadata={"help": "start a local tritonserver on --repository"})
+    repository: Path = field(default=Path("model_repository"),
+                             metadata={"help": "repository served by --start-server"})
+    host: str | None = field(default=None,
+                             metadata={"help": "server URL: http://HOST:PORT (http) or HOST:PORT (grpc)"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/loadtest-<time>/)"})
+    processes: int | None = field(default=None,
+                                  metadata={"help": "Locust worker processes (distributed mode; -1: one per core)"})
+    request_rate: float = field(default=0.0, metadata={"help": "requests/s per user (0: closed loop)"})
+    fail_on_error: bool = field(default=False, metadata={"help": "exit 1 if any request failed"})
+    model_name: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
     duration_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -196,7 +195,7 @@ def run_loadtest(cfg: RunConfig) -> dict[str, Any]:
         host = cfg.host
         if cfg.start_server:
             endpoints = stack.enter_context(served(cfg.repository))
-            host = endpoints.http_url if cfg.protocol is Protocol.HTTP else endpoints.grpc_url
+            host = endpoints.url(cfg.protocol)
             server_info = {"repository": str(cfg.repository.absolute()), **endpoints.as_dict()}
         assert host is not None
         with atomic_directory(cfg.out) as tmp:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loadtest.errors import LoadtestError
+from serving.contract import Endpoint, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,12 @@ class Endpoints:
     start_seconds: float | None
     log_path: str | None
     pid: int | None = None
+
+    def url(self, protocol: Protocol | str) -> str:
+        """The URL, with its scheme, that a client of ``protocol`` calls."""
+        if Protocol(protocol) is Protocol.HTTP:
+            return self.http_url
+        return Endpoint(self.grpc_url, Protocol.GRPC).url
 
     def as_dict(self) -> dict:
         return {"http_url": self.http_url, "grpc_url": self.grpc_url, "metrics_url": self.metrics_url,

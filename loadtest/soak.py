@@ -28,29 +28,35 @@ from typing import Any
 
 from common.atomic import atomic_directory
 from common.provenance import versions
+from loadtest import progress
 from loadtest.errors import LoadtestError
-from loadtest.run import Protocol, RunConfig, default_out, parse_duration, parse_protocol, run_locust, summarize
+from loadtest.run import RunConfig, default_out, parse_duration, parse_protocol, run_locust, summarize
+from serving.contract import Endpoint, Protocol
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SoakConfig:
-    repository: Path = Path("model_repository")
-    duration: str = "600s"
-    saturation_duration: str = "30s"
-    saturation_users: int = 16
-    users: int = 16
-    load_fraction: float = 0.7
-    protocol: Protocol = Protocol.HTTP
-    texts_per_request: int = 1
-    texts: Path | None = None
-    warmup: str = "60s"
-    window: str = "60s"
-    max_p99_drift: float = 0.10
-    max_rss_growth: float = 0.10
-    sample_interval_s: float = 2.0
-    out: Path | None = None
+    repository: Path = field(default=Path("model_repository"), metadata={"help": "repository served during the soak"})
+    duration: str = field(default="600s", metadata={"help": "soak length, e.g. 600, 10m"})
+    saturation_duration: str = field(default="30s", metadata={"help": "closed-loop run that measures saturation"})
+    saturation_users: int = field(default=16, metadata={"help": "users of the saturation run"})
+    users: int = field(default=16, metadata={"help": "constant-throughput users of the soak"})
+    load_fraction: float = field(default=0.7, metadata={"help": "share of saturation to hold"})
+    protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
+    texts_per_request: int = field(default=1, metadata={"help": "texts per request"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    warmup: str = field(default="60s", metadata={"help": "ignored at the start before the first window"})
+    window: str = field(default="60s", metadata={"help": "length of the first and last windows compared"})
+    max_p99_drift: float = field(default=0.10,
+                                 metadata={"help": "largest allowed p99 growth, last vs first window (fraction)"})
+    max_rss_growth: float = field(default=0.10,
+                                  metadata={"help": "largest allowed server memory growth, last vs first window "
+                                                    "(fraction)"})
+    sample_interval_s: float = field(default=2.0, metadata={"help": "seconds between memory samples"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/soak-<time>/)"})
     duration_s: float = field(init=False, default=0.0)
     warmup_s: float = field(init=False, default=0.0)
     window_s: float = field(init=False, default=0.0)
@@ -208,82 +214,116 @@ def _history_p99(history_csv: Path) -> list[tuple[float, float]]:
     return out
 
 
-def run_soak(cfg: SoakConfig) -> dict[str, Any]:
-    """Measure saturation, soak at ``load_fraction`` of it, judge; the summary is also summary.json."""
+def _start_server(cfg: SoakConfig):
     from serving.errors import ServingError
     from serving.server import LocalTritonServer, ServerConfig
-
-    t_begin = time.perf_counter()
-
-    def stage(msg: str) -> None:
-        log.info("[%6.1f s] %s", time.perf_counter() - t_begin, msg)
 
     try:
         server = LocalTritonServer(ServerConfig(cfg.repository))
         server.start()
     except ServingError as exc:
         raise LoadtestError(f"could not start tritonserver: {exc}") from exc
+    return server
+
+
+def _server_host(server, protocol: Protocol) -> str:
+    """The Locust host (with its scheme) of a LocalTritonServer for ``protocol``."""
+    address = server.http_url if protocol is Protocol.HTTP else server.grpc_url
+    return Endpoint(address, protocol).url
+
+
+def _locust(run_cfg: RunConfig, host: str, workdir: Path, label: str) -> dict[str, Any]:
+    """One Locust run with a progress bar; its summary."""
+    t0 = time.perf_counter()
+    with progress.timed(label, run_cfg.duration_s):
+        run_locust(run_cfg, host, workdir)
+    return summarize(run_cfg, workdir, host, time.perf_counter() - t0, None)
+
+
+def _saturation(cfg: SoakConfig, host: str, workdir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """A short closed-loop run: the saturating requests/s."""
+    sat_cfg = RunConfig(users=cfg.saturation_users, spawn_rate=cfg.saturation_users,
+                        duration=cfg.saturation_duration, protocol=cfg.protocol,
+                        texts_per_request=cfg.texts_per_request, host=host, texts=cfg.texts, out=workdir)
+    sat = _locust(sat_cfg, host, workdir, f"saturation ({cfg.saturation_users} closed-loop users)")
+    if not sat["requests_per_s"] or sat["failures"]:
+        raise LoadtestError(f"saturation run: {sat['requests']} requests, {sat['failures']} failed")
+    return sat_cfg, sat
+
+
+def _soak(cfg: SoakConfig, host: str, workdir: Path, pid: int, rate: float):
+    """Constant-throughput users at ``rate`` req/s each while the server's RSS is sampled."""
+    soak_cfg = RunConfig(users=cfg.users, spawn_rate=cfg.users, duration=f"{cfg.duration_s:g}s",
+                         protocol=cfg.protocol, texts_per_request=cfg.texts_per_request, host=host,
+                         texts=cfg.texts, out=workdir, request_rate=rate)
+    sampler = RssSampler(pid, cfg.sample_interval_s)
+    sampler.start()
+    t_start = time.time()
+    try:
+        soak = _locust(soak_cfg, host, workdir, f"soak at {cfg.load_fraction:.0%} of saturation")
+    finally:
+        t_end = time.time()
+        sampler.stop()
+    return soak, sampler, t_start, t_end
+
+
+def _write_rss(path: Path, samples: list[tuple[float, dict[str, int]]]) -> None:
+    names = sorted({k for _, v in samples for k in v})
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("timestamp,total," + ",".join(names) + "\n")
+        for t, v in samples:
+            fh.write(f"{t:.3f},{sum(v.values())}," + ",".join(str(v.get(n, "")) for n in names) + "\n")
+
+
+def _summary(cfg: SoakConfig, result: dict[str, Any], sat_cfg: RunConfig, sat: dict[str, Any], soak: dict[str, Any],
+             sampler: RssSampler, rate: float) -> dict[str, Any]:
+    return {
+        **result,
+        "saturation": {"requests_per_s": sat["requests_per_s"], "users": cfg.saturation_users,
+                       "duration_s": sat_cfg.duration_s, "latency_ms": sat["latency_ms"]},
+        "soak": {"target_requests_per_s": rate * cfg.users, "requests_per_s": soak["requests_per_s"],
+                 "users": cfg.users, "rate_per_user": rate, "duration_s": cfg.duration_s,
+                 "requests": soak["requests"], "failures": soak["failures"],
+                 "latency_ms": soak["latency_ms"], "top_failures": soak["top_failures"]},
+        "rss_samples": len(sampler.samples),
+        "machine": {"cpus": os.cpu_count(),
+                    "loadavg_1m_median": statistics.median(sampler.loadavg) if sampler.loadavg else None,
+                    "loadavg_1m_max": max(sampler.loadavg, default=None)},
+        "config": {**asdict(cfg), "protocol": cfg.protocol.value},
+        "versions": versions(("locust", "tritonclient", "nvidia-pytriton", "onnxruntime", "numpy")),
+        "out": str(cfg.out.absolute()),
+    }
+
+
+def run_soak(cfg: SoakConfig) -> dict[str, Any]:
+    """Measure saturation, soak at ``load_fraction`` of it, judge; the summary is also summary.json."""
+    t_begin = time.perf_counter()
+
+    def stage(msg: str) -> None:
+        log.info("[%6.1f s] %s", time.perf_counter() - t_begin, msg)
+
+    server = _start_server(cfg)
     stage(f"tritonserver ready (pid {server.process.pid})")
-    host = f"http://{server.http_url}" if cfg.protocol is Protocol.HTTP else server.grpc_url
+    host = _server_host(server, cfg.protocol)
     try:
         with atomic_directory(cfg.out) as tmp:
-            sat_dir, soak_dir = tmp / "saturation", tmp / "soak"
-            sat_dir.mkdir()
-            soak_dir.mkdir()
-            sat_cfg = RunConfig(users=cfg.saturation_users, spawn_rate=cfg.saturation_users,
-                                duration=cfg.saturation_duration, protocol=cfg.protocol,
-                                texts_per_request=cfg.texts_per_request, host=host, texts=cfg.texts, out=sat_dir)
-            stage(f"saturation: {cfg.saturation_users} closed-loop users for {sat_cfg.duration_s:g} s")
-            t0 = time.perf_counter()
-            run_locust(sat_cfg, host, sat_dir)
-            sat = summarize(sat_cfg, sat_dir, host, time.perf_counter() - t0, None)
-            saturation = sat["requests_per_s"]
-            if not saturation or sat["failures"]:
-                raise LoadtestError(f"saturation run: {sat['requests']} requests, {sat['failures']} failed")
-            target = cfg.load_fraction * saturation
-            rate = target / cfg.users
-            stage(f"saturation {saturation:.1f} req/s (p99 {sat['latency_ms']['p99']} ms); soak at "
-                  f"{target:.1f} req/s = {cfg.users} users x {rate:.3f} req/s for {cfg.duration_s:g} s")
-            soak_cfg = RunConfig(users=cfg.users, spawn_rate=cfg.users, duration=f"{cfg.duration_s:g}s",
-                                 protocol=cfg.protocol, texts_per_request=cfg.texts_per_request, host=host,
-                                 texts=cfg.texts, out=soak_dir, request_rate=rate)
-            sampler = RssSampler(server.process.pid, cfg.sample_interval_s)
-            sampler.start()
-            t_start = time.time()
-            try:
-                run_locust(soak_cfg, host, soak_dir)
-            finally:
-                t_end = time.time()
-                sampler.stop()
+            (tmp / "saturation").mkdir()
+            (tmp / "soak").mkdir()
+            stage(f"saturation: {cfg.saturation_users} closed-loop users for {cfg.saturation_duration}")
+            sat_cfg, sat = _saturation(cfg, host, tmp / "saturation")
+            rate = cfg.load_fraction * sat["requests_per_s"] / cfg.users
+            stage(f"saturation {sat['requests_per_s']:.1f} req/s (p99 {sat['latency_ms']['p99']} ms); soak at "
+                  f"{rate * cfg.users:.1f} req/s = {cfg.users} users x {rate:.3f} req/s for {cfg.duration_s:g} s")
+            soak, sampler, t_start, t_end = _soak(cfg, host, tmp / "soak", server.process.pid, rate)
             server.check()  # still alive and ready after the soak
             stage("soak done; judging")
-            soak = summarize(soak_cfg, soak_dir, host, t_end - t_start, None)
-            p99 = _history_p99(soak_dir / "locust_stats_history.csv")
+            p99 = _history_p99(tmp / "soak" / "locust_stats_history.csv")
             rss = [(t, sum(v.values())) for t, v in sampler.samples]
             result = verdict(cfg, soak["requests"], soak["failures"], p99, rss, t_start, t_end)
-            with open(tmp / "rss.csv", "w", encoding="utf-8") as fh:
-                names = sorted({k for _, v in sampler.samples for k in v})
-                fh.write("timestamp,total," + ",".join(names) + "\n")
-                for t, v in sampler.samples:
-                    fh.write(f"{t:.3f},{sum(v.values())}," + ",".join(str(v.get(n, "")) for n in names) + "\n")
-            summary = {
-                **result,
-                "saturation": {"requests_per_s": saturation, "users": cfg.saturation_users,
-                               "duration_s": sat_cfg.duration_s, "latency_ms": sat["latency_ms"]},
-                "soak": {"target_requests_per_s": target, "requests_per_s": soak["requests_per_s"],
-                         "users": cfg.users, "rate_per_user": rate, "duration_s": cfg.duration_s,
-                         "requests": soak["requests"], "failures": soak["failures"],
-                         "latency_ms": soak["latency_ms"], "top_failures": soak["top_failures"]},
-                "rss_samples": len(sampler.samples),
-                "machine": {"cpus": os.cpu_count(),
-                            "loadavg_1m_median": statistics.median(sampler.loadavg) if sampler.loadavg else None,
-                            "loadavg_1m_max": max(sampler.loadavg, default=None)},
-                "config": {**asdict(cfg), "protocol": cfg.protocol.value},
-                "versions": versions(("locust", "tritonclient", "nvidia-pytriton", "onnxruntime", "numpy")),
-                "out": str(cfg.out.absolute()),
-            }
-            summary["plot"] = "soak.png" if _plot(p99, rss, t_start, tmp / "soak.png",
-                                                  f"soak at {cfg.load_fraction:.0%} of {saturation:.0f} req/s") else None
+            _write_rss(tmp / "rss.csv", sampler.samples)
+            summary = _summary(cfg, result, sat_cfg, sat, soak, sampler, rate)
+            title = f"soak at {cfg.load_fraction:.0%} of {sat['requests_per_s']:.0f} req/s"
+            summary["plot"] = "soak.png" if _plot(p99, rss, t_start, tmp / "soak.png", title) else None
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     finally:
         server.stop()

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_directory
+from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
-from loadtest.run import Protocol, default_out, parse_duration, parse_protocol
+from loadtest.run import default_out, parse_duration, parse_protocol
+from serving.contract import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +60,24 @@ def parse_ints(text: str, what: str, minimum: int = 0) -> tuple[int, ...]:
 
 @dataclass
 class TuneConfig:
-    repository: Path = Path("model_repository")
-    texts: Path | None = None
-    duration_per_trial: str = "10s"
-    warmup: str = "2s"
-    concurrency: int = 16
-    texts_per_request: int = 8
-    protocol: Protocol = Protocol.GRPC
-    layouts: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (1, 1))
-    queue_delays_us: tuple[int, ...] = (500, 8000)
-    max_batch_sizes: tuple[int, ...] = (32, 128)
-    n_texts: int = 512
-    apply: bool = True
-    out: Path | None = None
+    repository: Path = field(default=Path("model_repository"),
+                             metadata={"help": "repository to tune (written by python -m exporter build)"})
+    texts: Path | None = field(default=None,
+                               metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
+    duration_per_trial: str = field(default="10s", metadata={"help": "measured length of each trial, e.g. 10s"})
+    warmup: str = field(default="2s", metadata={"help": "unmeasured warm-up of each trial"})
+    concurrency: int = field(default=16, metadata={"help": "concurrent clients"})
+    texts_per_request: int = field(default=8, metadata={"help": "texts per request"})
+    protocol: Protocol = field(default=Protocol.GRPC, metadata={"help": "wire protocol"})
+    layouts: tuple[tuple[int, int], ...] = field(default=((1, 2), (2, 1), (1, 1)),
+                                                 metadata={"help": "encoder INSTANCESxTHREADS list (stage 1)"})
+    queue_delays_us: tuple[int, ...] = field(default=(500, 8000),
+                                             metadata={"help": "max_queue_delay values to try (stage 2)"})
+    max_batch_sizes: tuple[int, ...] = field(default=(32, 128),
+                                             metadata={"help": "max_batch_size values to try (stage 2)"})
+    n_texts: int = field(default=512, metadata={"help": "texts sent round-robin"})
+    apply: bool = field(default=True, metadata={"help": "write the best configuration into the repository"})
+    out: Path | None = field(default=None, metadata={"help": "report directory (default results/tune-<time>/)"})
     duration_s: float = field(init=False, default=0.0)
     warmup_s: float = field(init=False, default=0.0)
 
@@ -92,37 +99,19 @@ class TuneConfig:
 
 
 def _sources(repository: Path, workdir: Path) -> tuple[Path, Path, dict[int, str], dict[str, Any]]:
-    """Copies of the served ONNX file and tokenizer (from provenance, else the repository), id2label."""
-    from serving.repository import ENCODER, TOKENIZER, VERSION
+    """Copies of the served ONNX file and tokenizer (``read_served_repository``), id2label, provenance."""
+    from loadtest.artifacts import read_served_repository
 
-    from loadtest.artifacts import read_provenance
-
-    prov = read_provenance(repository)
-    labels = prov.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise LoadtestError(f"{repository}/provenance.json has no labels list")
-    onnx_src = Path((prov.get("onnx") or {}).get("source") or "")
-    if not onnx_src.is_file():
-        onnx_src = repository / ENCODER / VERSION / "model.onnx"
-    exporter = prov.get("exporter") or {}
-    tok_src = None
-    for key in ("tokenizer_dir", "checkpoint"):
-        cand = Path(str(exporter.get(key) or ""))
-        if exporter.get(key) and (cand / "tokenizer.json").is_file():
-            tok_src = cand
-            break
-    tok_src = tok_src or repository / TOKENIZER / VERSION / "tokenizer"
-    if not onnx_src.is_file() or not (tok_src / "tokenizer.json").is_file():
-        raise LoadtestError(f"cannot find the served ONNX file or tokenizer for {repository}")
+    info = read_served_repository(repository)
     onnx = workdir / "model.onnx"
-    shutil.copy2(onnx_src, onnx)
+    shutil.copy2(info.onnx, onnx)
     tok = workdir / "tokenizer"
     tok.mkdir()
     for name in TOKENIZER_FILES:  # only the tokenizer: a checkpoint directory may also hold weights, runs
-        if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, tok / name)
-    log.info("tune sources: onnx %s, tokenizer %s", onnx_src, tok_src)
-    return onnx, tok, dict(enumerate(labels)), prov
+        if (info.tokenizer_dir / name).is_file():
+            shutil.copy2(info.tokenizer_dir / name, tok / name)
+    log.info("tune sources: onnx %s, tokenizer %s", info.onnx, info.tokenizer_dir)
+    return onnx, tok, dict(enumerate(info.labels)), dict(info.provenance)
 
 
 def _base_config(prov: dict[str, Any]):
@@ -155,8 +144,7 @@ def _trial(i: int, stage: str, rcfg, onnx: Path, tok: Path, id2label, workdir: P
     record: dict[str, Any] = {"trial": i, "stage": stage, **_knobs(rcfg)}
     try:
         with served(repo) as ep:
-            url = ep.http_url if cfg.protocol is Protocol.HTTP else ep.grpc_url
-            r = closed_loop(cfg.protocol.value, url, texts, gold, concurrency=cfg.concurrency,
+            r = closed_loop(cfg.protocol, ep.url(cfg.protocol), texts, gold, concurrency=cfg.concurrency,
                             texts_per_request=cfg.texts_per_request, duration_s=cfg.duration_s,
                             warmup_s=cfg.warmup_s)
         record.update(seq_per_s=r.seq_per_s, p50_ms=r.percentile(50), p99_ms=r.percentile(99),
@@ -185,6 +173,73 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return False
 
 
+def _variations(stage1, cfg: TuneConfig) -> list:
+    """Stage 2: one batching knob at a time around the best layout."""
+    out = [dataclasses.replace(stage1, max_queue_delay_us=d) for d in cfg.queue_delays_us
+           if d != stage1.max_queue_delay_us]
+    for mbs in cfg.max_batch_sizes:
+        if mbs != stage1.max_batch_size:
+            pref = tuple(b for b in stage1.preferred_batch_sizes if b <= mbs)
+            out.append(dataclasses.replace(stage1, max_batch_size=mbs, preferred_batch_sizes=pref,
+                                           max_queue_size=max(stage1.max_queue_size, mbs)))
+    return out
+
+
+def _sweep(cfg: TuneConfig, base, run_trial) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Both stages, with a progress bar; (trials, best trial, its RepositoryConfig)."""
+    trials: list[dict[str, Any]] = []
+    best: list = [None, None]  # [record, RepositoryConfig]
+    layouts = [dataclasses.replace(base, encoder_instances=i, intra_op_threads=t) for i, t in cfg.layouts]
+    n_stage2 = len(cfg.queue_delays_us) + len(cfg.max_batch_sizes)  # at most
+
+    with progress.steps("tune", len(layouts) + n_stage2) as step:
+        def run_stage(stage: str, candidates: list) -> None:
+            for rcfg in candidates:
+                step(f"trial {len(trials) + 1} ({stage})")
+                trials.append(run_trial(len(trials) + 1, stage, rcfg))
+                if _better(trials[-1], best[0]):
+                    best[:] = [trials[-1], rcfg]
+
+        run_stage("layout", layouts)
+        if best[1] is None:
+            raise LoadtestError("no layout served without failures: " + "; ".join(
+                f"trial {t['trial']}: {t.get('error')}" for t in trials))
+        run_stage("batching", _variations(best[1], cfg))
+    return trials, best[0], best[1]
+
+
+TABLE_HEADER = ("trial", "stage", "instances", "intra-op", "max batch", "preferred", "delay us", "seq/s",
+                "p50 ms", "p99 ms", "failures")
+
+
+def _table_rows(trials: list[dict[str, Any]]) -> list[tuple]:
+    return [(t["trial"], t["stage"], t["encoder_instances"], t["intra_op_threads"], t["max_batch_size"],
+             ",".join(map(str, t["preferred_batch_sizes"])) or "-", t["max_queue_delay_us"], t["seq_per_s"],
+             t["p50_ms"], t["p99_ms"], t["failures"] if t.get("error") is None else f"error: {t['error'][:60]}")
+            for t in trials]
+
+
+def _write_reports(cfg: TuneConfig, summary: dict[str, Any], source: str) -> None:
+    best = summary["best"]
+    with atomic_directory(cfg.out) as tmp:
+        (tmp / "tune.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"},
+                                                  indent=2, default=str) + "\n")
+        md = [
+            "# Serving configuration sweep\n",
+            f"Closed loop, {cfg.protocol.value}, {cfg.concurrency} clients x {cfg.texts_per_request} texts/request, "
+            f"{cfg.duration_s:g} s per trial after {cfg.warmup_s:g} s warm-up, texts from `{source}`.\n",
+            markdown_table(*summary["table"]),
+            f"Best: trial {best['trial']} {({k: v for k, v in best.items() if k not in _RESULT_KEYS})} at "
+            f"{best['seq_per_s']:.1f} seq/s" + (" (written into the repository)." if summary["applied"]
+                                                else " (not applied)."),
+            "",
+        ]
+        (tmp / "tune.md").write_text("\n".join(md))
+
+
+_RESULT_KEYS = ("trial", "seq_per_s", "p50_ms", "p99_ms")
+
+
 def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     """Sweep, write tune.json/tune.md into ``cfg.out``, and (if ``cfg.apply``) rewrite the repository."""
     from serving.repository import write_repository
@@ -193,72 +248,28 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     textset = load_texts(cfg.texts).sample(cfg.n_texts)
     texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
-    trials: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tune-") as tmpname:
         workdir = Path(tmpname)
         onnx, tok, id2label, prov = _sources(cfg.repository, workdir)
         base = _base_config(prov)
         log.info("tune: base config %s", _knobs(base))
-        best, best_cfg = None, None
-        for inst, thr in cfg.layouts:
-            rcfg = dataclasses.replace(base, encoder_instances=inst, intra_op_threads=thr)
-            rec = _trial(len(trials) + 1, "layout", rcfg, onnx, tok, id2label, workdir, cfg, texts, gold)
-            trials.append(rec)
-            if _better(rec, best):
-                best, best_cfg = rec, rcfg
-        if best_cfg is None:
-            raise LoadtestError("no layout served without failures: " + "; ".join(
-                f"trial {t['trial']}: {t.get('error')}" for t in trials))
-        stage1 = best_cfg
-        variations = [dataclasses.replace(stage1, max_queue_delay_us=d) for d in cfg.queue_delays_us
-                      if d != stage1.max_queue_delay_us]
-        for mbs in cfg.max_batch_sizes:
-            if mbs != stage1.max_batch_size:
-                pref = tuple(b for b in stage1.preferred_batch_sizes if b <= mbs)
-                variations.append(dataclasses.replace(stage1, max_batch_size=mbs, preferred_batch_sizes=pref,
-                                                      max_queue_size=max(stage1.max_queue_size, mbs)))
-        for rcfg in variations:
-            rec = _trial(len(trials) + 1, "batching", rcfg, onnx, tok, id2label, workdir, cfg, texts, gold)
-            trials.append(rec)
-            if _better(rec, best):
-                best, best_cfg = rec, rcfg
-        applied = False
+        trials, best, best_cfg = _sweep(cfg, base, lambda i, stage, rcfg: _trial(
+            i, stage, rcfg, onnx, tok, id2label, workdir, cfg, texts, gold))
         if cfg.apply:
             exporter = dict(prov.get("exporter") or {})
             exporter["tuned"] = {"best": _knobs(best_cfg), "seq_per_s": best["seq_per_s"],
                                  "p99_ms": best["p99_ms"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_repository(cfg.repository, onnx_model=onnx, tokenizer_dir=tok, id2label=id2label,
                              config=best_cfg, provenance=exporter)
-            applied = True
             log.info("wrote the best configuration into %s", cfg.repository)
     summary = {
-        "repository": str(cfg.repository.absolute()), "applied": applied, "base": _knobs(base),
-        "best": {**_knobs(best_cfg), "trial": best["trial"], "seq_per_s": best["seq_per_s"],
-                 "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"]},
+        "repository": str(cfg.repository.absolute()), "applied": cfg.apply, "base": _knobs(base),
+        "best": {**_knobs(best_cfg), **{k: best[k] for k in _RESULT_KEYS}},
         "load": {"protocol": cfg.protocol.value, "concurrency": cfg.concurrency,
                  "texts_per_request": cfg.texts_per_request, "duration_s": cfg.duration_s,
                  "warmup_s": cfg.warmup_s, "texts": textset.source, "n_texts": len(texts)},
-        "trials": trials,
+        "trials": trials, "table": (TABLE_HEADER, _table_rows(trials)),
     }
-    header = ("trial", "stage", "instances", "intra-op", "max batch", "preferred", "delay us", "seq/s",
-              "p50 ms", "p99 ms", "failures")
-    rows = [(t["trial"], t["stage"], t["encoder_instances"], t["intra_op_threads"], t["max_batch_size"],
-             ",".join(map(str, t["preferred_batch_sizes"])) or "-", t["max_queue_delay_us"], t["seq_per_s"],
-             t["p50_ms"], t["p99_ms"], t["failures"] if t.get("error") is None else f"error: {t['error'][:60]}")
-            for t in trials]
-    summary["table"] = (header, rows)
-    with atomic_directory(cfg.out) as tmp:
-        (tmp / "tune.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"},
-                                                  indent=2, default=str) + "\n")
-        md = [
-            "# Serving configuration sweep\n",
-            f"Closed loop, {cfg.protocol.value}, {cfg.concurrency} clients x {cfg.texts_per_request} texts/request, "
-            f"{cfg.duration_s:g} s per trial after {cfg.warmup_s:g} s warm-up, texts from `{textset.source}`.\n",
-            markdown_table(header, rows),
-            f"Best: trial {best['trial']} {_knobs(best_cfg)} at {best['seq_per_s']:.1f} seq/s"
-            + (" (written into the repository)." if applied else " (not applied)."),
-            "",
-        ]
-        (tmp / "tune.md").write_text("\n".join(md))
+    _write_reports(cfg, summary, textset.source)
     summary["out"] = str(cfg.out.absolute())
     return summary

@@ -5,12 +5,20 @@ import argparse
 import enum
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import command_parser, prog_name, run_cli, setup_logging
+from common.dataclass_cli import Flag, add_config_arguments, config_from_args
+from serving.contract import DEFAULT_CLASSIFIER, Protocol
 from serving.errors import ServingError
+from serving.repository import Target
 
 PROG = "python -m serving"
+# `serving up` serves the exporter's default repository on Triton's standard ports; ServerConfig (a library
+# type) has no default repository and picks free ports (0), which suits tests and embedding.
+UP_FLAGS = {"repository": Flag(default=Path("model_repository")), "http_port": Flag(default=8000),
+            "grpc_port": Flag(default=8001), "metrics_port": Flag(default=8002)}
 
 
 class Output(str, enum.Enum):
@@ -20,45 +28,61 @@ class Output(str, enum.Enum):
 
 @dataclass
 class ClassifyConfig:
-    texts: list[str]
-    url: str
-    protocol: str
-    model: str
-    timeout_s: float
-    output: Output
+    """`serving classify`: texts, where to send them, how to print the answers."""
+
+    texts: list[str] = field(metadata={"help": "texts to classify; '-' reads one text per line from stdin"})
+    url: str | None = field(default=None, metadata={"help": "host:port (default 127.0.0.1:8000 http, :8001 grpc)"})
+    protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
+    model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
+    timeout_s: float = field(default=30.0, metadata={"help": "seconds per request"})
+    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("http", "grpc"):
-            raise ServingError(f"protocol must be http or grpc, got {self.protocol!r}")
+        try:
+            self.protocol = Protocol(self.protocol)
+        except ValueError:
+            raise ServingError(f"protocol must be http or grpc, got {self.protocol!r}") from None
         if not self.texts:
             raise ServingError("give at least one text (or '-' to read lines from stdin)")
         self.output = Output(self.output)
+        if self.url is None:
+            self.url = f"127.0.0.1:{self.protocol.default_port}"
+
+
+@dataclass
+class HealthConfig:
+    """`serving health`: which server and model to ask."""
+
+    url: str = field(default="127.0.0.1:8000", metadata={"help": "HTTP host:port"})
+    model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
+    timeout_s: float = field(default=5.0, metadata={"help": "seconds to wait for the answer"})
+
+
+@dataclass
+class ValidateConfig:
+    """`serving validate`: the repository to check, optionally against a target."""
+
+    repository: Path = field(metadata={"help": "model repository directory"})
+    target: Target | None = field(default=None, metadata={"help": "also check it fits this target"})
 
 
 def _add_up(sub) -> None:
+    from serving.server import ServerConfig
+    from serving.supervisor import SupervisorConfig
+
     p = sub.add_parser("up", help="run tritonserver locally on a model repository until Ctrl-C / SIGTERM")
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
-    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for every model")
-    p.add_argument("--exit-timeout", type=int, default=10, help="seconds tritonserver may take to stop")
+    add_config_arguments(p, ServerConfig, flags=UP_FLAGS, exclude={"extra_args"})
     p.add_argument("--no-supervise", action="store_true",
                    help="do not restart a broken server (dead stub / process); see docs/RELIABILITY.md")
-    p.add_argument("--check-interval", type=float, default=2.0, help="seconds between supervisor checks")
+    add_config_arguments(p.add_argument_group("supervisor"), SupervisorConfig)
 
 
 def _run_up(args) -> int:
     from serving.server import ServerConfig, serve_forever
     from serving.supervisor import SupervisorConfig, supervise_forever
 
-    config = ServerConfig(
-        repository=args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, log_file=args.log_file, startup_timeout_s=args.startup_timeout,
-        exit_timeout_s=args.exit_timeout,
-    )
+    config = config_from_args(ServerConfig, args)
+    supervisor = None if args.no_supervise else config_from_args(SupervisorConfig, args)
 
     def ready(server) -> None:
         print(f"tritonserver ready in {server.start_seconds:.1f} s (Ctrl-C to stop)", flush=True)
@@ -67,29 +91,27 @@ def _run_up(args) -> int:
         print(f"  metrics  {server.metrics_url}", flush=True)
         print(f"  log      {server.log_path}", flush=True)
         print(f"  pid      {server.process.pid}", flush=True)
-        if not args.no_supervise:
-            print(f"  supervisor  on (checks every {args.check_interval:g} s; --no-supervise to opt out)", flush=True)
+        print(f"  admin    restricted (header {server.admin_header}; key from --admin-key/$TRITON_ADMIN_KEY, "
+              "else random)", flush=True)
+        if supervisor is not None:
+            print(f"  supervisor  on (checks every {supervisor.check_interval_s:g} s; --no-supervise to opt out)",
+                  flush=True)
 
-    if args.no_supervise:
+    if supervisor is None:
         return serve_forever(config, on_ready=ready)
-    return supervise_forever(config, SupervisorConfig(check_interval_s=args.check_interval), on_ready=ready)
+    return supervise_forever(config, supervisor, on_ready=ready)
 
 
 def _add_classify(sub) -> None:
     p = sub.add_parser("classify", help="classify texts with a running server")
-    p.add_argument("texts", nargs="+", help="texts to classify; '-' reads one text per line from stdin")
-    p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")
-    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    p.add_argument("--model", default="classifier")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("texts", nargs="+", help=ClassifyConfig.__dataclass_fields__["texts"].metadata["help"])
+    add_config_arguments(p, ClassifyConfig, exclude={"texts"})
+    p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
 
 
 def _run_classify(args) -> int:
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-    url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
-    config = ClassifyConfig(texts, url, args.protocol, args.model, args.timeout,
-                            Output.JSON if args.json else Output.TABLE)
+    config = config_from_args(ClassifyConfig, args, texts=texts)
     from serving.client import TextClassifier
 
     with TextClassifier(config.url, protocol=config.protocol, model=config.model,
@@ -102,7 +124,7 @@ def _run_classify(args) -> int:
     from rich.table import Table
 
     labels = list(predictions[0].probabilities) if predictions else []
-    table = Table(title=f"{config.model} @ {config.url} ({config.protocol})")
+    table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
     table.add_column("text", overflow="fold", max_width=60)
     table.add_column("label", style="bold")
     for label in labels:
@@ -114,32 +136,31 @@ def _run_classify(args) -> int:
 
 
 def _add_health(sub) -> None:
-    p = sub.add_parser("health", help="exit 0 if the server and the model are ready")
-    p.add_argument("--url", default="127.0.0.1:8000", help="HTTP host:port")
-    p.add_argument("--model", default="classifier")
-    p.add_argument("--timeout", type=float, default=5.0)
+    add_config_arguments(sub.add_parser("health", help="exit 0 if the server and the model are ready"), HealthConfig)
 
 
 def _run_health(args) -> int:
     from serving.client import TextClassifier
 
-    with TextClassifier(args.url, protocol="http", model=args.model, timeout_s=args.timeout, retries=0) as client:
+    config = config_from_args(HealthConfig, args)
+    with TextClassifier(config.url, protocol="http", model=config.model, timeout_s=config.timeout_s,
+                        retries=0) as client:
         ready = client.is_ready()
-    print(f"{args.url}: {args.model} {'ready' if ready else 'NOT ready'}")
+    print(f"{config.url}: {config.model} {'ready' if ready else 'NOT ready'}")
     return 0 if ready else 1
 
 
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a model repository offline")
-    p.add_argument("repository", type=Path)
-    p.add_argument("--target", choices=["cpu", "gpu"], default=None)
+    add_config_arguments(p, ValidateConfig, flags={"repository": Flag(positional=True)})
 
 
 def _run_validate(args) -> int:
-    from serving.repository import Target, validate_repository
+    from serving.repository import validate_repository
 
-    models = validate_repository(args.repository, Target(args.target) if args.target else None)
-    print(f"{args.repository}: valid ({', '.join(models)})")
+    config = config_from_args(ValidateConfig, args)
+    models = validate_repository(config.repository, config.target)
+    print(f"{config.repository}: valid ({', '.join(models)})")
     return 0
 
 
@@ -152,9 +173,7 @@ def _manifests():
 
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(PROG, __doc__)
     for add in (_add_up, _add_classify, _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
@@ -167,8 +186,6 @@ RUNNERS = {"up": _run_up, "classify": _run_classify, "health": _run_health, "val
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import run_cli, setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
 
@@ -177,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
             return int(_manifests().run(args))
         return RUNNERS[args.command](args)
 
-    return run_cli(run, user_errors=(ServingError,), prog=PROG)
+    return run_cli(run, user_errors=(ServingError,), prog=prog_name(PROG))

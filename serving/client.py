@@ -1,22 +1,41 @@
-"""Thin client of the `classifier` ensemble over HTTP or gRPC, sync (`TextClassifier`) and asyncio
+"""Thin client of a served model over HTTP or gRPC, sync (`TextClassifier`) and asyncio
 (`AsyncTextClassifier`). No tokenizer here: the server tokenizes.
 
-Large inputs are split into chunks of at most the model's ``max_batch_size`` rows. Connection failures,
-UNAVAILABLE (queue full / queue timeout / server starting) and Triton's 500 "Stub process ... is not healthy"
-(a dead python-backend stub; see serving.supervisor) are retried with bounded exponential backoff, at most
-``retries`` times and never past ``timeout_s`` after the first attempt; errors come back as the typed
-exceptions of ``serving.errors``.
+Every request is built and every response decoded through ``serving.contract``; the model's labels and
+``max_batch_size`` come from its config (``ServedModel.from_config``). ``https://`` and ``grpcs://`` URLs
+use TLS; nothing is ever downgraded to plaintext.
+
+The transport (connection, retries, chunking into at most ``max_batch_size`` rows) lives in
+``_SyncTransport`` / ``_AsyncTransport``; a task is a thin decode on top (``TextClassifier`` decodes
+classifications; an embedder or a text-pair task adds its own decode over the same transport).
+Connection failures, UNAVAILABLE (queue full / queue timeout / server starting) and Triton's 500 "Stub
+process ... is not healthy" (a dead python-backend stub; see serving.supervisor) are retried as
+``RetryPolicy`` says: bounded exponential backoff, at most ``retries`` times and never past ``timeout_s``
+after the first attempt; errors come back as the typed exceptions of ``serving.errors``.
 """
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from serving.contract import (
+    DEFAULT_CLASSIFIER,
+    LOGITS,
+    ContractError,
+    Endpoint,
+    Prediction,
+    Protocol,
+    ServedModel,
+    decode_classification,
+    infer_inputs,
+    parse_endpoint,
+    requested_outputs,
+    text_rows,
+)
 from serving.errors import (
     ClientError,
     InvalidInputError,
@@ -24,55 +43,63 @@ from serving.errors import (
     ServerUnavailableError,
 )
 
+__all__ = ["AsyncTextClassifier", "ClientConfig", "Prediction", "Protocol", "RetryPolicy", "TextClassifier",
+           "classify_error", "connect"]
+
 log = logging.getLogger(__name__)
 
 
-class Protocol(str, enum.Enum):
-    HTTP = "http"
-    GRPC = "grpc"
-
-
 @dataclass(frozen=True)
-class Prediction:
-    """One text's result: the label, its probability, and the probability of every label."""
+class RetryPolicy:
+    """Bounded exponential backoff: ``delays()`` yields the pause before each retry, and stops when the
+    retries run out or the next pause would end past ``timeout_s`` after the first attempt."""
 
-    label: str
-    score: float
-    probabilities: dict[str, float]
-    logits: list[float] | None = None
+    retries: int = 4
+    backoff_s: float = 0.1
+    backoff_max_s: float = 2.0
+    timeout_s: float = 30.0
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {"label": self.label, "score": self.score, "probabilities": self.probabilities}
-        if self.logits is not None:
-            out["logits"] = self.logits
-        return out
+    def delays(self) -> Iterator[float]:
+        start = wake = time.monotonic()
+        for attempt in range(self.retries):
+            delay = min(self.backoff_max_s, self.backoff_s * (2 ** attempt))
+            wake = max(time.monotonic(), wake) + delay  # the caller sleeps ``delay`` after this point
+            if wake > start + self.timeout_s:
+                return
+            yield delay
 
 
 @dataclass
 class ClientConfig:
+    """Where and how to call a served model. ``url`` may carry a scheme (``http://``, ``https://``,
+    ``grpc://``, ``grpcs://``); without ``protocol`` the scheme decides (default HTTP)."""
+
     url: str = "127.0.0.1:8000"
-    protocol: Protocol = Protocol.HTTP
-    model: str = "classifier"
+    protocol: Protocol | str | None = None
+    model: str = DEFAULT_CLASSIFIER
     timeout_s: float = 30.0
     retries: int = 4
     backoff_s: float = 0.1
     backoff_max_s: float = 2.0
     return_logits: bool = False
+    endpoint: Endpoint = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
-            self.protocol = Protocol(self.protocol)
+            Protocol(self.protocol if self.protocol is not None else Protocol.HTTP)
         except ValueError as exc:
             raise ClientError(f"protocol must be http or grpc, got {self.protocol!r}") from exc
-        for prefix in ("http://", "https://", "grpc://"):
-            if self.url.startswith(prefix):
-                self.url = self.url[len(prefix):]
-        self.url = self.url.rstrip("/")
+        try:
+            self.endpoint = parse_endpoint(self.url, self.protocol)
+        except ContractError as exc:
+            raise ClientError(str(exc)) from exc
+        self.protocol, self.url = self.endpoint.protocol, self.endpoint.address
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise ClientError("timeout_s must be > 0, retries and backoff_s >= 0")
 
-    def delay(self, attempt: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * (2 ** attempt))
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.retries, self.backoff_s, self.backoff_max_s, self.timeout_s)
 
 
 # ------------------------------------------------------------------------------ shared pure helpers
@@ -92,29 +119,31 @@ class _Retry(Exception):
         self.error = error
 
 
+def _server_error(status: str, message: str, url: str) -> ClientError | _Retry:
+    if _NO_VERSIONS in message:
+        # the model is being unloaded (server shutting down or restarting): transient, not a bad request
+        return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
+    if status in _INVALID:
+        return InvalidInputError(f"{message} ({status})")
+    if status in _TIMEOUT or "Deadline Exceeded" in message or "timed out" in message.lower():
+        return RequestTimeoutError(f"{message} ({status or 'timeout'})")
+    if status in _UNAVAILABLE or "failed to connect" in message.lower() or "connection" in message.lower():
+        return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
+    if _STUB_UNHEALTHY in message:
+        # Triton 2.51 after a python-backend stub died: the request never ran, and classification is
+        # idempotent, so it is safe to retry while serving.supervisor restarts the server (RELIABILITY.md).
+        return _Retry(ServerUnavailableError(f"{url}: {message} ({status or '500'}, stub restarting)"))
+    if status.startswith("4"):
+        return InvalidInputError(f"{message} ({status})")
+    return ClientError(f"server error: {message} ({status})")
+
+
 def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
     """Map a tritonclient / transport exception to a typed error (or a retryable one)."""
     from tritonclient.utils import InferenceServerException
 
     if isinstance(exc, InferenceServerException):
-        status = str(exc.status() or "")
-        message = exc.message() or str(exc)
-        if _NO_VERSIONS in message:
-            # the model is being unloaded (server shutting down or restarting): transient, not a bad request
-            return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
-        if status in _INVALID:
-            return InvalidInputError(f"{message} ({status})")
-        if status in _TIMEOUT or "Deadline Exceeded" in message or "timed out" in message.lower():
-            return RequestTimeoutError(f"{message} ({status or 'timeout'})")
-        if status in _UNAVAILABLE or "failed to connect" in message.lower() or "connection" in message.lower():
-            return _Retry(ServerUnavailableError(f"{url}: {message} ({status or 'unavailable'})"))
-        if _STUB_UNHEALTHY in message:
-            # Triton 2.51 after a python-backend stub died: the request never ran, and classification is
-            # idempotent, so it is safe to retry while serving.supervisor restarts the server (RELIABILITY.md).
-            return _Retry(ServerUnavailableError(f"{url}: {message} ({status or '500'}, stub restarting)"))
-        if status.startswith("4"):
-            return InvalidInputError(f"{message} ({status})")
-        return ClientError(f"server error: {message} ({status})")
+        return _server_error(str(exc.status() or ""), exc.message() or str(exc), url)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("timeout", "ServerTimeoutError"):
         return RequestTimeoutError(f"{url}: no answer within the timeout ({type(exc).__name__})")
     if isinstance(exc, (ConnectionError, OSError)) or type(exc).__name__ in (
@@ -123,14 +152,18 @@ def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
     return ClientError(f"{url}: {type(exc).__name__}: {exc}")
 
 
-def _texts(texts: str | Iterable[str]) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    out = list(texts)
-    bad = [i for i, t in enumerate(out) if not isinstance(t, str)]
-    if bad:
-        raise InvalidInputError(f"texts must be strings; items {bad[:5]} are not")
-    return out
+def _next_delay(exc: Exception, url: str, delays: Iterator[float]) -> float:
+    """The pause before retrying after ``exc``; raises the typed error when it is final."""
+    if isinstance(exc, ClientError):
+        raise exc
+    error = classify_error(exc, url)
+    if not isinstance(error, _Retry):
+        raise error from exc
+    delay = next(delays, None)
+    if delay is None:
+        raise error.error from exc
+    log.debug("retrying in %.2f s after: %s", delay, error)
+    return delay
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
@@ -138,239 +171,212 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
         yield items[start:start + size]
 
 
-def _parse_config(config: Any) -> tuple[int, list[str]]:
-    """max_batch_size and labels from a model config (HTTP dict, gRPC JSON dict, or protobuf)."""
-    if hasattr(config, "config") and not isinstance(config, dict):  # gRPC protobuf response
-        cfg = config.config
-        mbs = cfg.max_batch_size
-        labels_json = cfg.parameters["labels"].string_value if "labels" in cfg.parameters else None
-    else:
-        cfg = config.get("config", config)
-        mbs = int(cfg.get("max_batch_size", 0))
-        labels_json = (cfg.get("parameters", {}).get("labels") or {}).get("string_value")
-    if not labels_json:
-        raise ClientError("the model config has no 'labels' parameter; is this the classifier ensemble?")
-    return int(mbs), list(json.loads(labels_json))
+def tritonclient_module(protocol: Protocol, aio: bool = False) -> Any:
+    """tritonclient.http / .grpc, or their asyncio twins."""
+    return importlib.import_module(f"tritonclient.{Protocol(protocol).value}{'.aio' if aio else ''}")
 
 
-def _predictions(labels_out, probs, logits, labels: list[str]) -> list[Prediction]:
-    out = []
-    for i in range(len(probs)):
-        raw = labels_out[i][0] if getattr(labels_out[i], "shape", ()) else labels_out[i]
-        label = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        probabilities = {name: float(p) for name, p in zip(labels, probs[i])}
-        out.append(Prediction(
-            label=label, score=probabilities.get(label, float(max(probs[i]))), probabilities=probabilities,
-            logits=[float(x) for x in logits[i]] if logits is not None else None,
-        ))
-    return out
+def connect(endpoint: Endpoint, *, aio: bool = False, timeout_s: float = 60.0, conn_limit: int = 100) -> Any:
+    """A tritonclient InferenceServerClient for ``endpoint``: TLS exactly when the endpoint says so."""
+    module = tritonclient_module(endpoint.protocol, aio)
+    if endpoint.protocol is Protocol.GRPC:
+        return module.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+    if aio:
+        return module.InferenceServerClient(endpoint.address, conn_limit=max(1, conn_limit), conn_timeout=timeout_s,
+                                            ssl=endpoint.tls)
+    return module.InferenceServerClient(endpoint.address, connection_timeout=timeout_s, network_timeout=timeout_s,
+                                        ssl=endpoint.tls)
 
 
-def _inputs(module, texts: list[str]):
-    import numpy as np
-
-    data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-    tensor = module.InferInput("TEXT", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    outputs = [module.InferRequestedOutput(n) for n in ("LABEL", "PROBABILITIES")]
-    return [tensor], outputs
+def _texts(texts: str | Iterable[str]) -> list[str]:
+    try:
+        return text_rows(texts)
+    except ContractError as exc:
+        raise InvalidInputError(str(exc)) from exc
 
 
-# ----------------------------------------------------------------------------------------- sync client
+# ------------------------------------------------------------------------------------------ transport
 
 
 @dataclass
-class _ClassifierBase:
-    """What the sync and asyncio clients share: their settings and the validated ClientConfig."""
+class _Base(ClientConfig):
+    """What the sync and asyncio clients share: their (validated) ClientConfig and connection state."""
 
-    url: str = "127.0.0.1:8000"
-    protocol: Protocol | str = Protocol.HTTP
-    model: str = "classifier"
-    timeout_s: float = 30.0
-    retries: int = 4
-    backoff_s: float = 0.1
-    return_logits: bool = False
-    _cfg: ClientConfig = field(init=False, repr=False)
     _client: Any = field(init=False, default=None, repr=False)
-    _meta: tuple[int, list[str]] | None = field(init=False, default=None, repr=False)
+    _served: ServedModel | None = field(init=False, default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self._cfg = ClientConfig(self.url, self.protocol, self.model, self.timeout_s, self.retries,
-                                 self.backoff_s, return_logits=self.return_logits)
-        self.protocol = self._cfg.protocol
-
-
-@dataclass
-class TextClassifier(_ClassifierBase):
-    """Classify texts with the served `classifier` ensemble (sync)."""
+    _aio = False  # the asyncio transport sets True
 
     @property
-    def _module(self):
-        if self._cfg.protocol is Protocol.HTTP:
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module
-        return module
+    def _module(self) -> Any:
+        return tritonclient_module(self.protocol, self._aio)
 
-    def _connect(self):
+    def _connect(self) -> Any:
         if self._client is None:
-            cfg = self._cfg
-            if cfg.protocol is Protocol.HTTP:
-                self._client = self._module.InferenceServerClient(
-                    cfg.url, connection_timeout=cfg.timeout_s, network_timeout=cfg.timeout_s
-                )
-            else:
-                self._client = self._module.InferenceServerClient(cfg.url)
+            self._client = connect(self.endpoint, aio=self._aio, timeout_s=self.timeout_s)
         return self._client
 
+    def _grpc_timeout(self) -> dict[str, Any]:
+        return {"client_timeout": self.timeout_s} if self.protocol is Protocol.GRPC else {}
+
+    def _config_kwargs(self) -> dict[str, Any]:
+        return {"as_json": True, **self._grpc_timeout()} if self.protocol is Protocol.GRPC else {}
+
+    def _outputs(self, served: ServedModel) -> list[str]:
+        names = list(served.default_outputs)
+        return names + [LOGITS] if self.return_logits and LOGITS not in names else names
+
+    def _request(self, served: ServedModel, chunk: list[str]) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) of ``client.infer`` for one chunk, built through the contract."""
+        module = self._module
+        outputs = requested_outputs(module, self._outputs(served))
+        return (self.model, infer_inputs(module, chunk)), {"outputs": outputs, **self._grpc_timeout()}
+
+    def _read(self, served: ServedModel, response: Any) -> dict[str, Any]:
+        return {name: response.as_numpy(name) for name in self._outputs(served)}
+
+    def _chunks(self, served: ServedModel, items: list[str]) -> Iterable[list[str]]:
+        return _chunks(items, max(1, served.max_batch_size))
+
+
+class _SyncTransport(_Base):
+    """Connection, retries and chunking for the sync clients."""
+
     def _call(self, func, *args, **kwargs):
-        """Run ``func`` with retries on connection failures and UNAVAILABLE."""
-        attempt, deadline = 0, time.monotonic() + self._cfg.timeout_s
+        """Run ``func`` with the retry policy on connection failures and UNAVAILABLE."""
+        delays = self.retry.delays()
         while True:
             try:
                 return func(*args, **kwargs)
-            except ClientError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to typed errors below
-                error = classify_error(exc, self._cfg.url)
-                if not isinstance(error, _Retry):
-                    raise error from exc
-                delay = self._cfg.delay(attempt)
-                if attempt >= self._cfg.retries or time.monotonic() + delay > deadline:
-                    raise error.error from exc
-                log.debug("retrying in %.2f s after: %s", delay, error)
-                time.sleep(delay)
-                attempt += 1
+            except Exception as exc:  # noqa: BLE001 - mapped to typed errors
+                time.sleep(_next_delay(exc, self.url, delays))
 
-    def _grpc_timeout(self) -> dict[str, Any]:
-        return {"client_timeout": self._cfg.timeout_s} if self._cfg.protocol is Protocol.GRPC else {}
+    def served_model(self) -> ServedModel:
+        """The model's contract (labels, max_batch_size), read once from its config."""
+        if self._served is None:
+            config = self._call(self._connect().get_model_config, self.model, **self._config_kwargs())
+            try:
+                self._served = ServedModel.from_config(config)
+            except ContractError as exc:
+                raise ClientError(f"{self.model}: {exc}") from exc
+        return self._served
 
-    def metadata(self) -> tuple[int, list[str]]:
-        """(max_batch_size, labels) of the model, read once from its config."""
-        if self._meta is None:
-            client = self._connect()
-            kwargs = {"as_json": True, **self._grpc_timeout()} if self._cfg.protocol is Protocol.GRPC else {}
-            self._meta = _parse_config(self._call(client.get_model_config, self._cfg.model, **kwargs))
-        return self._meta
-
-    @property
-    def labels(self) -> list[str]:
-        return self.metadata()[1]
+    def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
+        """The decoded outputs of every chunk of ``texts``."""
+        items = _texts(texts)
+        if not items:
+            return self._served, []
+        served, client = self.served_model(), self._connect()
+        outs = []
+        for chunk in self._chunks(served, items):
+            args, kwargs = self._request(served, chunk)
+            outs.append(self._read(served, self._call(client.infer, *args, **kwargs)))
+        return served, outs
 
     def is_ready(self) -> bool:
         """True if the server and the model answer ready (no retries)."""
         try:
             client = self._connect()
-            return bool(client.is_server_ready() and client.is_model_ready(self._cfg.model))
+            return bool(client.is_server_ready() and client.is_model_ready(self.model))
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
-
-    def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
-        """Classify texts; one Prediction per text, in order."""
-        items = _texts(texts)
-        if not items:
-            return []
-        max_batch, labels = self.metadata()
-        client, module = self._connect(), self._module
-        results: list[Prediction] = []
-        for chunk in _chunks(items, max(1, max_batch)):
-            inputs, outputs = _inputs(module, chunk)
-            if self._cfg.return_logits:
-                outputs.append(module.InferRequestedOutput("LOGITS"))
-            response = self._call(client.infer, self._cfg.model, inputs, outputs=outputs, **self._grpc_timeout())
-            logits = response.as_numpy("LOGITS") if self._cfg.return_logits else None
-            results += _predictions(response.as_numpy("LABEL"), response.as_numpy("PROBABILITIES"), logits, labels)
-        return results
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
-    def __enter__(self) -> "TextClassifier":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------- async client
+class _AsyncTransport(_Base):
+    """Connection, retries and chunking for the asyncio clients (chunks are sent concurrently)."""
 
-
-@dataclass
-class AsyncTextClassifier(_ClassifierBase):
-    """The asyncio twin of TextClassifier (tritonclient.http.aio / tritonclient.grpc.aio)."""
-
-    @property
-    def _module(self):
-        if self._cfg.protocol is Protocol.HTTP:
-            import tritonclient.http.aio as module
-        else:
-            import tritonclient.grpc.aio as module
-        return module
-
-    def _connect(self):
-        if self._client is None:
-            if self._cfg.protocol is Protocol.HTTP:
-                self._client = self._module.InferenceServerClient(self._cfg.url, conn_timeout=self._cfg.timeout_s)
-            else:
-                self._client = self._module.InferenceServerClient(self._cfg.url)
-        return self._client
+    _aio = True
 
     async def _call(self, func, *args, **kwargs):
-        attempt, deadline = 0, time.monotonic() + self._cfg.timeout_s
+        delays = self.retry.delays()
         while True:
             try:
-                return await asyncio.wait_for(func(*args, **kwargs), timeout=self._cfg.timeout_s)
-            except ClientError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                error = classify_error(exc, self._cfg.url)
-                if not isinstance(error, _Retry):
-                    raise error from exc
-                delay = self._cfg.delay(attempt)
-                if attempt >= self._cfg.retries or time.monotonic() + delay > deadline:
-                    raise error.error from exc
-                await asyncio.sleep(delay)
-                attempt += 1
+                return await asyncio.wait_for(func(*args, **kwargs), timeout=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - mapped to typed errors
+                await asyncio.sleep(_next_delay(exc, self.url, delays))
 
-    def _grpc_timeout(self) -> dict[str, Any]:
-        return {"client_timeout": self._cfg.timeout_s} if self._cfg.protocol is Protocol.GRPC else {}
+    async def served_model(self) -> ServedModel:
+        if self._served is None:
+            config = await self._call(self._connect().get_model_config, self.model, **self._config_kwargs())
+            try:
+                self._served = ServedModel.from_config(config)
+            except ContractError as exc:
+                raise ClientError(f"{self.model}: {exc}") from exc
+        return self._served
 
-    async def metadata(self) -> tuple[int, list[str]]:
-        if self._meta is None:
-            client = self._connect()
-            kwargs = {"as_json": True, **self._grpc_timeout()} if self._cfg.protocol is Protocol.GRPC else {}
-            self._meta = _parse_config(await self._call(client.get_model_config, self._cfg.model, **kwargs))
-        return self._meta
-
-    async def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
-        """Classify texts; the chunks of a large input are sent concurrently."""
+    async def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
         items = _texts(texts)
         if not items:
-            return []
-        max_batch, labels = await self.metadata()
-        client, module = self._connect(), self._module
+            return self._served, []
+        served, client = await self.served_model(), self._connect()
 
-        async def one(chunk: list[str]) -> list[Prediction]:
-            inputs, outputs = _inputs(module, chunk)
-            if self._cfg.return_logits:
-                outputs.append(module.InferRequestedOutput("LOGITS"))
-            response = await self._call(client.infer, self._cfg.model, inputs, outputs=outputs,
-                                        **self._grpc_timeout())
-            logits = response.as_numpy("LOGITS") if self._cfg.return_logits else None
-            return _predictions(response.as_numpy("LABEL"), response.as_numpy("PROBABILITIES"), logits, labels)
+        async def one(chunk: list[str]) -> dict[str, Any]:
+            args, kwargs = self._request(served, chunk)
+            return self._read(served, await self._call(client.infer, *args, **kwargs))
 
-        parts = await asyncio.gather(*(one(c) for c in _chunks(items, max(1, max_batch))))
-        return [p for part in parts for p in part]
+        return served, list(await asyncio.gather(*(one(c) for c in self._chunks(served, items))))
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    async def __aenter__(self) -> "AsyncTextClassifier":
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def _decode(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Prediction]:
+    if served is None or not outs:
+        return []
+    try:
+        return [p for out in outs for p in decode_classification(served, out)]
+    except ContractError as exc:
+        raise ClientError(f"{served.name}: {exc}") from exc
+
+
+@dataclass
+class TextClassifier(_SyncTransport):
+    """Classify texts with a served classifier (sync)."""
+
+    def metadata(self) -> tuple[int, list[str]]:
+        """(max_batch_size, labels) of the model, read once from its config."""
+        served = self.served_model()
+        return served.max_batch_size, list(served.labels)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.served_model().labels)
+
+    def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
+        """Classify texts; one Prediction per text, in order."""
+        return _decode(*self._infer(texts))
+
+
+@dataclass
+class AsyncTextClassifier(_AsyncTransport):
+    """The asyncio twin of TextClassifier (tritonclient.http.aio / tritonclient.grpc.aio)."""
+
+    async def metadata(self) -> tuple[int, list[str]]:
+        served = await self.served_model()
+        return served.max_batch_size, list(served.labels)
+
+    async def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
+        """Classify texts; the chunks of a large input are sent concurrently."""
+        return _decode(*await self._infer(texts))

@@ -42,14 +42,16 @@ MODEL_NAMES = (TOKENIZER, ENCODER, POSTPROCESS, ENSEMBLE)
 ENCODER_OUTPUTS = (ENCODER_LOGITS, ENCODER_PROBABILITIES)
 _CLIENT_TENSORS = (TEXT, LABEL, PROBABILITIES, LOGITS)  # re-exported for older callers (serving.contract owns them)
 
-# The GPU target runs in this NGC image. Triton 24.10 (= Triton 2.51.0, the version pytriton bundles here)
-# ships ONNX Runtime 1.19.2: source: triton-inference-server/server docs/introduction/compatibility.md,
-# table "ONNX Runtime Versions" (row "24.10 | 1.19.2"). ONNX Runtime 1.19 supports ONNX 1.16, i.e.
-# IR version <= 10 and ai.onnx opset <= 21 (onnxruntime docs/compatibility: "ONNX opset support").
-NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-NGC_ORT_VERSION = "1.19.2"
-NGC_MAX_IR_VERSION = 10
-NGC_MAX_OPSET = 21
+# The GPU target runs in this NGC image: 26.08, the newest release in Triton's compatibility matrix and past
+# 25.07, which fixed the python-backend RCE chain (CVE-2025-23319/23320/23334) and the HTTP chunked-encoding
+# overflow (CVE-2025-23310/23311) of 2.51 (docs/SECURITY.md). It ships ONNX Runtime 1.28.0: source:
+# triton-inference-server/server docs/introduction/compatibility.md, table "ONNX Runtime Versions" (row
+# "26.08 | 1.28.0"). The limits were measured on the onnxruntime 1.28.0 wheel (an Identity model per IR
+# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27.
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.08-py3"
+NGC_ORT_VERSION = "1.28.0"
+NGC_MAX_IR_VERSION = 13
+NGC_MAX_OPSET = 26
 
 
 MODELS_SRC = Path(__file__).parent / "models"
@@ -91,24 +93,34 @@ class RepositoryConfig:
     the CPU target runs rows alone (kept for old configs).
     """
 
-    target: Target = Target.CPU
-    max_batch_size: int = 64
-    max_length: int = 128
+    target: Target = field(default=Target.CPU,
+                           metadata={"help": "cpu: one python-backend classifier; gpu: ensemble on the onnxruntime "
+                                             "backend"})
+    max_batch_size: int = field(default=64, metadata={"help": "largest batch Triton forms"})
+    max_length: int = field(default=128, metadata={"help": "tokenizer truncation in tokens"})
     encoder_instances: int = field(default=0, metadata={
         "help": "instances of the model that runs the encoder (0: one per usable core on cpu, 1 on gpu)"})
-    tokenizer_instances: int = 1
+    tokenizer_instances: int = field(default=1, metadata={"help": "gpu target: tokenizer model instances"})
     intra_op_threads: int = field(default=1, metadata={
         "help": "cpu target: ONNX Runtime intra-op threads per instance (0: the runtime's default)"})
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 2000
-    max_queue_size: int = 256
-    default_queue_timeout_us: int = 30_000_000
-    tensorrt: bool = False  # gpu target: TensorRT execution accelerator on the onnxruntime backend
-    aux_queue_delay_us: int = 500  # gpu target: tokenizer and postprocess
+    preferred_batch_sizes: tuple[int, ...] = field(default=(),
+                                                   metadata={"help": "dynamic batcher preferred sizes (empty: the "
+                                                                     "largest the delay allows)"})
+    max_queue_delay_us: int = field(default=2000, metadata={
+        "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder"})
+    max_queue_size: int = field(default=256,
+                                metadata={"help": "requests queued before the server answers unavailable"})
+    default_queue_timeout_us: int = field(default=30_000_000,
+                                          metadata={"help": "microseconds a request may wait in the queue"})
+    tensorrt: bool = field(default=False,
+                           metadata={"help": "gpu target: TensorRT execution accelerator on the onnxruntime backend"})
+    aux_queue_delay_us: int = field(default=500,
+                                    metadata={"help": "gpu target: batcher delay of the tokenizer and postprocess "
+                                                      "models in microseconds"})
     max_text_chars: int = field(default=0, metadata={
-        "help": f"longest accepted text in characters (0: {CHARS_PER_TOKEN} x max_length)"})
+        "help": f"longest accepted text in characters, longer ones get 400 (0: {CHARS_PER_TOKEN} x max_length)"})
     trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "more model-config parameters"})
 
     def __post_init__(self) -> None:
         try:

@@ -4,6 +4,12 @@ The python backend needs a stub built for the running Python; it is copied next 
 `libtriton_python.so` in a private backend directory. The stub embeds libpython, so the server gets
 `LD_LIBRARY_PATH` with the interpreter's LIBDIR and `PYTHONPATH` with its site-packages (see DESIGN.md).
 Endpoints bind 127.0.0.1 unless asked otherwise; port 0 picks a free port.
+
+Security (docs/SECURITY.md): the repository is checked against the hashes in its provenance.json before
+anything loads from it, and the admin APIs (shared memory, model repository, logging, trace, statistics)
+are restricted to a header key: the configured one, else ``TRITON_ADMIN_KEY``, else a random key per start.
+``server.admin_headers()`` gives the header a tool sends. The bundled Triton 2.51 has published CVEs fixed
+only in NGC 25.07+: keep it on loopback.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.errors import ServerError
+from serving.errors import RepositoryError, ServerError
+from serving.triton_args import (ADMIN_HEADER, TritonArgsError, TritonServerConfig, check_admin_key,
+                                 grpc_admin_header, key_from_environment, new_admin_key)
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +46,25 @@ _INDEX_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*(UNAVAILABLE: .*?)\s*\|\
 class ServerConfig:
     """How to run the local server. A port of 0 means: pick a free one."""
 
-    repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 0
-    grpc_port: int = 0
-    metrics_port: int = 0
-    log_file: Path | None = None
-    startup_timeout_s: float = 120.0
-    exit_timeout_s: int = 10
-    log_verbose: int = 0
-    validate: bool = True  # check the repository offline (serving.repository layout) before starting
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    repository: Path = field(metadata={"help": "model repository to serve"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback only by default)"})
+    http_port: int = field(default=0, metadata={"help": "HTTP port; 0 picks a free port"})
+    grpc_port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free port"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus metrics port; 0 picks a free port"})
+    log_file: Path | None = field(default=None, metadata={"help": "server log (default: a temporary file)"})
+    startup_timeout_s: float = field(default=120.0,
+                                     metadata={"help": "seconds to wait for the server and every model"})
+    exit_timeout_s: int = field(default=10, metadata={"help": "seconds tritonserver may take to stop"})
+    log_verbose: int = field(default=0, metadata={"help": "tritonserver --log-verbose level"})
+    validate: bool = field(default=True,
+                           metadata={"help": "check the repository offline (serving.repository layout) before "
+                                             "starting"})
+    extra_args: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more tritonserver arguments"})
+    admin_key: str | None = field(default=None, repr=False, metadata={
+        "help": "key of the restricted admin APIs, sent as header 'triton-admin-key' (default: $TRITON_ADMIN_KEY, "
+                "else a random key per start); see docs/SECURITY.md"})
+    skip_verify: bool = field(default=False, metadata={
+        "help": "start even if the repository differs from the hashes in its provenance.json (know why)"})
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
@@ -60,6 +76,11 @@ class ServerConfig:
                 raise ServerError(f"{name} must be in 0..65535, got {port}")
         if self.startup_timeout_s <= 0 or self.exit_timeout_s < 0:
             raise ServerError("startup_timeout_s must be > 0 and exit_timeout_s >= 0")
+        if self.admin_key is not None:
+            try:
+                check_admin_key(self.admin_key)
+            except TritonArgsError as exc:
+                raise ServerError(str(exc)) from None
 
 
 def tritonserver_dir() -> Path:
@@ -111,6 +132,7 @@ def _server_env() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("TRITON_ADMIN_KEY", None)  # the server gets the key on its command line, its stubs need not
     return env
 
 
@@ -147,6 +169,30 @@ class LocalTritonServer:
         self._log_path: Path | None = None
         self._log_handle = None
         self.http_port = self.grpc_port = self.metrics_port = 0
+        self._admin_key: str | None = None
+
+    # -- the admin key (restricted APIs)
+    @property
+    def admin_key(self) -> str:
+        """The key of this start: configured, else $TRITON_ADMIN_KEY, else random (fixed at start)."""
+        if self._admin_key is None:
+            key = self.config.admin_key or key_from_environment()
+            if key:
+                try:
+                    check_admin_key(key)
+                except TritonArgsError as exc:
+                    raise ServerError(f"TRITON_ADMIN_KEY: {exc}") from None
+            self._admin_key = key or new_admin_key()
+        return self._admin_key
+
+    @property
+    def admin_header(self) -> str:
+        return ADMIN_HEADER
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """The header (HTTP) or metadata (gRPC: ``triton-grpc-protocol-`` prefix) that opens the admin APIs."""
+        name = grpc_admin_header(ADMIN_HEADER) if str(getattr(protocol, "value", protocol)) == "grpc" else ADMIN_HEADER
+        return {name: self.admin_key}
 
     # -- endpoints
     @property
@@ -175,41 +221,28 @@ class LocalTritonServer:
         return self._log_path.read_text(encoding="utf-8", errors="replace")
 
     # -- life cycle
-    def command(self, backends: Path) -> list[str]:
+    def triton_config(self, backends: Path) -> TritonServerConfig:
+        """The tritonserver flags of this start (serving.triton_args builds the command line)."""
         cfg = self.config
-        return [
-            str(tritonserver_dir() / "bin" / "tritonserver"),
-            f"--model-repository={cfg.repository.absolute()}",
-            f"--backend-directory={backends}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            f"--exit-timeout-secs={cfg.exit_timeout_s}",
-            f"--http-address={cfg.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={cfg.host}", f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=true", f"--metrics-address={cfg.host}", f"--metrics-port={self.metrics_port}",
-            f"--log-verbose={cfg.log_verbose}",
-            *cfg.extra_args,
-        ]
+        return TritonServerConfig(
+            model_repository=str(cfg.repository.absolute()), backend_directory=str(backends),
+            exit_on_error=True, exit_timeout_secs=cfg.exit_timeout_s,
+            http_address=cfg.host, http_port=self.http_port, grpc_address=cfg.host, grpc_port=self.grpc_port,
+            metrics_address=cfg.host, metrics_port=self.metrics_port, log_verbose=cfg.log_verbose,
+            admin_key=self.admin_key,
+        )
+
+    def command(self, backends: Path) -> list[str]:
+        binary = str(tritonserver_dir() / "bin" / "tritonserver")
+        return [binary, *self.triton_config(backends).to_args_list(), *self.config.extra_args]
 
     def start(self) -> "LocalTritonServer":
         """Start the server and wait until it and every model are ready; raise ServerError if not."""
         if self.process is not None:
             raise ServerError("server already started")
         cfg = self.config
-        from serving.repository import validate_repository
-
-        if cfg.validate:
-            validate_repository(cfg.repository)  # RepositoryError: a clear line before any server starts
-        elif not cfg.repository.is_dir():
-            raise ServerError(f"repository not found: {cfg.repository}")
-        taken: set[int] = set()
-        for name in ("http_port", "grpc_port", "metrics_port"):
-            port = getattr(cfg, name)
-            while port == 0 or port in taken:
-                port = free_port(cfg.host)
-            taken.add(port)
-            setattr(self, name, port)
+        self._check_repository()
+        self._pick_ports()
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         backends = _prepare_backends(tritonserver_dir(), self._workdir)
         self._log_path = cfg.log_file.absolute() if cfg.log_file else self._workdir / "tritonserver.log"
@@ -219,7 +252,7 @@ class LocalTritonServer:
         cmd = self.command(backends)
         log.info("starting tritonserver on %s (http %d, grpc %d, metrics %d), log %s",
                  cfg.host, self.http_port, self.grpc_port, self.metrics_port, self._log_path)
-        log.debug("command: %s", " ".join(cmd))
+        log.debug("command: %s", " ".join(cmd).replace(self.admin_key, "***"))
         t0 = time.perf_counter()
         self.process = subprocess.Popen(
             cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -235,6 +268,31 @@ class LocalTritonServer:
         self.start_seconds = time.perf_counter() - t0
         log.info("tritonserver ready in %.1f s: http %s, grpc %s", self.start_seconds, self.http_url, self.grpc_url)
         return self
+
+    def _check_repository(self) -> None:
+        """Integrity (hashes of provenance.json) unless skipped, then the offline layout check."""
+        from serving.integrity import clear_bytecode, verify_repository
+        from serving.repository import validate_repository
+
+        cfg = self.config
+        if not cfg.repository.is_dir():
+            raise (RepositoryError if cfg.validate else ServerError)(f"repository not found: {cfg.repository}")
+        if cfg.skip_verify:
+            log.warning("not verifying %s against its provenance.json (skip_verify)", cfg.repository)
+        else:
+            clear_bytecode(cfg.repository)  # derived, never trusted: the stubs write it again
+            verify_repository(cfg.repository)  # IntegrityError (a RepositoryError) naming the file
+        if cfg.validate:
+            validate_repository(cfg.repository)  # RepositoryError: a clear line before any server starts
+
+    def _pick_ports(self) -> None:
+        taken: set[int] = set()
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self.config, name)
+            while port == 0 or port in taken:
+                port = free_port(self.config.host)
+            taken.add(port)
+            setattr(self, name, port)
 
     def _new_log(self) -> str:
         return self.log_text()[self._log_offset:] if self._log_offset else self.log_text()
@@ -270,7 +328,7 @@ class LocalTritonServer:
 
     def _http(self, method: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None)
+                                     data=b"{}" if method == "POST" else None, headers=self.admin_headers())
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()

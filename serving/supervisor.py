@@ -30,10 +30,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
 from serving.errors import ServerError
 from serving.server import LocalTritonServer, ServerConfig, stop_signals
 
@@ -47,15 +48,19 @@ UNHEALTHY_STUB = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is 
 class SupervisorConfig:
     """How often to check, what counts as broken, and how hard to try to recover."""
 
-    check_interval_s: float = 2.0
-    canary: bool = True
-    canary_model: str = "classifier"
-    canary_text: str = "supervisor canary"
-    canary_timeout_s: float = 10.0
-    canary_failures: int = 3  # slow / 503 canaries in a row before a restart (a stub error: at once)
-    broken_exit_timeout_s: float = 2.0
-    max_restarts: int = 5
-    restart_window_s: float = 600.0
+    check_interval_s: float = field(default=2.0, metadata={"help": "seconds between supervisor checks"})
+    canary: bool = field(default=True,
+                         metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
+    canary_model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "model the canary request goes to"})
+    canary_text: str = field(default="supervisor canary", metadata={"help": "text of the canary request"})
+    canary_timeout_s: float = field(default=10.0, metadata={"help": "seconds a canary may take"})
+    canary_failures: int = field(default=3,
+                                 metadata={"help": "slow / 503 canaries in a row before a restart (a stub error "
+                                                   "restarts at once)"})
+    broken_exit_timeout_s: float = field(default=2.0, metadata={"help": "seconds a broken server may take to stop"})
+    max_restarts: int = field(default=5,
+                              metadata={"help": "restarts allowed within --restart-window before giving up"})
+    restart_window_s: float = field(default=600.0, metadata={"help": "seconds over which restarts are counted"})
 
     def __post_init__(self) -> None:
         if self.check_interval_s <= 0 or self.canary_timeout_s <= 0 or self.broken_exit_timeout_s < 0:
@@ -156,6 +161,11 @@ class Supervisor:
             }
 
     @property
+    def admin_key(self) -> str | None:
+        """The key of the restricted admin APIs (the same across restarts); None before start."""
+        return self.server_config.admin_key if self.server is not None else None
+
+    @property
     def http_url(self) -> str:
         return self._urls[0]
 
@@ -172,9 +182,9 @@ class Supervisor:
         """Start tritonserver (ServerError if it cannot), pin its ports for restarts, start watching."""
         server = LocalTritonServer(self.server_config)
         server.start()
-        # restarts reuse the ports the first start picked
+        # restarts reuse the ports and the admin key the first start picked (tools keep working)
         self.server_config = replace(self.server_config, http_port=server.http_port, grpc_port=server.grpc_port,
-                                     metrics_port=server.metrics_port)
+                                     metrics_port=server.metrics_port, admin_key=server.admin_key)
         self._urls = (server.http_url, server.grpc_url, server.metrics_url)  # the same after a restart
         with self._lock:
             self.server = server
@@ -236,10 +246,9 @@ class Supervisor:
         return None
 
     def _canary(self, server: LocalTritonServer) -> str | None:
-        body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
-                                       "data": [self.config.canary_text]}]}).encode()
-        req = urllib.request.Request(f"http://{server.http_url}/v2/models/{self.config.canary_model}/infer",
-                                     data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(http_infer_body([self.config.canary_text])).encode()
+        req = urllib.request.Request(f"http://{server.http_url}{infer_path(self.config.canary_model)}", data=body,
+                                     headers={"Content-Type": "application/json"})  # inference: open
         hard, soft = None, None
         try:
             with urllib.request.urlopen(req, timeout=self.config.canary_timeout_s) as resp:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from serving_helpers import corpus_texts
 
+from loadtest.ceiling import usable_cores
+from serving.contract import Endpoint, Protocol
 from serving.repository import ENCODER, RepositoryConfig, read_config, write_repository
 
 LABELS = ("negative", "neutral", "positive")
@@ -120,6 +122,56 @@ def test_closed_and_open_loop_clients(server, texts_csv):
     assert o.failures == 0 and 36 <= o.requests <= 41  # 20 req/s for 2 s, paced, not as fast as possible
 
 
+@pytest.mark.server
+def test_tls_urls_are_never_downgraded(server):
+    """https:// and grpcs:// against the plaintext local server fail; http:// and grpc:// work."""
+    import asyncio
+
+    from serving.client import AsyncTextClassifier, TextClassifier
+    from serving.errors import ClientError
+
+    grpc = Endpoint(server.grpc_url, Protocol.GRPC)
+    plain, tls = (server.http_url, grpc.url), (server.http_url.replace("http://", "https://", 1),
+                                                Endpoint(grpc.address, Protocol.GRPC, tls=True).url)
+    for url in plain:
+        with TextClassifier(url) as client:
+            assert client.classify(["a fine day"])[0].label in LABELS
+    for url in tls:
+        with pytest.raises(ClientError):
+            with TextClassifier(url, retries=1, backoff_s=0.05, timeout_s=5) as client:
+                client.classify(["a fine day"])
+
+        async def run(u=url):
+            async with AsyncTextClassifier(u, retries=1, backoff_s=0.05, timeout_s=5) as client:
+                return await client.classify(["a fine day"])
+
+        with pytest.raises(ClientError):
+            asyncio.run(run())
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_plain_locust_picks_the_user_class_from_the_host(server, texts_csv, tmp_path, scheme):
+    """`locust -f loadtest/locustfile.py --host URL` with no user class named: one user class, chosen by
+    the scheme, runs without failures and Locust exits 0."""
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    host = server.url(Protocol(scheme))
+    out = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r",
+                          "2", "-t", "4s", "--host", host, "--texts", str(texts_csv), "--csv",
+                          str(tmp_path / "l"), "--only-summary"],
+                         capture_output=True, text=True, env=_child_env(), timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    with open(tmp_path / "l_stats.csv", newline="") as fh:
+        rows = {r["Name"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {f"{scheme} infer x1", "Aggregated"}
+    assert int(rows["Aggregated"]["Request Count"]) > 0 and int(rows["Aggregated"]["Failure Count"]) == 0
+
+
 def _build_dir(tmp_path: Path, tiny_onnx: Path) -> Path:
     build = tmp_path / "build"
     build.mkdir()
@@ -135,16 +187,24 @@ def test_bench_in_process_backends(tiny_checkpoint, tiny_onnx, texts_csv, tmp_pa
     res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx), served=False,
                                 texts=texts_csv, n_texts=12, batch_size=4, threads=1, bf16="off", out=out))
     names = [r["name"] for r in res["results"]]
-    assert names == ["pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "onnxruntime fp32 b4"]
+    ceiling = f"ceiling onnxruntime fp32 1 row x {len(usable_cores())} proc"
+    assert names == ["pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "onnxruntime fp32 b4", ceiling]
     by = {r["name"]: r for r in res["results"]}
     for r in res["results"]:
         assert r["seq_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["n_texts"] == 12
         assert 0 <= r["accuracy"] <= 1
-    # the same model in PyTorch and ONNX Runtime labels the same texts the same way
+    # the same model in PyTorch and ONNX Runtime labels the same texts the same way (batched or row by row)
     assert by["onnxruntime fp32 b4"]["accuracy"] == pytest.approx(by["pytorch pipeline fp32 b4"]["accuracy"])
+    assert by[ceiling]["accuracy"] == pytest.approx(by["onnxruntime fp32 b4"]["accuracy"], abs=1 / 12)
+    # one process per core, summed: the ceiling is the sum of what each process ran alone
+    c = by[ceiling]
+    assert c["kind"] == "ceiling" and c["rows_per_call"] == 1 and c["detail"]["intra_op_threads"] == 1
+    assert c["seq_per_s"] == pytest.approx(sum(c["detail"]["per_process_seq_per_s"]))
+    assert c["ratio_to_ceiling"] == pytest.approx(1.0) and c["ratio_to_pipeline"] > 0
     saved = json.loads((out / "bench.json").read_text())
-    assert saved["goals"]["a"]["met"] is None and len(saved["results"]) == 3
+    assert saved["goals"]["a"]["met"] is None and len(saved["results"]) == 4
     assert "| onnxruntime fp32 b4 |" in (out / "bench.md").read_text()
+    assert f"| {ceiling} |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -158,18 +218,21 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
                                 texts_per_request=4, single_text_concurrency=2, served_seconds=1.5,
                                 open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench"))
     kinds = [r["kind"] for r in res["results"]]
-    assert kinds.count("served") == 4 and kinds.count("open-loop") == 1
+    assert kinds.count("served") == 4 and kinds.count("open-loop") == 1 and kinds.count("ceiling") == 1
     for r in res["results"]:
         assert r["seq_per_s"] > 0
-        if r["kind"] != "in-process":
+        if r["kind"] in ("served", "open-loop"):
             assert r["detail"]["load"]["failures"] == 0
             cores = r["detail"]["cpu_cores"]  # measured from the server's process tree and this process
-            assert cores["encoder"] > 0 and cores["tokenizer"] > 0 and cores["client"] > 0
+            assert cores["tritonserver"] + sum(v for k, v in cores.items() if k not in (
+                "tritonserver", "client", "total", "machine_cores")) > 0 and cores["client"] > 0
+            assert 0 < r["ratio_to_ceiling"]
     by = {r["name"]: r for r in res["results"]}
     # the served deployment and in-process ORT run the same ONNX file on the same texts: same labels
     assert by["served grpc c2 x4"]["accuracy"] == pytest.approx(by["onnxruntime fp32 b8"]["accuracy"], abs=1 / 16)
     g = res["goals"]
-    assert g["b"]["ort_backend"] == "onnxruntime fp32 b8" and g["b"]["met"] in (True, False)
+    assert g["b"]["ort_backend"].startswith("ceiling onnxruntime fp32") and g["b"]["met"] in (True, False)
+    assert g["d"]["served_point"].endswith("x1") and g["d"]["met"] in (True, False)
     assert g["a"]["met"] is False and "not an int8" in g["a"]["note"]  # the tiny repository serves fp32
     assert g["c"]["p50_ms"] > 0 and g["c"]["offered_requests_per_s"] == pytest.approx(
         0.7 * g["c"]["saturating_requests_per_s"])

@@ -12,30 +12,21 @@ import pytest
 
 from loadtest import payload
 from loadtest.errors import LoadtestError
+from serving.contract import DEFAULT_CLASSIFIER, ContractError, Protocol, ServedModel, http_outputs
 
-LABELS = ["negative", "neutral", "positive"]
+LABELS = ("negative", "neutral", "positive")
 
 
 def _probs(rows):
     return np.array(rows, dtype=np.float32)
 
 
-# ------------------------------------------------------------------ payload
-
-
-def test_http_body_is_kserve_v2_bytes_tensor():
-    body = payload.http_infer_body(["a b", "c"])
-    (inp,) = body["inputs"]
-    assert inp == {"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": ["a b", "c"]}
-    assert {o["name"] for o in body["outputs"]} == {"LABEL", "PROBABILITIES"}
-    json.dumps(body)  # serialisable as is
-    with pytest.raises(ValueError):
-        payload.http_infer_body([])
+# ------------------------------------------------------------------ payload (what loadtest adds to the contract)
 
 
 def test_request_name_says_protocol_and_batch():
     assert payload.request_name("http", 4) == "http infer x4"
-    assert payload.request_name("grpc", 1) == "grpc infer x1"
+    assert payload.request_name(Protocol.GRPC, 1) == "grpc infer x1"
 
 
 def test_pick_texts_draws_from_pool_with_mixed_lengths():
@@ -46,63 +37,47 @@ def test_pick_texts_draws_from_pool_with_mixed_lengths():
         payload.pick_texts([], 1, random.Random(0))
 
 
-def test_valid_outputs_pass_and_return_labels():
-    probs = _probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    labels = np.array([[b"negative"], [b"positive"]], dtype=object)
-    assert payload.validate_outputs(labels, probs, 2, LABELS) == ["negative", "positive"]
-    assert payload.validate_outputs(["negative"], [0.5, 0.3, 0.2], 1) == ["negative"]
+def test_check_response_uses_the_contract():
+    model = ServedModel(labels=LABELS)
+    good = {"LABEL": np.array([[b"negative"], [b"positive"]], dtype=object),
+            "PROBABILITIES": _probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])}
+    assert payload.check_response(model, good, 2) == ["negative", "positive"]
+    with pytest.raises(ContractError, match="does not match"):  # LABEL is not the argmax
+        payload.check_response(model, {**good, "LABEL": np.array([[b"neutral"], [b"positive"]], dtype=object)}, 2)
+    with pytest.raises(ContractError, match="rows"):
+        payload.check_response(model, good, 3)
+    with pytest.raises(ContractError, match="sum to 1"):
+        payload.check_response(model, {**good, "PROBABILITIES": _probs([[0.7, 0.7, 0.1], [0.1, 0.1, 0.8]])}, 2)
+    # label checks off: one non-empty LABEL per text is still required
+    assert payload.check_response(None, {"LABEL": ["a", "b"]}, 2) == ["a", "b"]
+    for bad in ({}, {"LABEL": ["a", ""]}, {"LABEL": ["a"]}):
+        with pytest.raises(ContractError):
+            payload.check_response(None, bad, 2)
 
 
-@pytest.mark.parametrize(
-    "labels, probs, rows, message",
-    [
-        (None, [[0.5, 0.5]], 1, "missing output LABEL"),
-        (["a"], None, 1, "missing output PROBABILITIES"),
-        (["a", "b"], [[0.5, 0.5], [0.5, 0.5]], 3, "LABEL has 2 rows"),
-        (["a"], [[0.5, 0.5], [0.5, 0.5]], 1, "shape"),
-        (["a"], [[0.5, 0.6]], 1, "sum to"),
-        (["a"], [[float("nan"), 1.0]], 1, "NaN"),
-        (["a"], [[1.5, -0.5]], 1, "outside"),
-        ([""], [[0.5, 0.5]], 1, "empty LABEL"),
-        (["a"], [["x", "y"]], 1, "not numeric"),
-    ],
-)
-def test_malformed_outputs_fail(labels, probs, rows, message):
-    with pytest.raises(payload.InvalidResponse, match=message):
-        payload.validate_outputs(labels, probs, rows)
-
-
-def test_label_must_be_the_argmax_when_the_label_set_is_known():
-    with pytest.raises(payload.InvalidResponse, match="not the argmax"):
-        payload.validate_outputs(["neutral"], _probs([[0.7, 0.2, 0.1]]), 1, LABELS)
-    with pytest.raises(payload.InvalidResponse, match="columns"):
-        payload.validate_outputs(["neutral"], _probs([[0.5, 0.5]]), 1, LABELS)
-
-
-def test_http_response_parsing():
-    good = {"model_name": "classifier", "outputs": [
+def test_http_response_checked_through_the_contract():
+    good = {"model_name": DEFAULT_CLASSIFIER, "outputs": [
         {"name": "LABEL", "datatype": "BYTES", "shape": [2, 1], "data": ["positive", "negative"]},
         {"name": "PROBABILITIES", "datatype": "FP32", "shape": [2, 3], "data": [0.1, 0.1, 0.8, 0.6, 0.3, 0.1]},
     ]}
-    assert payload.validate_http_response(good, 2, LABELS) == ["positive", "negative"]
-    with pytest.raises(payload.InvalidResponse, match="LABEL has 2 rows"):
-        payload.validate_http_response(good, 3)
-    missing = {"outputs": [good["outputs"][1]]}
-    with pytest.raises(payload.InvalidResponse, match="missing output LABEL"):
-        payload.validate_http_response(missing, 2)
-    with pytest.raises(payload.InvalidResponse, match="no 'outputs'"):
-        payload.validate_http_response({"error": "boom"}, 2)
-    bad_shape = json.loads(json.dumps(good))
-    bad_shape["outputs"][1]["shape"] = [2, 4]
-    with pytest.raises(payload.InvalidResponse, match="does not match shape"):
-        payload.validate_http_response(bad_shape, 2)
+    model = ServedModel(labels=LABELS)
+    assert payload.check_response(model, http_outputs(good), 2) == ["positive", "negative"]
+    with pytest.raises(ContractError, match="missing output LABEL"):
+        payload.check_response(model, http_outputs({"outputs": [good["outputs"][1]]}), 2)
+    with pytest.raises(ContractError, match="no 'outputs'"):
+        http_outputs({"error": "boom"})
 
 
-def test_labels_from_model_config_http_and_grpc_forms():
-    assert payload.labels_from_model_config({"parameters": {"labels": {"string_value": json.dumps(LABELS)}}}) == LABELS
-    assert payload.labels_from_model_config({"parameters": {"labels": json.dumps(LABELS)}}) == LABELS
-    assert payload.labels_from_model_config({"parameters": {}}) is None
-    assert payload.labels_from_model_config({"parameters": {"labels": {"string_value": "not json"}}}) is None
+def test_no_protocol_enum_or_model_literal_outside_the_contract():
+    """One Protocol enum, one URL parser, and the default model name only in serving.contract."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    for path in [root / "serving" / "client.py", *sorted((root / "loadtest").glob("*.py"))]:
+        text = path.read_text()
+        assert not re.search(r"class Protocol\b", text), path
+        assert f'"{DEFAULT_CLASSIFIER}"' not in text and f"'{DEFAULT_CLASSIFIER}'" not in text, path
+        assert '"grpc://"' not in text and '"https://"' not in text, path
 
 
 # ------------------------------------------------------------------ texts
@@ -279,26 +254,52 @@ def _res(name, kind, seq, p50=10.0, p99=15.0, variant=None, load=None, **detail)
     return BackendResult(name, kind, 8, seq, p50, p99, None, 100, d)
 
 
-def test_goals_are_computed_from_the_measurements():
-    from loadtest.bench import evaluate_goals, goal_lines
-
-    results = [
-        _res("pytorch pipeline fp32 b32", "in-process", 100.0),
+def _goal_results():
+    return [
+        _res("pytorch pipeline fp32 b32", "in-process", 40.0),
         _res("onnxruntime int8 b32", "in-process", 300.0, variant="int8"),
         _res("served grpc c16 x8", "served", 280.0, load={"protocol": "grpc", "requests_per_s": 35.0}),
         _res("served http c16 x8", "served", 200.0, load={"protocol": "http", "requests_per_s": 25.0}),
         _res("served grpc open-loop 70% x8", "open-loop", 196.0, p50=20.0, p99=50.0,
              load={"target_rps": 24.5, "requests_per_s": 24.4, "failures": 0}, saturating_requests_per_s=35.0),
     ]
+
+
+def test_goals_are_computed_from_the_measurements():
+    from loadtest.bench import evaluate_goals, goal_lines
+
+    results = _goal_results()
     g = evaluate_goals(results, "int8")
-    assert g["a"]["met"] is True and g["a"]["ratio"] == pytest.approx(2.8)
-    assert g["b"]["met"] is True and g["b"]["ratio"] == pytest.approx(280 / 300)
+    assert g["a"]["met"] is True and g["a"]["ratio"] == pytest.approx(7.0)
+    assert g["b"]["met"] is True and g["b"]["ratio"] == pytest.approx(280 / 300)  # no ceiling: in-process ORT
     assert g["c"]["met"] is False and g["c"]["ratio"] == pytest.approx(2.5)
+    assert g["d"]["met"] is None  # no 1-text/request point
     assert evaluate_goals(results, "fp32")["a"]["met"] is False  # not int8: missed whatever the ratio
     assert evaluate_goals(results, "fp32")["b"]["met"] is None  # no in-process fp32 result
     lines = goal_lines(g)
     assert lines[0].startswith("(a)") and "MET" in lines[0] and "MISSED" in lines[2]
     assert evaluate_goals(results[:2], None)["c"]["met"] is None
+
+
+def test_goals_against_the_ceiling():
+    from loadtest.bench import _set_ratios, evaluate_goals, goal_lines, table_rows
+
+    results = _goal_results() + [
+        _res("served grpc c16 x1", "served", 200.0, load={"protocol": "grpc", "requests_per_s": 200.0}),
+        _res("ceiling onnxruntime int8 1 row x 2 proc", "ceiling", 400.0, variant="int8"),
+    ]
+    results[-2].rows_per_call = 1
+    g = evaluate_goals(results, "int8")
+    assert g["b"]["ort_backend"].startswith("ceiling") and g["b"]["ratio"] == pytest.approx(0.7)
+    assert g["b"]["met"] is False and "the ceiling" in g["b"]["goal"]
+    assert g["d"]["ratio"] == pytest.approx(0.5) and g["d"]["met"] is False
+    _set_ratios(results, "pytorch pipeline fp32 b32")
+    by = {r.name: r for r in results}
+    assert by["served grpc c16 x8"].ratio_to_ceiling == pytest.approx(0.7)
+    assert by["ceiling onnxruntime int8 1 row x 2 proc"].ratio_to_pipeline == pytest.approx(10.0)
+    assert by["onnxruntime int8 b32"].ratio_to_ceiling is None
+    assert "(d)" in goal_lines(g)[3]
+    assert table_rows(results)[2][6] == "0.70"
 
 
 def test_tune_layout_parsing():
@@ -362,8 +363,7 @@ def test_stub_roles_from_command_lines():
 
 
 def test_parse_protocol_is_a_user_error_not_a_traceback():
-    from loadtest.errors import LoadtestError
-    from loadtest.run import Protocol, parse_protocol
+    from loadtest.run import parse_protocol
 
     assert parse_protocol("grpc") is Protocol.GRPC and parse_protocol(Protocol.HTTP) is Protocol.HTTP
     with pytest.raises(LoadtestError, match="protocol must be http or grpc, got 'udp'"):

@@ -60,7 +60,7 @@ def test_every_object_validates_offline(uri, version):
     files = m.render_manifests(make(repository_uri=uri))
     kinds = sorted({d.get("kind", "values") for docs in files.values() for d in docs})
     assert kinds == ["Deployment", "HorizontalPodAutoscaler", "InferenceService", "Kustomization", "Namespace",
-                     "PodDisruptionBudget", "Service", "ServiceAccount", "ServiceMonitor", "values"]
+                     "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount", "ServiceMonitor", "values"]
     assert m.validate_manifests(files, version) == []
 
 
@@ -97,10 +97,11 @@ def test_ports_probes_and_args_agree():
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert named == {"http": int(args["--http-port"]), "grpc": int(args["--grpc-port"]),
                      "metrics": int(args["--metrics-port"])} == {"http": 9000, "grpc": 9001, "metrics": 9002}
-    for probe, path in (("startupProbe", "/v2/health/live"), ("livenessProbe", "/v2/health/live"),
-                        ("readinessProbe", "/v2/health/ready")):
+    for probe, path in (("startupProbe", "/v2/health/live"), ("readinessProbe", "/v2/health/ready")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and named[get["port"]] == config.http_port
+    script = container["livenessProbe"]["exec"]["command"][-1]  # one-row inference on the served model
+    assert f"http://127.0.0.1:{config.http_port}/v2/models/{ENSEMBLE}/infer" in script
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= config.startup_timeout_s
     main, headless = files["service.yaml"]
@@ -187,20 +188,24 @@ def test_repository_delivery(uri):
         assert mount["readOnly"] is True and repo.startswith(mount["mountPath"])
     elif uri.startswith("gs://"):
         assert repo == uri
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         key = volumes["gcs-credentials"]["secret"]
         assert key["secretName"] == config.credentials_secret
         assert env["GOOGLE_APPLICATION_CREDENTIALS"] == f"{m.GCS_KEY_DIR}/{key['items'][0]['path']}"
     else:
         assert repo == uri  # Triton reads s3:// (and s3://[https://]host:port/...) itself
-        assert container["envFrom"] == [{"secretRef": {"name": config.credentials_secret}}]
+        assert "envFrom" not in container  # one secretKeyRef per key, never the whole Secret
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        assert refs["AWS_ACCESS_KEY_ID"] == {"name": config.credentials_secret, "key": "AWS_ACCESS_KEY_ID"}
+        assert refs["AWS_SECRET_ACCESS_KEY"]["key"] == "AWS_SECRET_ACCESS_KEY"
+        assert refs["AWS_DEFAULT_REGION"]["optional"] is True
 
 
 def test_workload_identity_needs_no_secret():
     files = m.render_manifests(make(credentials_secret="", service_account_annotations=[
         "eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/triton-read"]))
     _, container = triton_container(files)
-    assert "envFrom" not in container
+    assert "envFrom" not in container and not any(e["name"].startswith("AWS_") for e in container["env"])
     account = one(files, "serviceaccount.yaml")
     assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/triton-read"}
     assert "kserve/serviceaccount.yaml" not in files
@@ -227,20 +232,71 @@ def test_kserve_alternative():
     assert predictor["serviceAccountName"] == account["metadata"]["name"]
     assert account["secrets"] == [{"name": config.credentials_secret}]
     assert set(one(files, "kserve/kustomization.yaml")["resources"]) == {
-        "namespace.yaml", "inferenceservice.yaml", "serviceaccount.yaml"}
+        "namespace.yaml", "inferenceservice.yaml", "serviceaccount.yaml", "networkpolicy.yaml"}
 
 
 def test_locust_objects_point_at_the_service():
     config = make(locust_workers=4)
-    master, workers, service = m.render_manifests(config)["locust/locust.yaml"]
+    master, workers, service, policy = m.render_manifests(config)["locust/locust.yaml"]
     (mc,), (wc,) = master["spec"]["template"]["spec"]["containers"], workers["spec"]["template"]["spec"]["containers"]
     assert f"--host=http://{config.name}.{config.namespace}.svc.cluster.local:{config.http_port}" in mc["args"]
     assert "--master" in mc["args"] and "--expect-workers=4" in mc["args"] and workers["spec"]["replicas"] == 4
     assert f"--master-host={service['metadata']['name']}" in wc["args"]
     assert service["spec"]["selector"] == master["spec"]["selector"]["matchLabels"]
+    # not exposed cluster-wide: the web UI binds the pod's loopback (kubectl port-forward), the Service has
+    # only the worker port, and only worker pods may reach it
+    assert "--web-host=127.0.0.1" in mc["args"] and [p["name"] for p in service["spec"]["ports"]] == ["master"]
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"] == master["spec"]["selector"]
+    ((rule,),) = [policy["spec"]["ingress"]]
+    assert rule["from"] == [{"podSelector": workers["spec"]["selector"]}]
     grpc = m.render_manifests(make(locust_user_class="TritonGrpcUser"))["locust/locust.yaml"][0]
     assert any(a.startswith("--host=grpc://") and a.endswith(":8001")
                for a in grpc["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+# ----------------------------------------------------------------------------------- security
+
+RESTRICTED = "shared-memory,model-repository,logging,trace,statistics:triton-admin-key=$(TRITON_ADMIN_KEY)"
+
+
+def test_admin_apis_restricted_to_the_secret_key_in_deployment_and_kserve():
+    """Both server kinds get the same restriction flags from serving.triton_args, the key from one Secret key."""
+    config = make(admin_secret="my-admin")
+    files = m.render_manifests(config)
+    _, container = triton_container(files)
+    model = one(files, "kserve/inferenceservice.yaml")["spec"]["predictor"]["model"]
+    for args, env in ((flags(container["args"]), container["env"]), (flags(["tritonserver", *model["args"]]),
+                                                                      model["env"])):
+        assert args["--http-restricted-api"] == args["--grpc-restricted-protocol"] == RESTRICTED
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in env if e["name"] == "TRITON_ADMIN_KEY"]
+        assert ref == {"name": "my-admin", "key": m.ADMIN_SECRET_KEY}
+    assert "Secret" not in {d.get("kind") for docs in files.values() for d in docs}  # never a key in a manifest
+
+
+def test_network_policies_open_inference_to_the_namespace_and_metrics_to_monitoring():
+    config = make(ingress_namespace="ingress-nginx", monitoring_namespace="observability")
+    files = m.render_manifests(config)
+    policy = one(files, "networkpolicy.yaml")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= container_labels(files).items()
+    inference, metrics = policy["spec"]["ingress"]
+    assert [p["port"] for p in inference["ports"]] == ["http", "grpc"]
+    assert inference["from"] == [{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert [p["port"] for p in metrics["ports"]] == ["metrics"]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "observability"}}}]
+    kserve = one(files, "kserve/networkpolicy.yaml")
+    assert [p["port"] for p in kserve["spec"]["ingress"][0]["ports"]] == [m.KSERVE_HTTP_PORT, 9000]
+    none = m.render_manifests(make(network_policy=False, kserve_mode="Serverless"))
+    assert "networkpolicy.yaml" not in none and "kserve/networkpolicy.yaml" not in none
+
+
+def test_images_pinnable_by_digest():
+    digest = "registry.example.com/ml/triton@sha256:" + "a" * 64
+    assert one(m.render_manifests(make(image=digest, locust_image=None, require_digest=True)),
+               "deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["image"] == digest
+    with pytest.raises(m.ManifestError, match="not pinned by digest"):
+        make(require_digest=True)
 
 
 # ----------------------------------------------------------------------------------- bad values
@@ -359,7 +415,7 @@ def test_rendered_locust_master_and_workers_run_distributed(tmp_path):
     the server.
     """
     config = make(locust_workers=2)
-    master, workers, _ = m.render_manifests(config)["locust/locust.yaml"]
+    master, workers, _, _ = m.render_manifests(config)["locust/locust.yaml"]
     (mc,), (wc,) = master["spec"]["template"]["spec"]["containers"], workers["spec"]["template"]["spec"]["containers"]
     bind, dead = _free_port(), _free_port()
     env = {**os.environ, **{e["name"]: e["value"] for e in mc["env"]}, "PYTHONPATH": str(REPO_ROOT),
@@ -430,6 +486,7 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     """
     import re
     import threading
+    import urllib.error
     import urllib.request
 
     from serving_helpers import corpus_texts, export_tiny_onnx
@@ -450,8 +507,9 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     assert rendered["--model-repository"] == f"{m.PVC_MOUNT}/repos/v1"
 
     class RenderedServer(LocalTritonServer):
-        def command(self, backends):
-            args = [a.replace(m.PVC_MOUNT, str(tmp_path)) for a in container["args"][1:]]
+        def command(self, backends):  # the kubelet expands $(TRITON_ADMIN_KEY) from the Secret
+            args = [a.replace(m.PVC_MOUNT, str(tmp_path)).replace("$(TRITON_ADMIN_KEY)", self.admin_key)
+                    for a in container["args"][1:]]
             return [str(super().command(backends)[0]), *args, f"--backend-directory={backends}",
                     "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
 
@@ -460,10 +518,15 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     with RenderedServer(ServerConfig(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
                                      startup_timeout_s=120, exit_timeout_s=config.exit_timeout_s)) as server:
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             get = container[probe]["httpGet"]
             with urllib.request.urlopen(f"http://127.0.0.1:{named[get['port']]}{get['path']}", timeout=5) as resp:
                 assert resp.status == 200, probe
+        liveness = [sys.executable if c == "python3" else c for c in container["livenessProbe"]["exec"]["command"]]
+        assert subprocess.run(liveness, timeout=10).returncode == 0
+        admin = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(admin, timeout=5)
 
         def scrape() -> list[tuple[str, dict[str, str], float]]:
             with urllib.request.urlopen(f"http://127.0.0.1:{named['metrics']}/metrics", timeout=5) as resp:
@@ -493,6 +556,15 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
         for thread in threads:
             thread.join()
         after = scrape()
+        # a dead python stub: /v2/health/live stays 200, the liveness exec probe fails
+        from serving.supervisor import stub_processes
+
+        stubs = stub_processes(server.process.pid)
+        stubs[sorted(n for n in stubs if n.startswith("tokenizer"))[0]].kill()
+        time.sleep(1.0)
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live", timeout=5) as resp:
+            assert resp.status == 200
+        assert subprocess.run(liveness, timeout=10, capture_output=True).returncode == 1
         t_stop = time.perf_counter()
     stop_s = time.perf_counter() - t_stop
     assert len(latencies) == len(threads) == 16

@@ -362,11 +362,11 @@ def server(repository):
         yield srv
 
 
-def _post(url: str, data: bytes, timeout: float = 60) -> tuple[int, str, float]:
+def _post(url: str, data: bytes, timeout: float = 60, headers: dict | None = None) -> tuple[int, str, float]:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -388,7 +388,10 @@ def test_listens_on_loopback_only_and_refuses_model_control(server):
     assert {port for _, port in listening} >= {server.http_port, server.grpc_port, server.metrics_port}
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
     for action in ("unload", "load"):
-        status, text, _ = _post(f"http://{server.http_url}/v2/repository/models/classifier/{action}", b"{}")
+        url = f"http://{server.http_url}/v2/repository/models/classifier/{action}"
+        status, text, _ = _post(url, b"{}")  # anonymous: the model-repository API is restricted
+        assert status == 403 and "restricted" in text
+        status, text, _ = _post(url, b"{}", headers=server.admin_headers())  # the key: model control is off
         assert status >= 400 and "not allowed" in text
     server.check()
 
@@ -425,7 +428,12 @@ def test_corrupt_onnx_makes_serving_up_exit_non_zero_naming_the_model(repository
     shutil.copytree(repository, broken)
     onnx_file = broken / "encoder" / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 3])  # a torn write
-    proc = _serving_up(broken)
+    proc = _serving_up(broken)  # the integrity check refuses it first, naming the file
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m serving: error:") and "encoder/1/model.onnx: modified" in last, last
+    proc = _serving_up(broken, "--skip-verify")  # past it, the offline validation names the model
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]

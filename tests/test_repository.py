@@ -181,7 +181,9 @@ def test_validate_catches_an_orphan_model(cpu_repo, tmp_path):
         validate_repository(broken)
 
 
-@pytest.mark.parametrize("field, value, match", [("opset", 22, "opset 22 > 21"), ("ir", 11, "IR version 11 > 10")])
+@pytest.mark.parametrize("field, value, match", [
+    ("opset", repo.NGC_MAX_OPSET + 1, f"opset {repo.NGC_MAX_OPSET + 1} > {repo.NGC_MAX_OPSET}"),
+    ("ir", repo.NGC_MAX_IR_VERSION + 1, f"IR version {repo.NGC_MAX_IR_VERSION + 1} > {repo.NGC_MAX_IR_VERSION}")])
 def test_validate_catches_onnx_newer_than_the_ngc_runtime(gpu_repo, tmp_path, field, value, match):
     import onnx
 
@@ -247,9 +249,9 @@ def test_failed_write_leaves_the_existing_repository_untouched(cpu_repo, tiny_ch
     before = sorted(p.name for p in out.rglob("*"))
     bad = tmp_path / "new.onnx"
     model = onnx.load(str(read_repository(cpu_repo).model().onnx_path))
-    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 23
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = repo.NGC_MAX_OPSET + 1
     onnx.save(model, str(bad))
-    with pytest.raises(RepositoryError, match="opset 23"):
+    with pytest.raises(RepositoryError, match=f"opset {repo.NGC_MAX_OPSET + 1}"):
         _write(out, bad, tiny_checkpoint, target="gpu")
     assert sorted(p.name for p in out.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.tmp")]
@@ -291,7 +293,7 @@ def test_docker_files_match_the_pinned_image():
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
-    assert {p.split(":")[1] for p in service["ports"]} == {"8000", "8001", "8002"}
+    assert {p.split(":")[-2] for p in service["ports"]} == {"8000", "8001", "8002"}
 
 
 def test_cli_validate(cpu_repo, tmp_path, capsys):

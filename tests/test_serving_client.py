@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import socket
@@ -12,6 +13,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from serving.client import AsyncTextClassifier, TextClassifier, _Retry, classify_error
+from serving.contract import DEFAULT_CLASSIFIER
 from serving.errors import ClientError, InvalidInputError, RequestTimeoutError, ServerUnavailableError
 
 
@@ -75,14 +77,16 @@ def test_timeouts_are_typed_and_bounded(silent_port, protocol):
     assert time.perf_counter() - start < 5  # a timeout is not retried
 
 
-def test_unavailable_is_retried_with_bounded_backoff_then_raised():
-    hits = []
+@contextlib.contextmanager
+def json_server(status: int, doc: dict, hits: list | None = None):
+    """A plaintext HTTP server answering every GET with ``status`` and ``doc``; yields its port."""
 
-    class Always503(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server API
-            hits.append(self.path)
-            body = json.dumps({"error": "Server not ready"}).encode()
-            self.send_response(503)
+            if hits is not None:
+                hits.append(self.path)
+            body = json.dumps(doc).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -91,19 +95,25 @@ def test_unavailable_is_retried_with_bounded_backoff_then_raised():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Always503)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        start = time.perf_counter()
-        with pytest.raises(ServerUnavailableError, match="Server not ready"):
-            with TextClassifier(f"127.0.0.1:{server.server_port}", retries=3, backoff_s=0.05) as client:
-                client.classify(["x"])
-        elapsed = time.perf_counter() - start
+        yield server.server_port
     finally:
         server.shutdown()
         thread.join()
-    assert len(hits) == 4 and all(h.startswith("/v2/models/classifier/config") for h in hits)
+
+
+def test_unavailable_is_retried_with_bounded_backoff_then_raised():
+    hits = []
+    with json_server(503, {"error": "Server not ready"}, hits) as port:
+        start = time.perf_counter()
+        with pytest.raises(ServerUnavailableError, match="Server not ready"):
+            with TextClassifier(f"127.0.0.1:{port}", retries=3, backoff_s=0.05) as client:
+                client.classify(["x"])
+        elapsed = time.perf_counter() - start
+    assert len(hits) == 4 and all(h.startswith(f"/v2/models/{DEFAULT_CLASSIFIER}/config") for h in hits)
     assert 0.05 + 0.1 + 0.2 <= elapsed < 3
 
 
@@ -116,3 +126,52 @@ def test_texts_must_be_strings():
 def test_bad_protocol():
     with pytest.raises(ClientError, match="protocol"):
         TextClassifier("127.0.0.1:1", protocol="udp")
+
+
+def test_retry_policy_yields_bounded_delays():
+    from serving.client import RetryPolicy
+
+    assert list(RetryPolicy(retries=5, backoff_s=0.1, backoff_max_s=0.3, timeout_s=60).delays()) == [
+        0.1, 0.2, 0.3, 0.3, 0.3]
+    assert list(RetryPolicy(retries=0).delays()) == []
+    assert list(RetryPolicy(retries=9, backoff_s=1.0, timeout_s=2.5).delays()) == [1.0]  # 1 + 2 > 2.5 s
+
+
+@pytest.fixture()
+def plaintext_config_server():
+    """A plaintext HTTP server answering a classifier's config the way Triton does."""
+    from serving.contract import ServedModel
+
+    config = {"name": DEFAULT_CLASSIFIER, "max_batch_size": 8,
+              "parameters": {k: {"string_value": v} for k, v in
+                             ServedModel(labels=("neg", "pos")).to_parameters().items()}}
+    with json_server(200, config) as port:
+        yield port
+
+
+def test_https_is_tls_or_fails_never_plaintext(plaintext_config_server):
+    """The same plaintext server: http:// reads the config, https:// must not (no silent downgrade)."""
+    port = plaintext_config_server
+    with TextClassifier(f"http://127.0.0.1:{port}") as client:
+        assert client.metadata() == (8, ["neg", "pos"])
+    with pytest.raises(ClientError):
+        with TextClassifier(f"https://127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout_s=3) as client:
+            client.metadata()
+
+    async def run(url):
+        async with AsyncTextClassifier(url, retries=1, backoff_s=0.01, timeout_s=3) as client:
+            return await client.metadata()
+
+    assert asyncio.run(run(f"http://127.0.0.1:{port}")) == (8, ["neg", "pos"])
+    with pytest.raises(ClientError):
+        asyncio.run(run(f"https://127.0.0.1:{port}"))
+
+
+def test_url_scheme_sets_protocol_and_tls():
+    from serving.client import ClientConfig
+
+    cfg = ClientConfig("grpcs://h:8001")
+    assert cfg.protocol.value == "grpc" and cfg.endpoint.tls and cfg.url == "h:8001"
+    assert ClientConfig("h:8000").endpoint.tls is False
+    with pytest.raises(ClientError, match="grpc"):
+        ClientConfig("grpc://h:8001", protocol="http")
