@@ -445,6 +445,17 @@ def _padded_batch_outputs(onnx_path: Path, checkpoint: Path, texts: list[str]) -
     return session.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0]
 
 
+def _row_alone_logits(onnx_path: Path, checkpoint: Path, text: str) -> np.ndarray:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(checkpoint)([text], truncation=True, max_length=128, return_tensors="np")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})[0][0]
+
+
 def _http_logits(server, rows: list[str]) -> dict[str, np.ndarray]:
     from serving.contract import http_infer_body, http_outputs
 
@@ -491,6 +502,8 @@ def test_a_texts_answer_does_not_depend_on_its_neighbours(int8_onnx, tiny_checkp
     rows.append((mixed, 4))
     assert len(rows) == 3
     ref_logits, ref_probs = alone["LOGITS"][0], alone["PROBABILITIES"][0]
+    # ... and equal to the row run alone, unpadded, in a 1-thread session: what the parity gate measures
+    assert np.abs(_row_alone_logits(int8_onnx, tiny_checkpoint, target) - ref_logits).max() <= 1e-6
     for res, i in rows:
         assert np.abs(res["LOGITS"][i] - ref_logits).max() <= 1e-6
         assert np.abs(res["PROBABILITIES"][i] - ref_probs).max() <= 1e-6
