@@ -1,34 +1,46 @@
 """The one module that owns the Triton model-repository layout (see docs/ARCHITECTURE.md).
 
-``write_repository`` builds every ``config.pbtxt`` as a ``model_config_pb2.ModelConfig`` and writes it
-with ``google.protobuf.text_format``; ``validate_repository`` parses them back and checks the
-repository offline (files, ensemble wiring, the encoder's ONNX IR version and opset).
+Layout, per served model ``<name>`` (a :class:`serving.contract.ServedModel`; several can share one
+repository):
+
+- CPU target: ONE python-backend model ``<name>`` (tokenizer + ONNX Runtime on each row alone + head), one
+  instance per usable core, 1 intra-op thread: ``<name>/1/{model.py, textmodel.py, contract.py,
+  model.onnx, tokenizer/}``.
+- GPU target: the ensemble ``<name>`` = ``<name>_tokenizer`` (python) -> ``<name>_encoder`` (onnxruntime,
+  dynamic batching, input dims pinned to ``[max_length]``) -> ``<name>_postprocess`` (python).
+
+Every ``config.pbtxt`` is a ``model_config_pb2.ModelConfig`` built from the ServedModel's tensors and written
+with ``google.protobuf.text_format``; python models read their contract back from the config parameters
+(``ServedModel.to_parameters``). Nobody outside this module builds paths into a repository: read it with
+:func:`read_repository`; check it offline with :func:`validate_repository`.
 """
 from __future__ import annotations
 
 import enum
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from serving.contract import (
+    DEFAULT_CLASSIFIER, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, LABEL, LOGITS, PROBABILITIES,
+    TEXT, ContractError, Head, Part, ServedModel, Tensor,
+)
 from serving.errors import RepositoryError
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE = "classifier"
-TOKENIZER = "tokenizer"
-ENCODER = "encoder"
-POSTPROCESS = "postprocess"
-MODEL_NAMES = (TOKENIZER, ENCODER, POSTPROCESS, ENSEMBLE)
 VERSION = "1"
-
-# Client contract (docs/ARCHITECTURE.md).
-TEXT, LABEL, PROBABILITIES, LOGITS = "TEXT", "LABEL", "PROBABILITIES", "LOGITS"
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-ENCODER_OUTPUTS = ("logits", "probabilities")
+# Names of the default classifier's models on the GPU target (ServedModel().part(...)). Kept for callers
+# that predate read_repository; new code reads the repository through read_repository().
+ENSEMBLE = DEFAULT_CLASSIFIER
+TOKENIZER, ENCODER, POSTPROCESS = (ServedModel(labels=("a", "b")).part(p) for p in Part)
+MODEL_NAMES = (TOKENIZER, ENCODER, POSTPROCESS, ENSEMBLE)
+ENCODER_OUTPUTS = (ENCODER_LOGITS, ENCODER_PROBABILITIES)
+_CLIENT_TENSORS = (TEXT, LABEL, PROBABILITIES, LOGITS)  # re-exported for older callers (serving.contract owns them)
 
 # The GPU target runs in this NGC image: 26.08, the newest release in Triton's compatibility matrix and past
 # 25.07, which fixed the python-backend RCE chain (CVE-2025-23319/23320/23334) and the HTTP chunked-encoding
@@ -41,7 +53,17 @@ NGC_ORT_VERSION = "1.28.0"
 NGC_MAX_IR_VERSION = 13
 NGC_MAX_OPSET = 26
 
+
 MODELS_SRC = Path(__file__).parent / "models"
+CONTRACT_SRC = Path(__file__).parent / "contract.py"
+SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "contract.py": CONTRACT_SRC}
+ONNX_FILE = "model.onnx"
+TOKENIZER_DIR = "tokenizer"
+PROVENANCE = "provenance.json"
+# Default text limit per token of max_length. English WordPiece averages ~4-5 characters per token; 16 leaves
+# room for long words and URLs, so a text refused by the limit would have been truncated anyway, while
+# max_batch_size rows x max_text_chars bounds a request's tokenizer work (docs/SERVING.md).
+CHARS_PER_TOKEN = 16
 
 
 class Target(str, enum.Enum):
@@ -49,18 +71,26 @@ class Target(str, enum.Enum):
     GPU = "gpu"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (affinity/cgroup cpusets), the CPU target's default instance count."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
 @dataclass
 class RepositoryConfig:
     """How the repository is served. Defaults fit the local CPU target.
 
-    ``preferred_batch_sizes`` is empty by default: on the CPU the encoder's cost grows linearly with the
-    batch, so no size is special and Triton should form the largest batch the delay allows.
-    ``max_queue_delay_us`` applies to the encoder; ``aux_queue_delay_us`` to the cheap tokenizer and
-    postprocess models. Measured here (tiny model, 2 cores, gRPC): 2 ms on all three models costs ~6 ms on
-    every lone request (p50 ~13 ms); 0 on tokenizer/postprocess gives p50 ~5 ms but fewer, smaller batches
-    under 16 concurrent clients (~270 req/s vs ~420-520); 500 us there gave p50 ~5.5 ms and ~580 req/s.
-    ``max_text_chars``: a longer text is refused with 400 (far beyond ``max_length`` tokens for any real
-    text; with ``max_batch_size`` it bounds a request's size and the tokenizer's work).
+    CPU target: ``encoder_instances`` instances of the one python model (0 = one per usable core of the
+    machine the repository is built for), each running rows alone with ``intra_op_threads`` threads (1);
+    ``max_queue_delay_us`` is its dynamic-batching delay. GPU target: ``encoder_instances`` GPU instances of
+    the onnxruntime encoder (0 = 1), ``max_queue_delay_us`` on the encoder and ``aux_queue_delay_us`` on the
+    python tokenizer and postprocess. ``preferred_batch_sizes`` is empty by default: no size is special.
+    ``max_text_chars``: a longer text is refused with 400 (0 = ``CHARS_PER_TOKEN`` x ``max_length``); with
+    ``max_batch_size`` it bounds a request's size and the tokenizer's work. ``trim_batch`` is unused since
+    the CPU target runs rows alone (kept for old configs).
     """
 
     target: Target = field(default=Target.CPU,
@@ -68,14 +98,16 @@ class RepositoryConfig:
                                              "backend"})
     max_batch_size: int = field(default=64, metadata={"help": "largest batch Triton forms"})
     max_length: int = field(default=128, metadata={"help": "tokenizer truncation in tokens"})
-    encoder_instances: int = field(default=1, metadata={"help": "encoder model instances"})
-    tokenizer_instances: int = field(default=1, metadata={"help": "tokenizer model instances"})
-    intra_op_threads: int = field(default=0,
-                                  metadata={"help": "onnxruntime intra-op threads per instance (0: its default)"})
+    encoder_instances: int = field(default=0, metadata={
+        "help": "instances of the model that runs the encoder (0: one per usable core on cpu, 1 on gpu)"})
+    tokenizer_instances: int = field(default=1, metadata={"help": "gpu target: tokenizer model instances"})
+    intra_op_threads: int = field(default=1, metadata={
+        "help": "cpu target: ONNX Runtime intra-op threads per instance (0: the runtime's default)"})
     preferred_batch_sizes: tuple[int, ...] = field(default=(),
                                                    metadata={"help": "dynamic batcher preferred sizes (empty: the "
                                                                      "largest the delay allows)"})
-    max_queue_delay_us: int = field(default=2000, metadata={"help": "encoder dynamic batcher delay in microseconds"})
+    max_queue_delay_us: int = field(default=2000, metadata={
+        "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder"})
     max_queue_size: int = field(default=256,
                                 metadata={"help": "requests queued before the server answers unavailable"})
     default_queue_timeout_us: int = field(default=30_000_000,
@@ -83,12 +115,11 @@ class RepositoryConfig:
     tensorrt: bool = field(default=False,
                            metadata={"help": "gpu target: TensorRT execution accelerator on the onnxruntime backend"})
     aux_queue_delay_us: int = field(default=500,
-                                    metadata={"help": "batcher delay of the tokenizer and postprocess models in "
-                                                      "microseconds"})
-    max_text_chars: int = field(default=100_000, metadata={"help": "longer texts are refused with 400"})
-    trim_batch: bool = field(default=True,
-                             metadata={"help": "cpu target: cut each batch to its longest real sequence (exact for "
-                                               "BERT)"})
+                                    metadata={"help": "gpu target: batcher delay of the tokenizer and postprocess "
+                                                      "models in microseconds"})
+    max_text_chars: int = field(default=0, metadata={
+        "help": f"longest accepted text in characters, longer ones get 400 (0: {CHARS_PER_TOKEN} x max_length)"})
+    trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "more model-config parameters"})
 
     def __post_init__(self) -> None:
@@ -100,8 +131,8 @@ class RepositoryConfig:
             raise RepositoryError("max_batch_size must be >= 1")
         if self.max_length < 8:
             raise RepositoryError("max_length must be >= 8")
-        if self.encoder_instances < 1 or self.tokenizer_instances < 1:
-            raise RepositoryError("instance counts must be >= 1")
+        if self.encoder_instances < 0 or self.tokenizer_instances < 1:
+            raise RepositoryError("instance counts must be >= 1 (encoder_instances 0: automatic)")
         if self.intra_op_threads < 0:
             raise RepositoryError("intra_op_threads must be >= 0")
         self.preferred_batch_sizes = tuple(int(b) for b in self.preferred_batch_sizes)
@@ -111,10 +142,22 @@ class RepositoryConfig:
         if min(self.max_queue_delay_us, self.aux_queue_delay_us, self.max_queue_size,
                self.default_queue_timeout_us) < 0:
             raise RepositoryError("queue delay, size and timeout must be >= 0")
-        if self.max_text_chars < 1:
-            raise RepositoryError("max_text_chars must be >= 1")
+        if self.max_text_chars < 0:
+            raise RepositoryError("max_text_chars must be >= 1 (0: automatic)")
         if self.tensorrt and self.target is not Target.GPU:
             raise RepositoryError("tensorrt needs target gpu")
+
+    @property
+    def instances(self) -> int:
+        """Resolved instance count of the model that runs the encoder."""
+        if self.encoder_instances:
+            return self.encoder_instances
+        return usable_cores() if self.target is Target.CPU else 1
+
+    @property
+    def text_chars(self) -> int:
+        """Resolved per-row character limit."""
+        return self.max_text_chars or CHARS_PER_TOKEN * self.max_length
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -126,12 +169,12 @@ def _pb():
     return model_config_pb2
 
 
-def _tensor(pb, name: str, dtype: str, dims: list[int]):
-    return pb.ModelInput(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+def _input(pb, t: Tensor, dtype: str | None = None):
+    return pb.ModelInput(name=t.name, data_type=pb.DataType.Value(dtype or t.triton_type), dims=list(t.dims))
 
 
-def _output(pb, name: str, dtype: str, dims: list[int]):
-    return pb.ModelOutput(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+def _output(pb, t: Tensor, dtype: str | None = None):
+    return pb.ModelOutput(name=t.name, data_type=pb.DataType.Value(dtype or t.triton_type), dims=list(t.dims))
 
 
 def _batching(pb, config: RepositoryConfig, *, aux: bool = False):
@@ -141,7 +184,7 @@ def _batching(pb, config: RepositoryConfig, *, aux: bool = False):
         default_queue_policy=pb.ModelQueuePolicy(
             timeout_action=pb.ModelQueuePolicy.REJECT,
             default_timeout_microseconds=config.default_queue_timeout_us,
-            allow_timeout_override=True,
+            allow_timeout_override=False,  # a client must not raise its own queue timeout
             max_queue_size=config.max_queue_size,
         ),
     )
@@ -152,89 +195,114 @@ def _params(cfg, values: Mapping[str, Any]) -> None:
         cfg.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
 
 
-_ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 16: "TYPE_BF16"}
+def _python_model(pb, name: str, config: RepositoryConfig, count: int, *, aux: bool):
+    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch_size)
+    cfg.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=count))
+    cfg.dynamic_batching.CopyFrom(_batching(pb, config, aux=aux))
+    return cfg
+
+
+def _text_params(config: RepositoryConfig, tokenizer_params: Mapping[str, Any]) -> dict[str, str]:
+    return {"max_length": str(config.max_length), "max_text_chars": str(config.text_chars),
+            **{k: str(v) for k, v in tokenizer_params.items()}}
+
+
+def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_params: Mapping[str, Any]):
+    """The CPU target's one python model: TEXT in, the head's outputs out, rows run alone."""
+    cfg = _python_model(pb, model.name, config, config.instances, aux=False)
+    cfg.input.extend(_input(pb, t) for t in model.inputs)
+    cfg.output.extend(_output(pb, t) for t in model.outputs)
+    _params(cfg, {**model.to_parameters(), **_text_params(config, tokenizer_params),
+                  "intra_op_threads": str(config.intra_op_threads)})
+    return cfg
+
+
+def _encoder_tensors(model: ServedModel, config: RepositoryConfig, encoder_inputs: Sequence[str],
+                     output_types: Mapping[str, str]) -> tuple[list[Tensor], list[tuple[Tensor, str]]]:
+    """The GPU encoder's inputs (pinned to [max_length]) and outputs with their Triton types."""
+    inputs = [Tensor(name, "INT64", (config.max_length,)) for name in encoder_inputs]
+    outputs = [(Tensor(name, "FP32", (model.num_outputs,)), output_types.get(name, "TYPE_FP32"))
+               for name in model.encoder_outputs]
+    return inputs, outputs
+
+
+def _gpu_encoder(pb, config: RepositoryConfig, model: ServedModel, inputs, outputs):
+    enc = pb.ModelConfig(name=model.part(Part.ENCODER), backend="onnxruntime", max_batch_size=config.max_batch_size,
+                         default_model_filename=ONNX_FILE)
+    enc.input.extend(_input(pb, t) for t in inputs)
+    enc.output.extend(_output(pb, t, dtype) for t, dtype in outputs)
+    enc.dynamic_batching.CopyFrom(_batching(pb, config))
+    enc.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_GPU, count=config.instances))
+    if config.tensorrt:
+        trt = pb.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
+        trt.parameters["precision_mode"] = "FP16"
+        trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        trt.parameters["trt_engine_cache_enable"] = "1"
+        trt.parameters["trt_engine_cache_path"] = "/tmp/trt_cache"  # the repository is mounted read-only
+        enc.optimization.execution_accelerators.gpu_execution_accelerator.append(trt)
+    return enc
+
+
+def _gpu_ensemble(pb, config: RepositoryConfig, model: ServedModel, inputs, outputs):
+    ens = pb.ModelConfig(name=model.name, platform="ensemble", max_batch_size=config.max_batch_size)
+    ens.input.extend(_input(pb, t) for t in model.inputs)
+    ens.output.extend(_output(pb, t) for t in model.outputs)
+    step = pb.ModelEnsembling.Step
+    ens.ensemble_scheduling.step.append(step(
+        model_name=model.part(Part.TOKENIZER), model_version=-1,
+        input_map={t.name: t.name for t in model.inputs}, output_map={t.name: f"_{t.name}" for t in inputs}))
+    ens.ensemble_scheduling.step.append(step(
+        model_name=model.part(Part.ENCODER), model_version=-1,
+        input_map={t.name: f"_{t.name}" for t in inputs}, output_map={t.name: f"_{t.name}" for t, _ in outputs}))
+    ens.ensemble_scheduling.step.append(step(
+        model_name=model.part(Part.POSTPROCESS), model_version=-1,
+        input_map={t.name: f"_{t.name}" for t, _ in outputs}, output_map={t.name: t.name for t in model.outputs}))
+    _params(ens, model.to_parameters())
+    return ens
+
+
+def _gpu_configs(pb, config: RepositoryConfig, model: ServedModel, encoder_inputs: Sequence[str],
+                 output_types: Mapping[str, str], tokenizer_params: Mapping[str, Any]) -> dict[str, Any]:
+    """The GPU target's ensemble and its three steps, keyed by model name."""
+    inputs, outputs = _encoder_tensors(model, config, encoder_inputs, output_types)
+    tok = _python_model(pb, model.part(Part.TOKENIZER), config, config.tokenizer_instances, aux=True)
+    tok.input.extend(_input(pb, t) for t in model.inputs)
+    tok.output.extend(_output(pb, t) for t in inputs)
+    _params(tok, {**model.to_parameters(), **_text_params(config, tokenizer_params)})
+    post = _python_model(pb, model.part(Part.POSTPROCESS), config, 1, aux=True)
+    post.input.extend(_input(pb, t, dtype) for t, dtype in outputs)
+    post.output.extend(_output(pb, t) for t in model.outputs)
+    _params(post, model.to_parameters())
+    enc = _gpu_encoder(pb, config, model, inputs, outputs)
+    ens = _gpu_ensemble(pb, config, model, inputs, outputs)
+    return {cfg.name: cfg for cfg in (tok, enc, post, ens)}
+
+
+def _as_model(model: ServedModel | Sequence[str]) -> ServedModel:
+    if isinstance(model, ServedModel):
+        return model
+    try:
+        return ServedModel(labels=tuple(model))
+    except ContractError as exc:
+        raise RepositoryError(str(exc)) from exc
 
 
 def build_configs(
     config: RepositoryConfig,
-    labels: list[str],
+    model: ServedModel | Sequence[str],
     *,
-    encoder_inputs: tuple[str, ...] = ENCODER_INPUTS,
+    encoder_inputs: Sequence[str] = ENCODER_INPUTS,
     output_types: Mapping[str, str] | None = None,
     tokenizer_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the four ``ModelConfig`` messages (keyed by model name)."""
-    pb = _pb()
-    n = len(labels)
-    output_types = dict(output_types or {})
-    kind_cpu = pb.ModelInstanceGroup.KIND_CPU
-
-    tok = pb.ModelConfig(name=TOKENIZER, backend="python", max_batch_size=config.max_batch_size)
-    tok.input.append(_tensor(pb, TEXT, "TYPE_STRING", [1]))
-    for name in ENCODER_INPUTS:
-        tok.output.append(_output(pb, name, "TYPE_INT64", [config.max_length]))
-    tok.instance_group.append(pb.ModelInstanceGroup(kind=kind_cpu, count=config.tokenizer_instances))
-    tok.dynamic_batching.CopyFrom(_batching(pb, config, aux=True))
-    _params(tok, {"max_length": str(config.max_length), "max_text_chars": str(config.max_text_chars),
-                  **(tokenizer_params or {})})
-
-    enc = pb.ModelConfig(name=ENCODER, max_batch_size=config.max_batch_size)
-    for name in encoder_inputs:
-        enc.input.append(_tensor(pb, name, "TYPE_INT64", [-1]))
-    for name in ENCODER_OUTPUTS:
-        enc.output.append(_output(pb, name, output_types.get(name, "TYPE_FP32"), [n]))
-    enc.dynamic_batching.CopyFrom(_batching(pb, config))
+    """The ``ModelConfig`` messages of one served model (keyed by model name); ``model`` may be a label list
+    (the default classifier)."""
+    pb, model = _pb(), _as_model(model)
+    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL):
+        raise RepositoryError(f"head {model.head.value} is not served yet (classification heads only)")
     if config.target is Target.CPU:
-        enc.backend = "python"
-        enc.instance_group.append(pb.ModelInstanceGroup(kind=kind_cpu, count=config.encoder_instances))
-        _params(enc, {"intra_op_threads": str(config.intra_op_threads),
-                      "trim_batch": "true" if config.trim_batch else "false"})
-    else:
-        enc.backend = "onnxruntime"
-        enc.default_model_filename = "model.onnx"
-        enc.instance_group.append(
-            pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_GPU, count=config.encoder_instances)
-        )
-        if config.tensorrt:
-            trt = pb.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
-            trt.parameters["precision_mode"] = "FP16"
-            trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
-            trt.parameters["trt_engine_cache_enable"] = "1"
-            trt.parameters["trt_engine_cache_path"] = "/tmp/trt_cache"  # the repository is mounted read-only
-            enc.optimization.execution_accelerators.gpu_execution_accelerator.append(trt)
-
-    post = pb.ModelConfig(name=POSTPROCESS, backend="python", max_batch_size=config.max_batch_size)
-    for name in ENCODER_OUTPUTS:
-        post.input.append(_tensor(pb, name, output_types.get(name, "TYPE_FP32"), [n]))
-    post.output.append(_output(pb, LABEL, "TYPE_STRING", [1]))
-    post.output.append(_output(pb, PROBABILITIES, "TYPE_FP32", [n]))
-    post.output.append(_output(pb, LOGITS, "TYPE_FP32", [n]))
-    post.instance_group.append(pb.ModelInstanceGroup(kind=kind_cpu, count=1))
-    post.dynamic_batching.CopyFrom(_batching(pb, config, aux=True))
-    _params(post, {"labels": list(labels)})
-
-    ens = pb.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=config.max_batch_size)
-    ens.input.append(_tensor(pb, TEXT, "TYPE_STRING", [1]))
-    ens.output.append(_output(pb, LABEL, "TYPE_STRING", [1]))
-    ens.output.append(_output(pb, PROBABILITIES, "TYPE_FP32", [n]))
-    ens.output.append(_output(pb, LOGITS, "TYPE_FP32", [n]))
-    step = pb.ModelEnsembling.Step
-    ens.ensemble_scheduling.step.append(step(
-        model_name=TOKENIZER, model_version=-1,
-        input_map={TEXT: TEXT}, output_map={name: f"_{name}" for name in encoder_inputs},
-    ))
-    ens.ensemble_scheduling.step.append(step(
-        model_name=ENCODER, model_version=-1,
-        input_map={name: f"_{name}" for name in encoder_inputs},
-        output_map={name: f"_{name}" for name in ENCODER_OUTPUTS},
-    ))
-    ens.ensemble_scheduling.step.append(step(
-        model_name=POSTPROCESS, model_version=-1,
-        input_map={name: f"_{name}" for name in ENCODER_OUTPUTS},
-        output_map={LABEL: LABEL, PROBABILITIES: PROBABILITIES, LOGITS: LOGITS},
-    ))
-    _params(ens, {"labels": list(labels)})
-    return {TOKENIZER: tok, ENCODER: enc, POSTPROCESS: post, ENSEMBLE: ens}
+        return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
+    return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
 
 
 def config_text(model_config) -> str:
@@ -255,6 +323,9 @@ def read_config(path: Path):
 
 
 # ---------------------------------------------------------------------------------------- onnx checks
+
+
+_ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 16: "TYPE_BF16"}
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
@@ -307,26 +378,117 @@ def _labels(id2label: Mapping[int, str]) -> list[str]:
     return labels
 
 
-def _tokenizer_params(tokenizer_dir: Path) -> dict[str, str]:
-    """The pad token and id the tokenizer model pads with (from tokenizer_config.json)."""
+def _side(value: Any, what: str, path: Path) -> str:
+    if value in (None, "right", "left"):
+        return value or "right"
+    raise RepositoryError(f"{path}: {what} must be 'left' or 'right', got {value!r}")
+
+
+def tokenizer_settings(tokenizer_dir: Path) -> dict[str, str]:
+    """The checkpoint tokenizer's settings the served tokenizer applies: pad token and id, padding side and
+    truncation side (tokenizer_config.json). Normalisation and special tokens live in tokenizer.json."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    pad_token = "[PAD]"
     cfg_path = tokenizer_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        pad = json.loads(cfg_path.read_text(encoding="utf-8")).get("pad_token")
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        if isinstance(pad, str):
-            pad_token = pad
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    pad = cfg.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    pad_token = pad if isinstance(pad, str) else "[PAD]"
     pad_id = tok.token_to_id(pad_token)
     if pad_id is None:
         raise RepositoryError(f"{tokenizer_dir}: pad token {pad_token!r} is not in the vocabulary")
-    return {"pad_token": pad_token, "pad_id": str(pad_id)}
+    return {"pad_token": pad_token, "pad_id": str(pad_id),
+            "padding_side": _side(cfg.get("padding_side"), "padding_side", cfg_path),
+            "truncation_side": _side(cfg.get("truncation_side"), "truncation_side", cfg_path)}
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def _check_onnx(onnx_model: Path, model: ServedModel, target: Target) -> dict[str, Any]:
+    """The ONNX file's facts (inspect_onnx) once it is known to fit the model and the target."""
+    if not onnx_model.is_file():
+        raise RepositoryError(f"ONNX model not found: {onnx_model}")
+    info = inspect_onnx(onnx_model)
+    if info["external_data"]:
+        raise RepositoryError(f"{onnx_model}: weights in external-data files are not supported; save one file")
+    missing = [n for n in ENCODER_INPUTS[:2] if n not in info["inputs"]]
+    missing += [n for n in model.encoder_outputs if n not in info["outputs"]]
+    if missing:
+        raise RepositoryError(
+            f"{onnx_model}: missing tensors {missing}; expected inputs {list(ENCODER_INPUTS)} and outputs "
+            f"{list(model.encoder_outputs)} (got inputs {info['inputs']}, outputs {list(info['outputs'])})"
+        )
+    unknown = [n for n in info["inputs"] if n not in ENCODER_INPUTS]
+    if unknown:
+        raise RepositoryError(f"{onnx_model}: unexpected inputs {unknown}")
+    if target is Target.GPU:
+        check_onnx_for_image(info, onnx_model)
+    bad = {n: info["outputs"][n] for n in model.encoder_outputs if info["outputs"][n] not in ("TYPE_FP32", "TYPE_FP16")}
+    if bad:
+        raise RepositoryError(f"{onnx_model}: outputs must be float32 or float16, got {bad}")
+    return info
+
+
+def _copy_python(dst: Path, source: str) -> None:
+    """A python model's sources: model.py plus the shared modules it imports from its version dir."""
+    shutil.copy2(MODELS_SRC / source, dst / "model.py")
+    for name, src in SHARED_SOURCES.items():
+        shutil.copy2(src, dst / name)
+
+
+def _copy_tokenizer(dst: Path, tokenizer_dir: Path) -> None:
+    (dst / TOKENIZER_DIR).mkdir()
+    for fname in _TOKENIZER_FILES:
+        if (tokenizer_dir / fname).is_file():
+            shutil.copy2(tokenizer_dir / fname, dst / TOKENIZER_DIR / fname)
+
+
+def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
+                       onnx_model: Path, tokenizer_dir: Path) -> None:
+    """Every file of one served model: configs, python sources, tokenizer, ONNX."""
+    for name, model_config in configs.items():
+        (root / name / VERSION).mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
+    if target is Target.CPU:
+        version = root / model.name / VERSION
+        _copy_python(version, "classifier.py")
+        _copy_tokenizer(version, tokenizer_dir)
+        shutil.copy2(onnx_model, version / ONNX_FILE)
+        return
+    _copy_python(root / model.part(Part.TOKENIZER) / VERSION, "tokenizer.py")
+    _copy_tokenizer(root / model.part(Part.TOKENIZER) / VERSION, tokenizer_dir)
+    shutil.copy2(onnx_model, root / model.part(Part.ENCODER) / VERSION / ONNX_FILE)
+    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, "postprocess.py")
+
+
+def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_model: Path,
+                info: Mapping[str, Any], exporter: Mapping[str, Any] | None) -> dict[str, Any]:
+    from common.provenance import hash_tree, sha256_file, versions
+
+    return {
+        "target": config.target.value,
+        "config": {**asdict(config), "target": config.target.value},
+        "resolved": {"instances": config.instances, "max_text_chars": config.text_chars},
+        "labels": list(model.labels),
+        "models": {model.name: model.to_json()},
+        "onnx": {"source": str(onnx_model.absolute()), "sha256": sha256_file(onnx_model),
+                 "ir_version": info["ir_version"], "opset": info["opset"]},
+        "ngc_image": NGC_IMAGE if config.target is Target.GPU else None,
+        "files": hash_tree(root),
+        "versions": versions(),
+        "exporter": dict(exporter or {}),
+    }
+
+
+def _served_model(model: ServedModel | None, id2label: Mapping[int, str]) -> ServedModel:
+    labels = _labels(id2label)
+    if model is None:
+        return _as_model(labels)
+    if model.labels and list(model.labels) != labels:
+        raise RepositoryError(f"model {model.name!r} has labels {list(model.labels)}, id2label gives {labels}")
+    return model
 
 
 def write_repository(
@@ -337,71 +499,162 @@ def write_repository(
     id2label: Mapping[int, str],
     config: RepositoryConfig,
     provenance: Mapping[str, Any] | None = None,
+    model: ServedModel | None = None,
 ) -> Path:
-    """Write a complete repository to ``out`` atomically (temp dir, swap at the end); return ``out``."""
+    """Write a complete repository serving ``model`` (default: the classifier ``classifier`` with the labels
+    of ``id2label``) to ``out`` atomically (temp dir, swap at the end); return ``out``."""
     from common.atomic import atomic_directory
-    from common.provenance import hash_tree, sha256_file, versions
 
     out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
+    served = _served_model(model, id2label)
     if not onnx_model.is_file():
         raise RepositoryError(f"ONNX model not found: {onnx_model}")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise RepositoryError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer is required)")
-    labels = _labels(id2label)
-    info = inspect_onnx(onnx_model)
-    if info["external_data"]:
-        raise RepositoryError(f"{onnx_model}: weights in external-data files are not supported; save one file")
-    missing = [n for n in ("input_ids", "attention_mask") if n not in info["inputs"]]
-    missing += [n for n in ENCODER_OUTPUTS if n not in info["outputs"]]
-    if missing:
-        raise RepositoryError(
-            f"{onnx_model}: missing tensors {missing}; expected inputs {list(ENCODER_INPUTS)} and outputs "
-            f"{list(ENCODER_OUTPUTS)} (got inputs {info['inputs']}, outputs {list(info['outputs'])})"
-        )
-    unknown = [n for n in info["inputs"] if n not in ENCODER_INPUTS]
-    if unknown:
-        raise RepositoryError(f"{onnx_model}: unexpected inputs {unknown}")
-    if config.target is Target.GPU:
-        check_onnx_for_image(info, onnx_model)
-    out_types = {name: info["outputs"][name] for name in ENCODER_OUTPUTS}
-    bad_types = {k: v for k, v in out_types.items() if v not in ("TYPE_FP32", "TYPE_FP16")}
-    if bad_types:
-        raise RepositoryError(f"{onnx_model}: outputs must be float32 or float16, got {bad_types}")
-    encoder_inputs = tuple(n for n in ENCODER_INPUTS if n in info["inputs"])
+    info = _check_onnx(onnx_model, served, config.target)
     configs = build_configs(
-        config, labels, encoder_inputs=encoder_inputs, output_types=out_types,
-        tokenizer_params=_tokenizer_params(tokenizer_dir),
+        config, served, encoder_inputs=[n for n in ENCODER_INPUTS if n in info["inputs"]],
+        output_types={n: info["outputs"][n] for n in served.encoder_outputs},
+        tokenizer_params=tokenizer_settings(tokenizer_dir),
     )
-
     with atomic_directory(out) as tmp:
-        for name, model_config in configs.items():
-            (tmp / name / VERSION).mkdir(parents=True)
-            (tmp / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
-        shutil.copy2(MODELS_SRC / "tokenizer.py", tmp / TOKENIZER / VERSION / "model.py")
-        tok_dst = tmp / TOKENIZER / VERSION / "tokenizer"
-        tok_dst.mkdir()
-        for fname in _TOKENIZER_FILES:
-            if (tokenizer_dir / fname).is_file():
-                shutil.copy2(tokenizer_dir / fname, tok_dst / fname)
-        shutil.copy2(onnx_model, tmp / ENCODER / VERSION / "model.onnx")
-        if config.target is Target.CPU:
-            shutil.copy2(MODELS_SRC / "encoder.py", tmp / ENCODER / VERSION / "model.py")
-        shutil.copy2(MODELS_SRC / "postprocess.py", tmp / POSTPROCESS / VERSION / "model.py")
-        record = {
-            "target": config.target.value,
-            "config": {**asdict(config), "target": config.target.value},
-            "labels": labels,
-            "onnx": {"source": str(onnx_model.absolute()), "sha256": sha256_file(onnx_model),
-                     "ir_version": info["ir_version"], "opset": info["opset"]},
-            "ngc_image": NGC_IMAGE if config.target is Target.GPU else None,
-            "files": hash_tree(tmp),
-            "versions": versions(),
-            "exporter": dict(provenance or {}),
-        }
-        (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        _write_model_files(tmp, configs, served, config.target, onnx_model, tokenizer_dir)
+        record = _provenance(tmp, config, served, onnx_model, info, provenance)
+        (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         validate_repository(tmp, config.target)
-    log.info("wrote %s repository %s (labels %s)", config.target.value, out, labels)
+    log.info("wrote %s repository %s (model %s, labels %s, %d instance(s))", config.target.value, out,
+             served.name, list(served.labels), config.instances)
     return out
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class ServedModelInfo:
+    """One served model of a repository: its contract, its configs, and where its ONNX file and tokenizer
+    are. ``parts`` holds the GPU ensemble's internal models by :class:`Part` value (empty on the CPU)."""
+
+    contract: ServedModel
+    target: Target
+    config: Any  # the served model's ModelConfig (CPU: the python model; GPU: the ensemble)
+    parts: Mapping[str, Any]
+    onnx_path: Path
+    tokenizer_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model directory of this served model (internal ones first)."""
+        return [cfg.name for cfg in self.parts.values()] + [self.name]
+
+    @property
+    def encoder_config(self) -> Any:
+        """The config of the model that runs the ONNX file."""
+        return self.config if self.target is Target.CPU else self.parts[Part.ENCODER.value]
+
+    @property
+    def instances(self) -> int:
+        return sum(g.count for g in self.encoder_config.instance_group) or 1
+
+    @property
+    def intra_op_threads(self) -> int:
+        """ONNX Runtime intra-op threads per instance (0: the runtime's default; GPU: not set)."""
+        param = self.encoder_config.parameters.get("intra_op_threads")
+        return int(param.string_value or 0) if param is not None else 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.max_batch_size)
+
+    @property
+    def batching(self) -> Any:
+        """The dynamic-batching settings of the model that runs the ONNX file."""
+        return self.encoder_config.dynamic_batching
+
+
+@dataclass(frozen=True)
+class RepositoryInfo:
+    """A model repository as written by :func:`write_repository`."""
+
+    path: Path
+    target: Target
+    models: Mapping[str, ServedModelInfo]
+    configs: Mapping[str, Any]  # every model directory's ModelConfig, by name
+    provenance: Mapping[str, Any]
+
+    def model(self, name: str | None = None) -> ServedModelInfo:
+        """A served model by name; without a name, the only one (or ``classifier``)."""
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            name = DEFAULT_CLASSIFIER
+        if name not in self.models:
+            raise RepositoryError(f"{self.path}: no served model {name!r} (has {sorted(self.models)})")
+        return self.models[name]
+
+
+def _read_configs(path: Path) -> dict[str, Any]:
+    configs = {}
+    for cfg_path in sorted(path.glob("*/config.pbtxt")):
+        name = cfg_path.parent.name
+        cfg = read_config(cfg_path)
+        if cfg.name and cfg.name != name:
+            raise RepositoryError(f"{cfg_path}: name '{cfg.name}' does not match its directory '{name}'")
+        cfg.name = name
+        configs[name] = cfg
+    return configs
+
+
+def _contract(cfg) -> ServedModel | None:
+    """The contract a config carries in its parameters (None when it carries none)."""
+    params = dict(cfg.parameters)
+    if "contract" not in params and "labels" not in params:
+        return None
+    try:
+        return ServedModel.from_parameters(params, max_batch_size=int(cfg.max_batch_size))
+    except (ContractError, ValueError, TypeError) as exc:
+        raise RepositoryError(f"model '{cfg.name}': bad contract parameters: {exc}") from exc
+
+
+def _served_info(root: Path, cfg, contract: ServedModel, configs: Mapping[str, Any]) -> ServedModelInfo:
+    if cfg.platform == "ensemble":
+        parts = {p.value: configs[contract.part(p)] for p in Part if contract.part(p) in configs}
+        return ServedModelInfo(contract, Target.GPU, cfg, parts,
+                               root / contract.part(Part.ENCODER) / VERSION / ONNX_FILE,
+                               root / contract.part(Part.TOKENIZER) / VERSION / TOKENIZER_DIR)
+    if cfg.backend == "python":
+        version = root / contract.name / VERSION
+        return ServedModelInfo(contract, Target.CPU, cfg, {}, version / ONNX_FILE, version / TOKENIZER_DIR)
+    raise RepositoryError(f"model '{cfg.name}' is neither a python model (cpu target) nor an ensemble (gpu)")
+
+
+def read_repository(path: Path) -> RepositoryInfo:
+    """Read a repository's served models, their contracts and configs, and its provenance (no deep checks:
+    see :func:`validate_repository`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RepositoryError(f"repository not found: {path}")
+    configs = _read_configs(path)
+    models = {}
+    for name, cfg in configs.items():
+        contract = _contract(cfg)
+        if contract is not None and contract.name == name:
+            models[name] = _served_info(path, cfg, contract, configs)
+    if not models:
+        raise RepositoryError(f"{path}: no served model (no config.pbtxt with a 'contract' parameter)")
+    targets = {m.target for m in models.values()}
+    if len(targets) > 1:
+        raise RepositoryError(f"{path}: models for several targets {sorted(t.value for t in targets)}")
+    prov_path = path / PROVENANCE
+    try:
+        provenance = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.is_file() else {}
+    except ValueError as exc:
+        raise RepositoryError(f"{prov_path}: not JSON: {exc}") from exc
+    return RepositoryInfo(path, targets.pop(), models, configs, provenance)
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -412,72 +665,101 @@ def _require(path: Path, what: str) -> None:
         raise RepositoryError(f"missing {what}: {path}")
 
 
+def _check_scheduled(root: Path, cfg) -> None:
+    """A model Triton schedules itself: batching on, a queue, a version directory."""
+    if cfg.max_batch_size < 1:
+        raise RepositoryError(f"model '{cfg.name}': max_batch_size must be > 0 (dynamic batching)")
+    if not cfg.HasField("dynamic_batching"):
+        raise RepositoryError(f"model '{cfg.name}' has no dynamic_batching")
+    if not (root / cfg.name / VERSION).is_dir():
+        raise RepositoryError(f"missing version directory of model '{cfg.name}': {root / cfg.name / VERSION}")
+
+
+def _check_python(root: Path, cfg) -> None:
+    if cfg.backend != "python":
+        raise RepositoryError(f"model '{cfg.name}' must use the python backend, not '{cfg.backend}'")
+    for fname in ("model.py", *SHARED_SOURCES):
+        _require(root / cfg.name / VERSION / fname, f"python source {fname} of model '{cfg.name}'")
+
+
+def _check_signature(cfg, contract: ServedModel) -> None:
+    """The served model's tensors are exactly the contract's."""
+    want = {(t.name, t.triton_type, tuple(t.dims)) for t in contract.inputs + contract.outputs}
+    pb = _pb()
+    got = {(t.name, pb.DataType.Name(t.data_type), tuple(t.dims)) for t in [*cfg.input, *cfg.output]}
+    if got != want:
+        raise RepositoryError(f"model '{cfg.name}': tensors {sorted(got)} differ from its contract {sorted(want)}")
+
+
+def _check_encoder_onnx(m: ServedModelInfo, input_names: Sequence[str] | None = None) -> dict[str, Any]:
+    _require(m.onnx_path, f"ONNX model of '{m.name}'")
+    info = inspect_onnx(m.onnx_path)
+    if m.target is Target.GPU:
+        check_onnx_for_image(info, m.onnx_path)
+    if input_names is not None and sorted(input_names) != sorted(info["inputs"]):
+        raise RepositoryError(f"encoder config inputs {list(input_names)} != ONNX inputs {info['inputs']}")
+    missing = [n for n in m.contract.encoder_outputs if n not in info["outputs"]]
+    unknown = [n for n in info["inputs"] if n not in ENCODER_INPUTS]
+    if missing or unknown:
+        raise RepositoryError(f"{m.onnx_path}: outputs {missing} missing, inputs {unknown} unexpected")
+    return info
+
+
+def _validate_cpu(root: Path, m: ServedModelInfo) -> list[str]:
+    _check_scheduled(root, m.config)
+    _check_python(root, m.config)
+    _check_signature(m.config, m.contract)
+    params = {k: v.string_value for k, v in m.config.parameters.items()}
+    missing = [k for k in ("max_length", "max_text_chars", "pad_id", "pad_token") if not params.get(k)]
+    if missing:
+        raise RepositoryError(f"model '{m.name}': missing parameters {missing}")
+    _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
+    _check_encoder_onnx(m)
+    return [m.name]
+
+
+def _validate_gpu(root: Path, m: ServedModelInfo, configs: Mapping[str, Any]) -> list[str]:
+    missing = [m.contract.part(p) for p in Part if p.value not in m.parts]
+    if missing:
+        raise RepositoryError(f"missing config of model(s) {missing} (ensemble '{m.name}')")
+    _validate_ensemble(m.config, configs)
+    _check_signature(m.config, m.contract)
+    tok, enc, post = (m.parts[p.value] for p in Part)
+    for cfg in (tok, enc, post):
+        _check_scheduled(root, cfg)
+    _check_python(root, tok)
+    _check_python(root, post)
+    if enc.backend != "onnxruntime":
+        raise RepositoryError(f"model '{enc.name}' must use the onnxruntime backend, not '{enc.backend}'")
+    _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
+    _check_encoder_onnx(m, [t.name for t in enc.input])
+    produced = {t.name: list(t.dims) for t in tok.output}
+    for t in enc.input:
+        if list(t.dims) != produced.get(t.name) or min(t.dims, default=-1) < 1:
+            raise RepositoryError(f"model '{enc.name}': input {t.name} dims {list(t.dims)} must be pinned to "
+                                  f"what '{tok.name}' produces ({produced.get(t.name)})")
+    return m.model_names
+
+
 def validate_repository(path: Path, target: Target | None = None) -> list[str]:
-    """Check a repository offline (configs parse, files present, ONNX opset/IR); return model names."""
-    path = Path(path)
-    if not path.is_dir():
-        raise RepositoryError(f"repository not found: {path}")
-    configs = {}
-    for name in MODEL_NAMES:
-        cfg_path = path / name / "config.pbtxt"
-        _require(cfg_path, f"config of model '{name}'")
-        cfg = read_config(cfg_path)
-        if cfg.name and cfg.name != name:
-            raise RepositoryError(f"{cfg_path}: name '{cfg.name}' does not match its directory '{name}'")
-        if cfg.max_batch_size < 1:
-            raise RepositoryError(f"{cfg_path}: max_batch_size must be > 0 (dynamic batching)")
-        if name != ENSEMBLE:
-            if not cfg.HasField("dynamic_batching"):
-                raise RepositoryError(f"{cfg_path}: model '{name}' has no dynamic_batching")
-            if not (path / name / VERSION).is_dir():
-                raise RepositoryError(f"missing version directory of model '{name}': {path / name / VERSION}")
-        configs[name] = cfg
-
-    enc = configs[ENCODER]
-    found = Target.CPU if enc.backend == "python" else Target.GPU if enc.backend == "onnxruntime" else None
-    if found is None:
-        raise RepositoryError(f"encoder backend '{enc.backend}' is neither python (cpu) nor onnxruntime (gpu)")
-    if target is not None and Target(target) is not found:
-        raise RepositoryError(f"repository is for target {found.value}, not {Target(target).value}")
-
-    for name in (TOKENIZER, POSTPROCESS):
-        _require(path / name / VERSION / "model.py", f"python source of model '{name}'")
-    _require(path / TOKENIZER / VERSION / "tokenizer" / "tokenizer.json", "tokenizer file")
-    onnx_path = path / ENCODER / VERSION / "model.onnx"
-    _require(onnx_path, "encoder ONNX model")
-    if found is Target.CPU:
-        _require(path / ENCODER / VERSION / "model.py", "python source of model 'encoder'")
-
-    info = inspect_onnx(onnx_path)
-    if found is Target.GPU:
-        check_onnx_for_image(info, onnx_path)
-    enc_in = [t.name for t in enc.input]
-    if sorted(enc_in) != sorted(info["inputs"]):
-        raise RepositoryError(f"encoder config inputs {enc_in} != ONNX inputs {info['inputs']}")
-    for out in enc.output:
-        if out.name not in info["outputs"]:
-            raise RepositoryError(f"encoder output '{out.name}' is not an output of {onnx_path}")
-
-    try:
-        labels = json.loads(configs[POSTPROCESS].parameters["labels"].string_value)
-    except (KeyError, ValueError) as exc:
-        raise RepositoryError("postprocess has no valid 'labels' JSON parameter") from exc
-    num_labels = [list(o.dims) for o in configs[ENSEMBLE].output if o.name == PROBABILITIES]
-    if num_labels != [[len(labels)]]:
-        raise RepositoryError(f"{len(labels)} labels but PROBABILITIES dims {num_labels}")
-
-    _validate_ensemble(configs)
-    return list(MODEL_NAMES)
+    """Check a repository offline (every served model: configs, files, wiring, ONNX opset/IR); return the
+    names of its models."""
+    info = read_repository(path)
+    if target is not None and Target(target) is not info.target:
+        raise RepositoryError(f"repository is for target {info.target.value}, not {Target(target).value}")
+    names: list[str] = []
+    for m in info.models.values():
+        names += _validate_cpu(info.path, m) if m.target is Target.CPU else _validate_gpu(info.path, m, info.configs)
+    orphans = sorted(set(info.configs) - set(names))
+    if orphans:
+        raise RepositoryError(f"models {orphans} belong to no served model")
+    return names
 
 
-def _validate_ensemble(configs: Mapping[str, Any]) -> None:
-    ens = configs[ENSEMBLE]
+def _validate_ensemble(ens, configs: Mapping[str, Any]) -> None:
     if ens.platform != "ensemble" or not ens.ensemble_scheduling.step:
-        raise RepositoryError(f"model '{ENSEMBLE}' is not an ensemble with steps")
-    names = {t.name for t in ens.input}
-    if names != {TEXT}:
-        raise RepositoryError(f"ensemble inputs must be ['{TEXT}'], got {sorted(names)}")
-    available = set(names)
+        raise RepositoryError(f"model '{ens.name}' is not an ensemble with steps")
+    available = {t.name for t in ens.input}
     for i, step in enumerate(ens.ensemble_scheduling.step):
         model = configs.get(step.model_name)
         if model is None:

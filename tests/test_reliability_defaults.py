@@ -95,8 +95,11 @@ def test_remote_code_in_a_checkpoint_is_never_run(tiny_checkpoint, tmp_path):
 def test_tokenizers_are_never_shared_across_threads():
     """The served tokenizer is one per model instance; the client has none; any module that tokenizes
     in-process either runs no threads or holds a lock (fast tokenizers: 'Already borrowed')."""
-    model_src = (ROOT / "serving" / "models" / "tokenizer.py").read_text()
-    assert re.search(r"def initialize\(self, args\):(.|\n)*self\.tokenizer = Tokenizer\.from_file", model_src)
+    for name in ("classifier.py", "tokenizer.py"):  # cpu model, gpu tokenizer step: one tokenizer per instance
+        model_src = (ROOT / "serving" / "models" / name).read_text()
+        assert re.search(r"def initialize\(self, args\):(.|\n)*self\.tokenizer = textmodel\.load_tokenizer", model_src)
+    shared = (ROOT / "serving" / "models" / "textmodel.py").read_text()
+    assert "global" not in shared and re.search(r"def load_tokenizer(.|\n)*Tokenizer\.from_file", shared)
     client_src = (ROOT / "serving" / "client.py").read_text()
     assert "tokenizers" not in client_src and "AutoTokenizer" not in client_src
     tokenizing = [p for p in package_sources() if p.parent.name != "models"

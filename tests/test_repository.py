@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from serving import contract
 from serving import repository as repo
+from serving.contract import ServedModel
 from serving.errors import RepositoryError
-from serving.repository import RepositoryConfig, Target, validate_repository, write_repository
+from serving.repository import RepositoryConfig, Target, read_repository, validate_repository, write_repository
 
 LABELS = ["negative", "neutral", "positive"]
 ID2LABEL = dict(enumerate(LABELS))
@@ -39,74 +42,142 @@ def gpu_repo(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
                   target="gpu", tensorrt=True, encoder_instances=2)
 
 
-def test_cpu_configs_parse_back_with_contract_fields(cpu_repo):
-    configs = {name: _parse(cpu_repo / name / "config.pbtxt") for name in repo.MODEL_NAMES}
-    for name, cfg in configs.items():
-        assert cfg.name == name
-        assert cfg.max_batch_size == 32
-        if name == repo.ENSEMBLE:
-            continue
-        batching = cfg.dynamic_batching
-        assert list(batching.preferred_batch_size) == [8, 16]
-        assert batching.max_queue_delay_microseconds == (1500 if name == repo.ENCODER else 250)
-        policy = batching.default_queue_policy
-        assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
-        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (100, 5_000_000)
-    tok, enc, post, ens = (configs[n] for n in repo.MODEL_NAMES)
-    assert tok.backend == "python" and [o.dims for o in tok.output] == [[64]] * 3
-    assert tok.input[0].data_type == pb.TYPE_STRING and list(tok.input[0].dims) == [1]
-    assert tok.parameters["max_length"].string_value == "64"
-    assert enc.backend == "python" and enc.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
-    assert enc.parameters["intra_op_threads"].string_value == "2"
-    assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
-        ("logits", pb.TYPE_FP32, [3]), ("probabilities", pb.TYPE_FP32, [3])]
-    assert json.loads(post.parameters["labels"].string_value) == LABELS
-    assert ens.platform == "ensemble"
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["tokenizer", "encoder", "postprocess"]
-    assert {(o.name, o.data_type) for o in ens.output} == {
-        ("LABEL", pb.TYPE_STRING), ("PROBABILITIES", pb.TYPE_FP32), ("LOGITS", pb.TYPE_FP32)}
-    assert json.loads(ens.parameters["labels"].string_value) == LABELS
+def test_cpu_target_is_one_python_model_per_served_model(cpu_repo):
+    assert sorted(p.name for p in cpu_repo.iterdir()) == ["classifier", "provenance.json"]
+    cfg = _parse(cpu_repo / "classifier" / "config.pbtxt")
+    assert cfg.name == "classifier" and cfg.backend == "python" and cfg.max_batch_size == 32
+    assert [(t.name, t.data_type, list(t.dims)) for t in cfg.input] == [("TEXT", pb.TYPE_STRING, [1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in cfg.output] == [
+        ("LABEL", pb.TYPE_STRING, [1]), ("PROBABILITIES", pb.TYPE_FP32, [3]), ("LOGITS", pb.TYPE_FP32, [3])]
+    [group] = cfg.instance_group
+    assert group.kind == pb.ModelInstanceGroup.KIND_CPU and group.count == len(os.sched_getaffinity(0))
+    batching = cfg.dynamic_batching
+    assert list(batching.preferred_batch_size) == [8, 16] and batching.max_queue_delay_microseconds == 1500
+    policy = batching.default_queue_policy
+    assert policy.timeout_action == pb.ModelQueuePolicy.REJECT and not policy.allow_timeout_override
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (100, 5_000_000)
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["intra_op_threads"] == "2" and params["max_length"] == "64"
+    assert params["max_text_chars"] == str(repo.CHARS_PER_TOKEN * 64)
+    assert (params["pad_token"], params["pad_id"], params["truncation_side"]) == ("[PAD]", "0", "right")
+    assert ServedModel.from_parameters(dict(cfg.parameters)) == ServedModel(labels=LABELS)
+    assert json.loads(params["labels"]) == LABELS
 
 
 def test_cpu_repository_files_and_provenance(cpu_repo, tiny_onnx):
-    for rel in ("tokenizer/1/model.py", "tokenizer/1/tokenizer/tokenizer.json", "encoder/1/model.onnx",
-                "encoder/1/model.py", "postprocess/1/model.py"):
-        assert (cpu_repo / rel).is_file(), rel
-    assert (cpu_repo / "classifier" / "1").is_dir()
+    version = cpu_repo / "classifier" / "1"
+    for rel in ("model.py", "textmodel.py", "contract.py", "tokenizer/tokenizer.json", "model.onnx"):
+        assert (version / rel).is_file(), rel
+    assert (version / "contract.py").read_text() == Path(contract.__file__).read_text()
     prov = json.loads((cpu_repo / "provenance.json").read_text())
     from common.provenance import sha256_file
 
     assert prov["onnx"]["sha256"] == sha256_file(tiny_onnx)
-    assert prov["files"]["encoder/1/model.onnx"] == prov["onnx"]["sha256"]
+    assert prov["files"]["classifier/1/model.onnx"] == prov["onnx"]["sha256"]
     assert prov["labels"] == LABELS and prov["exporter"] == {"variant": "fp32"}
     assert prov["target"] == "cpu" and "onnxruntime" in prov["versions"]
-    assert validate_repository(cpu_repo, Target.CPU) == list(repo.MODEL_NAMES)
+    assert prov["resolved"] == {"instances": len(os.sched_getaffinity(0)), "max_text_chars": 1024}
+    assert validate_repository(cpu_repo, Target.CPU) == ["classifier"]
 
 
-def test_gpu_target_config_and_offline_validation(gpu_repo):
-    enc = _parse(gpu_repo / "encoder" / "config.pbtxt")
+def test_read_repository_round_trip(cpu_repo, gpu_repo, tiny_onnx, tiny_checkpoint):
+    from common.provenance import sha256_file
+
+    info = read_repository(cpu_repo)
+    assert info.target is Target.CPU and list(info.models) == ["classifier"]
+    m = info.model()
+    assert m is info.model("classifier") and m.contract == ServedModel(labels=LABELS, max_batch_size=32)
+    assert sha256_file(m.onnx_path) == sha256_file(tiny_onnx)
+    assert (m.tokenizer_dir / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
+    assert (m.instances, m.intra_op_threads, m.max_batch_size) == (len(os.sched_getaffinity(0)), 2, 32)
+    assert m.batching.max_queue_delay_microseconds == 1500 and m.parts == {}
+    assert info.provenance["exporter"] == {"variant": "fp32"}
+    with pytest.raises(RepositoryError, match="no served model 'embedder'"):
+        info.model("embedder")
+
+    g = read_repository(gpu_repo).model()
+    assert g.target is Target.GPU and g.model_names == [
+        "classifier_tokenizer", "classifier_encoder", "classifier_postprocess", "classifier"]
+    assert g.onnx_path == gpu_repo / "classifier_encoder" / "1" / "model.onnx" and g.instances == 2
+    assert g.encoder_config.backend == "onnxruntime" and g.config.platform == "ensemble"
+
+
+def test_several_served_models_in_one_repository(cpu_repo, tiny_onnx, tiny_checkpoint, tmp_path):
+    other = write_repository(tmp_path / "other", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                             id2label=ID2LABEL, config=RepositoryConfig(max_batch_size=8),
+                             model=ServedModel(name="sentiment", labels=LABELS))
+    both = tmp_path / "both"
+    shutil.copytree(cpu_repo, both)
+    shutil.copytree(other / "sentiment", both / "sentiment")
+    info = read_repository(both)
+    assert sorted(info.models) == ["classifier", "sentiment"]
+    assert info.model("sentiment").contract.name == "sentiment" and info.model("sentiment").max_batch_size == 8
+    assert sorted(validate_repository(both)) == ["classifier", "sentiment"]
+    (both / "sentiment" / "1" / "model.onnx").unlink()
+    with pytest.raises(RepositoryError, match="ONNX model of 'sentiment'"):
+        validate_repository(both)
+    with pytest.raises(RepositoryError, match="labels"):
+        write_repository(tmp_path / "x", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint, id2label=ID2LABEL,
+                         config=RepositoryConfig(), model=ServedModel(labels=("x", "y")))
+
+
+def test_gpu_target_configs_validated_offline_with_internal_names(gpu_repo):
+    names = ["classifier_tokenizer", "classifier_encoder", "classifier_postprocess", "classifier"]
+    assert validate_repository(gpu_repo, Target.GPU) == names
+    tok, enc, post, ens = (_parse(gpu_repo / n / "config.pbtxt") for n in names)
     assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
     assert enc.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU and enc.instance_group[0].count == 2
     accel = enc.optimization.execution_accelerators.gpu_execution_accelerator
     assert [a.name for a in accel] == ["tensorrt"] and accel[0].parameters["precision_mode"] == "FP16"
-    assert not (gpu_repo / "encoder" / "1" / "model.py").exists()
-    assert validate_repository(gpu_repo, Target.GPU) == list(repo.MODEL_NAMES)
+    assert [(t.name, list(t.dims)) for t in enc.input] == [(t.name, list(t.dims)) for t in tok.output] == [
+        ("input_ids", [128]), ("attention_mask", [128]), ("token_type_ids", [128])]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == names[:3]
+    for cfg in (tok, post, ens):
+        assert ServedModel.from_parameters(dict(cfg.parameters)) == ServedModel(labels=LABELS)
+    assert {(o.name, o.data_type) for o in post.output} == {
+        ("LABEL", pb.TYPE_STRING), ("PROBABILITIES", pb.TYPE_FP32), ("LOGITS", pb.TYPE_FP32)}
+    for n in ("classifier_tokenizer", "classifier_postprocess"):
+        assert (gpu_repo / n / "1" / "contract.py").is_file() and (gpu_repo / n / "1" / "textmodel.py").is_file()
+    assert not (gpu_repo / "classifier_encoder" / "1" / "model.py").exists()
     with pytest.raises(RepositoryError, match="target gpu, not cpu"):
         validate_repository(gpu_repo, Target.CPU)
     assert json.loads((gpu_repo / "provenance.json").read_text())["ngc_image"] == repo.NGC_IMAGE
 
 
-@pytest.mark.parametrize("rel, match", [
-    ("tokenizer/1/tokenizer/tokenizer.json", "tokenizer file"),
-    ("encoder/1/model.onnx", "encoder ONNX model"),
-    ("encoder/1/model.py", "python source of model 'encoder'"),
-    ("postprocess/config.pbtxt", "config of model 'postprocess'"),
-])
-def test_validate_catches_a_missing_file(cpu_repo, tmp_path, rel, match):
+def test_validate_refuses_unpinned_encoder_dims(gpu_repo, tmp_path):
     broken = tmp_path / "repo"
-    shutil.copytree(cpu_repo, broken)
+    shutil.copytree(gpu_repo, broken)
+    cfg_path = broken / "classifier_encoder" / "config.pbtxt"
+    cfg = _parse(cfg_path)
+    cfg.input[0].dims[:] = [-1]
+    cfg_path.write_text(text_format.MessageToString(cfg))
+    with pytest.raises(RepositoryError, match="input_ids dims \\[-1\\] must be pinned"):
+        validate_repository(broken)
+
+
+@pytest.mark.parametrize("which, rel, match", [
+    ("cpu", "classifier/1/tokenizer/tokenizer.json", "tokenizer file"),
+    ("cpu", "classifier/1/model.onnx", "ONNX model of 'classifier'"),
+    ("cpu", "classifier/1/contract.py", "python source contract.py of model 'classifier'"),
+    ("cpu", "classifier/config.pbtxt", "no served model"),
+    ("gpu", "classifier_encoder/1/model.onnx", "ONNX model of 'classifier'"),
+    ("gpu", "classifier_postprocess/1/model.py", "python source model.py of model 'classifier_postprocess'"),
+    ("gpu", "classifier_postprocess/config.pbtxt", r"missing config of model\(s\) \['classifier_postprocess'\]"),
+])
+def test_validate_catches_a_missing_file(cpu_repo, gpu_repo, tmp_path, which, rel, match):
+    broken = tmp_path / "repo"
+    shutil.copytree(cpu_repo if which == "cpu" else gpu_repo, broken)
     (broken / rel).unlink()
     with pytest.raises(RepositoryError, match=match):
+        validate_repository(broken)
+
+
+def test_validate_catches_an_orphan_model(cpu_repo, tmp_path):
+    broken = tmp_path / "repo"
+    shutil.copytree(cpu_repo, broken)
+    (broken / "stray" / "1").mkdir(parents=True)
+    (broken / "stray" / "config.pbtxt").write_text('name: "stray" backend: "python" max_batch_size: 1')
+    with pytest.raises(RepositoryError, match=r"\['stray'\] belong to no served model"):
         validate_repository(broken)
 
 
@@ -118,7 +189,7 @@ def test_validate_catches_onnx_newer_than_the_ngc_runtime(gpu_repo, tmp_path, fi
 
     broken = tmp_path / "repo"
     shutil.copytree(gpu_repo, broken)
-    path = broken / "encoder" / "1" / "model.onnx"
+    path = read_repository(broken).model().onnx_path
     model = onnx.load(str(path))
     if field == "opset":
         next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = value
@@ -129,9 +200,9 @@ def test_validate_catches_onnx_newer_than_the_ngc_runtime(gpu_repo, tmp_path, fi
         validate_repository(broken, Target.GPU)
 
 
-def test_validate_catches_a_miswired_ensemble(cpu_repo, tmp_path):
+def test_validate_catches_a_miswired_ensemble(gpu_repo, tmp_path):
     broken = tmp_path / "repo"
-    shutil.copytree(cpu_repo, broken)
+    shutil.copytree(gpu_repo, broken)
     cfg_path = broken / "classifier" / "config.pbtxt"
     cfg = _parse(cfg_path)
     cfg.ensemble_scheduling.step[1].input_map["input_ids"] = "_no_such_tensor"
@@ -147,6 +218,29 @@ def test_validate_catches_a_miswired_ensemble(cpu_repo, tmp_path):
         validate_repository(broken)
 
 
+def test_tokenizer_settings_follow_the_checkpoint(tiny_checkpoint, tiny_onnx, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    cfg_path = ck / "tokenizer_config.json"
+    doc = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**doc, "truncation_side": "left", "padding_side": "left"}))
+    assert repo.tokenizer_settings(ck)["truncation_side"] == "left"
+    out = write_repository(tmp_path / "r", onnx_model=tiny_onnx, tokenizer_dir=ck, id2label=ID2LABEL,
+                           config=RepositoryConfig(target="gpu"))
+    params = _parse(out / "classifier_tokenizer" / "config.pbtxt").parameters
+    assert (params["truncation_side"].string_value, params["padding_side"].string_value) == ("left", "left")
+    cfg_path.write_text(json.dumps({**doc, "truncation_side": "middle"}))
+    with pytest.raises(RepositoryError, match="truncation_side must be 'left' or 'right'"):
+        repo.tokenizer_settings(ck)
+
+
+def test_config_defaults_follow_the_machine_and_max_length():
+    cfg = RepositoryConfig(max_length=64)
+    assert cfg.instances == len(os.sched_getaffinity(0)) and cfg.text_chars == repo.CHARS_PER_TOKEN * 64
+    assert RepositoryConfig(encoder_instances=3, max_text_chars=500).instances == 3
+    assert RepositoryConfig(target="gpu").instances == 1
+
+
 def test_failed_write_leaves_the_existing_repository_untouched(cpu_repo, tiny_checkpoint, tmp_path):
     import onnx
 
@@ -154,7 +248,7 @@ def test_failed_write_leaves_the_existing_repository_untouched(cpu_repo, tiny_ch
     shutil.copytree(cpu_repo, out)
     before = sorted(p.name for p in out.rglob("*"))
     bad = tmp_path / "new.onnx"
-    model = onnx.load(str(cpu_repo / "encoder" / "1" / "model.onnx"))
+    model = onnx.load(str(read_repository(cpu_repo).model().onnx_path))
     next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = repo.NGC_MAX_OPSET + 1
     onnx.save(model, str(bad))
     with pytest.raises(RepositoryError, match=f"opset {repo.NGC_MAX_OPSET + 1}"):
@@ -219,7 +313,7 @@ def test_failure_inside_the_write_leaves_no_partial_output(cpu_repo, tiny_onnx, 
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
 
     def boom(path, target=None):
-        assert (Path(path) / "encoder" / "1" / "model.onnx").is_file()  # called on the complete temp dir
+        assert read_repository(path).model().onnx_path.is_file()  # called on the complete temp dir
         raise RepositoryError("boom")
 
     monkeypatch.setattr(repo, "validate_repository", boom)

@@ -22,7 +22,7 @@ from serving_helpers import corpus_texts, read_endpoints, torch_reference
 
 from serving.client import AsyncTextClassifier, TextClassifier
 from serving.errors import InvalidInputError, ServerError, ServerUnavailableError
-from serving.repository import RepositoryConfig, write_repository
+from serving.repository import RepositoryConfig, read_repository, write_repository
 from serving.server import LocalTritonServer, ServerConfig
 
 pytestmark = pytest.mark.server
@@ -37,7 +37,7 @@ def cpu_repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
     return write_repository(
         tmp_path_factory.mktemp("served") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
-        # aux delay > 0 so that concurrent requests reliably share a tokenizer execute() (batch isolation test)
+        # delay > 0 so that concurrent requests reliably share an execute() call (batch isolation test)
         config=RepositoryConfig(max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8), max_queue_delay_us=1000,
                                 aux_queue_delay_us=1000, intra_op_threads=1),
     )
@@ -154,9 +154,10 @@ def test_empty_and_whitespace_text_are_the_empty_sequence(server, tiny_checkpoin
     _assert_still_serving(server)
 
 
-def test_100k_character_text_is_truncated_not_an_error(server, tiny_checkpoint, texts):
-    long_text = (" ".join(texts) * 50)[:100_000]
-    assert len(long_text) == 100_000
+def test_a_text_at_the_character_limit_is_truncated_not_an_error(server, tiny_checkpoint, texts):
+    limit = RepositoryConfig(max_batch_size=MAX_BATCH).text_chars
+    long_text = (" ".join(texts) * 50)[:limit]
+    assert len(long_text) == limit
     ref_probs, ref_labels = torch_reference(tiny_checkpoint, [long_text])
     with TextClassifier(server.http_url, timeout_s=60) as client:
         [prediction] = client.classify([long_text])
@@ -189,7 +190,7 @@ def test_undecodable_bytes_are_invalid_argument(server, protocol):
 
 
 def test_a_bad_request_fails_only_itself_within_a_dynamic_batch(server, texts):
-    """Concurrent requests batch together in the tokenizer; the undecodable one alone fails."""
+    """Concurrent requests batch together in the classifier; the undecodable one alone fails."""
     import tritonclient.grpc.aio as grpcaio
     from tritonclient.utils import InferenceServerException
 
@@ -209,7 +210,7 @@ def test_a_bad_request_fails_only_itself_within_a_dynamic_batch(server, texts):
             await client.close()
 
     def tokenizer_counts() -> tuple[int, int]:
-        stats_request = urllib.request.Request(f"http://{server.http_url}/v2/models/tokenizer/stats",
+        stats_request = urllib.request.Request(f"http://{server.http_url}/v2/models/classifier/stats",
                                                headers=server.admin_headers())  # statistics: restricted
         with urllib.request.urlopen(stats_request, timeout=5) as resp:
             stats = json.loads(resp.read())["model_stats"][0]
@@ -303,7 +304,7 @@ def broken_repository(cpu_repository, tmp_path_factory) -> Path:
 
     broken = tmp_path_factory.mktemp("broken") / "model_repository"
     shutil.copytree(cpu_repository, broken)
-    path = broken / "encoder" / "1" / "model.onnx"
+    path = read_repository(broken).model().onnx_path
     model = onnx.load(str(path))
     model.graph.node[len(model.graph.node) // 2].op_type = "NoSuchOperator"
     onnx.save(model, str(path))
@@ -314,7 +315,7 @@ def test_model_load_failure_raises_server_error_naming_the_model(broken_reposito
     start = time.perf_counter()
     server = LocalTritonServer(ServerConfig(broken_repository, startup_timeout_s=120, log_file=tmp_path / "log",
                                             skip_verify=True))  # tampered on purpose: test the load failure
-    with pytest.raises(ServerError, match=r"model 'encoder' failed to load: .*NoSuchOperator"):
+    with pytest.raises(ServerError, match=r"model 'classifier' failed to load: .*NoSuchOperator"):
         server.start()
     assert time.perf_counter() - start < 60
     assert not server.is_alive()
@@ -335,7 +336,7 @@ def test_cli_up_exits_non_zero_on_a_load_failure(broken_repository, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m serving: error:") and "model 'encoder' failed to load" in last
+    assert last.startswith("python -m serving: error:") and "model 'classifier' failed to load" in last
 
 
 def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, tmp_path):
@@ -384,7 +385,8 @@ def test_overload_is_a_fast_unavailable(tiny_onnx, tiny_checkpoint, tmp_path):
 
     repository = write_repository(
         tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
-        id2label=dict(enumerate(LABELS)), config=RepositoryConfig(max_batch_size=4, max_queue_size=2),
+        id2label=dict(enumerate(LABELS)),
+        config=RepositoryConfig(max_batch_size=4, max_queue_size=2, encoder_instances=1, max_text_chars=100_000),
     )
     long_text = ("lorem ipsum dolor " * 6000)[:100_000].encode()
 
@@ -416,3 +418,108 @@ def test_overload_is_a_fast_unavailable(tiny_onnx, tiny_checkpoint, tmp_path):
     assert ok and rejected
     assert all(s.startswith("StatusCode.UNAVAILABLE") and "Exceeds maximum queue size" in s for s, _ in rejected)
     assert max(t for _, t in rejected) < max(ok)
+
+
+# ---------------------------------------------------------------------------------- batch invariance
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny model quantized the way the exporter's int8_dynamic variant is (per-tensor dynamic scales)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = tmp_path_factory.mktemp("int8") / "model.onnx"
+    quantize_dynamic(str(tiny_onnx), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def _padded_batch_outputs(onnx_path: Path, checkpoint: Path, texts: list[str]) -> np.ndarray:
+    """LOGITS of ``texts`` run in-process as ONE padded batch, the way the old served path ran them."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(checkpoint)(texts, padding=True, truncation=True, max_length=128,
+                                                    return_tensors="np")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0]
+
+
+def _row_alone_logits(onnx_path: Path, checkpoint: Path, text: str) -> np.ndarray:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(checkpoint)([text], truncation=True, max_length=128, return_tensors="np")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})[0][0]
+
+
+def _http_logits(server, rows: list[str]) -> dict[str, np.ndarray]:
+    from serving.contract import http_infer_body, http_outputs
+
+    status, body = _post(_infer_url(server), http_infer_body(rows, outputs=("LOGITS", "PROBABILITIES")))
+    assert status == 200, body
+    return http_outputs(body)
+
+
+def test_a_texts_answer_does_not_depend_on_its_neighbours(int8_onnx, tiny_checkpoint, texts, tmp_path):
+    """Same text alone, among others in one request, and among concurrent requests: LOGITS and PROBABILITIES
+    equal to 1e-6 on an int8_dynamic model (whose padded batches do depend on the neighbours)."""
+    import tritonclient.grpc.aio as grpcaio
+
+    target, others = texts[3], texts[10:40]
+    batched = _padded_batch_outputs(int8_onnx, tiny_checkpoint, [target, *others[:7]])[0]
+    alone_inproc = _padded_batch_outputs(int8_onnx, tiny_checkpoint, [target])[0]
+    assert np.abs(batched - alone_inproc).max() > 1e-4  # the old batched path would fail this test
+
+    repository = write_repository(tmp_path / "model_repository", onnx_model=int8_onnx, tokenizer_dir=tiny_checkpoint,
+                                  id2label=dict(enumerate(LABELS)),
+                                  config=RepositoryConfig(max_batch_size=MAX_BATCH, max_queue_delay_us=5000))
+
+    async def concurrent(url: str) -> list[dict]:
+        client = grpcaio.InferenceServerClient(url)
+        try:
+            async def one(rows):
+                tensor = grpcaio.InferInput("TEXT", [len(rows), 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[t.encode()] for t in rows], dtype=np.object_))
+                result = await client.infer("classifier", [tensor], outputs=[
+                    grpcaio.InferRequestedOutput(n) for n in ("LOGITS", "PROBABILITIES")])
+                return {n: result.as_numpy(n) for n in ("LOGITS", "PROBABILITIES")}
+            requests = [others[i:i + 3] for i in range(0, 24, 3)]
+            requests[4:4] = [[target]]
+            requests.append([others[25], target])
+            return await asyncio.gather(*(one(r) for r in requests)), requests
+        finally:
+            await client.close()
+
+    with LocalTritonServer(ServerConfig(repository, startup_timeout_s=120)) as srv:
+        alone = _http_logits(srv, [target])
+        mixed = _http_logits(srv, [*others[:4], target, *others[4:7]])
+        results, requests = asyncio.run(concurrent(srv.grpc_url))
+    rows = [(res, req.index(target)) for res, req in zip(results, requests) if target in req]
+    rows.append((mixed, 4))
+    assert len(rows) == 3
+    ref_logits, ref_probs = alone["LOGITS"][0], alone["PROBABILITIES"][0]
+    # ... and equal to the row run alone, unpadded, in a 1-thread session: what the parity gate measures
+    assert np.abs(_row_alone_logits(int8_onnx, tiny_checkpoint, target) - ref_logits).max() <= 1e-6
+    for res, i in rows:
+        assert np.abs(res["LOGITS"][i] - ref_logits).max() <= 1e-6
+        assert np.abs(res["PROBABILITIES"][i] - ref_probs).max() <= 1e-6
+
+
+def test_an_internal_failure_is_a_generic_error_with_details_only_in_the_log(tiny_onnx, tiny_checkpoint, tmp_path):
+    """max_length 256 on a model with 128 positions: a long text makes ONNX Runtime fail inside the model.
+    The client sees a generic message (no node names, paths, traceback); the server log has the details."""
+    repository = write_repository(tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                                  id2label=dict(enumerate(LABELS)),
+                                  config=RepositoryConfig(max_batch_size=4, max_length=256, encoder_instances=1))
+    log_file = tmp_path / "server.log"
+    with LocalTritonServer(ServerConfig(repository, startup_timeout_s=120, log_file=log_file)) as srv:
+        code, answer = _post(_infer_url(srv), _text_request(["word " * 200]))
+        assert code == 500 and answer["error"] == "internal error (see server log)", answer
+        with TextClassifier(srv.http_url, retries=0) as client:
+            assert client.classify(["short is fine"])[0].label in LABELS
+    log = log_file.read_text()
+    assert "Traceback" in log and "model.py" in log and "ONNXRuntimeError" in log

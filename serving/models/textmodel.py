@@ -1,0 +1,111 @@
+"""Shared code of the python-backend models (copied beside each ``model.py`` as ``textmodel.py``).
+
+The python backend puts a model's version directory on ``sys.path``, so ``model.py`` imports this module
+and ``contract.py`` (serving.contract) from there. It owns what every model does the same way: reading its
+config parameters, the tokenizer set up from the checkpoint's settings, decoding TEXT rows, the outputs of
+a classification head, and the error boundary that keeps internals away from clients.
+"""
+import json
+import os
+import traceback
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import contract
+
+INTERNAL_ERROR = "internal error (see server log)"
+
+
+class InputError(Exception):
+    """Bad client input; the message is safe to return to the client (INVALID_ARG, HTTP 400)."""
+
+
+def read_config(args):
+    """(model config dict, {parameter: string value}, ServedModel) of a model being initialised."""
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    model = contract.ServedModel.from_parameters(params, max_batch_size=int(config.get("max_batch_size", 0)))
+    return config, params, model
+
+
+def load_tokenizer(args, params, *, pad):
+    """The checkpoint's tokenizer: truncation at max_length on its truncation side; padded to max_length
+    (GPU: fixed shapes) only when ``pad``. Special tokens come from tokenizer.json's post-processor."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(args["model_repository"], args["model_version"], "tokenizer", "tokenizer.json")
+    tokenizer = Tokenizer.from_file(path)
+    max_length = int(params["max_length"])
+    tokenizer.enable_truncation(max_length=max_length, direction=params.get("truncation_side", "right"))
+    if pad:
+        tokenizer.enable_padding(length=max_length, pad_id=int(params["pad_id"]), pad_token=params["pad_token"],
+                                 direction=params.get("padding_side", "right"))
+    else:
+        tokenizer.no_padding()
+    return tokenizer
+
+
+def decode_texts(request, max_chars):
+    """The rows of the request's TEXT tensor as strings; InputError naming the first bad row."""
+    tensor = pb_utils.get_input_tensor_by_name(request, contract.TEXT)
+    if tensor is None:
+        raise InputError(f"missing input {contract.TEXT}")
+    out = []
+    for i, value in enumerate(tensor.as_numpy().reshape(-1)):
+        if isinstance(value, str):
+            text = value
+        else:
+            try:
+                text = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{contract.TEXT} row {i} is not valid UTF-8 (byte {exc.start})") from None
+            except TypeError:
+                raise InputError(f"{contract.TEXT} row {i} is not a string") from None
+        if len(text) > max_chars:
+            raise InputError(f"{contract.TEXT} row {i} has {len(text)} characters; the limit is {max_chars} "
+                             "(max_text_chars)")
+        out.append(text)
+    return out
+
+
+def head_outputs(model, logits, probabilities):
+    """The served output tensors of a classification head (FP32; LABEL from the probabilities)."""
+    probs = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).reshape(len(logits), -1))
+    logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(probs.shape))
+    labels = list(model.labels)
+    if model.head is contract.Head.MULTI_LABEL:
+        rows = [contract.encode_label_set([labels[j] for j in np.flatnonzero(p >= model.threshold)]) for p in probs]
+    else:
+        rows = [labels[int(j)] for j in probs.argmax(axis=1)] if len(probs) else []
+    label = np.array([r.encode("utf-8") for r in rows], dtype=np.object_).reshape(-1, 1)
+    return [pb_utils.Tensor(contract.LABEL, label), pb_utils.Tensor(contract.PROBABILITIES, probs),
+            pb_utils.Tensor(contract.LOGITS, logits)]
+
+
+def _log_error(text):
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_error(text)
+    else:  # older python backends: the stub's stderr goes to the server log
+        import sys
+
+        print(text, file=sys.stderr, flush=True)
+
+
+def respond(requests, handle, where):
+    """One response per request: ``handle(request)`` -> output tensors. Bad input fails only its own request
+    with INVALID_ARG and a short message; any other failure is logged in full (with the traceback) on the
+    server and answered with a generic message, so no paths, node names or tracebacks reach the client."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except InputError as exc:
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+        except Exception:  # noqa: BLE001 - the error boundary: full text to the log, a generic one out
+            _log_error(f"{where}: request failed:\n{traceback.format_exc()}")
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(INTERNAL_ERROR)))
+    return responses
