@@ -11,7 +11,7 @@ from serving_helpers import corpus_texts
 
 from loadtest.ceiling import usable_cores
 from serving.contract import Endpoint, Protocol
-from serving.repository import ENCODER, RepositoryConfig, read_config, write_repository
+from serving.repository import RepositoryConfig, read_repository, write_repository
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -251,7 +251,7 @@ def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
                             max_batch_sizes=(), n_texts=32, out=tmp_path / "tune"))
     assert len(s["trials"]) == 3 and all(t["failures"] == 0 and t["seq_per_s"] > 0 for t in s["trials"])
     best = s["best"]
-    enc = read_config(repo / ENCODER / "config.pbtxt")
+    enc = read_repository(repo).model().encoder_config
     assert sum(g.count for g in enc.instance_group) == best["encoder_instances"]
     assert enc.dynamic_batching.max_queue_delay_microseconds == best["max_queue_delay_us"]
     prov = json.loads((repo / "provenance.json").read_text())

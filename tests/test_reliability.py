@@ -24,7 +24,7 @@ from serving_helpers import corpus_texts, read_endpoints
 
 from serving.client import TextClassifier
 from serving.errors import ServerUnavailableError
-from serving.repository import RepositoryConfig, write_repository
+from serving.repository import RepositoryConfig, read_repository, write_repository
 from serving.server import LocalTritonServer, ServerConfig
 from serving.supervisor import Supervisor, SupervisorConfig, _shm_regions, stub_processes
 
@@ -62,15 +62,16 @@ def texts() -> list[str]:
 
 
 def test_repository_writer_sets_a_bounded_rejecting_queue(repository):
-    from serving.repository import MODEL_NAMES, read_config
+    from serving.repository import read_repository
 
-    for name in MODEL_NAMES:
-        cfg = read_config(repository / name / "config.pbtxt")
-        if name == "classifier":
-            continue  # the ensemble has no scheduler queue; its steps do
+    info = read_repository(repository)
+    for name, cfg in info.configs.items():
+        if cfg.platform == "ensemble":
+            continue  # an ensemble has no scheduler queue; its steps do
         policy = cfg.dynamic_batching.default_queue_policy
         assert policy.max_queue_size > 0, name
         assert policy.timeout_action == policy.REJECT and policy.default_timeout_microseconds > 0, name
+        assert not policy.allow_timeout_override, name  # clients cannot raise their own queue timeout
 
 
 def test_overload_3x_saturation(tiny_onnx, tiny_checkpoint, texts, tmp_path):
@@ -83,7 +84,7 @@ def test_overload_3x_saturation(tiny_onnx, tiny_checkpoint, texts, tmp_path):
     repo = write_repository(
         tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
-        config=RepositoryConfig(max_batch_size=4, max_queue_size=queue, intra_op_threads=1),
+        config=RepositoryConfig(max_batch_size=4, max_queue_size=queue, intra_op_threads=1, max_text_chars=20_000),
     )
     # heavy requests (4 long texts: tokenization dominates) keep the client's own CPU use small
     payload = np.array([[(" ".join(texts) * 8)[:20_000].encode()]] * 4, dtype=np.object_)
@@ -233,7 +234,8 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
     with Supervisor(ServerConfig(repository), cfg) as sup:
         http_url, grpc_url = sup.http_url, sup.grpc_url
         stubs = stub_processes(sup.server.process.pid)
-        assert {"tokenizer_0_0", "encoder_0_0", "postprocess_0_0"} <= set(stubs)
+        victim = sorted(stubs)[0]
+        assert victim.startswith("classifier_0_"), stubs  # the one CPU model's instances
         old_regions = _shm_regions(stubs)
         seen_not_ready = []
         with Load(http_url, 2, retries=0, timeout_s=10) as plain, \
@@ -241,7 +243,7 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
                 Load(http_url, 1, retries=12, backoff_s=0.2, timeout_s=30) as retrying_http:
             time.sleep(1.5)
             killed_at = time.time()
-            os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)
+            os.kill(stubs[victim].pid, signal.SIGKILL)
             deadline = time.time() + 60
             while time.time() < deadline and not (sup.events and sup.events[-1].recovered_at):
                 if not sup.ready:
@@ -251,12 +253,12 @@ def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
         assert sup.ready and (sup.http_url, sup.grpc_url) == (http_url, grpc_url)
         assert old_regions and not [r for r in old_regions if (Path("/dev/shm") / r).exists()]  # cleaned up
         new_stubs = stub_processes(sup.server.process.pid)
-        assert set(new_stubs) == set(stubs) and new_stubs["encoder_0_0"].pid != stubs["encoder_0_0"].pid
+        assert set(new_stubs) == set(stubs) and new_stubs[victim].pid != stubs[victim].pid
         with TextClassifier(http_url, retries=0) as client:
             assert client.classify(["back to normal"])[0].label in LABELS
     [event] = sup.events
-    assert "encoder_0_0" in event.reason
-    assert seen_not_ready and "encoder_0_0" in seen_not_ready[0]
+    assert victim in event.reason
+    assert seen_not_ready and victim in seen_not_ready[0]
     assert "NOT READY" in caplog.text and "restarted" in caplog.text
     failed_plain = [r for r in plain.records if not r[2]]
     first_good = min((r[1] for r in plain.records if r[2] and r[0] > killed_at), default=None)
@@ -282,14 +284,14 @@ def test_unhealthy_stub_error_without_the_supervisor_is_pinned(repository):
 
     with LocalTritonServer(ServerConfig(repository, exit_timeout_s=1)) as srv:
         stubs = stub_processes(srv.process.pid)
-        os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)
+        os.kill(stubs[sorted(stubs)[0]].pid, signal.SIGKILL)
         time.sleep(1.0)
         body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]})
         req = urllib.request.Request(f"http://{srv.http_url}/v2/models/classifier/infer", data=body.encode())
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=10)
         assert info.value.code == 500 and "is not healthy" in info.value.read().decode()
-        with urllib.request.urlopen(f"http://{srv.http_url}/v2/models/encoder/ready", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{srv.http_url}/v2/models/classifier/ready", timeout=5) as resp:
             assert resp.status == 200  # the lie the supervisor has to see through
 
 
@@ -400,7 +402,7 @@ def test_listens_on_loopback_only_and_refuses_model_control(server):
 def test_text_over_the_character_limit_is_a_clear_400(server, protocol):
     from serving.errors import InvalidInputError
 
-    limit = RepositoryConfig().max_text_chars
+    limit = RepositoryConfig().text_chars
     url = server.http_url if protocol == "http" else server.grpc_url
     with TextClassifier(url, protocol=protocol, retries=0) as client:
         assert client.classify(["x " * (limit // 2)])[0].label in LABELS  # at the limit: fine
@@ -426,18 +428,18 @@ def test_corrupt_onnx_makes_serving_up_exit_non_zero_naming_the_model(repository
 
     broken = tmp_path / "model_repository"
     shutil.copytree(repository, broken)
-    onnx_file = broken / "encoder" / "1" / "model.onnx"
+    onnx_file = read_repository(broken).model().onnx_path
     onnx_file.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 3])  # a torn write
     proc = _serving_up(broken)  # the integrity check refuses it first, naming the file
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m serving: error:") and "encoder/1/model.onnx: modified" in last, last
+    assert last.startswith("python -m serving: error:") and f"{onnx_file.relative_to(broken)}: modified" in last, last
     proc = _serving_up(broken, "--skip-verify")  # past it, the offline validation names the model
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m serving: error:") and "encoder" in last and "ONNX" in last, last
+    assert last.startswith("python -m serving: error:") and "classifier" in last and "ONNX" in last, last
 
 
 def test_sigterm_with_http_keepalive_clients_is_pinned(repository):
@@ -477,7 +479,7 @@ def test_serving_up_restarts_a_server_whose_stub_died(repository):
         lines = read_endpoints(proc)
         http_url = lines["HTTP"].removeprefix("http://")
         stubs = stub_processes(int(lines["pid"]))
-        os.kill(stubs["encoder_0_0"].pid, signal.SIGKILL)
+        os.kill(stubs[sorted(stubs)[0]].pid, signal.SIGKILL)
         killed_at = time.time()
         with TextClassifier(http_url, retries=20, backoff_s=0.2, timeout_s=30) as client:
             assert client.classify(["served again"])[0].label in LABELS
@@ -489,5 +491,5 @@ def test_serving_up_restarts_a_server_whose_stub_died(repository):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err[-2000:]
-    assert "stub 'encoder_0_0'" in err and "NOT READY" in err and "tritonserver restarted" in err
+    assert "stub 'classifier_0_" in err and "NOT READY" in err and "tritonserver restarted" in err
     assert recovered < 30

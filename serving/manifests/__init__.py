@@ -35,14 +35,14 @@ from serving.manifests.objects import (
 from serving.manifests.render import dump_yaml, render_manifests, write_manifests
 from serving.manifests.validation import SCHEMA_DIR, validate_manifests
 from serving.manifests.values import (
-    ADMIN_SECRET_KEY, APP, BATCHED_MODELS, DEFAULT_OUT, GCS_KEY_DIR, GCS_KEY_FILE, HPA_METRIC, KSERVE_HTTP_PORT,
+    ADMIN_SECRET_KEY, APP, BATCHED_MODELS, batched_models, DEFAULT_OUT, GCS_KEY_DIR, GCS_KEY_FILE, HPA_METRIC, KSERVE_HTTP_PORT,
     KSERVE_RUNTIME, KUBERNETES_VERSION, LOCUST_MASTER_PORT, LOCUST_WEB_PORT, NGC_ENTRYPOINT, PVC_MOUNT, QUEUE_METRIC,
     SUCCESS_METRIC, TRITON_UID, KServeMode, ManifestError, RepositoryScheme, RepositoryUri, ServiceType,
     check_image, estimate_shm_bytes, parse_cpu, parse_quantity,
 )
 
 __all__ = [
-    "ADMIN_SECRET_KEY", "APP", "BATCHED_MODELS", "DEFAULT_OUT", "GCS_KEY_DIR", "GCS_KEY_FILE", "HPA_METRIC",
+    "ADMIN_SECRET_KEY", "APP", "BATCHED_MODELS", "batched_models", "DEFAULT_OUT", "GCS_KEY_DIR", "GCS_KEY_FILE", "HPA_METRIC",
     "KSERVE_HTTP_PORT", "KSERVE_RUNTIME", "KUBERNETES_VERSION", "LOCUST_MASTER_PORT", "LOCUST_WEB_PORT",
     "NGC_ENTRYPOINT", "PVC_MOUNT", "QUEUE_METRIC", "SCHEMA_DIR", "SUCCESS_METRIC", "TRITON_UID", "KServeMode",
     "ManifestConfig", "ManifestError", "RepositoryScheme", "RepositoryUri", "ServiceType", "add_arguments",

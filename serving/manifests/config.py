@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.manifests.values import (
-    _DNS_LABEL, _DNS_SUBDOMAIN, _LABEL_KEY, _LABEL_VALUE, BATCHED_MODELS, KServeMode, ManifestError, RepositoryUri,
+    _DNS_LABEL, _DNS_SUBDOMAIN, _LABEL_KEY, _LABEL_VALUE, batched_models, KServeMode, ManifestError, RepositoryUri,
     ServiceType, _parse_pairs, check_image, estimate_shm_bytes, parse_cpu, parse_quantity,
 )
 from serving.repository import RepositoryConfig, Target
@@ -173,11 +173,12 @@ class ManifestConfig:
         if self.autoscale and not self.min_replicas <= self.replicas <= self.max_replicas:
             raise ManifestError(f"replicas {self.replicas} must lie within min {self.min_replicas} and "
                                 f"max {self.max_replicas}")
-        floor_us = len(BATCHED_MODELS) * self.repository.max_queue_delay_us
+        queues = len(batched_models(self.repository.target))
+        floor_us = queues * self.repository.max_queue_delay_us
         if self.autoscale and self.target_queue_us <= floor_us:
             raise ManifestError(
                 f"target queue time {self.target_queue_us} us is not above the dynamic-batching floor of {floor_us} us "
-                f"({len(BATCHED_MODELS)} batched models x max_queue_delay_us {self.repository.max_queue_delay_us}): "
+                f"({queues} batched models x max_queue_delay_us {self.repository.max_queue_delay_us}): "
                 "the HPA would scale to the maximum on an idle server")
 
     def _check_identity(self) -> None:

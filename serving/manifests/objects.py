@@ -10,7 +10,7 @@ from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
 from serving.manifests.config import ManifestConfig
 from serving.manifests.values import (
     ADMIN_KEY_ENV, ADMIN_SECRET_KEY, APP, GCS_KEY_DIR, GCS_KEY_FILE, HPA_METRIC, NGC_ENTRYPOINT, PVC_MOUNT,
-    QUEUE_METRIC, S3_SECRET_KEYS, SUCCESS_METRIC, TRITON_UID, RepositoryScheme,
+    QUEUE_METRIC, S3_SECRET_KEYS, SUCCESS_METRIC, TRITON_UID, RepositoryScheme, batched_models,
 )
 from serving.triton_args import TritonServerConfig
 
@@ -312,12 +312,13 @@ def service_monitor(config: ManifestConfig) -> dict[str, Any]:
 def adapter_rule(config: ManifestConfig) -> dict[str, Any]:
     """prometheus-adapter rule: mean queue time (us) per ``classifier`` request, per pod, over one minute.
 
-    Queue time is summed over the batched composing models (the ensemble itself is left out so nothing is
-    counted twice) and divided by the ensemble's successful requests.
+    Queue time is summed over the batched models (gpu: the ensemble's parts, the ensemble itself left out so
+    nothing is counted twice; cpu: the one model) and divided by the served model's successful requests.
     """
     matchers = "<<.LabelMatchers>>"
+    queued = "|".join(batched_models(config.repository.target))
     query = (
-        f"sum by (<<.GroupBy>>) (rate({QUEUE_METRIC}{{{matchers},model!=\"{ENSEMBLE}\"}}[1m]))"
+        f"sum by (<<.GroupBy>>) (rate({QUEUE_METRIC}{{{matchers},model=~\"{queued}\"}}[1m]))"
         f" / clamp_min(sum by (<<.GroupBy>>) (rate({SUCCESS_METRIC}{{{matchers},model=\"{ENSEMBLE}\"}}[1m])), 0.001)"
     )
     return {
