@@ -124,12 +124,16 @@ class MemoryStage:
     peak_rss_bytes: int
     delta_bytes: int
     rss_after_bytes: int
+    worker_peak_rss_bytes: int = 0  # the largest child process so far (the export worker)
 
 
 @dataclass
 class MemoryRecord:
+    """Peak RSS of the build process (ratio: over the checkpoint's fp32 weights) and of its export worker."""
+
     weights_bytes: int | None
     peak_rss_bytes: int = 0
+    worker_peak_rss_bytes: int = 0
     stages: list[MemoryStage] = field(default_factory=list)
 
     @property

@@ -191,14 +191,33 @@ def _torch_speed(model, data: Data, mode: GateMode, seconds: float):
         torch.set_num_threads(threads)
 
 
+def export_graph(checkpoint: Path, scratch: Path, target: Target) -> tuple[Path, dict]:
+    """Export and fuse in a worker process (exporter.worker); return the fused graph and its record."""
+    import json
+    import subprocess
+    import sys
+
+    from exporter import errors, worker
+
+    cmd = [sys.executable, "-m", "exporter.worker", str(checkpoint), str(scratch), target.value]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+    result_file = scratch / worker.RESULT
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if "error" in result:
+        raise getattr(errors, result["type"], ExporterError)(result["error"])
+    if proc.returncode != 0 or "record" not in result:
+        raise ExporterError(f"the export worker failed (exit {proc.returncode}); see its log above")
+    return scratch / "optimized" / "model.onnx", result["record"]
+
+
 def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stages: Stages) -> tuple[Path, dict]:
     """Export and fuse the graph every variant starts from; measure the fusion's batch throughput."""
-    from exporter import export, optimize, parity, speed
+    from exporter import parity, speed
 
     with stages("export"):
-        export.export_onnx(ck.path, scratch / "raw")
-    with stages("optimize"):
-        base, record = optimize.optimize_onnx(scratch / "raw", scratch / "optimized", config.target)
+        base, record = export_graph(ck.path, scratch, config.target)
+    with stages("optimize-measure"):
         # Measured, not assumed: batch throughput of the unfused export against the fused graph.
         measured = {}
         for label, path in (("unoptimized", scratch / "raw" / "model.onnx"), (record["level"], base)):

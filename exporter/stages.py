@@ -23,6 +23,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def worker_peak_rss() -> int:
+    """The high-water RSS of the largest child process waited for so far (the export worker), in bytes."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def current_rss() -> int:
     """The process's resident set size now, in bytes (0 where /proc is unavailable)."""
     try:
@@ -56,8 +61,8 @@ class Stages:
         release_memory()
         self.seconds[name] = round(time.perf_counter() - t0, 2)
         peak = peak_rss()
-        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss()))
-        self.memory.peak_rss_bytes = peak
+        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss(), worker_peak_rss()))
+        self.memory.peak_rss_bytes, self.memory.worker_peak_rss_bytes = peak, worker_peak_rss()
         log.info("stage %s done in %.1fs (peak RSS %.0f MB, +%.0f MB)", name, self.seconds[name], peak / 1e6,
                  (peak - peak0) / 1e6)
 

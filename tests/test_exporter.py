@@ -131,7 +131,7 @@ def test_full_build_succeeds_and_reports(tiny):
         assert rep["files"][v["file"]] == sha256_file(path)
     assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
     assert rep["optimization"]["fused_ops"], "ORTOptimizer fused nothing"
-    assert {"export", "optimize", "reference", "fp32-parity"} <= set(rep["stage_seconds"])
+    assert {"export", "optimize-measure", "reference", "fp32-parity"} <= set(rep["stage_seconds"])
     assert set(rep["stage_seconds"]) <= {s["stage"] for s in rep["memory"]["stages"]}
 
 
@@ -230,6 +230,7 @@ def test_report_round_trip(tiny):
     assert isinstance(rep, BuildReport) and rep.schema_version == SCHEMA_VERSION
     assert from_json(to_json(rep)) == rep
     assert to_json(rep) == (tiny["build"] / "report.json").read_text()
+    assert rep.memory.worker_peak_rss_bytes > 0, "the export worker ran as a child process"
     assert rep.memory.peak_rss_bytes > 0 and [s.stage for s in rep.memory.stages][:2] == ["reference", "reference-speed"]
     assert all(s.delta_bytes >= 0 for s in rep.memory.stages)
     bad = json.loads(to_json(rep))
@@ -360,16 +361,16 @@ def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, t
 
 def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch):
     """Negated classifier weights in the exported graph: every variant must fail, nothing is served."""
-    import exporter.optimize as optimize
+    import exporter.build
 
-    real = optimize.optimize_onnx
+    real = exporter.build.export_graph
 
-    def corrupting(raw_dir, out_dir, target):
-        path, record = real(raw_dir, out_dir, target)
+    def corrupting(checkpoint, scratch, target):
+        path, record = real(checkpoint, scratch, target)
         tamper(path, path, "classifier.weight", lambda a: -a)
         return path, record
 
-    monkeypatch.setattr(optimize, "optimize_onnx", corrupting)
+    monkeypatch.setattr(exporter.build, "export_graph", corrupting)
     repo = tmp_path / "repo"
     shutil.copytree(tiny["repo"], repo)
     before = tree_digest(repo)
@@ -407,7 +408,7 @@ def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkey
 
 
 def test_interrupt_mid_build_leaves_previous_build(tiny, tmp_path, monkeypatch):
-    import exporter.export
+    import exporter.build
 
     out = tmp_path / "build"
     shutil.copytree(tiny["build"], out)
@@ -416,7 +417,7 @@ def test_interrupt_mid_build_leaves_previous_build(tiny, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter.export, "export_onnx", interrupted)
+    monkeypatch.setattr(exporter.build, "export_graph", interrupted)
     rc = run_main(["build", tiny["ckpt"], "--out", out, "--repository", tmp_path / "repo", *FAST])
     assert rc == 130
     assert tree_digest(out) == before
@@ -455,12 +456,12 @@ def _bad_checkpoint(tiny, tmp_path, kind: str) -> Path:
     ("eval-size", "invalid eval-size"),
 ])
 def test_bad_input_one_line_and_no_slow_work(tiny, tmp_path, monkeypatch, capsys, case, expect):
-    import exporter.export
+    import exporter.build
 
     def never(*args, **kwargs):
         raise AssertionError("slow work started before input validation")
 
-    monkeypatch.setattr(exporter.export, "export_onnx", never)
+    monkeypatch.setattr(exporter.build, "export_graph", never)
     ck = tiny["ckpt"]
     extra: list = []
     if case == "missing":
