@@ -14,7 +14,7 @@ from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint,
                              read_examples, resolve_eval_data, split_sources)
 from exporter.stages import Stages, progress_display, release_memory, track
-from exporter.variants import FP16, FP32, INT8_DYNAMIC, INT8_STATIC, SERVABLE, Context, Data  # noqa: F401
+from exporter.variants import FP16, SERVABLE, Context, Data
 
 log = logging.getLogger(__name__)
 

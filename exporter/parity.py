@@ -23,17 +23,14 @@ Batch = dict[str, np.ndarray]
 
 def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[Batch]:
     """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row."""
+    input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
                         max_length=max_length, return_tensors="np")
-        ids = enc["input_ids"].astype(np.int64)
-        batch = {
-            "input_ids": ids,
-            "attention_mask": enc["attention_mask"].astype(np.int64),
-            "token_type_ids": enc["token_type_ids"].astype(np.int64) if "token_type_ids" in enc else np.zeros_like(ids),
-        }
-        batches.append(batch)
+        ids = enc[input_ids].astype(np.int64)
+        types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)
+        batches.append({input_ids: ids, attention_mask: enc[attention_mask].astype(np.int64), token_type_ids: types})
     return batches
 
 
@@ -41,7 +38,7 @@ def unbatch(batches: list[Batch]) -> list[Batch]:
     """Every row as a batch of its own, cut to its real length: how a request is run when it is served alone."""
     rows = []
     for batch in batches:
-        for i, length in enumerate(batch["attention_mask"].sum(1)):
+        for i, length in enumerate(batch[ENCODER_INPUTS[1]].sum(1)):
             rows.append({name: value[i:i + 1, :int(length)] for name, value in batch.items()})
     return rows
 

@@ -84,11 +84,30 @@ def progress_display() -> Iterator[None]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, redirect_stderr=False, redirect_stdout=False)
     _progress = progress
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__)]
+    streams = [h.setStream(_ConsoleStream(console)) for h in handlers]  # log lines print above the bars
     try:
         with progress:
             yield
     finally:
         _progress = None
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+
+
+class _ConsoleStream:
+    """A file-like front of a rich Console, so log records do not tear the live progress display."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+    def flush(self) -> None:
+        pass
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

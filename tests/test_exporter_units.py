@@ -356,3 +356,27 @@ def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monk
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=30.0, floor=50.0)
     assert calls == [[]] and not result.eval_record.passed
     assert "exclusion search skipped" in result.eval_record.reason and result.skipped
+
+
+def test_progress_is_silent_off_a_terminal(capsys):
+    """Off a TTY the progress display adds nothing to the logs, and track still yields every item."""
+    from exporter.stages import progress_display, track
+
+    with progress_display():
+        assert list(track(iter(range(4)), "rows", total=4)) == [0, 1, 2, 3]
+    assert list(track([5, 6], "rows")) == [5, 6]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_stages_record_time_and_peak_rss():
+    from exporter.stages import Stages, peak_rss
+
+    stages = Stages(weights_bytes=1000)
+    with stages("a"):
+        block = bytearray(64 * 1024 * 1024)  # raises the high-water mark by ~64 MB
+        block[::4096] = b"x" * len(block[::4096])
+    del block
+    (rec,) = stages.memory.stages
+    assert rec.stage == "a" and rec.peak_rss_bytes == stages.memory.peak_rss_bytes <= peak_rss()
+    assert rec.delta_bytes >= 0 and "a" in stages.seconds and stages.memory.ratio == rec.peak_rss_bytes / 1000
