@@ -124,7 +124,8 @@ class MemoryStage:
     peak_rss_bytes: int
     delta_bytes: int
     rss_after_bytes: int
-    worker_peak_rss_bytes: int = 0  # the largest child process so far (the export worker)
+    rss_before_bytes: int = 0
+    worker_peak_rss_bytes: int = 0  # peak of a worker process that ran during this stage (0: none ran)
 
 
 @dataclass
@@ -138,7 +139,15 @@ class MemoryRecord:
 
     @property
     def ratio(self) -> float | None:
+        """The build process's peak RSS over the fp32 weights."""
         return self.peak_rss_bytes / self.weights_bytes if self.weights_bytes else None
+
+    @property
+    def combined_peak_bytes(self) -> int:
+        """An upper bound of the build's peak RSS with its worker: the build process's peak, or its RSS
+        when a worker started plus that worker's peak, whichever is larger."""
+        return max([self.peak_rss_bytes] + [s.rss_before_bytes + s.worker_peak_rss_bytes for s in self.stages
+                                            if s.worker_peak_rss_bytes])
 
 
 @dataclass

@@ -56,13 +56,14 @@ class Stages:
     @contextlib.contextmanager
     def __call__(self, name: str):
         log.info("stage %s ...", name)
-        t0, peak0 = time.perf_counter(), peak_rss()
+        t0, peak0, rss0, worker0 = time.perf_counter(), peak_rss(), current_rss(), worker_peak_rss()
         yield
         release_memory()
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        peak = peak_rss()
-        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss(), worker_peak_rss()))
-        self.memory.peak_rss_bytes, self.memory.worker_peak_rss_bytes = peak, worker_peak_rss()
+        peak, worker = peak_rss(), worker_peak_rss()
+        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss(), rss0,
+                                              worker if worker > worker0 else 0))
+        self.memory.peak_rss_bytes, self.memory.worker_peak_rss_bytes = peak, worker
         log.info("stage %s done in %.1fs (peak RSS %.0f MB, +%.0f MB)", name, self.seconds[name], peak / 1e6,
                  (peak - peak0) / 1e6)
 
