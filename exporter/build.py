@@ -193,22 +193,10 @@ def _torch_speed(model, data: Data, mode: GateMode, seconds: float):
 
 def export_graph(checkpoint: Path, scratch: Path, target: Target) -> tuple[Path, dict]:
     """Export and fuse in a worker process (exporter.worker); return the fused graph and its record."""
-    import json
-    import subprocess
-    import sys
+    from exporter import worker
 
-    from exporter import errors, worker
-
-    cmd = [sys.executable, "-m", "exporter.worker", str(checkpoint), str(scratch), target.value]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    result_file = scratch / worker.RESULT
-    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if "error" in result:
-        raise getattr(errors, result["type"], ExporterError)(result["error"])
-    if proc.returncode != 0 or "record" not in result:
-        raise ExporterError(f"the export worker failed (exit {proc.returncode}); see its log above")
-    return scratch / "optimized" / "model.onnx", result["record"]
+    record = worker.call("export", checkpoint=str(checkpoint), scratch=str(scratch), target=target.value)
+    return scratch / "optimized" / "model.onnx", record
 
 
 def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stages: Stages) -> tuple[Path, dict]:

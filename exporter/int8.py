@@ -215,6 +215,21 @@ class _Reader:
 
 def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
              calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
+    """:func:`quantize_here` in a worker process (the quantizers hold several copies of the weights)."""
+    import tempfile
+
+    from exporter import worker
+
+    with tempfile.TemporaryDirectory(prefix="int8-calibration-") as tmp:
+        batches = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        worker.call("quantize", kind=kind, src=str(src), dst=str(dst), preset=settings.preset,
+                    per_channel=settings.per_channel, exclude=list(exclude),
+                    calibration=str(batches) if batches else None,
+                    calibration_cache=str(calibration_cache) if calibration_cache else None)
+
+
+def quantize_here(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
+                  calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
     """Write the ``kind`` int8 variant of ``src`` to ``dst``, keeping ``exclude`` nodes in fp32.
 
     Static quantization calibrates once: the tensor ranges go to ``calibration_cache`` and later rounds

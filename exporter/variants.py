@@ -163,9 +163,9 @@ def _make_fp32(ctx: Context, dst: Path) -> Made:
 
 
 def _make_fp16(ctx: Context, dst: Path) -> Made:
-    from exporter import fp16
+    from exporter import worker
 
-    info = fp16.convert_fp16(ctx.base, dst)
+    info = worker.call("fp16", src=str(ctx.base), dst=str(dst))
     return {k: info[k] for k in ("fp32_nodes", "fp32_io", "fp32_ops_present", "converter")}, None
 
 
