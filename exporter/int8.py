@@ -334,11 +334,26 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ca
 def _rank(job: _Search, src: Path, result: SearchResult) -> list[dict]:
     t0 = time.perf_counter()
     ops = DYNAMIC_OPS if job.kind == DYNAMIC else STATIC_OPS
-    ranked = rank_sensitivity(src, job.tuning_batches[:2], ops, job.settings, (job.calibration or [])[:4])
+    ranked = _rank_in_worker(src, job.tuning_batches[:2], ops, job.settings, (job.calibration or [])[:4])
     result.sensitivity = ranked[:10]
     log.info("int8 %s: ranked %d nodes by local error in %.1fs; most sensitive: %s", job.kind, len(ranked),
              time.perf_counter() - t0, ", ".join(f"{r['node']} ({r['local_rel_error']:.3f})" for r in ranked[:3]))
     return ranked
+
+
+def _rank_in_worker(src: Path, batches: list[Batch], ops: tuple[str, ...], settings: QuantSettings,
+                    calibration: list[Batch]) -> list[dict]:
+    """:func:`rank_sensitivity` in a worker process (it holds the weights and a capture session)."""
+    import tempfile
+
+    from exporter import worker
+
+    with tempfile.TemporaryDirectory(prefix="int8-rank-") as tmp:
+        rows = worker.save_batches(batches, Path(tmp) / "rows.npz")
+        calib = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        return worker.call("rank", src=str(src), batches=str(rows), op_types=list(ops), preset=settings.preset,
+                           is_static=settings.is_static, per_channel=settings.per_channel,
+                           calibration=str(calib) if calib else None)
 
 
 def _next_exclusion(ranked: list[dict], exclude: list[str], round_: int) -> list[str] | None:

@@ -46,7 +46,16 @@ def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exc
     return {}
 
 
-JOBS = {"export": _export, "fp16": _fp16, "quantize": _quantize}
+def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: bool, per_channel: bool,
+          calibration: str | None) -> list[dict]:
+    from exporter import int8
+
+    settings = int8.QuantSettings.from_preset(preset, is_static=is_static, per_channel=per_channel)
+    return int8.rank_sensitivity(Path(src), load_batches(Path(batches)), tuple(op_types), settings,
+                                 load_batches(Path(calibration)) if calibration else None)
+
+
+JOBS = {"export": _export, "fp16": _fp16, "quantize": _quantize, "rank": _rank}
 
 
 def save_batches(batches: list[dict], path: Path) -> Path:

@@ -318,7 +318,7 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
     calls = []
     monkeypatch.setattr(int8, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
     ranked = [{"node": f"n{i}", "op_type": "MatMul", "local_rel_error": 1.0 / (i + 1)} for i in range(16)]
-    monkeypatch.setattr(int8, "rank_sensitivity", lambda *a, **k: ranked)
+    monkeypatch.setattr(int8, "_rank_in_worker", lambda *a, **k: ranked)
 
     from exporter.artifacts import ParityResult
 
