@@ -143,9 +143,10 @@ class MemoryRecord:
         return self.peak_rss_bytes / self.weights_bytes if self.weights_bytes else None
 
     @property
-    def combined_peak_bytes(self) -> int:
-        """An upper bound of the build's peak RSS with its worker: the build process's peak, or its RSS
-        when a worker started plus that worker's peak, whichever is larger."""
+    def combined_peak_estimate_bytes(self) -> int:
+        """The build and its largest worker together: the build process's RSS when that worker started
+        plus the worker's peak (or the build process's own peak, if larger). An estimate: smaller workers
+        started later, while the build process held more, are not tracked separately."""
         return max([self.peak_rss_bytes] + [s.rss_before_bytes + s.worker_peak_rss_bytes for s in self.stages
                                             if s.worker_peak_rss_bytes])
 

@@ -77,8 +77,8 @@ def _notes(report: BuildReport) -> list[str]:
     if mem and mem.stages:
         ratio = f" = {mem.ratio:.1f}x the {mem.weights_bytes / 1e6:.0f} MB of fp32 weights" if mem.ratio else ""
         lines.append(f"- peak RSS of the build process {mem.peak_rss_bytes / 1e6:.0f} MB{ratio}; export worker "
-                     f"process {mem.worker_peak_rss_bytes / 1e6:.0f} MB; both together at most "
-                     f"{mem.combined_peak_bytes / 1e6:.0f} MB; per stage in MB (peak, +raise): "
+                     f"process (largest) {mem.worker_peak_rss_bytes / 1e6:.0f} MB; both together about "
+                     f"{mem.combined_peak_estimate_bytes / 1e6:.0f} MB; per stage in MB (peak, +raise): "
                      + ", ".join(f"{s.stage} {s.peak_rss_bytes / 1e6:.0f} (+{s.delta_bytes / 1e6:.0f})" for s in mem.stages))
     return lines
 

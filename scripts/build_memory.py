@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {stage.stage:<28} peak {stage.peak_rss_bytes / 1e9:6.2f} GB  (+{stage.delta_bytes / 1e6:7.1f} MB)"
               f"  after {stage.rss_after_bytes / 1e9:.2f} GB{worker}")
     print(f"precisions {args.precisions}: {seconds:.0f} s, selected {report.selected}")
-    combined = report.memory.combined_peak_bytes if report.memory else peak
+    combined = report.memory.combined_peak_estimate_bytes if report.memory else peak
     print(f"fp32 weights {weights / 1e6:.0f} MB; build process peak RSS {peak / 1e9:.2f} GB, ratio "
-          f"{peak / weights:.2f} (goal <= 4); export worker peak {children / 1e9:.2f} GB; build + worker at most "
+          f"{peak / weights:.2f} (goal <= 4); largest worker peak {children / 1e9:.2f} GB; build + that worker about "
           f"{combined / 1e9:.2f} GB, ratio {combined / weights:.2f}")
     return 0
 
