@@ -380,3 +380,30 @@ def test_stages_record_time_and_peak_rss():
     (rec,) = stages.memory.stages
     assert rec.stage == "a" and rec.peak_rss_bytes == stages.memory.peak_rss_bytes <= peak_rss()
     assert rec.delta_bytes >= 0 and "a" in stages.seconds and stages.memory.ratio == rec.peak_rss_bytes / 1000
+
+
+def test_worker_batches_round_trip(tmp_path):
+    from exporter.worker import load_batches, save_batches
+
+    batches = [{"input_ids": np.arange(6, dtype=np.int64).reshape(2, 3), "attention_mask": np.ones((2, 3), np.int64)},
+               {"input_ids": np.arange(4, dtype=np.int64).reshape(1, 4), "attention_mask": np.ones((1, 4), np.int64)}]
+    back = load_batches(save_batches(batches, tmp_path / "b.npz"))
+    assert len(back) == 2 and all(set(a) == set(b) for a, b in zip(batches, back))
+    for a, b in zip(batches, back):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_worker_reraises_user_errors_as_one_line(tmp_path):
+    """An unexportable checkpoint fails inside the worker; the build process gets the same CheckpointError."""
+    from exporter.worker import call
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                "model_type": "bert", "id2label": {"0": "a", "1": "b"}}))
+    with pytest.raises(CheckpointError, match="cannot export"):
+        call("export", checkpoint=str(ck), scratch=str(tmp_path / "scratch"), target="cpu")
+    with pytest.raises(RuntimeError, match="AttributeError"):
+        call("quantize", kind="dynamic", src=str(tmp_path / "missing.onnx"), dst=str(tmp_path / "o.onnx"),
+             preset="nope", per_channel=True, exclude=[], calibration=None, calibration_cache=None)
