@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
-from exporter.config import BuildConfig, Precision, Target
+from exporter.config import BuildConfig, Target
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint,
                              read_examples, resolve_eval_data, split_sources)
-from exporter.stages import Stages, progress_display, release_memory, track
+from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 
 log = logging.getLogger(__name__)
@@ -191,35 +191,31 @@ def _torch_speed(model, data: Data, mode: GateMode, seconds: float):
         torch.set_num_threads(threads)
 
 
-def export_graph(checkpoint: Path, scratch: Path, target: Target) -> tuple[Path, dict]:
-    """Export and fuse in a worker process (exporter.worker); return the fused graph and its record."""
+def export_graph(checkpoint: Path, scratch: Path, target: Target, data: Data | None = None,
+                 seconds: float = 0.5) -> tuple[Path, dict]:
+    """Export and fuse in a worker process (exporter.worker); return the fused graph and its record.
+
+    With ``data``, the worker also measures the unfused export's and the fused graph's batch throughput
+    (measured, not assumed), so neither graph's session is ever opened in the build process."""
     from exporter import worker
 
-    record = worker.call("export", checkpoint=str(checkpoint), scratch=str(scratch), target=target.value)
+    args = {}
+    if data is not None:
+        args = {"singles": str(worker.save_batches(data.singles[:1], scratch / "singles.npz")),
+                "batches": str(worker.save_batches(data.eval_batches[:4], scratch / "batches.npz")),
+                "seconds": seconds}
+    record = worker.call("export", checkpoint=str(checkpoint), scratch=str(scratch), target=target.value, **args)
     return scratch / "optimized" / "model.onnx", record
 
 
 def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stages: Stages) -> tuple[Path, dict]:
-    """Export and fuse the graph every variant starts from; measure the fusion's batch throughput."""
-    from exporter import parity, speed
-
+    """Export and fuse the graph every variant starts from (with the fusion's measured throughput)."""
     with stages("export"):
-        base, record = export_graph(ck.path, scratch, config.target)
-    with stages("optimize-measure"):
-        # Measured, not assumed: batch throughput of the unfused export against the fused graph.
-        measured = {}
-        for label, path in (("unoptimized", scratch / "raw" / "model.onnx"), (record["level"], base)):
-            sess = parity.session(path, Precision.FP32, arena=False)
-            measured[label] = speed.measure(speed.ort_runner(sess), data.singles[:1], data.eval_batches[:4],
-                                            min(config.speed_seconds, 0.5)).throughput_seq_s
-            del sess
-            release_memory()
-        (scratch / "raw" / "model.onnx").unlink()
-        record["throughput_seq_s"] = measured
-        record["note"] = ("the fused graph is the base of every variant: quantization must see the fusions "
-                          "(Attention -> QAttention); onnxruntime applies the same fusions at load time, "
-                          "so the two run at about the same speed on the CPU")
-        log.info("graph optimisation: %s", measured)
+        base, record = export_graph(ck.path, scratch, config.target, data, min(config.speed_seconds, 0.5))
+    record["note"] = ("the fused graph is the base of every variant: quantization must see the fusions "
+                      "(Attention -> QAttention); onnxruntime applies the same fusions at load time, "
+                      "so the two run at about the same speed on the CPU")
+    log.info("graph optimisation: %s", record.get("throughput_seq_s"))
     return base, record
 
 

@@ -19,13 +19,26 @@ from typing import Any
 EXIT_USER_ERROR = 3
 
 
-def _export(checkpoint: str, scratch: str, target: str) -> dict:
-    """Export and fuse; the fused graph is ``scratch/optimized/model.onnx``; returns the fusion record."""
+def _export(checkpoint: str, scratch: str, target: str, singles: str | None = None, batches: str | None = None,
+            seconds: float = 0.5) -> dict:
+    """Export and fuse; the fused graph is ``scratch/optimized/model.onnx``; returns the fusion record,
+    with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given."""
     from exporter import export, optimize
-    from exporter.config import Target
+    from exporter.config import Precision, Target
 
-    export.export_onnx(Path(checkpoint), Path(scratch) / "raw")
-    return optimize.optimize_onnx(Path(scratch) / "raw", Path(scratch) / "optimized", Target(target))[1]
+    raw, fused = Path(scratch) / "raw", Path(scratch) / "optimized"
+    export.export_onnx(Path(checkpoint), raw)
+    record = optimize.optimize_onnx(raw, fused, Target(target))[1]
+    if singles and batches:
+        from exporter import parity, speed
+
+        rows, full = load_batches(Path(singles)), load_batches(Path(batches))
+        record["throughput_seq_s"] = {
+            label: speed.measure(speed.ort_runner(parity.session(path / "model.onnx", Precision.FP32, arena=False)),
+                                 rows, full, seconds).throughput_seq_s
+            for label, path in (("unoptimized", raw), (record["level"], fused))}
+    (raw / "model.onnx").unlink()
+    return record
 
 
 def _fp16(src: str, dst: str) -> dict:
