@@ -6,18 +6,16 @@ import shutil
 from pathlib import Path
 
 from exporter.errors import CheckpointError, ExporterError
+from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, TOKEN_TYPE_IDS
 
 log = logging.getLogger(__name__)
-
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-OUTPUT_NAMES = ("logits", "probabilities")
 
 
 def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) -> Path:
     """Export ``checkpoint`` to ``out_dir/model.onnx`` (dynamic batch/sequence axes) and return the path.
 
     The graph gets a ``probabilities`` output (Softmax over ``logits``), every model input is int64 and
-    named as in :data:`INPUT_NAMES`, and the result passes ``onnx.checker``.
+    named as in :data:`serving.contract.ENCODER_INPUTS`, and the result passes ``onnx.checker``.
     """
     import onnx
     from optimum.exporters.onnx import main_export
@@ -49,16 +47,15 @@ def add_probabilities(model) -> None:
     from onnx import TensorProto, helper
 
     outputs = [o.name for o in model.graph.output]
-    if "logits" not in outputs:
-        raise ExporterError(f"exported graph has no 'logits' output (outputs: {outputs})")
-    if "probabilities" in outputs:
+    if ENCODER_LOGITS not in outputs:
+        raise ExporterError(f"exported graph has no {ENCODER_LOGITS!r} output (outputs: {outputs})")
+    if ENCODER_PROBABILITIES in outputs:
         return
-    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits = next(o for o in model.graph.output if o.name == ENCODER_LOGITS)
     dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]
-    model.graph.node.append(
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="probabilities_softmax")
-    )
-    model.graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, dims))
+    model.graph.node.append(helper.make_node("Softmax", [ENCODER_LOGITS], [ENCODER_PROBABILITIES], axis=-1,
+                                             name="probabilities_softmax"))
+    model.graph.output.append(helper.make_tensor_value_info(ENCODER_PROBABILITIES, TensorProto.FLOAT, dims))
 
 
 def ensure_token_type_ids(model) -> None:
@@ -70,12 +67,12 @@ def ensure_token_type_ids(model) -> None:
     from onnx import TensorProto, helper
 
     names = [i.name for i in model.graph.input]
-    for name in INPUT_NAMES[:2]:
-        if name not in names:
+    for name in ENCODER_INPUTS:
+        if name not in names and name != TOKEN_TYPE_IDS:
             raise ExporterError(f"exported graph lacks input {name!r} (inputs: {names})")
-    if "token_type_ids" not in names:
+    if TOKEN_TYPE_IDS not in names:
         model.graph.input.append(
-            helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+            helper.make_tensor_value_info(TOKEN_TYPE_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
         )
     for inp in model.graph.input:
         if inp.type.tensor_type.elem_type != TensorProto.INT64:

@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from exporter.artifacts import ParityResult
 from exporter.parity import Batch
+from exporter.stages import track
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,32 @@ def rank_sensitivity(fp32_path: Path, batches: list[Batch], op_types: tuple[str,
     Each node sees fp32 inputs captured on ``batches``; its activation is quantized with its own range
     (dynamic) or with the MinMax range seen on ``calibration`` (static), its weight as the quantizer does.
     """
+    cands, weights, sess, wanted = _capture_session(fp32_path, op_types)
+    feeds = {i.name for i in sess.get_inputs()}
+    errors: dict[str, list[float]] = {c.name: [] for c in cands}
+    ranges: dict[str, tuple[float, float]] = {}
+    for batch in (calibration or []) if settings.is_static else []:
+        for name, x in zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})):
+            lo, hi = ranges.get(name, (np.inf, -np.inf))
+            ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+    for batch in track(batches, "int8 sensitivity", total=len(batches)):
+        acts = dict(zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})))
+        for c in cands:
+            errors[c.name].append(_local_error(c, weights[c.weight], acts, ranges, batch, settings))
+    ranked = [{"node": c.name, "op_type": c.op_type, "local_rel_error": round(float(np.mean(errors[c.name])), 6)}
+              for c in cands]
+    ranked.sort(key=lambda r: r["local_rel_error"], reverse=True)
+    return ranked
+
+
+def _capture_session(fp32_path: Path, op_types: tuple[str, ...]):
+    """(candidates, their weights, a session that also outputs every candidate's input, those names).
+
+    The model proto is dropped before the session is created, and the session neither prepacks weights
+    nor keeps an arena: only the weights and one session are alive while the ranking runs.
+    """
+    import tempfile
+
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -137,47 +165,42 @@ def rank_sensitivity(fp32_path: Path, batches: list[Batch], op_types: tuple[str,
     for name in wanted:
         if name not in have:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    weights = {c.weight: numpy_helper.to_array(inits[c.weight]) for c in cands}
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {i.name for i in sess.get_inputs()}
-    errors: dict[str, list[float]] = {c.name: [] for c in cands}
-    weights = {c.weight: numpy_helper.to_array(inits[c.weight]) for c in cands}
-    ranges: dict[str, tuple[float, float]] = {}
-    for batch in (calibration or []) if settings.is_static else []:
-        for name, x in zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})):
-            lo, hi = ranges.get(name, (np.inf, -np.inf))
-            ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
-    for batch in batches:
-        acts = dict(zip(wanted, sess.run(wanted, {k: v for k, v in batch.items() if k in feeds})))
-        mask = batch["attention_mask"].astype(bool)
-        for c in cands:
-            w = weights[c.weight]
-            if c.activation is None:  # embedding table: weight-only error on the rows looked up
-                ids = np.unique(batch["input_ids"])
-                ids = ids[ids < w.shape[0]] if w.shape[0] > 1024 else np.arange(w.shape[0])
-                rows = w[ids]
-                rows_q = _fake_quant_weight(rows, per_channel=False, reduce_range=False, amax=np.abs(w).max())
-                errors[c.name].append(float(np.linalg.norm(rows_q - rows) / (np.linalg.norm(rows) or 1.0)))
-                continue
-            x = acts[c.activation]
-            # the range covers the whole tensor (padding included, as DynamicQuantizeLinear sees it);
-            # the error is measured on real tokens only
-            rng = ranges.get(c.activation) or (float(x.min()), float(x.max()))
-            if x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1])
-            y = x @ w
-            yq = _fake_quant_activation(x, rng) @ _fake_quant_weight(w, per_channel=settings.per_channel,
-                                                                    reduce_range=settings.reduce_range)
-            # per-token relative error, averaged: a coarse range ruins small-norm tokens that a norm over
-            # the whole tensor would hide
-            per_token = np.linalg.norm(yq - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
-            errors[c.name].append(float(per_token.mean()))
-    ranked = [{"node": c.name, "op_type": c.op_type, "local_rel_error": round(float(np.mean(errors[c.name])), 6)}
-              for c in cands]
-    ranked.sort(key=lambda r: r["local_rel_error"], reverse=True)
-    return ranked
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    with tempfile.TemporaryDirectory(prefix="int8-capture-") as tmp:
+        path = Path(tmp) / "capture.onnx"
+        onnx.save(model, str(path))
+        del model, inits
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cands, weights, sess, wanted
+
+
+def _local_error(c: Candidate, w: np.ndarray, acts: dict, ranges: dict, batch: Batch, settings: QuantSettings) -> float:
+    """Relative output error of one candidate node under int8, on one batch."""
+    if c.activation is None:  # embedding table: weight-only error on the rows looked up
+        ids = np.unique(batch["input_ids"])
+        ids = ids[ids < w.shape[0]] if w.shape[0] > 1024 else np.arange(w.shape[0])
+        rows = w[ids]
+        rows_q = _fake_quant_weight(rows, per_channel=False, reduce_range=False, amax=np.abs(w).max())
+        return float(np.linalg.norm(rows_q - rows) / (np.linalg.norm(rows) or 1.0))
+    x = acts[c.activation]
+    mask = batch["attention_mask"].astype(bool)
+    # the range covers the whole tensor (padding included, as DynamicQuantizeLinear sees it);
+    # the error is measured on real tokens only
+    rng = ranges.get(c.activation) or (float(x.min()), float(x.max()))
+    if x.ndim == 3 and x.shape[:2] == mask.shape:
+        x = x[mask]
+    x = x.reshape(-1, x.shape[-1])
+    y = x @ w
+    yq = _fake_quant_activation(x, rng) @ _fake_quant_weight(w, per_channel=settings.per_channel,
+                                                            reduce_range=settings.reduce_range)
+    # per-token relative error, averaged: a coarse range ruins small-norm tokens that a norm over the
+    # whole tensor would hide
+    per_token = np.linalg.norm(yq - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
+    return float(per_token.mean())
 
 
 class _Reader:
@@ -192,6 +215,21 @@ class _Reader:
 
 def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
              calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
+    """:func:`quantize_here` in a worker process (the quantizers hold several copies of the weights)."""
+    import tempfile
+
+    from exporter import worker
+
+    with tempfile.TemporaryDirectory(prefix="int8-calibration-") as tmp:
+        batches = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        worker.call("quantize", kind=kind, src=str(src), dst=str(dst), preset=settings.preset,
+                    per_channel=settings.per_channel, exclude=list(exclude),
+                    calibration=str(batches) if batches else None,
+                    calibration_cache=str(calibration_cache) if calibration_cache else None)
+
+
+def quantize_here(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
+                  calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
     """Write the ``kind`` int8 variant of ``src`` to ``dst``, keeping ``exclude`` nodes in fp32.
 
     Static quantization calibrates once: the tensor ranges go to ``calibration_cache`` and later rounds
@@ -242,72 +280,114 @@ class SearchResult:
     excluded: list[str] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
     sensitivity: list[dict] = field(default_factory=list)
-    eval_record: dict | None = None
+    eval_record: ParityResult | None = None
     skipped: str | None = None
 
 
-def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], dict],
-           final: Callable[[Path], dict], tuning_batches: list[Batch], calibration: list[Batch] | None,
+@dataclass
+class _Search:
+    """What one search needs besides the files: the checks, the rows for ranking, and the speed floor."""
+
+    kind: str
+    settings: QuantSettings
+    tune: Callable[[Path], ParityResult]
+    final: Callable[[Path], ParityResult]
+    tuning_batches: list[Batch]
+    calibration: list[Batch] | None
+    calibration_cache: Path | None
+    throughput: Callable[[Path], float] | None
+    speed_floor: float | None
+
+
+def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], ParityResult],
+           final: Callable[[Path], ParityResult], tuning_batches: list[Batch], calibration: list[Batch] | None,
            max_rounds: int, calibration_cache: Path | None = None,
            throughput: Callable[[Path], float] | None = None, speed_floor: float | None = None) -> SearchResult:
     """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
 
-    ``tune(path)`` and ``final(path)`` return parity records (``passed``, ``reason``, ...): ``tune`` on
-    tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set itself.
-    Returns the last attempt; its ``eval_record`` says whether it passed. When round 0 fails and
-    ``throughput(path)`` is already below ``speed_floor`` (the best passing variant's), no exclusion
-    round is tried: keeping nodes in fp32 only slows a variant down, so it could never be selected.
+    ``tune(path)`` and ``final(path)`` return parity records: ``tune`` on tuning rows drawn apart from the
+    evaluation set, ``final`` the gate on the evaluation set itself. Returns the last attempt; its
+    ``eval_record`` says whether it passed. When round 0 fails and ``throughput(path)`` is already below
+    ``speed_floor`` (the best passing variant's), no exclusion round is tried: keeping nodes in fp32 only
+    slows a variant down, so it could never be selected.
     """
+    job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)
     result = SearchResult(path=None)
-    ops = DYNAMIC_OPS if kind == DYNAMIC else STATIC_OPS
     ranked: list[dict] | None = None
     exclude: list[str] = []
-    for round_ in range(max_rounds + 1):
+    for round_ in track(range(max_rounds + 1), f"int8 {kind} search rounds", total=max_rounds + 1):
         if round_ > 0:
             if ranked is None:
-                t0 = time.perf_counter()
-                ranked = rank_sensitivity(src, tuning_batches[:2], ops, settings, (calibration or [])[:4])
-                result.sensitivity = ranked[:10]
-                log.info("int8 %s: ranked %d nodes by local error in %.1fs; most sensitive: %s", kind, len(ranked),
-                         time.perf_counter() - t0, ", ".join(f"{r['node']} ({r['local_rel_error']:.3f})" for r in ranked[:3]))
-            frac = EXCLUSION_SCHEDULE[min(round_ - 1, len(EXCLUSION_SCHEDULE) - 1)]
-            k = min(len(ranked), max(len(exclude) + 1, math.ceil(frac * len(ranked))))
-            if k <= len(exclude):
+                ranked = _rank(job, src, result)
+            exclude = _next_exclusion(ranked, exclude, round_)
+            if exclude is None:
                 break
-            exclude = [r["node"] for r in ranked[:k]]
-        t0 = time.perf_counter()
-        result.eval_record = None
-        quantize(kind, src, dst, settings, exclude=exclude, calibration=calibration,
-                 calibration_cache=calibration_cache if kind == STATIC else None)
-        tuning = tune(dst)
-        attempt = {"round": round_, "excluded": len(exclude), "tuning": _brief(tuning)}
-        if tuning["passed"]:
-            record = final(dst)
-            attempt["eval"] = _brief(record)
-            result.eval_record = record
-        result.attempts.append(attempt)
-        result.path, result.excluded = dst, list(exclude)
-        log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", kind, round_, len(exclude),
-                 "pass" if tuning["passed"] else f"fail ({tuning['reason']})",
-                 "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
-                 time.perf_counter() - t0)
-        if result.eval_record is not None and result.eval_record["passed"]:
+        if _round(job, src, dst, round_, exclude, result):
             break
-        if round_ == 0 and throughput is not None and speed_floor:
-            seq_s = throughput(dst)
-            attempt["throughput_seq_s"] = seq_s
-            if seq_s < speed_floor:
-                result.skipped = (f"exclusion search skipped: round 0 runs {seq_s:.1f} seq/s, below the "
-                                  f"{speed_floor:.1f} seq/s of a variant that already passed")
-                log.info("int8 %s: %s", kind, result.skipped)
-                break
     if result.path is not None and result.eval_record is None:
         result.eval_record = final(result.path)  # the gate always speaks for the file that is kept
-    if result.skipped and not result.eval_record["passed"]:
-        result.eval_record["reason"] += f"; {result.skipped}"
+    if result.skipped and not result.eval_record.passed:
+        result.eval_record.reason += f"; {result.skipped}"
     return result
 
 
-def _brief(record: dict) -> dict:
-    keys = ("n_examples", "label_agreement", "accuracy_drop_pts", "max_abs_diff", "nan_inf", "passed", "reason")
-    return {k: record[k] for k in keys if k in record}
+def _rank(job: _Search, src: Path, result: SearchResult) -> list[dict]:
+    t0 = time.perf_counter()
+    ops = DYNAMIC_OPS if job.kind == DYNAMIC else STATIC_OPS
+    ranked = _rank_in_worker(src, job.tuning_batches[:2], ops, job.settings, (job.calibration or [])[:4])
+    result.sensitivity = ranked[:10]
+    log.info("int8 %s: ranked %d nodes by local error in %.1fs; most sensitive: %s", job.kind, len(ranked),
+             time.perf_counter() - t0, ", ".join(f"{r['node']} ({r['local_rel_error']:.3f})" for r in ranked[:3]))
+    return ranked
+
+
+def _rank_in_worker(src: Path, batches: list[Batch], ops: tuple[str, ...], settings: QuantSettings,
+                    calibration: list[Batch]) -> list[dict]:
+    """:func:`rank_sensitivity` in a worker process (it holds the weights and a capture session)."""
+    import tempfile
+
+    from exporter import worker
+
+    with tempfile.TemporaryDirectory(prefix="int8-rank-") as tmp:
+        rows = worker.save_batches(batches, Path(tmp) / "rows.npz")
+        calib = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        return worker.call("rank", src=str(src), batches=str(rows), op_types=list(ops), preset=settings.preset,
+                           is_static=settings.is_static, per_channel=settings.per_channel,
+                           calibration=str(calib) if calib else None)
+
+
+def _next_exclusion(ranked: list[dict], exclude: list[str], round_: int) -> list[str] | None:
+    """The nodes round ``round_`` keeps in fp32, or None when it would exclude nothing new."""
+    frac = EXCLUSION_SCHEDULE[min(round_ - 1, len(EXCLUSION_SCHEDULE) - 1)]
+    k = min(len(ranked), max(len(exclude) + 1, math.ceil(frac * len(ranked))))
+    return None if k <= len(exclude) else [r["node"] for r in ranked[:k]]
+
+
+def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], result: SearchResult) -> bool:
+    """Quantize and check one round; True when the search should stop (passed, or not worth going on)."""
+    t0 = time.perf_counter()
+    result.eval_record = None
+    quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
+             calibration_cache=job.calibration_cache if job.kind == STATIC else None)
+    tuning = job.tune(dst)
+    attempt = {"round": round_, "excluded": len(exclude), "tuning": tuning.brief()}
+    if tuning.passed:
+        result.eval_record = job.final(dst)
+        attempt["eval"] = result.eval_record.brief()
+    result.attempts.append(attempt)
+    result.path, result.excluded = dst, list(exclude)
+    log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
+             "pass" if tuning.passed else f"fail ({tuning.reason})",
+             "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
+             time.perf_counter() - t0)
+    if result.eval_record is not None and result.eval_record.passed:
+        return True
+    if round_ == 0 and job.throughput is not None and job.speed_floor:
+        seq_s = job.throughput(dst)
+        attempt["throughput_seq_s"] = seq_s
+        if seq_s < job.speed_floor:
+            result.skipped = (f"exclusion search skipped: round 0 runs {seq_s:.1f} seq/s, below the "
+                              f"{job.speed_floor:.1f} seq/s of a variant that already passed")
+            log.info("int8 %s: %s", job.kind, result.skipped)
+            return True
+    return False

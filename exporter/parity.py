@@ -1,5 +1,6 @@
-"""Stage 5: the parity gate. Every variant is compared with the PyTorch checkpoint on real text,
-batched and padded as served (pad to the longest row of each batch, truncate at max_length)."""
+"""Stage 5: the parity gate. Every variant is compared with the PyTorch checkpoint on real text, run as
+the target serves it: on the CPU target each row alone, trimmed to its own length, in a session with one
+intra-op thread (``GateMode.PER_ROW``); on the GPU target in padded batches (``GateMode.BATCHED``)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
+from exporter.artifacts import GateMode, ParityResult
 from exporter.config import Budgets, Precision
+from exporter.stages import track
+from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +23,14 @@ Batch = dict[str, np.ndarray]
 
 def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[Batch]:
     """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row."""
+    input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
                         max_length=max_length, return_tensors="np")
-        ids = enc["input_ids"].astype(np.int64)
-        batch = {
-            "input_ids": ids,
-            "attention_mask": enc["attention_mask"].astype(np.int64),
-            "token_type_ids": enc["token_type_ids"].astype(np.int64) if "token_type_ids" in enc else np.zeros_like(ids),
-        }
-        batches.append(batch)
+        ids = enc[input_ids].astype(np.int64)
+        types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)
+        batches.append({input_ids: ids, attention_mask: enc[attention_mask].astype(np.int64), token_type_ids: types})
     return batches
 
 
@@ -37,7 +38,7 @@ def unbatch(batches: list[Batch]) -> list[Batch]:
     """Every row as a batch of its own, cut to its real length: how a request is run when it is served alone."""
     rows = []
     for batch in batches:
-        for i, length in enumerate(batch["attention_mask"].sum(1)):
+        for i, length in enumerate(batch[ENCODER_INPUTS[1]].sum(1)):
             rows.append({name: value[i:i + 1, :int(length)] for name, value in batch.items()})
     return rows
 
@@ -71,7 +72,14 @@ def providers_for(precision: Precision) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(path: Path, precision: Precision, *, threads: int = 0):
+def gate_threads(mode: GateMode) -> int:
+    """Intra-op threads of the sessions that judge a variant: 1 per row as the CPU server runs, else all."""
+    return 1 if mode is GateMode.PER_ROW else 0
+
+
+def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool = True):
+    """An ONNX Runtime session without spinning threads; ``arena=False`` for sessions that only judge
+    (the CPU arena keeps the peak of the largest batch for the session's lifetime)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -79,17 +87,27 @@ def session(path: Path, precision: Precision, *, threads: int = 0):
     # Spinning worker threads steal the cores they wait for on a shared machine: measured here on MiniLM,
     # batch 32 under load, no spinning ran 29-32 vs 20-25 seq/s (fp32) and 59-62 vs 41-46 (int8).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=providers_for(precision))
 
 
-def ort_outputs(sess, batches: list[Batch]) -> tuple[np.ndarray, np.ndarray]:
+def gate_feeds(batches: list[Batch], mode: GateMode) -> list[Batch]:
+    """What the gate runs: every row alone and unpadded (per_row) or the padded batches themselves."""
+    return unbatch(batches) if mode is GateMode.PER_ROW else batches
+
+
+def _run(sess, names: set[str], batch: Batch):
+    return sess.run([ENCODER_LOGITS, ENCODER_PROBABILITIES], {k: v for k, v in batch.items() if k in names})
+
+
+def ort_outputs(sess, batches: list[Batch], description: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) of an ONNX Runtime session over the batches."""
     names = {i.name for i in sess.get_inputs()}
     logits, probs = [], []
-    for batch in batches:
-        lo, pr = sess.run(["logits", "probabilities"], {k: v for k, v in batch.items() if k in names})
+    for batch in track(batches, description or "parity", total=len(batches)) if description else batches:
+        lo, pr = _run(sess, names, batch)
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
     return np.concatenate(logits), np.concatenate(probs)
@@ -116,39 +134,39 @@ class Reference:
         return {**task_metrics(self.logits.argmax(1), self.labels, self.logits.shape[1]), "n_examples": len(self.labels)}
 
 
-def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.ndarray, budgets: Budgets) -> dict:
+def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.ndarray, budgets: Budgets,
+            mode: GateMode = GateMode.BATCHED) -> ParityResult:
     """Parity record of one variant against the reference, with its verdict and the reason for it.
 
     ``max_rel_diff`` is, per row, the largest absolute logit difference over the row's largest absolute
     reference logit, maximised over rows (elementwise ratios explode on logits near zero).
     """
     finite = np.isfinite(logits).all(1) & np.isfinite(probs).all(1)
-    nan_inf = int((~np.isfinite(logits)).sum() + (~np.isfinite(probs)).sum())
     diff = np.abs(np.where(np.isfinite(logits), logits, np.inf) - ref.logits)
     scale = np.maximum(np.abs(ref.logits).max(1), 1e-6)
     pred = np.where(finite, np.nan_to_num(logits, nan=-np.inf).argmax(1), -1)
-    ref_pred = ref.logits.argmax(1)
-    metrics = task_metrics(pred, ref.labels, ref.logits.shape[1])
-    ref_metrics = ref.metrics
+    metrics, ref_metrics = task_metrics(pred, ref.labels, ref.logits.shape[1]), ref.metrics
     exp = np.exp(ref.logits - ref.logits.max(1, keepdims=True))
     softmax = exp / exp.sum(1, keepdims=True)
-    record = {
-        "n_examples": int(len(ref.labels)),
-        "max_abs_diff": _num(diff.max()),
-        "mean_abs_diff": _num(diff.mean()),
-        "max_rel_diff": _num((diff.max(1) / scale).max()),
-        "max_prob_diff": _num(np.abs(np.where(np.isfinite(probs), probs, np.inf) - softmax).max()),
-        "label_agreement": float((pred == ref_pred).mean()),
-        "accuracy": metrics["accuracy"],
-        "accuracy_drop_pts": round((ref_metrics["accuracy"] - metrics["accuracy"]) * 100, 4),
-        "macro_f1": metrics["macro_f1"],
-        "macro_f1_drop_pts": round((ref_metrics["macro_f1"] - metrics["macro_f1"]) * 100, 4),
-        "nan_inf": nan_inf,
-    }
+    agreement = float((pred == ref.logits.argmax(1)).mean())
+    record = ParityResult(
+        n_examples=int(len(ref.labels)), passed=False, reason="", label_agreement=agreement, gate_mode=mode,
+        max_abs_diff=_num(diff.max()), mean_abs_diff=_num(diff.mean()), max_rel_diff=_num((diff.max(1) / scale).max()),
+        max_prob_diff=_num(np.abs(np.where(np.isfinite(probs), probs, np.inf) - softmax).max()),
+        accuracy=metrics["accuracy"], accuracy_drop_pts=round((ref_metrics["accuracy"] - metrics["accuracy"]) * 100, 4),
+        macro_f1=metrics["macro_f1"], macro_f1_drop_pts=round((ref_metrics["macro_f1"] - metrics["macro_f1"]) * 100, 4),
+        nan_inf=int((~np.isfinite(logits)).sum() + (~np.isfinite(probs)).sum()),
+        budget=budget_for(precision, budgets),
+        label_agreement_batch1=agreement if mode is GateMode.PER_ROW else None,
+    )
+    return judge(precision, record, budgets)
+
+
+def judge(precision: Precision, record: ParityResult, budgets: Budgets) -> ParityResult:
+    """Set ``passed``/``reason`` from the budgets (after any field of the record changed)."""
     failures = gate_failures(precision, record, budgets)
-    record["budget"] = budget_for(precision, budgets)
-    record["passed"] = not failures
-    record["reason"] = "; ".join(failures) if failures else "within budget"
+    record.passed = not failures
+    record.reason = "; ".join(failures) if failures else "within budget"
     return record
 
 
@@ -160,62 +178,64 @@ def budget_for(precision: Precision, budgets: Budgets) -> dict:
     return {"max_accuracy_drop_pts": budgets.int8_max_accuracy_drop, "min_label_agreement": budgets.int8_min_agreement}
 
 
-def gate_failures(precision: Precision, record: dict, budgets: Budgets) -> list[str]:
+def gate_failures(precision: Precision, record: ParityResult, budgets: Budgets) -> list[str]:
     """Human-readable reasons a parity record leaves its budget (empty when it passes)."""
     failures = []
-    if record["nan_inf"]:
-        failures.append(f"{record['nan_inf']} NaN/Inf outputs")
+    if record.nan_inf:
+        failures.append(f"{record.nan_inf} NaN/Inf outputs")
     budget = budget_for(precision, budgets)
-    if "max_abs_diff" in budget and not _within(record["max_abs_diff"], budget["max_abs_diff"]):
-        failures.append(f"max abs logit diff {_fmt(record['max_abs_diff'])} > {budget['max_abs_diff']:.3g}")
-    if record["label_agreement"] < budget["min_label_agreement"]:
-        failures.append(f"label agreement {record['label_agreement']:.2%} < {budget['min_label_agreement']:.2%}")
-    alone = record.get("label_agreement_batch1")
-    if alone is not None and alone < budget["min_label_agreement"]:
+    if "max_abs_diff" in budget and not _within(record.max_abs_diff, budget["max_abs_diff"]):
+        failures.append(f"max abs logit diff {_fmt(record.max_abs_diff)} > {budget['max_abs_diff']:.3g}")
+    if record.label_agreement < budget["min_label_agreement"]:
+        failures.append(f"label agreement {record.label_agreement:.2%} < {budget['min_label_agreement']:.2%}")
+    alone = record.label_agreement_batch1
+    if record.gate_mode is GateMode.BATCHED and alone is not None and alone < budget["min_label_agreement"]:
         failures.append(f"label agreement one row at a time {alone:.2%} < {budget['min_label_agreement']:.2%}")
-    if "max_accuracy_drop_pts" in budget and not _within(record["accuracy_drop_pts"], budget["max_accuracy_drop_pts"]):
-        failures.append(f"accuracy drop {record['accuracy_drop_pts']:.2f} pts > {budget['max_accuracy_drop_pts']:.2f}")
+    drop = budget.get("max_accuracy_drop_pts")
+    if drop is not None and not _within(record.accuracy_drop_pts, drop):
+        failures.append(f"accuracy drop {_fmt(record.accuracy_drop_pts)} pts > {drop:.2f}")
     return failures
 
 
-def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets) -> dict:
-    """The int8 gate on tuning rows, stopping as soon as the label flips exceed what the budget allows
-    on all rows (the full run could only fail too); otherwise the full :func:`compare` record."""
+def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets,
+                 mode: GateMode = GateMode.BATCHED) -> ParityResult:
+    """The int8 gate on tuning rows (``batches`` as the gate runs them), stopping as soon as the label
+    flips exceed what the budget allows on all rows; otherwise the full :func:`compare` record."""
     allowed = math.floor((1.0 - budgets.int8_min_agreement) * len(ref.labels) + 1e-9)
     names = {i.name for i in sess.get_inputs()}
     logits, probs, flips, start = [], [], 0, 0
-    for batch in batches:
-        lo, pr = sess.run(["logits", "probabilities"], {k: v for k, v in batch.items() if k in names})
+    for batch in track(batches, "int8 tuning rows", total=len(batches)):
+        lo, pr = _run(sess, names, batch)
         end = start + len(lo)
         flips += int((np.nan_to_num(lo, nan=-np.inf).argmax(1) != ref.logits[start:end].argmax(1)).sum())
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
         start = end
         if flips > allowed and end < len(ref.labels):
-            return {"n_examples": end, "label_agreement": 1.0 - flips / end, "passed": False, "early_stop": True,
-                    "reason": f"{flips} label flips in the first {end} rows > {allowed} allowed on {len(ref.labels)}"}
-    return compare(Precision.INT8, ref, np.concatenate(logits), np.concatenate(probs), budgets)
+            return ParityResult(n_examples=end, passed=False, label_agreement=1.0 - flips / end, gate_mode=mode,
+                                early_stop=True, reason=f"{flips} label flips in the first {end} rows > {allowed} "
+                                                        f"allowed on {len(ref.labels)}")
+    return compare(Precision.INT8, ref, np.concatenate(logits), np.concatenate(probs), budgets, mode)
 
 
-def check_variant(path: Path, precision: Precision, ref: Reference, batches: list[Batch], budgets: Budgets) -> dict:
-    """Run ``path`` on the evaluation batches and return its parity record.
+def check_variant(path: Path, precision: Precision, ref: Reference, batches: list[Batch], budgets: Budgets,
+                  mode: GateMode = GateMode.BATCHED) -> ParityResult:
+    """Run ``path`` on the evaluation rows as the target serves them and return its parity record.
 
-    int8 is also run one row at a time: dynamic quantization picks one activation scale per batch tensor,
-    so a row's answer depends on its batch neighbours and padding, and a served request may be batched
-    with anything. Its agreement alone (``label_agreement_batch1``) must meet the same budget.
+    per_row: each row alone, unpadded, one intra-op thread (the CPU server). batched: the padded batches;
+    int8 is then also run one row at a time (``label_agreement_batch1``, same budget), because dynamic
+    quantization picks one activation scale per batch tensor.
     """
-    sess = session(path, precision)
-    logits, probs = ort_outputs(sess, batches)
-    record = compare(precision, ref, logits, probs, budgets)
-    if precision is Precision.INT8 and not record["nan_inf"]:
+    sess = session(path, precision, threads=gate_threads(mode), arena=False)
+    logits, probs = ort_outputs(sess, gate_feeds(batches, mode), f"parity {Path(path).parent.name or path}")
+    record = compare(precision, ref, logits, probs, budgets, mode)
+    if mode is GateMode.BATCHED and precision is Precision.INT8 and not record.nan_inf:
         alone = ort_outputs(sess, unbatch(batches))[0]
-        record["label_agreement_batch1"] = float((alone.argmax(1) == ref.logits.argmax(1)).mean())
-        failures = gate_failures(precision, record, budgets)
-        record["passed"] = not failures
-        record["reason"] = "; ".join(failures) if failures else "within budget"
-    log.info("parity %s: max|d|=%s agreement=%.4f acc=%.4f drop=%.2f pts nan/inf=%d -> %s",
-             Path(path).name, record["max_abs_diff"], record["label_agreement"], record["accuracy"],
-             record["accuracy_drop_pts"], record["nan_inf"], "pass" if record["passed"] else record["reason"])
+        record.label_agreement_batch1 = float((alone.argmax(1) == ref.logits.argmax(1)).mean())
+        judge(precision, record, budgets)
+    log.info("parity %s (%s): max|d|=%s agreement=%.4f acc=%.4f drop=%.2f pts nan/inf=%d -> %s", path, mode.value,
+             record.max_abs_diff, record.label_agreement, record.accuracy, record.accuracy_drop_pts, record.nan_inf,
+             "pass" if record.passed else record.reason)
     return record
 
 

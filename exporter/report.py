@@ -1,9 +1,11 @@
-"""Stage 7: the build report: report.json (machine), report.md (table), report.png (speed vs accuracy)."""
+"""Stage 7: the build report rendered from the typed BuildReport: report.json (through
+exporter.artifacts), report.md (table) and report.png (speed vs accuracy, the selected variant marked)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+
+from exporter.artifacts import BuildReport, GateMode, write_report_json
 
 log = logging.getLogger(__name__)
 
@@ -18,102 +20,125 @@ def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table_rows(report: dict) -> list[tuple[str, ...]]:
+def _pct(value: float | None) -> str:
+    return _f(None if value is None else value * 100, ".2f") + "%"
+
+
+def table_rows(report: BuildReport) -> list[tuple[str, ...]]:
     """One row per variant (PyTorch reference first), as strings."""
-    ref = report["reference"]
-    speed = ref.get("speed") or {}
-    rows = [("pytorch (reference)", _mb(ref.get("size_bytes")), _f(speed.get("latency_ms_p50"), ".2f"),
-             _f(speed.get("throughput_seq_s"), ".1f"), "0", "100.00%", _f(ref["accuracy"] * 100, ".2f") + "%",
-             "0.00", "reference")]
-    for name, v in report["variants"].items():
-        p, s = v.get("parity") or {}, v.get("speed") or {}
-        verdict = "PASS" if p.get("passed") else "FAIL"
-        if name == report.get("selected"):
-            verdict += " (selected)"
-        rows.append((
-            name, _mb(v.get("size_bytes")), _f(s.get("latency_ms_p50"), ".2f"), _f(s.get("throughput_seq_s"), ".1f"),
-            _f(p.get("max_abs_diff"), ".2e"), _f(None if p.get("label_agreement") is None else p["label_agreement"] * 100, ".2f") + "%",
-            _f(None if p.get("accuracy") is None else p["accuracy"] * 100, ".2f") + "%",
-            _f(p.get("accuracy_drop_pts"), ".2f"), verdict,
-        ))
+    ref, speed = report.reference, report.reference.speed
+    rows = [("pytorch (reference)", _mb(ref.size_bytes), _f(speed and speed.latency_ms_p50, ".2f"),
+             _f(speed and speed.throughput_seq_s, ".1f"), "0", "100.00%", _pct(ref.accuracy), "0.00", "reference")]
+    for name, v in report.variants.items():
+        p, s = v.parity, v.speed
+        verdict = ("PASS" if p.passed else "FAIL") + (" (selected)" if name == report.selected else "")
+        rows.append((name, _mb(v.size_bytes), _f(s and s.latency_ms_p50, ".2f"), _f(s and s.throughput_seq_s, ".1f"),
+                     _f(p.max_abs_diff, ".2e"), _pct(p.label_agreement if p.n_examples else None), _pct(p.accuracy),
+                     _f(p.accuracy_drop_pts, ".2f"), verdict))
     return rows
 
 
-def markdown(report: dict) -> str:
-    rows = table_rows(report)
-    lines = [
-        f"# Export report: {report['checkpoint']}",
-        "",
-        f"Target **{report['target']}**, selected variant **{report.get('selected') or 'none'}**; "
-        f"parity on {report['reference']['n_examples']} held-out rows of `{report['eval_data']}` "
-        f"(batches of {report['settings']['batch_size']}, padded to the longest row, max_length "
-        f"{report['settings']['max_length']}). Speed: in-process, batch 1 latency and batch "
-        f"{report['settings']['batch_size']} throughput on the same texts.",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
-        "",
-    ]
-    for name, v in report["variants"].items():
-        p = v.get("parity") or {}
-        if not p.get("passed"):
-            lines.append(f"- **{name}** failed: {p.get('reason') or v.get('error')}")
-        if p.get("label_agreement_batch1") is not None:
+def how_measured(report: BuildReport) -> str:
+    """One sentence on how parity and speed were measured (the gate mode)."""
+    st = report.settings
+    if report.gate_mode is GateMode.PER_ROW:
+        return (f"gate mode **per_row**: parity on {report.reference.n_examples} held-out rows of "
+                f"`{report.eval_data}`, each row run alone, unpadded (max_length {st['max_length']}), in a session "
+                "with 1 intra-op thread, as the CPU server runs it. Speed: one text at a time, tokenization "
+                "included, 1 thread (the per-core ceiling; seq/s is what selection compares).")
+    return (f"gate mode **batched**: parity on {report.reference.n_examples} held-out rows of `{report.eval_data}` "
+            f"(batches of {st['batch_size']}, padded to the longest row, max_length {st['max_length']}). Speed: "
+            f"in-process, batch 1 latency and batch {st['batch_size']} throughput on the same texts.")
+
+
+def _notes(report: BuildReport) -> list[str]:
+    lines = []
+    for name, v in report.variants.items():
+        p = v.parity
+        if not p.passed:
+            lines.append(f"- **{name}** failed: {p.reason or v.error}")
+        if p.label_agreement_batch1 is not None and report.gate_mode is GateMode.BATCHED:
             lines.append(f"- {name}: label agreement one row at a time (as a request served alone) "
-                         f"{p['label_agreement_batch1']:.2%}")
-        if v.get("excluded_nodes"):
-            lines.append(f"- {name}: {len(v['excluded_nodes'])} nodes kept in fp32 after the sensitivity search")
-        if v.get("fp32_nodes") and v["precision"] == "fp16":
-            lines.append(f"- {name}: {len(v['fp32_nodes'])} nodes kept in fp32 ({', '.join(v['fp32_ops_present'])}), "
+                         f"{p.label_agreement_batch1:.2%}")
+        if v.excluded_nodes:
+            lines.append(f"- {name}: {len(v.excluded_nodes)} nodes kept in fp32 after the sensitivity search")
+        if v.fp32_nodes and v.precision == "fp16":
+            lines.append(f"- {name}: {len(v.fp32_nodes)} nodes kept in fp32 ({', '.join(v.fp32_ops_present or [])}), "
                          "inputs/outputs float32")
-    opt = report.get("optimization") or {}
+    opt = report.optimization
     if opt:
         measured = ", ".join(f"{k} {v:.1f} seq/s" for k, v in (opt.get("throughput_seq_s") or {}).items())
         lines.append(f"- graph optimisation: {opt.get('level')} ({opt.get('tool')}), {opt.get('nodes_before')} -> "
                      f"{opt.get('nodes_after')} nodes, fused {opt.get('fused_ops')}; measured {measured or '-'}")
-    lines.append(f"- repository: {report.get('repository') or 'not written'}")
-    stages = report.get("stage_seconds") or {}
-    if stages:
-        lines.append("- stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    lines.append(f"- repository: {report.repository or 'not written'}")
+    if report.stage_seconds:
+        lines.append("- stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items()))
+    mem = report.memory
+    if mem and mem.stages:
+        ratio = f" = {mem.ratio:.1f}x the {mem.weights_bytes / 1e6:.0f} MB of fp32 weights" if mem.ratio else ""
+        lines.append(f"- peak RSS of the build process {mem.peak_rss_bytes / 1e6:.0f} MB{ratio}; export worker "
+                     f"process (largest) {mem.worker_peak_rss_bytes / 1e6:.0f} MB; both together about "
+                     f"{mem.combined_peak_estimate_bytes / 1e6:.0f} MB; per stage in MB (peak, +raise): "
+                     + ", ".join(f"{s.stage} {s.peak_rss_bytes / 1e6:.0f} (+{s.delta_bytes / 1e6:.0f})" for s in mem.stages))
+    return lines
+
+
+def markdown(report: BuildReport) -> str:
+    lines = [
+        f"# Export report: {report.checkpoint}",
+        "",
+        f"Target **{report.target}**, selected variant **{report.selected or 'none'}**; {how_measured(report)}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        *("| " + " | ".join(r) + " |" for r in table_rows(report)),
+        "",
+        *_notes(report),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
-    """Throughput (x) against accuracy (y) per variant; failing variants hollow."""
+def plot(report: BuildReport, path: Path) -> None:
+    """Throughput (x) against accuracy (y) per variant; failing variants hollow, the selected one starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ref = report["reference"]
-    if (ref.get("speed") or {}).get("throughput_seq_s"):
-        ax.scatter([ref["speed"]["throughput_seq_s"]], [ref["accuracy"] * 100], marker="s", color="black")
-        ax.annotate("pytorch", (ref["speed"]["throughput_seq_s"], ref["accuracy"] * 100), textcoords="offset points", xytext=(5, 5))
-    for i, (name, v) in enumerate(report["variants"].items()):
-        p, s = v.get("parity") or {}, v.get("speed") or {}
-        if s.get("throughput_seq_s") is None or p.get("accuracy") is None:
+    ref = report.reference
+    if ref.speed is not None:
+        ax.scatter([ref.speed.throughput_seq_s], [ref.accuracy * 100], marker="s", color="black")
+        ax.annotate("pytorch", (ref.speed.throughput_seq_s, ref.accuracy * 100), textcoords="offset points", xytext=(5, 5))
+    for i, (name, v) in enumerate(report.variants.items()):
+        if v.speed is None or v.parity.accuracy is None:
             continue
-        ok = bool(p.get("passed"))
-        ax.scatter([s["throughput_seq_s"]], [p["accuracy"] * 100], s=60, facecolors="tab:green" if ok else "none",
+        ok, xy = v.parity.passed, (v.speed.throughput_seq_s, v.parity.accuracy * 100)
+        ax.scatter([xy[0]], [xy[1]], s=60, facecolors="tab:green" if ok else "none",
                    edgecolors="tab:green" if ok else "tab:red")
-        ax.annotate(name + ("" if ok else " (fail)"), (s["throughput_seq_s"], p["accuracy"] * 100),
+        if name == report.selected:
+            ax.scatter([xy[0]], [xy[1]], s=260, marker="*", color="gold", edgecolors="black", zorder=3,
+                       label=f"selected: {name}")
+        ax.annotate(name + ("" if ok else " (fail)") + (" (selected)" if name == report.selected else ""), xy,
                     textcoords="offset points", xytext=(5, -12 - 11 * (i % 2)))  # stagger: close points overlap
-    ax.set_xlabel(f"throughput, batch {report['settings']['batch_size']} (seq/s)")
+    if report.selected:
+        ax.legend(loc="lower right")
+    per_row = report.gate_mode is GateMode.PER_ROW
+    ax.set_xlabel("throughput, one row at a time, 1 thread (seq/s)" if per_row
+                  else f"throughput, batch {report.settings['batch_size']} (seq/s)")
     ax.set_ylabel("accuracy on held-out text (%)")
-    ax.set_title(f"{Path(report['checkpoint']).name}: speed vs accuracy ({report['target']})")
+    ax.set_title(f"{Path(report.checkpoint).name}: speed vs accuracy ({report.target}, {report.gate_mode.value})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write(report: dict, out_dir: Path, *, figure: bool = True) -> None:
+def write(report: BuildReport, out_dir: Path, *, figure: bool = True) -> None:
     """Write report.json and report.md (each atomically) and, unless ``figure`` is False, report.png."""
     from common.atomic import atomic_write_text
 
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_report_json(report, out_dir)
     atomic_write_text(out_dir / "report.md", markdown(report))
     if figure:
         plot(report, out_dir / "report.png")

@@ -1,54 +1,94 @@
-"""Stage 6: in-process speed per variant: batch-1 latency percentiles and batched throughput."""
+"""Stage 6: in-process speed per variant, measured as the target serves it.
+
+per_row (CPU target): each text tokenized and run alone, trimmed to its length, in a 1-thread session:
+the per-core ceiling of the served path (a server runs one such session per core). batched (GPU target):
+batch-1 latency percentiles and padded-batch throughput.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
+from exporter.artifacts import GateMode, SpeedResult
 from exporter.parity import Batch
+from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES
 
 log = logging.getLogger(__name__)
 
 
-def measure(run: Callable[[Batch], object], singles: list[Batch], batches: list[Batch], seconds: float) -> dict:
+def measure(run: Callable[[Batch], object], singles: list[Batch], batches: list[Batch], seconds: float,
+            threads: int | None = None) -> SpeedResult:
     """Time ``run``: half of ``seconds`` on single rows (p50/p99 ms), half on full batches (seq/s)."""
     budget = seconds / 2
     for batch in singles[:3]:
         run(batch)
-    latencies = []
-    start = time.perf_counter()
-    i = 0
-    while i < 5 or (time.perf_counter() - start < budget and i < 2000):
-        batch = singles[i % len(singles)]
-        t0 = time.perf_counter()
-        run(batch)
-        latencies.append(time.perf_counter() - t0)
-        i += 1
+    latencies = _timed(lambda i: run(singles[i % len(singles)]), budget)
     run(batches[0])
     rows, n = 0, 0
     start = time.perf_counter()
     while n < 2 or time.perf_counter() - start < budget:
         batch = batches[n % len(batches)]
         run(batch)
-        rows += len(batch["input_ids"])
+        rows += len(batch[ENCODER_INPUTS[0]])
         n += 1
     elapsed = time.perf_counter() - start
+    return SpeedResult(mode=GateMode.BATCHED, **_percentiles(latencies), latency_samples=len(latencies),
+                       throughput_seq_s=round(rows / elapsed, 1), throughput_rows=rows,
+                       throughput_batch_size=int(max(len(b[ENCODER_INPUTS[0]]) for b in batches)),
+                       intra_op_threads=threads)
+
+
+def measure_per_row(run: Callable[[Batch], object], encode: Callable[[str], Batch], texts: Sequence[str],
+                    seconds: float, threads: int | None = 1) -> SpeedResult:
+    """Time ``run(encode(text))`` one text at a time for ``seconds``: latency percentiles and seq/s,
+    tokenization included (what one served row costs on one core)."""
+    for text in texts[:3]:
+        run(encode(text))
+    start = time.perf_counter()
+    latencies = _timed(lambda i: run(encode(texts[i % len(texts)])), seconds)
+    elapsed = time.perf_counter() - start
+    return SpeedResult(mode=GateMode.PER_ROW, **_percentiles(latencies), latency_samples=len(latencies),
+                       throughput_seq_s=round(len(latencies) / elapsed, 1), throughput_rows=len(latencies),
+                       throughput_batch_size=1, intra_op_threads=threads, tokenization_included=True)
+
+
+def _timed(step: Callable[[int], object], budget: float, limit: int = 5000) -> list[float]:
+    """Seconds per ``step(i)``, at least 5 calls, until ``budget`` seconds (or ``limit`` calls) are spent."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while len(latencies) < 5 or (time.perf_counter() - start < budget and len(latencies) < limit):
+        t0 = time.perf_counter()
+        step(len(latencies))
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def _percentiles(latencies: list[float]) -> dict:
     ms = np.asarray(latencies) * 1000
-    return {
-        "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
-        "latency_ms_p99": round(float(np.percentile(ms, 99)), 3),
-        "latency_samples": len(latencies),
-        "throughput_seq_s": round(rows / elapsed, 1),
-        "throughput_batch_size": int(max(len(b["input_ids"]) for b in batches)),
-        "throughput_rows": rows,
-    }
+    return {"latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
+            "latency_ms_p99": round(float(np.percentile(ms, 99)), 3)}
+
+
+def encoder(tokenizer, max_length: int) -> Callable[[str], Batch]:
+    """text -> one unpadded row of int64 encoder inputs (as the CPU server tokenizes)."""
+    input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
+
+    def encode(text: str) -> Batch:
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="np")
+        ids = enc[input_ids].astype(np.int64)
+        types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)
+        return {input_ids: ids, attention_mask: enc[attention_mask].astype(np.int64), token_type_ids: types}
+
+    return encode
 
 
 def ort_runner(sess) -> Callable[[Batch], object]:
     names = {i.name for i in sess.get_inputs()}
-    return lambda batch: sess.run(["logits", "probabilities"], {k: v for k, v in batch.items() if k in names})
+    outputs = [ENCODER_LOGITS, ENCODER_PROBABILITIES]
+    return lambda batch: sess.run(outputs, {k: v for k, v in batch.items() if k in names})
 
 
 def torch_runner(model) -> Callable[[Batch], object]:

@@ -6,14 +6,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.provenance import sha256_file
 from loadtest.errors import LoadtestError
 
 log = logging.getLogger(__name__)
-
-_FILE_KEYS = ("path", "file", "onnx", "onnx_path", "model", "model_path")
 
 
 def _read_json(path: Path) -> Any:
@@ -25,35 +23,23 @@ def _read_json(path: Path) -> Any:
         raise LoadtestError(f"{path} is not JSON: {exc}") from exc
 
 
-def _variant_entries(report: Any) -> list[tuple[str, Mapping[str, Any]]]:
-    variants = report.get("variants") if isinstance(report, Mapping) else None
-    if isinstance(variants, Mapping):
-        return [(str(k), v) for k, v in variants.items() if isinstance(v, Mapping)]
-    if isinstance(variants, list):
-        return [(str(v.get("name") or v.get("variant") or i), v) for i, v in enumerate(variants)
-                if isinstance(v, Mapping)]
-    return []
+def _report(build: Path):
+    """The exporter's typed build report (exporter.artifacts owns its schema)."""
+    from exporter.artifacts import ArtifactError, read_report
 
-
-def _variant_file(build: Path, entry: Mapping[str, Any]) -> Path | None:
-    for key in _FILE_KEYS:
-        value = entry.get(key)
-        if isinstance(value, str) and value.endswith(".onnx"):
-            path = Path(value)
-            for candidate in (path, build / path, build / path.name):
-                if candidate.is_file():
-                    return candidate
-    return None
+    try:
+        return read_report(Path(build))
+    except ArtifactError as exc:
+        raise LoadtestError(str(exc)) from None
 
 
 def read_build_variants(build: Path) -> list[tuple[str, Path]]:
     """(name, ONNX file) for every variant in ``build/report.json`` whose file exists in ``build``."""
     build = Path(build)
-    report = _read_json(build / "report.json")
     out = []
-    for name, entry in _variant_entries(report):
-        path = _variant_file(build, entry)
-        if path is None:
+    for name, variant in _report(build).variants.items():
+        path = build / variant.file if variant.file else None
+        if path is None or not path.is_file():
             log.warning("build report variant %s has no ONNX file in %s: skipped", name, build)
             continue
         out.append((name, path))
@@ -63,25 +49,13 @@ def read_build_variants(build: Path) -> list[tuple[str, Path]]:
 
 
 def build_parity(build: Path) -> dict[str, bool | None]:
-    """Variant name -> whether it passed the exporter's parity gate (None when the report does not say)."""
-    out: dict[str, bool | None] = {}
-    for name, entry in _variant_entries(_read_json(Path(build) / "report.json")):
-        parity = entry.get("parity")
-        passed = parity.get("passed") if isinstance(parity, Mapping) else entry.get("passed")
-        out[name] = passed if isinstance(passed, bool) else None
-    return out
+    """Variant name -> whether it passed the exporter's parity gate."""
+    return {name: v.parity.passed for name, v in _report(build).variants.items()}
 
 
 def selected_variant(build: Path) -> str | None:
-    """The variant the exporter selected for serving, when its report says."""
-    report = _read_json(Path(build) / "report.json")
-    for key in ("selected", "selected_variant", "serve", "served_variant"):
-        value = report.get(key) if isinstance(report, Mapping) else None
-        if isinstance(value, str):
-            return value
-        if isinstance(value, Mapping) and isinstance(value.get("name") or value.get("variant"), str):
-            return value.get("name") or value.get("variant")
-    return None
+    """The variant the exporter selected for serving (None when none passed)."""
+    return _report(build).selected
 
 
 # ------------------------------------------------------------------------------------- repository

@@ -131,43 +131,117 @@ def test_full_build_succeeds_and_reports(tiny):
         assert rep["files"][v["file"]] == sha256_file(path)
     assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
     assert rep["optimization"]["fused_ops"], "ORTOptimizer fused nothing"
-    assert {"export", "optimize", "reference", "fp32-parity"} <= set(rep["stage_seconds"])
+    assert {"export", "reference", "fp32-parity"} <= set(rep["stage_seconds"])
+    assert set(rep["optimization"]["throughput_seq_s"]) == {"unoptimized", "O2"}
+    assert set(rep["stage_seconds"]) <= {s["stage"] for s in rep["memory"]["stages"]}
 
 
 def test_verdicts_follow_the_numbers(tiny):
     """Every stored verdict is what the budgets say about the stored numbers."""
+    from exporter.artifacts import GateMode, read_report
     from exporter.config import Budgets, Precision
     from exporter.parity import gate_failures
 
     rep = tiny["report"]
     budgets = Budgets(**rep["settings"]["budgets"])
-    for v in rep["variants"].values():
-        failures = gate_failures(Precision(v["precision"]), v["parity"], budgets)
-        assert v["parity"]["passed"] == (not failures)
+    typed = read_report(tiny["build"])
+    for v in typed.variants.values():
+        failures = gate_failures(Precision(v.precision), v.parity, budgets)
+        assert v.parity.passed == (not failures)
+        assert v.parity.gate_mode is GateMode.PER_ROW or v.file is None
     fp32 = rep["variants"]["fp32"]["parity"]
     assert fp32["passed"] and fp32["max_abs_diff"] <= 1e-4 and fp32["label_agreement"] == 1.0
     assert fp32["nan_inf"] == 0
 
 
 def test_int8_is_also_gated_one_row_at_a_time(tiny, reference):
-    """Rows run alone reproduce fp32 exactly; int8 records and gates its one-row-at-a-time agreement."""
+    """Batched mode: rows run alone reproduce fp32 exactly; int8 records and gates its one-row agreement."""
     from exporter import parity
+    from exporter.artifacts import GateMode
     from exporter.config import Budgets, Precision
 
     batches, ref = reference
     rows = parity.unbatch(batches)
     assert len(rows) == len(ref.labels) and all(r["input_ids"].shape[0] == 1 for r in rows)
     assert all(int(r["attention_mask"].min()) == 1 for r in rows), "a row alone carries no padding"
-    fp32 = parity.session(tiny["build"] / "fp32.onnx", Precision.FP32)
+    fp32 = parity.session(tiny["build"] / "fp32" / "model.onnx", Precision.FP32)
     alone, batched = parity.ort_outputs(fp32, rows)[0], parity.ort_outputs(fp32, batches)[0]
     assert np.abs(alone - batched).max() < 1e-4
-    int8_variants = [v for v in tiny["report"]["variants"].values() if v["precision"] == "int8" and v.get("file")]
-    assert int8_variants
-    for v in int8_variants:
-        assert 0.0 <= v["parity"]["label_agreement_batch1"] <= 1.0
+    int8_file = tiny["build"] / "int8_dynamic" / "model.onnx"
     strict = Budgets(int8_min_agreement=1.0, int8_max_accuracy_drop=100.0)
-    rec = parity.check_variant(tiny["build"] / int8_variants[0]["file"], Precision.INT8, ref, batches, strict)
-    assert rec["passed"] == (rec["label_agreement"] == 1.0 and rec["label_agreement_batch1"] == 1.0)
+    rec = parity.check_variant(int8_file, Precision.INT8, ref, batches, strict, GateMode.BATCHED)
+    assert rec.gate_mode is GateMode.BATCHED and 0.0 <= rec.label_agreement_batch1 <= 1.0
+    assert rec.passed == (rec.label_agreement == 1.0 and rec.label_agreement_batch1 == 1.0)
+
+
+def test_cpu_gate_is_per_row(tiny):
+    """The cpu target's recorded int8 agreement is that of each eval row run alone, unpadded, 1 thread."""
+    from transformers import AutoTokenizer
+
+    from exporter import parity
+    from exporter.artifacts import GateMode, read_report
+    from exporter.inputs import load_checkpoint, read_examples
+
+    rep = read_report(tiny["build"])
+    assert rep.gate_mode is GateMode.PER_ROW and rep.settings["gate_mode"] == "per_row"
+    ck = load_checkpoint(tiny["ckpt"])
+    ex = read_examples(Path(rep.eval_data), ck.label2id, limit=rep.reference.n_examples)
+    tokenizer = AutoTokenizer.from_pretrained(ck.path)
+    batches = parity.tokenize(tokenizer, ex.texts, batch_size=32, max_length=128)
+    ref = parity.torch_logits(parity.load_torch_model(ck.path), batches).argmax(1)
+    for name in ("int8_dynamic", "int8_static"):
+        v = rep.variants[name]
+        if v.file is None:
+            continue
+        assert v.parity.gate_mode is GateMode.PER_ROW and v.parity.n_examples == len(ex.texts)
+        sess = parity.session(tiny["build"] / v.file, parity.Precision.INT8, threads=1)
+        encode = __import__("exporter.speed", fromlist=["encoder"]).encoder(tokenizer, 128)
+        alone = np.concatenate([parity.ort_outputs(sess, [encode(t)])[0] for t in ex.texts])
+        assert v.parity.label_agreement == pytest.approx(float((alone.argmax(1) == ref).mean()), abs=1e-12), name
+        assert v.parity.label_agreement_batch1 == v.parity.label_agreement
+        assert v.speed.mode is GateMode.PER_ROW and v.speed.intra_op_threads == 1 and v.speed.tokenization_included
+
+
+def test_variant_directories_load_with_optimum(tiny):
+    """Each variant under build/ is a directory Optimum's ORTModelForSequenceClassification loads and runs."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from exporter.artifacts import read_report
+
+    rep = read_report(tiny["build"])
+    texts = ["what a lovely day", "this is terrible"]
+    for name, v in rep.variants.items():
+        if v.file is None:
+            continue
+        directory = tiny["build"] / v.directory
+        assert (directory / "model.onnx").is_file() and (directory / "config.json").is_file(), name
+        model = ORTModelForSequenceClassification.from_pretrained(directory, provider="CPUExecutionProvider")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+        assert tuple(logits.shape) == (2, 3) and torch.isfinite(logits).all(), name
+        assert model.config.id2label[0] == "negative"
+
+
+def test_report_round_trip(tiny):
+    from exporter.artifacts import SCHEMA_VERSION, ArtifactError, BuildReport, from_json, read_report, to_json
+
+    rep = read_report(tiny["build"])
+    assert isinstance(rep, BuildReport) and rep.schema_version == SCHEMA_VERSION
+    assert from_json(to_json(rep)) == rep
+    assert to_json(rep) == (tiny["build"] / "report.json").read_text()
+    assert rep.memory.worker_peak_rss_bytes > 0, "the export worker ran as a child process"
+    assert rep.memory.peak_rss_bytes > 0 and [s.stage for s in rep.memory.stages][:2] == ["reference", "reference-speed"]
+    assert all(s.delta_bytes >= 0 for s in rep.memory.stages)
+    bad = json.loads(to_json(rep))
+    bad["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(ArtifactError, match="schema_version"):
+        from_json(json.dumps(bad))
+    del bad["variants"]
+    bad["schema_version"] = SCHEMA_VERSION
+    with pytest.raises(ArtifactError, match="missing field 'variants'"):
+        from_json(json.dumps(bad))
 
 
 def test_selection_is_fastest_passing_and_written_to_repository(tiny):
@@ -191,7 +265,7 @@ def test_report_markdown_and_png(tiny):
     assert "| variant | size | p50 ms | seq/s | max diff | agreement | accuracy | drop (pts) | verdict |" in md
     for name in tiny["report"]["variants"]:
         assert f"| {name} |" in md
-    assert "(selected)" in md
+    assert "(selected)" in md and "gate mode **per_row**" in md and "peak RSS" in md
     assert (tiny["build"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -199,7 +273,7 @@ def test_onnx_contract(tiny):
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(tiny["build"] / "fp32.onnx"))
+    model = onnx.load(str(tiny["build"] / "fp32" / "model.onnx"))
     onnx.checker.check_model(model)
     inputs = {i.name: i for i in model.graph.input}
     assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}
@@ -207,7 +281,7 @@ def test_onnx_contract(tiny):
         assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
         assert all(d.dim_param for d in inp.type.tensor_type.shape.dim)  # dynamic batch and sequence
     assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
-    sess = ort.InferenceSession(str(tiny["build"] / "fp16.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tiny["build"] / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch, seq in ((1, 5), (3, 17)):
         ids = np.full((batch, seq), 2023, dtype=np.int64)
         logits, probs = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
@@ -221,7 +295,7 @@ def test_fp16_keeps_overflow_prone_nodes_fp32(tiny):
 
     v = tiny["report"]["variants"]["fp16"]
     assert v["fp32_nodes"] and "SkipLayerNormalization" in v["fp32_ops_present"]
-    model = onnx.load(str(tiny["build"] / "fp16.onnx"))
+    model = onnx.load(str(tiny["build"] / "fp16" / "model.onnx"))
     by_name = {n.name: n for n in model.graph.node}
     types = {t.name: t.type.tensor_type.elem_type for t in list(model.graph.value_info) + list(model.graph.output)}
     for name in v["fp32_nodes"]:
@@ -239,12 +313,12 @@ def test_tampered_weight_fails_fp32_gate(tiny, reference, tmp_path):
     from exporter.parity import check_variant
 
     batches, ref = reference
-    good = check_variant(tiny["build"] / "fp32.onnx", Precision.FP32, ref, batches, Budgets())
-    assert good["passed"]
-    bad = tamper(tiny["build"] / "fp32.onnx", tmp_path / "bad.onnx", "classifier.bias", lambda a: a + 0.01)
+    good = check_variant(tiny["build"] / "fp32" / "model.onnx", Precision.FP32, ref, batches, Budgets())
+    assert good.passed
+    bad = tamper(tiny["build"] / "fp32" / "model.onnx", tmp_path / "bad.onnx", "classifier.bias", lambda a: a + 0.01)
     record = check_variant(bad, Precision.FP32, ref, batches, Budgets())
-    assert not record["passed"] and "max abs logit diff" in record["reason"]
-    assert record["max_abs_diff"] == pytest.approx(0.01, abs=1e-3)
+    assert not record.passed and "max abs logit diff" in record.reason
+    assert record.max_abs_diff == pytest.approx(0.01, abs=1e-3)
 
 
 def test_zero_budget_fails(tiny, reference):
@@ -252,12 +326,12 @@ def test_zero_budget_fails(tiny, reference):
     from exporter.parity import check_variant
 
     batches, ref = reference
-    assert check_variant(tiny["build"] / "fp16.onnx", Precision.FP16, ref, batches, Budgets())["passed"]
-    record = check_variant(tiny["build"] / "fp16.onnx", Precision.FP16, ref, batches, Budgets(fp16_max_abs=0.0))
-    assert not record["passed"] and "max abs" in record["reason"]
-    record = check_variant(tiny["build"] / "fp32.onnx", Precision.FP32, ref, batches, Budgets(fp32_max_abs=0.0))
-    assert record["max_abs_diff"] > 0  # fused kernels never match PyTorch bit for bit
-    assert not record["passed"] and "max abs" in record["reason"]
+    assert check_variant(tiny["build"] / "fp16" / "model.onnx", Precision.FP16, ref, batches, Budgets()).passed
+    record = check_variant(tiny["build"] / "fp16" / "model.onnx", Precision.FP16, ref, batches, Budgets(fp16_max_abs=0.0))
+    assert not record.passed and "max abs" in record.reason
+    record = check_variant(tiny["build"] / "fp32" / "model.onnx", Precision.FP32, ref, batches, Budgets(fp32_max_abs=0.0))
+    assert record.max_abs_diff > 0  # fused kernels never match PyTorch bit for bit
+    assert not record.passed and "max abs" in record.reason
 
 
 def test_nan_injected_fails(tiny, reference, tmp_path):
@@ -265,10 +339,10 @@ def test_nan_injected_fails(tiny, reference, tmp_path):
     from exporter.parity import check_variant
 
     batches, ref = reference
-    bad = tamper(tiny["build"] / "fp32.onnx", tmp_path / "nan.onnx", "classifier.bias",
+    bad = tamper(tiny["build"] / "fp32" / "model.onnx", tmp_path / "nan.onnx", "classifier.bias",
                  lambda a: np.where(np.arange(a.size) == 0, np.nan, a).astype(np.float32))
     record = check_variant(bad, Precision.FP32, ref, batches, Budgets())
-    assert record["nan_inf"] > 0 and not record["passed"] and "NaN" in record["reason"]
+    assert record.nan_inf > 0 and not record.passed and "NaN" in record.reason
 
 
 def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, tmp_path):
@@ -288,16 +362,16 @@ def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, t
 
 def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch):
     """Negated classifier weights in the exported graph: every variant must fail, nothing is served."""
-    import exporter.optimize as optimize
+    import exporter.build
 
-    real = optimize.optimize_onnx
+    real = exporter.build.export_graph
 
-    def corrupting(raw_dir, out_dir, target):
-        path, record = real(raw_dir, out_dir, target)
+    def corrupting(checkpoint, scratch, target, *args):
+        path, record = real(checkpoint, scratch, target, *args)
         tamper(path, path, "classifier.weight", lambda a: -a)
         return path, record
 
-    monkeypatch.setattr(optimize, "optimize_onnx", corrupting)
+    monkeypatch.setattr(exporter.build, "export_graph", corrupting)
     repo = tmp_path / "repo"
     shutil.copytree(tiny["repo"], repo)
     before = tree_digest(repo)
@@ -335,7 +409,7 @@ def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkey
 
 
 def test_interrupt_mid_build_leaves_previous_build(tiny, tmp_path, monkeypatch):
-    import exporter.export
+    import exporter.build
 
     out = tmp_path / "build"
     shutil.copytree(tiny["build"], out)
@@ -344,7 +418,7 @@ def test_interrupt_mid_build_leaves_previous_build(tiny, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter.export, "export_onnx", interrupted)
+    monkeypatch.setattr(exporter.build, "export_graph", interrupted)
     rc = run_main(["build", tiny["ckpt"], "--out", out, "--repository", tmp_path / "repo", *FAST])
     assert rc == 130
     assert tree_digest(out) == before
@@ -383,12 +457,12 @@ def _bad_checkpoint(tiny, tmp_path, kind: str) -> Path:
     ("eval-size", "invalid eval-size"),
 ])
 def test_bad_input_one_line_and_no_slow_work(tiny, tmp_path, monkeypatch, capsys, case, expect):
-    import exporter.export
+    import exporter.build
 
     def never(*args, **kwargs):
         raise AssertionError("slow work started before input validation")
 
-    monkeypatch.setattr(exporter.export, "export_onnx", never)
+    monkeypatch.setattr(exporter.build, "export_graph", never)
     ck = tiny["ckpt"]
     extra: list = []
     if case == "missing":

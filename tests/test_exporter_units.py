@@ -59,8 +59,8 @@ def test_compare_exact_passes_every_precision():
     ref = _ref()
     for p in Precision:
         rec = compare(p, ref, ref.logits.copy(), _softmax(ref.logits), Budgets())
-        assert rec["passed"] and rec["max_abs_diff"] == 0 and rec["label_agreement"] == 1.0
-        assert rec["accuracy_drop_pts"] == 0 and rec["nan_inf"] == 0
+        assert rec.passed and rec.max_abs_diff == 0 and rec.label_agreement == 1.0
+        assert rec.accuracy_drop_pts == 0 and rec.nan_inf == 0
 
 
 def test_compare_fp32_small_error_fails_budget_fp16_passes():
@@ -68,10 +68,10 @@ def test_compare_fp32_small_error_fails_budget_fp16_passes():
 
     ref = _ref()
     noisy = ref.logits + 5e-4
-    assert not compare(Precision.FP32, ref, noisy, _softmax(noisy), Budgets())["passed"]
+    assert not compare(Precision.FP32, ref, noisy, _softmax(noisy), Budgets()).passed
     rec = compare(Precision.FP16, ref, noisy, _softmax(noisy), Budgets())
-    assert rec["passed"] and rec["max_abs_diff"] == pytest.approx(5e-4, rel=1e-2)
-    assert rec["max_rel_diff"] == pytest.approx(float((5e-4 / np.abs(ref.logits).max(1)).max()), rel=1e-2)
+    assert rec.passed and rec.max_abs_diff == pytest.approx(5e-4, rel=1e-2)
+    assert rec.max_rel_diff == pytest.approx(float((5e-4 / np.abs(ref.logits).max(1)).max()), rel=1e-2)
 
 
 def test_compare_counts_flips_and_accuracy_drop():
@@ -82,28 +82,44 @@ def test_compare_counts_flips_and_accuracy_drop():
     rows = np.arange(5)  # flip the winner of 5 rows: 95 % agreement
     flipped[rows] = -flipped[rows]
     rec = compare(Precision.INT8, ref, flipped, _softmax(flipped), Budgets())
-    assert rec["label_agreement"] == pytest.approx(0.95)
-    assert not rec["passed"] and "label agreement" in rec["reason"]
+    assert rec.label_agreement == pytest.approx(0.95)
+    assert not rec.passed and "label agreement" in rec.reason
     acc_ref = (ref.logits.argmax(1) == ref.labels).mean()
     acc = (flipped.argmax(1) == ref.labels).mean()
-    assert rec["accuracy_drop_pts"] == pytest.approx((acc_ref - acc) * 100, abs=1e-3)
+    assert rec.accuracy_drop_pts == pytest.approx((acc_ref - acc) * 100, abs=1e-3)
 
 
 def test_int8_gate_also_holds_one_row_at_a_time():
-    """A served request may be batched with anything: int8 agreement measured alone must meet the budget too."""
+    """Batched mode: a request may be batched with anything, so int8 agreement alone must meet the budget too."""
+    from exporter.artifacts import GateMode
     from exporter.parity import compare, gate_failures
 
     ref = _ref()
     rec = compare(Precision.INT8, ref, ref.logits.copy(), _softmax(ref.logits), Budgets())
-    assert rec["passed"]
-    rec["label_agreement_batch1"] = 0.97
+    assert rec.passed and rec.gate_mode is GateMode.BATCHED and rec.label_agreement_batch1 is None
+    rec.label_agreement_batch1 = 0.97
     failures = gate_failures(Precision.INT8, rec, Budgets())
     assert failures == ["label agreement one row at a time 97.00% < 98.00%"]
-    rec["label_agreement_batch1"] = 0.98
+    rec.label_agreement_batch1 = 0.98
     assert gate_failures(Precision.INT8, rec, Budgets()) == []
 
 
+def test_per_row_gate_judges_the_per_row_numbers():
+    """per_row mode: the agreement is measured on rows alone, so it is also the one-row agreement."""
+    from exporter.artifacts import GateMode
+    from exporter.parity import compare
+
+    ref = _ref(n=100)
+    flipped = ref.logits.copy()
+    flipped[:3] = -flipped[:3]
+    rec = compare(Precision.INT8, ref, flipped, _softmax(flipped), Budgets(int8_max_accuracy_drop=100.0),
+                  GateMode.PER_ROW)
+    assert rec.gate_mode is GateMode.PER_ROW and rec.label_agreement == rec.label_agreement_batch1 == 0.97
+    assert not rec.passed and rec.reason == "label agreement 97.00% < 98.00%"
+
+
 def test_compare_nan_fails_even_with_generous_budgets():
+    from exporter.artifacts import to_dict
     from exporter.parity import compare
 
     ref = _ref()
@@ -112,24 +128,33 @@ def test_compare_nan_fails_even_with_generous_budgets():
     probs = _softmax(ref.logits)
     loose = Budgets(fp32_max_abs=1e9, fp32_min_agreement=0.0)
     rec = compare(Precision.FP32, ref, bad, probs, loose)
-    assert rec["nan_inf"] == 1 and not rec["passed"] and "NaN" in rec["reason"]
-    json.dumps(rec, allow_nan=False)  # the record stays valid JSON
+    assert rec.nan_inf == 1 and not rec.passed and "NaN" in rec.reason
+    json.dumps(to_dict(rec), allow_nan=False)  # the record stays valid JSON
     probs[0, 0] = np.inf
-    assert compare(Precision.INT8, ref, ref.logits, probs, Budgets())["nan_inf"] == 1
+    assert compare(Precision.INT8, ref, ref.logits, probs, Budgets()).nan_inf == 1
+
+
+def _variant(name, passed, seq_s, **parity):
+    from exporter.artifacts import GateMode, ParityResult, SpeedResult, Variant
+
+    record = ParityResult(n_examples=10, passed=passed, reason="within budget" if passed else "boom",
+                          label_agreement=1.0, **parity)
+    speed = SpeedResult(mode=GateMode.PER_ROW, latency_ms_p50=3.0, latency_ms_p99=4.0, latency_samples=5,
+                        throughput_seq_s=seq_s, throughput_rows=5, intra_op_threads=1)
+    return Variant(name=name, precision=name.split("_")[0], file=f"{name}/model.onnx", size_bytes=2_000_000,
+                   parity=record, speed=speed)
 
 
 def test_select():
     from exporter.build import select
 
-    def v(passed, speed):
-        return {"parity": {"passed": passed}, "speed": {"throughput_seq_s": speed}}
-
-    variants = {"fp32": v(True, 100), "fp16": v(True, 90), "int8_dynamic": v(True, 250), "int8_static": v(False, 400)}
+    variants = {"fp32": _variant("fp32", True, 100), "fp16": _variant("fp16", True, 90),
+                "int8_dynamic": _variant("int8_dynamic", True, 250), "int8_static": _variant("int8_static", False, 400)}
     assert select(variants, Target.CPU) == "int8_dynamic"
     assert select(variants, Target.GPU) == "fp16"
-    variants["fp16"]["parity"]["passed"] = False
+    variants["fp16"].parity.passed = False
     assert select(variants, Target.GPU) == "fp32"
-    assert select({"fp32": v(False, 1)}, Target.CPU) is None
+    assert select({"fp32": _variant("fp32", False, 1)}, Target.CPU) is None
 
 
 def test_cpu_preset_and_settings():
@@ -194,23 +219,59 @@ def test_load_checkpoint_rejects(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def _report(selected="fp32"):
+    from exporter.artifacts import BuildReport, GateMode, ParityResult, ReferenceResult, SpeedResult, Variant
+
+    ref_speed = SpeedResult(mode=GateMode.PER_ROW, latency_ms_p50=5.0, latency_ms_p99=6.0, latency_samples=5,
+                            throughput_seq_s=100.0, throughput_rows=5)
+    fp32 = _variant("fp32", True, 150.0, max_abs_diff=1e-6, accuracy=0.8, accuracy_drop_pts=0.0)
+    broken = Variant(name="int8_static", precision="int8", file=None, size_bytes=None, error="boom",
+                     parity=ParityResult(n_examples=0, passed=False, reason="conversion failed: boom", label_agreement=0.0))
+    return BuildReport(checkpoint="/x/ck", target="cpu", gate_mode=GateMode.PER_ROW, selected=selected,
+                       reference=ReferenceResult(accuracy=0.8, macro_f1=0.7, n_examples=10, speed=ref_speed),
+                       eval_data="/x/test.csv", settings={"batch_size": 32, "max_length": 128}, labels=["a", "b"],
+                       variants={"fp32": fp32, "int8_static": broken})
+
+
 def test_markdown_table_rows():
     from exporter.report import markdown
 
-    report = {
-        "checkpoint": "/x/ck", "target": "cpu", "selected": "fp32", "eval_data": "/x/test.csv",
-        "settings": {"batch_size": 32, "max_length": 128},
-        "reference": {"accuracy": 0.8, "macro_f1": 0.7, "n_examples": 10, "speed": {"latency_ms_p50": 5.0, "throughput_seq_s": 100.0}},
-        "variants": {"fp32": {"precision": "fp32", "size_bytes": 2_000_000, "parity": {
-            "passed": True, "max_abs_diff": 1e-6, "label_agreement": 1.0, "accuracy": 0.8, "accuracy_drop_pts": 0.0},
-            "speed": {"latency_ms_p50": 3.0, "throughput_seq_s": 150.0}},
-            "int8_static": {"precision": "int8", "size_bytes": None, "error": "boom",
-                            "parity": {"passed": False, "reason": "conversion failed: boom"}, "speed": {}}},
-    }
-    md = markdown(report)
+    md = markdown(_report())
     assert "| fp32 | 2.0 MB | 3.00 | 150.0 | 1.00e-06 | 100.00% | 80.00% | 0.00 | PASS (selected) |" in md
     assert "| int8_static | - | - | - | - | -% | -% | - | FAIL |" in md
-    assert "conversion failed: boom" in md
+    assert "conversion failed: boom" in md and "gate mode **per_row**" in md
+
+
+def test_report_json_round_trip_and_loadtest_reads_it(tmp_path):
+    from exporter.artifacts import from_json, read_report, to_json, write_report_json
+    from loadtest.artifacts import build_parity, read_build_variants, selected_variant
+
+    report = _report()
+    assert from_json(to_json(report)) == report
+    write_report_json(report, tmp_path)
+    assert read_report(tmp_path) == report
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "model.onnx").write_bytes(b"x")
+    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "fp32" / "model.onnx")]
+    assert build_parity(tmp_path) == {"fp32": True, "int8_static": False}
+    assert selected_variant(tmp_path) == "fp32"
+
+
+def test_plot_marks_the_selected_variant(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from exporter.report import plot
+
+    labels = []
+    real = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    plot(_report(), tmp_path / "a.png")
+    assert "selected: fp32" in labels
+    labels.clear()
+    plot(_report(selected=None), tmp_path / "b.png")
+    assert not any(labels)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
 class _FakeSession:
@@ -241,12 +302,12 @@ def test_tuning_check_stops_early_only_when_the_budget_is_already_lost():
     bad[:allowed + 1] = -bad[:allowed + 1]  # 7 flips, all in the first batch
     sess = _FakeSession(bad)
     rec = tuning_check(sess, batches, ref, Budgets())
-    assert not rec["passed"] and rec["early_stop"] and sess.calls == 1 and "7 label flips" in rec["reason"]
+    assert not rec.passed and rec.early_stop and sess.calls == 1 and "7 label flips" in rec.reason
     ok = ref.logits.copy()
     ok[:allowed] = -ok[:allowed]  # exactly the allowance: the whole set is run and passes the agreement gate
     sess = _FakeSession(ok)
     rec = tuning_check(sess, batches, ref, Budgets(int8_max_accuracy_drop=100.0))
-    assert sess.calls == 10 and rec["passed"] and rec["label_agreement"] == pytest.approx(1 - 6 / 320)
+    assert sess.calls == 10 and rec.passed and rec.label_agreement == pytest.approx(1 - 6 / 320)
 
 
 def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: float, floor: float | None,
@@ -257,15 +318,19 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
     calls = []
     monkeypatch.setattr(int8, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
     ranked = [{"node": f"n{i}", "op_type": "MatMul", "local_rel_error": 1.0 / (i + 1)} for i in range(16)]
-    monkeypatch.setattr(int8, "rank_sensitivity", lambda *a, **k: ranked)
+    monkeypatch.setattr(int8, "_rank_in_worker", lambda *a, **k: ranked)
+
+    from exporter.artifacts import ParityResult
 
     def tune(path):
         ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
-        return {"passed": ok, "reason": "ok" if ok else "label agreement 90% < 98%"}
+        return ParityResult(n_examples=10, passed=ok, reason="ok" if ok else "label agreement 90% < 98%",
+                            label_agreement=1.0 if ok else 0.9)
 
     def final(path):
         ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
-        return {"passed": ok, "reason": "within budget" if ok else "label agreement 90% < 98%"}
+        return ParityResult(n_examples=10, passed=ok, reason="within budget" if ok else "label agreement 90% < 98%",
+                            label_agreement=1.0 if ok else 0.9)
 
     settings = int8.QuantSettings("avx2", False, True, True, None, None)
     result = int8.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=tune, final=final,
@@ -277,17 +342,68 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
 def test_search_excludes_the_most_sensitive_nodes_until_it_passes(monkeypatch, tmp_path):
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=2, seq_s=100.0, floor=50.0)
     assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"]]  # 1/8 then 1/4 of 16 ranked nodes
-    assert result.eval_record["passed"] and result.excluded == ["n0", "n1", "n2", "n3"]
+    assert result.eval_record.passed and result.excluded == ["n0", "n1", "n2", "n3"]
     assert [a["round"] for a in result.attempts] == [0, 1, 2]
 
 
 def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=100.0, floor=50.0, max_rounds=2)
-    assert len(calls) == 3 and not result.eval_record["passed"]
-    assert "label agreement" in result.eval_record["reason"]
+    assert len(calls) == 3 and not result.eval_record.passed
+    assert "label agreement" in result.eval_record.reason
 
 
 def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monkeypatch, tmp_path):
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=30.0, floor=50.0)
-    assert calls == [[]] and not result.eval_record["passed"]
-    assert "exclusion search skipped" in result.eval_record["reason"] and result.skipped
+    assert calls == [[]] and not result.eval_record.passed
+    assert "exclusion search skipped" in result.eval_record.reason and result.skipped
+
+
+def test_progress_is_silent_off_a_terminal(capsys):
+    """Off a TTY the progress display adds nothing to the logs, and track still yields every item."""
+    from exporter.stages import progress_display, track
+
+    with progress_display():
+        assert list(track(iter(range(4)), "rows", total=4)) == [0, 1, 2, 3]
+    assert list(track([5, 6], "rows")) == [5, 6]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_stages_record_time_and_peak_rss():
+    from exporter.stages import Stages, peak_rss
+
+    stages = Stages(weights_bytes=1000)
+    with stages("a"):
+        block = bytearray(64 * 1024 * 1024)  # raises the high-water mark by ~64 MB
+        block[::4096] = b"x" * len(block[::4096])
+    del block
+    (rec,) = stages.memory.stages
+    assert rec.stage == "a" and rec.peak_rss_bytes == stages.memory.peak_rss_bytes <= peak_rss()
+    assert rec.delta_bytes >= 0 and "a" in stages.seconds and stages.memory.ratio == rec.peak_rss_bytes / 1000
+
+
+def test_worker_batches_round_trip(tmp_path):
+    from exporter.worker import load_batches, save_batches
+
+    batches = [{"input_ids": np.arange(6, dtype=np.int64).reshape(2, 3), "attention_mask": np.ones((2, 3), np.int64)},
+               {"input_ids": np.arange(4, dtype=np.int64).reshape(1, 4), "attention_mask": np.ones((1, 4), np.int64)}]
+    back = load_batches(save_batches(batches, tmp_path / "b.npz"))
+    assert len(back) == 2 and all(set(a) == set(b) for a, b in zip(batches, back))
+    for a, b in zip(batches, back):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_worker_reraises_user_errors_as_one_line(tmp_path):
+    """An unexportable checkpoint fails inside the worker; the build process gets the same CheckpointError."""
+    from exporter.worker import call
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                "model_type": "bert", "id2label": {"0": "a", "1": "b"}}))
+    with pytest.raises(CheckpointError, match="cannot export"):
+        call("export", checkpoint=str(ck), scratch=str(tmp_path / "scratch"), target="cpu")
+    with pytest.raises(RuntimeError, match="AttributeError"):
+        call("quantize", kind="dynamic", src=str(tmp_path / "missing.onnx"), dst=str(tmp_path / "o.onnx"),
+             preset="nope", per_channel=True, exclude=[], calibration=None, calibration_cache=None)

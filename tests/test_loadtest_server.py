@@ -173,10 +173,17 @@ def test_plain_locust_picks_the_user_class_from_the_host(server, texts_csv, tmp_
 
 
 def _build_dir(tmp_path: Path, tiny_onnx: Path) -> Path:
+    from exporter.artifacts import (BuildReport, GateMode, ParityResult, ReferenceResult, Variant,
+                                    write_report_json)
+
     build = tmp_path / "build"
-    build.mkdir()
-    (build / "model.onnx").write_bytes(tiny_onnx.read_bytes())
-    (build / "report.json").write_text(json.dumps({"variants": [{"name": "fp32", "path": "model.onnx"}]}))
+    (build / "fp32").mkdir(parents=True)
+    (build / "fp32" / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    fp32 = Variant(name="fp32", precision="fp32", file="fp32/model.onnx", size_bytes=tiny_onnx.stat().st_size,
+                   parity=ParityResult(n_examples=1, passed=True, reason="within budget", label_agreement=1.0))
+    write_report_json(BuildReport(checkpoint="ck", target="cpu", gate_mode=GateMode.PER_ROW, selected="fp32",
+                                  reference=ReferenceResult(accuracy=1.0, macro_f1=1.0, n_examples=1),
+                                  eval_data="test.csv", settings={}, labels=["a", "b"], variants={"fp32": fp32}), build)
     return build
 
 

@@ -315,18 +315,34 @@ def test_tune_layout_parsing():
 
 
 def test_build_report_variants(tmp_path):
-    from loadtest.artifacts import read_build_variants
+    """loadtest reads the exporter's typed report (exporter.artifacts), not guessed keys."""
+    from exporter.artifacts import (BuildReport, GateMode, ParityResult, ReferenceResult, Variant,
+                                    write_report_json)
+    from loadtest.artifacts import build_parity, read_build_variants, selected_variant
 
-    (tmp_path / "model.onnx").write_bytes(b"x")
-    (tmp_path / "model_int8.onnx").write_bytes(b"y")
-    (tmp_path / "report.json").write_text(json.dumps({"variants": [
-        {"name": "fp32", "path": "model.onnx"}, {"name": "int8", "file": str(tmp_path / "model_int8.onnx")},
-        {"name": "fp16", "path": "missing.onnx"}]}))
-    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "model.onnx"), ("int8", tmp_path / "model_int8.onnx")]
-    (tmp_path / "report.json").write_text(json.dumps({"variants": {"fp32": {"path": "model.onnx"}}}))
-    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "model.onnx")]
-    (tmp_path / "report.json").write_text(json.dumps({"variants": []}))
+    def variant(name, passed):
+        return Variant(name=name, precision=name[:4], file=f"{name}/model.onnx", size_bytes=1,
+                       parity=ParityResult(n_examples=1, passed=passed, reason="", label_agreement=1.0))
+
+    def write(variants, selected):
+        write_report_json(BuildReport(checkpoint="ck", target="cpu", gate_mode=GateMode.PER_ROW, selected=selected,
+                                      reference=ReferenceResult(accuracy=1.0, macro_f1=1.0, n_examples=1),
+                                      eval_data="test.csv", settings={}, labels=["a", "b"],
+                                      variants={v.name: v for v in variants}), tmp_path)
+
+    for name in ("fp32", "int8_dynamic"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"x")
+    write([variant("fp32", True), variant("int8_dynamic", False), variant("fp16", False)], "fp32")
+    assert read_build_variants(tmp_path) == [("fp32", tmp_path / "fp32" / "model.onnx"),
+                                             ("int8_dynamic", tmp_path / "int8_dynamic" / "model.onnx")]
+    assert build_parity(tmp_path) == {"fp32": True, "int8_dynamic": False, "fp16": False}
+    assert selected_variant(tmp_path) == "fp32"
+    write([variant("fp16", False)], None)
     with pytest.raises(LoadtestError):
+        read_build_variants(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"variants": {"fp32": {"path": "fp32/model.onnx"}}}))
+    with pytest.raises(LoadtestError, match="schema_version"):
         read_build_variants(tmp_path)
 
 

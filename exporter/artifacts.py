@@ -1,0 +1,275 @@
+"""The build report as typed dataclasses, and the one place that writes and reads it as JSON.
+
+Every stage output the exporter leaves for later stages (``build/report.json``) goes through
+:func:`to_json` / :func:`from_json`; readers (``loadtest``) call :func:`read_report` instead of guessing
+at keys. ``schema_version`` changes whenever a field is renamed or its meaning changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import ExporterError
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+MODEL_FILE = "model.onnx"  # inside each variant's directory, beside config.json and the tokenizer files
+
+
+class ArtifactError(ExporterError):
+    """A report on disk is missing, unreadable or of another schema."""
+
+
+class GateMode(str, enum.Enum):
+    """How parity and speed were measured: each row alone and unpadded in a 1-thread session (what the
+    CPU target serves), or padded batches (what the GPU target's dynamic batcher runs)."""
+
+    PER_ROW = "per_row"
+    BATCHED = "batched"
+
+
+@dataclass
+class SpeedResult:
+    """In-process speed of one model. ``throughput_seq_s`` is what selection compares."""
+
+    mode: GateMode
+    latency_ms_p50: float
+    latency_ms_p99: float
+    latency_samples: int
+    throughput_seq_s: float
+    throughput_rows: int
+    throughput_batch_size: int = 1
+    intra_op_threads: int | None = None  # None: the runtime's default (all cores)
+    tokenization_included: bool = False
+
+
+@dataclass
+class ParityResult:
+    """One variant against the PyTorch reference on the evaluation (or tuning) rows, with its verdict."""
+
+    n_examples: int
+    passed: bool
+    reason: str
+    label_agreement: float
+    gate_mode: GateMode = GateMode.BATCHED
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    max_prob_diff: float | None = None
+    accuracy: float | None = None
+    accuracy_drop_pts: float | None = None
+    macro_f1: float | None = None
+    macro_f1_drop_pts: float | None = None
+    nan_inf: int = 0
+    budget: dict[str, float] = field(default_factory=dict)
+    label_agreement_batch1: float | None = None  # each row alone, unpadded (equals label_agreement per_row)
+    early_stop: bool = False
+
+    def brief(self) -> dict[str, Any]:
+        """The verdict-bearing numbers, for the int8 search log."""
+        keys = ("n_examples", "label_agreement", "accuracy_drop_pts", "max_abs_diff", "nan_inf", "passed", "reason")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class ReferenceResult:
+    """PyTorch's own accuracy on the evaluation rows (the yardstick of every variant)."""
+
+    accuracy: float
+    macro_f1: float
+    n_examples: int
+    size_bytes: int | None = None
+    speed: SpeedResult | None = None
+
+
+@dataclass
+class Variant:
+    """One exported precision: its directory under build/, its gate verdict and its speed."""
+
+    name: str
+    precision: str
+    file: str | None  # relative to the build directory: "<name>/model.onnx"
+    size_bytes: int | None
+    parity: ParityResult
+    speed: SpeedResult | None = None
+    servable: bool = False
+    error: str | None = None
+    fp32_nodes: list[str] | str | None = None  # "all" for fp32
+    fp32_io: list[str] | None = None
+    fp32_ops_present: list[str] | None = None
+    converter: str | None = None
+    mode: str | None = None  # int8: dynamic / static
+    quantization: dict[str, Any] | None = None
+    excluded_nodes: list[str] | None = None
+    search: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def directory(self) -> str | None:
+        """The variant's directory (Optimum-loadable) relative to the build directory."""
+        return str(Path(self.file).parent) if self.file else None
+
+
+@dataclass
+class MemoryStage:
+    """The process's peak RSS after one stage, and how much the stage raised it."""
+
+    stage: str
+    peak_rss_bytes: int
+    delta_bytes: int
+    rss_after_bytes: int
+    rss_before_bytes: int = 0
+    worker_peak_rss_bytes: int = 0  # peak of a worker process that ran during this stage (0: none ran)
+
+
+@dataclass
+class MemoryRecord:
+    """Peak RSS of the build process (ratio: over the checkpoint's fp32 weights) and of its export worker."""
+
+    weights_bytes: int | None
+    peak_rss_bytes: int = 0
+    worker_peak_rss_bytes: int = 0
+    stages: list[MemoryStage] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        """The build process's peak RSS over the fp32 weights."""
+        return self.peak_rss_bytes / self.weights_bytes if self.weights_bytes else None
+
+    @property
+    def combined_peak_estimate_bytes(self) -> int:
+        """The build and its largest worker together: the build process's RSS when that worker started
+        plus the worker's peak (or the build process's own peak, if larger). An estimate: smaller workers
+        started later, while the build process held more, are not tracked separately."""
+        return max([self.peak_rss_bytes] + [s.rss_before_bytes + s.worker_peak_rss_bytes for s in self.stages
+                                            if s.worker_peak_rss_bytes])
+
+
+@dataclass
+class BuildReport:
+    """Everything `exporter build` decided and measured (build/report.json)."""
+
+    checkpoint: str
+    target: str
+    gate_mode: GateMode
+    selected: str | None
+    reference: ReferenceResult
+    eval_data: str
+    settings: dict[str, Any]
+    labels: list[str]
+    variants: dict[str, Variant]
+    int8_tuning_data: dict[str, Any] = field(default_factory=dict)
+    optimization: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    repository: str | None = None
+    repository_error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    memory: MemoryRecord | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def variant_path(self, name: str, build_dir: Path) -> Path | None:
+        """The ONNX file of variant ``name`` inside ``build_dir`` (None when it failed to build)."""
+        file = self.variants[name].file
+        return Path(build_dir) / file if file else None
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses, enums and paths as plain JSON values (dataclass fields in declaration order)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_json(report: BuildReport) -> str:
+    return json.dumps(to_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as type ``tp``: dataclasses, enums, Optional, list/dict of those."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        for option in inner:
+            if dataclasses.is_dataclass(option) or isinstance(option, type) and issubclass(option, enum.Enum):
+                return _convert(option, value)
+        return value
+    if origin is dict and len(args) == 2:
+        return {k: _convert(args[1], v) for k, v in value.items()}
+    if origin is list and args:
+        return [_convert(args[0], v) for v in value]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    return value
+
+
+def _from_dict(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ArtifactError(f"{cls.__name__}: missing field {f.name!r}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{cls.__name__}: {exc}") from None
+
+
+def from_json(text: str) -> BuildReport:
+    """Parse report.json text of this schema version (an older or newer one is an error, not a guess)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ArtifactError(f"not JSON: {exc}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(f"build report schema_version {version!r}, this toolkit reads {SCHEMA_VERSION} "
+                            "(rebuild with `python -m exporter build`)")
+    return _from_dict(BuildReport, data)
+
+
+def write_report_json(report: BuildReport, build_dir: Path) -> Path:
+    from common.atomic import atomic_write_text
+
+    path = Path(build_dir) / REPORT_JSON
+    atomic_write_text(path, to_json(report))
+    return path
+
+
+def read_report(build_dir: Path) -> BuildReport:
+    """The typed report of the build in ``build_dir`` (``build_dir/report.json``)."""
+    path = Path(build_dir) / REPORT_JSON
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return from_json(text)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None

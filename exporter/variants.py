@@ -1,0 +1,195 @@
+"""Variant builders: each precision is built, gated, timed and recorded in turn (build -> gate -> speed
+-> record), holding one variant's sessions and data at a time. The build loop is in exporter.build."""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporter.artifacts import MODEL_FILE, GateMode, ParityResult, SpeedResult, Variant
+from exporter.config import BuildConfig, Precision, Target
+from exporter.parity import Batch, Reference
+from exporter.stages import Stages, release_memory
+
+log = logging.getLogger(__name__)
+
+FP32, FP16, INT8_DYNAMIC, INT8_STATIC = "fp32", "fp16", "int8_dynamic", "int8_static"
+SERVABLE = {Target.CPU: (FP32, FP16, INT8_DYNAMIC, INT8_STATIC), Target.GPU: (FP32, FP16)}
+# Files of a checkpoint that make a variant's directory loadable by Optimum's ORTModel classes.
+_BESIDE_MODEL = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                 "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+@dataclass
+class Data:
+    """The tokenized rows every variant is judged on (the only data kept across variants)."""
+
+    ref: Reference  # PyTorch on the evaluation rows
+    eval_batches: list[Batch]
+    tuning_batches: list[Batch]
+    tuning_labels: np.ndarray
+    calibration: list[Batch]
+    singles: list[Batch]  # batch-1 latency rows (batched mode)
+    texts: list[str]  # per-row speed texts (tokenized inside the timed loop)
+    encode: Callable[[str], Batch]
+    calibration_source: str = ""
+
+
+@dataclass
+class Context:
+    """What the variant builders share: the config, where files go, the data, what was built so far."""
+
+    config: BuildConfig
+    mode: GateMode
+    checkpoint: Path
+    out: Path
+    scratch: Path
+    base: Path  # the fused fp32 graph every variant starts from
+    data: Data
+    stages: Stages
+    variants: dict[str, Variant] = field(default_factory=dict)
+    _tune_ref: Reference | None = None
+
+    def variant_dir(self, name: str) -> Path:
+        """``out/<name>/`` with the checkpoint's config and tokenizer files (ORTModel.from_pretrained loads it)."""
+        path = self.out / name
+        path.mkdir(parents=True, exist_ok=True)
+        for fname in _BESIDE_MODEL:
+            if (self.checkpoint / fname).is_file():
+                shutil.copy(self.checkpoint / fname, path / fname)
+        return path
+
+    def gate(self, path: Path, precision: Precision) -> ParityResult:
+        from exporter import parity
+
+        return parity.check_variant(path, precision, self.data.ref, self.data.eval_batches, self.config.budgets,
+                                    self.mode)
+
+    def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
+        """Speed as the target serves: per row, tokenized, 1 thread (cpu); padded batches (gpu)."""
+        from exporter import parity, speed
+
+        seconds = seconds or self.config.speed_seconds
+        threads = parity.gate_threads(self.mode)
+        sess = parity.session(path, precision, threads=threads)
+        if self.mode is GateMode.PER_ROW:
+            return speed.measure_per_row(speed.ort_runner(sess), self.data.encode, self.data.texts, seconds, threads)
+        return speed.measure(speed.ort_runner(sess), self.data.singles, self.data.eval_batches, seconds)
+
+    def best_passing(self) -> float | None:
+        """The throughput of the fastest servable variant that passed so far."""
+        speeds = [v.speed.throughput_seq_s for n, v in self.variants.items()
+                  if n in SERVABLE[self.config.target] and v.parity.passed and v.speed is not None]
+        return max(speeds, default=None)
+
+    def tuning_reference(self) -> Reference:
+        """The fused fp32 graph's answers on the tuning rows, as the gate runs them (computed once)."""
+        from exporter import parity
+
+        if self._tune_ref is None:
+            sess = parity.session(self.base, Precision.FP32, threads=parity.gate_threads(self.mode), arena=False)
+            feeds = parity.gate_feeds(self.data.tuning_batches, self.mode)
+            self._tune_ref = parity.Reference(parity.ort_outputs(sess, feeds, "int8 tuning reference")[0],
+                                              self.data.tuning_labels)
+        return self._tune_ref
+
+
+Made = tuple[dict, "ParityResult | None"]  # extra Variant fields, and the gate's record when the builder gated
+
+
+@dataclass
+class Builder:
+    """One precision: ``make(ctx, dst)`` writes ``dst`` and returns extra record fields (and, for int8,
+    the parity record its search already produced)."""
+
+    name: str
+    precision: Precision
+    step: str | None  # stage name of the make step (None: not worth a stage of its own)
+    make: Callable[[Context, Path], Made]
+
+
+def builders(precisions: tuple[Precision, ...]) -> list[Builder]:
+    """The builders of the requested precisions, in build order (fp32 first: it sets the speed floor)."""
+    out = []
+    if Precision.FP32 in precisions:
+        out.append(Builder(FP32, Precision.FP32, None, _make_fp32))
+    if Precision.FP16 in precisions:
+        out.append(Builder(FP16, Precision.FP16, "convert", _make_fp16))
+    if Precision.INT8 in precisions:
+        out.append(Builder(INT8_DYNAMIC, Precision.INT8, "quantize", _make_int8))
+        out.append(Builder(INT8_STATIC, Precision.INT8, "quantize", _make_int8))
+    return out
+
+
+def run(ctx: Context, builder: Builder) -> Variant:
+    """build -> gate -> speed -> record for one precision; a converter failure fails the variant only."""
+    dst = ctx.variant_dir(builder.name) / MODEL_FILE
+    try:
+        if builder.step:
+            with ctx.stages(f"{builder.name}-{builder.step}"):
+                extra, record = builder.make(ctx, dst)
+        else:
+            extra, record = builder.make(ctx, dst)
+    except Exception as exc:  # a converter/quantizer failure fails the variant, not the build
+        return failed(ctx, builder, exc)
+    if record is None:
+        with ctx.stages(f"{builder.name}-parity"):
+            record = ctx.gate(dst, builder.precision)
+    with ctx.stages(f"{builder.name}-speed"):
+        speed = ctx.speed(dst, builder.precision)
+    release_memory()
+    return Variant(name=builder.name, precision=builder.precision.value, file=f"{builder.name}/{MODEL_FILE}",
+                   size_bytes=dst.stat().st_size, parity=record, speed=speed,
+                   servable=builder.name in SERVABLE[ctx.config.target], **extra)
+
+
+def failed(ctx: Context, builder: Builder, exc: BaseException) -> Variant:
+    log.warning("variant %s failed to build: %s", builder.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+    shutil.rmtree(ctx.out / builder.name, ignore_errors=True)
+    release_memory()
+    return Variant(name=builder.name, precision=builder.precision.value, file=None, size_bytes=None, error=str(exc),
+                   parity=ParityResult(n_examples=0, passed=False, reason=f"conversion failed: {exc}",
+                                       label_agreement=0.0, gate_mode=ctx.mode),
+                   servable=builder.name in SERVABLE[ctx.config.target])
+
+
+def _make_fp32(ctx: Context, dst: Path) -> Made:
+    shutil.copyfile(ctx.base, dst)
+    return {"fp32_nodes": "all"}, None
+
+
+def _make_fp16(ctx: Context, dst: Path) -> Made:
+    from exporter import worker
+
+    info = worker.call("fp16", src=str(ctx.base), dst=str(dst))
+    return {k: info[k] for k in ("fp32_nodes", "fp32_io", "fp32_ops_present", "converter")}, None
+
+
+def _make_int8(ctx: Context, dst: Path) -> Made:
+    from exporter import int8, parity
+
+    kind = int8.STATIC if dst.parent.name == INT8_STATIC else int8.DYNAMIC
+    settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=kind == int8.STATIC)
+    tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
+    tuning_feeds = parity.gate_feeds(ctx.data.tuning_batches, ctx.mode)
+
+    def tune(path: Path) -> ParityResult:
+        sess = parity.session(path, Precision.INT8, threads=parity.gate_threads(ctx.mode), arena=False)
+        return parity.tuning_check(sess, tuning_feeds, tune_ref, budgets, ctx.mode)
+
+    found = int8.search(kind, ctx.base, dst, settings, tune=tune, final=lambda p: ctx.gate(p, Precision.INT8),
+                        tuning_batches=ctx.data.tuning_batches, calibration=ctx.data.calibration,
+                        max_rounds=ctx.config.max_exclusion_rounds, calibration_cache=ctx.scratch / "calibration.json",
+                        throughput=lambda p: ctx.speed(p, Precision.INT8, 0.5).throughput_seq_s,
+                        speed_floor=None if ctx.config.exhaustive_int8 else ctx.best_passing())
+    extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
+             "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
+                                                      "most_sensitive": found.sensitivity}}
+    if kind == int8.STATIC:
+        extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in ctx.data.calibration)),
+                                "source": ctx.data.calibration_source, "method": "MinMax", "format": "QDQ"}
+    return extra, found.eval_record

@@ -1,0 +1,133 @@
+"""Memory-heavy conversions in a process of their own: `python -m exporter.worker JOB_FILE`.
+
+The torch exporter, the fusion passes, the fp16 converter and the quantizers each hold several copies of
+the weights at once (measured on a BERT-base-sized checkpoint: +2.6 GB for the export, +3.8 GB for
+ORTOptimizer's O2 pass, +0.5 GB for the fp16 conversion). Run in a worker, all of it goes back to the
+system when the worker exits, and the build process only ever holds the sessions that judge a variant.
+:func:`call` is the parent's side; the job file names the job and its JSON arguments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 3
+
+
+def _export(checkpoint: str, scratch: str, target: str, singles: str | None = None, batches: str | None = None,
+            seconds: float = 0.5) -> dict:
+    """Export and fuse; the fused graph is ``scratch/optimized/model.onnx``; returns the fusion record,
+    with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given."""
+    from exporter import export, optimize
+    from exporter.config import Precision, Target
+
+    raw, fused = Path(scratch) / "raw", Path(scratch) / "optimized"
+    export.export_onnx(Path(checkpoint), raw)
+    record = optimize.optimize_onnx(raw, fused, Target(target))[1]
+    if singles and batches:
+        from exporter import parity, speed
+
+        rows, full = load_batches(Path(singles)), load_batches(Path(batches))
+        record["throughput_seq_s"] = {
+            label: speed.measure(speed.ort_runner(parity.session(path / "model.onnx", Precision.FP32, arena=False)),
+                                 rows, full, seconds).throughput_seq_s
+            for label, path in (("unoptimized", raw), (record["level"], fused))}
+    (raw / "model.onnx").unlink()
+    return record
+
+
+def _fp16(src: str, dst: str) -> dict:
+    from exporter import fp16
+
+    return fp16.convert_fp16(Path(src), Path(dst))
+
+
+def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exclude: list[str],
+              calibration: str | None, calibration_cache: str | None) -> dict:
+    """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`)."""
+    from exporter import int8
+
+    settings = int8.QuantSettings.from_preset(preset, is_static=kind == int8.STATIC, per_channel=per_channel)
+    batches = load_batches(Path(calibration)) if calibration else None
+    int8.quantize_here(kind, Path(src), Path(dst), settings, exclude=exclude, calibration=batches,
+                       calibration_cache=Path(calibration_cache) if calibration_cache else None)
+    return {}
+
+
+def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: bool, per_channel: bool,
+          calibration: str | None) -> list[dict]:
+    from exporter import int8
+
+    settings = int8.QuantSettings.from_preset(preset, is_static=is_static, per_channel=per_channel)
+    return int8.rank_sensitivity(Path(src), load_batches(Path(batches)), tuple(op_types), settings,
+                                 load_batches(Path(calibration)) if calibration else None)
+
+
+JOBS = {"export": _export, "fp16": _fp16, "quantize": _quantize, "rank": _rank}
+
+
+def save_batches(batches: list[dict], path: Path) -> Path:
+    """Tokenized batches as one .npz (``<i>/<name>`` keys) for a worker to read."""
+    import numpy as np
+
+    np.savez(path, **{f"{i}/{name}": value for i, batch in enumerate(batches) for name, value in batch.items()})
+    return path
+
+
+def load_batches(path: Path) -> list[dict]:
+    import numpy as np
+
+    batches: dict[int, dict] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            i, name = key.split("/", 1)
+            batches.setdefault(int(i), {})[name] = data[key]
+    return [batches[i] for i in sorted(batches)]
+
+
+def call(job: str, **args: Any) -> dict:
+    """Run ``job`` in a worker process and return its JSON result; its user errors are re-raised here."""
+    from exporter import errors
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix=f"exporter-{job}-") as tmp:
+        spec, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"job": job, "args": args, "result": str(result_file)}))
+        proc = subprocess.run([sys.executable, "-m", "exporter.worker", str(spec)], env=env)
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if "error" in result and result["type"] != "ConversionError":
+        raise getattr(errors, result["type"], errors.ExporterError)(result["error"])
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    if proc.returncode != 0 or "result" not in result:
+        raise RuntimeError(f"the exporter worker ({job}) failed with exit code {proc.returncode}; see its log above")
+    return result["result"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.cli import setup_logging
+    from exporter.errors import ExporterError
+
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    setup_logging(False)
+    out = Path(spec["result"])
+    try:
+        result = JOBS[spec["job"]](**spec["args"])
+    except ExporterError as exc:  # a user error (e.g. an unexportable checkpoint): the parent says it in one line
+        out.write_text(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a converter failure: the parent fails the variant with this reason
+        out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "type": "ConversionError"}))
+        raise
+    out.write_text(json.dumps({"result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
