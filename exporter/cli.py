@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"int8: retries excluding sensitive nodes (default {d.max_exclusion_rounds})")
     s.add_argument("--exhaustive-int8", action="store_true",
                    help="run the int8 exclusion search even for a variant already slower than a passing one")
+    for name in ("tokenizer", "text_column", "label_column", "text_pair_column"):
+        s.add_argument(f"--{name.replace('_', '-')}", default=None, help=d.__dataclass_fields__[name].metadata["help"])
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -65,6 +67,8 @@ def _config(args: argparse.Namespace) -> BuildConfig:
         eval_size=args.eval_size, calibration_size=args.calibration_size, max_length=args.max_length,
         batch_size=args.batch_size, budgets=budgets, speed_seconds=args.speed_seconds,
         max_exclusion_rounds=args.max_exclusion_rounds, exhaustive_int8=args.exhaustive_int8,
+        tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
+        text_pair_column=args.text_pair_column,
     )
 
 

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--text-column", default="text")
     train.add_argument("--label-column", default="label")
+    train.add_argument("--text-pair-column", default=None, help="column with the second text of a pair (default: none)")
     train.add_argument("--limit-train", type=int, help="train on a random subset of this many rows")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="auto: bf16 autocast where the hardware does bf16 natively (measured faster, same accuracy)")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=ns.learning_rate, warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay,
             seed=ns.seed, text_column=ns.text_column, label_column=ns.label_column, limit_train=ns.limit_train,
             precision=Precision(ns.precision), group_by_length=ns.group_by_length, threads=ns.threads,
-            overwrite=ns.overwrite,
+            overwrite=ns.overwrite, text_pair_column=ns.text_pair_column,
         )
         _print_metrics_table(train(config))
         return 0
