@@ -336,3 +336,31 @@ def test_architecture_loads_and_onnx_matches_pytorch(arch_checkpoint, arch, tmp_
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
         assert np.abs(expected).max() > 1e-3  # a random head gives logits worth comparing
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, saved", [("bert", "none"), ("roberta", "none"), ("bert", "slow")])
+def test_build_takes_a_tutorial_checkpoint(arch_checkpoint, arch, saved, tmp_path):
+    """exporter build on what a tutorial leaves: no tokenizer (--tokenizer), no id2label, 0/1 labels in the
+    user's own columns; slow-tokenizer checkpoints build from the converted tokenizer (fp32 only, to be quick)."""
+    from exporter.build import build
+    from exporter.config import BuildConfig
+    from serving.repository import validate_repository
+
+    rows = "".join(f'"{t}",{i % 2}\n' for i, t in enumerate(corpus(60, seed=3)))
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        write(data / f"{split}.csv", "review,sentiment\n" + rows)
+    config = BuildConfig(checkpoint=arch_checkpoint(arch, tokenizer=saved), out=tmp_path / "build",
+                         repository=tmp_path / "repo", precisions=("fp32",), eval_data=data / "test.csv",
+                         max_length=64, speed_seconds=0.2,
+                         tokenizer=str(arch_checkpoint(arch)) if saved == "none" else None,
+                         text_column="review", label_column="sentiment")
+    result = build(config)
+    assert result.exit_code == 0 and result.report["labels"] == ["LABEL_0", "LABEL_1"]
+    assert result.report["reference"]["n_examples"] == 60
+    assert validate_repository(tmp_path / "repo") is not None  # the tokenizer it copied was found
