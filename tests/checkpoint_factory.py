@@ -147,9 +147,11 @@ def model_config(arch: str, tokenizer, *, num_labels: int = 2, labels: tuple[str
 
 def make_checkpoint(out: Path, arch: str = "bert", *, seed: int = 0, num_labels: int = 2,
                     labels: tuple[str, ...] | None = None, problem_type: str | None = None,
-                    tokenizer: str = "fast", max_shard_size: str | None = None, max_positions: int = 64) -> Path:
+                    tokenizer: str = "fast", max_shard_size: str | None = None, max_positions: int = 64,
+                    truncation_side: str | None = None) -> Path:
     """Save a random-init classifier: ``tokenizer`` is ``fast`` (tokenizer.json etc.), ``none`` (what
-    ``Trainer.save_model`` writes without one) or ``slow`` (``vocab.txt`` only, WordPiece architectures)."""
+    ``Trainer.save_model`` writes without one) or ``slow`` (``vocab.txt`` only, WordPiece architectures).
+    ``truncation_side="left"`` lands in tokenizer_config.json (the served tokenizer must honour it)."""
     import torch
     import transformers
 
@@ -164,6 +166,8 @@ def make_checkpoint(out: Path, arch: str = "bert", *, seed: int = 0, num_labels:
         model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     else:
         model.save_pretrained(out, safe_serialization=True)
+    if truncation_side is not None:
+        tok.truncation_side = tok.init_kwargs["truncation_side"] = truncation_side  # init_kwargs: what is saved
     if tokenizer == "fast":
         tok.save_pretrained(out)
     elif tokenizer == "slow":

@@ -225,7 +225,15 @@ def test_sharded_safetensors_are_accepted(arch_checkpoint, tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(sharded).eval()
     batch = ck.load_tokenizer()(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():
-        assert torch.equal(single(**batch).logits, loaded(**batch).logits)  # same seed, same weights
+        expected = single(**batch).logits
+        assert torch.equal(expected, loaded(**batch).logits)  # same seed, same weights
+    import onnxruntime as ort
+
+    from exporter.export import export_onnx
+
+    sess = ort.InferenceSession(str(export_onnx(sharded, tmp_path / "onnx")), providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(["logits"], {k: v.numpy() for k, v in batch.items()})
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
 
     broken = copy(sharded, tmp_path / "missing")
     (broken / shards[-1]).unlink()
@@ -290,6 +298,17 @@ def test_unknown_problem_type_is_refused(arch_checkpoint, tmp_path):
     write(ck_dir / "config.json", json.dumps({**config, "problem_type": "ranking"}))
     with pytest.raises(CheckpointError, match="unknown problem_type 'ranking'"):
         load_checkpoint(ck_dir)
+
+
+def test_truncation_side_fixture_reaches_the_reference_tokenizer(arch_checkpoint):
+    """The fixture for the served-tokenizer half of #10: a checkpoint whose tokenizer truncates on the left."""
+    ck = load_checkpoint(arch_checkpoint("bert", truncation_side="left"))
+    config = json.loads((ck.tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["truncation_side"] == "left"
+    tok = ck.load_tokenizer()
+    long_text = " ".join(["good"] * 80 + ["awful"])
+    ids = tok(long_text, truncation=True, max_length=16)["input_ids"]
+    assert len(ids) == 16 and tok.convert_ids_to_tokens(ids)[-2] == "awful"  # the end survives
 
 
 # ------------------------------------------------------------------------------------------ 8. text pairs
