@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import CheckpointError, EvalDataError, ExporterError, TokenizerError
-from serving.contract import Head
+from serving.contract import DEFAULT_CLASSIFIER, Head, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class Checkpoint:
             return None
         return Columns(str(record["text"]), str(record["label"]),
                        str(record["text_pair"]) if record.get("text_pair") else None)
+
+    def served_model(self, name: str = DEFAULT_CLASSIFIER, *, text_pair: bool = False) -> ServedModel:
+        """The served contract this checkpoint's head and labels call for (serving.contract owns it)."""
+        return ServedModel(name=name, head=self.head, labels=self.labels, text_pair=text_pair)
 
     def load_tokenizer(self):
         """The checkpoint's fast tokenizer (the one the reference and the served model both use)."""

@@ -275,6 +275,8 @@ def test_multi_label_head_is_read_and_refused_by_default(arch_checkpoint, tmp_pa
     assert ex.labels == [[0, 2], [1], [], [0, 2], [1, 2]]
     assert ex.targets().tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 1], [0, 1, 1]]
     assert ex.targets().dtype == np.float32
+    served = ck.served_model()
+    assert served.head is Head.MULTI_LABEL and served.labels == ck.labels and served.num_outputs == 3
     with pytest.raises(EvalDataError, match="does not know: weather"):
         read_checkpoint_examples(ck, write(tmp_path / "bad.csv", "text,label\na,sports|weather\n"), Columns())
 
@@ -288,6 +290,7 @@ def test_regression_head_is_read_and_refused_by_default(arch_checkpoint, tmp_pat
     assert ck.head is Head.REGRESSION
     ex = read_checkpoint_examples(ck, write(tmp_path / "r.csv", "text,label\na,0.25\nb,-3\nc,1e2\n"), Columns())
     assert ex.targets().tolist() == [0.25, -3.0, 100.0] and ex.targets().dtype == np.float32
+    assert ck.served_model(text_pair=True).outputs[0].name == "SCORE"
     with pytest.raises(EvalDataError, match="not finite numbers: high, nan"):
         read_checkpoint_examples(ck, write(tmp_path / "b.csv", "text,label\na,high\nb,nan\n"), Columns())
 
