@@ -11,8 +11,8 @@ from pathlib import Path
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
 from exporter.config import BuildConfig, Target
 from exporter.errors import CheckpointError, ExporterError
-from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint,
-                             read_examples, resolve_eval_data, split_sources)
+from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
+                             resolve_columns, resolve_eval_data, split_sources)
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 
@@ -48,9 +48,12 @@ class _Inputs:
 
 def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
-    checkpoint = load_checkpoint(config.checkpoint)
+    checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
+    columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
+    if columns.text_pair is not None:  # read by exporter.inputs; the served TEXT_PAIR input comes later
+        raise ExporterError("text pairs (--text-pair-column) are not exported yet")
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
-    eval_set = read_examples(eval_path, checkpoint.label2id, limit=config.eval_size)
+    eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
     warnings = []
     if len(eval_set) < min(1000, config.eval_size):
         warnings.append(f"only {len(eval_set)} evaluation rows (fewer than 1000)")
@@ -60,7 +63,7 @@ def validate(config: BuildConfig) -> _Inputs:
     rng = random.Random(config.seed)
     rows = {}
     for name, src in sources.items():
-        ex = read_examples(src, checkpoint.label2id)
+        ex = read_checkpoint_examples(checkpoint, src, columns)
         rows[name] = list(zip(ex.texts, ex.labels))
         rng.shuffle(rows[name])
     train, val = rows.get("train", []), rows.get("validation", [])
@@ -127,7 +130,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
     mode = gate_mode(config.target)
     data, reference = _reference(config, inputs, mode, stages)
     base, optimization = _export(config, inputs.checkpoint, scratch, data, stages)
-    ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages)
+    ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages,
+                  tokenizer_dir=inputs.checkpoint.tokenizer_dir)
     for builder in variants.builders(config.precisions):
         ctx.variants[builder.name] = variants.run(ctx, builder)
     report = _assemble(config, inputs, mode, reference, optimization, ctx.variants, out, stages)
@@ -141,14 +145,13 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
 def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Stages) -> tuple[Data, ReferenceResult]:
     """Tokenize every row set, run PyTorch on the evaluation rows and time it; the model is freed after."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from exporter import parity, speed
 
     ck = inputs.checkpoint
     with stages("reference"):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(ck.path)
+            tokenizer = ck.load_tokenizer()
             model = parity.load_torch_model(ck.path)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot load checkpoint {ck.path}: {exc}") from None
@@ -275,7 +278,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     }
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
-        return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.path,
+        return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                      id2label=dict(ck.id2label), config=repo_config, provenance=provenance))
     except ServingError as exc:
         raise ExporterError(f"cannot write the repository {config.repository}: {exc}") from exc

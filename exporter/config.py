@@ -89,9 +89,22 @@ class BuildConfig:
     tuning_size: int = field(default=512, metadata={"help": "int8: rows (from validation/train, never the eval set) "
                                                             "used to pick exclusions"})
     seed: int = field(default=0, metadata={"help": "random seed of the calibration and int8 tuning row samples"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory, or the base model fine-tuned from (local Hugging Face cache), used when the "
+                "checkpoint has no tokenizer (Trainer.save_model without one) or instead of its own"})
+    text_column: str | None = field(default=None, metadata={
+        "help": "CSV column holding the text (default: the one finetune train recorded, else 'text')"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "CSV column holding the label (default: the one finetune train recorded, else 'label')"})
+    text_pair_column: str | None = field(default=None, metadata={
+        "help": "CSV column holding the second text of a text pair (cross-encoders, NLI); default: none"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
+        self.tokenizer = str(self.tokenizer) if self.tokenizer is not None else None
+        columns = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
+        if any(not c.strip() for c in columns) or len(set(columns)) != len(columns):
+            raise ExporterError(f"the text, label and text-pair columns must be distinct non-empty names, got {columns}")
         self.out = Path(self.out)
         self.repository = Path(self.repository) if self.repository is not None else None
         self.eval_data = Path(self.eval_data) if self.eval_data is not None else None

@@ -15,3 +15,7 @@ class EvalDataError(ExporterError):
 
 class ParityError(ExporterError):
     """No variant passed its parity gate."""
+
+
+class TokenizerError(CheckpointError):
+    """No usable (fast) tokenizer: none in the checkpoint and none given with --tokenizer, or not convertible."""

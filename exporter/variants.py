@@ -52,15 +52,18 @@ class Context:
     data: Data
     stages: Stages
     variants: dict[str, Variant] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None  # where the tokenizer files are (default: the checkpoint)
     _tune_ref: Reference | None = None
 
     def variant_dir(self, name: str) -> Path:
         """``out/<name>/`` with the checkpoint's config and tokenizer files (ORTModel.from_pretrained loads it)."""
         path = self.out / name
         path.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir = self.tokenizer_dir or self.checkpoint
         for fname in _BESIDE_MODEL:
-            if (self.checkpoint / fname).is_file():
-                shutil.copy(self.checkpoint / fname, path / fname)
+            src = self.checkpoint / fname if fname == "config.json" else tokenizer_dir / fname
+            if src.is_file():
+                shutil.copy(src, path / fname)
         return path
 
     def gate(self, path: Path, precision: Precision) -> ParityResult:

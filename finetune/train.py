@@ -70,6 +70,8 @@ class TrainConfig:
     threads: int | None = field(default=None,
                                 metadata={"help": "torch threads (default: the CPUs this process may use)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing checkpoint at --out"})
+    text_pair_column: str | None = field(default=None, metadata={
+        "help": "CSV column holding the second text of a pair (cross-encoders, NLI); default: single texts"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -89,6 +91,8 @@ class TrainConfig:
             (self.threads is None or self.threads > 0, f"--threads must be > 0, got {self.threads}"),
             (bool(self.text_column) and bool(self.label_column), "--text-column and --label-column must be set"),
             (self.text_column != self.label_column, "--text-column and --label-column must differ"),
+            (self.text_pair_column is None or self.text_pair_column not in (self.text_column, self.label_column, ""),
+             "--text-pair-column must be a third, non-empty column"),
         ]
         for ok, message in checks:
             if not ok:
@@ -169,14 +173,18 @@ def _read_split(path: Path, config: TrainConfig) -> tuple[list[str], list[Any]]:
         frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False, dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise DataError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]})") from exc
-    missing = [c for c in (config.text_column, config.label_column) if c not in frame.columns]
+    wanted = [c for c in (config.text_column, config.text_pair_column, config.label_column) if c is not None]
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise DataError(f"{path} has no column(s) {missing} (columns: {list(frame.columns)})")
     if frame.empty:
         raise DataError(f"{path} has a header but no rows")
     texts = frame[config.text_column]
     labels = frame[config.label_column].str.strip()
-    for name, column in (("text", texts), ("label", labels)):
+    checked = [("text", texts), ("label", labels)]
+    if config.text_pair_column is not None:
+        checked.append(("text pair", frame[config.text_pair_column]))
+    for name, column in checked:
         blank = int((column.str.strip() == "").sum())
         if blank:
             raise DataError(f"{path}: {blank} row(s) have an empty {name}")
@@ -227,18 +235,21 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
     }
 
 
-def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[int]:
-    """fp32 predictions in batches sorted by length (each padded only to its own longest text)."""
+def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int,
+            pairs: list[str] | None = None) -> list[int]:
+    """fp32 predictions in batches sorted by length (each padded only to its own longest text);
+    ``pairs``: the second text of each row, encoded as the tokenizer encodes pairs."""
     import torch
 
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs is not None else 0))
     preds = [0] * len(texts)
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                              return_tensors="pt")
+            second = [pairs[i] for i in idx] if pairs is not None else None
+            batch = tokenizer([texts[i] for i in idx], second, truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt")
             logits = model(**batch).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 preds[i] = p
@@ -297,13 +308,9 @@ def _fit(config: TrainConfig, labels: list[str], threads: int) -> TrainResult:
     import datasets
     import torch
     import transformers
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
 
-    from common.atomic import atomic_directory
-    from common.provenance import sha256_file, versions
+    from common.provenance import sha256_file
 
-    label2id = {label: i for i, label in enumerate(labels)}
     precision = resolve_precision(config.precision)
     use_cuda = torch.cuda.is_available()
     log.info("precision %s (asked %s), %d torch threads, device %s", precision.value, config.precision.value,
@@ -312,116 +319,169 @@ def _fit(config: TrainConfig, labels: list[str], threads: int) -> TrainResult:
     datasets.disable_progress_bars()
 
     started = time.perf_counter()
-    files = {name: str(config.data / f"{name}.csv") for name in SPLITS}
-    hashes = {Path(f).name: sha256_file(f) for f in files.values()}
+    hashes = {f"{name}.csv": sha256_file(config.data / f"{name}.csv") for name in SPLITS}
     config.out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".finetune-work-", dir=config.out.absolute().parent) as work:
-        with open(files["train"], encoding="utf-8", newline="") as fh:
-            header = next(csv.reader(fh))
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        raw = datasets.load_dataset("csv", data_files=files, cache_dir=os.path.join(work, "cache"),
-                                    keep_default_na=False, features=features)
-        if config.limit_train is not None and config.limit_train < len(raw["train"]):
-            raw["train"] = raw["train"].shuffle(seed=config.seed).select(range(config.limit_train))
-            log.info("training on %d rows (--limit-train)", config.limit_train)
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
-            model_config = AutoConfig.from_pretrained(
-                config.base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
-                local_files_only=True,
-            )
-            model = AutoModelForSequenceClassification.from_pretrained(
-                config.base, config=model_config, ignore_mismatched_sizes=True, use_safetensors=True,
-                local_files_only=True, trust_remote_code=False,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot load {config.base} as a sequence classifier: {exc}") from exc
-        model.config.problem_type = "single_label_classification"
-
-        def encode(batch):
-            enc = tokenizer(batch[config.text_column], truncation=True, max_length=config.max_length)
-            enc["labels"] = [label2id[str(v).strip()] for v in batch[config.label_column]]
-            return enc
-
-        tokenized = raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
-
-        def compute_metrics(pred):
-            return {
-                k: v for k, v in classification_metrics(pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist(),
-                                                         labels).items()
-                if k in ("accuracy", "macro_f1")
-            }
-
-        args = TrainingArguments(
-            output_dir=os.path.join(work, "trainer"),
-            num_train_epochs=config.epochs,
-            max_steps=config.max_steps or -1,
-            per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.eval_batch_size,
-            learning_rate=config.learning_rate,
-            warmup_ratio=config.warmup_ratio,
-            weight_decay=config.weight_decay,
-            lr_scheduler_type="linear",
-            eval_strategy="epoch",
-            save_strategy="no",
-            logging_strategy="steps",
-            logging_steps=50,
-            report_to="none",
-            seed=config.seed,
-            data_seed=config.seed,
-            bf16=precision is Precision.BF16,
-            use_cpu=not use_cuda,
-            group_by_length=config.group_by_length,
-            dataloader_num_workers=0,
-            disable_tqdm=False,
-        )
-        trainer = Trainer(
-            model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
-            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-            compute_metrics=compute_metrics,
-        )
-        steps_total = args.max_steps if args.max_steps > 0 else math.ceil(
-            math.ceil(len(tokenized["train"]) / config.batch_size) * config.epochs)
-        log.info("training %s on %d rows, %d steps", config.base.name, len(tokenized["train"]), steps_total)
-        t0 = time.perf_counter()
-        output = trainer.train()
-        train_seconds = time.perf_counter() - t0
-        history = [h for h in trainer.state.log_history if "eval_loss" in h]
-        log.info("trained in %.1f s (loss %.4f)", train_seconds, output.training_loss)
-
+        raw = _load_splits(config, Path(work))
+        tokenizer, model = _load_model(config, labels)
+        args = _training_args(config, Path(work), precision, use_cuda)
+        trainer, fitted = _run_trainer(config, labels, raw, tokenizer, model, args)
         model = trainer.model.float().eval()
-        results = {}
-        for name in ("validation", "test"):
-            t1 = time.perf_counter()
-            texts = [str(t) for t in raw[name][config.text_column]]
-            truth = [label2id[str(v).strip()] for v in raw[name][config.label_column]]
-            preds = predict(model, tokenizer, texts, config.max_length, config.eval_batch_size)
-            results[name] = classification_metrics(truth, preds, labels)
-            log.info("%s: accuracy %.4f, macro-F1 %.4f (%d rows, %.1f s)", name, results[name]["accuracy"],
-                     results[name]["macro_f1"], len(texts), time.perf_counter() - t1)
-
+        results = {name: _evaluate(config, model, tokenizer, raw[name], name, labels) for name in ("validation", "test")}
         args_json = config.as_json()
-        args_json.update(precision_used=precision.value, threads=threads, train_rows=len(tokenized["train"]),
+        args_json.update(precision_used=precision.value, threads=threads, train_rows=fitted["train_rows"],
                          steps=trainer.state.global_step)
-        metrics = {
-            "validation": results["validation"],
-            "test": results["test"],
-            "validation_history": history,
-            "train_loss": output.training_loss,
-            "data": hashes,
-            "data_dir": str(config.data.resolve()),
-            "base": str(config.base.resolve()),
-            "labels": labels,
-            "args": args_json,
-            "versions": versions(),
-            "train_seconds": round(train_seconds, 2),
-            "total_seconds": None,
-        }
-        with atomic_directory(config.out) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            metrics["total_seconds"] = round(time.perf_counter() - started, 2)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        metrics = _training_record(config, labels, results, fitted, hashes, args_json)
+        _save(config.out, model, tokenizer, metrics, started)
     log.info("wrote %s", config.out)
     return TrainResult(config.out.absolute(), metrics, labels)
+
+
+def _load_splits(config: TrainConfig, work: Path):
+    """The three CSVs as a ``datasets.DatasetDict`` of strings (``--limit-train`` applied)."""
+    import datasets
+
+    files = {name: str(config.data / f"{name}.csv") for name in SPLITS}
+    with open(files["train"], encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh))
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    raw = datasets.load_dataset("csv", data_files=files, cache_dir=str(work / "cache"),
+                                keep_default_na=False, features=features)
+    if config.limit_train is not None and config.limit_train < len(raw["train"]):
+        raw["train"] = raw["train"].shuffle(seed=config.seed).select(range(config.limit_train))
+        log.info("training on %d rows (--limit-train)", config.limit_train)
+    return raw
+
+
+def _load_model(config: TrainConfig, labels: list[str]):
+    """The base's tokenizer and a fresh single-label head with ``labels`` on top of its encoder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
+        model_config = AutoConfig.from_pretrained(
+            config.base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, local_files_only=True,
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            config.base, config=model_config, ignore_mismatched_sizes=True, use_safetensors=True,
+            local_files_only=True, trust_remote_code=False,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load {config.base} as a sequence classifier: {exc}") from exc
+    model.config.problem_type = "single_label_classification"
+    return tokenizer, model
+
+
+def _training_args(config: TrainConfig, work: Path, precision: Precision, use_cuda: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=50,
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=precision is Precision.BF16,
+        use_cpu=not use_cuda,
+        group_by_length=config.group_by_length,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _tokenize(tokenizer, config: TrainConfig, batch: dict) -> Any:
+    """Encode a batch's texts (and second texts, for pairs) as the served model will."""
+    pairs = batch[config.text_pair_column] if config.text_pair_column else None
+    return tokenizer(batch[config.text_column], pairs, truncation=True, max_length=config.max_length)
+
+
+def _run_trainer(config: TrainConfig, labels: list[str], raw, tokenizer, model, args):
+    """Tokenize, fit with ``Trainer``; return it and what the training record keeps of the run."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    label2id = {label: i for i, label in enumerate(labels)}
+
+    def encode(batch):
+        enc = _tokenize(tokenizer, config, batch)
+        enc["labels"] = [label2id[str(v).strip()] for v in batch[config.label_column]]
+        return enc
+
+    def compute_metrics(pred):
+        found = classification_metrics(pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist(), labels)
+        return {k: v for k, v in found.items() if k in ("accuracy", "macro_f1")}
+
+    tokenized = raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    steps_total = args.max_steps if args.max_steps > 0 else math.ceil(
+        math.ceil(len(tokenized["train"]) / config.batch_size) * config.epochs)
+    log.info("training %s on %d rows, %d steps", config.base.name, len(tokenized["train"]), steps_total)
+    t0 = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - t0
+    log.info("trained in %.1f s (loss %.4f)", seconds, output.training_loss)
+    return trainer, {"train_rows": len(tokenized["train"]), "train_loss": output.training_loss,
+                     "train_seconds": seconds,
+                     "history": [h for h in trainer.state.log_history if "eval_loss" in h]}
+
+
+def _evaluate(config: TrainConfig, model, tokenizer, split, name: str, labels: list[str]) -> dict[str, Any]:
+    """fp32 metrics of ``model`` on one split (a ``datasets.Dataset`` of strings)."""
+    label2id = {label: i for i, label in enumerate(labels)}
+    t1 = time.perf_counter()
+    texts = [str(t) for t in split[config.text_column]]
+    pairs = [str(t) for t in split[config.text_pair_column]] if config.text_pair_column else None
+    truth = [label2id[str(v).strip()] for v in split[config.label_column]]
+    preds = predict(model, tokenizer, texts, config.max_length, config.eval_batch_size, pairs=pairs)
+    result = classification_metrics(truth, preds, labels)
+    log.info("%s: accuracy %.4f, macro-F1 %.4f (%d rows, %.1f s)", name, result["accuracy"],
+             result["macro_f1"], len(texts), time.perf_counter() - t1)
+    return result
+
+
+def _training_record(config: TrainConfig, labels: list[str], results: dict, fitted: dict, hashes: dict,
+                     args_json: dict) -> dict[str, Any]:
+    """metrics.json: results, data provenance, and the CSV columns (the exporter reads them back)."""
+    from common.provenance import versions
+
+    return {
+        "validation": results["validation"],
+        "test": results["test"],
+        "validation_history": fitted["history"],
+        "train_loss": fitted["train_loss"],
+        "data": hashes,
+        "data_dir": str(config.data.resolve()),
+        "columns": {"text": config.text_column, "label": config.label_column, "text_pair": config.text_pair_column},
+        "base": str(config.base.resolve()),
+        "labels": labels,
+        "args": args_json,
+        "versions": versions(),
+        "train_seconds": round(fitted["train_seconds"], 2),
+        "total_seconds": None,
+    }
+
+
+def _save(out: Path, model, tokenizer, metrics: dict, started: float) -> None:
+    """Model, tokenizer and metrics.json into ``out``, atomically."""
+    from common.atomic import atomic_directory
+
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        metrics["total_seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -67,3 +67,21 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
     from serving_helpers import export_tiny_onnx
 
     return export_tiny_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny-onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def arch_checkpoint(tmp_path_factory):
+    """Factory: ``arch_checkpoint("roberta", tokenizer="none", ...)`` -> a tiny random-init classifier of that
+    architecture with a locally trained tokenizer (tests/checkpoint_factory.py), built once per arguments
+    for the session; treat it as read-only (copy it to change it)."""
+    from checkpoint_factory import make_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str = "bert", **options) -> Path:
+        key = (arch, *sorted(options.items()))
+        if key not in built:
+            built[key] = make_checkpoint(tmp_path_factory.mktemp(f"arch-{arch}") / "checkpoint", arch, **options)
+        return built[key]
+
+    return make

@@ -239,6 +239,57 @@ def test_integer_labels_custom_columns_and_bf16(tiny_checkpoint, tmp_path):
     assert metrics["test"]["confusion_matrix"]["labels"] == ["2", "10"]
     assert sum(map(sum, metrics["test"]["confusion_matrix"]["matrix"])) == 8
     assert torch.get_num_threads() >= 1
+    # the columns are remembered, and the exporter reads the same CSVs with them (issue #10)
+    assert metrics["columns"] == {"text": "tweet", "label": "y", "text_pair": None}
+    from exporter.inputs import load_checkpoint, read_checkpoint_examples, resolve_columns
+
+    ck = load_checkpoint(out)
+    columns = resolve_columns(ck)
+    assert (columns.text, columns.label, columns.text_pair) == ("tweet", "y", None)
+    examples = read_checkpoint_examples(ck, data / "test.csv", columns)
+    assert examples.texts == [r[0] for r in rows[:8]] and examples.labels == [0, 1] * 4
+
+
+def test_text_pairs_train_and_are_recorded(tiny_checkpoint, tmp_path):
+    """--text-pair-column: both texts reach the model as the tokenizer encodes pairs, and are recorded."""
+    from transformers import AutoTokenizer
+
+    from finetune.train import predict
+
+    rows = [[f"premise {i}", f"{'same' if y == 'yes' else 'other'} {i}", y] for i in range(12) for y in ("yes", "no")]
+    data = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        write_csv(data / f"{split}.csv", ["premise", "hypothesis", "entails"], rows if split == "train" else rows[:6])
+    out = tmp_path / "model"
+    argv = ["train", "--data", str(data), "--out", str(out), "--base", str(tiny_checkpoint), *FAST,
+            "--text-column", "premise", "--label-column", "entails"]
+    assert main([*argv, "--text-pair-column", "nope"]) == 2 and not out.exists()
+    assert main([*argv, "--text-pair-column", "hypothesis"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["columns"] == {"text": "premise", "label": "entails", "text_pair": "hypothesis"}
+    assert metrics["args"]["text_pair_column"] == "hypothesis"
+
+    from exporter.inputs import load_checkpoint, read_checkpoint_examples, resolve_columns
+
+    ck = load_checkpoint(out)
+    examples = read_checkpoint_examples(ck, data / "test.csv", resolve_columns(ck))
+    assert examples.pairs == [r[1] for r in rows[:6]]
+
+    class Spy:  # predict() must hand the second texts to the tokenizer as pairs
+        def __init__(self, tok):
+            self.tok, self.seen = tok, []
+
+        def __call__(self, texts, pairs=None, **kw):
+            self.seen.append(pairs)
+            return self.tok(texts, pairs, **kw)
+
+    import torch  # noqa: F401
+    from transformers import AutoModelForSequenceClassification
+
+    spy = Spy(AutoTokenizer.from_pretrained(out))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    predict(model, spy, ["a", "b"], 32, 8, pairs=["c", "d"])
+    assert spy.seen and all(p is not None and len(p) == 2 for p in spy.seen)
 
 
 def test_cli_subprocess_end_to_end(tiny_checkpoint, tmp_path):
