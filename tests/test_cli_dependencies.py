@@ -14,6 +14,8 @@ SOURCES = ("common", "finetune", "exporter", "serving", "loadtest", "scripts")
 OWN = {"common", "finetune", "exporter", "serving", "loadtest"}
 # Imported, but provided by the runtime rather than by a distribution.
 RUNTIME_PROVIDED = {"triton_python_backend_utils"}  # Triton's python backend injects it into its models
+# serving.repository copies these beside every python model (serving/repository.py SHARED_SOURCES)
+RUNTIME_PROVIDED |= {"contract", "textmodel"}
 # Declared, but used without an import statement.
 USED_WITHOUT_IMPORT = {
     "nvidia-pytriton": "ships the tritonserver binary that serving.server runs (found with importlib.util)",

@@ -246,14 +246,14 @@ def test_report_round_trip(tiny):
 
 def test_selection_is_fastest_passing_and_written_to_repository(tiny):
     from common.provenance import sha256_file
-    from serving.repository import validate_repository
+    from serving.repository import read_repository, validate_repository
 
     rep = tiny["report"]
     passing = {n: v for n, v in rep["variants"].items() if v["parity"]["passed"]}
     assert rep["selected"] == max(passing, key=lambda n: passing[n]["speed"]["throughput_seq_s"])
     assert Path(rep["repository"]) == tiny["repo"].absolute()
     validate_repository(tiny["repo"])
-    served = tiny["repo"] / "encoder" / "1" / "model.onnx"
+    served = read_repository(tiny["repo"]).model().onnx_path
     assert sha256_file(served) == rep["files"][rep["variants"][rep["selected"]]["file"]]
     prov = json.loads((tiny["repo"] / "provenance.json").read_text())
     assert prov["exporter"]["variant"] == rep["selected"]
