@@ -1,26 +1,18 @@
-"""Read what the earlier stages left on disk: the exporter's build/report.json and a repository's
-provenance.json (which ONNX variant is served, with which configuration: ``read_served_repository``)."""
+"""Read what the earlier stages left on disk: the exporter's typed build report (``exporter.artifacts``) and
+a repository (``serving.repository.read_repository``): which ONNX variant is served, and how
+(``read_served_repository``)."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from common.provenance import sha256_file
 from loadtest.errors import LoadtestError
+from serving.contract import ServedModel
 
 log = logging.getLogger(__name__)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LoadtestError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise LoadtestError(f"{path} is not JSON: {exc}") from exc
 
 
 def _report(build: Path):
@@ -59,14 +51,13 @@ def selected_variant(build: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- repository
-# Everything the load tests need to know about a repository on disk comes from read_served_repository:
-# the ONE place in loadtest that knows the repository's layout (to be replaced by
-# serving.repository.read_repository once that exists).
+# What the load tests need to know about a repository comes from serving.repository.read_repository (the one
+# module that knows its layout); ServedRepository is the summary of it that bench and tune use.
 
 
 @dataclass(frozen=True)
 class ServedRepository:
-    """What a repository serves: the ONNX file and tokenizer behind it, its labels, and how it is served."""
+    """What a repository serves: the ONNX file and tokenizer behind it, its contract, and how it is served."""
 
     path: Path
     onnx: Path
@@ -81,6 +72,7 @@ class ServedRepository:
     max_queue_delay_us: int
     config: Mapping[str, Any] = field(default_factory=dict)  # the RepositoryConfig it was written with
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    model: ServedModel | None = None  # the served contract (name, head, labels, text pairs...)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able part (for reports)."""
@@ -90,71 +82,41 @@ class ServedRepository:
                 "max_queue_delay_us": self.max_queue_delay_us, "config": dict(self.config)}
 
 
-def read_provenance(repository: Path) -> dict[str, Any]:
-    path = Path(repository) / "provenance.json"
-    if not path.is_file():
-        raise LoadtestError(f"{path} not found: was the repository written by serving.repository?")
-    return _read_json(path)
-
-
-def _first_file(*candidates: Path | None, name: str = "") -> Path | None:
-    for c in candidates:
-        if c is not None and (c / name if name else c).is_file():
-            return c
-    return None
-
-
-def _serving_model_config(repository: Path):
-    """The config of the model that runs the encoder (python per-row model or onnxruntime encoder)."""
-    from serving.repository import ENCODER, ENSEMBLE, read_config
-
-    for name in (ENCODER, ENSEMBLE):
-        path = Path(repository) / name / "config.pbtxt"
-        if path.is_file():
-            cfg = read_config(path)
-            if cfg.platform != "ensemble":
-                return cfg
-    raise LoadtestError(f"{repository}: no encoder model config found")
-
-
-def read_served_repository(repository: Path, build: Path | None = None) -> ServedRepository:
-    """Read a repository written by serving.repository: provenance first, the files on disk as fallback."""
-    from serving.repository import ENCODER, ENSEMBLE, TOKENIZER, VERSION
+def read_served_repository(repository: Path, build: Path | None = None,
+                           model: str | None = None) -> ServedRepository:
+    """Read a repository written by serving.repository (through ``read_repository``); ``model`` picks one
+    served model of several (default: the only one, or ``classifier``)."""
+    from serving.errors import RepositoryError
+    from serving.repository import read_repository
 
     repository = Path(repository)
-    prov = read_provenance(repository)
-    labels = prov.get("labels")
-    if not isinstance(labels, list) or len(labels) < 1:
-        raise LoadtestError(f"{repository}/provenance.json has no labels list")
-    exporter = prov.get("exporter") or {}
-    onnx_info = prov.get("onnx") or {}
-    onnx = _first_file(Path(onnx_info["source"]) if onnx_info.get("source") else None,
-                       *(repository / m / VERSION / "model.onnx" for m in (ENCODER, ENSEMBLE)))
-    tok = _first_file(*(Path(str(exporter[k])) for k in ("tokenizer_dir", "checkpoint") if exporter.get(k)),
-                      *(repository / m / VERSION / "tokenizer" for m in (TOKENIZER, ENSEMBLE)), name="tokenizer.json")
-    if onnx is None or tok is None:
-        raise LoadtestError(f"cannot find the served ONNX file or tokenizer for {repository}")
-    enc = _serving_model_config(repository)
-    params = {k: v.string_value for k, v in enc.parameters.items()}
+    try:
+        info = read_repository(repository)
+        served = info.model(model)
+    except RepositoryError as exc:
+        raise LoadtestError(f"cannot read the repository: {exc}") from None
+    if not info.provenance:
+        raise LoadtestError(f"{repository} has no provenance.json: was it written by serving.repository?")
+    if not served.onnx_path.is_file() or not (served.tokenizer_dir / "tokenizer.json").is_file():
+        raise LoadtestError(f"{repository}: the ONNX file or tokenizer of model '{served.name}' is missing")
+    batching = served.batching
     return ServedRepository(
-        path=repository, onnx=onnx, tokenizer_dir=tok, labels=tuple(str(x) for x in labels),
-        variant=_served_variant(prov, onnx_info.get("sha256"), build), target=prov.get("target"),
-        instances=sum(g.count for g in enc.instance_group) or 1,
-        intra_op_threads=int(params.get("intra_op_threads", "0") or 0), max_batch_size=enc.max_batch_size,
-        preferred_batch_sizes=tuple(enc.dynamic_batching.preferred_batch_size),
-        max_queue_delay_us=enc.dynamic_batching.max_queue_delay_microseconds,
-        config=prov.get("config") or {}, provenance=prov)
+        path=repository, onnx=served.onnx_path, tokenizer_dir=served.tokenizer_dir,
+        labels=tuple(served.contract.labels), variant=_served_variant(info.provenance, build),
+        target=served.target.value, instances=served.instances, intra_op_threads=served.intra_op_threads,
+        max_batch_size=served.max_batch_size, preferred_batch_sizes=tuple(batching.preferred_batch_size),
+        max_queue_delay_us=batching.max_queue_delay_microseconds,
+        config=info.provenance.get("config") or {}, provenance=info.provenance, model=served.contract)
 
 
-def _served_variant(prov: Mapping[str, Any], digest: str | None, build: Path | None) -> str | None:
+def _served_variant(prov: Mapping[str, Any], build: Path | None) -> str | None:
     """Which build variant is served: the exporter's record, else the ONNX file's hash in the build."""
-    exporter = prov.get("exporter") or {}
-    for key in ("variant", "selected", "selected_variant"):
-        if isinstance(exporter.get(key), str):
-            return exporter[key]
-    if build is not None and digest and (Path(build) / "report.json").is_file():
+    recorded = (prov.get("exporter") or {}).get("variant")
+    if isinstance(recorded, str):
+        return recorded
+    onnx = prov.get("onnx") or {}
+    if build is not None and onnx.get("sha256") and (Path(build) / "report.json").is_file():
         for name, path in read_build_variants(build):
-            if sha256_file(path) == digest:
+            if sha256_file(path) == onnx["sha256"]:
                 return name
-    source = (prov.get("onnx") or {}).get("source")
-    return Path(source).stem if source else None
+    return Path(onnx["source"]).stem if onnx.get("source") else None

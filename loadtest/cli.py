@@ -96,7 +96,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 def _show_layouts(layouts) -> str:
-    return ",".join(f"{instances}x{threads}" for instances, threads in layouts)
+    return ",".join(f"{instances}x{threads}" for instances, threads in layouts) or "auto"
 
 
 TUNE_FLAGS = {

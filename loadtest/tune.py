@@ -1,11 +1,15 @@
-"""`python -m loadtest tune`: a small Model-Analyzer-style sweep of the served configuration.
+"""`python -m loadtest tune`: a small Model-Analyzer-style sweep of the served configuration (CPU target).
 
-Stage 1 tries thread layouts (encoder instances x ONNX Runtime intra-op threads) with the repository's
-batching; stage 2 varies one batching knob at a time (max queue delay, max batch size) around the best
-layout. Each trial writes a full repository through ``serving.repository.write_repository`` into a
-temporary directory, starts tritonserver on it and measures a short closed-loop run at fixed concurrency.
-The best trial (highest seq/s without failures; within 3 %, the lower p99) is written into the
-repository atomically, from the same ONNX file and tokenizer, and tune.json / tune.md record every trial.
+The CPU target serves each model as ONE python-backend model that runs every row alone (serving.repository,
+docs/SERVING.md), so what there is to tune is how many instances of it run and with how many ONNX Runtime
+intra-op threads each, and how the dynamic batcher groups requests into one execute call. Stage 1 tries
+thread layouts (instances x intra-op threads; by default the repository's own, one per usable core x 1,
+half of that x 2 and twice that x 1) with the repository's batching; stage 2 varies one batching knob at a
+time (max queue delay, max batch size) around the best layout. Each trial writes a full repository through
+``serving.repository.write_repository`` into a temporary directory, starts tritonserver on it and measures
+a short closed-loop run at fixed concurrency. The best trial (highest seq/s without failures; within 3 %,
+the lower p99) is written into the repository the same way (atomically, same ONNX file, tokenizer and
+contract), and tune.json / tune.md record every trial.
 """
 from __future__ import annotations
 
@@ -17,19 +21,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from common.atomic import atomic_directory
 from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
 from loadtest.run import default_out, parse_duration, parse_protocol
-from serving.contract import Protocol
+from serving.contract import Protocol, ServedModel
 
 log = logging.getLogger(__name__)
 
 TIE = 0.03
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
@@ -69,9 +72,10 @@ class TuneConfig:
     concurrency: int = field(default=16, metadata={"help": "concurrent clients"})
     texts_per_request: int = field(default=8, metadata={"help": "texts per request"})
     protocol: Protocol = field(default=Protocol.GRPC, metadata={"help": "wire protocol"})
-    layouts: tuple[tuple[int, int], ...] = field(default=((1, 2), (2, 1), (1, 1)),
-                                                 metadata={"help": "encoder INSTANCESxTHREADS list (stage 1)"})
-    queue_delays_us: tuple[int, ...] = field(default=(500, 8000),
+    layouts: tuple[tuple[int, int], ...] = field(default=(), metadata={
+        "help": "INSTANCESxTHREADS list of stage 1 (empty: the repository's layout, one instance per usable core "
+                "x 1 thread, half of that x 2, twice that x 1)"})
+    queue_delays_us: tuple[int, ...] = field(default=(0, 500, 8000),
                                              metadata={"help": "max_queue_delay values to try (stage 2)"})
     max_batch_sizes: tuple[int, ...] = field(default=(32, 128),
                                              metadata={"help": "max_batch_size values to try (stage 2)"})
@@ -91,38 +95,66 @@ class TuneConfig:
         self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0
         if self.concurrency < 1 or self.texts_per_request < 1 or self.n_texts < 1:
             raise LoadtestError("--concurrency, --texts-per-request and --n-texts must be >= 1")
-        if not self.layouts:
-            raise LoadtestError("at least one layout is needed")
         if self.texts is not None and not Path(self.texts).is_file():
             raise LoadtestError(f"texts file {self.texts} not found")
         self.out = Path(self.out) if self.out is not None else default_out("tune")
 
 
-def _sources(repository: Path, workdir: Path) -> tuple[Path, Path, dict[int, str], dict[str, Any]]:
-    """Copies of the served ONNX file and tokenizer (``read_served_repository``), id2label, provenance."""
+@dataclass(frozen=True)
+class _Sources:
+    """What every trial serves: copies of the served ONNX file and tokenizer, the contract, the base config."""
+
+    onnx: Path
+    tokenizer_dir: Path
+    model: ServedModel
+    base: Any  # serving.repository.RepositoryConfig the repository was written with
+    provenance: dict[str, Any]
+
+    def write(self, out: Path, rcfg, exporter: dict[str, Any] | None = None) -> Path:
+        """A repository serving the same model with ``rcfg`` (serving.repository writes it atomically)."""
+        from serving.repository import write_repository
+
+        return write_repository(out, onnx_model=self.onnx, tokenizer_dir=self.tokenizer_dir,
+                                id2label=dict(enumerate(self.model.labels)), config=rcfg, model=self.model,
+                                provenance=exporter)
+
+
+def _sources(repository: Path, workdir: Path) -> _Sources:
+    """Copies of what ``repository`` serves (read through serving.repository.read_repository), so that the
+    repository itself can be rewritten from them."""
     from loadtest.artifacts import read_served_repository
+    from serving.repository import Target
 
     info = read_served_repository(repository)
+    if info.target != Target.CPU.value:
+        raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
+                            f"machine (the GPU ensemble is sized on its GPU, docs/SERVING.md)")
     onnx = workdir / "model.onnx"
     shutil.copy2(info.onnx, onnx)
     tok = workdir / "tokenizer"
-    tok.mkdir()
-    for name in TOKENIZER_FILES:  # only the tokenizer: a checkpoint directory may also hold weights, runs
-        if (info.tokenizer_dir / name).is_file():
-            shutil.copy2(info.tokenizer_dir / name, tok / name)
+    shutil.copytree(info.tokenizer_dir, tok)
     log.info("tune sources: onnx %s, tokenizer %s", info.onnx, info.tokenizer_dir)
-    return onnx, tok, dict(enumerate(info.labels)), dict(info.provenance)
+    return _Sources(onnx, tok, info.model, _base_config(info.config), dict(info.provenance))
 
 
-def _base_config(prov: dict[str, Any]):
+def _base_config(raw: Mapping[str, Any]):
+    """The RepositoryConfig a repository was written with (its provenance's ``config``)."""
     from serving.repository import RepositoryConfig
 
-    raw = dict(prov.get("config") or {})
     known = {f.name for f in dataclasses.fields(RepositoryConfig)}
     raw = {k: v for k, v in raw.items() if k in known}
     if "preferred_batch_sizes" in raw:
         raw["preferred_batch_sizes"] = tuple(raw["preferred_batch_sizes"])
     return RepositoryConfig(**raw)
+
+
+def default_layouts(base) -> tuple[tuple[int, int], ...]:
+    """The repository's layout, one instance per usable core x 1 thread, half of that x 2, twice that x 1."""
+    from serving.repository import usable_cores
+
+    n = usable_cores()
+    candidates = ((base.instances, base.intra_op_threads), (n, 1), (max(n // 2, 1), 2), (2 * n, 1))
+    return tuple(dict.fromkeys(candidates))
 
 
 def _knobs(cfg) -> dict[str, Any]:
@@ -131,15 +163,12 @@ def _knobs(cfg) -> dict[str, Any]:
             "max_queue_delay_us": cfg.max_queue_delay_us}
 
 
-def _trial(i: int, stage: str, rcfg, onnx: Path, tok: Path, id2label, workdir: Path, cfg: TuneConfig,
-           texts, gold) -> dict[str, Any]:
-    from serving.repository import write_repository
-
+def _trial(i: int, stage: str, rcfg, src: _Sources, workdir: Path, cfg: TuneConfig, texts, gold) -> dict[str, Any]:
+    """Serve ``rcfg`` from a fresh repository and measure one closed-loop run against it."""
     from loadtest.clients import closed_loop
     from loadtest.serve import served
 
-    repo = write_repository(workdir / f"trial-{i}", onnx_model=onnx, tokenizer_dir=tok, id2label=id2label,
-                            config=rcfg)
+    repo = src.write(workdir / f"trial-{i}", rcfg)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"trial": i, "stage": stage, **_knobs(rcfg)}
     try:
@@ -174,11 +203,12 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
 
 
 def _variations(stage1, cfg: TuneConfig) -> list:
-    """Stage 2: one batching knob at a time around the best layout."""
+    """Stage 2: one batching knob at a time around the best layout (a max batch size below the texts per
+    request would refuse every request: skipped)."""
     out = [dataclasses.replace(stage1, max_queue_delay_us=d) for d in cfg.queue_delays_us
            if d != stage1.max_queue_delay_us]
     for mbs in cfg.max_batch_sizes:
-        if mbs != stage1.max_batch_size:
+        if mbs != stage1.max_batch_size and mbs >= cfg.texts_per_request:
             pref = tuple(b for b in stage1.preferred_batch_sizes if b <= mbs)
             out.append(dataclasses.replace(stage1, max_batch_size=mbs, preferred_batch_sizes=pref,
                                            max_queue_size=max(stage1.max_queue_size, mbs)))
@@ -189,7 +219,8 @@ def _sweep(cfg: TuneConfig, base, run_trial) -> tuple[list[dict[str, Any]], dict
     """Both stages, with a progress bar; (trials, best trial, its RepositoryConfig)."""
     trials: list[dict[str, Any]] = []
     best: list = [None, None]  # [record, RepositoryConfig]
-    layouts = [dataclasses.replace(base, encoder_instances=i, intra_op_threads=t) for i, t in cfg.layouts]
+    layouts = [dataclasses.replace(base, encoder_instances=i, intra_op_threads=t)
+               for i, t in cfg.layouts or default_layouts(base)]
     n_stage2 = len(cfg.queue_delays_us) + len(cfg.max_batch_sizes)  # at most
 
     with progress.steps("tune", len(layouts) + n_stage2) as step:
@@ -242,28 +273,24 @@ _RESULT_KEYS = ("trial", "seq_per_s", "p50_ms", "p99_ms")
 
 def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     """Sweep, write tune.json/tune.md into ``cfg.out``, and (if ``cfg.apply``) rewrite the repository."""
-    from serving.repository import write_repository
-
     from loadtest.texts import load_texts
 
     textset = load_texts(cfg.texts).sample(cfg.n_texts)
     texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
     with tempfile.TemporaryDirectory(prefix="tune-") as tmpname:
         workdir = Path(tmpname)
-        onnx, tok, id2label, prov = _sources(cfg.repository, workdir)
-        base = _base_config(prov)
-        log.info("tune: base config %s", _knobs(base))
-        trials, best, best_cfg = _sweep(cfg, base, lambda i, stage, rcfg: _trial(
-            i, stage, rcfg, onnx, tok, id2label, workdir, cfg, texts, gold))
+        src = _sources(cfg.repository, workdir)
+        log.info("tune: base config %s", _knobs(src.base))
+        trials, best, best_cfg = _sweep(cfg, src.base, lambda i, stage, rcfg: _trial(
+            i, stage, rcfg, src, workdir, cfg, texts, gold))
         if cfg.apply:
-            exporter = dict(prov.get("exporter") or {})
+            exporter = dict(src.provenance.get("exporter") or {})
             exporter["tuned"] = {"best": _knobs(best_cfg), "seq_per_s": best["seq_per_s"],
                                  "p99_ms": best["p99_ms"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            write_repository(cfg.repository, onnx_model=onnx, tokenizer_dir=tok, id2label=id2label,
-                             config=best_cfg, provenance=exporter)
+            src.write(cfg.repository, best_cfg, exporter)
             log.info("wrote the best configuration into %s", cfg.repository)
     summary = {
-        "repository": str(cfg.repository.absolute()), "applied": cfg.apply, "base": _knobs(base),
+        "repository": str(cfg.repository.absolute()), "applied": cfg.apply, "base": _knobs(src.base),
         "best": {**_knobs(best_cfg), **{k: best[k] for k in _RESULT_KEYS}},
         "load": {"protocol": cfg.protocol.value, "concurrency": cfg.concurrency,
                  "texts_per_request": cfg.texts_per_request, "duration_s": cfg.duration_s,

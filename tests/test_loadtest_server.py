@@ -245,6 +245,27 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
         0.7 * g["c"]["saturating_requests_per_s"])
 
 
+def test_served_repository_is_read_through_serving_repository(repository, tiny_onnx, tiny_checkpoint, tmp_path):
+    """loadtest knows a repository only through serving.repository.read_repository; tune refuses the GPU one."""
+    from loadtest.artifacts import read_served_repository
+    from loadtest.errors import LoadtestError
+    from loadtest.tune import _sources
+
+    info, m = read_served_repository(repository), read_repository(repository).model()
+    assert (info.onnx, info.tokenizer_dir, info.model) == (m.onnx_path, m.tokenizer_dir, m.contract)
+    assert info.labels == LABELS and info.variant == "fp32" and info.target == "cpu"
+    assert (info.instances, info.intra_op_threads) == (len(usable_cores()), 1)
+    assert (info.max_batch_size, info.max_queue_delay_us, info.preferred_batch_sizes) == (32, 1000, ())
+    assert info.summary()["config"]["max_batch_size"] == 32
+    gpu = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                           id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target="gpu"))
+    with pytest.raises(LoadtestError, match="gpu repository"):
+        _sources(gpu, tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadtestError, match="no served model"):
+        read_served_repository(tmp_path / "empty")
+
+
 @pytest.mark.server
 def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
     import shutil

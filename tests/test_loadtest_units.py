@@ -314,6 +314,26 @@ def test_tune_layout_parsing():
         parse_ints("1,x", "d")
 
 
+def test_tune_default_layouts_and_batching_variations():
+    """Stage 1 by default: the repository's layout, one per core x 1, half x 2, twice x 1; stage 2 never tries
+    a max batch size that would refuse the requests it sends."""
+    from types import SimpleNamespace
+
+    from loadtest.tune import _variations, default_layouts
+    from serving.repository import RepositoryConfig, usable_cores
+
+    n = usable_cores()
+    layouts = default_layouts(RepositoryConfig())
+    assert layouts[0] == (n, 1) and (max(n // 2, 1), 2) in layouts and (2 * n, 1) in layouts
+    assert len(set(layouts)) == len(layouts)
+    assert default_layouts(RepositoryConfig(encoder_instances=3, intra_op_threads=4))[0] == (3, 4)
+    base = RepositoryConfig(max_batch_size=64, max_queue_delay_us=2000, preferred_batch_sizes=(8, 32))
+    tune = SimpleNamespace(queue_delays_us=(0, 2000), max_batch_sizes=(4, 16, 64), texts_per_request=8)
+    out = _variations(base, tune)
+    assert [(v.max_queue_delay_us, v.max_batch_size) for v in out] == [(0, 64), (2000, 16)]
+    assert out[1].preferred_batch_sizes == (8,)
+
+
 def test_build_report_variants(tmp_path):
     """loadtest reads the exporter's typed report (exporter.artifacts), not guessed keys."""
     from exporter.artifacts import (BuildReport, GateMode, ParityResult, ReferenceResult, Variant,
