@@ -17,7 +17,7 @@ import yaml
 from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
 from serving.errors import ServerError
 from serving.integrity import IntegrityError, clear_bytecode, verify_repository
-from serving.repository import RepositoryConfig, write_repository
+from serving.repository import RepositoryConfig, read_repository, write_repository
 from serving.server import LocalTritonServer, ServerConfig
 from serving.triton_args import (ADMIN_HEADER, RESTRICTED_APIS, TritonArgsError, TritonServerConfig,
                                  grpc_admin_header)
@@ -142,10 +142,15 @@ def test_supervisor_canary_passes_on_the_restricted_server(server):
 
 # ----------------------------------------------------------------------------------- integrity
 
+def _model_dir(repository: Path) -> Path:
+    """The served model's version directory (where its python sources lie), as serving.repository reads it."""
+    return read_repository(repository).model().onnx_path.parent
+
+
 def _tampered(repository: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "model_repository"
     shutil.copytree(repository, copy)
-    with open(copy / "classifier" / "1" / "model.py", "a", encoding="utf-8") as fh:
+    with open(_model_dir(copy) / "model.py", "a", encoding="utf-8") as fh:
         fh.write("\nimport os  # planted\n")
     return copy
 
@@ -158,7 +163,8 @@ def test_serving_up_refuses_a_tampered_repository_naming_the_file(repository, tm
                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("python -m serving: error:") and "classifier/1/model.py" in last and "modified" in last
+    planted = (_model_dir(tampered) / "model.py").relative_to(tampered).as_posix()
+    assert last.startswith("python -m serving: error:") and planted in last and "modified" in last
     assert "tritonserver ready" not in proc.stdout
     # --skip-verify (ServerConfig.skip_verify) is the way round for a person who knows why
     LocalTritonServer(ServerConfig(tampered, skip_verify=True))._check_repository()
@@ -169,14 +175,15 @@ def test_integrity_catches_missing_and_added_files_and_clears_bytecode(repositor
     shutil.copytree(repository, copy)
     clear_bytecode(copy)  # the module's server ran on it: the 2.51 stubs wrote __pycache__ there
     assert verify_repository(copy) == len(json.loads((copy / "provenance.json").read_text())["files"])
-    cache = copy / "classifier" / "1" / "__pycache__"
+    version = _model_dir(copy)
+    cache = version / "__pycache__"
     cache.mkdir(exist_ok=True)
     (cache / "model.cpython-311.pyc").write_bytes(b"planted")
     with pytest.raises(IntegrityError, match=r"__pycache__/model.cpython-311.pyc: not in provenance.json"):
         verify_repository(copy)
     assert clear_bytecode(copy) == 1 and verify_repository(copy)
-    (copy / "classifier" / "1" / "contract.py").unlink()
-    with pytest.raises(IntegrityError, match=r"classifier/1/contract.py: missing"):
+    (version / "contract.py").unlink()
+    with pytest.raises(IntegrityError, match=(version / "contract.py").relative_to(copy).as_posix() + ": missing"):
         verify_repository(copy)
     (copy / "provenance.json").unlink()
     with pytest.raises(IntegrityError, match="no provenance.json"):
