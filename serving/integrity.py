@@ -17,10 +17,9 @@ import logging
 from pathlib import Path
 
 from serving.errors import RepositoryError
+from serving.repository import PROVENANCE
 
 log = logging.getLogger(__name__)
-
-PROVENANCE = "provenance.json"
 
 
 class IntegrityError(RepositoryError):

@@ -198,11 +198,6 @@ class ManifestConfig:
         if not re.match(r"^https?://[^\s/]+$", self.prometheus_url):
             raise ManifestError(f"prometheus URL {self.prometheus_url!r} must be http(s)://HOST without a path")
 
-    # derived names
-    @property
-    def headless_name(self) -> str:
-        return f"{self.name}-headless"
-
     @property
     def service_host(self) -> str:
         return f"{self.name}.{self.namespace}.svc.cluster.local"

@@ -248,7 +248,7 @@ def services(config: ManifestConfig) -> list[dict[str, Any]]:
     # gRPC keeps one HTTP/2 connection per client: a ClusterIP balances connections, not requests. The
     # headless Service gives clients (dns:/// resolver + round_robin) or a mesh every pod's address.
     headless = {"apiVersion": "v1", "kind": "Service",
-                "metadata": _meta(config, config.headless_name, component="inference-server-headless"),
+                "metadata": _meta(config, f"{config.name}-headless", component="inference-server-headless"),
                 "spec": {"clusterIP": "None", "selector": _selector(config),
                          "ports": [{k: v for k, v in p.items()} for p in ports[:2]]}}
     return [main, headless]

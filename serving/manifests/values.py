@@ -51,21 +51,12 @@ class ManifestError(ServingError):
     """A manifest value is invalid (bad image reference, replica count, repository URI, quantity...)."""
 
 
-class RepositoryScheme(str, enum.Enum):
-    S3 = "s3"
-    GS = "gs"
-    PVC = "pvc"
-
-
 class ServiceType(str, enum.Enum):
+    """The Kubernetes Service type in front of tritonserver."""
+
     CLUSTER_IP = "ClusterIP"
     NODE_PORT = "NodePort"
     LOAD_BALANCER = "LoadBalancer"
-
-
-class KServeMode(str, enum.Enum):
-    RAW = "RawDeployment"
-    SERVERLESS = "Serverless"
 
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -106,6 +97,14 @@ def parse_cpu(value: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise ManifestError(f"cpu {value!r} is not a positive CPU quantity like 4, 1.5 or 500m")
     return float(match.group(1)) / (1000 if match.group(2) else 1)
+
+
+class RepositoryScheme(str, enum.Enum):
+    """Where the cluster reads the model repository from (the URI scheme of ``--repository-uri``)."""
+
+    S3 = "s3"
+    GS = "gs"
+    PVC = "pvc"
 
 
 def check_image(image: str) -> str:
@@ -201,6 +200,13 @@ def estimate_shm_bytes(repo: RepositoryConfig) -> int:
     instances = repo.instances if repo.target is Target.CPU else repo.tokenizer_instances + 1
     batch_tensors = 3 * repo.max_batch_size * repo.max_length * 8
     return instances * 2 * (2**20 + batch_tensors)
+
+
+class KServeMode(str, enum.Enum):
+    """KServe's deployment mode of the InferenceService."""
+
+    RAW = "RawDeployment"
+    SERVERLESS = "Serverless"
 
 
 def _parse_pairs(values: Iterable[str] | Mapping[str, str], what: str) -> dict[str, str]:
