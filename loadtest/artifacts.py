@@ -28,9 +28,9 @@ def _report(build: Path):
 def read_build_variants(build: Path) -> list[tuple[str, Path]]:
     """(name, ONNX file) for every variant in ``build/report.json`` whose file exists in ``build``."""
     build = Path(build)
-    out = []
-    for name, variant in _report(build).variants.items():
-        path = build / variant.file if variant.file else None
+    report, out = _report(build), []
+    for name in report.variants:
+        path = report.variant_path(name, build)
         if path is None or not path.is_file():
             log.warning("build report variant %s has no ONNX file in %s: skipped", name, build)
             continue

@@ -7,9 +7,9 @@ a native library) is not restarted. The model keeps reporting ready while every 
 
 What it watches, every ``check_interval_s``:
 - the tritonserver process (exit code);
-- its ``triton_python_backend_stub`` children, recorded by instance name (``encoder_0_0``) at start-up:
+- its ``triton_python_backend_stub`` children, recorded by instance name (``classifier_0_0``) at start-up:
   one gone or a zombie is a failure at once;
-- a canary inference (one short text through the ensemble, over HTTP): a 500 that names an unhealthy
+- a canary inference (one short text through the served model, over HTTP): a 500 that names an unhealthy
   stub, or no connection, is a failure; 503 (queue full) and a slow answer are load, not failure, unless
   ``canary_failures`` of them come in a row.
 
@@ -94,7 +94,7 @@ def _psutil():
 
 
 def stub_processes(pid: int) -> dict[str, Any]:
-    """The python-backend stubs under tritonserver ``pid``, keyed by instance name (e.g. ``encoder_0_0``)."""
+    """The python-backend stubs under tritonserver ``pid``, keyed by instance name (e.g. ``classifier_0_0``)."""
     psutil = _psutil()
     stubs = {}
     try:
