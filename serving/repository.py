@@ -849,6 +849,7 @@ def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, new_
 
     shutil.copytree(existing.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     verify_repository(tmp)  # never re-sign a repository that was changed since it was built
+    (tmp / PROVENANCE).unlink()  # rewritten with the new model (the hashes never cover this file)
     replaced = existing.models[model.name].model_names if model.name in existing.models else []
     others = set(existing.configs) - set(replaced)
     clash = sorted(others & set(new_names))

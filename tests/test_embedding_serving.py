@@ -1,0 +1,171 @@
+"""Sentence embeddings end to end: a tiny sentence-transformers-style model -> `exporter build --task embedding`
+into a repository that already serves a tiny classifier -> one real tritonserver serves both."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding_helpers import build_tiny_sentence_transformer
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Head
+from serving.errors import RepositoryError
+from serving.integrity import IntegrityError, verify_repository
+from serving.repository import (RepositoryConfig, Target, add_model, read_repository, validate_repository,
+                                write_repository)
+from serving.server import LocalTritonServer, ServerConfig
+from serving_helpers import corpus_texts, torch_reference
+
+LABELS = ["negative", "neutral", "positive"]
+N_EVAL = 40
+
+
+@pytest.fixture(scope="module")
+def st_model(tmp_path_factory) -> Path:
+    return build_tiny_sentence_transformer(tmp_path_factory.mktemp("st") / "model")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return corpus_texts(N_EVAL + 40, seed=7)
+
+
+@pytest.fixture(scope="module")
+def eval_csv(texts, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "test.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([t, "x"] for t in texts)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(st_model, eval_csv, tiny_onnx, tiny_checkpoint, tmp_path_factory) -> dict:
+    """The classifier repository, then `python -m exporter build --task embedding` adding the embedder."""
+    from exporter.cli import main
+
+    root = tmp_path_factory.mktemp("both")
+    repo = write_repository(root / "repo", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_batch_size=16, encoder_instances=1))
+    classifier_files = {k: v for k, v in json.loads((repo / "provenance.json").read_text())["files"].items()}
+    code = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
+                 str(root / "build"), "--repository", str(repo), "--precisions", "fp32",
+                 "--eval-size", str(N_EVAL)])
+    return {"code": code, "repo": repo, "out": root / "build", "classifier_files": classifier_files}
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    assert built["code"] == 0
+    with LocalTritonServer(ServerConfig(built["repo"], startup_timeout_s=180)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(st_model, texts) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(st_model), device="cpu")
+    return np.asarray(model.encode(texts, batch_size=32, convert_to_numpy=True), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def test_build_adds_the_embedder_beside_the_classifier(built):
+    from exporter.artifacts import read_embedding_report
+
+    info = read_repository(built["repo"])
+    assert sorted(info.models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    embedder = info.model(DEFAULT_EMBEDDER).contract
+    assert (embedder.head, embedder.embedding_dim) == (Head.EMBEDDING, 32)
+    assert validate_repository(built["repo"], Target.CPU) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    verify_repository(built["repo"])  # the provenance hashes cover both models
+    files = info.provenance["files"]
+    assert all(files[k] == v for k, v in built["classifier_files"].items())  # the classifier is untouched
+    assert set(info.provenance["served"]) == {DEFAULT_EMBEDDER}
+    report = read_embedding_report(built["out"])
+    assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
+    assert report.repository == str(built["repo"].absolute())
+    assert (built["out"] / "report.md").is_file() and (built["out"] / "report.png").is_file()
+
+
+def test_adding_refuses_a_tampered_repository_and_another_target(built, tmp_path):
+    repo = shutil.copytree(built["repo"], tmp_path / "repo")
+    m = read_repository(repo).model(DEFAULT_EMBEDDER)
+    kwargs = dict(onnx_model=m.onnx_path, tokenizer_dir=m.tokenizer_dir, model=m.contract)
+    with pytest.raises(RepositoryError, match="target"):
+        add_model(repo, config=RepositoryConfig(target=Target.GPU, max_length=64), **kwargs)
+    add_model(repo, config=RepositoryConfig(max_length=64, encoder_instances=1), **kwargs)  # replaces itself
+    assert sorted(read_repository(repo).models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    verify_repository(repo)
+    (repo / DEFAULT_CLASSIFIER / "1" / "model.py").write_text("# changed\n")
+    with pytest.raises(IntegrityError):
+        add_model(repo, config=RepositoryConfig(max_length=64), **kwargs)
+
+
+def test_task_embedding_needs_eval_data(st_model, tmp_path, capsys):
+    from exporter.cli import main
+
+    assert main(["build", str(st_model), "--task", "embedding", "--out", str(tmp_path / "b")]) == 2
+    assert "--eval-data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- served
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_embedding_equals_sentence_transformers(server, texts, reference, protocol):
+    from serving.client import Embedder
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with Embedder(url, protocol=protocol) as client:
+        got = client.embed(texts)
+        assert client.dim == 32
+    assert got.shape == reference.shape and got.dtype == np.float32
+    assert np.abs(got - reference).max() < 1e-5
+
+
+def test_a_texts_embedding_does_not_depend_on_its_neighbours(server, texts):
+    from serving.client import AsyncEmbedder, Embedder
+
+    with Embedder(server.http_url) as client:
+        alone = np.stack([client.embed(t)[0] for t in texts[:6]])
+        among = client.embed(texts[:6] + texts[20:40])[:6]
+
+    async def concurrent():
+        async with AsyncEmbedder(server.grpc_url, protocol="grpc") as aclient:
+            rows = await asyncio.gather(*(aclient.embed([t, *texts[30:38]]) for t in texts[:6]))
+        return np.stack([r[0] for r in rows])
+
+    assert np.abs(alone - among).max() <= 1e-6
+    assert np.abs(alone - asyncio.run(concurrent())).max() <= 1e-6
+
+
+def test_the_classifier_still_answers(server, texts, tiny_checkpoint):
+    from serving.client import TextClassifier
+
+    ref_probs, ref_labels = torch_reference(tiny_checkpoint, texts)
+    with TextClassifier(server.http_url) as client:
+        predictions = client.classify(texts)
+    assert [p.label for p in predictions] == ref_labels
+    probs = np.array([[p.probabilities[label] for label in LABELS] for p in predictions])
+    assert np.abs(probs - ref_probs).max() < 1e-4
+
+
+def test_cli_embed(server, capsys):
+    from serving.cli import main
+
+    assert main(["embed", "--url", server.grpc_url, "--protocol", "grpc", "--json", "good day", ""]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == ["good day", ""] and all(len(r["embedding"]) == 32 for r in rows)
+    assert main(["embed", "--url", server.http_url, "a table row"]) == 0
+    out = capsys.readouterr().out
+    assert "a table row" in out and "32" in out
+    assert main(["embed", "--url", server.http_url, "--model", DEFAULT_CLASSIFIER, "x"]) != 0
