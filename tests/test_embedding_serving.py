@@ -169,3 +169,41 @@ def test_cli_embed(server, capsys):
     out = capsys.readouterr().out
     assert "a table row" in out and "32" in out
     assert main(["embed", "--url", server.http_url, "--model", DEFAULT_CLASSIFIER, "x"]) != 0
+
+
+# ------------------------------------------------------------------------------- load test and bench
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_locust_picks_the_embedding_users_for_an_embedding_model(server, eval_csv, scheme, tmp_path):
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--host", host, "--texts", str(eval_csv), "--texts-per-request", "3", "--model-name", DEFAULT_EMBEDDER,
+           "--csv", str(tmp_path / "l")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
+    wanted = "TritonEmbedHttpUser" if scheme == "http" else "TritonEmbedGrpcUser"
+    assert f"running {wanted}" in out.stderr + out.stdout
+    with open(tmp_path / "l_stats.csv") as fh:
+        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+
+
+def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
+    from loadtest.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(checkpoint=st_model, build=built["out"], repository=built["repo"], texts=eval_csv, n_texts=40,
+                      threads=1, batch_size=8, concurrency=(2,), texts_per_request=4, served_seconds=1.0,
+                      warmup_seconds=0.0, ceiling_processes=1, out=tmp_path / "bench", task="embedding")
+    result = run_bench(cfg)
+    names = [r["name"] for r in result["results"]]
+    assert names[0] == "sentence-transformers encode b8" and names[1].startswith("ceiling onnxruntime fp32")
+    assert {n for n in names[2:]} == {"served http c2 x4", "served grpc c2 x4"}
+    assert all(r["accuracy"] > 0.99999 for r in result["results"])  # min cosine to sentence-transformers
+    assert all(r["ratio_to_ceiling"] is not None for r in result["results"][1:])
+    assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()
