@@ -207,3 +207,24 @@ def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
     assert all(r["accuracy"] > 0.99999 for r in result["results"])  # min cosine to sentence-transformers
     assert all(r["ratio_to_ceiling"] is not None for r in result["results"][1:])
     assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()
+
+
+def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_onnx, tiny_checkpoint, tmp_path):
+    """Offline: the GPU layout (tokenizer -> onnxruntime encoder -> postprocess cast), named apart."""
+    from serving.contract import Part, ServedModel
+
+    repo = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target=Target.GPU))
+    served = ServedModel(name="search", head=Head.EMBEDDING, embedding_dim=32)
+    add_model(repo, onnx_model=built["out"] / "fp32.onnx", tokenizer_dir=built["out"] / "tokenizer", model=served,
+              config=RepositoryConfig(target=Target.GPU, max_length=64))
+    info = read_repository(repo)
+    assert sorted(info.models) == [DEFAULT_CLASSIFIER, "search"]
+    m = info.model("search")
+    assert sorted(m.parts) == sorted(p.value for p in Part)
+    assert [(t.name, list(t.dims)) for t in m.parts["encoder"].input][:2] == [("input_ids", [64]),
+                                                                            ("attention_mask", [64])]
+    assert (repo / "search_postprocess" / "1" / "model.py").read_text() == (
+        Path(__file__).parents[1] / "serving" / "models" / "embedding_postprocess.py").read_text()
+    assert len(validate_repository(repo, Target.GPU)) == 8
+    verify_repository(repo)
