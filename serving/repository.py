@@ -850,7 +850,11 @@ def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, new_
     shutil.copytree(existing.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     verify_repository(tmp)  # never re-sign a repository that was changed since it was built
     (tmp / PROVENANCE).unlink()  # rewritten with the new model (the hashes never cover this file)
-    replaced = existing.models[model.name].model_names if model.name in existing.models else []
+    old = existing.models.get(model.name)
+    if old is not None and old.contract.head is not model.head:
+        raise RepositoryError(f"{existing.path} already serves a {old.contract.head.value} model named "
+                              f"{model.name!r}; choose another name for the {model.head.value} model")
+    replaced = old.model_names if old is not None else []
     others = set(existing.configs) - set(replaced)
     clash = sorted(others & set(new_names))
     if clash:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedding_helpers import build_tiny_sentence_transformer
-from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Head
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Head, ServedModel
 from serving.errors import RepositoryError
 from serving.integrity import IntegrityError, verify_repository
 from serving.repository import (RepositoryConfig, Target, add_model, read_repository, validate_repository,
@@ -102,6 +102,10 @@ def test_adding_refuses_a_tampered_repository_and_another_target(built, tmp_path
     kwargs = dict(onnx_model=m.onnx_path, tokenizer_dir=m.tokenizer_dir, model=m.contract)
     with pytest.raises(RepositoryError, match="target"):
         add_model(repo, config=RepositoryConfig(target=Target.GPU, max_length=64), **kwargs)
+    named_like_the_classifier = dict(kwargs, model=ServedModel(name=DEFAULT_CLASSIFIER, head=Head.EMBEDDING,
+                                                               embedding_dim=32))
+    with pytest.raises(RepositoryError, match="already serves a single_label_classification model"):
+        add_model(repo, config=RepositoryConfig(max_length=64), **named_like_the_classifier)
     add_model(repo, config=RepositoryConfig(max_length=64, encoder_instances=1), **kwargs)  # replaces itself
     assert sorted(read_repository(repo).models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
     verify_repository(repo)
@@ -211,7 +215,7 @@ def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
 
 def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_onnx, tiny_checkpoint, tmp_path):
     """Offline: the GPU layout (tokenizer -> onnxruntime encoder -> postprocess cast), named apart."""
-    from serving.contract import Part, ServedModel
+    from serving.contract import Part
 
     repo = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
                             id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target=Target.GPU))
