@@ -63,14 +63,16 @@ def bench_encode(model_dir: Path, texts: list[str], batch: int) -> tuple[Backend
     return _row(f"sentence-transformers encode b{batch}", "in-process", batch, len(texts), secs, lat, 1.0), reference
 
 
-def _ceiling_worker(onnx_path: str, model_dir: str, texts: list[str]) -> tuple[np.ndarray, list[float], float]:
-    """One 1-thread process: every text alone (after a short warm-up); (vectors, ms per text, seconds)."""
+def _ceiling_worker(onnx_path: str, model_dir: str, texts: list[str], barrier) -> tuple[np.ndarray, list[float], float]:
+    """One 1-thread process: every text alone, timed once every process has loaded and warmed up (so no
+    process's timing overlaps another's start-up); (vectors, ms per text, seconds)."""
     from exporter.embedding import read_pipeline
     from exporter.embedding_gate import RowEncoder
 
     encoder = RowEncoder(Path(onnx_path), read_pipeline(Path(model_dir)))
     for text in texts[:8]:
         encoder(text)
+    barrier.wait()
     lat, rows, t_all = [], [], time.perf_counter()
     for text in texts:
         t0 = time.perf_counter()
@@ -87,8 +89,10 @@ def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[st
     n = processes or usable_cores()
     shares = [list(range(i, len(texts), n)) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
-        futures = [pool.submit(_ceiling_worker, str(onnx_path), str(model_dir), [texts[i] for i in s]) for s in shares]
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        barrier = manager.Barrier(n)
+        futures = [pool.submit(_ceiling_worker, str(onnx_path), str(model_dir), [texts[i] for i in s], barrier)
+                   for s in shares]
         parts = [f.result() for f in futures]
     vectors = np.zeros_like(reference)
     for share, (rows, _, _) in zip(shares, parts):
