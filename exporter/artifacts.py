@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.embedding_gate import EmbeddingGate, EmbeddingSpeed  # the embedding gate's typed records
 from exporter.errors import ExporterError
 
 SCHEMA_VERSION = 1
@@ -271,5 +272,93 @@ def read_report(build_dir: Path) -> BuildReport:
         raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         return from_json(text)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ embedding report
+
+EMBEDDING_SCHEMA_VERSION = 1
+
+
+@dataclass
+class EmbeddingVariantResult:
+    """One embedding variant as the report records it (gate and speed: exporter.embedding_gate's records)."""
+
+    precision: str
+    file: str | None = None  # relative to the build directory
+    size_bytes: int | None = None
+    gate: EmbeddingGate | None = None
+    speed: EmbeddingSpeed | None = None
+    error: str | None = None
+    excluded_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.gate is not None and self.gate.passed
+
+
+@dataclass
+class EmbeddingReport:
+    """Everything `exporter build --task embedding` decided and measured (build/report.json)."""
+
+    model_dir: str
+    model_name: str
+    target: str
+    gate_mode: GateMode
+    selected: str | None
+    pipeline: dict[str, Any]
+    eval_data: str
+    n_texts: int
+    budgets: dict[str, Any]
+    variants: dict[str, EmbeddingVariantResult]
+    reference_speed: EmbeddingSpeed | None = None
+    tuning_data: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    repository: str | None = None
+    repository_error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    task: str = "embedding"
+    schema_version: int = EMBEDDING_SCHEMA_VERSION
+
+    def variant_path(self, name: str, build_dir: Path) -> Path | None:
+        file = self.variants[name].file
+        return Path(build_dir) / file if file else None
+
+
+def embedding_report_from_json(text: str) -> EmbeddingReport:
+    """Parse an embedding build's report.json of this schema version."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ArtifactError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("task") != "embedding":
+        raise ArtifactError("not an embedding build report (build with `python -m exporter build --task embedding`)")
+    if data.get("schema_version") != EMBEDDING_SCHEMA_VERSION:
+        raise ArtifactError(f"embedding report schema_version {data.get('schema_version')!r}, this toolkit reads "
+                            f"{EMBEDDING_SCHEMA_VERSION}")
+    return _from_dict(EmbeddingReport, data)
+
+
+def write_embedding_report_json(report: EmbeddingReport, build_dir: Path) -> Path:
+    from common.atomic import atomic_write_text
+
+    path = Path(build_dir) / REPORT_JSON
+    atomic_write_text(path, json.dumps(to_dict(report), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def read_embedding_report(build_dir: Path) -> EmbeddingReport:
+    """The typed report of the embedding build in ``build_dir``."""
+    path = Path(build_dir) / REPORT_JSON
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return embedding_report_from_json(text)
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None

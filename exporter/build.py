@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
-from exporter.config import BuildConfig, Target
+from exporter.config import BuildConfig, Target, Task
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
+from serving.contract import DEFAULT_CLASSIFIER
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ def build(config: BuildConfig) -> BuildResult:
     """Run the whole build; the report is written even when no variant passes."""
     from common.atomic import atomic_directory
 
+    if config.task is not Task.CLASSIFICATION:  # sentence embeddings have their own flow
+        from exporter.embedding_flow import build_embedding
+
+        return build_embedding(config)
+    if config.model_name not in (None, DEFAULT_CLASSIFIER):
+        raise ExporterError(f"--model-name {config.model_name}: the classifier is served as {DEFAULT_CLASSIFIER!r}")
     inputs = validate(config)
     for warning in inputs.warnings:
         log.warning("%s", warning)

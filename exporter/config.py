@@ -5,8 +5,16 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
 from exporter.errors import ExporterError
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
+
+
+class Task(str, enum.Enum):
+    """What the exported model does: a classifier head, or a sentence embedding (exporter.embedding_flow)."""
+
+    CLASSIFICATION = "classification"
+    EMBEDDING = "embedding"
 
 
 class Precision(str, enum.Enum):
@@ -98,6 +106,16 @@ class BuildConfig:
         "help": "CSV column holding the label (default: the one finetune train recorded, else 'label')"})
     text_pair_column: str | None = field(default=None, metadata={
         "help": "CSV column holding the second text of a text pair (cross-encoders, NLI); default: none"})
+    task: Task = field(default=Task.CLASSIFICATION, metadata={
+        "help": "classification: a fine-tuned classifier; embedding: a sentence-transformers directory (or a plain "
+                "encoder with --pooling) served as a sentence embedder"})
+    model_name: str | None = field(default=None, metadata={
+        "help": "served model name (default: classifier / embedder); an embedder is added beside the models "
+                "already in --repository"})
+    pooling: Pooling | None = field(default=None, metadata={
+        "help": "embedding: pooling of a plain encoder (a sentence-transformers directory specifies its own)"})
+    normalize: bool | None = field(default=None, metadata={
+        "help": "embedding: L2-normalise the pooled vector (default: as the modules say; plain encoder: no)"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -125,5 +143,28 @@ class BuildConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ExporterError(f"invalid {name.replace('_', '-')}: {getattr(self, name)}")
+        self._check_task()
         if self.repository is not None and self.repository.absolute() == self.out.absolute():
             raise ExporterError("--repository and --out must be different directories")
+
+    def _check_task(self) -> None:
+        """The task, the served model name and the embedding-only options agree."""
+        from serving.contract import ContractError, check_model_name
+
+        try:
+            self.task = Task(self.task)
+        except ValueError:
+            raise ExporterError(f"unknown task {self.task!r} (known: {', '.join(t.value for t in Task)})") from None
+        if self.pooling is not None:
+            try:
+                self.pooling = Pooling(self.pooling)
+            except ValueError:
+                raise ExporterError(f"unknown pooling {self.pooling!r} "
+                                    f"(known: {', '.join(p.value for p in Pooling)})") from None
+        if self.task is Task.CLASSIFICATION and (self.pooling is not None or self.normalize is not None):
+            raise ExporterError("--pooling and --normalize are for --task embedding")
+        if self.model_name is not None:
+            try:
+                check_model_name(self.model_name)
+            except ContractError as exc:
+                raise ExporterError(str(exc)) from None

@@ -19,7 +19,7 @@ from exporter import int8
 from exporter.config import Precision
 from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
                                 fp32_variant, int8_variant, load_tokenizer, read_pipeline)
-from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, as_dict, check_variant,
+from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
                                      reference_embeddings, reference_model, reference_speed)
 from exporter.errors import EvalDataError, ExporterError
 
@@ -167,17 +167,17 @@ def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant)
 
     settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=False)
 
-    def tune(body_q: Path) -> dict:
+    def tune(body_q: Path) -> EmbeddingGate:
         path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
         gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
                                 ctx.budgets, ctx.tokenizer, label=" (tuning texts)")
-        return as_dict(gate)
+        return gate
 
-    def final(body_q: Path) -> dict:
+    def final(body_q: Path) -> EmbeddingGate:
         record.path = append_head_to_file(body_q, ctx.pipeline, dst)
         record.gate, record.speed = check_variant(record.path, Precision.INT8, ctx.pipeline, ctx.texts,
                                                   ctx.reference, ctx.budgets, ctx.tokenizer)
-        return as_dict(record.gate)
+        return record.gate
 
     batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)
     found = int8.search(int8.DYNAMIC, body, ctx.scratch / "int8-body.onnx", settings, tune=tune, final=final,

@@ -73,6 +73,11 @@ class EmbeddingGate:
     passed: bool
     reason: str
 
+    def brief(self) -> dict:
+        """The verdict-bearing numbers, for the int8 exclusion search's log (exporter.int8.search)."""
+        keys = ("n_texts", "min_cosine", "topk_overlap", "nan_inf", "passed", "reason")
+        return {k: getattr(self, k) for k in keys}
+
 
 @dataclass
 class EmbeddingSpeed:

@@ -84,6 +84,8 @@ def _notes(report: BuildReport) -> list[str]:
 
 
 def markdown(report: BuildReport) -> str:
+    if getattr(report, "task", None) == "embedding":  # an EmbeddingReport (exporter build --task embedding)
+        return embedding_markdown(report)
     lines = [
         f"# Export report: {report.checkpoint}",
         "",
@@ -142,3 +144,91 @@ def write(report: BuildReport, out_dir: Path, *, figure: bool = True) -> None:
     atomic_write_text(out_dir / "report.md", markdown(report))
     if figure:
         plot(report, out_dir / "report.png")
+
+
+# ------------------------------------------------------------------------------------ embedding report
+
+EMBEDDING_COLUMNS = ("variant", "size", "rows/s (1 thread)", "rows/CPU-s", "min cosine", "mean cosine",
+                     "max norm gap", "top-k overlap", "verdict")
+
+
+def embedding_table_rows(report) -> list[tuple[str, ...]]:
+    """One row per embedding variant (sentence-transformers reference first), as strings."""
+    ref = report.reference_speed
+    rows = [("sentence-transformers (reference)", "-", _f(ref and ref.rows_per_s, ".1f"),
+             _f(ref and ref.rows_per_cpu_s, ".1f"), "1", "1", "0", "100.00%", "reference")]
+    for name, v in report.variants.items():
+        g, s = v.gate, v.speed
+        verdict = ("PASS" if v.passed else "FAIL") + (" (selected)" if name == report.selected else "")
+        rows.append((name, _mb(v.size_bytes), _f(s and s.rows_per_s, ".1f"), _f(s and s.rows_per_cpu_s, ".1f"),
+                     _f(g and g.min_cosine, ".6f"), _f(g and g.mean_cosine, ".6f"), _f(g and g.max_norm_gap, ".2e"),
+                     _pct(g and g.topk_overlap), verdict))
+    return rows
+
+
+def embedding_markdown(report) -> str:
+    p = report.pipeline
+    ref = report.reference_speed
+    lines = [
+        f"# Embedding export report: {report.model_dir}",
+        "",
+        f"Served as **{report.model_name}**, target **{report.target}**, selected variant "
+        f"**{report.selected or 'none'}**. Pipeline: {p.get('source')}, pooling {p.get('pooling')}, normalize "
+        f"{p.get('normalize')}, dim {p.get('dim')}, max_seq_length {p.get('max_seq_length')}.",
+        "",
+        f"Gate: {report.n_texts} held-out texts of `{report.eval_data}`, each run alone at its own length in a "
+        "1-intra-op-thread session (as the CPU server runs it), against sentence-transformers `encode`; "
+        f"top-{report.budgets.get('top_k')} neighbour overlap inside the held-out set. Speed: one text at a time, "
+        "tokenization included (rows/CPU-s is what selection compares)."
+        + (f" Reference: `encode` batch 32 with {ref.intra_op_threads} torch threads." if ref else ""),
+        "",
+        "| " + " | ".join(EMBEDDING_COLUMNS) + " |",
+        "|" + "|".join("---" for _ in EMBEDDING_COLUMNS) + "|",
+        *("| " + " | ".join(r) + " |" for r in embedding_table_rows(report)),
+        "",
+        *(f"- {name}: {v.gate.reason if v.gate else v.error}" for name, v in report.variants.items()),
+        *(f"- warning: {w}" for w in report.warnings),
+        *([f"- repository: {report.repository}"] if report.repository else []),
+        *([f"- repository error: {report.repository_error}"] if report.repository_error else []),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def embedding_plot(report, path: Path) -> None:
+    """Per-row throughput (x) against minimum cosine (y); failing variants hollow, the selected starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for name, v in report.variants.items():
+        if v.speed is None or v.gate is None or v.gate.min_cosine is None:
+            continue
+        xy = (v.speed.rows_per_cpu_s, v.gate.min_cosine)
+        color = "tab:green" if v.passed else "tab:red"
+        ax.scatter([xy[0]], [xy[1]], s=60, facecolors=color if v.passed else "none", edgecolors=color)
+        if name == report.selected:
+            ax.scatter([xy[0]], [xy[1]], s=260, marker="*", color="gold", edgecolors="black", zorder=3,
+                       label=f"selected: {name}")
+        ax.annotate(name + ("" if v.passed else " (fail)"), xy, textcoords="offset points", xytext=(5, -12))
+    if report.selected:
+        ax.legend(loc="lower right")
+    ax.set_xlabel("throughput, one row at a time, 1 thread (rows/CPU-s)")
+    ax.set_ylabel("min cosine to sentence-transformers")
+    ax.set_title(f"{Path(report.model_dir).name}: embedding variants ({report.target})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_embedding(report, out_dir: Path, *, figure: bool = True) -> None:
+    """report.json (exporter.artifacts), report.md and, unless ``figure`` is False, report.png."""
+    from common.atomic import atomic_write_text
+    from exporter.artifacts import write_embedding_report_json
+
+    write_embedding_report_json(report, out_dir)
+    atomic_write_text(out_dir / "report.md", embedding_markdown(report))
+    if figure:
+        embedding_plot(report, out_dir / "report.png")

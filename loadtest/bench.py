@@ -27,6 +27,7 @@ import numpy as np
 
 from common.atomic import atomic_directory
 from common.provenance import versions
+from exporter.config import Task  # classification | embedding (one definition, the exporter's)
 from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.report import fmt, markdown_table
@@ -84,9 +85,15 @@ class BenchConfig:
         "help": "measure the ceiling: the served variant, one text at a time, one 1-thread process per core"})
     ceiling_processes: int = field(default=0, metadata={
         "help": "processes of the ceiling run (0: one per usable core)"})
+    task: Task = field(default=Task.CLASSIFICATION, metadata={
+        "help": "embedding: sentence-transformers encode vs the in-process ceiling vs the served embedder "
+                "(--checkpoint: the sentence-transformers directory; --build: its embedding build)"})
+    model_name: str | None = field(default=None, metadata={
+        "help": "served model to measure (default: embedder with --task embedding)"})
 
     def __post_init__(self) -> None:
         self.bf16 = Bf16Mode(self.bf16)
+        self.task = Task(self.task)
         self.checkpoint = Path(self.checkpoint)
         if not (self.checkpoint / "config.json").is_file():
             raise LoadtestError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
@@ -650,6 +657,10 @@ def _write_reports(cfg: BenchConfig, results, goals, meta) -> dict[str, Any]:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every backend, evaluate the goals, write bench.{json,md,png} into ``cfg.out``."""
+    if cfg.task is Task.EMBEDDING:
+        from loadtest.embedding_bench import run_embedding_bench
+
+        return run_embedding_bench(cfg)
     import torch
 
     from loadtest import cpu

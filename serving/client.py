@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from serving.contract import (
     DEFAULT_CLASSIFIER,
+    DEFAULT_EMBEDDER,
     LOGITS,
     ContractError,
     Endpoint,
@@ -380,3 +381,58 @@ class AsyncTextClassifier(_AsyncTransport):
     async def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
         """Classify texts; the chunks of a large input are sent concurrently."""
         return _decode(*await self._infer(texts))
+
+
+# ----------------------------------------------------------------------------------------- embedder
+
+
+def _embeddings(served: ServedModel | None, outs: list[dict[str, Any]], sizes: list[int]) -> "np.ndarray":
+    import numpy as np
+
+    from serving.contract import decode_embedding
+
+    if served is None or not outs:
+        return np.zeros((0, served.embedding_dim if served is not None else 0), np.float32)
+    try:
+        return np.concatenate([decode_embedding(served, out, n) for out, n in zip(outs, sizes)])
+    except ContractError as exc:
+        raise ClientError(f"{served.name}: {exc}") from exc
+
+
+def _chunk_sizes(served: ServedModel | None, texts: str | Sequence[str]) -> list[int]:
+    items = _texts(texts)
+    size = max(1, served.max_batch_size) if served is not None else max(1, len(items))
+    return [len(c) for c in _chunks(items, size)]
+
+
+@dataclass
+class Embedder(_SyncTransport):
+    """Embed texts with a served embedding model (sync): ``embed(texts)`` -> float32 [n, dim]."""
+
+    model: str = DEFAULT_EMBEDDER
+
+    @property
+    def dim(self) -> int:
+        return self.served_model().embedding_dim
+
+    def embed(self, texts: str | Sequence[str]) -> "np.ndarray":
+        """One row per text, in order (the server runs each row alone: a row's vector ignores its neighbours)."""
+        served, outs = self._infer(texts)
+        return _embeddings(served, outs, _chunk_sizes(served, texts))
+
+
+@dataclass
+class AsyncEmbedder(_AsyncTransport):
+    """The asyncio twin of Embedder."""
+
+    model: str = DEFAULT_EMBEDDER
+
+    async def dim(self) -> int:
+        return (await self.served_model()).embedding_dim
+
+    async def embed(self, texts: str | Sequence[str]) -> "np.ndarray":
+        served, outs = await self._infer(texts)
+        return _embeddings(served, outs, _chunk_sizes(served, texts))
+
+
+__all__ += ["AsyncEmbedder", "Embedder"]

@@ -423,3 +423,19 @@ def check_classification(model: ServedModel, outputs: Mapping[str, Any], n_rows:
     if bad:
         raise ContractError(f"{LABEL} {bad[0][0]!r} does not match the probabilities ({bad[0][1]!r})")
     return labels
+
+
+def decode_embedding(model: ServedModel, outputs: Mapping[str, Any], n_rows: int) -> np.ndarray:
+    """The EMBEDDING output as float32 [n_rows, embedding_dim]; ContractError on a wrong shape or NaN/Inf."""
+    if model.head is not Head.EMBEDDING:
+        raise ContractError(f"model {model.name!r} is a {model.head.value} model, not an embedding model")
+    values = outputs.get(EMBEDDING)
+    if values is None:
+        raise ContractError(f"response lacks {EMBEDDING}")
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.size != n_rows * model.embedding_dim:
+        raise ContractError(f"{EMBEDDING} has {arr.size} values, expected {n_rows} x {model.embedding_dim}")
+    arr = arr.reshape(n_rows, model.embedding_dim)
+    if not np.all(np.isfinite(arr)):
+        raise ContractError(f"{EMBEDDING} has NaN/Inf")
+    return arr

@@ -781,3 +781,124 @@ def _validate_ensemble(ens, configs: Mapping[str, Any]) -> None:
     for out in ens.output:
         if out.name not in available:
             raise RepositoryError(f"ensemble output '{out.name}' is produced by no step")
+
+
+# -------------------------------------------------------------------- embedding models; several models
+
+
+EMBEDDING_SOURCES = {Target.CPU: "embedder.py", Target.GPU: "embedding_postprocess.py"}
+
+
+def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
+                            encoder_inputs: Sequence[str] = ENCODER_INPUTS,
+                            output_types: Mapping[str, str] | None = None,
+                            tokenizer_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``ModelConfig`` messages of one embedding model: CPU, one python model (TEXT -> EMBEDDING, rows
+    alone); GPU, the ensemble ``<name>_tokenizer`` -> ``<name>_encoder`` -> ``<name>_postprocess`` (a cast)."""
+    if model.head is not Head.EMBEDDING:
+        raise RepositoryError(f"model {model.name!r} has head {model.head.value}, not embedding")
+    pb = _pb()
+    if config.target is Target.CPU:
+        return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
+    return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
+
+
+def _write_embedding_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
+                           onnx_model: Path, tokenizer_dir: Path) -> None:
+    """Every file of one served embedding model: configs, python sources, tokenizer, ONNX."""
+    for name, model_config in configs.items():
+        (root / name / VERSION).mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
+    if target is Target.CPU:
+        version = root / model.name / VERSION
+        _copy_python(version, EMBEDDING_SOURCES[target])
+        _copy_tokenizer(version, tokenizer_dir)
+        shutil.copy2(onnx_model, version / ONNX_FILE)
+        return
+    _copy_python(root / model.part(Part.TOKENIZER) / VERSION, "tokenizer.py")
+    _copy_tokenizer(root / model.part(Part.TOKENIZER) / VERSION, tokenizer_dir)
+    shutil.copy2(onnx_model, root / model.part(Part.ENCODER) / VERSION / ONNX_FILE)
+    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, EMBEDDING_SOURCES[target])
+
+
+def _model_configs(config: RepositoryConfig, model: ServedModel, onnx_model: Path, tokenizer_dir: Path):
+    """(configs, ONNX facts) of one served model of any head this module serves."""
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise RepositoryError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer is required)")
+    info = _check_onnx(onnx_model, model, config.target)
+    build = build_embedding_configs if model.head is Head.EMBEDDING else build_configs
+    configs = build(config, model, encoder_inputs=[n for n in ENCODER_INPUTS if n in info["inputs"]],
+                    output_types={n: info["outputs"][n] for n in model.encoder_outputs},
+                    tokenizer_params=tokenizer_settings(tokenizer_dir))
+    return configs, info
+
+
+def _existing(out: Path) -> RepositoryInfo | None:
+    """The repository already at ``out`` (None when there is none); anything else there is an error."""
+    if not out.exists():
+        return None
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    return read_repository(out)
+
+
+def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, new_names: Sequence[str]) -> None:
+    """Copy the existing repository into ``tmp`` (without bytecode), check it against its own provenance,
+    then drop the directories of the model being replaced."""
+    from serving.integrity import verify_repository
+
+    shutil.copytree(existing.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    verify_repository(tmp)  # never re-sign a repository that was changed since it was built
+    (tmp / PROVENANCE).unlink()  # rewritten with the new model (the hashes never cover this file)
+    old = existing.models.get(model.name)
+    if old is not None and old.contract.head is not model.head:
+        raise RepositoryError(f"{existing.path} already serves a {old.contract.head.value} model named "
+                              f"{model.name!r}; choose another name for the {model.head.value} model")
+    replaced = old.model_names if old is not None else []
+    others = set(existing.configs) - set(replaced)
+    clash = sorted(others & set(new_names))
+    if clash:
+        raise RepositoryError(f"{existing.path}: model directories {clash} belong to another served model")
+    for name in replaced:
+        shutil.rmtree(tmp / name)
+
+
+def _merged_provenance(tmp: Path, existing: RepositoryInfo | None, config: RepositoryConfig, model: ServedModel,
+                       onnx_model: Path, info: Mapping[str, Any], exporter: Mapping[str, Any] | None) -> dict:
+    """The repository's provenance with ``model`` added: ``models`` and ``served`` (per model: its config,
+    ONNX file and exporter record) updated, ``files`` rehashed; what the other models recorded is kept."""
+    from common.provenance import hash_tree
+
+    own = _provenance(tmp, config, model, onnx_model, info, exporter)
+    record = dict(existing.provenance) if existing is not None else own
+    record["models"] = {**record.get("models", {}), model.name: model.to_json()}
+    served = {k: own[k] for k in ("config", "resolved", "onnx", "exporter")}
+    record["served"] = {**record.get("served", {}), model.name: served}
+    record["files"] = hash_tree(tmp)
+    return record
+
+
+def add_model(out: Path, *, onnx_model: Path, tokenizer_dir: Path, model: ServedModel, config: RepositoryConfig,
+              provenance: Mapping[str, Any] | None = None) -> Path:
+    """Add (or replace) the served ``model`` in the repository at ``out``, keeping every other model;
+    atomic (copy, add, swap) with the provenance and integrity hashes updated. Creates the repository
+    when there is none."""
+    from common.atomic import atomic_directory
+
+    out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
+    configs, info = _model_configs(config, model, onnx_model, tokenizer_dir)
+    existing = _existing(out)
+    if existing is not None and existing.target is not config.target:
+        raise RepositoryError(f"{out} serves the {existing.target.value} target; cannot add a "
+                              f"{config.target.value} model")
+    with atomic_directory(out) as tmp:
+        if existing is not None:
+            _keep_existing(tmp, existing, model, list(configs))
+        write = _write_embedding_files if model.head is Head.EMBEDDING else _write_model_files
+        write(tmp, configs, model, config.target, onnx_model, tokenizer_dir)
+        record = _merged_provenance(tmp, existing, config, model, onnx_model, info, provenance)
+        (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        validate_repository(tmp, config.target)
+    log.info("added %s model %s to %s (%d instance(s)); it serves %s", config.target.value, model.name, out,
+             config.instances, ", ".join(sorted(read_repository(out).models)))
+    return out

@@ -109,3 +109,27 @@ def respond(requests, handle, where):
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[], error=pb_utils.TritonError(INTERNAL_ERROR)))
     return responses
+
+
+def row_session(args, params):
+    """The CPU target's ONNX Runtime session over the version directory's model.onnx: ``intra_op_threads``
+    from the config (1 by default, 0: the runtime's default), one inter-op thread, no spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = int(params.get("intra_op_threads", "1"))
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def embedding_output(model, rows):
+    """The served EMBEDDING tensor (FP32 [rows, dim]) from per-row or batched encoder outputs."""
+    if len(rows) == 0:
+        return pb_utils.Tensor(contract.EMBEDDING, np.zeros((0, model.embedding_dim), np.float32))
+    out = np.ascontiguousarray(np.asarray(rows, dtype=np.float32).reshape(-1, model.embedding_dim))
+    return pb_utils.Tensor(contract.EMBEDDING, out)

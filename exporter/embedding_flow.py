@@ -1,0 +1,192 @@
+"""`python -m exporter build MODEL_DIR --task embedding`: a sentence-embedding model -> gated ONNX variants ->
+typed report -> the selected variant added to the Triton repository as its own served model.
+
+The library work is in :mod:`exporter.embedding_build` (export, variants, gate, selection); this module
+reads the texts, runs it inside the atomic build directory, writes the report (exporter.artifacts /
+exporter.report) and hands the selected file to :func:`serving.repository.add_model`, which adds the
+embedder beside the models already in the repository (a classifier keeps serving untouched).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.config import BuildConfig, Precision, Target
+from exporter.errors import EvalDataError, ExporterError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_COLUMN = "text"
+
+
+@dataclass
+class EmbeddingInputs:
+    """The held-out texts the gate judges on and the (disjoint) texts int8 tunes on."""
+
+    eval_path: Path
+    texts: list[str]
+    tuning_source: str
+    tuning_texts: list[str]
+    warnings: list[str]
+
+
+def read_texts(path: Path, column: str, limit: int | None = None) -> list[str]:
+    """The ``column`` of a CSV (UTF-8, else latin-1), in file order; labels are not needed."""
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            with open(path, encoding=encoding, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if column not in (reader.fieldnames or []):
+                    raise EvalDataError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
+                rows = [row[column] for row in reader if row.get(column)]
+            break
+        except UnicodeDecodeError:
+            continue
+        except OSError as exc:
+            raise EvalDataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return rows[:limit] if limit is not None else rows
+
+
+def read_inputs(config: BuildConfig) -> EmbeddingInputs:
+    """Eval texts from ``--eval-data``; tuning texts from validation.csv/train.csv beside it, else the rows
+    after the evaluation slice of the same file (never a gated text)."""
+    if config.eval_data is None:
+        raise EvalDataError("--task embedding needs --eval-data CSV (held-out texts; labels are not needed)")
+    column = config.text_column or DEFAULT_TEXT_COLUMN
+    all_rows = read_texts(config.eval_data, column)
+    texts = all_rows[:config.eval_size]
+    warnings = [] if len(texts) >= min(1000, config.eval_size) else [
+        f"only {len(texts)} evaluation texts (fewer than 1000)"]
+    gated = set(texts)
+    source, pool = None, []
+    for name in ("validation", "train"):
+        candidate = config.eval_data.parent / f"{name}.csv"
+        if candidate.is_file() and candidate.resolve() != config.eval_data.resolve():
+            source, pool = candidate, read_texts(candidate, column)
+            break
+    if source is None:
+        source, pool = config.eval_data, all_rows[config.eval_size:]
+        if not pool:
+            warnings.append("no validation.csv/train.csv beside the eval data and no rows past --eval-size: "
+                            "int8 is quantized without an exclusion search")
+    pool = [t for t in pool if t not in gated]
+    random.Random(config.seed).shuffle(pool)
+    return EmbeddingInputs(config.eval_data, texts, str(source), pool[:config.tuning_size], warnings)
+
+
+def check_outputs(config: BuildConfig) -> None:
+    from exporter.inputs import check_writable
+
+    check_writable(config.out, "output directory")
+    if config.repository is not None:
+        check_writable(config.repository, "repository")
+
+
+def build_embedding(config: BuildConfig):
+    """Run the embedding build; the report is written even when no variant passes."""
+    from common.atomic import atomic_directory
+    from exporter import report as render
+    from exporter.build import BuildResult
+    from exporter.embedding import read_pipeline
+
+    read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # bad input: fail fast
+    inputs = read_inputs(config)
+    check_outputs(config)
+    for warning in inputs.warnings:
+        log.warning("%s", warning)
+    with atomic_directory(config.out) as out:
+        built = _variants(config, inputs, out)
+        report = assemble(config, inputs, built, out)
+        render.write_embedding(report, out)
+    if report.selected is None:
+        log.error("no embedding variant passed its gate: nothing is served, %s is left as it was",
+                  config.repository or "the repository")
+    elif config.repository is not None:
+        _repository_stage(config, report, built)
+    return BuildResult(report, config.out)
+
+
+def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path):
+    from exporter.embedding_build import build_embedding_variants
+
+    return build_embedding_variants(
+        config.checkpoint, inputs.texts, out, pooling=config.pooling, normalize=config.normalize,
+        precisions=config.precisions, tuning_texts=inputs.tuning_texts,
+        max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True)
+
+
+def select_for_target(built, target: Target) -> str | None:
+    """cpu: the fastest passing variant per core (embedding_build.select); gpu: fp16, else fp32."""
+    if target is Target.CPU:
+        return built.selected
+    passing = {v.name for v in built.variants if v.passed}
+    return next((p.value for p in (Precision.FP16, Precision.FP32) if p.value in passing), None)
+
+
+def served_name(config: BuildConfig) -> str:
+    from serving.contract import DEFAULT_EMBEDDER
+
+    return config.model_name or DEFAULT_EMBEDDER
+
+
+def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
+    """The typed EmbeddingReport of ``built`` (files relative to ``out``)."""
+    from common.provenance import sha256_file, versions
+    from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode
+    from exporter.embedding_gate import as_dict
+
+    variants = {v.name: EmbeddingVariantResult(
+        v.precision.value, v.path.name if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
+        list(v.excluded_nodes)) for v in built.variants}
+    settings = {"precisions": [p.value for p in config.precisions], "eval_size": config.eval_size,
+                "tuning_size": config.tuning_size, "max_exclusion_rounds": config.max_exclusion_rounds,
+                "seed": config.seed, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "reference": "SentenceTransformer.encode, batch 32"}
+    return EmbeddingReport(
+        model_dir=str(config.checkpoint.absolute()), model_name=served_name(config), target=config.target.value,
+        gate_mode=GateMode.PER_ROW, selected=select_for_target(built, config.target),
+        pipeline=built.pipeline.describe(), eval_data=str(inputs.eval_path), n_texts=built.n_texts,
+        budgets=as_dict(built.budgets), variants=variants, reference_speed=built.reference_speed,
+        tuning_data={"source": inputs.tuning_source, "rows": built.n_tuning_texts}, settings=settings,
+        warnings=inputs.warnings, versions=versions(),
+        files={v.file: sha256_file(out / v.file) for v in variants.values() if v.file})
+
+
+def _repository_stage(config: BuildConfig, report, built) -> None:
+    from exporter import report as render
+
+    try:
+        path = write_embedder(config, report, built)
+    except BaseException as exc:
+        report.repository_error = f"{type(exc).__name__}: {exc}"
+        render.write_embedding(report, config.out, figure=False)
+        raise
+    report.repository = str(Path(path).absolute())
+    render.write_embedding(report, config.out, figure=False)
+
+
+def write_embedder(config: BuildConfig, report, built) -> Path:
+    """Add the selected variant to ``config.repository`` as the served embedding model."""
+    from exporter.artifacts import to_dict
+    from serving.contract import Head, ServedModel
+    from serving.errors import ServingError
+    from serving.repository import RepositoryConfig, add_model
+
+    chosen = report.variants[report.selected]
+    provenance = {"source": "exporter", "task": "embedding", "model_dir": report.model_dir,
+                  "variant": report.selected, "precision": chosen.precision, "gate": to_dict(chosen.gate),
+                  "speed": to_dict(chosen.speed), "pipeline": report.pipeline, "eval_data": report.eval_data,
+                  "budgets": report.budgets, "versions": report.versions,
+                  "files": {chosen.file: report.files.get(chosen.file)}}
+    served = ServedModel(name=report.model_name, head=Head.EMBEDDING, embedding_dim=built.pipeline.dim)
+    try:
+        repo_config = RepositoryConfig(target=config.target, max_length=built.pipeline.max_seq_length)
+        return add_model(Path(config.repository), onnx_model=report.variant_path(report.selected, config.out),
+                         tokenizer_dir=config.out / "tokenizer", model=served, config=repo_config,
+                         provenance=provenance)
+    except ServingError as exc:
+        raise ExporterError(f"cannot write the repository {config.repository}: {exc}") from exc

@@ -1,0 +1,219 @@
+"""`python -m loadtest bench --task embedding`: sentence embeddings three ways on the same texts.
+
+- sentence-transformers ``encode`` (batch ``--batch-size``, ``--threads`` torch threads): the peer users run,
+- the ceiling: the build's selected ONNX variant in-process, one text at a time in one 1-intra-op-thread
+  process per core, all cores at once (summed rows/s; what the CPU server can at best reach),
+- served: the repository's embedding model behind a local tritonserver, closed loop (``--concurrency``
+  clients of ``--texts-per-request`` texts), HTTP and gRPC.
+Every backend's vectors are compared with sentence-transformers' (min cosine); ratios are to ``encode``
+and to the ceiling. Reports: bench.json, bench.md, bench.png (loadtest.bench's table and plot).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from loadtest.bench import BackendResult, BenchConfig, _load_texts, _set_ratios, cpu_model, plot_bench, time_calls
+from loadtest.errors import LoadtestError
+from loadtest.report import markdown_table
+from serving.contract import DEFAULT_EMBEDDER, Protocol
+
+log = logging.getLogger(__name__)
+
+HEADER = ("backend", "rows/call", "rows/s", "p50 ms", "p99 ms", "x encode", "of ceiling", "min cosine")
+
+
+def min_cosine(reference: np.ndarray, got: np.ndarray) -> float:
+    """The lowest row-wise cosine similarity of ``got`` to ``reference``."""
+    a, b = reference.astype(np.float64), np.asarray(got, dtype=np.float64).reshape(reference.shape)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+    return float(cos.min())
+
+
+def _row(name: str, kind: str, rows_per_call: int, n: int, seconds: float, lat: Sequence[float],
+         cosine: float | None, **detail) -> BackendResult:
+    res = BackendResult(name, kind, rows_per_call, n / seconds, float(np.percentile(lat, 50)),
+                        float(np.percentile(lat, 99)), cosine, n, detail)
+    log.info("%-40s %8.1f rows/s  p50 %7.2f ms  p99 %7.2f ms  min cosine %s", name, res.seq_per_s, res.p50_ms,
+             res.p99_ms, "-" if cosine is None else f"{cosine:.6f}")
+    return res
+
+
+def bench_encode(model_dir: Path, texts: list[str], batch: int) -> tuple[BackendResult, np.ndarray]:
+    """sentence-transformers ``encode`` in padded batches (the threads torch was given)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+
+    def run(b: Sequence[str]) -> list:
+        return list(model.encode(list(b), batch_size=len(b), convert_to_numpy=True, show_progress_bar=False))
+
+    vectors, lat, secs = time_calls(run, texts, batch)
+    reference = np.asarray(vectors, dtype=np.float32)
+    return _row(f"sentence-transformers encode b{batch}", "in-process", batch, len(texts), secs, lat, 1.0), reference
+
+
+def _ceiling_worker(onnx_path: str, model_dir: str, texts: list[str], barrier) -> tuple[np.ndarray, list[float], float]:
+    """One 1-thread process: every text alone, timed once every process has loaded and warmed up (so no
+    process's timing overlaps another's start-up); (vectors, ms per text, seconds)."""
+    from exporter.embedding import read_pipeline
+    from exporter.embedding_gate import RowEncoder
+
+    encoder = RowEncoder(Path(onnx_path), read_pipeline(Path(model_dir)))
+    for text in texts[:8]:
+        encoder(text)
+    barrier.wait()
+    lat, rows, t_all = [], [], time.perf_counter()
+    for text in texts:
+        t0 = time.perf_counter()
+        rows.append(encoder(text))
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return np.stack(rows), lat, time.perf_counter() - t_all
+
+
+def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[str], processes: int,
+                  reference: np.ndarray) -> BackendResult:
+    """The selected variant, one text at a time, one 1-thread process per core, all at once."""
+    from serving.repository import usable_cores
+
+    n = processes or usable_cores()
+    shares = [list(range(i, len(texts), n)) for i in range(n)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        barrier = manager.Barrier(n)
+        futures = [pool.submit(_ceiling_worker, str(onnx_path), str(model_dir), [texts[i] for i in s], barrier)
+                   for s in shares]
+        parts = [f.result() for f in futures]
+    vectors = np.zeros_like(reference)
+    for share, (rows, _, _) in zip(shares, parts):
+        vectors[share] = rows
+    rates = [len(s) / secs for s, (_, _, secs) in zip(shares, parts)]
+    lat = [x for _, part_lat, _ in parts for x in part_lat]
+    # rows/s summed over the processes, as loadtest.ceiling reports it
+    return _row(f"ceiling onnxruntime {variant} 1 row x {n} proc", "ceiling", 1, len(texts), len(texts) / sum(rates),
+                lat, min_cosine(reference, vectors), onnx=str(onnx_path), processes=n, per_process_rows_per_s=rates)
+
+
+def _closed_loop(url: str, protocol: Protocol, model: str, texts: list[str], concurrency: int, k: int,
+                 seconds: float) -> tuple[int, list[float], float, int]:
+    """``concurrency`` threads, each with its own Embedder, sending ``k`` texts per request for ``seconds``."""
+    from serving.client import Embedder
+
+    lat: list[float] = []
+    counts = {"rows": 0, "failures": 0}
+    lock, stop = threading.Lock(), time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        with Embedder(url, protocol=protocol, model=model) as emb:
+            j = i * k
+            while time.perf_counter() < stop:
+                batch = [texts[(j + x) % len(texts)] for x in range(k)]
+                j += k * concurrency
+                t0 = time.perf_counter()
+                try:
+                    emb.embed(batch)
+                except Exception:  # noqa: BLE001 - counted, the bench goes on
+                    with lock:
+                        counts["failures"] += 1
+                    continue
+                with lock:
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                    counts["rows"] += k
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts["rows"], lat, time.perf_counter() - t0, counts["failures"]
+
+
+def bench_served(cfg: BenchConfig, model: str, texts: list[str], reference: np.ndarray,
+                 meta: dict[str, Any]) -> list[BackendResult]:
+    """Every (protocol, concurrency) point against a local tritonserver on the repository."""
+    from loadtest.serve import served
+    from serving.client import Embedder
+
+    results = []
+    with served(cfg.repository) as endpoints:
+        meta["endpoints"] = endpoints.as_dict()
+        with Embedder(endpoints.url(Protocol.GRPC), model=model) as emb:  # a pass over the texts: parity + warm-up
+            cosine = min_cosine(reference, emb.embed(texts))
+        for proto in cfg.protocols:
+            for conc in cfg.concurrency:
+                rows, lat, secs, failures = _closed_loop(endpoints.url(proto), proto, model, texts, conc,
+                                                         cfg.texts_per_request, cfg.served_seconds)
+                if not lat:
+                    raise LoadtestError(f"served {proto.value} c{conc}: no request succeeded")
+                results.append(_row(f"served {proto.value} c{conc} x{cfg.texts_per_request}", "served",
+                                    cfg.texts_per_request, rows, secs, lat, cosine, failures=failures,
+                                    load={"protocol": proto.value, "concurrency": conc}))
+    return results
+
+
+def _selected(cfg: BenchConfig) -> tuple[str, Path, Path]:
+    """(variant, ONNX file, model directory) of the embedding build's selection."""
+    from exporter.artifacts import ArtifactError, read_embedding_report
+
+    try:
+        report = read_embedding_report(cfg.build)
+    except ArtifactError as exc:
+        raise LoadtestError(str(exc)) from None
+    if report.selected is None:
+        raise LoadtestError(f"{cfg.build}: no embedding variant passed its gate")
+    return report.selected, report.variant_path(report.selected, cfg.build), Path(report.model_dir)
+
+
+def _write(cfg: BenchConfig, results: list[BackendResult], meta: dict[str, Any]) -> dict[str, Any]:
+    from common.atomic import atomic_directory
+    from common.provenance import versions
+
+    rows = [(r.name, r.rows_per_call, r.seq_per_s, r.p50_ms, r.p99_ms,
+             None if r.ratio_to_pipeline is None else f"{r.ratio_to_pipeline:.2f}",
+             None if r.ratio_to_ceiling is None else f"{r.ratio_to_ceiling:.2f}",
+             None if r.accuracy is None else f"{r.accuracy:.6f}") for r in results]
+    out = {"task": "embedding", "config": json.loads(json.dumps(asdict(cfg), default=str)), "machine": meta,
+           "results": [asdict(r) for r in results], "goals": {}, "notes": cfg.notes, "versions": versions(),
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = ["# Embedding benchmark\n", "sentence-transformers encode, the in-process ceiling (the selected variant, "
+            "one text at a time, one 1-thread process per core) and the served embedder, on the same texts.\n",
+            f"{meta['n_texts']} texts from `{meta['texts_source']}`, {meta['cpu']} ({meta['cores']} cores); "
+            "`min cosine` is against sentence-transformers' vectors for the same texts.\n",
+            markdown_table(HEADER, rows), *[f"- {n}" for n in cfg.notes], ""]
+    with atomic_directory(cfg.out) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+        (tmp / "bench.md").write_text("\n".join(text))
+        plot_bench(results, tmp / "bench.png")
+    return {**out, "out": str(cfg.out.absolute()), "table": (HEADER, rows), "goal_lines": []}
+
+
+def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure encode, the ceiling and the served embedder; write bench.{json,md,png} into ``cfg.out``."""
+    import torch
+
+    if cfg.build is None:
+        raise LoadtestError("--task embedding needs --build (an `exporter build --task embedding` directory)")
+    torch.set_num_threads(cfg.threads)
+    texts, _, source = _load_texts(cfg)
+    variant, onnx_path, model_dir = _selected(cfg)
+    meta = {"n_texts": len(texts), "texts_source": source, "cpu": cpu_model(), "cores": os.cpu_count(),
+            "variant": variant, "model_dir": str(model_dir)}
+    base, reference = bench_encode(cfg.checkpoint, texts, cfg.batch_size)
+    results = [base]
+    if cfg.ceiling:
+        results.append(bench_ceiling(variant, onnx_path, model_dir, texts, cfg.ceiling_processes, reference))
+    if cfg.served:
+        results += bench_served(cfg, cfg.model_name or DEFAULT_EMBEDDER, texts, reference, meta)
+    _set_ratios(results, base.name)
+    return _write(cfg, results, meta)

@@ -1,0 +1,234 @@
+"""Sentence embeddings end to end: a tiny sentence-transformers-style model -> `exporter build --task embedding`
+into a repository that already serves a tiny classifier -> one real tritonserver serves both."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding_helpers import build_tiny_sentence_transformer
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Head, ServedModel
+from serving.errors import RepositoryError
+from serving.integrity import IntegrityError, verify_repository
+from serving.repository import (RepositoryConfig, Target, add_model, read_repository, validate_repository,
+                                write_repository)
+from serving.server import LocalTritonServer, ServerConfig
+from serving_helpers import corpus_texts, torch_reference
+
+LABELS = ["negative", "neutral", "positive"]
+N_EVAL = 40
+
+
+@pytest.fixture(scope="module")
+def st_model(tmp_path_factory) -> Path:
+    return build_tiny_sentence_transformer(tmp_path_factory.mktemp("st") / "model")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return corpus_texts(N_EVAL + 40, seed=7)
+
+
+@pytest.fixture(scope="module")
+def eval_csv(texts, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "test.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([t, "x"] for t in texts)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(st_model, eval_csv, tiny_onnx, tiny_checkpoint, tmp_path_factory) -> dict:
+    """The classifier repository, then `python -m exporter build --task embedding` adding the embedder."""
+    from exporter.cli import main
+
+    root = tmp_path_factory.mktemp("both")
+    repo = write_repository(root / "repo", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_batch_size=16, encoder_instances=1))
+    classifier_files = {k: v for k, v in json.loads((repo / "provenance.json").read_text())["files"].items()}
+    code = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
+                 str(root / "build"), "--repository", str(repo), "--precisions", "fp32",
+                 "--eval-size", str(N_EVAL)])
+    return {"code": code, "repo": repo, "out": root / "build", "classifier_files": classifier_files}
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    assert built["code"] == 0
+    with LocalTritonServer(ServerConfig(built["repo"], startup_timeout_s=180)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(st_model, texts) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(st_model), device="cpu")
+    return np.asarray(model.encode(texts, batch_size=32, convert_to_numpy=True), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def test_build_adds_the_embedder_beside_the_classifier(built):
+    from exporter.artifacts import read_embedding_report
+
+    info = read_repository(built["repo"])
+    assert sorted(info.models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    embedder = info.model(DEFAULT_EMBEDDER).contract
+    assert (embedder.head, embedder.embedding_dim) == (Head.EMBEDDING, 32)
+    assert validate_repository(built["repo"], Target.CPU) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    verify_repository(built["repo"])  # the provenance hashes cover both models
+    files = info.provenance["files"]
+    assert all(files[k] == v for k, v in built["classifier_files"].items())  # the classifier is untouched
+    assert set(info.provenance["served"]) == {DEFAULT_EMBEDDER}
+    report = read_embedding_report(built["out"])
+    assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
+    assert report.repository == str(built["repo"].absolute())
+    assert (built["out"] / "report.md").is_file() and (built["out"] / "report.png").is_file()
+
+
+def test_adding_refuses_a_tampered_repository_and_another_target(built, tmp_path):
+    repo = shutil.copytree(built["repo"], tmp_path / "repo")
+    m = read_repository(repo).model(DEFAULT_EMBEDDER)
+    kwargs = dict(onnx_model=m.onnx_path, tokenizer_dir=m.tokenizer_dir, model=m.contract)
+    with pytest.raises(RepositoryError, match="target"):
+        add_model(repo, config=RepositoryConfig(target=Target.GPU, max_length=64), **kwargs)
+    named_like_the_classifier = dict(kwargs, model=ServedModel(name=DEFAULT_CLASSIFIER, head=Head.EMBEDDING,
+                                                               embedding_dim=32))
+    with pytest.raises(RepositoryError, match="already serves a single_label_classification model"):
+        add_model(repo, config=RepositoryConfig(max_length=64), **named_like_the_classifier)
+    add_model(repo, config=RepositoryConfig(max_length=64, encoder_instances=1), **kwargs)  # replaces itself
+    assert sorted(read_repository(repo).models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    verify_repository(repo)
+    (repo / DEFAULT_CLASSIFIER / "1" / "model.py").write_text("# changed\n")
+    with pytest.raises(IntegrityError):
+        add_model(repo, config=RepositoryConfig(max_length=64), **kwargs)
+
+
+def test_task_embedding_needs_eval_data(st_model, tmp_path, capsys):
+    from exporter.cli import main
+
+    assert main(["build", str(st_model), "--task", "embedding", "--out", str(tmp_path / "b")]) == 2
+    assert "--eval-data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- served
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_embedding_equals_sentence_transformers(server, texts, reference, protocol):
+    from serving.client import Embedder
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with Embedder(url, protocol=protocol) as client:
+        got = client.embed(texts)
+        assert client.dim == 32
+    assert got.shape == reference.shape and got.dtype == np.float32
+    assert np.abs(got - reference).max() < 1e-5
+
+
+def test_a_texts_embedding_does_not_depend_on_its_neighbours(server, texts):
+    from serving.client import AsyncEmbedder, Embedder
+
+    with Embedder(server.http_url) as client:
+        alone = np.stack([client.embed(t)[0] for t in texts[:6]])
+        among = client.embed(texts[:6] + texts[20:40])[:6]
+
+    async def concurrent():
+        async with AsyncEmbedder(server.grpc_url, protocol="grpc") as aclient:
+            rows = await asyncio.gather(*(aclient.embed([t, *texts[30:38]]) for t in texts[:6]))
+        return np.stack([r[0] for r in rows])
+
+    assert np.abs(alone - among).max() <= 1e-6
+    assert np.abs(alone - asyncio.run(concurrent())).max() <= 1e-6
+
+
+def test_the_classifier_still_answers(server, texts, tiny_checkpoint):
+    from serving.client import TextClassifier
+
+    ref_probs, ref_labels = torch_reference(tiny_checkpoint, texts)
+    with TextClassifier(server.http_url) as client:
+        predictions = client.classify(texts)
+    assert [p.label for p in predictions] == ref_labels
+    probs = np.array([[p.probabilities[label] for label in LABELS] for p in predictions])
+    assert np.abs(probs - ref_probs).max() < 1e-4
+
+
+def test_cli_embed(server, capsys):
+    from serving.cli import main
+
+    assert main(["embed", "--url", server.grpc_url, "--protocol", "grpc", "--json", "good day", ""]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == ["good day", ""] and all(len(r["embedding"]) == 32 for r in rows)
+    assert main(["embed", "--url", server.http_url, "a table row"]) == 0
+    out = capsys.readouterr().out
+    assert "a table row" in out and "32" in out
+    assert main(["embed", "--url", server.http_url, "--model", DEFAULT_CLASSIFIER, "x"]) != 0
+
+
+# ------------------------------------------------------------------------------- load test and bench
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_locust_picks_the_embedding_users_for_an_embedding_model(server, eval_csv, scheme, tmp_path):
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--host", host, "--texts", str(eval_csv), "--texts-per-request", "3", "--model-name", DEFAULT_EMBEDDER,
+           "--csv", str(tmp_path / "l")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
+    wanted = "TritonEmbedHttpUser" if scheme == "http" else "TritonEmbedGrpcUser"
+    assert f"running {wanted}" in out.stderr + out.stdout
+    with open(tmp_path / "l_stats.csv") as fh:
+        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+
+
+def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
+    from loadtest.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(checkpoint=st_model, build=built["out"], repository=built["repo"], texts=eval_csv, n_texts=40,
+                      threads=1, batch_size=8, concurrency=(2,), texts_per_request=4, served_seconds=1.0,
+                      warmup_seconds=0.0, ceiling_processes=1, out=tmp_path / "bench", task="embedding")
+    result = run_bench(cfg)
+    names = [r["name"] for r in result["results"]]
+    assert names[0] == "sentence-transformers encode b8" and names[1].startswith("ceiling onnxruntime fp32")
+    assert {n for n in names[2:]} == {"served http c2 x4", "served grpc c2 x4"}
+    assert all(r["accuracy"] > 0.99999 for r in result["results"])  # min cosine to sentence-transformers
+    assert all(r["ratio_to_ceiling"] is not None for r in result["results"][1:])
+    assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()
+
+
+def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_onnx, tiny_checkpoint, tmp_path):
+    """Offline: the GPU layout (tokenizer -> onnxruntime encoder -> postprocess cast), named apart."""
+    from serving.contract import Part
+
+    repo = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target=Target.GPU))
+    served = ServedModel(name="search", head=Head.EMBEDDING, embedding_dim=32)
+    add_model(repo, onnx_model=built["out"] / "fp32.onnx", tokenizer_dir=built["out"] / "tokenizer", model=served,
+              config=RepositoryConfig(target=Target.GPU, max_length=64))
+    info = read_repository(repo)
+    assert sorted(info.models) == [DEFAULT_CLASSIFIER, "search"]
+    m = info.model("search")
+    assert sorted(m.parts) == sorted(p.value for p in Part)
+    assert [(t.name, list(t.dims)) for t in m.parts["encoder"].input][:2] == [("input_ids", [64]),
+                                                                            ("attention_mask", [64])]
+    assert (repo / "search_postprocess" / "1" / "model.py").read_text() == (
+        Path(__file__).parents[1] / "serving" / "models" / "embedding_postprocess.py").read_text()
+    assert len(validate_repository(repo, Target.GPU)) == 8
+    verify_repository(repo)
