@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
@@ -13,6 +13,10 @@ from exporter.config import BuildConfig, Target
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
+from serving.contract import Head
+
+# The heads the build exports, gates and serves (exporter.inputs reads them all).
+BUILT_HEADS = (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION)
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 
@@ -48,7 +52,8 @@ class _Inputs:
 
 def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
-    checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
+    checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length,
+                                 heads=BUILT_HEADS)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
     if columns.text_pair is not None:  # read by exporter.inputs; the served TEXT_PAIR input comes later
         raise ExporterError("text pairs (--text-pair-column) are not exported yet")
@@ -82,12 +87,48 @@ def validate(config: BuildConfig) -> _Inputs:
             import serving.repository  # noqa: F401  (the writer must exist before hours of work)
         except ImportError as exc:
             raise ExporterError(f"cannot import serving.repository to write {config.repository}: {exc}") from None
+    eval_set = with_long_rows(eval_set, checkpoint, config.max_length)  # last: after every input check
+    kind = dict(kind=checkpoint.head, num_labels=len(checkpoint.id2label))
     return _Inputs(
         checkpoint, eval_set,
-        Examples(calib_src, [t for t, _ in calib], [lab for _, lab in calib]),
-        Examples(tuning_src, [t for t, _ in tuning], [lab for _, lab in tuning]),
+        Examples(calib_src, [t for t, _ in calib], [lab for _, lab in calib], **kind),
+        Examples(tuning_src, [t for t, _ in tuning], [lab for _, lab in tuning], **kind),
         warnings,
     )
+
+
+LONG_ROWS = 8  # evaluation rows that reach truncation, so a served tokenizer that truncates otherwise fails
+
+
+def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, n: int = LONG_ROWS) -> Examples:
+    """The evaluation rows plus, when fewer than ``n`` of them exceed ``max_length`` tokens, long rows made
+    by joining consecutive rows until they do. A long row keeps the label of the row that survives the
+    checkpoint's truncation side (the first row for "right", the last for "left")."""
+    tokenizer = checkpoint.load_tokenizer()
+    pairs = eval_set.pairs or [None] * len(eval_set)
+
+    def length(text: str, pair: str | None) -> int:
+        return len(tokenizer(text, pair, truncation=False)["input_ids"])
+
+    have = sum(length(t, p) > max_length for t, p in zip(eval_set.texts[:2000], pairs))
+    texts, labels, extra_pairs, start = list(eval_set.texts), list(eval_set.labels), list(pairs), 0
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    for _ in range(max(0, n - have)):
+        end = start + 1
+        while end <= len(eval_set) and length(" ".join(eval_set.texts[start:end]), pairs[start]) <= max_length:
+            end += 1
+        if end > len(eval_set):
+            break  # too few rows left to reach max_length
+        texts.append(" ".join(eval_set.texts[start:end]))
+        labels.append(eval_set.labels[end - 1 if left else start])
+        extra_pairs.append(pairs[end - 1 if left else start])
+        start = end
+    added = len(texts) - len(eval_set)
+    if added:
+        log.info("added %d evaluation rows over max_length %d (joined rows) so that truncation is gated",
+                 added, max_length)
+    return Examples(eval_set.source, texts, labels, extra_pairs if eval_set.pairs is not None else None,
+                    eval_set.kind, eval_set.num_labels)
 
 
 def build(config: BuildConfig) -> BuildResult:
@@ -161,18 +202,18 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
         eval_batches = parity.tokenize(tokenizer, inputs.eval_set.texts, **tok)
         data = Data(
             ref=parity.Reference(parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))),
-                                 np.asarray(inputs.eval_set.labels)),
+                                 inputs.eval_set.targets(), ck.head, config.threshold),
             eval_batches=eval_batches, tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, **tok),
-            tuning_labels=np.asarray(inputs.tuning.labels),
+            tuning_labels=inputs.tuning.targets(),
             calibration=parity.tokenize(tokenizer, inputs.calibration.texts, **tok),
             singles=parity.tokenize(tokenizer, inputs.eval_set.texts[:SINGLE_ROWS], batch_size=1,
                                     max_length=config.max_length),
             texts=inputs.eval_set.texts, encode=speed.encoder(tokenizer, config.max_length),
             calibration_source=str(inputs.calibration.source))
         metrics = data.ref.metrics
-        log.info("pytorch reference: accuracy %.4f, macro-F1 %.4f on %d rows", metrics["accuracy"],
-                 metrics["macro_f1"], metrics["n_examples"])
+        log.info("pytorch reference (%s): %s", ck.head.value, metrics)
     with stages("reference-speed"):
+        metrics = {k: v for k, v in metrics.items() if k != "micro_f1"}
         reference = ReferenceResult(**metrics, size_bytes=_weights_size(ck.path),
                                     speed=_torch_speed(model, data, mode, config.speed_seconds))
         del model  # the torch model is never alive next to an ONNX Runtime session
@@ -278,8 +319,10 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     }
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
+        served = replace(ck.served_model(), threshold=config.threshold)
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
-                                     id2label=dict(ck.id2label), config=repo_config, provenance=provenance))
+                                     id2label=dict(ck.id2label), config=repo_config, provenance=provenance,
+                                     model=served))
     except ServingError as exc:
         raise ExporterError(f"cannot write the repository {config.repository}: {exc}") from exc
     except NotImplementedError:

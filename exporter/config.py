@@ -98,6 +98,8 @@ class BuildConfig:
         "help": "CSV column holding the label (default: the one finetune train recorded, else 'label')"})
     text_pair_column: str | None = field(default=None, metadata={
         "help": "CSV column holding the second text of a text pair (cross-encoders, NLI); default: none"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "multi-label heads: a label is on when its sigmoid probability is >= this (gated and served)"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -121,6 +123,7 @@ class BuildConfig:
             "speed_seconds": self.speed_seconds > 0,
             "max_exclusion_rounds": self.max_exclusion_rounds >= 0,
             "tuning_size": self.tuning_size >= 1,
+            "threshold": 0.0 < self.threshold < 1.0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -97,7 +97,7 @@ class Context:
             sess = parity.session(self.base, Precision.FP32, threads=parity.gate_threads(self.mode), arena=False)
             feeds = parity.gate_feeds(self.data.tuning_batches, self.mode)
             self._tune_ref = parity.Reference(parity.ort_outputs(sess, feeds, "int8 tuning reference")[0],
-                                              self.data.tuning_labels)
+                                              self.data.tuning_labels, self.data.ref.head, self.data.ref.threshold)
         return self._tune_ref
 
 

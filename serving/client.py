@@ -31,6 +31,7 @@ from serving.contract import (
     Protocol,
     ServedModel,
     decode_classification,
+    decode_scores,
     infer_inputs,
     parse_endpoint,
     requested_outputs,
@@ -224,7 +225,8 @@ class _Base(ClientConfig):
 
     def _outputs(self, served: ServedModel) -> list[str]:
         names = list(served.default_outputs)
-        return names + [LOGITS] if self.return_logits and LOGITS not in names else names
+        has_logits = any(t.name == LOGITS for t in served.outputs)  # regression models serve SCORE only
+        return names + [LOGITS] if self.return_logits and has_logits and LOGITS not in names else names
 
     def _request(self, served: ServedModel, chunk: list[str]) -> tuple[tuple, dict[str, Any]]:
         """(args, kwargs) of ``client.infer`` for one chunk, built through the contract."""
@@ -351,6 +353,15 @@ def _decode(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Pred
         raise ClientError(f"{served.name}: {exc}") from exc
 
 
+def _decode_scores(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[float]:
+    if served is None or not outs:
+        return []
+    try:
+        return [x for out in outs for x in decode_scores(served, out)]
+    except ContractError as exc:
+        raise ClientError(f"{served.name}: {exc}") from exc
+
+
 @dataclass
 class TextClassifier(_SyncTransport):
     """Classify texts with a served classifier (sync)."""
@@ -367,6 +378,10 @@ class TextClassifier(_SyncTransport):
     def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
         """Classify texts; one Prediction per text, in order."""
         return _decode(*self._infer(texts))
+
+    def score(self, texts: str | Sequence[str]) -> list[float]:
+        """A regression model's prediction (SCORE) per text, in order."""
+        return _decode_scores(*self._infer(texts))
 
 
 @dataclass

@@ -298,8 +298,8 @@ def build_configs(
     """The ``ModelConfig`` messages of one served model (keyed by model name); ``model`` may be a label list
     (the default classifier)."""
     pb, model = _pb(), _as_model(model)
-    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL):
-        raise RepositoryError(f"head {model.head.value} is not served yet (classification heads only)")
+    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION):
+        raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
     if config.target is Target.CPU:
         return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
     return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})

@@ -1,5 +1,5 @@
 """Triton python-backend model `<name>` (CPU target): TEXT -> tokenizer -> ONNX Runtime -> LABEL,
-PROBABILITIES, LOGITS, in one model (one hop per request).
+PROBABILITIES, LOGITS (regression: SCORE), in one model (one hop per request).
 
 Every row runs ALONE, at its own length (no padding), in a session with intra_op_num_threads from the
 config (1 by default) and one inter-op thread; one instance per core. So a row's answer is a function of
@@ -42,7 +42,7 @@ class TritonPythonModel:
         texts = textmodel.decode_texts(request, self.max_chars)
         results = [self._row(text) for text in texts]
         logits = np.concatenate([r[0] for r in results]) if results else np.zeros((0, self.width), np.float32)
-        probs = np.concatenate([r[1] for r in results]) if results else np.zeros((0, self.width), np.float32)
+        probs = np.concatenate([r[-1] for r in results]) if results else np.zeros((0, self.width), np.float32)
         return textmodel.head_outputs(self.model, logits, probs)
 
     def execute(self, requests):

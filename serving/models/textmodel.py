@@ -70,7 +70,12 @@ def decode_texts(request, max_chars):
 
 
 def head_outputs(model, logits, probabilities):
-    """The served output tensors of a classification head (FP32; LABEL from the probabilities)."""
+    """The served output tensors of the head (FP32): regression SCORE (the raw prediction); classifiers
+    LABEL (single-label: the argmax; multi-label: the JSON list of labels >= threshold), PROBABILITIES
+    (softmax / sigmoid, as the graph computed them) and LOGITS."""
+    if model.head is contract.Head.REGRESSION:
+        score = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1, 1))
+        return [pb_utils.Tensor(contract.SCORE, score)]
     probs = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).reshape(len(logits), -1))
     logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(probs.shape))
     labels = list(model.labels)
