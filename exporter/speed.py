@@ -87,7 +87,7 @@ def encoder(tokenizer, max_length: int) -> Callable[[str], Batch]:
 
 def ort_runner(sess) -> Callable[[Batch], object]:
     names = {i.name for i in sess.get_inputs()}
-    outputs = [ENCODER_LOGITS, ENCODER_PROBABILITIES]
+    outputs = [o.name for o in sess.get_outputs() if o.name in (ENCODER_LOGITS, ENCODER_PROBABILITIES)]
     return lambda batch: sess.run(outputs, {k: v for k, v in batch.items() if k in names})
 
 

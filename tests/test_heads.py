@@ -1,0 +1,217 @@
+"""Multi-label and regression heads, and truncation side, end to end: the gate judges each head by its own
+numbers, the build exports and gates them, and the real tritonserver serves them as PyTorch computes them."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter import parity
+from exporter.config import Budgets, Precision
+from serving.contract import Head, ServedModel, decode_scores
+
+LABELS = ("sports", "music", "food", "travel")
+MAX_LENGTH = 32  # below the tiny models' 64 positions; many corpus rows reach it
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def _ref(head: Head, n: int = 50, width: int = 4, seed: int = 0) -> parity.Reference:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (n, width)).astype(np.float32)
+    if head is Head.MULTI_LABEL:
+        labels = (rng.random((n, width)) < 0.4).astype(np.float32)
+    else:
+        labels = (logits[:, 0] + rng.normal(0, 0.5, n)).astype(np.float32)
+    return parity.Reference(logits, labels, head)
+
+
+def test_multi_label_gate_counts_every_label_at_the_threshold():
+    ref = _ref(Head.MULTI_LABEL)
+    same = parity.compare(Precision.FP32, ref, ref.logits.copy(), parity._sigmoid(ref.logits), Budgets())
+    assert same.passed and same.label_agreement == 1.0 and same.head == Head.MULTI_LABEL.value
+    assert same.max_prob_diff < 1e-6  # the reference probabilities are sigmoids, not a softmax
+    flipped = ref.logits.copy()
+    flipped[3, 2] = -flipped[3, 2] if flipped[3, 2] != 0 else 1.0  # one label of one row crosses 0.5
+    rec = parity.compare(Precision.INT8, ref, flipped, parity._sigmoid(flipped), Budgets())
+    assert rec.label_agreement == pytest.approx(1 - 1 / ref.logits.size)
+    expected = parity.task_metrics((parity._sigmoid(flipped) >= 0.5).astype(int), ref.labels, 4, Head.MULTI_LABEL)
+    assert rec.accuracy == expected["accuracy"] and rec.macro_f1 == expected["macro_f1"]
+    strict = parity.compare(Precision.FP32, ref, flipped, parity._sigmoid(flipped), Budgets(fp32_max_abs=100))
+    assert not strict.passed and "label agreement" in strict.reason
+
+
+def test_multi_label_threshold_is_the_gates():
+    ref = _ref(Head.MULTI_LABEL)
+    high = parity.Reference(ref.logits, ref.labels, Head.MULTI_LABEL, threshold=0.9)
+    assert not np.array_equal(parity.predictions(ref.logits, Head.MULTI_LABEL),
+                              parity.predictions(ref.logits, Head.MULTI_LABEL, 0.9))
+    assert high.metrics != ref.metrics
+
+
+def test_regression_gate_is_max_abs_and_mae():
+    ref = _ref(Head.REGRESSION, width=1)
+    ok = parity.compare(Precision.FP32, ref, ref.logits.copy(), ref.logits.copy(), Budgets())
+    assert ok.passed and ok.accuracy is None and ok.mae is not None and ok.pearson is not None
+    off = ref.logits.copy()
+    off[7, 0] += 0.5
+    rec = parity.compare(Precision.FP32, ref, off, off, Budgets())
+    assert not rec.passed and "max abs" in rec.reason
+    assert rec.label_agreement == pytest.approx(1 - 1 / len(off))
+    worse = ref.logits + np.sign(ref.logits - ref.labels[:, None]) * 0.5  # every prediction further off
+    rec = parity.compare(Precision.INT8, ref, worse.astype(np.float32), worse, Budgets(int8_min_agreement=0.0))
+    assert not rec.passed and "MAE increase" in rec.reason and rec.mae_increase_pts > 0
+
+
+def test_regression_and_multi_label_tuning_check_stop_on_flips():
+    class Session:
+        def __init__(self, out):
+            self.out = out
+
+        def get_inputs(self):
+            return []
+
+        def get_outputs(self):
+            return [type("O", (), {"name": "logits"})()]
+
+        def run(self, names, feed):
+            return [self.out[feed["rows"]]]
+
+    ref = _ref(Head.REGRESSION, n=40, width=1)
+    wrong = ref.logits + 10.0
+    batches = [{"rows": slice(i, i + 10)} for i in range(0, 40, 10)]
+    sess = Session(wrong)
+    sess.get_inputs = lambda: [type("I", (), {"name": "rows"})()]
+    rec = parity.tuning_check(sess, batches, ref, Budgets())
+    assert rec.early_stop and not rec.passed and rec.head == Head.REGRESSION.value
+
+
+def test_contract_decodes_scores_and_refuses_classify_on_regression():
+    from serving.contract import ContractError, SCORE, decode_classification
+
+    model = ServedModel(head=Head.REGRESSION, labels=("LABEL_0",))
+    assert [t.name for t in model.outputs] == [SCORE]
+    assert decode_scores(model, {SCORE: np.array([[1.5], [-2.0]], np.float32)}) == [1.5, -2.0]
+    with pytest.raises(ContractError, match="regression"):
+        decode_classification(model, {SCORE: np.zeros((1, 1))})
+    with pytest.raises(ContractError, match="not regression"):
+        decode_scores(ServedModel(labels=("a", "b")), {SCORE: np.zeros((1, 1))})
+
+
+# ------------------------------------------------------------------------------------- build + serve
+
+
+def _write_data(ck: Path, root: Path, head: Head, n: int = 160) -> None:
+    from checkpoint_factory import corpus
+
+    rng = random.Random(1)
+    texts = corpus(n, seed=5)
+    data = root / "data"
+    data.mkdir()
+    for name, part in (("test", texts[:80]), ("validation", texts[80:120]), ("train", texts[120:])):
+        with open(data / f"{name}.csv", "w", encoding="utf-8") as fh:
+            fh.write("text,label\n")
+            for t in part:
+                label = ("|".join(rng.sample(LABELS, rng.randint(0, 2))) if head is Head.MULTI_LABEL
+                         else f"{rng.uniform(-1, 1):.4f}")
+                fh.write(f"\"{t}\",{label}\n")
+    (ck / "metrics.json").write_text(json.dumps({"data_dir": str(data), "test": {}}))
+
+
+def _build(tmp: Path, arch_checkpoint, head: Head, **options) -> tuple[Path, Path, dict]:
+    import shutil
+
+    from exporter.cli import main
+
+    src = arch_checkpoint("bert", **options)
+    ck = tmp / "checkpoint"
+    shutil.copytree(src, ck)
+    _write_data(ck, tmp, head)
+    rc = main([str(a) for a in ["build", ck, "--out", tmp / "build", "--repository", tmp / "repo", "--precisions",
+                                "fp32", "--max-length", MAX_LENGTH, "--speed-seconds", "0.1", "--eval-size", "80",
+                                "--calibration-size", "16", "--tuning-size", "16"]])
+    report = json.loads((tmp / "build" / "report.json").read_text())
+    assert rc == 0, report["variants"]["fp32"]["parity"]["reason"]
+    return ck, tmp / "repo", report
+
+
+def _torch(ck: Path, texts: list[str]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    model = AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    with torch.inference_mode():
+        return np.concatenate([model(**tok([t], truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
+                               .logits.numpy() for t in texts])
+
+
+def _long_text() -> str:
+    from checkpoint_factory import corpus
+
+    return " ".join(corpus(12, seed=9))[:500]  # far over MAX_LENGTH tokens, within max_text_chars (16/token)
+
+
+@pytest.mark.server
+def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_checkpoint):
+    """A multi-label checkpoint whose tokenizer truncates on the left: the build gates it (with rows over
+    max_length), the served PROBABILITIES are sigmoids, LABEL the JSON set >= 0.5, and the served logits of
+    a long text equal PyTorch's (the served tokenizer truncates on the left too)."""
+    from serving.client import TextClassifier
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.MULTI_LABEL, num_labels=4, labels=LABELS,
+                              problem_type="multi_label_classification", truncation_side="left")
+    fp32 = report["variants"]["fp32"]["parity"]
+    assert fp32["head"] == Head.MULTI_LABEL.value and fp32["passed"]
+    from exporter.build import LONG_ROWS
+
+    read = int(next(w for w in report["warnings"] if w.startswith("only ")).split()[1])  # rows of test.csv
+    assert report["reference"]["n_examples"] == read + LONG_ROWS  # rows joined to reach truncation
+    from checkpoint_factory import corpus
+
+    texts = corpus(20, seed=3) + [_long_text()]
+    want = _torch(ck, texts)
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            served = client.served_model()
+            preds = client.classify(texts)
+    assert served.head is Head.MULTI_LABEL and served.threshold == 0.5
+    got = np.array([p.logits for p in preds])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    sig = 1 / (1 + np.exp(-want))
+    for pred, row in zip(preds, sig):
+        assert pred.labels == tuple(LABELS[j] for j in np.flatnonzero(row >= 0.5))
+        np.testing.assert_allclose([pred.probabilities[x] for x in LABELS], row, atol=1e-4)
+    # right truncation would have served other logits on the long text: the check can fail
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    assert tok.truncation_side == "left"
+    right = tok([texts[-1]], truncation=True, max_length=MAX_LENGTH)["input_ids"][0]
+    tok.truncation_side = "right"
+    assert right != tok([texts[-1]], truncation=True, max_length=MAX_LENGTH)["input_ids"][0]
+
+
+@pytest.mark.server
+def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
+    from serving.client import TextClassifier
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.REGRESSION, num_labels=1, problem_type="regression")
+    fp32 = report["variants"]["fp32"]["parity"]
+    assert fp32["head"] == Head.REGRESSION.value and fp32["passed"] and fp32["mae"] is not None
+    assert report["reference"]["accuracy"] is None and report["reference"]["mae"] is not None
+    from checkpoint_factory import corpus
+
+    texts = corpus(20, seed=4) + [_long_text()]
+    want = _torch(ck, texts)[:, 0]
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            scores = client.score(texts)
+            assert client.served_model().head is Head.REGRESSION
+    np.testing.assert_allclose(scores, want, atol=1e-4)
