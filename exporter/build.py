@@ -55,8 +55,6 @@ def validate(config: BuildConfig) -> _Inputs:
     checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length,
                                  heads=BUILT_HEADS)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
-    if columns.text_pair is not None:  # read by exporter.inputs; the served TEXT_PAIR input comes later
-        raise ExporterError("text pairs (--text-pair-column) are not exported yet")
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
     eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
     warnings = []
@@ -69,13 +67,13 @@ def validate(config: BuildConfig) -> _Inputs:
     rows = {}
     for name, src in sources.items():
         ex = read_checkpoint_examples(checkpoint, src, columns)
-        rows[name] = list(zip(ex.texts, ex.labels))
+        rows[name] = list(zip(ex.texts, ex.labels, ex.pairs or [None] * len(ex)))
         rng.shuffle(rows[name])
     train, val = rows.get("train", []), rows.get("validation", [])
     if not train and not val:
         warnings.append("no train.csv/validation.csv beside the data record: calibration and tuning use the "
                         "evaluation rows themselves")
-        train = val = list(zip(eval_set.texts, eval_set.labels))
+        train = val = list(zip(eval_set.texts, eval_set.labels, eval_set.pairs or [None] * len(eval_set)))
     calib = (train or val)[:config.calibration_size]
     tuning = val[:config.tuning_size] if val else train[config.calibration_size:][:config.tuning_size] or train[:config.tuning_size]
     calib_src = sources.get("train") or sources.get("validation") or eval_path
@@ -89,10 +87,13 @@ def validate(config: BuildConfig) -> _Inputs:
             raise ExporterError(f"cannot import serving.repository to write {config.repository}: {exc}") from None
     eval_set = with_long_rows(eval_set, checkpoint, config.max_length)  # last: after every input check
     kind = dict(kind=checkpoint.head, num_labels=len(checkpoint.id2label))
+    paired = columns.text_pair is not None
     return _Inputs(
         checkpoint, eval_set,
-        Examples(calib_src, [t for t, _ in calib], [lab for _, lab in calib], **kind),
-        Examples(tuning_src, [t for t, _ in tuning], [lab for _, lab in tuning], **kind),
+        Examples(calib_src, [r[0] for r in calib], [r[1] for r in calib], [r[2] for r in calib] if paired else None,
+                 **kind),
+        Examples(tuning_src, [r[0] for r in tuning], [r[1] for r in tuning],
+                 [r[2] for r in tuning] if paired else None, **kind),
         warnings,
     )
 
@@ -199,16 +200,19 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
         if model.config.num_labels != len(ck.id2label):
             raise CheckpointError(f"checkpoint head has {model.config.num_labels} outputs but {len(ck.id2label)} labels")
         tok = dict(batch_size=config.batch_size, max_length=config.max_length)
-        eval_batches = parity.tokenize(tokenizer, inputs.eval_set.texts, **tok)
+        ev = inputs.eval_set
+        eval_batches = parity.tokenize(tokenizer, ev.texts, pairs=ev.pairs, **tok)
         data = Data(
             ref=parity.Reference(parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))),
                                  inputs.eval_set.targets(), ck.head, config.threshold),
-            eval_batches=eval_batches, tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, **tok),
+            eval_batches=eval_batches,
+            tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, pairs=inputs.tuning.pairs, **tok),
             tuning_labels=inputs.tuning.targets(),
-            calibration=parity.tokenize(tokenizer, inputs.calibration.texts, **tok),
-            singles=parity.tokenize(tokenizer, inputs.eval_set.texts[:SINGLE_ROWS], batch_size=1,
-                                    max_length=config.max_length),
-            texts=inputs.eval_set.texts, encode=speed.encoder(tokenizer, config.max_length),
+            calibration=parity.tokenize(tokenizer, inputs.calibration.texts, pairs=inputs.calibration.pairs, **tok),
+            singles=parity.tokenize(tokenizer, ev.texts[:SINGLE_ROWS], batch_size=1, max_length=config.max_length,
+                                    pairs=None if ev.pairs is None else ev.pairs[:SINGLE_ROWS]),
+            texts=ev.texts if ev.pairs is None else list(zip(ev.texts, ev.pairs)),
+            encode=speed.encoder(tokenizer, config.max_length),
             calibration_source=str(inputs.calibration.source))
         metrics = data.ref.metrics
         log.info("pytorch reference (%s): %s", ck.head.value, metrics)
@@ -319,7 +323,8 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     }
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
-        served = replace(ck.served_model(), threshold=config.threshold)
+        pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
+        served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                      id2label=dict(ck.id2label), config=repo_config, provenance=provenance,
                                      model=served))

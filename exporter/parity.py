@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 
-def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[Batch]:
-    """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row."""
+def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
+             pairs: Sequence[str] | None = None) -> list[Batch]:
+    """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row
+    (text pairs encoded as the tokenizer encodes pairs: both texts, their token types)."""
     input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
     batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
+        second = None if pairs is None else list(pairs[start:start + batch_size])
+        enc = tokenizer(list(texts[start:start + batch_size]), second, padding="longest", truncation=True,
                         max_length=max_length, return_tensors="np")
         ids = enc[input_ids].astype(np.int64)
         types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)

@@ -34,7 +34,7 @@ class Data:
     tuning_labels: np.ndarray
     calibration: list[Batch]
     singles: list[Batch]  # batch-1 latency rows (batched mode)
-    texts: list[str]  # per-row speed texts (tokenized inside the timed loop)
+    texts: list  # per-row speed texts, or (text, pair) tuples (tokenized inside the timed loop)
     encode: Callable[[str], Batch]
     calibration_source: str = ""
 

@@ -105,24 +105,28 @@ def test_contract_decodes_scores_and_refuses_classify_on_regression():
 # ------------------------------------------------------------------------------------- build + serve
 
 
-def _write_data(ck: Path, root: Path, head: Head, n: int = 160) -> None:
+def _write_data(ck: Path, root: Path, head: Head, n: int = 160, pairs: bool = False) -> None:
     from checkpoint_factory import corpus
 
     rng = random.Random(1)
-    texts = corpus(n, seed=5)
+    texts, seconds = corpus(n, seed=5), corpus(n, seed=6)
     data = root / "data"
     data.mkdir()
-    for name, part in (("test", texts[:80]), ("validation", texts[80:120]), ("train", texts[120:])):
+    for name, lo, hi in (("test", 0, 80), ("validation", 80, 120), ("train", 120, n)):
         with open(data / f"{name}.csv", "w", encoding="utf-8") as fh:
-            fh.write("text,label\n")
-            for t in part:
-                label = ("|".join(rng.sample(LABELS, rng.randint(0, 2))) if head is Head.MULTI_LABEL
-                         else f"{rng.uniform(-1, 1):.4f}")
-                fh.write(f"\"{t}\",{label}\n")
+            fh.write("text,pair,label\n" if pairs else "text,label\n")
+            for t, second in zip(texts[lo:hi], seconds[lo:hi]):
+                if head is Head.MULTI_LABEL:
+                    label = "|".join(rng.sample(LABELS, rng.randint(0, 2)))
+                elif head is Head.REGRESSION:
+                    label = f"{rng.uniform(-1, 1):.4f}"
+                else:
+                    label = str(rng.randint(0, 1))
+                fh.write(f"\"{t}\",\"{second}\",{label}\n" if pairs else f"\"{t}\",{label}\n")
     (ck / "metrics.json").write_text(json.dumps({"data_dir": str(data), "test": {}}))
 
 
-def _build(tmp: Path, arch_checkpoint, head: Head, **options) -> tuple[Path, Path, dict]:
+def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, **options) -> tuple[Path, Path, dict]:
     import shutil
 
     from exporter.cli import main
@@ -130,24 +134,26 @@ def _build(tmp: Path, arch_checkpoint, head: Head, **options) -> tuple[Path, Pat
     src = arch_checkpoint("bert", **options)
     ck = tmp / "checkpoint"
     shutil.copytree(src, ck)
-    _write_data(ck, tmp, head)
+    _write_data(ck, tmp, head, pairs=pairs)
+    extra = ["--text-pair-column", "pair"] if pairs else []
     rc = main([str(a) for a in ["build", ck, "--out", tmp / "build", "--repository", tmp / "repo", "--precisions",
                                 "fp32", "--max-length", MAX_LENGTH, "--speed-seconds", "0.1", "--eval-size", "80",
-                                "--calibration-size", "16", "--tuning-size", "16"]])
+                                "--calibration-size", "16", "--tuning-size", "16", *extra]])
     report = json.loads((tmp / "build" / "report.json").read_text())
     assert rc == 0, report["variants"]["fp32"]["parity"]["reason"]
     return ck, tmp / "repo", report
 
 
-def _torch(ck: Path, texts: list[str]) -> np.ndarray:
+def _torch(ck: Path, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ck)
     model = AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    seconds = pairs or [None] * len(texts)
     with torch.inference_mode():
-        return np.concatenate([model(**tok([t], truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
-                               .logits.numpy() for t in texts])
+        return np.concatenate([model(**tok([t], None if p is None else [p], truncation=True, max_length=MAX_LENGTH,
+                                           return_tensors="pt")).logits.numpy() for t, p in zip(texts, seconds)])
 
 
 def _long_text() -> str:
@@ -215,3 +221,33 @@ def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
             scores = client.score(texts)
             assert client.served_model().head is Head.REGRESSION
     np.testing.assert_allclose(scores, want, atol=1e-4)
+
+
+@pytest.mark.server
+def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, capsys):
+    """--text-pair-column: the served model takes TEXT_PAIR, encodes pairs as the checkpoint's tokenizer does
+    (token_type_ids of the second text: BERT), and the client and `serving classify --pair` send pairs."""
+    from checkpoint_factory import corpus
+
+    from serving.cli import main
+    from serving.client import TextClassifier
+    from serving.contract import TEXT_PAIR
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.SINGLE_LABEL, pairs=True, labels=("no", "yes"))
+    assert report["variants"]["fp32"]["parity"]["passed"]
+    texts, pairs = corpus(10, seed=7) + [_long_text()], corpus(11, seed=8)
+    want = _torch(ck, texts, pairs)
+    assert np.abs(want - _torch(ck, texts)).max() > 1e-3  # the pair changes the answer: the check can fail
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            assert client.served_model().text_pair and TEXT_PAIR in [t.name for t in client.served_model().inputs]
+            got = np.array([p.logits for p in client.classify(texts, pairs)])
+        capsys.readouterr()  # the build's report
+        assert main(["classify", "--url", srv.http_url, "--json", texts[0], texts[1],
+                     "--pair", pairs[0], "--pair", pairs[1]]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert main(["classify", "--url", srv.http_url, texts[0], "--pair", pairs[0], "--pair", pairs[1]]) == 2
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    probs = np.exp(want[:2]) / np.exp(want[:2]).sum(1, keepdims=True)
+    assert [r["label"] for r in rows] == [("no", "yes")[int(j)] for j in probs.argmax(1)]
