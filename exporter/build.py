@@ -13,10 +13,7 @@ from exporter.config import BuildConfig, Target
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
-from serving.contract import Head
 
-# The heads the build exports, gates and serves (exporter.inputs reads them all).
-BUILT_HEADS = (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION)
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 
@@ -52,8 +49,7 @@ class _Inputs:
 
 def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
-    checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length,
-                                 heads=BUILT_HEADS)
+    checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
     eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
