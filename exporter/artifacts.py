@@ -72,7 +72,8 @@ class ParityResult:
     early_stop: bool = False
     # The head judged: single-label (label_agreement: argmax), multi-label (label_agreement: every label's
     # on/off at the threshold; accuracy: subset accuracy; macro_f1 over labels), regression (label_agreement:
-    # rows within 1% of the reference predictions' spread; accuracy/macro_f1 None; mae, pearson).
+    # rows within 1% of the reference predictions' spread, recorded, not gated; accuracy/macro_f1 None; mae,
+    # pearson; gated on max_abs_diff and mae_increase_pts).
     head: str = "single_label_classification"
     mae: float | None = None
     mae_increase_pts: float | None = None  # regression: MAE increase in % of the targets' standard deviation
