@@ -182,8 +182,6 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
 
 def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Stages) -> tuple[Data, ReferenceResult]:
     """Tokenize every row set, run PyTorch on the evaluation rows and time it; the model is freed after."""
-    import numpy as np
-
     from exporter import parity, speed
 
     ck = inputs.checkpoint

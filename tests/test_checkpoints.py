@@ -19,7 +19,6 @@ from exporter.inputs import (Columns, check_max_length, load_checkpoint, read_ch
                              resolve_columns)
 from serving.contract import Head
 
-ALL_HEADS = tuple(Head)
 TEXTS = ["The movie was good.", "not very fine, really boring and long!", "café naïve über 4567 stars",
          "the " * 40 + "ending", ""]
 
