@@ -71,6 +71,14 @@ class ParityResult:
     budget: dict[str, float] = field(default_factory=dict)
     label_agreement_batch1: float | None = None  # each row alone, unpadded (equals label_agreement per_row)
     early_stop: bool = False
+    # The head judged: single-label (label_agreement: argmax), multi-label (label_agreement: every label's
+    # on/off at the threshold; accuracy: subset accuracy; macro_f1 over labels), regression (label_agreement:
+    # rows within 1% of the reference predictions' spread, recorded, not gated; accuracy/macro_f1 None; mae,
+    # pearson; gated on max_abs_diff and mae_increase_pts).
+    head: str = "single_label_classification"
+    mae: float | None = None
+    mae_increase_pts: float | None = None  # regression: MAE increase in % of the targets' standard deviation
+    pearson: float | None = None
 
     def brief(self) -> dict[str, Any]:
         """The verdict-bearing numbers, for the int8 search log."""
@@ -80,13 +88,16 @@ class ParityResult:
 
 @dataclass
 class ReferenceResult:
-    """PyTorch's own accuracy on the evaluation rows (the yardstick of every variant)."""
+    """PyTorch's own accuracy on the evaluation rows (the yardstick of every variant). Regression heads have
+    no accuracy/macro_f1 (None) but mae and pearson."""
 
-    accuracy: float
-    macro_f1: float
+    accuracy: float | None
+    macro_f1: float | None
     n_examples: int
     size_bytes: int | None = None
     speed: SpeedResult | None = None
+    mae: float | None = None
+    pearson: float | None = None
 
 
 @dataclass

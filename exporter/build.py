@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
@@ -13,6 +13,7 @@ from exporter.config import BuildConfig, Target, Task
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
+
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
@@ -51,8 +52,6 @@ def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
     checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
-    if columns.text_pair is not None:  # read by exporter.inputs; the served TEXT_PAIR input comes later
-        raise ExporterError("text pairs (--text-pair-column) are not exported yet")
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
     eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
     warnings = []
@@ -65,13 +64,13 @@ def validate(config: BuildConfig) -> _Inputs:
     rows = {}
     for name, src in sources.items():
         ex = read_checkpoint_examples(checkpoint, src, columns)
-        rows[name] = list(zip(ex.texts, ex.labels))
+        rows[name] = list(zip(ex.texts, ex.labels, ex.pairs or [None] * len(ex)))
         rng.shuffle(rows[name])
     train, val = rows.get("train", []), rows.get("validation", [])
     if not train and not val:
         warnings.append("no train.csv/validation.csv beside the data record: calibration and tuning use the "
                         "evaluation rows themselves")
-        train = val = list(zip(eval_set.texts, eval_set.labels))
+        train = val = list(zip(eval_set.texts, eval_set.labels, eval_set.pairs or [None] * len(eval_set)))
     calib = (train or val)[:config.calibration_size]
     tuning = val[:config.tuning_size] if val else train[config.calibration_size:][:config.tuning_size] or train[:config.tuning_size]
     calib_src = sources.get("train") or sources.get("validation") or eval_path
@@ -83,12 +82,51 @@ def validate(config: BuildConfig) -> _Inputs:
             import serving.repository  # noqa: F401  (the writer must exist before hours of work)
         except ImportError as exc:
             raise ExporterError(f"cannot import serving.repository to write {config.repository}: {exc}") from None
+    eval_set = with_long_rows(eval_set, checkpoint, config.max_length)  # last: after every input check
+    kind = dict(kind=checkpoint.head, num_labels=len(checkpoint.id2label))
+    paired = columns.text_pair is not None
     return _Inputs(
         checkpoint, eval_set,
-        Examples(calib_src, [t for t, _ in calib], [lab for _, lab in calib]),
-        Examples(tuning_src, [t for t, _ in tuning], [lab for _, lab in tuning]),
+        Examples(calib_src, [r[0] for r in calib], [r[1] for r in calib], [r[2] for r in calib] if paired else None,
+                 **kind),
+        Examples(tuning_src, [r[0] for r in tuning], [r[1] for r in tuning],
+                 [r[2] for r in tuning] if paired else None, **kind),
         warnings,
     )
+
+
+LONG_ROWS = 8  # evaluation rows that reach truncation, so a served tokenizer that truncates otherwise fails
+
+
+def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, n: int = LONG_ROWS) -> Examples:
+    """The evaluation rows plus, when fewer than ``n`` of them exceed ``max_length`` tokens, long rows made
+    by joining consecutive rows until they do. A long row keeps the label of the row that survives the
+    checkpoint's truncation side (the first row for "right", the last for "left")."""
+    tokenizer = checkpoint.load_tokenizer()
+    pairs = eval_set.pairs or [None] * len(eval_set)
+
+    def length(text: str, pair: str | None) -> int:
+        return len(tokenizer(text, pair, truncation=False)["input_ids"])
+
+    have = sum(length(t, p) > max_length for t, p in zip(eval_set.texts[:2000], pairs))
+    texts, labels, extra_pairs, start = list(eval_set.texts), list(eval_set.labels), list(pairs), 0
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    for _ in range(max(0, n - have)):
+        end = start + 1
+        while end <= len(eval_set) and length(" ".join(eval_set.texts[start:end]), pairs[start]) <= max_length:
+            end += 1
+        if end > len(eval_set):
+            break  # too few rows left to reach max_length
+        texts.append(" ".join(eval_set.texts[start:end]))
+        labels.append(eval_set.labels[end - 1 if left else start])
+        extra_pairs.append(pairs[end - 1 if left else start])
+        start = end
+    added = len(texts) - len(eval_set)
+    if added:
+        log.info("added %d evaluation rows over max_length %d (joined rows) so that truncation is gated",
+                 added, max_length)
+    return Examples(eval_set.source, texts, labels, extra_pairs if eval_set.pairs is not None else None,
+                    eval_set.kind, eval_set.num_labels)
 
 
 def build(config: BuildConfig) -> BuildResult:
@@ -151,8 +189,6 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
 
 def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Stages) -> tuple[Data, ReferenceResult]:
     """Tokenize every row set, run PyTorch on the evaluation rows and time it; the model is freed after."""
-    import numpy as np
-
     from exporter import parity, speed
 
     ck = inputs.checkpoint
@@ -165,21 +201,24 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
         if model.config.num_labels != len(ck.id2label):
             raise CheckpointError(f"checkpoint head has {model.config.num_labels} outputs but {len(ck.id2label)} labels")
         tok = dict(batch_size=config.batch_size, max_length=config.max_length)
-        eval_batches = parity.tokenize(tokenizer, inputs.eval_set.texts, **tok)
+        ev = inputs.eval_set
+        eval_batches = parity.tokenize(tokenizer, ev.texts, pairs=ev.pairs, **tok)
         data = Data(
             ref=parity.Reference(parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))),
-                                 np.asarray(inputs.eval_set.labels)),
-            eval_batches=eval_batches, tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, **tok),
-            tuning_labels=np.asarray(inputs.tuning.labels),
-            calibration=parity.tokenize(tokenizer, inputs.calibration.texts, **tok),
-            singles=parity.tokenize(tokenizer, inputs.eval_set.texts[:SINGLE_ROWS], batch_size=1,
-                                    max_length=config.max_length),
-            texts=inputs.eval_set.texts, encode=speed.encoder(tokenizer, config.max_length),
+                                 inputs.eval_set.targets(), ck.head, config.threshold),
+            eval_batches=eval_batches,
+            tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, pairs=inputs.tuning.pairs, **tok),
+            tuning_labels=inputs.tuning.targets(),
+            calibration=parity.tokenize(tokenizer, inputs.calibration.texts, pairs=inputs.calibration.pairs, **tok),
+            singles=parity.tokenize(tokenizer, ev.texts[:SINGLE_ROWS], batch_size=1, max_length=config.max_length,
+                                    pairs=None if ev.pairs is None else ev.pairs[:SINGLE_ROWS]),
+            texts=ev.texts if ev.pairs is None else list(zip(ev.texts, ev.pairs)),
+            encode=speed.encoder(tokenizer, config.max_length),
             calibration_source=str(inputs.calibration.source))
         metrics = data.ref.metrics
-        log.info("pytorch reference: accuracy %.4f, macro-F1 %.4f on %d rows", metrics["accuracy"],
-                 metrics["macro_f1"], metrics["n_examples"])
+        log.info("pytorch reference (%s): %s", ck.head.value, metrics)
     with stages("reference-speed"):
+        metrics = {k: v for k, v in metrics.items() if k != "micro_f1"}
         reference = ReferenceResult(**metrics, size_bytes=_weights_size(ck.path),
                                     speed=_torch_speed(model, data, mode, config.speed_seconds))
         del model  # the torch model is never alive next to an ONNX Runtime session
@@ -285,8 +324,11 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     }
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
+        pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
+        served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
-                                     id2label=dict(ck.id2label), config=repo_config, provenance=provenance))
+                                     id2label=dict(ck.id2label), config=repo_config, provenance=provenance,
+                                     model=served))
     except ServingError as exc:
         raise ExporterError(f"cannot write the repository {config.repository}: {exc}") from exc
     except NotImplementedError:

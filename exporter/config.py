@@ -116,6 +116,8 @@ class BuildConfig:
         "help": "embedding: pooling of a plain encoder (a sentence-transformers directory specifies its own)"})
     normalize: bool | None = field(default=None, metadata={
         "help": "embedding: L2-normalise the pooled vector (default: as the modules say; plain encoder: no)"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "multi-label heads: a label is on when its sigmoid probability is >= this (gated and served)"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -139,6 +141,7 @@ class BuildConfig:
             "speed_seconds": self.speed_seconds > 0,
             "max_exclusion_rounds": self.max_exclusion_rounds >= 0,
             "tuning_size": self.tuning_size >= 1,
+            "threshold": 0.0 < self.threshold < 1.0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -1,4 +1,5 @@
-"""Stage 1: PyTorch checkpoint -> ONNX with Optimum, plus a `probabilities` (Softmax) output."""
+"""Stage 1: PyTorch checkpoint -> ONNX with Optimum, plus the head's `probabilities` output (Softmax for
+single-label, Sigmoid for multi-label, none for regression)."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from exporter.errors import CheckpointError, ExporterError
-from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, TOKEN_TYPE_IDS
+from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, TOKEN_TYPE_IDS, Head
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +15,7 @@ log = logging.getLogger(__name__)
 def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) -> Path:
     """Export ``checkpoint`` to ``out_dir/model.onnx`` (dynamic batch/sequence axes) and return the path.
 
-    The graph gets a ``probabilities`` output (Softmax over ``logits``), every model input is int64 and
+    The graph gets the head's ``probabilities`` output (:func:`add_probabilities`), every model input is int64 and
     named as in :data:`serving.contract.ENCODER_INPUTS`, and the result passes ``onnx.checker``.
     """
     import onnx
@@ -30,7 +31,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
         raise CheckpointError(f"cannot export {checkpoint} to ONNX: {exc}") from exc
     path = out_dir / "model.onnx"
     model = onnx.load(str(path))
-    add_probabilities(model)
+    add_probabilities(model, checkpoint_head(checkpoint))
     ensure_token_type_ids(model)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
@@ -42,19 +43,32 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     return path
 
 
-def add_probabilities(model) -> None:
-    """Append ``probabilities = Softmax(logits, axis=-1)`` as a second graph output (idempotent)."""
+def checkpoint_head(checkpoint: Path) -> Head:
+    """The head of a checkpoint as exporter.inputs reads it (problem_type, num_labels)."""
+    from exporter import inputs
+
+    raw = inputs._read_config(Path(checkpoint))
+    return inputs._head(Path(checkpoint), raw, inputs._raw_labels(Path(checkpoint), raw))
+
+
+def add_probabilities(model, head: Head = Head.SINGLE_LABEL) -> None:
+    """Append the head's ``probabilities`` as a second graph output (idempotent): Softmax(logits, axis=-1)
+    for single-label, Sigmoid(logits) for multi-label; regression serves the raw logits and gets none."""
     from onnx import TensorProto, helper
 
     outputs = [o.name for o in model.graph.output]
     if ENCODER_LOGITS not in outputs:
         raise ExporterError(f"exported graph has no {ENCODER_LOGITS!r} output (outputs: {outputs})")
-    if ENCODER_PROBABILITIES in outputs:
+    if ENCODER_PROBABILITIES in outputs or head is Head.REGRESSION:
         return
     logits = next(o for o in model.graph.output if o.name == ENCODER_LOGITS)
     dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]
-    model.graph.node.append(helper.make_node("Softmax", [ENCODER_LOGITS], [ENCODER_PROBABILITIES], axis=-1,
-                                             name="probabilities_softmax"))
+    if head is Head.MULTI_LABEL:
+        node = helper.make_node("Sigmoid", [ENCODER_LOGITS], [ENCODER_PROBABILITIES], name="probabilities_sigmoid")
+    else:
+        node = helper.make_node("Softmax", [ENCODER_LOGITS], [ENCODER_PROBABILITIES], axis=-1,
+                                name="probabilities_softmax")
+    model.graph.node.append(node)
     model.graph.output.append(helper.make_tensor_value_info(ENCODER_PROBABILITIES, TensorProto.FLOAT, dims))
 
 

@@ -32,9 +32,9 @@ FAST_TOKENIZER = "tokenizer.json"
 SLOW_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "spm.model",
                         "tokenizer.model")
 TOKENIZER_FILES = (FAST_TOKENIZER, *SLOW_TOKENIZER_FILES)
-# The heads the build serves correctly today. Multi-label and regression are read (Checkpoint.head) but the
-# served model and the gate for them do not exist yet: served as single-label they would be wrong silently.
-SERVED_HEADS: tuple[Head, ...] = (Head.SINGLE_LABEL,)
+# The heads the build exports, gates and serves (each with its own gate and served outputs: exporter.parity,
+# serving.contract.ServedModel.outputs).
+SERVED_HEADS: tuple[Head, ...] = (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION)
 # Position ids of these models start after the padding index (padding_idx + 1): RoBERTa's
 # create_position_ids_from_input_ids. Their usable length is max_position_embeddings - pad_token_id - 1.
 PADDING_OFFSET_MODELS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",

@@ -14,19 +14,23 @@ import numpy as np
 from exporter.artifacts import GateMode, ParityResult
 from exporter.config import Budgets, Precision
 from exporter.stages import track
-from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES
+from serving.contract import (DEFAULT_MULTI_LABEL_THRESHOLD, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES,
+                              Head)
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
 
-def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[Batch]:
-    """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row."""
+def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
+             pairs: Sequence[str] | None = None) -> list[Batch]:
+    """Batches of int64 ``input_ids``/``attention_mask``/``token_type_ids``, each padded to its longest row
+    (text pairs encoded as the tokenizer encodes pairs: both texts, their token types)."""
     input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
     batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
+        second = None if pairs is None else list(pairs[start:start + batch_size])
+        enc = tokenizer(list(texts[start:start + batch_size]), second, padding="longest", truncation=True,
                         max_length=max_length, return_tensors="np")
         ids = enc[input_ids].astype(np.int64)
         types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)
@@ -99,6 +103,11 @@ def gate_feeds(batches: list[Batch], mode: GateMode) -> list[Batch]:
 
 
 def _run(sess, names: set[str], batch: Batch):
+    """(logits, probabilities) of one batch; a graph without ``probabilities`` (regression) gives the logits."""
+    outputs = [o.name for o in sess.get_outputs()] if hasattr(sess, "get_outputs") else [ENCODER_PROBABILITIES]
+    if ENCODER_PROBABILITIES not in outputs:
+        logits = sess.run([ENCODER_LOGITS], {k: v for k, v in batch.items() if k in names})[0]
+        return logits, logits
     return sess.run([ENCODER_LOGITS, ENCODER_PROBABILITIES], {k: v for k, v in batch.items() if k in names})
 
 
@@ -113,25 +122,70 @@ def ort_outputs(sess, batches: list[Batch], description: str = "") -> tuple[np.n
     return np.concatenate(logits), np.concatenate(probs)
 
 
-def task_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -80.0, 80.0)))
+
+
+def task_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int,
+                 head: Head = Head.SINGLE_LABEL) -> dict:
+    """The task metrics of predictions: class ids (single-label), 0/1 rows (multi-label: subset accuracy,
+    macro-F1 over labels, micro-F1) or values (regression: MAE, Pearson; no accuracy)."""
     from sklearn.metrics import f1_score
 
+    if head is Head.REGRESSION:
+        pred, labels = pred.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
+        finite = np.isfinite(pred)
+        mae = float(np.abs(np.where(finite, pred, np.inf) - labels).mean())
+        ok = finite.all() and pred.std() > 0 and labels.std() > 0
+        return {"accuracy": None, "macro_f1": None, "mae": mae if np.isfinite(mae) else None,
+                "pearson": float(np.corrcoef(pred, labels)[0, 1]) if ok else None}
+    if head is Head.MULTI_LABEL:
+        pred, labels = pred.astype(np.int64), labels.astype(np.int64)
+        return {"accuracy": float((pred == labels).all(1).mean()),
+                "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+                "micro_f1": float(f1_score(labels, pred, average="micro", zero_division=0))}
     return {
         "accuracy": float((pred == labels).mean()),
         "macro_f1": float(f1_score(labels, pred, average="macro", labels=list(range(num_labels)), zero_division=0)),
     }
 
 
+def predictions(logits: np.ndarray, head: Head = Head.SINGLE_LABEL,
+                threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD) -> np.ndarray:
+    """What a head serves from logits: argmax ids, 0/1 per label (sigmoid >= threshold), or the value.
+    Non-finite rows predict -1 (never equal to a reference)."""
+    finite = np.isfinite(logits).all(1)
+    if head is Head.REGRESSION:
+        return logits[:, 0]
+    if head is Head.MULTI_LABEL:
+        return np.where(finite[:, None], _sigmoid(np.nan_to_num(logits)) >= threshold, -1).astype(np.int64)
+    return np.where(finite, np.nan_to_num(logits, nan=-np.inf).argmax(1), -1)
+
+
+def disagreements(logits: np.ndarray, ref_logits: np.ndarray, head: Head = Head.SINGLE_LABEL,
+                  threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD) -> np.ndarray:
+    """Per decision, whether the variant decides otherwise than the reference: one per row (single-label;
+    regression: off by more than 1% of the reference predictions' spread) or one per row and label."""
+    pred, ref = predictions(logits, head, threshold), predictions(ref_logits, head, threshold)
+    if head is Head.REGRESSION:
+        spread = max(float(np.std(ref_logits[:, 0])) if len(ref_logits) > 1 else 0.0, 1e-6)
+        return ~(np.abs(pred - ref) <= 0.01 * spread)
+    return pred != ref
+
+
 @dataclass
 class Reference:
-    """PyTorch's answers on the evaluation set."""
+    """PyTorch's answers on the evaluation set (labels: ids, multi-hot rows or values, per head)."""
 
     logits: np.ndarray
     labels: np.ndarray
+    head: Head = Head.SINGLE_LABEL
+    threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD
 
     @property
     def metrics(self) -> dict:
-        return {**task_metrics(self.logits.argmax(1), self.labels, self.logits.shape[1]), "n_examples": len(self.labels)}
+        pred = predictions(self.logits, self.head, self.threshold)
+        return {**task_metrics(pred, self.labels, self.logits.shape[1], self.head), "n_examples": len(self.labels)}
 
 
 def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.ndarray, budgets: Budgets,
@@ -139,27 +193,39 @@ def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.
     """Parity record of one variant against the reference, with its verdict and the reason for it.
 
     ``max_rel_diff`` is, per row, the largest absolute logit difference over the row's largest absolute
-    reference logit, maximised over rows (elementwise ratios explode on logits near zero).
+    reference logit, maximised over rows (elementwise ratios explode on logits near zero). The agreement
+    and the task metrics are the head's (see :func:`disagreements`, :func:`task_metrics`).
     """
-    finite = np.isfinite(logits).all(1) & np.isfinite(probs).all(1)
     diff = np.abs(np.where(np.isfinite(logits), logits, np.inf) - ref.logits)
     scale = np.maximum(np.abs(ref.logits).max(1), 1e-6)
-    pred = np.where(finite, np.nan_to_num(logits, nan=-np.inf).argmax(1), -1)
-    metrics, ref_metrics = task_metrics(pred, ref.labels, ref.logits.shape[1]), ref.metrics
-    exp = np.exp(ref.logits - ref.logits.max(1, keepdims=True))
-    softmax = exp / exp.sum(1, keepdims=True)
-    agreement = float((pred == ref.logits.argmax(1)).mean())
+    metrics, ref_metrics = task_metrics(predictions(logits, ref.head, ref.threshold), ref.labels,
+                                        ref.logits.shape[1], ref.head), ref.metrics
+    if ref.head is Head.SINGLE_LABEL:
+        exp = np.exp(ref.logits - ref.logits.max(1, keepdims=True))
+        ref_probs = exp / exp.sum(1, keepdims=True)
+    else:  # multi-label: sigmoid; regression: the value itself
+        ref_probs = _sigmoid(ref.logits) if ref.head is Head.MULTI_LABEL else ref.logits
+    agreement = float(1.0 - disagreements(logits, ref.logits, ref.head, ref.threshold).mean())
     record = ParityResult(
         n_examples=int(len(ref.labels)), passed=False, reason="", label_agreement=agreement, gate_mode=mode,
         max_abs_diff=_num(diff.max()), mean_abs_diff=_num(diff.mean()), max_rel_diff=_num((diff.max(1) / scale).max()),
-        max_prob_diff=_num(np.abs(np.where(np.isfinite(probs), probs, np.inf) - softmax).max()),
-        accuracy=metrics["accuracy"], accuracy_drop_pts=round((ref_metrics["accuracy"] - metrics["accuracy"]) * 100, 4),
-        macro_f1=metrics["macro_f1"], macro_f1_drop_pts=round((ref_metrics["macro_f1"] - metrics["macro_f1"]) * 100, 4),
+        max_prob_diff=_num(np.abs(np.where(np.isfinite(probs), probs, np.inf) - ref_probs).max()),
+        accuracy=metrics["accuracy"], accuracy_drop_pts=_drop(ref_metrics["accuracy"], metrics["accuracy"]),
+        macro_f1=metrics["macro_f1"], macro_f1_drop_pts=_drop(ref_metrics["macro_f1"], metrics["macro_f1"]),
         nan_inf=int((~np.isfinite(logits)).sum() + (~np.isfinite(probs)).sum()),
         budget=budget_for(precision, budgets),
         label_agreement_batch1=agreement if mode is GateMode.PER_ROW else None,
+        head=ref.head.value, mae=metrics.get("mae"), pearson=metrics.get("pearson"),
     )
+    if ref.head is Head.REGRESSION:
+        spread = max(float(np.std(ref.labels)), 1e-6)
+        record.mae_increase_pts = (None if metrics["mae"] is None or ref_metrics["mae"] is None
+                                   else round((metrics["mae"] - ref_metrics["mae"]) / spread * 100, 4))
     return judge(precision, record, budgets)
+
+
+def _drop(ref: float | None, got: float | None) -> float | None:
+    return None if ref is None or got is None else round((ref - got) * 100, 4)
 
 
 def judge(precision: Precision, record: ParityResult, budgets: Budgets) -> ParityResult:
@@ -186,13 +252,19 @@ def gate_failures(precision: Precision, record: ParityResult, budgets: Budgets) 
     budget = budget_for(precision, budgets)
     if "max_abs_diff" in budget and not _within(record.max_abs_diff, budget["max_abs_diff"]):
         failures.append(f"max abs logit diff {_fmt(record.max_abs_diff)} > {budget['max_abs_diff']:.3g}")
-    if record.label_agreement < budget["min_label_agreement"]:
+    # Regression has no labels to agree on: its agreement (rows within 1% of the reference spread) is recorded,
+    # and the gate is the max abs difference (fp32/fp16) and the MAE increase (int8).
+    regression = record.head == Head.REGRESSION.value
+    if not regression and record.label_agreement < budget["min_label_agreement"]:
         failures.append(f"label agreement {record.label_agreement:.2%} < {budget['min_label_agreement']:.2%}")
-    alone = record.label_agreement_batch1
+    alone = None if regression else record.label_agreement_batch1
     if record.gate_mode is GateMode.BATCHED and alone is not None and alone < budget["min_label_agreement"]:
         failures.append(f"label agreement one row at a time {alone:.2%} < {budget['min_label_agreement']:.2%}")
     drop = budget.get("max_accuracy_drop_pts")
-    if drop is not None and not _within(record.accuracy_drop_pts, drop):
+    if drop is not None and record.head == Head.REGRESSION.value:
+        if not _within(record.mae_increase_pts, drop):
+            failures.append(f"MAE increase {_fmt(record.mae_increase_pts)} pts of the targets' spread > {drop:.2f}")
+    elif drop is not None and not _within(record.accuracy_drop_pts, drop):
         failures.append(f"accuracy drop {_fmt(record.accuracy_drop_pts)} pts > {drop:.2f}")
     return failures
 
@@ -201,20 +273,23 @@ def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets,
                  mode: GateMode = GateMode.BATCHED) -> ParityResult:
     """The int8 gate on tuning rows (``batches`` as the gate runs them), stopping as soon as the label
     flips exceed what the budget allows on all rows; otherwise the full :func:`compare` record."""
-    allowed = math.floor((1.0 - budgets.int8_min_agreement) * len(ref.labels) + 1e-9)
+    width = ref.logits.shape[1] if ref.head is Head.MULTI_LABEL else 1  # decisions per row
+    allowed = math.floor((1.0 - budgets.int8_min_agreement) * len(ref.labels) * width + 1e-9)
     names = {i.name for i in sess.get_inputs()}
     logits, probs, flips, start = [], [], 0, 0
     for batch in track(batches, "int8 tuning rows", total=len(batches)):
         lo, pr = _run(sess, names, batch)
         end = start + len(lo)
-        flips += int((np.nan_to_num(lo, nan=-np.inf).argmax(1) != ref.logits[start:end].argmax(1)).sum())
+        flips += int(disagreements(lo.astype(np.float32), ref.logits[start:end], ref.head, ref.threshold).sum())
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
         start = end
-        if flips > allowed and end < len(ref.labels):
-            return ParityResult(n_examples=end, passed=False, label_agreement=1.0 - flips / end, gate_mode=mode,
-                                early_stop=True, reason=f"{flips} label flips in the first {end} rows > {allowed} "
-                                                        f"allowed on {len(ref.labels)}")
+        if flips > allowed and end < len(ref.labels) and ref.head is not Head.REGRESSION:
+            return ParityResult(n_examples=end, passed=False, label_agreement=1.0 - flips / (end * width),
+                                gate_mode=mode,
+                                early_stop=True, head=ref.head.value,
+                                reason=f"{flips} label flips in the first {end} rows > {allowed} allowed on "
+                                       f"{len(ref.labels)}")
     return compare(Precision.INT8, ref, np.concatenate(logits), np.concatenate(probs), budgets, mode)
 
 
@@ -231,9 +306,9 @@ def check_variant(path: Path, precision: Precision, ref: Reference, batches: lis
     record = compare(precision, ref, logits, probs, budgets, mode)
     if mode is GateMode.BATCHED and precision is Precision.INT8 and not record.nan_inf:
         alone = ort_outputs(sess, unbatch(batches))[0]
-        record.label_agreement_batch1 = float((alone.argmax(1) == ref.logits.argmax(1)).mean())
+        record.label_agreement_batch1 = float(1.0 - disagreements(alone, ref.logits, ref.head, ref.threshold).mean())
         judge(precision, record, budgets)
-    log.info("parity %s (%s): max|d|=%s agreement=%.4f acc=%.4f drop=%.2f pts nan/inf=%d -> %s", path, mode.value,
+    log.info("parity %s (%s): max|d|=%s agreement=%.4f acc=%s drop=%s pts nan/inf=%d -> %s", path, mode.value,
              record.max_abs_diff, record.label_agreement, record.accuracy, record.accuracy_drop_pts, record.nan_inf,
              "pass" if record.passed else record.reason)
     return record

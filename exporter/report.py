@@ -109,13 +109,15 @@ def plot(report: BuildReport, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     ref = report.reference
-    if ref.speed is not None:
-        ax.scatter([ref.speed.throughput_seq_s], [ref.accuracy * 100], marker="s", color="black")
-        ax.annotate("pytorch", (ref.speed.throughput_seq_s, ref.accuracy * 100), textcoords="offset points", xytext=(5, 5))
+    regression = ref.accuracy is None  # regression heads: MAE (lower is better) instead of accuracy
+    quality = (lambda r: r.mae) if regression else (lambda r: None if r.accuracy is None else r.accuracy * 100)
+    if ref.speed is not None and quality(ref) is not None:
+        ax.scatter([ref.speed.throughput_seq_s], [quality(ref)], marker="s", color="black")
+        ax.annotate("pytorch", (ref.speed.throughput_seq_s, quality(ref)), textcoords="offset points", xytext=(5, 5))
     for i, (name, v) in enumerate(report.variants.items()):
-        if v.speed is None or v.parity.accuracy is None:
+        if v.speed is None or quality(v.parity) is None:
             continue
-        ok, xy = v.parity.passed, (v.speed.throughput_seq_s, v.parity.accuracy * 100)
+        ok, xy = v.parity.passed, (v.speed.throughput_seq_s, quality(v.parity))
         ax.scatter([xy[0]], [xy[1]], s=60, facecolors="tab:green" if ok else "none",
                    edgecolors="tab:green" if ok else "tab:red")
         if name == report.selected:
@@ -128,8 +130,8 @@ def plot(report: BuildReport, path: Path) -> None:
     per_row = report.gate_mode is GateMode.PER_ROW
     ax.set_xlabel("throughput, one row at a time, 1 thread (seq/s)" if per_row
                   else f"throughput, batch {report.settings['batch_size']} (seq/s)")
-    ax.set_ylabel("accuracy on held-out text (%)")
-    ax.set_title(f"{Path(report.checkpoint).name}: speed vs accuracy ({report.target}, {report.gate_mode.value})")
+    ax.set_ylabel("MAE on held-out text" if regression else "accuracy on held-out text (%)")
+    ax.set_title(f"{Path(report.checkpoint).name}: speed vs {'MAE' if regression else 'accuracy'} ({report.target}, {report.gate_mode.value})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -73,11 +73,12 @@ def _percentiles(latencies: list[float]) -> dict:
 
 
 def encoder(tokenizer, max_length: int) -> Callable[[str], Batch]:
-    """text -> one unpadded row of int64 encoder inputs (as the CPU server tokenizes)."""
+    """text (or a (text, pair) tuple) -> one unpadded row of int64 encoder inputs (as the CPU server tokenizes)."""
     input_ids, attention_mask, token_type_ids = ENCODER_INPUTS
 
-    def encode(text: str) -> Batch:
-        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="np")
+    def encode(text: str | tuple[str, str]) -> Batch:
+        args = text if isinstance(text, tuple) else (text,)
+        enc = tokenizer(*args, truncation=True, max_length=max_length, return_tensors="np")
         ids = enc[input_ids].astype(np.int64)
         types = enc[token_type_ids].astype(np.int64) if token_type_ids in enc else np.zeros_like(ids)
         return {input_ids: ids, attention_mask: enc[attention_mask].astype(np.int64), token_type_ids: types}
@@ -87,7 +88,7 @@ def encoder(tokenizer, max_length: int) -> Callable[[str], Batch]:
 
 def ort_runner(sess) -> Callable[[Batch], object]:
     names = {i.name for i in sess.get_inputs()}
-    outputs = [ENCODER_LOGITS, ENCODER_PROBABILITIES]
+    outputs = [o.name for o in sess.get_outputs() if o.name in (ENCODER_LOGITS, ENCODER_PROBABILITIES)]
     return lambda batch: sess.run(outputs, {k: v for k, v in batch.items() if k in names})
 
 

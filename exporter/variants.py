@@ -34,7 +34,7 @@ class Data:
     tuning_labels: np.ndarray
     calibration: list[Batch]
     singles: list[Batch]  # batch-1 latency rows (batched mode)
-    texts: list[str]  # per-row speed texts (tokenized inside the timed loop)
+    texts: list  # per-row speed texts, or (text, pair) tuples (tokenized inside the timed loop)
     encode: Callable[[str], Batch]
     calibration_source: str = ""
 
@@ -97,7 +97,7 @@ class Context:
             sess = parity.session(self.base, Precision.FP32, threads=parity.gate_threads(self.mode), arena=False)
             feeds = parity.gate_feeds(self.data.tuning_batches, self.mode)
             self._tune_ref = parity.Reference(parity.ort_outputs(sess, feeds, "int8 tuning reference")[0],
-                                              self.data.tuning_labels)
+                                              self.data.tuning_labels, self.data.ref.head, self.data.ref.threshold)
         return self._tune_ref
 
 

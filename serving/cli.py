@@ -36,6 +36,8 @@ class ClassifyConfig:
     model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
     timeout_s: float = field(default=30.0, metadata={"help": "seconds per request"})
     output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
+    pairs: list[str] | None = field(default=None, metadata={
+        "help": "text pairs: the second text of each text, in order (--pair once per text)"})
 
     def __post_init__(self) -> None:
         try:
@@ -44,6 +46,8 @@ class ClassifyConfig:
             raise ServingError(f"protocol must be http or grpc, got {self.protocol!r}") from None
         if not self.texts:
             raise ServingError("give at least one text (or '-' to read lines from stdin)")
+        if self.pairs is not None and len(self.pairs) != len(self.texts):
+            raise ServingError(f"{len(self.texts)} texts but {len(self.pairs)} --pair values (give one per text)")
         self.output = Output(self.output)
         if self.url is None:
             self.url = f"127.0.0.1:{self.protocol.default_port}"
@@ -119,18 +123,23 @@ def _run_up(args) -> int:
 def _add_classify(sub) -> None:
     p = sub.add_parser("classify", help="classify texts with a running server")
     p.add_argument("texts", nargs="+", help=ClassifyConfig.__dataclass_fields__["texts"].metadata["help"])
-    add_config_arguments(p, ClassifyConfig, exclude={"texts"})
+    add_config_arguments(p, ClassifyConfig, exclude={"texts", "pairs"})
+    p.add_argument("--pair", dest="pairs", action="append", metavar="TEXT",
+                   help=ClassifyConfig.__dataclass_fields__["pairs"].metadata["help"])
     p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
 
 
 def _run_classify(args) -> int:
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-    config = config_from_args(ClassifyConfig, args, texts=texts)
+    config = config_from_args(ClassifyConfig, args, texts=texts, pairs=args.pairs)
     from serving.client import TextClassifier
+    from serving.contract import Head
 
     with TextClassifier(config.url, protocol=config.protocol, model=config.model,
                         timeout_s=config.timeout_s) as client:
-        predictions = client.classify(config.texts)
+        if client.served_model().head is Head.REGRESSION:
+            return _print_scores(config, client.score(config.texts, config.pairs))
+        predictions = client.classify(config.texts, config.pairs)
     if config.output is Output.JSON:
         print(json.dumps([{"text": t, **p.to_dict()} for t, p in zip(config.texts, predictions)], indent=2))
         return 0
@@ -177,6 +186,23 @@ def _run_embed(args) -> int:
     for text, v in zip(config.texts, vectors):
         head = " ".join(f"{x:+.4f}" for x in v[:config.show]) + (" ..." if len(v) > config.show else "")
         table.add_row(text, str(len(v)), f"{float(np.linalg.norm(v)):.4f}", head)
+    Console().print(table)
+    return 0
+
+
+def _print_scores(config: ClassifyConfig, scores: list[float]) -> int:
+    """A regression model's answers: one score per text."""
+    if config.output is Output.JSON:
+        print(json.dumps([{"text": t, "score": x} for t, x in zip(config.texts, scores)], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
+    table.add_column("text", overflow="fold", max_width=60)
+    table.add_column("score", justify="right", style="bold")
+    for text, score in zip(config.texts, scores):
+        table.add_row(text, f"{score:.4f}")
     Console().print(table)
     return 0
 

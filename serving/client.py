@@ -32,6 +32,7 @@ from serving.contract import (
     Protocol,
     ServedModel,
     decode_classification,
+    decode_scores,
     infer_inputs,
     parse_endpoint,
     requested_outputs,
@@ -225,19 +226,39 @@ class _Base(ClientConfig):
 
     def _outputs(self, served: ServedModel) -> list[str]:
         names = list(served.default_outputs)
-        return names + [LOGITS] if self.return_logits and LOGITS not in names else names
+        has_logits = any(t.name == LOGITS for t in served.outputs)  # regression models serve SCORE only
+        return names + [LOGITS] if self.return_logits and has_logits and LOGITS not in names else names
 
-    def _request(self, served: ServedModel, chunk: list[str]) -> tuple[tuple, dict[str, Any]]:
-        """(args, kwargs) of ``client.infer`` for one chunk, built through the contract."""
+    def _request(self, served: ServedModel, chunk: list) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) of ``client.infer`` for one chunk (texts, or (text, pair) tuples), built through
+        the contract."""
         module = self._module
         outputs = requested_outputs(module, self._outputs(served))
-        return (self.model, infer_inputs(module, chunk)), {"outputs": outputs, **self._grpc_timeout()}
+        texts, pairs = _split_pairs(chunk)
+        return (self.model, infer_inputs(module, texts, pairs)), {"outputs": outputs, **self._grpc_timeout()}
 
     def _read(self, served: ServedModel, response: Any) -> dict[str, Any]:
         return {name: response.as_numpy(name) for name in self._outputs(served)}
 
     def _chunks(self, served: ServedModel, items: list[str]) -> Iterable[list[str]]:
         return _chunks(items, max(1, served.max_batch_size))
+
+
+def _rows(texts: str | Iterable[str], pairs: str | Iterable[str] | None) -> list:
+    """The request rows: texts, or (text, pair) tuples when pairs are given (one per text)."""
+    items = _texts(texts)
+    if pairs is None:
+        return items
+    second = _texts(pairs)
+    if len(second) != len(items):
+        raise InvalidInputError(f"{len(items)} texts but {len(second)} text pairs")
+    return list(zip(items, second))
+
+
+def _split_pairs(chunk: list) -> tuple[list[str], list[str] | None]:
+    if chunk and isinstance(chunk[0], tuple):
+        return [t for t, _ in chunk], [p for _, p in chunk]
+    return chunk, None
 
 
 class _SyncTransport(_Base):
@@ -262,9 +283,10 @@ class _SyncTransport(_Base):
                 raise ClientError(f"{self.model}: {exc}") from exc
         return self._served
 
-    def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
-        """The decoded outputs of every chunk of ``texts``."""
-        items = _texts(texts)
+    def _infer(self, texts: str | Sequence[str],
+               pairs: str | Sequence[str] | None = None) -> tuple[ServedModel | None, list[dict[str, Any]]]:
+        """The decoded outputs of every chunk of ``texts`` (with their ``pairs``)."""
+        items = _rows(texts, pairs)
         if not items:
             return self._served, []
         served, client = self.served_model(), self._connect()
@@ -316,8 +338,9 @@ class _AsyncTransport(_Base):
                 raise ClientError(f"{self.model}: {exc}") from exc
         return self._served
 
-    async def _infer(self, texts: str | Sequence[str]) -> tuple[ServedModel | None, list[dict[str, Any]]]:
-        items = _texts(texts)
+    async def _infer(self, texts: str | Sequence[str],
+                     pairs: str | Sequence[str] | None = None) -> tuple[ServedModel | None, list[dict[str, Any]]]:
+        items = _rows(texts, pairs)
         if not items:
             return self._served, []
         served, client = await self.served_model(), self._connect()
@@ -352,6 +375,15 @@ def _decode(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Pred
         raise ClientError(f"{served.name}: {exc}") from exc
 
 
+def _decode_scores(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[float]:
+    if served is None or not outs:
+        return []
+    try:
+        return [x for out in outs for x in decode_scores(served, out)]
+    except ContractError as exc:
+        raise ClientError(f"{served.name}: {exc}") from exc
+
+
 @dataclass
 class TextClassifier(_SyncTransport):
     """Classify texts with a served classifier (sync)."""
@@ -365,9 +397,14 @@ class TextClassifier(_SyncTransport):
     def labels(self) -> list[str]:
         return list(self.served_model().labels)
 
-    def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
-        """Classify texts; one Prediction per text, in order."""
-        return _decode(*self._infer(texts))
+    def classify(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None) -> list[Prediction]:
+        """Classify texts (text pairs: ``pairs[i]`` is the second text of ``texts[i]``); one Prediction per
+        text, in order."""
+        return _decode(*self._infer(texts, pairs))
+
+    def score(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None) -> list[float]:
+        """A regression model's prediction (SCORE) per text (or text pair), in order."""
+        return _decode_scores(*self._infer(texts, pairs))
 
 
 @dataclass
@@ -378,9 +415,10 @@ class AsyncTextClassifier(_AsyncTransport):
         served = await self.served_model()
         return served.max_batch_size, list(served.labels)
 
-    async def classify(self, texts: str | Sequence[str]) -> list[Prediction]:
-        """Classify texts; the chunks of a large input are sent concurrently."""
-        return _decode(*await self._infer(texts))
+    async def classify(self, texts: str | Sequence[str],
+                       pairs: str | Sequence[str] | None = None) -> list[Prediction]:
+        """Classify texts (or text pairs); the chunks of a large input are sent concurrently."""
+        return _decode(*await self._infer(texts, pairs))
 
 
 # ----------------------------------------------------------------------------------------- embedder

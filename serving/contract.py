@@ -371,6 +371,8 @@ def http_outputs(body: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def decode_classification(model: ServedModel, outputs: Mapping[str, Any]) -> list[Prediction]:
     """Predictions from decoded outputs (LABEL, PROBABILITIES, optional LOGITS)."""
+    if model.head is Head.REGRESSION:
+        raise ContractError(f"model {model.name!r} is a regression model: ask for its scores")
     labels_out, probs = outputs.get(LABEL), outputs.get(PROBABILITIES)
     if labels_out is None or probs is None:
         raise ContractError(f"response lacks {LABEL} or {PROBABILITIES}")
@@ -387,6 +389,18 @@ def decode_classification(model: ServedModel, outputs: Mapping[str, Any]) -> lis
                                 probabilities=probabilities, labels=on,
                                 logits=None if logits is None else [float(x) for x in logits[i]]))
     return preds
+
+
+def decode_scores(model: ServedModel, outputs: Mapping[str, Any], n_rows: int | None = None) -> list[float]:
+    """A regression model's SCORE rows as floats (one per text); ContractError when it is not one."""
+    if model.head is not Head.REGRESSION:
+        raise ContractError(f"model {model.name!r} has a {model.head.value} head, not regression: classify it")
+    if outputs.get(SCORE) is None:
+        raise ContractError(f"response lacks {SCORE}")
+    scores = np.asarray(outputs[SCORE], dtype=np.float64).reshape(-1)
+    if n_rows is not None and len(scores) != n_rows:
+        raise ContractError(f"{SCORE} has {len(scores)} rows, expected {n_rows}")
+    return [float(x) for x in scores]
 
 
 PROB_TOLERANCE = 1e-3

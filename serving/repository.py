@@ -298,8 +298,8 @@ def build_configs(
     """The ``ModelConfig`` messages of one served model (keyed by model name); ``model`` may be a label list
     (the default classifier)."""
     pb, model = _pb(), _as_model(model)
-    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL):
-        raise RepositoryError(f"head {model.head.value} is not served yet (classification heads only)")
+    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION):
+        raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
     if config.target is Target.CPU:
         return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
     return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
@@ -365,13 +365,13 @@ def check_onnx_for_image(info: Mapping[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _labels(id2label: Mapping[int, str]) -> list[str]:
+def _labels(id2label: Mapping[int, str], minimum: int = 2) -> list[str]:
     try:
         ids = sorted(int(k) for k in id2label)
     except (TypeError, ValueError) as exc:
         raise RepositoryError(f"id2label keys must be integers: {list(id2label)}") from exc
-    if ids != list(range(len(ids))) or len(ids) < 2:
-        raise RepositoryError(f"id2label must map 0..n-1 (n >= 2) to labels, got keys {ids}")
+    if ids != list(range(len(ids))) or len(ids) < minimum:
+        raise RepositoryError(f"id2label must map 0..n-1 (n >= {minimum}) to labels, got keys {ids}")
     labels = [str(id2label[i] if i in id2label else id2label[str(i)]) for i in ids]  # type: ignore[index]
     if len(set(labels)) != len(labels):
         raise RepositoryError(f"labels must be distinct: {labels}")
@@ -483,7 +483,8 @@ def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_m
 
 
 def _served_model(model: ServedModel | None, id2label: Mapping[int, str]) -> ServedModel:
-    labels = _labels(id2label)
+    one = model is not None and model.head in (Head.REGRESSION, Head.MULTI_LABEL)  # heads with 1 output/label
+    labels = _labels(id2label, 1 if one else 2)
     if model is None:
         return _as_model(labels)
     if model.labels and list(model.labels) != labels:

@@ -19,7 +19,6 @@ from exporter.inputs import (Columns, check_max_length, load_checkpoint, read_ch
                              resolve_columns)
 from serving.contract import Head
 
-ALL_HEADS = tuple(Head)
 TEXTS = ["The movie was good.", "not very fine, really boring and long!", "café naïve über 4567 stars",
          "the " * 40 + "ending", ""]
 
@@ -171,7 +170,7 @@ def test_exporter_cli_takes_the_new_options(arch_checkpoint, tmp_path, capsys):
     assert "lacks column(s) text, label" in run("--tokenizer", tok)
     assert "--max-length 100 is longer than the position table" in run(
         "--tokenizer", tok, "--text-column", "review", "--label-column", "sentiment", "--max-length", "100")
-    assert "text pairs (--text-pair-column) are not exported yet" in run(
+    assert "lacks column(s) x" in run(  # text pairs are built; the pair column must exist
         "--tokenizer", tok, "--text-column", "review", "--label-column", "sentiment", "--text-pair-column", "x")
 
 
@@ -263,12 +262,12 @@ def test_pickle_weights_are_refused_with_why_and_how(arch_checkpoint, tmp_path):
 # ----------------------------------------------------------------------------------------------- 7. heads
 
 
-def test_multi_label_head_is_read_and_refused_by_default(arch_checkpoint, tmp_path):
+def test_multi_label_head_is_read(arch_checkpoint, tmp_path):
     path = arch_checkpoint("bert", num_labels=3, labels=("sports", "politics", "tech"),
                            problem_type="multi_label_classification")
     with pytest.raises(CheckpointError, match="multi_label_classification head .* would be silently wrong"):
-        load_checkpoint(path)
-    ck = load_checkpoint(path, heads=ALL_HEADS)
+        load_checkpoint(path, heads=(Head.SINGLE_LABEL,))
+    ck = load_checkpoint(path)
     assert ck.head is Head.MULTI_LABEL and ck.labels == ("sports", "politics", "tech")
     csv = write(tmp_path / "ml.csv", 'text,label\na,sports|tech\nb,"[""politics""]"\nc,[]\nd,2|0|2\ne,"[1, ""tech""]"\n')
     ex = read_checkpoint_examples(ck, csv, Columns())
@@ -282,11 +281,11 @@ def test_multi_label_head_is_read_and_refused_by_default(arch_checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize("problem_type", [None, "regression"])
-def test_regression_head_is_read_and_refused_by_default(arch_checkpoint, tmp_path, problem_type):
+def test_regression_head_is_read(arch_checkpoint, tmp_path, problem_type):
     path = arch_checkpoint("bert", num_labels=1, problem_type=problem_type)
     with pytest.raises(CheckpointError, match="regression head .* not export regression heads yet"):
-        load_checkpoint(path)
-    ck = load_checkpoint(path, heads=ALL_HEADS)
+        load_checkpoint(path, heads=(Head.SINGLE_LABEL,))
+    ck = load_checkpoint(path)
     assert ck.head is Head.REGRESSION
     ex = read_checkpoint_examples(ck, write(tmp_path / "r.csv", "text,label\na,0.25\nb,-3\nc,1e2\n"), Columns())
     assert ex.targets().tolist() == [0.25, -3.0, 100.0] and ex.targets().dtype == np.float32

@@ -207,8 +207,8 @@ def test_load_checkpoint_rejects(tmp_path):
     from exporter.inputs import load_checkpoint
 
     (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a"}}))
-    with pytest.raises(CheckpointError, match="id2label"):
+        {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "2": "b"}}))  # (one label
+    with pytest.raises(CheckpointError, match="id2label"):  # is a regression head, built since issue 10)
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(
         {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b"}}))

@@ -1,5 +1,5 @@
-"""Triton python-backend model `<name>` (CPU target): TEXT -> tokenizer -> ONNX Runtime -> LABEL,
-PROBABILITIES, LOGITS, in one model (one hop per request).
+"""Triton python-backend model `<name>` (CPU target): TEXT (, TEXT_PAIR) -> tokenizer -> ONNX Runtime -> LABEL,
+PROBABILITIES, LOGITS (regression: SCORE), in one model (one hop per request).
 
 Every row runs ALONE, at its own length (no padding), in a session with intra_op_num_threads from the
 config (1 by default) and one inter-op thread; one instance per core. So a row's answer is a function of
@@ -32,17 +32,17 @@ class TritonPythonModel:
         self.outputs = list(self.model.encoder_outputs)
         self.width = self.model.num_outputs
 
-    def _row(self, text):
-        enc = self.tokenizer.encode(text)
+    def _row(self, text, pair=None):
+        enc = self.tokenizer.encode(text) if pair is None else self.tokenizer.encode(text, pair)
         columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
         feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
         return self.session.run(self.outputs, feeds)
 
     def _handle(self, request):
-        texts = textmodel.decode_texts(request, self.max_chars)
-        results = [self._row(text) for text in texts]
+        texts, pairs = textmodel.decode_rows(request, self.model, self.max_chars)
+        results = [self._row(text, None if pairs is None else pairs[i]) for i, text in enumerate(texts)]
         logits = np.concatenate([r[0] for r in results]) if results else np.zeros((0, self.width), np.float32)
-        probs = np.concatenate([r[1] for r in results]) if results else np.zeros((0, self.width), np.float32)
+        probs = np.concatenate([r[-1] for r in results]) if results else np.zeros((0, self.width), np.float32)
         return textmodel.head_outputs(self.model, logits, probs)
 
     def execute(self, requests):

@@ -1,5 +1,5 @@
 """Triton python-backend model `<name>_postprocess` (GPU target): logits, probabilities -> LABEL,
-PROBABILITIES, LOGITS. The encoder may emit FP16; the client contract is FP32, so the cast happens here.
+PROBABILITIES, LOGITS (multi-label: LABEL is the JSON list of labels >= threshold; regression: logits -> SCORE). The encoder may emit FP16; the client contract is FP32, so the cast happens here.
 """
 import contract
 import textmodel
@@ -12,7 +12,8 @@ class TritonPythonModel:
 
     def _handle(self, request):
         logits = pb_utils.get_input_tensor_by_name(request, contract.ENCODER_LOGITS).as_numpy()
-        probs = pb_utils.get_input_tensor_by_name(request, contract.ENCODER_PROBABILITIES).as_numpy()
+        probs = pb_utils.get_input_tensor_by_name(request, contract.ENCODER_PROBABILITIES)
+        probs = logits if probs is None else probs.as_numpy()  # regression: no probabilities
         return textmodel.head_outputs(self.model, logits, probs)
 
     def execute(self, requests):

@@ -46,11 +46,12 @@ def load_tokenizer(args, params, *, pad):
     return tokenizer
 
 
-def decode_texts(request, max_chars):
-    """The rows of the request's TEXT tensor as strings; InputError naming the first bad row."""
-    tensor = pb_utils.get_input_tensor_by_name(request, contract.TEXT)
+def decode_texts(request, max_chars, name=contract.TEXT):
+    """The rows of the request's ``name`` tensor (TEXT, or TEXT_PAIR) as strings; InputError naming the
+    first bad row."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        raise InputError(f"missing input {contract.TEXT}")
+        raise InputError(f"missing input {name}")
     out = []
     for i, value in enumerate(tensor.as_numpy().reshape(-1)):
         if isinstance(value, str):
@@ -59,18 +60,34 @@ def decode_texts(request, max_chars):
             try:
                 text = bytes(value).decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"{contract.TEXT} row {i} is not valid UTF-8 (byte {exc.start})") from None
+                raise InputError(f"{name} row {i} is not valid UTF-8 (byte {exc.start})") from None
             except TypeError:
-                raise InputError(f"{contract.TEXT} row {i} is not a string") from None
+                raise InputError(f"{name} row {i} is not a string") from None
         if len(text) > max_chars:
-            raise InputError(f"{contract.TEXT} row {i} has {len(text)} characters; the limit is {max_chars} "
+            raise InputError(f"{name} row {i} has {len(text)} characters; the limit is {max_chars} "
                              "(max_text_chars)")
         out.append(text)
     return out
 
 
+def decode_rows(request, model, max_chars):
+    """(texts, pairs) of a request: pairs is None unless the model takes TEXT_PAIR (then one per text)."""
+    texts = decode_texts(request, max_chars)
+    if not model.text_pair:
+        return texts, None
+    pairs = decode_texts(request, max_chars, contract.TEXT_PAIR)
+    if len(pairs) != len(texts):
+        raise InputError(f"{len(texts)} {contract.TEXT} rows but {len(pairs)} {contract.TEXT_PAIR} rows")
+    return texts, pairs
+
+
 def head_outputs(model, logits, probabilities):
-    """The served output tensors of a classification head (FP32; LABEL from the probabilities)."""
+    """The served output tensors of the head (FP32): regression SCORE (the raw prediction); classifiers
+    LABEL (single-label: the argmax; multi-label: the JSON list of labels >= threshold), PROBABILITIES
+    (softmax / sigmoid, as the graph computed them) and LOGITS."""
+    if model.head is contract.Head.REGRESSION:
+        score = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1, 1))
+        return [pb_utils.Tensor(contract.SCORE, score)]
     probs = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).reshape(len(logits), -1))
     logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(probs.shape))
     labels = list(model.labels)

@@ -1,4 +1,4 @@
-"""Triton python-backend model `<name>_tokenizer` (GPU target): TEXT -> input_ids, attention_mask
+"""Triton python-backend model `<name>_tokenizer` (GPU target): TEXT (, TEXT_PAIR) -> input_ids, attention_mask
 (, token_type_ids), each padded to max_length so that the encoder batches with fixed shapes.
 
 One `tokenizers.Tokenizer` per instance (the backend calls `execute` serially per instance). Input handling
@@ -20,8 +20,9 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
 
     def _handle(self, request):
-        texts = textmodel.decode_texts(request, self.max_chars)
-        encodings = [self.tokenizer.encode(t) for t in texts]
+        texts, pairs = textmodel.decode_rows(request, self.model, self.max_chars)
+        encodings = ([self.tokenizer.encode(t) for t in texts] if pairs is None
+                     else [self.tokenizer.encode(t, p) for t, p in zip(texts, pairs)])
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],

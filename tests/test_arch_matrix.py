@@ -1,0 +1,87 @@
+"""The architecture matrix: tiny random-init BERT, DistilBERT, RoBERTa, ELECTRA, XLM-RoBERTa, ALBERT and
+DeBERTa-v2 classifiers with locally trained tokenizers (tests/checkpoint_factory.py) -> exporter build
+(fp32, gated) -> one real tritonserver serving all seven (one repository each, distinct model names) ->
+served LOGITS equal PyTorch's within 1e-4, long texts (truncated) included."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.server
+
+ARCHS = ("bert", "distilbert", "roberta", "electra", "xlm-roberta", "albert", "deberta-v2")
+MAX_LENGTH = 32
+LABELS = ("neg", "pos")
+
+
+def _name(arch: str) -> str:
+    return "clf_" + arch.replace("-", "_")
+
+
+def _texts() -> list[str]:
+    from checkpoint_factory import corpus
+
+    rows = corpus(12, seed=21)
+    return rows + [" ".join(rows)[:480]]  # the last one is truncated at MAX_LENGTH tokens
+
+
+def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:
+    """exporter build (fp32 only) of the arch's checkpoint, then its repository under a distinct name."""
+    from checkpoint_factory import corpus
+
+    from exporter.build import build
+    from exporter.config import BuildConfig
+    from serving.contract import ServedModel
+    from serving.repository import RepositoryConfig, write_repository
+
+    ck = arch_checkpoint(arch, labels=LABELS)
+    eval_csv = root / f"{arch}.csv"
+    eval_csv.write_text("text,label\n" + "".join(f"\"{t}\",{i % 2}\n" for i, t in enumerate(corpus(40, seed=2))),
+                        encoding="utf-8")
+    out = root / f"build-{arch}"
+    result = build(BuildConfig(ck, out=out, repository=None, precisions="fp32", eval_data=eval_csv, eval_size=40,
+                               max_length=MAX_LENGTH, speed_seconds=0.05, calibration_size=8, tuning_size=8))
+    assert result.report.selected == "fp32", (arch, result.report.variants["fp32"].parity.reason)
+    repo = write_repository(root / f"repo-{arch}", onnx_model=result.report.variant_path("fp32", out),
+                            tokenizer_dir=ck, id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1),
+                            model=ServedModel(name=_name(arch), labels=LABELS))
+    return ck, repo
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, arch_checkpoint):
+    from serving.server import LocalTritonServer, ServerConfig
+
+    root = tmp_path_factory.mktemp("matrix")
+    t0 = time.perf_counter()
+    built = {arch: _build(arch, root, arch_checkpoint) for arch in ARCHS}
+    repos = [repo for _, repo in built.values()]
+    extra = tuple(f"--model-repository={r}" for r in repos[1:])
+    with LocalTritonServer(ServerConfig(repos[0], startup_timeout_s=180, extra_args=extra)) as srv:
+        yield srv, {arch: ck for arch, (ck, _) in built.items()}, time.perf_counter() - t0
+
+
+def _torch_logits(ck: Path, texts: list[str]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    model = AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    with torch.inference_mode():
+        return np.concatenate([model(**tok([t], truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
+                               .logits.numpy() for t in texts])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_served_logits_equal_pytorch(served, arch):
+    from serving.client import TextClassifier
+
+    srv, checkpoints, _ = served
+    texts = _texts()
+    with TextClassifier(srv.http_url, model=_name(arch), timeout_s=60, return_logits=True) as client:
+        got = np.array([p.logits for p in client.classify(texts)])
+    np.testing.assert_allclose(got, _torch_logits(checkpoints[arch], texts), atol=1e-4, err_msg=arch)

@@ -1,0 +1,257 @@
+"""Multi-label and regression heads, and truncation side, end to end: the gate judges each head by its own
+numbers, the build exports and gates them, and the real tritonserver serves them as PyTorch computes them."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter import parity
+from exporter.config import Budgets, Precision
+from serving.contract import Head, ServedModel, decode_scores
+
+LABELS = ("sports", "music", "food", "travel")
+MAX_LENGTH = 32  # below the tiny models' 64 positions; many corpus rows reach it
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def _ref(head: Head, n: int = 50, width: int = 4, seed: int = 0) -> parity.Reference:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (n, width)).astype(np.float32)
+    if head is Head.MULTI_LABEL:
+        labels = (rng.random((n, width)) < 0.4).astype(np.float32)
+    else:
+        labels = (logits[:, 0] + rng.normal(0, 0.5, n)).astype(np.float32)
+    return parity.Reference(logits, labels, head)
+
+
+def test_multi_label_gate_counts_every_label_at_the_threshold():
+    ref = _ref(Head.MULTI_LABEL)
+    same = parity.compare(Precision.FP32, ref, ref.logits.copy(), parity._sigmoid(ref.logits), Budgets())
+    assert same.passed and same.label_agreement == 1.0 and same.head == Head.MULTI_LABEL.value
+    assert same.max_prob_diff < 1e-6  # the reference probabilities are sigmoids, not a softmax
+    flipped = ref.logits.copy()
+    flipped[3, 2] = -flipped[3, 2] if flipped[3, 2] != 0 else 1.0  # one label of one row crosses 0.5
+    rec = parity.compare(Precision.INT8, ref, flipped, parity._sigmoid(flipped), Budgets())
+    assert rec.label_agreement == pytest.approx(1 - 1 / ref.logits.size)
+    expected = parity.task_metrics((parity._sigmoid(flipped) >= 0.5).astype(int), ref.labels, 4, Head.MULTI_LABEL)
+    assert rec.accuracy == expected["accuracy"] and rec.macro_f1 == expected["macro_f1"]
+    strict = parity.compare(Precision.FP32, ref, flipped, parity._sigmoid(flipped), Budgets(fp32_max_abs=100))
+    assert not strict.passed and "label agreement" in strict.reason
+
+
+def test_multi_label_threshold_is_the_gates():
+    ref = _ref(Head.MULTI_LABEL)
+    high = parity.Reference(ref.logits, ref.labels, Head.MULTI_LABEL, threshold=0.9)
+    assert not np.array_equal(parity.predictions(ref.logits, Head.MULTI_LABEL),
+                              parity.predictions(ref.logits, Head.MULTI_LABEL, 0.9))
+    assert high.metrics != ref.metrics
+
+
+def test_regression_gate_is_max_abs_and_mae():
+    ref = _ref(Head.REGRESSION, width=1)
+    ok = parity.compare(Precision.FP32, ref, ref.logits.copy(), ref.logits.copy(), Budgets())
+    assert ok.passed and ok.accuracy is None and ok.mae is not None and ok.pearson is not None
+    off = ref.logits.copy()
+    off[7, 0] += 0.5
+    rec = parity.compare(Precision.FP32, ref, off, off, Budgets())
+    assert not rec.passed and "max abs" in rec.reason and "agreement" not in rec.reason
+    assert rec.label_agreement == pytest.approx(1 - 1 / len(off))  # recorded, not gated
+    worse = ref.logits + np.sign(ref.logits - ref.labels[:, None]) * 0.5  # every prediction further off
+    rec = parity.compare(Precision.INT8, ref, worse.astype(np.float32), worse, Budgets())
+    assert not rec.passed and "MAE increase" in rec.reason and rec.mae_increase_pts > 0
+
+
+def test_regression_and_multi_label_tuning_check_stop_on_flips():
+    class Session:
+        def __init__(self, out):
+            self.out = out
+
+        def get_inputs(self):
+            return []
+
+        def get_outputs(self):
+            return [type("O", (), {"name": "logits"})()]
+
+        def run(self, names, feed):
+            return [self.out[feed["rows"]]]
+
+    batches = [{"rows": slice(i, i + 10)} for i in range(0, 40, 10)]
+    ref = _ref(Head.MULTI_LABEL, n=40)
+    sess = Session(-ref.logits)  # every label flipped
+    sess.get_inputs = lambda: [type("I", (), {"name": "rows"})()]
+    rec = parity.tuning_check(sess, batches, ref, Budgets())
+    assert rec.early_stop and not rec.passed and rec.head == Head.MULTI_LABEL.value and rec.n_examples == 10
+    ref = _ref(Head.REGRESSION, n=40, width=1)
+    sess = Session(ref.logits + 10.0)  # regression: no label flips to stop on; the MAE judges all rows
+    sess.get_inputs = lambda: [type("I", (), {"name": "rows"})()]
+    rec = parity.tuning_check(sess, batches, ref, Budgets())
+    assert not rec.early_stop and not rec.passed and "MAE increase" in rec.reason
+
+
+def test_contract_decodes_scores_and_refuses_classify_on_regression():
+    from serving.contract import ContractError, SCORE, decode_classification
+
+    model = ServedModel(head=Head.REGRESSION, labels=("LABEL_0",))
+    assert [t.name for t in model.outputs] == [SCORE]
+    assert decode_scores(model, {SCORE: np.array([[1.5], [-2.0]], np.float32)}) == [1.5, -2.0]
+    with pytest.raises(ContractError, match="regression"):
+        decode_classification(model, {SCORE: np.zeros((1, 1))})
+    with pytest.raises(ContractError, match="not regression"):
+        decode_scores(ServedModel(labels=("a", "b")), {SCORE: np.zeros((1, 1))})
+
+
+# ------------------------------------------------------------------------------------- build + serve
+
+
+def _write_data(ck: Path, root: Path, head: Head, n: int = 160, pairs: bool = False) -> None:
+    from checkpoint_factory import corpus
+
+    rng = random.Random(1)
+    texts, seconds = corpus(n, seed=5), corpus(n, seed=6)
+    data = root / "data"
+    data.mkdir()
+    for name, lo, hi in (("test", 0, 80), ("validation", 80, 120), ("train", 120, n)):
+        with open(data / f"{name}.csv", "w", encoding="utf-8") as fh:
+            fh.write("text,pair,label\n" if pairs else "text,label\n")
+            for t, second in zip(texts[lo:hi], seconds[lo:hi]):
+                if head is Head.MULTI_LABEL:
+                    label = "|".join(rng.sample(LABELS, rng.randint(0, 2)))
+                elif head is Head.REGRESSION:
+                    label = f"{rng.uniform(-1, 1):.4f}"
+                else:
+                    label = str(rng.randint(0, 1))
+                fh.write(f"\"{t}\",\"{second}\",{label}\n" if pairs else f"\"{t}\",{label}\n")
+    (ck / "metrics.json").write_text(json.dumps({"data_dir": str(data), "test": {}}))
+
+
+def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, **options) -> tuple[Path, Path, dict]:
+    import shutil
+
+    from exporter.cli import main
+
+    src = arch_checkpoint("bert", **options)
+    ck = tmp / "checkpoint"
+    shutil.copytree(src, ck)
+    _write_data(ck, tmp, head, pairs=pairs)
+    extra = ["--text-pair-column", "pair"] if pairs else []
+    rc = main([str(a) for a in ["build", ck, "--out", tmp / "build", "--repository", tmp / "repo", "--precisions",
+                                "fp32", "--max-length", MAX_LENGTH, "--speed-seconds", "0.1", "--eval-size", "80",
+                                "--calibration-size", "16", "--tuning-size", "16", *extra]])
+    report = json.loads((tmp / "build" / "report.json").read_text())
+    assert rc == 0, report["variants"]["fp32"]["parity"]["reason"]
+    return ck, tmp / "repo", report
+
+
+def _torch(ck: Path, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    model = AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    seconds = pairs or [None] * len(texts)
+    with torch.inference_mode():
+        return np.concatenate([model(**tok([t], None if p is None else [p], truncation=True, max_length=MAX_LENGTH,
+                                           return_tensors="pt")).logits.numpy() for t, p in zip(texts, seconds)])
+
+
+def _long_text() -> str:
+    from checkpoint_factory import corpus
+
+    return " ".join(corpus(12, seed=9))[:500]  # far over MAX_LENGTH tokens, within max_text_chars (16/token)
+
+
+@pytest.mark.server
+def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_checkpoint):
+    """A multi-label checkpoint whose tokenizer truncates on the left: the build gates it (with rows over
+    max_length), the served PROBABILITIES are sigmoids, LABEL the JSON set >= 0.5, and the served logits of
+    a long text equal PyTorch's (the served tokenizer truncates on the left too)."""
+    from serving.client import TextClassifier
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.MULTI_LABEL, num_labels=4, labels=LABELS,
+                              problem_type="multi_label_classification", truncation_side="left")
+    fp32 = report["variants"]["fp32"]["parity"]
+    assert fp32["head"] == Head.MULTI_LABEL.value and fp32["passed"]
+    from exporter.build import LONG_ROWS
+
+    read = int(next(w for w in report["warnings"] if w.startswith("only ")).split()[1])  # rows of test.csv
+    assert report["reference"]["n_examples"] == read + LONG_ROWS  # rows joined to reach truncation
+    from checkpoint_factory import corpus
+
+    texts = corpus(20, seed=3) + [_long_text()]
+    want = _torch(ck, texts)
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            served = client.served_model()
+            preds = client.classify(texts)
+    assert served.head is Head.MULTI_LABEL and served.threshold == 0.5
+    got = np.array([p.logits for p in preds])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    sig = 1 / (1 + np.exp(-want))
+    for pred, row in zip(preds, sig):
+        assert pred.labels == tuple(LABELS[j] for j in np.flatnonzero(row >= 0.5))
+        np.testing.assert_allclose([pred.probabilities[x] for x in LABELS], row, atol=1e-4)
+    # right truncation would have served other logits on the long text: the check can fail
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    assert tok.truncation_side == "left"
+    right = tok([texts[-1]], truncation=True, max_length=MAX_LENGTH)["input_ids"][0]
+    tok.truncation_side = "right"
+    assert right != tok([texts[-1]], truncation=True, max_length=MAX_LENGTH)["input_ids"][0]
+
+
+@pytest.mark.server
+def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
+    from serving.client import TextClassifier
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.REGRESSION, num_labels=1, problem_type="regression")
+    fp32 = report["variants"]["fp32"]["parity"]
+    assert fp32["head"] == Head.REGRESSION.value and fp32["passed"] and fp32["mae"] is not None
+    assert report["reference"]["accuracy"] is None and report["reference"]["mae"] is not None
+    from checkpoint_factory import corpus
+
+    texts = corpus(20, seed=4) + [_long_text()]
+    want = _torch(ck, texts)[:, 0]
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            scores = client.score(texts)
+            assert client.served_model().head is Head.REGRESSION
+    np.testing.assert_allclose(scores, want, atol=1e-4)
+
+
+@pytest.mark.server
+def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, capsys):
+    """--text-pair-column: the served model takes TEXT_PAIR, encodes pairs as the checkpoint's tokenizer does
+    (token_type_ids of the second text: BERT), and the client and `serving classify --pair` send pairs."""
+    from checkpoint_factory import corpus
+
+    from serving.cli import main
+    from serving.client import TextClassifier
+    from serving.contract import TEXT_PAIR
+    from serving.server import LocalTritonServer, ServerConfig
+
+    ck, repo, report = _build(tmp_path, arch_checkpoint, Head.SINGLE_LABEL, pairs=True, labels=("no", "yes"))
+    assert report["variants"]["fp32"]["parity"]["passed"]
+    texts, pairs = corpus(10, seed=7) + [_long_text()], corpus(11, seed=8)
+    want = _torch(ck, texts, pairs)
+    assert np.abs(want - _torch(ck, texts)).max() > 1e-3  # the pair changes the answer: the check can fail
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            assert client.served_model().text_pair and TEXT_PAIR in [t.name for t in client.served_model().inputs]
+            got = np.array([p.logits for p in client.classify(texts, pairs)])
+        capsys.readouterr()  # the build's report
+        assert main(["classify", "--url", srv.http_url, "--json", texts[0], texts[1],
+                     "--pair", pairs[0], "--pair", pairs[1]]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert main(["classify", "--url", srv.http_url, texts[0], "--pair", pairs[0], "--pair", pairs[1]]) == 2
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    probs = np.exp(want[:2]) / np.exp(want[:2]).sum(1, keepdims=True)
+    assert [r["label"] for r in rows] == [("no", "yes")[int(j)] for j in probs.argmax(1)]
