@@ -300,11 +300,26 @@ def select(variants: dict[str, Variant], target: Target) -> str | None:
     return max(passing, key=lambda n: (variants[n].speed.throughput_seq_s if variants[n].speed else 0.0))
 
 
+def _serves_others(repository: Path, target: Target, name: str) -> bool:
+    """Whether ``repository`` is one of ours, for ``target``, with served models besides ``name``: then the
+    build adds its model beside them (an embedder stays) instead of replacing the whole repository."""
+    from serving.errors import ServingError
+    from serving.repository import PROVENANCE, read_repository
+
+    if not (repository / PROVENANCE).is_file():
+        return False
+    try:
+        info = read_repository(repository)
+    except ServingError:
+        return False  # not readable as a current repository: it is replaced whole, as before
+    return info.target is target and bool(set(info.models) - {name})
+
+
 def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: BuildReport) -> Path:
     """Hand the selected variant to the serving stage's repository writer (atomic on its side)."""
     from exporter.artifacts import to_dict
     from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, write_repository
+    from serving.repository import RepositoryConfig, add_model, write_repository
 
     chosen = report.variants[report.selected]
     provenance = {
@@ -326,6 +341,9 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length)
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
         served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
+        if _serves_others(Path(config.repository), config.target, served.name):
+            return Path(add_model(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
+                                  model=served, config=repo_config, provenance=provenance))
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                      id2label=dict(ck.id2label), config=repo_config, provenance=provenance,
                                      model=served))

@@ -530,3 +530,24 @@ def test_real_checkpoint_build(tmp_path):
     assert rep["reference"]["n_examples"] >= 1000
     assert any(v["parity"]["passed"] for n, v in rep["variants"].items() if n.startswith("int8")), rep["variants"]
     assert seconds < 180 * 1.5  # 3 minutes on an idle 2-core machine; slack for a shared one
+
+
+def test_rebuilding_the_classifier_keeps_the_other_served_models(tiny, tmp_path):
+    """A repository that serves another model too (an embedder, a second classifier): the classifier's
+    build adds itself beside it instead of replacing the repository."""
+    from dataclasses import replace
+
+    from serving.repository import RepositoryConfig, add_model, read_repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny["repo"], repo)
+    served = read_repository(repo).model()
+    add_model(repo, onnx_model=served.onnx_path, tokenizer_dir=served.tokenizer_dir,
+              model=replace(served.contract, name="other"), config=RepositoryConfig())
+    assert sorted(read_repository(repo).models) == ["classifier", "other"]
+    rc = run_main(["build", tiny["ckpt"], "--out", tmp_path / "build", "--repository", repo,
+                   "--precisions", "fp32", *FAST])
+    assert rc == 0
+    info = read_repository(repo)
+    assert sorted(info.models) == ["classifier", "other"]
+    assert json.loads((tmp_path / "build" / "report.json").read_text())["repository"] == str(repo.absolute())
