@@ -274,17 +274,22 @@ def write_report_json(report: BuildReport, build_dir: Path) -> Path:
     return path
 
 
-def read_report(build_dir: Path) -> BuildReport:
-    """The typed report of the build in ``build_dir`` (``build_dir/report.json``)."""
+def _read_typed(build_dir: Path, parse):
+    """``parse`` applied to ``build_dir/report.json``; a read or schema error names the file."""
     path = Path(build_dir) / REPORT_JSON
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return from_json(text)
+        return parse(text)
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
+
+
+def read_report(build_dir: Path) -> BuildReport:
+    """The typed report of the build in ``build_dir`` (``build_dir/report.json``)."""
+    return _read_typed(build_dir, from_json)
 
 
 # ------------------------------------------------------------------------------------ embedding report
@@ -364,12 +369,4 @@ def write_embedding_report_json(report: EmbeddingReport, build_dir: Path) -> Pat
 
 def read_embedding_report(build_dir: Path) -> EmbeddingReport:
     """The typed report of the embedding build in ``build_dir``."""
-    path = Path(build_dir) / REPORT_JSON
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return embedding_report_from_json(text)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{path}: {exc}") from None
+    return _read_typed(build_dir, embedding_report_from_json)

@@ -18,6 +18,8 @@ class Task(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
+    """The numeric formats a variant is built in (int8 covers dynamic and static quantization)."""
+
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"

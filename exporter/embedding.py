@@ -42,6 +42,8 @@ class Pooling(str, enum.Enum):
 
 
 class Source(str, enum.Enum):
+    """Where the pipeline's description came from: modules.json, or a plain encoder plus options."""
+
     SENTENCE_TRANSFORMERS = "sentence-transformers"
     TRANSFORMERS = "transformers"
 

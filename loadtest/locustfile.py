@@ -172,6 +172,37 @@ class TritonHttpUser(FastHttpUser):
                 resp.failure(f"invalid response: {exc}")
 
 
+_GRPC_CLIENTS: list = []  # every gRPC client this process made, closed at the latest when Locust quits
+
+
+def grpc_client(endpoint):
+    """A tritonclient gRPC client that is closed explicitly (on_stop, or when Locust quits), never from the
+    garbage collector: tritonclient's ``__del__`` closes the channel again, and under gevent that can block
+    the interpreter's shutdown for good (seen here: Locust runs that never exited)."""
+    import tritonclient.grpc as grpcclient
+
+    class _Client(grpcclient.InferenceServerClient):
+        closed = False
+
+        def close(self) -> None:
+            if not self.closed:
+                self.closed = True
+                super().close()
+
+        def __del__(self) -> None:
+            pass
+
+    client = _Client(endpoint.address, ssl=endpoint.tls)
+    _GRPC_CLIENTS.append(client)
+    return client
+
+
+@events.quitting.add_listener
+def _close_grpc_clients(**_kwargs) -> None:
+    while _GRPC_CLIENTS:
+        _GRPC_CLIENTS.pop().close()
+
+
 class TritonGrpcUser(User):
     """Triton's gRPC protocol through tritonclient.grpc (gevent-patched grpc); grpcs:// uses TLS."""
 
@@ -183,7 +214,7 @@ class TritonGrpcUser(User):
         _setup(self, Protocol.GRPC)
         self._grpc = grpcclient
         endpoint = parse_endpoint(self.host, Protocol.GRPC)
-        self.client = grpcclient.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+        self.client = grpc_client(endpoint)
         self.served = served_model(self, lambda: self.client.get_model_config(self.model, as_json=True))
         names = self.served.default_outputs if self.served else (LABEL,)
         self.outputs = requested_outputs(grpcclient, names)
@@ -241,9 +272,7 @@ def _is_embedding_model(host: str, model: str) -> bool:
             with urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context()) as resp:
                 config = json.load(resp)
         else:
-            import tritonclient.grpc as grpcclient
-
-            client = grpcclient.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+            client = grpc_client(endpoint)
             try:
                 config = client.get_model_config(model, as_json=True)
             finally:

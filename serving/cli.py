@@ -161,7 +161,7 @@ def _run_classify(args) -> int:
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="embed texts with a running server (an embedding model)")
     p.add_argument("texts", nargs="+", help=EmbedConfig.__dataclass_fields__["texts"].metadata["help"])
-    add_config_arguments(p, EmbedConfig, exclude={"texts"})
+    add_config_arguments(p, EmbedConfig, exclude={"texts", "pairs"})
     p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
 
 

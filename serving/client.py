@@ -366,22 +366,22 @@ class _AsyncTransport(_Base):
 # ------------------------------------------------------------------------------------------- tasks
 
 
-def _decode(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Prediction]:
+def _decode_rows(decode, served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Any]:
+    """Every chunk's answers decoded by ``decode`` (a serving.contract decoder), in order."""
     if served is None or not outs:
         return []
     try:
-        return [p for out in outs for p in decode_classification(served, out)]
+        return [row for out in outs for row in decode(served, out)]
     except ContractError as exc:
         raise ClientError(f"{served.name}: {exc}") from exc
+
+
+def _decode(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[Prediction]:
+    return _decode_rows(decode_classification, served, outs)
 
 
 def _decode_scores(served: ServedModel | None, outs: list[dict[str, Any]]) -> list[float]:
-    if served is None or not outs:
-        return []
-    try:
-        return [x for out in outs for x in decode_scores(served, out)]
-    except ContractError as exc:
-        raise ClientError(f"{served.name}: {exc}") from exc
+    return _decode_rows(decode_scores, served, outs)
 
 
 @dataclass

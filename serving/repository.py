@@ -445,22 +445,30 @@ def _copy_tokenizer(dst: Path, tokenizer_dir: Path) -> None:
             shutil.copy2(tokenizer_dir / fname, dst / TOKENIZER_DIR / fname)
 
 
+def _python_sources(model: ServedModel) -> tuple[str, str]:
+    """(the CPU target's one model, the GPU ensemble's postprocess): python sources of the model's head."""
+    if model.head is Head.EMBEDDING:
+        return "embedder.py", "embedding_postprocess.py"
+    return "classifier.py", "postprocess.py"
+
+
 def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
                        onnx_model: Path, tokenizer_dir: Path) -> None:
     """Every file of one served model: configs, python sources, tokenizer, ONNX."""
+    cpu_source, postprocess_source = _python_sources(model)
     for name, model_config in configs.items():
         (root / name / VERSION).mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
     if target is Target.CPU:
         version = root / model.name / VERSION
-        _copy_python(version, "classifier.py")
+        _copy_python(version, cpu_source)
         _copy_tokenizer(version, tokenizer_dir)
         shutil.copy2(onnx_model, version / ONNX_FILE)
         return
     _copy_python(root / model.part(Part.TOKENIZER) / VERSION, "tokenizer.py")
     _copy_tokenizer(root / model.part(Part.TOKENIZER) / VERSION, tokenizer_dir)
     shutil.copy2(onnx_model, root / model.part(Part.ENCODER) / VERSION / ONNX_FILE)
-    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, "postprocess.py")
+    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, postprocess_source)
 
 
 def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_model: Path,
@@ -787,7 +795,6 @@ def _validate_ensemble(ens, configs: Mapping[str, Any]) -> None:
 # -------------------------------------------------------------------- embedding models; several models
 
 
-EMBEDDING_SOURCES = {Target.CPU: "embedder.py", Target.GPU: "embedding_postprocess.py"}
 
 
 def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
@@ -802,24 +809,6 @@ def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
     if config.target is Target.CPU:
         return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
     return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
-
-
-def _write_embedding_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
-                           onnx_model: Path, tokenizer_dir: Path) -> None:
-    """Every file of one served embedding model: configs, python sources, tokenizer, ONNX."""
-    for name, model_config in configs.items():
-        (root / name / VERSION).mkdir(parents=True)
-        (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
-    if target is Target.CPU:
-        version = root / model.name / VERSION
-        _copy_python(version, EMBEDDING_SOURCES[target])
-        _copy_tokenizer(version, tokenizer_dir)
-        shutil.copy2(onnx_model, version / ONNX_FILE)
-        return
-    _copy_python(root / model.part(Part.TOKENIZER) / VERSION, "tokenizer.py")
-    _copy_tokenizer(root / model.part(Part.TOKENIZER) / VERSION, tokenizer_dir)
-    shutil.copy2(onnx_model, root / model.part(Part.ENCODER) / VERSION / ONNX_FILE)
-    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, EMBEDDING_SOURCES[target])
 
 
 def _model_configs(config: RepositoryConfig, model: ServedModel, onnx_model: Path, tokenizer_dir: Path):
@@ -895,8 +884,7 @@ def add_model(out: Path, *, onnx_model: Path, tokenizer_dir: Path, model: Served
     with atomic_directory(out) as tmp:
         if existing is not None:
             _keep_existing(tmp, existing, model, list(configs))
-        write = _write_embedding_files if model.head is Head.EMBEDDING else _write_model_files
-        write(tmp, configs, model, config.target, onnx_model, tokenizer_dir)
+        _write_model_files(tmp, configs, model, config.target, onnx_model, tokenizer_dir)
         record = _merged_provenance(tmp, existing, config, model, onnx_model, info, provenance)
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         validate_repository(tmp, config.target)

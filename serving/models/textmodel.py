@@ -150,3 +150,26 @@ def embedding_output(model, rows):
         return pb_utils.Tensor(contract.EMBEDDING, np.zeros((0, model.embedding_dim), np.float32))
     out = np.ascontiguousarray(np.asarray(rows, dtype=np.float32).reshape(-1, model.embedding_dim))
     return pb_utils.Tensor(contract.EMBEDDING, out)
+
+
+class RowModel:
+    """What the CPU target's one-model python models share: the contract from the config, the tokenizer
+    without padding, a row session, and ``run_row`` (one row alone, at its own length)."""
+
+    def initialize(self, args):
+        _, params, self.model = read_config(args)
+        self.max_chars = int(params["max_text_chars"])
+        self.tokenizer = load_tokenizer(args, params, pad=False)
+        self.session = row_session(args, params)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = list(self.model.encoder_outputs)
+
+    def run_row(self, text, pair=None):
+        """The session's outputs for one row (a batch of one, unpadded)."""
+        enc = self.tokenizer.encode(text) if pair is None else self.tokenizer.encode(text, pair)
+        columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
+        feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
+        return self.session.run(self.outputs, feeds)
+
+    def execute(self, requests):
+        return respond(requests, self._handle, self.model.name)
