@@ -21,6 +21,9 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     import onnx
     from optimum.exporters.onnx import main_export
 
+    from exporter.optimize import save_model
+    from exporter.stages import release_memory
+
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         main_export(
@@ -29,17 +32,21 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
         )
     except (OSError, ValueError, KeyError) as exc:  # unreadable weights, unsupported architecture
         raise CheckpointError(f"cannot export {checkpoint} to ONNX: {exc}") from exc
+    release_memory()  # the torch exporter's buffers, before the graph is loaded
     path = out_dir / "model.onnx"
     model = onnx.load(str(path))
     add_probabilities(model, checkpoint_head(checkpoint))
     ensure_token_type_ids(model)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    save_model(model, path)  # one tensor at a time: onnx.save would copy the whole model twice
+    del model
+    release_memory()
+    onnx.checker.check_model(str(path), full_check=True)  # by path: checked in C++, no Python copy
     # Optimum copies tokenizer/config files beside the model; the optimizer needs config.json only.
     for extra in out_dir.iterdir():
         if extra.name not in ("model.onnx", "config.json"):
             shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-    log.info("exported %s (opset %s)", path, [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")])
+    log.info("exported %s (opset %s)", path, opsets)
     return path
 
 

@@ -23,6 +23,8 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from exporter.optimize import save_model
+
     model = onnx.load(str(src))
     kept = [n.name for n in model.graph.node if n.op_type in FP32_OPS]
     converted = convert_float_to_float16(
@@ -33,8 +35,8 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     wrapped = OnnxModel(converted)
     wrapped.topological_sort()  # the converter appends its Casts at the end of the node list
     converted = wrapped.model
-    onnx.checker.check_model(converted)
-    onnx.save(converted, str(dst))
+    save_model(converted, dst)  # one tensor at a time; then checked by path, without a Python copy
+    onnx.checker.check_model(str(dst))
     log.info("fp16: %d nodes kept in fp32 (%s) plus float32 graph inputs/outputs", len(kept), ", ".join(sorted(set(
         n.op_type for n in model.graph.node if n.name in kept))) or "none")
     return {

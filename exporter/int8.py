@@ -255,13 +255,30 @@ def _quiet_root_logger():
 
 
 def _quantize(kind, src, dst, settings, exclude, calibration, extra, calibration_cache) -> None:
+    """Quantize into a scratch directory with external weights (onnxruntime's own single-file save holds
+    the model's serialization twice), then write ``dst`` as one file, one tensor at a time."""
+    import tempfile
+
+    import onnx
+
+    from exporter.optimize import clear_data_location, save_model
+
+    with tempfile.TemporaryDirectory(prefix="int8-", dir=Path(dst).parent) as tmp:
+        out = Path(tmp) / "model.onnx"
+        _quantize_to(kind, src, out, settings, exclude, calibration, extra, calibration_cache)
+        model = onnx.load(str(out))
+        clear_data_location(model)
+        save_model(model, Path(dst))
+
+
+def _quantize_to(kind, src, dst, settings, exclude, calibration, extra, calibration_cache) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
     if kind == DYNAMIC:
         quantize_dynamic(src, dst, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=settings.per_channel,
                          reduce_range=settings.reduce_range, weight_type=settings.weight_type,
-                         nodes_to_exclude=exclude, extra_options=extra)
+                         nodes_to_exclude=exclude, extra_options=extra, use_external_data_format=True)
         return
     if not calibration:
         raise ValueError("static quantization needs calibration batches")
@@ -271,7 +288,7 @@ def _quantize(kind, src, dst, settings, exclude, calibration, extra, calibration
                     reduce_range=settings.reduce_range, activation_type=settings.activation_type,
                     weight_type=settings.weight_type, nodes_to_exclude=exclude,
                     calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
-                    calibration_cache_path=calibration_cache)
+                    calibration_cache_path=calibration_cache, use_external_data_format=True)
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Stage 2: graph fusions with Optimum's ORTOptimizer, at the level that is safe for the target."""
+"""Stage 2: graph fusions (Optimum's O2 fusion set), at the level that is safe for the target."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -13,44 +14,148 @@ log = logging.getLogger(__name__)
 # O2 = O1 (LayerNorm/SkipLayerNorm/Attention/BiasGelu fusions) + extended fusions, numerically exact.
 # O3 adds the GELU approximation and O4 casts the whole graph to fp16 blindly: neither is used.
 LEVEL = {Target.CPU: 2, Target.GPU: 2}
+MS_DOMAIN = "com.microsoft"
+MODEL_GRAPH, GRAPH_INITIALIZER = 7, 5  # field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer
+
+
+def _fuse(model, raw_dir: Path, level: int, target: Target):
+    """Apply the transformers fusions of Optimum's ``O<level>`` config to ``model`` in place.
+
+    The same fusion options and model type as ``ORTOptimizer.optimize`` (which also checks the architecture
+    is supported), but with ``opt_level=0``: Python fusions only, no ONNX Runtime graph-optimisation pass
+    first. That pass held the graph twice more (an InferenceSession plus its serialized output, +1.3 GB on
+    BERT-base) and only applies what ONNX Runtime applies again when a session loads the graph.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+    from optimum.onnxruntime.utils import ORTConfigManager
+
+    optimizer = ORTOptimizer.from_pretrained(raw_dir)  # reads config.json; raises for unknown architectures
+    config = OptimizationConfig(optimization_level=level, optimize_for_gpu=target is Target.GPU, fp16=False)
+    ORTConfigManager.check_optimization_supported_model(optimizer.model_type, config)
+    model_type = ORTConfigManager.get_model_ort_type(optimizer.model_type)
+    fused = optimize_model(model, model_type, optimizer.normalized_config.num_attention_heads,
+                           optimizer.normalized_config.hidden_size, opt_level=0,
+                           optimization_options=config.create_fusion_options(model_type),
+                           use_gpu=target is Target.GPU, only_onnxruntime=False)
+    fused.topological_sort()  # what OnnxModel.save_model_to_file does before it writes
+    if any(n.domain == MS_DOMAIN for n in fused.model.graph.node) and not any(
+            o.domain == MS_DOMAIN for o in fused.model.opset_import):
+        fused.model.opset_import.add(domain=MS_DOMAIN, version=1)
+    return fused.model
 
 
 def optimize_onnx(raw_dir: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
-    """Fuse ``raw_dir/model.onnx`` into ``out_dir/model.onnx`` with value_info for every tensor.
+    """Fuse ``raw_dir/model.onnx`` into ``out_dir/model.onnx`` (one file) with value_info for every tensor.
 
-    Returns the path and a record (level, fused operators). When ORTOptimizer does not support the
+    Returns the path and a record (level, fused operators). When the fusions do not support the
     architecture the raw graph is kept (with shape annotations) and the record says why.
     """
     import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    level = LEVEL[target]
-    record: dict = {"tool": "optimum.onnxruntime.ORTOptimizer", "level": f"O{level}",
-                    "optimize_for_gpu": target is Target.GPU}
-    try:
-        from optimum.onnxruntime import ORTOptimizer
-        from optimum.onnxruntime.configuration import OptimizationConfig
-
-        config = OptimizationConfig(optimization_level=level, optimize_for_gpu=target is Target.GPU, fp16=False)
-        ORTOptimizer.from_pretrained(raw_dir).optimize(config, out_dir, file_suffix=None)
-    except (NotImplementedError, KeyError, ValueError) as exc:
-        log.warning("ORTOptimizer cannot optimize this model (%s); keeping the unfused graph", exc)
-        record.update(level="none", reason=str(exc))
-        shutil.copy(raw_dir / "model.onnx", out_dir / "model.onnx")
     for extra in out_dir.iterdir():
-        if extra.name != "model.onnx":
-            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+        shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    level = LEVEL[target]
+    record: dict = {"tool": "optimum.onnxruntime O2 fusions (onnxruntime.transformers.optimizer, opt_level=0)",
+                    "level": f"O{level}", "optimize_for_gpu": target is Target.GPU}
+    weights = out_dir / "unfused"
+    model = _weightless(raw_dir / "model.onnx", weights)
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    with contextlib.chdir(weights):  # the fusions read the few weights they merge relative to the cwd
+        try:
+            model = _fuse(model, raw_dir, level, target)
+        except (NotImplementedError, KeyError, ValueError) as exc:
+            log.warning("the O%d fusions cannot optimize this model (%s); keeping the unfused graph", level, exc)
+            record.update(level="none", reason=str(exc))
+        model = _annotate(model)
+    onnx.load_external_data_for_model(model, str(weights))
+    clear_data_location(model)
     path = out_dir / "model.onnx"
-    # Contrib ops (Attention, SkipLayerNormalization) defeat onnx shape inference; the fp16 converter and
-    # the quantizers need every tensor's type, so annotate with ORT's symbolic shape inference.
-    model = SymbolicShapeInference.infer_shapes(onnx.load(str(path)), auto_merge=True)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    before = collections.Counter(n.op_type for n in onnx.load(str(raw_dir / "model.onnx"), load_external_data=False).graph.node)
+    save_model(model, path)
+    shutil.rmtree(weights)
     after = collections.Counter(n.op_type for n in model.graph.node)
     record["nodes_before"] = sum(before.values())
     record["nodes_after"] = sum(after.values())
     record["fused_ops"] = {op: n for op, n in sorted(after.items()) if op not in before}
     log.info("optimized graph: %d -> %d nodes, fused %s", record["nodes_before"], record["nodes_after"], record["fused_ops"])
     return path, record
+
+
+def _weightless(src: Path, scratch: Path):
+    """``src``'s graph with its weights moved to an external file in ``scratch`` and not loaded.
+
+    Shape inference (which the Attention fusion needs, and which copies the whole model several times)
+    and the fusions then handle a graph of a few MB instead of the weights; the weights are read back
+    once, for the final save.
+    """
+    import onnx
+
+    from exporter.stages import release_memory
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    onnx.save(model, str(scratch / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    del model
+    release_memory()
+    return onnx.load(str(scratch / "model.onnx"), load_external_data=False)
+
+
+def _annotate(model):
+    """Shapes for every tensor, checked. Contrib ops (Attention, SkipLayerNormalization) defeat onnx
+    shape inference; the fp16 converter and the quantizers need every tensor's type, so ORT's symbolic
+    shape inference annotates the graph."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def clear_data_location(model) -> None:
+    """Drop the explicit ``data_location=DEFAULT`` that loading external data leaves on each tensor, so a
+    graph that went through external data is the same ModelProto as one that never did."""
+    for tensor in [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]:
+        tensor.ClearField("data_location")
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field: key, length, bytes."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(data)) + data
+
+
+def _without(message, name: str):
+    """A copy of ``message`` without its field ``name`` (the other fields are small)."""
+    out = type(message)()
+    for fd, value in message.ListFields():
+        if fd.name == name:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(out, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
+
+
+def save_model(model, path: Path) -> None:
+    """``onnx.save(model, path)`` (one file, weights inside) without serializing the model in one piece.
+
+    ``onnx.save`` holds the model, its serialization and a copy of that at once (+1.5 GB on BERT-base).
+    This writes the model without its graph, the graph without its initializers, then each initializer as
+    a further ``graph`` field: protobuf merges repeated occurrences of a message field, so every reader
+    (onnx, ONNX Runtime) parses the same ModelProto, holding one tensor's bytes at a time here.
+    """
+    graph = model.graph
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(_without(model, "graph").SerializeToString())
+        fh.write(_field(MODEL_GRAPH, _without(graph, "initializer").SerializeToString()))
+        for tensor in graph.initializer:
+            fh.write(_field(MODEL_GRAPH, _field(GRAPH_INITIALIZER, tensor.SerializeToString())))
+    tmp.replace(path)

@@ -23,9 +23,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker_peak_rss() -> int:
-    """The high-water RSS of the largest child process waited for so far (the export worker), in bytes."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+def worker_peaks(since: int = 0) -> list[tuple[str, int]]:
+    """(job, peak RSS) of each worker process run so far (from the ``since``-th on), as each one reported it."""
+    from exporter import worker
+
+    return worker.PEAKS[since:]
 
 
 def current_rss() -> int:
@@ -56,14 +58,14 @@ class Stages:
     @contextlib.contextmanager
     def __call__(self, name: str):
         log.info("stage %s ...", name)
-        t0, peak0, rss0, worker0 = time.perf_counter(), peak_rss(), current_rss(), worker_peak_rss()
+        t0, peak0, rss0, workers0 = time.perf_counter(), peak_rss(), current_rss(), len(worker_peaks())
         yield
         release_memory()
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        peak, worker = peak_rss(), worker_peak_rss()
-        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss(), rss0,
-                                              worker if worker > worker0 else 0))
-        self.memory.peak_rss_bytes, self.memory.worker_peak_rss_bytes = peak, worker
+        peak, worker = peak_rss(), max((p for _, p in worker_peaks(workers0)), default=0)
+        self.memory.stages.append(MemoryStage(name, peak, peak - peak0, current_rss(), rss0, worker))
+        self.memory.peak_rss_bytes = peak
+        self.memory.worker_peak_rss_bytes = max(self.memory.worker_peak_rss_bytes, worker)
         log.info("stage %s done in %.1fs (peak RSS %.0f MB, +%.0f MB)", name, self.seconds[name], peak / 1e6,
                  (peak - peak0) / 1e6)
 

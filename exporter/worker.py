@@ -22,23 +22,43 @@ EXIT_USER_ERROR = 3
 def _export(checkpoint: str, scratch: str, target: str, singles: str | None = None, batches: str | None = None,
             seconds: float = 0.5) -> dict:
     """Export and fuse; the fused graph is ``scratch/optimized/model.onnx``; returns the fusion record,
-    with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given."""
-    from exporter import export, optimize
-    from exporter.config import Precision, Target
+    with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given.
 
-    raw, fused = Path(scratch) / "raw", Path(scratch) / "optimized"
-    export.export_onnx(Path(checkpoint), raw)
-    record = optimize.optimize_onnx(raw, fused, Target(target))[1]
+    Each step runs in a worker of its own, one after the other (this process only waits): the torch
+    exporter, the fusions and the speed check's sessions never share a process's memory."""
+    raw = Path(scratch) / "raw"
+    call("export-onnx", checkpoint=checkpoint, raw=str(raw))
+    record = call("fuse", raw=str(raw), fused=str(Path(scratch) / "optimized"), target=target)
     if singles and batches:
-        from exporter import parity, speed
-
-        rows, full = load_batches(Path(singles)), load_batches(Path(batches))
-        record["throughput_seq_s"] = {
-            label: speed.measure(speed.ort_runner(parity.session(path / "model.onnx", Precision.FP32, arena=False)),
-                                 rows, full, seconds).throughput_seq_s
-            for label, path in (("unoptimized", raw), (record["level"], fused))}
+        record["throughput_seq_s"] = call("fusion-speed", raw=str(raw), fused=str(Path(scratch) / "optimized"),
+                                          level=record["level"], singles=singles, batches=batches, seconds=seconds)
     (raw / "model.onnx").unlink()
     return record
+
+
+def _export_onnx(checkpoint: str, raw: str) -> dict:
+    from exporter import export
+
+    export.export_onnx(Path(checkpoint), Path(raw))
+    return {}
+
+
+def _fuse(raw: str, fused: str, target: str) -> dict:
+    from exporter import optimize
+    from exporter.config import Target
+
+    return optimize.optimize_onnx(Path(raw), Path(fused), Target(target))[1]
+
+
+def _fusion_speed(raw: str, fused: str, level: str, singles: str, batches: str, seconds: float) -> dict:
+    """Batch throughput of the unfused and the fused graph, one session at a time."""
+    from exporter import parity, speed
+    from exporter.config import Precision
+
+    rows, full = load_batches(Path(singles)), load_batches(Path(batches))
+    return {label: speed.measure(speed.ort_runner(parity.session(Path(path) / "model.onnx", Precision.FP32,
+                                                                  arena=False)), rows, full, seconds).throughput_seq_s
+            for label, path in (("unoptimized", raw), (level, fused))}
 
 
 def _fp16(src: str, dst: str) -> dict:
@@ -68,7 +88,23 @@ def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: b
                                  load_batches(Path(calibration)) if calibration else None)
 
 
-JOBS = {"export": _export, "fp16": _fp16, "quantize": _quantize, "rank": _rank}
+JOBS = {"export": _export, "export-onnx": _export_onnx, "fuse": _fuse, "fusion-speed": _fusion_speed, "fp16": _fp16,
+        "quantize": _quantize, "rank": _rank}
+PEAKS: list[tuple[str, int]] = []  # (job, peak RSS in bytes) of every worker this process ran, in order
+
+
+def own_peak_rss() -> int:
+    """This process's own peak RSS in bytes (``VmHWM``; the workers it ran report theirs in ``peaks``).
+
+    Not ``getrusage``: Linux carries the spawning process's high-water mark across ``exec`` into the
+    child's ``ru_maxrss``, so every worker would report at least the build process's peak."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def save_batches(batches: list[dict], path: Path) -> Path:
@@ -101,6 +137,7 @@ def call(job: str, **args: Any) -> dict:
         spec.write_text(json.dumps({"job": job, "args": args, "result": str(result_file)}))
         proc = subprocess.run([sys.executable, "-m", "exporter.worker", str(spec)], env=env)
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    _record_peaks(job, result)
     if "error" in result and result["type"] != "ConversionError":
         raise getattr(errors, result["type"], errors.ExporterError)(result["error"])
     if "error" in result:
@@ -108,6 +145,17 @@ def call(job: str, **args: Any) -> dict:
     if proc.returncode != 0 or "result" not in result:
         raise RuntimeError(f"the exporter worker ({job}) failed with exit code {proc.returncode}; see its log above")
     return result["result"]
+
+
+def _record_peaks(job: str, result: dict) -> None:
+    """Keep the peak RSS of the worker (and of the workers it ran itself) in :data:`PEAKS`."""
+    import logging
+
+    for name, peak in result.get("peaks", []):
+        PEAKS.append((name, peak))
+    if "peak_rss_bytes" in result:
+        PEAKS.append((job, result["peak_rss_bytes"]))
+        logging.getLogger(__name__).info("worker %s: peak RSS %.2f GB", job, result["peak_rss_bytes"] / 1e9)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = JOBS[spec["job"]](**spec["args"])
     except ExporterError as exc:  # a user error (e.g. an unexportable checkpoint): the parent says it in one line
-        out.write_text(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        out.write_text(json.dumps({"error": str(exc), "type": type(exc).__name__, "peaks": PEAKS}))
         return EXIT_USER_ERROR
     except Exception as exc:  # a converter failure: the parent fails the variant with this reason
         out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "type": "ConversionError"}))
         raise
-    out.write_text(json.dumps({"result": result}))
+    out.write_text(json.dumps({"result": result, "peak_rss_bytes": own_peak_rss(), "peaks": PEAKS}))
     return 0
 
 

@@ -407,3 +407,38 @@ def test_worker_reraises_user_errors_as_one_line(tmp_path):
     with pytest.raises(RuntimeError, match="AttributeError"):
         call("quantize", kind="dynamic", src=str(tmp_path / "missing.onnx"), dst=str(tmp_path / "o.onnx"),
              preset="nope", per_channel=True, exclude=[], calibration=None, calibration_cache=None)
+
+
+def test_save_model_writes_the_same_model_one_tensor_at_a_time(tmp_path, tiny_onnx):
+    """The streamed file parses to the same ModelProto, and ONNX Runtime answers the same from it."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporter.optimize import save_model
+
+    model = onnx.load(str(tiny_onnx))
+    save_model(model, tmp_path / "model.onnx")
+    assert onnx.load(str(tmp_path / "model.onnx")) == model and not list(tmp_path.glob("*.tmp"))
+    feed = {i.name: np.ones((2, 5), np.int64) for i in model.graph.input}
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
+            for p in (tiny_onnx, tmp_path / "model.onnx")]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_each_worker_reports_its_own_peak_per_stage(tmp_path, tiny_onnx):
+    """A worker's peak is its own (VmHWM), not the build process's high-water mark that Linux carries
+    across exec into ru_maxrss; the stage that ran it records it."""
+    from exporter import worker
+    from exporter.stages import Stages, peak_rss
+
+    block = bytearray(768 * 1024 * 1024)  # the parent's high-water mark: well above a small worker's
+    block[::4096] = b"x" * len(block[::4096])
+    stages = Stages(weights_bytes=1000)
+    before = len(worker.PEAKS)
+    with stages("convert"):
+        worker.call("fp16", src=str(tiny_onnx), dst=str(tmp_path / "fp16.onnx"))
+    del block
+    ((job, peak),) = worker.PEAKS[before:]
+    assert job == "fp16" and 0 < peak < 768 * 1024 * 1024 < peak_rss()
+    assert stages.memory.stages[0].worker_peak_rss_bytes == peak == stages.memory.worker_peak_rss_bytes
