@@ -284,7 +284,8 @@ def test_unhealthy_stub_error_without_the_supervisor_is_pinned(repository):
 
     with LocalTritonServer(ServerConfig(repository, exit_timeout_s=1)) as srv:
         stubs = stub_processes(srv.process.pid)
-        os.kill(stubs[sorted(stubs)[0]].pid, signal.SIGKILL)
+        for stub in stubs.values():  # every instance's stub: a request must not find a healthy one
+            os.kill(stub.pid, signal.SIGKILL)
         time.sleep(1.0)
         body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]})
         req = urllib.request.Request(f"http://{srv.http_url}/v2/models/classifier/infer", data=body.encode())
