@@ -163,8 +163,26 @@ class MemoryRecord:
                                             if s.worker_peak_rss_bytes])
 
 
+@dataclass(kw_only=True)
+class _BuildRecord:
+    """What every build report records besides its own results: warnings, versions, file hashes, the
+    repository it wrote and the time of each stage (written after the report's own fields)."""
+
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    repository: str | None = None
+    repository_error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def variant_path(self, name: str, build_dir: Path) -> Path | None:
+        """The ONNX file of variant ``name`` inside ``build_dir`` (None when it failed to build)."""
+        file = self.variants[name].file
+        return Path(build_dir) / file if file else None
+
+
 @dataclass
-class BuildReport:
+class BuildReport(_BuildRecord):
     """Everything `exporter build` decided and measured (build/report.json)."""
 
     checkpoint: str
@@ -178,28 +196,19 @@ class BuildReport:
     variants: dict[str, Variant]
     int8_tuning_data: dict[str, Any] = field(default_factory=dict)
     optimization: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    versions: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    repository: str | None = None
-    repository_error: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    memory: MemoryRecord | None = None
-    schema_version: int = SCHEMA_VERSION
-
-    def variant_path(self, name: str, build_dir: Path) -> Path | None:
-        """The ONNX file of variant ``name`` inside ``build_dir`` (None when it failed to build)."""
-        file = self.variants[name].file
-        return Path(build_dir) / file if file else None
+    memory: MemoryRecord | None = field(default=None, kw_only=True)
+    schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
 
 
 # ----------------------------------------------------------------------------------------------- JSON
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclasses, enums and paths as plain JSON values (dataclass fields in declaration order)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    """Dataclasses, enums and paths as plain JSON values (dataclass fields in declaration order, keyword-only
+    ones last)."""
+    if dataclasses.is_dataclass(obj):  # keyword-only fields (the shared _BuildRecord, schema_version) last
+        fields = sorted(dataclasses.fields(obj), key=lambda f: f.kw_only)
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, Path):
@@ -315,7 +324,7 @@ class EmbeddingVariantResult:
 
 
 @dataclass
-class EmbeddingReport:
+class EmbeddingReport(_BuildRecord):
     """Everything `exporter build --task embedding` decided and measured (build/report.json)."""
 
     model_dir: str
@@ -331,18 +340,8 @@ class EmbeddingReport:
     reference_speed: EmbeddingSpeed | None = None
     tuning_data: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    versions: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    repository: str | None = None
-    repository_error: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    task: str = "embedding"
-    schema_version: int = EMBEDDING_SCHEMA_VERSION
-
-    def variant_path(self, name: str, build_dir: Path) -> Path | None:
-        file = self.variants[name].file
-        return Path(build_dir) / file if file else None
+    task: str = field(default="embedding", kw_only=True)
+    schema_version: int = field(default=EMBEDDING_SCHEMA_VERSION, kw_only=True)
 
 
 def embedding_report_from_json(text: str) -> EmbeddingReport:

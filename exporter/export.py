@@ -2,6 +2,7 @@
 single-label, Sigmoid for multi-label, none for regression)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -26,19 +27,24 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
 
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        main_export(
-            str(checkpoint), out_dir, task="text-classification", opset=opset, do_validation=False,
-            local_files_only=True, library_name="transformers",
-        )
+        with weights_apart() as weights:
+            main_export(
+                str(checkpoint), out_dir, task="text-classification", opset=opset, do_validation=False,
+                local_files_only=True, library_name="transformers",
+            )
     except (OSError, ValueError, KeyError) as exc:  # unreadable weights, unsupported architecture
         raise CheckpointError(f"cannot export {checkpoint} to ONNX: {exc}") from exc
     release_memory()  # the torch exporter's buffers, before the graph is loaded
     path = out_dir / "model.onnx"
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # the graph alone when the weights were kept apart
+    keep = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
     add_probabilities(model, checkpoint_head(checkpoint))
     ensure_token_type_ids(model)
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    save_model(model, path)  # one tensor at a time: onnx.save would copy the whole model twice
+    # one tensor at a time: onnx.save would copy the whole model twice
+    save_model(model, path, (_initializer(name, weights.pop(name)) for name in list(weights)))
     del model
     release_memory()
     onnx.checker.check_model(str(path), full_check=True)  # by path: checked in C++, no Python copy
@@ -48,6 +54,48 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
             shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
     log.info("exported %s (opset %s)", path, opsets)
     return path
+
+
+@contextlib.contextmanager
+def weights_apart():
+    """Inside, the torch exporter writes the graph without its weights (they become graph inputs); the dict
+    yielded maps each one's name to its torch tensor, for :func:`save_model` to write one at a time.
+
+    The torch exporter builds the whole ModelProto, serializes it and copies that to Python at once (three
+    copies of the weights: 2.3 GB peak on BERT-base); without weights it writes a few hundred kB and the
+    tensors stay the model's own. The graph and the initializers written are those of a plain export, byte
+    for byte. Where the exporter's hook is missing, nothing is kept apart and the export is plain."""
+    import torch
+
+    weights: dict = {}
+    original = getattr(getattr(torch._C, "Graph", None), "_export_onnx", None)
+
+    def export_without_weights(graph, params, *args, **kwargs):
+        weights.update(params)
+        return original(graph, {}, *args, **kwargs)
+
+    try:
+        torch._C.Graph._export_onnx = export_without_weights
+    except (AttributeError, TypeError):  # no such hook in this torch: a plain export
+        original = None
+    try:
+        yield weights
+    finally:
+        if original is not None:
+            torch._C.Graph._export_onnx = original
+
+
+def _initializer(name: str, tensor):
+    """An ONNX initializer of a torch tensor, with the bytes the torch exporter writes (bf16 as raw bits)."""
+    import torch
+    from onnx import TensorProto, numpy_helper
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype != torch.bfloat16:
+        return numpy_helper.from_array(tensor.numpy(), name)
+    proto = numpy_helper.from_array(tensor.view(torch.int16).numpy(), name)
+    proto.data_type = TensorProto.BFLOAT16
+    return proto
 
 
 def checkpoint_head(checkpoint: Path) -> Head:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from exporter.artifacts import ParityResult
+from exporter.calibration import calibrate_minmax
 from exporter.parity import Batch
 from exporter.stages import track
 
@@ -203,16 +204,6 @@ def _local_error(c: Candidate, w: np.ndarray, acts: dict, ranges: dict, batch: B
     return float(per_token.mean())
 
 
-class _Reader:
-    """CalibrationDataReader over tokenized batches."""
-
-    def __init__(self, batches: list[Batch], names: set[str]):
-        self._it = iter([{k: v for k, v in b.items() if k in names} for b in batches])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
              calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
     """:func:`quantize_here` in a worker process (the quantizers hold several copies of the weights)."""
@@ -272,7 +263,6 @@ def _quantize(kind, src, dst, settings, exclude, calibration, extra, calibration
 
 
 def _quantize_to(kind, src, dst, settings, exclude, calibration, extra, calibration_cache) -> None:
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
     if kind == DYNAMIC:
@@ -280,15 +270,15 @@ def _quantize_to(kind, src, dst, settings, exclude, calibration, extra, calibrat
                          reduce_range=settings.reduce_range, weight_type=settings.weight_type,
                          nodes_to_exclude=exclude, extra_options=extra, use_external_data_format=True)
         return
-    if not calibration:
-        raise ValueError("static quantization needs calibration batches")
-    names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
-    quantize_static(src, dst, _Reader(calibration, names), quant_format=QuantFormat.QDQ,
+    cache = Path(calibration_cache) if calibration_cache else Path(dst).parent / "calibration.json"
+    if not cache.is_file():  # calibrated here, lean (exporter.calibration); quantize_static reads the cache
+        calibrate_minmax(Path(src), calibration or [], cache, STATIC_OPS)
+    quantize_static(src, dst, None, quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
                     reduce_range=settings.reduce_range, activation_type=settings.activation_type,
                     weight_type=settings.weight_type, nodes_to_exclude=exclude,
                     calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
-                    calibration_cache_path=calibration_cache, use_external_data_format=True)
+                    calibration_cache_path=cache, use_external_data_format=True)
 
 
 @dataclass

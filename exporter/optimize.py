@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 from exporter.config import Target
 
@@ -143,19 +145,20 @@ def _without(message, name: str):
     return out
 
 
-def save_model(model, path: Path) -> None:
+def save_model(model, path: Path, extra_initializers: Iterable = ()) -> None:
     """``onnx.save(model, path)`` (one file, weights inside) without serializing the model in one piece.
 
     ``onnx.save`` holds the model, its serialization and a copy of that at once (+1.5 GB on BERT-base).
     This writes the model without its graph, the graph without its initializers, then each initializer as
     a further ``graph`` field: protobuf merges repeated occurrences of a message field, so every reader
     (onnx, ONNX Runtime) parses the same ModelProto, holding one tensor's bytes at a time here.
+    ``extra_initializers`` (TensorProtos, made one at a time by a generator) are written after the model's own.
     """
     graph = model.graph
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(_without(model, "graph").SerializeToString())
         fh.write(_field(MODEL_GRAPH, _without(graph, "initializer").SerializeToString()))
-        for tensor in graph.initializer:
+        for tensor in itertools.chain(graph.initializer, extra_initializers):
             fh.write(_field(MODEL_GRAPH, _field(GRAPH_INITIALIZER, tensor.SerializeToString())))
     tmp.replace(path)

@@ -442,3 +442,61 @@ def test_each_worker_reports_its_own_peak_per_stage(tmp_path, tiny_onnx):
     ((job, peak),) = worker.PEAKS[before:]
     assert job == "fp16" and 0 < peak < 768 * 1024 * 1024 < peak_rss()
     assert stages.memory.stages[0].worker_peak_rss_bytes == peak == stages.memory.worker_peak_rss_bytes
+
+
+def test_lean_calibration_writes_the_ranges_onnxruntime_computes(tiny_checkpoint, tiny_onnx, tmp_path):
+    """exporter.calibration's MinMax ranges are onnxruntime's calibrator's, tensor for tensor and bit for bit,
+    so the static int8 file quantize_static writes from either cache is the same."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+    from transformers import AutoTokenizer
+
+    from exporter import calibration, int8, parity
+
+    texts = ["a short one", "a somewhat longer text about the weather today", "third", "ok then, fine"] * 3
+    batches = parity.tokenize(AutoTokenizer.from_pretrained(tiny_checkpoint), texts, batch_size=4, max_length=32)
+    n = calibration.calibrate_minmax(tiny_onnx, batches, tmp_path / "ours.json", int8.STATIC_OPS)
+    ours = load_tensors_data(tmp_path / "ours.json")
+
+    calibrator = create_calibrator(tiny_onnx, list(int8.STATIC_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    feeds = {i.name for i in calibrator.infer_session.get_inputs()}
+    for batch in batches:
+        calibrator.collect_data(_OneBatch({k: v for k, v in batch.items() if k in feeds}))
+    theirs = calibrator.compute_data()
+    assert n > 0 and sorted(ours.data) == sorted(theirs.data)
+    for name in theirs.data:
+        assert np.array_equal(ours.data[name].range_value[0], theirs.data[name].range_value[0]), name
+        assert np.array_equal(ours.data[name].range_value[1], theirs.data[name].range_value[1]), name
+
+
+class _OneBatch:
+    """A CalibrationDataReader of one feed dict."""
+
+    def __init__(self, feed):
+        self._feeds = [feed]
+
+    def get_next(self):
+        return self._feeds.pop() if self._feeds else None
+
+
+def test_export_with_the_weights_apart_writes_the_plain_exports_graph(tiny_checkpoint, tmp_path):
+    """export_onnx keeps the weights out of the torch exporter (exporter.export.weights_apart) and writes them
+    one at a time; the file holds the nodes, inputs and initializers (bytes included) of a plain Optimum export."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    from exporter import export
+
+    path = export.export_onnx(tiny_checkpoint, tmp_path / "ours")
+    main_export(str(tiny_checkpoint), tmp_path / "plain", task="text-classification", do_validation=False,
+                local_files_only=True, library_name="transformers")
+    ours, plain = onnx.load(str(path)), onnx.load(str(tmp_path / "plain" / "model.onnx"))
+    export.add_probabilities(plain)
+    assert len(ours.graph.initializer) > 10  # the weights are in the file, not graph inputs
+    assert [i.name for i in ours.graph.input] == [i.name for i in plain.graph.input]
+    assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in plain.graph.node]
+    assert ({i.name: i.SerializeToString() for i in ours.graph.initializer}
+            == {i.name: i.SerializeToString() for i in plain.graph.initializer})
+    import torch
+
+    assert torch._C.Graph._export_onnx.__name__ != "export_without_weights"  # the hook is undone
