@@ -120,6 +120,10 @@ class BuildConfig:
         "help": "embedding: L2-normalise the pooled vector (default: as the modules say; plain encoder: no)"})
     threshold: float = field(default=0.5, metadata={
         "help": "multi-label heads: a label is on when its sigmoid probability is >= this (gated and served)"})
+    instances: int = field(default=0, metadata={
+        "help": "served instances of the model (cpu: 0 = one per usable core of this machine; gpu: 0 = 1)"})
+    intra_op_threads: int = field(default=1, metadata={
+        "help": "cpu target: ONNX Runtime threads per served instance (the gate and the speed check use 1)"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -144,6 +148,8 @@ class BuildConfig:
             "max_exclusion_rounds": self.max_exclusion_rounds >= 0,
             "tuning_size": self.tuning_size >= 1,
             "threshold": 0.0 < self.threshold < 1.0,
+            "instances": self.instances >= 0,
+            "intra_op_threads": self.intra_op_threads >= 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -184,7 +184,9 @@ def write_embedder(config: BuildConfig, report, built) -> Path:
                   "files": {chosen.file: report.files.get(chosen.file)}}
     served = ServedModel(name=report.model_name, head=Head.EMBEDDING, embedding_dim=built.pipeline.dim)
     try:
-        repo_config = RepositoryConfig(target=config.target, max_length=built.pipeline.max_seq_length)
+        repo_config = RepositoryConfig(target=config.target, max_length=built.pipeline.max_seq_length,
+                                       encoder_instances=config.instances,
+                                       intra_op_threads=config.intra_op_threads)
         return add_model(Path(config.repository), onnx_model=report.variant_path(report.selected, config.out),
                          tokenizer_dir=config.out / "tokenizer", model=served, config=repo_config,
                          provenance=provenance)

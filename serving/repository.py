@@ -79,6 +79,9 @@ def usable_cores() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
+GPU_QUEUE_DELAY_US = 2000  # the gpu encoder's default dynamic-batching delay
+
+
 @dataclass
 class RepositoryConfig:
     """How the repository is served. Defaults fit the local CPU target.
@@ -103,11 +106,15 @@ class RepositoryConfig:
     tokenizer_instances: int = field(default=1, metadata={"help": "gpu target: tokenizer model instances"})
     intra_op_threads: int = field(default=1, metadata={
         "help": "cpu target: ONNX Runtime intra-op threads per instance (0: the runtime's default)"})
+    pin_instances: bool = field(default=True, metadata={
+        "help": "cpu target: pin each instance to cores of its own (as the ceiling runs) when instances x "
+                "threads fit the cores the server may use and no cgroup CPU quota applies"})
     preferred_batch_sizes: tuple[int, ...] = field(default=(),
                                                    metadata={"help": "dynamic batcher preferred sizes (empty: the "
                                                                      "largest the delay allows)"})
-    max_queue_delay_us: int = field(default=2000, metadata={
-        "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder"})
+    max_queue_delay_us: int | None = field(default=None, metadata={
+        "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder (default: cpu 0, "
+                "since its rows run alone and waiting to batch them only adds latency; gpu 2000)"})
     max_queue_size: int = field(default=256,
                                 metadata={"help": "requests queued before the server answers unavailable"})
     default_queue_timeout_us: int = field(default=30_000_000,
@@ -139,6 +146,8 @@ class RepositoryConfig:
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
             raise RepositoryError(f"preferred batch sizes {bad} are outside 1..max_batch_size")
+        if self.max_queue_delay_us is None:
+            self.max_queue_delay_us = GPU_QUEUE_DELAY_US if self.target is Target.GPU else 0
         if min(self.max_queue_delay_us, self.aux_queue_delay_us, self.max_queue_size,
                self.default_queue_timeout_us) < 0:
             raise RepositoryError("queue delay, size and timeout must be >= 0")
@@ -213,7 +222,8 @@ def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_para
     cfg.input.extend(_input(pb, t) for t in model.inputs)
     cfg.output.extend(_output(pb, t) for t in model.outputs)
     _params(cfg, {**model.to_parameters(), **_text_params(config, tokenizer_params),
-                  "intra_op_threads": str(config.intra_op_threads)})
+                  "intra_op_threads": str(config.intra_op_threads),
+                  "pin_instances": "true" if config.pin_instances else "false"})
     return cfg
 
 

@@ -335,3 +335,17 @@ def test_write_requires_the_encoder_tensor_contract(tiny_onnx, tiny_checkpoint, 
     with pytest.raises(RepositoryError, match=r"missing tensors \['probabilities'\]"):
         _write(tmp_path / "r", no_probs, tiny_checkpoint)
     assert not (tmp_path / "r").exists()
+
+
+def test_queue_delay_and_pinning_defaults_follow_the_target():
+    """CPU rows run alone, so the CPU model does not wait to batch (delay 0) and pins its instances; the GPU
+    encoder batches (2000 us). An explicit delay wins on either target."""
+    cpu, gpu = RepositoryConfig(), RepositoryConfig(target=Target.GPU)
+    assert (cpu.max_queue_delay_us, gpu.max_queue_delay_us) == (0, repo.GPU_QUEUE_DELAY_US)
+    assert RepositoryConfig(max_queue_delay_us=700).max_queue_delay_us == 700
+    model = ServedModel(name="classifier", labels=("a", "b"))
+    cfg = repo._cpu_config(pb, cpu, model, {"pad_id": 0})
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
+    assert cfg.parameters["pin_instances"].string_value == "true"
+    off = repo._cpu_config(pb, RepositoryConfig(pin_instances=False), model, {"pad_id": 0})
+    assert off.parameters["pin_instances"].string_value == "false"

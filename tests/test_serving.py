@@ -523,3 +523,29 @@ def test_an_internal_failure_is_a_generic_error_with_details_only_in_the_log(tin
             assert client.classify(["short is fine"])[0].label in LABELS
     log = log_file.read_text()
     assert "Traceback" in log and "model.py" in log and "ONNXRuntimeError" in log
+
+
+def _cpu_quota() -> bool:
+    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
+        try:
+            return Path(path).read_text().split()[0] != unlimited
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def test_cpu_instances_run_each_on_cores_of_their_own(server):
+    """The CPU model's instances are pinned as the bench's ceiling processes are, one core each (1 thread), when
+    they fit the server's cores and no CPU quota applies; otherwise every stub keeps the whole mask."""
+    from serving.supervisor import stub_processes
+
+    stubs = {name: proc for name, proc in stub_processes(server.process.pid).items() if name.startswith("classifier_")}
+    cores = sorted(os.sched_getaffinity(server.process.pid))
+    masks = sorted((sorted(os.sched_getaffinity(proc.pid)) for proc in stubs.values()))
+    assert stubs, "no python-backend stub found"
+    for proc in stubs.values():  # every thread of a stub, not only its main thread
+        assert {frozenset(os.sched_getaffinity(t.id)) for t in proc.threads()} == {frozenset(os.sched_getaffinity(proc.pid))}
+    if len(stubs) <= len(cores) and not _cpu_quota():
+        assert masks == [[c] for c in cores[:len(stubs)]]
+    else:
+        assert masks == [cores] * len(stubs)

@@ -152,12 +152,51 @@ def embedding_output(model, rows):
     return pb_utils.Tensor(contract.EMBEDDING, out)
 
 
+def _cpu_quota_limited():
+    """True when a cgroup CPU quota (not a cpuset) limits this process: then the cores in its affinity mask
+    are shared with others, and pinning to some of them would crowd onto those."""
+    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
+        try:
+            with open(path) as fh:
+                return fh.read().split()[0] != unlimited
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def pin_instance(args, params):
+    """Pin this instance's stub (all its threads) to cores of its own, as the ceiling's processes run: the
+    instance's index picks ``intra_op_threads`` cores of the ones the server may use. Only when every
+    instance fits (instances x threads <= cores), the threads are fixed (not 0) and no CPU quota applies.
+    Returns the cores, or None when not pinned."""
+    if params.get("pin_instances", "false") != "true" or not hasattr(os, "sched_setaffinity"):
+        return None
+    config = json.loads(args["model_config"])
+    count = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+    threads = int(params.get("intra_op_threads", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if threads < 1 or count * threads > len(cores) or _cpu_quota_limited():
+        return None
+    try:  # Triton names instances <group>_<index>
+        index = int(str(args["model_instance_name"]).rsplit("_", 1)[-1]) % count
+    except ValueError:
+        return None
+    mine = set(cores[index * threads:(index + 1) * threads])
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), mine)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return mine
+
+
 class RowModel:
     """What the CPU target's one-model python models share: the contract from the config, the tokenizer
     without padding, a row session, and ``run_row`` (one row alone, at its own length)."""
 
     def initialize(self, args):
         _, params, self.model = read_config(args)
+        self.cores = pin_instance(args, params)
         self.max_chars = int(params["max_text_chars"])
         self.tokenizer = load_tokenizer(args, params, pad=False)
         self.session = row_session(args, params)
