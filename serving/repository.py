@@ -90,7 +90,9 @@ class RepositoryConfig:
     machine the repository is built for), each running rows alone with ``intra_op_threads`` threads (1);
     ``max_queue_delay_us`` is its dynamic-batching delay. GPU target: ``encoder_instances`` GPU instances of
     the onnxruntime encoder (0 = 1), ``max_queue_delay_us`` on the encoder and ``aux_queue_delay_us`` on the
-    python tokenizer and postprocess. ``preferred_batch_sizes`` is empty by default: no size is special.
+    python tokenizer and postprocess. ``preferred_batch_sizes``: CPU (1,) (one request per execute call: rows
+    run alone, so batching buys nothing, and an instance must not hold queued requests while another idles);
+    GPU empty (no size is special). ``max_queue_delay_us``: CPU 0, GPU 2000.
     ``max_text_chars``: a longer text is refused with 400 (0 = ``CHARS_PER_TOKEN`` x ``max_length``); with
     ``max_batch_size`` it bounds a request's size and the tokenizer's work. ``trim_batch`` is unused since
     the CPU target runs rows alone (kept for old configs).
@@ -109,9 +111,10 @@ class RepositoryConfig:
     pin_instances: bool = field(default=True, metadata={
         "help": "cpu target: pin each instance to cores of its own (as the ceiling runs) when instances x "
                 "threads fit the cores the server may use and no cgroup CPU quota applies"})
-    preferred_batch_sizes: tuple[int, ...] = field(default=(),
-                                                   metadata={"help": "dynamic batcher preferred sizes (empty: the "
-                                                                     "largest the delay allows)"})
+    preferred_batch_sizes: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "dynamic batcher preferred sizes in rows (default: cpu 1, so that each execute call takes one "
+                "request and an idle instance never waits on requests another instance took; gpu none: the "
+                "largest batch the delay allows)"})
     max_queue_delay_us: int | None = field(default=None, metadata={
         "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder (default: cpu 0, "
                 "since its rows run alone and waiting to batch them only adds latency; gpu 2000)"})
@@ -142,6 +145,8 @@ class RepositoryConfig:
             raise RepositoryError("instance counts must be >= 1 (encoder_instances 0: automatic)")
         if self.intra_op_threads < 0:
             raise RepositoryError("intra_op_threads must be >= 0")
+        if self.preferred_batch_sizes is None:
+            self.preferred_batch_sizes = () if self.target is Target.GPU else (1,)
         self.preferred_batch_sizes = tuple(int(b) for b in self.preferred_batch_sizes)
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:

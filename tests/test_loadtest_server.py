@@ -255,7 +255,7 @@ def test_served_repository_is_read_through_serving_repository(repository, tiny_o
     assert (info.onnx, info.tokenizer_dir, info.model) == (m.onnx_path, m.tokenizer_dir, m.contract)
     assert info.labels == LABELS and info.variant == "fp32" and info.target == "cpu"
     assert (info.instances, info.intra_op_threads) == (len(usable_cores()), 1)
-    assert (info.max_batch_size, info.max_queue_delay_us, info.preferred_batch_sizes) == (32, 1000, ())
+    assert (info.max_batch_size, info.max_queue_delay_us, info.preferred_batch_sizes) == (32, 1000, (1,))
     assert info.summary()["config"]["max_batch_size"] == 32
     gpu = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
                            id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target="gpu"))

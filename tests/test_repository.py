@@ -338,10 +338,12 @@ def test_write_requires_the_encoder_tensor_contract(tiny_onnx, tiny_checkpoint, 
 
 
 def test_queue_delay_and_pinning_defaults_follow_the_target():
-    """CPU rows run alone, so the CPU model does not wait to batch (delay 0) and pins its instances; the GPU
-    encoder batches (2000 us). An explicit delay wins on either target."""
+    """CPU rows run alone, so the CPU model does not wait to batch (delay 0), takes one request per execute call
+    and pins its instances; the GPU encoder batches (2000 us). Explicit values win on either target."""
     cpu, gpu = RepositoryConfig(), RepositoryConfig(target=Target.GPU)
     assert (cpu.max_queue_delay_us, gpu.max_queue_delay_us) == (0, repo.GPU_QUEUE_DELAY_US)
+    assert (cpu.preferred_batch_sizes, gpu.preferred_batch_sizes) == ((1,), ())  # cpu: one request per execute
+    assert RepositoryConfig(preferred_batch_sizes=()).preferred_batch_sizes == ()
     assert RepositoryConfig(max_queue_delay_us=700).max_queue_delay_us == 700
     model = ServedModel(name="classifier", labels=("a", "b"))
     cfg = repo._cpu_config(pb, cpu, model, {"pad_id": 0})
