@@ -124,6 +124,9 @@ class BuildConfig:
         "help": "served instances of the model (cpu: 0 = one per usable core of this machine; gpu: 0 = 1)"})
     intra_op_threads: int = field(default=1, metadata={
         "help": "cpu target: ONNX Runtime threads per served instance (the gate and the speed check use 1)"})
+    pin_instances: bool = field(default=True, metadata={
+        "help": "cpu target: pin each served instance to cores of its own (skipped under a CPU quota or when "
+                "instances x threads exceed the server's cores)"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)

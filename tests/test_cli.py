@@ -225,6 +225,10 @@ def test_defaults_are_the_dataclasses():
     assert config_from_args(Budgets, build) == Budgets()
     config = config_from_args(BuildConfig, build, budgets=Budgets())
     assert config == BuildConfig(Path("ckpt"))
+    layout = all_parsers["exporter"].parse_args(["build", "ckpt", "--instances", "3", "--intra-op-threads", "2",
+                                                 "--no-pin-instances"])
+    config = config_from_args(BuildConfig, layout, budgets=Budgets())
+    assert (config.instances, config.intra_op_threads, config.pin_instances) == (3, 2, False)
     soak = all_parsers["loadtest"].parse_args(["soak"])
     assert soak.duration == SoakConfig.duration
 

@@ -256,8 +256,12 @@ def test_selection_is_fastest_passing_and_written_to_repository(tiny):
     assert rep["selected"] == max(passing, key=lambda n: passing[n]["speed"]["throughput_seq_s"])
     assert Path(rep["repository"]) == tiny["repo"].absolute()
     validate_repository(tiny["repo"])
-    served = read_repository(tiny["repo"]).model().onnx_path
+    info = read_repository(tiny["repo"]).model()
+    served = info.onnx_path
     assert sha256_file(served) == rep["files"][rep["variants"][rep["selected"]]["file"]]
+    # the layout follows the machine it was built on: one pinned 1-thread instance per usable core
+    assert (info.instances, info.intra_op_threads) == (len(os.sched_getaffinity(0)), 1)
+    assert info.config.parameters["pin_instances"].string_value == "true"
     prov = json.loads((tiny["repo"] / "provenance.json").read_text())
     assert prov["exporter"]["variant"] == rep["selected"]
     assert prov["exporter"]["parity"]["passed"] is True
