@@ -68,21 +68,21 @@ def weights_apart():
     import torch
 
     weights: dict = {}
-    original = getattr(getattr(torch._C, "Graph", None), "_export_onnx", None)
+    graph_type = getattr(torch._C, "Graph", None)
+    original = getattr(graph_type, "_export_onnx", None)
+    if original is None:  # no such hook in this torch: a plain export
+        yield weights
+        return
 
     def export_without_weights(graph, params, *args, **kwargs):
         weights.update(params)
         return original(graph, {}, *args, **kwargs)
 
-    try:
-        torch._C.Graph._export_onnx = export_without_weights
-    except (AttributeError, TypeError):  # no such hook in this torch: a plain export
-        original = None
+    graph_type._export_onnx = export_without_weights
     try:
         yield weights
     finally:
-        if original is not None:
-            torch._C.Graph._export_onnx = original
+        graph_type._export_onnx = original
 
 
 def _initializer(name: str, tensor):

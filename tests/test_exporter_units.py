@@ -500,3 +500,15 @@ def test_export_with_the_weights_apart_writes_the_plain_exports_graph(tiny_check
     import torch
 
     assert torch._C.Graph._export_onnx.__name__ != "export_without_weights"  # the hook is undone
+
+
+def test_weights_apart_is_a_plain_export_without_the_hook(monkeypatch):
+    """A torch without the exporter's hook: nothing is patched or kept apart (the export stays plain)."""
+    import torch
+
+    from exporter.export import weights_apart
+
+    monkeypatch.delattr(torch._C.Graph, "_export_onnx")
+    with weights_apart() as weights:
+        assert not hasattr(torch._C.Graph, "_export_onnx")
+    assert weights == {} and not hasattr(torch._C.Graph, "_export_onnx")

@@ -196,7 +196,7 @@ class RowModel:
 
     def initialize(self, args):
         _, params, self.model = read_config(args)
-        self.cores = pin_instance(args, params)
+        pin_instance(args, params)
         self.max_chars = int(params["max_text_chars"])
         self.tokenizer = load_tokenizer(args, params, pad=False)
         self.session = row_session(args, params)
