@@ -32,7 +32,7 @@ from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.report import fmt, markdown_table
 from loadtest.run import default_out, parse_protocol
-from serving.contract import ENCODER_LOGITS, Protocol
+from serving.contract import DEFAULT_CLASSIFIER, ENCODER_LOGITS, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class BenchConfig:
                 "(--checkpoint: the sentence-transformers directory; --build: its embedding build)"})
     model_name: str | None = field(default=None, metadata={
         "help": "served model to measure (default: embedder with --task embedding)"})
+    gateway: bool = field(default=True, metadata={
+        "help": "also measure the gateway (docs/GATEWAY.md): the same requests through POST /predict and straight "
+                "over gRPC, alternating, at --single-text-concurrency clients and at 1 (loadtest/gateway_bench.py)"})
 
     def __post_init__(self) -> None:
         self.bf16 = Bf16Mode(self.bf16)
@@ -378,11 +381,28 @@ def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> l
         best = max(multi, key=lambda r: r.seq_per_s)
         step(f"served open loop at {GOAL_C_LOAD:.0%} of {best.name}")
         results.append(_open_loop_point(cfg, endpoints, texts, gold, best))
+        if cfg.gateway:
+            step("gateway vs direct gRPC")
+            results += _gateway_rows(cfg, endpoints, texts, gold, served_acc=best.accuracy)
     cfg.notes.append(
         f"served: {meta.get('instances')} instance(s) x {meta.get('intra_op_threads') or 'default'} intra-op "
         f"thread(s); server, python stubs and this client share the machine's {os.cpu_count()} cores, while "
         f"each in-process backend had {cfg.threads} thread(s) to itself")
     return results
+
+
+def _gateway_rows(cfg: BenchConfig, endpoints, texts, gold, served_acc) -> list[BackendResult]:
+    """The gateway's rows: medians of alternating direct-gRPC and gateway runs (loadtest.gateway_bench)."""
+    from loadtest.gateway_bench import goal_lines, run_beside
+
+    g = run_beside(cfg.repository, endpoints.grpc_url, texts, gold, model=cfg.model_name or DEFAULT_CLASSIFIER,
+                   concurrency=cfg.single_text_concurrency, texts_per_request=cfg.texts_per_request,
+                   seconds=cfg.served_seconds, warmup_s=cfg.warmup_seconds)
+    rows = [BackendResult(f"{p['path']} c{p['concurrency']} x{p['texts_per_request']}", "gateway",
+                          p["texts_per_request"], p["seq_per_s"], p["p50_ms"], p["p99_ms"], served_acc, 0,
+                          {"rounds": p["rounds"]}) for p in g["points"]]
+    cfg.notes.extend(goal_lines(g))
+    return rows
 
 
 # ---------------------------------------------------------------- goals and report
@@ -530,7 +550,8 @@ def plot_bench(results: Sequence[BackendResult], png: Path) -> None:
                                    gridspec_kw={"width_ratios": [3, 2]})
     names = [r.name for r in results][::-1]
     vals = [r.seq_per_s for r in results][::-1]
-    colors = [{"in-process": "tab:blue", "ceiling": "tab:purple", "served": "tab:green", "open-loop": "tab:olive"}[r.kind]
+    colors = [{"in-process": "tab:blue", "ceiling": "tab:purple", "served": "tab:green", "open-loop": "tab:olive",
+               "gateway": "tab:orange"}[r.kind]
               for r in results][::-1]
     ax1.barh(names, vals, color=colors)
     ax1.set_xlabel("sequences / s")
@@ -601,7 +622,7 @@ def _ort_rows(cfg: BenchConfig, texts, gold, step) -> list[BackendResult]:
 def _n_steps(cfg: BenchConfig, bf16: bool) -> int:
     n = 1 + cfg.pipeline_batch1 + bf16 + cfg.ceiling
     n += len(build_variants(cfg.build)) if cfg.build is not None else 0
-    return n + (3 + len(_served_plan(cfg)) if cfg.served else 0)
+    return n + (3 + cfg.gateway + len(_served_plan(cfg)) if cfg.served else 0)
 
 
 def measure_all(cfg: BenchConfig, texts, gold, served_meta: dict[str, Any], isa: str | None,

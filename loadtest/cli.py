@@ -1,4 +1,4 @@
-"""`python -m loadtest {run,bench,tune,soak}`: parse, build a config, call one library function, print a table."""
+"""`python -m loadtest {run,bench,gateway,tune,soak}`: parse, build a config, call one library function, print a table."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
+
+    cfg = config_from_args(GatewayBenchConfig, args)
+    result = run_gateway_bench(cfg)
+    _print_table(f"gateway vs direct gRPC ({result['model']}, {cfg.rounds} alternating rounds, medians)",
+                 *table(result))
+    for line in goal_lines(result):
+        print(line)
+    print(f"reports: {result['out']}")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from loadtest.tune import TuneConfig, run_tune
 
@@ -108,6 +121,7 @@ TUNE_FLAGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from loadtest.bench import BenchConfig
+    from loadtest.gateway_bench import GatewayBenchConfig
     from loadtest.run import RunConfig
     from loadtest.soak import SoakConfig
     from loadtest.tune import TuneConfig
@@ -123,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-build", dest="build", action="store_const", const=None,
                        help="skip the in-process ONNX Runtime variants")
     bench.set_defaults(func=_bench)
+
+    gateway = sub.add_parser("gateway", help="the gateway's cost: the same requests through it and straight to "
+                                             "tritonserver over gRPC, side by side")
+    add_config_arguments(gateway, GatewayBenchConfig)
+    gateway.set_defaults(func=_gateway)
 
     tune = sub.add_parser("tune", help="sweep the served configuration and write the best into the repository")
     add_config_arguments(tune, TuneConfig, flags=TUNE_FLAGS)
