@@ -281,3 +281,21 @@ def test_serving_up_runs_and_restarts_the_gateway(repo):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_locust_users_of_every_route(stack, tmp_path):
+    """loadtest/locust_gateway.py against the gateway: each route's user runs, no failure."""
+    import csv
+    from pathlib import Path
+
+    locustfile = Path(__file__).resolve().parents[1] / "loadtest" / "locust_gateway.py"
+    env = {**os.environ, API_KEY_ENV: KEY}
+    done = subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", "4", "-r", "4",
+                           "-t", "4s", "--host", stack[1].url, "--texts-per-request", "3", "--csv",
+                           str(tmp_path / "gw"), "--only-summary"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "gw_stats.csv", newline="") as fh:
+        rows = {r["Name"]: r for r in csv.DictReader(fh)}
+    for name in ("/v1/embeddings x3", "/embed x3", "/predict x3", "/rerank x3"):
+        assert int(rows[name]["Request Count"]) > 0 and int(rows[name]["Failure Count"]) == 0, (name, rows.get(name))
