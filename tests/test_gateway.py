@@ -299,3 +299,22 @@ def test_locust_users_of_every_route(stack, tmp_path):
         rows = {r["Name"]: r for r in csv.DictReader(fh)}
     for name in ("/v1/embeddings x3", "/embed x3", "/predict x3", "/rerank x3"):
         assert int(rows[name]["Request Count"]) > 0 and int(rows[name]["Failure Count"]) == 0, (name, rows.get(name))
+
+
+def test_compose_service_and_image_of_the_gateway():
+    """The compose service runs the gateway hardened, beside triton, on loopback, its key a Docker secret."""
+    from pathlib import Path
+
+    import yaml
+
+    docker = Path(__file__).resolve().parents[1] / "serving" / "docker"
+    compose = yaml.safe_load((docker / "docker-compose.yml").read_text())
+    gw = compose["services"]["gateway"]
+    assert gw["command"][:4] == ["python", "-m", "serving", "gateway"] and "triton:8001" in gw["command"]
+    assert gw["ports"] == ["${TRITON_BIND:-127.0.0.1}:8080:8080"] and gw["read_only"] is True
+    assert gw["cap_drop"] == ["ALL"] and gw["user"].split(":")[0] != "0"
+    assert gw["environment"][API_KEY_FILE_ENV] == "/run/secrets/textclf_api_key"
+    assert "textclf_api_key" in compose["secrets"] and gw["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert next(v for v in gw["volumes"] if v["target"] == "/models")["read_only"] is True
+    dockerfile = (docker / "Dockerfile.gateway").read_text()
+    assert "USER 1000:1000" in dockerfile and '"numpy<2"' in dockerfile

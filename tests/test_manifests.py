@@ -609,3 +609,32 @@ def test_kubectl_kustomize_builds_each_directory(tmp_path):
         expected = sorted((d["kind"], d["metadata"]["name"])
                           for rel in listed for d in files[f"{sub}/{rel}".lstrip("/")])
         assert built == expected and built
+
+
+GATEWAY_IMAGE = "registry.example.com/ml/triton-textclf-gateway:0.1.0"
+
+
+def test_gateway_container_beside_tritonserver():
+    """--gateway-image: the gateway runs in every pod on the pvc repository, its key from a Secret, its port in
+    the Service and the NetworkPolicy; without a volume repository it is refused with one line."""
+    files = m.render_manifests(make(repository_uri=URIS[3], gateway_image=GATEWAY_IMAGE, gateway_port=8080))
+    assert m.validate_manifests(files, m.KUBERNETES_VERSION) == []
+    spec = one(files, "deployment.yaml")["spec"]["template"]["spec"]
+    triton, gateway = spec["containers"]
+    assert triton["name"] == "tritonserver" and gateway["image"] == GATEWAY_IMAGE
+    args = gateway["args"]
+    assert args[:4] == ["python", "-m", "serving", "gateway"]
+    assert args[args.index("--repository") + 1] == flags(triton["args"])["--model-repository"]
+    assert args[args.index("--triton-url") + 1] == "127.0.0.1:8001"
+    assert gateway["env"][1] == {"name": "TEXTCLF_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "textclf-gateway", "key": "api-key"}}}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "gateway"}
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] and gateway["securityContext"]["runAsNonRoot"]
+    assert {"name": "model-repository", "mountPath": "/mnt/model-repository", "readOnly": True} in gateway["volumeMounts"]
+    service = next(s for s in files["service.yaml"] if not s["metadata"]["name"].endswith("headless"))
+    assert {"name": "gateway", "port": 8080, "targetPort": "gateway", "protocol": "TCP"} in service["spec"]["ports"]
+    assert [p["port"] for p in one(files, "networkpolicy.yaml")["spec"]["ingress"][0]["ports"]] == [
+        "http", "grpc", "gateway"]
+    with pytest.raises(m.ManifestError, match="pvc://"):
+        make(gateway_image=GATEWAY_IMAGE)
+    assert len(triton_container(m.render_manifests(make()))[0]["containers"]) == 1  # off without an image

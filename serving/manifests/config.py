@@ -10,6 +10,7 @@ from typing import Any
 
 from serving.manifests.values import (
     _DNS_LABEL, _DNS_SUBDOMAIN, _LABEL_KEY, _LABEL_VALUE, batched_models, KServeMode, ManifestError, RepositoryUri,
+    RepositoryScheme,
     ServiceType, _parse_pairs, check_image, estimate_shm_bytes, parse_cpu, parse_quantity,
 )
 from serving.repository import RepositoryConfig, Target
@@ -84,6 +85,13 @@ class ManifestConfig:
         "help": "the repository the image serves (on the command line: --target, --max-batch-size, --max-length, "
                 "--tokenizer-instances)"})
     # security (docs/SECURITY.md)
+    gateway_image: str | None = field(default=None, metadata={
+        "help": "image of the gateway (serving/docker/Dockerfile.gateway): with one, every pod runs the OpenAI / "
+                "text-embeddings-inference gateway beside tritonserver (needs a pvc:// repository)"})
+    gateway_port: int = field(default=8080, metadata={"help": "the gateway's port in the pod and the Service"})
+    gateway_cpu: str = field(default="1", metadata={"help": "CPU request = limit of the gateway container"})
+    gateway_secret: str = field(default="textclf-gateway", metadata={
+        "help": "Secret whose key 'api-key' holds the gateway's API key (Authorization: Bearer)"})
     admin_secret: str = field(default="triton-admin", metadata={
         "help": "Secret whose key 'admin-key' holds the key of Triton's restricted admin APIs"})
     network_policy: bool = field(default=True, metadata={
@@ -98,7 +106,7 @@ class ManifestConfig:
     def __post_init__(self) -> None:
         self.service_type = _enum(ServiceType, self.service_type, "service type")
         self.kserve_mode = _enum(KServeMode, self.kserve_mode, "KServe deployment mode")
-        for image in (self.image, self.locust_image):
+        for image in (self.image, self.locust_image, self.gateway_image):
             if image is not None:
                 check_image(image)
                 if self.require_digest and "@" not in image:
@@ -120,6 +128,8 @@ class ManifestConfig:
                          ("monitoring namespace", self.monitoring_namespace)):
             if ns is not None and (not _DNS_LABEL.match(ns) or len(ns) > 63):
                 raise ManifestError(f"{what} {ns!r} must be a DNS label of at most 63 characters")
+        if self.gateway_image is not None and not _DNS_SUBDOMAIN.match(self.gateway_secret or ""):
+            raise ManifestError(f"gateway secret {self.gateway_secret!r} is not a valid Secret name")
         if not _DNS_SUBDOMAIN.match(self.admin_secret or ""):
             raise ManifestError(f"admin secret {self.admin_secret!r} is not a valid Secret name")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.locust_user_class):
@@ -138,9 +148,12 @@ class ManifestConfig:
                                 "give --gpus-per-pod >= 1 or --target cpu")
         if self.pre_stop_sleep_s < 0 or self.log_verbose < 0:
             raise ManifestError("pre-stop sleep and log verbosity must be >= 0")
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
-        if len(set(ports)) != 3 or not all(1024 <= p <= 65535 for p in ports):
-            raise ManifestError(f"http/grpc/metrics ports must be distinct and in 1024-65535 (got {ports})")
+        ports = (self.http_port, self.grpc_port, self.metrics_port, self.gateway_port)
+        if len(set(ports)) != 4 or not all(1024 <= p <= 65535 for p in ports):
+            raise ManifestError(f"http/grpc/metrics/gateway ports must be distinct and in 1024-65535 (got {ports})")
+        if self.gateway_image is not None and self.repo_uri.scheme is not RepositoryScheme.PVC:
+            raise ManifestError("the gateway reads the repository's contracts and tokenizers from a volume: give a "
+                                "pvc:// repository URI, or no --gateway-image")
 
     def _check_resources(self) -> None:
         if self.grace_period_s is None:

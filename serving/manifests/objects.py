@@ -13,6 +13,7 @@ from serving.manifests.values import (
     QUEUE_METRIC, S3_SECRET_KEYS, SUCCESS_METRIC, TRITON_UID, RepositoryScheme, batched_models,
 )
 from serving.triton_args import TritonServerConfig
+from serving.manifests.gateway import gateway_container, gateway_enabled, gateway_service_port
 
 NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace (1.22+)
 from serving.repository import ENSEMBLE
@@ -180,7 +181,8 @@ def _pod_spec(config: ManifestConfig) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": config.grace_period_s,
         "securityContext": _pod_security_context(),
-        "containers": [container],
+        "containers": [container, *([gateway_container(config, _security_context(config))]
+                                    if gateway_enabled(config) else [])],
         "volumes": [
             # Docker's and the kubelet's default /dev/shm is 64 MB: too small for python-backend stubs
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
@@ -234,7 +236,8 @@ def network_policy(config: ManifestConfig) -> dict[str, Any]:
     """Only these sources reach the tritonserver pods; everything else is dropped (Ingress policy)."""
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(config, config.name),
             "spec": {"podSelector": {"matchLabels": _selector(config)}, "policyTypes": ["Ingress"],
-                     "ingress": ingress_rules(config, ["http", "grpc"], "metrics")}}
+                     "ingress": ingress_rules(config, ["http", "grpc", *(["gateway"] if gateway_enabled(config)
+                                                                          else [])], "metrics")}}
 
 
 def services(config: ManifestConfig) -> list[dict[str, Any]]:
@@ -243,6 +246,8 @@ def services(config: ManifestConfig) -> list[dict[str, Any]]:
         {"name": "grpc", "port": config.grpc_port, "targetPort": "grpc", "protocol": "TCP"},
         {"name": "metrics", "port": config.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
     ]
+    if gateway_enabled(config):
+        ports.append(gateway_service_port(config))
     main = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(config, config.name),
             "spec": {"type": config.service_type.value, "selector": _selector(config), "ports": ports}}
     # gRPC keeps one HTTP/2 connection per client: a ClusterIP balances connections, not requests. The
