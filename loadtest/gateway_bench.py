@@ -1,6 +1,7 @@
 """The gateway's cost, measured side by side: the same requests (``texts_per_request`` texts to the classifier)
-sent straight to tritonserver over gRPC and through the gateway's ``POST /predict``, in alternating rounds in
-one run, at ``concurrency`` clients (throughput) and at 1 client (latency).
+sent straight to tritonserver over gRPC and through the gateway's ``POST /predict`` in one run: alternating
+rounds at ``concurrency`` clients (throughput), and one client sending each request both ways back to back
+(latency at 1 client, so that the machine's changing load hits both paths alike).
 
 Goals (issue 20): through the gateway, throughput >= 0.85 of direct gRPC and added p50 latency at 1 client
 <= 1 ms. ``python -m loadtest gateway`` runs it alone; ``python -m loadtest bench`` adds its rows.
@@ -97,33 +98,81 @@ def _median_point(path: str, results: list[LoadResult]) -> GatewayPoint:
                         [r.as_dict() for r in results])
 
 
+async def _paired(direct, gateway, stream: _TextStream, res: tuple[LoadResult, LoadResult], warmup_s: float,
+                  diffs: list[float]) -> None:
+    """One client: each text chunk goes straight and through the gateway, back to back (which goes first
+    alternates), so a change in the machine's load hits both paths alike; ``diffs`` gets gateway - direct."""
+    from loadtest.clients import _attempt, _record
+
+    loop = asyncio.get_running_loop()
+    await direct.fetch_contract()
+    t_measure = loop.time() + warmup_s
+    t_end = t_measure + res[0].window_s
+    i = 0
+    while loop.time() < t_end:
+        chunk, gold = stream.next()
+        took = [0.0, 0.0]
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            sent = loop.time()
+            outcome = await _attempt((direct, gateway)[j], chunk, 30.0)
+            took[j] = loop.time() - sent
+            if loop.time() >= t_measure:
+                _record(res[j], outcome, gold, len(chunk), took[j])
+        if loop.time() >= t_measure:
+            diffs.append(took[1] - took[0])
+        i += 1
+
+
+def _latency_pair(direct_factory, gateway_factory, texts, gold, k: int, seconds: float,
+                  warmup_s: float) -> tuple[LoadResult, LoadResult, float]:
+    res = (LoadResult("grpc", "paired", 1, None, k, seconds, 0, 0, 0),
+           LoadResult("http", "paired", 1, None, k, seconds, 0, 0, 0))
+    diffs: list[float] = []
+
+    async def drive() -> None:
+        direct, gateway = direct_factory(), gateway_factory()
+        try:
+            await _paired(direct, gateway, _TextStream(texts, gold, k), res, warmup_s, diffs)
+        finally:
+            await direct.close()
+            await gateway.close()
+
+    asyncio.run(drive())
+    if not diffs:
+        raise LoadtestError(f"paired latency run: no request succeeded ({res[0].first_error or res[1].first_error})")
+    return res[0], res[1], 1e3 * statistics.median(diffs)
+
+
 def measure(grpc_url: str, gateway_url: str, key: str | None, texts: Sequence[str], gold, *, model: str,
             concurrency: int = 16, texts_per_request: int = 8, seconds: float = 10.0, warmup_s: float = 2.0,
             rounds: int = 2) -> dict[str, Any]:
-    """Alternate direct gRPC and gateway runs (``rounds`` of each, at ``concurrency`` and at 1 client);
-    the medians, the throughput ratio and the added p50 at 1 client, with the goals."""
+    """Throughput: direct gRPC and gateway runs at ``concurrency`` clients, alternating, ``rounds`` of each.
+    Latency: one client sending each request both ways back to back. The medians, the throughput ratio and
+    the added p50 at 1 client, with the goals."""
     from serving.contract import Endpoint
 
     direct_url = Endpoint(grpc_url, Protocol.GRPC).url
+    factories = {"grpc direct": lambda c: _Sender(Protocol.GRPC, direct_url, model, c),
+                 "gateway http": lambda c: _GatewaySender(gateway_url, model, key, c)}
     runs: dict[tuple[str, int], list[LoadResult]] = {}
     for i in range(rounds):
-        for conc in (concurrency, 1):
-            for path in ("grpc direct", "gateway http"):
-                if path == "grpc direct":
-                    factory = lambda c=conc: _Sender(Protocol.GRPC, direct_url, model, c)  # noqa: E731
-                else:
-                    factory = lambda c=conc: _GatewaySender(gateway_url, model, key, c)  # noqa: E731
-                r = _closed_loop(factory, texts, gold, conc, texts_per_request, seconds, warmup_s,
-                                 "grpc" if path == "grpc direct" else "http")
-                log.info("round %d %-12s c%-2d x%d: %7.1f seq/s p50 %6.2f ms failures %d", i + 1, path, conc,
-                         texts_per_request, r.seq_per_s, r.percentile(50) or 0, r.failures)
-                if r.requests == 0:
-                    raise LoadtestError(f"{path} c{conc}: no request succeeded ({r.first_error})")
-                runs.setdefault((path, conc), []).append(r)
+        for path, factory in factories.items():
+            r = _closed_loop(lambda f=factory: f(concurrency), texts, gold, concurrency, texts_per_request, seconds,
+                             warmup_s, "grpc" if path == "grpc direct" else "http")
+            log.info("round %d %-12s c%-2d x%d: %7.1f seq/s p50 %6.2f ms failures %d", i + 1, path, concurrency,
+                     texts_per_request, r.seq_per_s, r.percentile(50) or 0, r.failures)
+            if r.requests == 0:
+                raise LoadtestError(f"{path} c{concurrency}: no request succeeded ({r.first_error})")
+            runs.setdefault((path, concurrency), []).append(r)
+    one_direct, one_gateway, paired_ms = _latency_pair(lambda: factories["grpc direct"](1),
+                                                       lambda: factories["gateway http"](1), texts, gold,
+                                                       texts_per_request, seconds * rounds, warmup_s)
+    runs[("grpc direct", 1)], runs[("gateway http", 1)] = [one_direct], [one_gateway]
     points = {key_: _median_point(key_[0], rs) for key_, rs in runs.items()}
     loaded = points[("gateway http", concurrency)].seq_per_s / points[("grpc direct", concurrency)].seq_per_s
     added = (points[("gateway http", 1)].p50_ms or 0) - (points[("grpc direct", 1)].p50_ms or 0)
     return {"points": [asdict(p) for p in points.values()], "throughput_ratio": loaded, "added_p50_ms_c1": added,
+            "median_paired_difference_ms_c1": paired_ms,
             "goals": {"throughput_ratio": {"min": GOAL_THROUGHPUT_RATIO, "met": loaded >= GOAL_THROUGHPUT_RATIO},
                       "added_p50_ms_c1": {"max": GOAL_ADDED_P50_MS, "met": added <= GOAL_ADDED_P50_MS}},
             "model": model, "concurrency": concurrency, "texts_per_request": texts_per_request,
@@ -202,4 +251,5 @@ def goal_lines(result: dict[str, Any]) -> list[str]:
             f"x{result['texts_per_request']} (goal >= {GOAL_THROUGHPUT_RATIO}): "
             f"{'met' if g['throughput_ratio']['met'] else 'NOT met'}",
             f"gateway added p50 at 1 client {result['added_p50_ms_c1']:+.2f} ms (goal <= {GOAL_ADDED_P50_MS} ms): "
-            f"{'met' if g['added_p50_ms_c1']['met'] else 'NOT met'}"]
+            f"{'met' if g['added_p50_ms_c1']['met'] else 'NOT met'} (median of the paired differences "
+            f"{result['median_paired_difference_ms_c1']:+.2f} ms)"]

@@ -228,7 +228,8 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
     assert kinds.count("served") == 4 and kinds.count("open-loop") == 1 and kinds.count("ceiling") == 1
     gateway = {r["name"]: r for r in res["results"] if r["kind"] == "gateway"}  # the same requests, alternating
     assert sorted(gateway) == ["gateway http c1 x4", "gateway http c2 x4", "grpc direct c1 x4", "grpc direct c2 x4"]
-    assert all(r["seq_per_s"] > 0 and len(r["detail"]["rounds"]) == 2 for r in gateway.values())
+    assert all(r["seq_per_s"] > 0 and r["detail"]["rounds"] for r in gateway.values())
+    assert len(gateway["grpc direct c2 x4"]["detail"]["rounds"]) == 2  # alternating rounds; c1: one paired run
     assert any(n.startswith("gateway throughput") for n in res["notes"])
     for r in res["results"]:
         assert r["seq_per_s"] > 0
