@@ -93,7 +93,8 @@ class Models:
         if entry is None:
             raise GatewayError(f"model {name!r} not found (served: {', '.join(self.entries)})", 404, "not_found")
         if entry.contract.head not in heads:
-            raise GatewayError(f"model {name!r} is a {entry.contract.head.value} model, not a {what} model",
+            article = "an" if what[:1] in "aeiou" else "a"
+            raise GatewayError(f"model {name!r} is a {entry.contract.head.value} model, not {article} {what} model",
                                400, "validation")
         return entry
 

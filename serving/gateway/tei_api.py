@@ -221,10 +221,9 @@ async def info(gw: "Gateway", request: "Request") -> "Response":
     """The model (default: the embedder, else the classifier, else the reranker) and the gateway's caps."""
     m = gw.models
     entry = _model(gw, request, m.embedder or m.classifier or m.reranker, "", ANY_HEAD)
-    return _json({"model_id": entry.name, "model_sha": None, "model_dtype": "float32",
-                  "model_type": _model_type(entry),
+    return _json({"model_id": entry.name, "model_sha": None, "model_type": _model_type(entry),
                   "max_input_length": entry.max_length, "max_client_batch_size": gw.config.max_rows,
-                  "max_batch_requests": entry.contract.max_batch_size, "max_body_bytes": gw.config.max_body_bytes,
+                  "max_batch_size": entry.contract.max_batch_size, "max_body_bytes": gw.config.max_body_bytes,
                   "max_text_chars": gw.config.max_text_chars, "models": list(m.entries),
                   "defaults": {"embedder": m.embedder, "classifier": m.classifier, "reranker": m.reranker},
                   "version": package_version(), "router": "triton-textclf gateway"})
