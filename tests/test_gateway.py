@@ -318,3 +318,22 @@ def test_compose_service_and_image_of_the_gateway():
     assert next(v for v in gw["volumes"] if v["target"] == "/models")["read_only"] is True
     dockerfile = (docker / "Dockerfile.gateway").read_text()
     assert "USER 1000:1000" in dockerfile and '"numpy<2"' in dockerfile
+
+
+def test_backend_errors_reach_the_client_without_internal_detail(http):
+    """tritonserver's own INVALID_ARGUMENT message passes; anything else becomes a generic line."""
+    from tritonclient.utils import InferenceServerException
+
+    from serving.gateway.backend import backend_error
+
+    bad = backend_error(InferenceServerException("TEXT must be BYTES [rows, 1]", status="StatusCode.INVALID_ARGUMENT"))
+    assert (bad.status, bad.kind, str(bad)) == (422, "validation", "TEXT must be BYTES [rows, 1]")
+    busy = backend_error(InferenceServerException("queue full", status="StatusCode.UNAVAILABLE"))
+    assert busy.status == 503 and "queue" not in str(busy)
+    inner = backend_error(InferenceServerException("/models/x/1/model.py line 3: KeyError", status="StatusCode.INTERNAL"))
+    assert inner.status == 502 and "model.py" not in str(inner) and "gateway log" in str(inner)
+    r = http.get("/nope")
+    assert r.status_code == 404 and r.json()["error_type"] == "Validation"
+    r = http.get("/embed")
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]
+    assert http.get("/v1/nope").json()["error"]["type"] == "invalid_request_error"

@@ -151,6 +151,12 @@ def build_app(config: GatewayConfig, models: Models | None = None) -> Starlette:
         finally:
             await gateway.triton.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        what = "no such route" if status == 404 else f"method {request.method} not allowed here"
+        render = openai_error if request.url.path.startswith("/v1/") else tei_error
+        return render(GatewayError(f"{what}: {request.url.path}", status, "not_found"))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route})
     app.state.gateway = gateway
     return app
