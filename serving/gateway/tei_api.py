@@ -145,7 +145,9 @@ async def predict(gw: "Gateway", request: "Request") -> "Response":
 
 async def _predict(gw: "Gateway", entry: ModelEntry, body: dict[str, Any]) -> "Response":
     texts, pairs, single = _predict_rows(body.get("inputs"), entry)
-    gw.check_rows(texts + (pairs or []))
+    gw.check_rows(texts)
+    if pairs is not None:
+        gw.check_rows(pairs)
     _check_length(gw, entry, texts, _flag(body, "truncate", True), pairs)
     transform, top_k, hf_form = _transform(body)
     head = entry.contract.head
