@@ -23,8 +23,8 @@ from loadtest.texts import load_texts
 log = logging.getLogger(__name__)
 
 _POOL: dict[str, tuple[str, ...]] = {}
-ROUTE_MODEL = {"GatewayOpenAIEmbeddingsUser": "embedder", "GatewayEmbedUser": "embedder",
-               "GatewayPredictUser": "classifier", "GatewayRerankUser": "reranker"}
+ROUTE_MODEL = {"GatewayOpenAIEmbeddingsUser": "embed", "GatewayEmbedUser": "embed", "GatewayPredictUser": "predict",
+               "GatewayRerankUser": "rerank"}  # user -> its route family in /info's "defaults"
 
 
 @events.init_command_line_parser.add_listener

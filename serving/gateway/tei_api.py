@@ -227,7 +227,7 @@ async def info(gw: "Gateway", request: "Request") -> "Response":
                   "max_input_length": entry.max_length, "max_client_batch_size": gw.config.max_rows,
                   "max_batch_size": entry.contract.max_batch_size, "max_body_bytes": gw.config.max_body_bytes,
                   "max_text_chars": gw.config.max_text_chars, "models": list(m.entries),
-                  "defaults": {"embedder": m.embedder, "classifier": m.classifier, "reranker": m.reranker},
+                  "defaults": {"embed": m.embedder, "predict": m.classifier, "rerank": m.reranker},
                   "version": package_version(), "router": "triton-textclf gateway"})
 
 
