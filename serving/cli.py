@@ -300,8 +300,8 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed, "health": _run_health,
-           "validate": _run_validate}
+RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed,
+           "health": _run_health, "validate": _run_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,7 +216,8 @@ def _model_type(entry: ModelEntry) -> dict[str, Any]:
     if c.head is Head.REGRESSION:
         return {"reranker": {"text_pair": c.text_pair}} if c.text_pair else {"regression": {}}
     return {"classifier": {"id2label": {str(i): k for i, k in enumerate(c.labels)},
-                           "label2id": {k: i for i, k in enumerate(c.labels)}, "multi_label": c.head is Head.MULTI_LABEL}}
+                           "label2id": {k: i for i, k in enumerate(c.labels)},
+                           "multi_label": c.head is Head.MULTI_LABEL}}
 
 
 async def info(gw: "Gateway", request: "Request") -> "Response":
