@@ -50,7 +50,8 @@ _CLIENT_TENSORS = (TEXT, LABEL, PROBABILITIES, LOGITS)  # re-exported for older 
 # overflow (CVE-2025-23310/23311) of 2.51 (docs/SECURITY.md). It ships ONNX Runtime 1.28.0: source:
 # triton-inference-server/server docs/introduction/compatibility.md, table "ONNX Runtime Versions" (row
 # "26.08 | 1.28.0"). The limits were measured on the onnxruntime 1.28.0 wheel (an Identity model per IR
-# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27.
+# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27. The
+# GPU model runs the onnxruntime-gpu wheel that serving/docker/Dockerfile installs, pinned to this version.
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.08-py3"
 NGC_ORT_VERSION = "1.28.0"
 NGC_MAX_IR_VERSION = 13

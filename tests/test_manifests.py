@@ -345,11 +345,11 @@ def test_cpu_only_pods_with_the_cpu_target():
 def test_shm_floor_follows_the_repository_config():
     small = m.estimate_shm_bytes(RepositoryConfig(target=Target.GPU))
     big = m.estimate_shm_bytes(RepositoryConfig(target=Target.GPU, max_batch_size=256, max_length=512,
-                                                tokenizer_instances=8))
+                                                encoder_instances=8))
     assert 0 < small < big
     with pytest.raises(m.ManifestError, match="floor"):
         make(shm_size="64Mi", repository=RepositoryConfig(target=Target.GPU, max_batch_size=256, max_length=512,
-                                                           tokenizer_instances=8))
+                                                           encoder_instances=8))
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -8,6 +8,7 @@ encoder call, in tokens), with every sub-batch's computed tokens at most ``max_b
 than the budget runs alone). Sorting by length and cutting contiguous runs is optimal for that cost: a
 dynamic programme over the sorted rows finds the best cut.
 """
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,15 +43,14 @@ class BatchRecord:
                 f"computed_tokens={self.computed_tokens}")
 
 
+_RECORD = re.compile(r"token_batch rows=(\d+) sub_batches=(\d+) real_tokens=(\d+) computed_tokens=(\d+)")
+
+
 def parse_records(log_text: str) -> BatchRecord:
     """The sum of every ``token_batch`` record in a server log."""
     total = BatchRecord()
-    for line in log_text.splitlines():
-        at = line.find("token_batch rows=")
-        if at < 0:
-            continue
-        fields = dict(item.split("=", 1) for item in line[at:].split()[1:5])
-        total.add(BatchRecord(*(int(fields[k]) for k in ("rows", "sub_batches", "real_tokens", "computed_tokens"))))
+    for match in _RECORD.finditer(log_text):
+        total.add(BatchRecord(*(int(v) for v in match.groups())))
     return total
 
 
