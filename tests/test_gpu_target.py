@@ -193,3 +193,49 @@ def test_example_corpus_at_16_clients_x_8_texts_computes_at_most_1_3x_the_real_t
     record_property("gpu_target_tokens", figures)
     print("gpu-target tokens:", json.dumps(figures))
     assert after.rows - before.rows == len(texts) and computed <= 1.3 * real, figures
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def test_gpu_gate_runs_the_served_sub_batches_in_the_rows_order(tiny_onnx, tiny_checkpoint):
+    """GateMode.BATCHED feeds the sub-batches the server forms (sorted, each padded to its own longest row,
+    within the token budget) and puts every output back in its row's place: equal to each row run alone."""
+    from transformers import AutoTokenizer
+
+    from exporter import parity
+    from exporter.artifacts import GateMode
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    batches = parity.tokenize(tok, corpus_texts(70, seed=9), batch_size=32, max_length=128)
+    feeds = parity.gate_feeds(batches, GateMode.BATCHED, max_batch_tokens=256)
+    assert sorted(np.concatenate([f[parity.ROWS] for f in feeds]).tolist()) == list(range(70))
+    assert all(f["input_ids"].size <= 256 or len(f["input_ids"]) == 1 for f in feeds)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert real <= sum(f["input_ids"].size for f in feeds) <= 1.3 * real < sum(b["input_ids"].size for b in batches)
+    sess = parity.session(tiny_onnx, parity.Precision.FP32)
+    served, _ = parity.ort_outputs(sess, feeds)
+    alone, _ = parity.ort_outputs(sess, parity.unbatch(batches))
+    assert np.abs(served - alone).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_exporter_builds_the_gpu_target_gated_as_served_and_it_serves(tmp_path):
+    """`exporter build --target gpu --max-batch-tokens`: the gate runs the served sub-batches, the budget reaches
+    the repository, and the repository serves as built (CPU provider here) with the gated answers."""
+    from test_exporter import FAST, make_checkpoint, run_main
+
+    ckpt = make_checkpoint(tmp_path)
+    rc = run_main(["build", ckpt, "--out", tmp_path / "build", "--repository", tmp_path / "repo", "--target", "gpu",
+                   "--precisions", "fp32", "--max-batch-tokens", "2048", *FAST])
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert rc == 0 and report["gate_mode"] == "batched" and report["selected"] == "fp32"
+    assert report["variants"]["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    info = read_repository(tmp_path / "repo")
+    params = {k: v.string_value for k, v in info.model().config.parameters.items()}
+    assert info.target is Target.GPU and params["max_batch_tokens"] == "2048"
+    texts = corpus_texts(64, seed=21)
+    ref_probs, ref_labels = torch_reference(ckpt, texts)
+    with LocalTritonServer(ServerConfig(tmp_path / "repo", startup_timeout_s=180)) as srv:
+        preds = TextClassifier(srv.http_url).classify(texts)
+    assert [p.label for p in preds] == ref_labels and np.abs(_probs(preds) - ref_probs).max() < 1e-4
