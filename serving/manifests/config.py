@@ -82,7 +82,7 @@ class ManifestConfig:
     locust_user_class: str = field(default="TritonHttpUser", metadata={"help": "TritonHttpUser or TritonGrpcUser"})
     repository: RepositoryConfig = field(default_factory=lambda: RepositoryConfig(target=Target.GPU), metadata={
         "help": "the repository the image serves (on the command line: --target, --max-batch-size, --max-length, "
-                "--tokenizer-instances)"})
+                "--encoder-instances, --max-batch-tokens)"})
     # security (docs/SECURITY.md)
     admin_secret: str = field(default="triton-admin", metadata={
         "help": "Secret whose key 'admin-key' holds the key of Triton's restricted admin APIs"})

@@ -89,6 +89,16 @@ class TritonPythonModel:
             return [textmodel.embedding_output(self.model, results[0])]
         return textmodel.head_outputs(self.model, results[0], results[-1])
 
+    def _respond(self, where, results, error):
+        """One request's response: its error, else its rows' outputs (a failure there is internal)."""
+        if error is not None:
+            return pb_utils.InferenceResponse(output_tensors=[], error=error)
+        try:
+            return pb_utils.InferenceResponse(output_tensors=self._outputs(results))
+        except Exception:  # noqa: BLE001 - the error boundary: full text to the log, a generic one out
+            pb_utils.Logger.log_error(f"{where}: response failed:\n{traceback.format_exc()}")
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(textmodel.INTERNAL_ERROR))
+
     def execute(self, requests):
         rows, spans, errors = [], [], {}
         for n, request in enumerate(requests):
@@ -111,6 +121,5 @@ class TritonPythonModel:
                     for n in range(len(requests))]
         self.totals.add(record)
         pb_utils.Logger.log_info(f"{self.model.name}: {record.line()}")
-        return [pb_utils.InferenceResponse(output_tensors=[], error=errors[n]) if n in errors
-                else pb_utils.InferenceResponse(output_tensors=self._outputs([r[a:b] for r in results]))
+        return [self._respond(self.model.name, [r[a:b] for r in results], errors.get(n))
                 for n, (a, b) in enumerate(spans)]
