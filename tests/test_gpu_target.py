@@ -239,3 +239,31 @@ def test_exporter_builds_the_gpu_target_gated_as_served_and_it_serves(tmp_path):
     with LocalTritonServer(ServerConfig(tmp_path / "repo", startup_timeout_s=180)) as srv:
         preds = TextClassifier(srv.http_url).classify(texts)
     assert [p.label for p in preds] == ref_labels and np.abs(_probs(preds) - ref_probs).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_bench_records_the_gpu_targets_token_ratio(gpu_repository, tiny_checkpoint, tiny_onnx, tmp_path):
+    """`loadtest bench` on a GPU-target repository writes the served tokens (real, computed, ratio) into
+    bench.json's served configuration and a note."""
+    import shutil
+
+    from test_loadtest_server import _build_dir
+
+    from loadtest.bench import BenchConfig, run_bench
+
+    texts_csv = tmp_path / "texts.csv"
+    with open(texts_csv, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([t, LABELS[i % 3]] for i, t in enumerate(corpus_texts(64, seed=2)))
+    repo = shutil.copytree(gpu_repository, tmp_path / "repo")
+    res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx), repository=repo,
+                                texts=texts_csv, n_texts=64, batch_size=8, threads=1, bf16="off",
+                                pipeline_batch1=False, concurrency=(16,), protocols=("grpc",),
+                                texts_per_request=PER_REQUEST, single_text_concurrency=2, served_seconds=2.0,
+                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench"))
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    tokens = saved["machine"]["served"]["tokens"]
+    assert tokens["real_tokens"] <= tokens["computed_tokens"] and tokens["rows"] > 64
+    assert tokens["ratio"] == pytest.approx(tokens["computed_tokens"] / tokens["real_tokens"], abs=1e-4)
+    assert any(n.startswith("gpu target: the encoder computed") for n in res["notes"])
