@@ -55,7 +55,7 @@ class TritonPythonModel:
         _, params, self.model = textmodel.read_config(args)
         self.max_chars = int(params["max_text_chars"])
         self.tokenizer = textmodel.load_tokenizer(args, params, pad=False)
-        self.pad_id, self.left = int(params["pad_id"]), params.get("padding_side") == "left"
+        self.pad_id = int(params["pad_id"])  # padded on the right whatever padding_side says (token_batch.pad)
         self.budget = int(params.get("max_batch_tokens", token_batch.DEFAULT_MAX_BATCH_TOKENS))
         self.overhead = int(params.get("overhead_tokens", token_batch.DEFAULT_OVERHEAD_TOKENS))
         self.session, self.on_gpu = batch_session(args, params)
@@ -110,8 +110,8 @@ class TritonPythonModel:
             spans.append((len(rows), len(rows) + len(mine)))
             rows += mine
         try:
-            results, record = token_batch.run_rows(self._run, rows, self.pad_id, left=self.left,
-                                                   max_batch_tokens=self.budget, overhead_tokens=self.overhead)
+            results, record = token_batch.run_rows(self._run, rows, self.pad_id, max_batch_tokens=self.budget,
+                                                   overhead_tokens=self.overhead)
             if not results:
                 results = [np.zeros((0, self.model.num_outputs), np.float32) for _ in self.outputs]
         except Exception:  # noqa: BLE001 - the error boundary: full text to the log, a generic one out

@@ -78,25 +78,23 @@ def plan(lengths, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, overhead_tokens=DEF
     return [order[a:b] for a, b in reversed(cuts)]
 
 
-def pad(rows, pad_id, left=False):
+def pad(rows, pad_id):
     """One sub-batch: per-row ``{name: token list}`` dicts -> ``{name: int64 [rows, longest]}``, padded with
-    ``pad_id`` (input_ids) or 0 (attention_mask, token_type_ids) on the tokenizer's padding side."""
+    ``pad_id`` (input_ids) or 0 (attention_mask, token_type_ids) on the right, whatever the tokenizer's
+    padding side: with the attention mask a right-padded row keeps its positions, so it computes what it
+    computes alone (left padding would shift the absolute positions of a shorter row)."""
     longest = max(len(r["input_ids"]) for r in rows)
     out = {}
     for name in rows[0]:
         fill = pad_id if name == "input_ids" else 0
         arr = np.full((len(rows), longest), fill, dtype=np.int64)
         for i, row in enumerate(rows):
-            values = row[name]
-            if left:
-                arr[i, longest - len(values):] = values
-            else:
-                arr[i, :len(values)] = values
+            arr[i, :len(row[name])] = row[name]
         out[name] = arr
     return out
 
 
-def run_rows(run, rows, pad_id, *, left=False, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
+def run_rows(run, rows, pad_id, *, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
              overhead_tokens=DEFAULT_OVERHEAD_TOKENS):
     """Run ``rows`` (per-row token dicts) in planned sub-batches through ``run(feeds) -> [arrays]`` and put
     each row's outputs back in its own place. Returns (list of output arrays [rows, ...], BatchRecord)."""
@@ -104,7 +102,7 @@ def run_rows(run, rows, pad_id, *, left=False, max_batch_tokens=DEFAULT_MAX_BATC
     record = BatchRecord(rows=len(rows), real_tokens=int(sum(lengths)))
     results = None
     for group in plan(lengths, max_batch_tokens, overhead_tokens):
-        feeds = pad([rows[i] for i in group], pad_id, left)
+        feeds = pad([rows[i] for i in group], pad_id)
         outputs = run(feeds)
         if results is None:
             results = [np.zeros((len(rows),) + o.shape[1:], o.dtype) for o in outputs]
