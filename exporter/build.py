@@ -341,7 +341,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length,
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
-                                       max_batch_tokens=config.max_batch_tokens)
+                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
         served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
         if _serves_others(Path(config.repository), config.target, served.name):

@@ -131,6 +131,8 @@ class BuildConfig:
     max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={
         "help": "gpu target: most tokens (rows x longest row, padding included) one encoder call of the served "
                 "model computes; the gate runs the same sub-batches"})
+    tensorrt: bool = field(default=False, metadata={
+        "help": "gpu target: the served model tries ONNX Runtime's TensorRT provider (fp16) before CUDA"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -162,6 +164,8 @@ class BuildConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ExporterError(f"invalid {name.replace('_', '-')}: {getattr(self, name)}")
+        if self.tensorrt and self.target is not Target.GPU:
+            raise ExporterError("--tensorrt needs --target gpu")
         self._check_task()
         if self.repository is not None and self.repository.absolute() == self.out.absolute():
             raise ExporterError("--repository and --out must be different directories")

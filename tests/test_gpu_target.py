@@ -92,6 +92,16 @@ def test_run_rows_puts_every_answer_back_and_counts_tokens(tiny_onnx, tiny_check
     assert token_batch.parse_records(f"x\nI1205 model.py:9] \"c: {record.line()}\"\n{record.line()}\n").rows == 80
 
 
+def test_providers_put_tensorrt_and_cuda_first_and_fall_back_to_the_cpu():
+    cpu_only = token_batch.providers({"tensorrt": "true"}, ["CPUExecutionProvider"])
+    assert cpu_only == [("CPUExecutionProvider", {})]  # this machine: the repository still serves
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [p for p, _ in token_batch.providers({"tensorrt": "false"}, gpu, 1)] == gpu[1:]
+    chosen = token_batch.providers({"tensorrt": "true"}, gpu, 1)
+    assert [p for p, _ in chosen] == gpu and chosen[1][1] == {"device_id": 1}
+    assert chosen[0][1]["trt_fp16_enable"] and chosen[0][1]["trt_engine_cache_path"] == "/tmp/trt_cache"
+
+
 # ------------------------------------------------------------------------------- the served model
 
 
@@ -226,13 +236,13 @@ def test_exporter_builds_the_gpu_target_gated_as_served_and_it_serves(tmp_path):
 
     ckpt = make_checkpoint(tmp_path)
     rc = run_main(["build", ckpt, "--out", tmp_path / "build", "--repository", tmp_path / "repo", "--target", "gpu",
-                   "--precisions", "fp32", "--max-batch-tokens", "2048", *FAST])
+                   "--precisions", "fp32", "--max-batch-tokens", "2048", "--tensorrt", *FAST])
     report = json.loads((tmp_path / "build" / "report.json").read_text())
     assert rc == 0 and report["gate_mode"] == "batched" and report["selected"] == "fp32"
     assert report["variants"]["fp32"]["parity"]["max_abs_diff"] <= 1e-4
     info = read_repository(tmp_path / "repo")
     params = {k: v.string_value for k, v in info.model().config.parameters.items()}
-    assert info.target is Target.GPU and params["max_batch_tokens"] == "2048"
+    assert info.target is Target.GPU and (params["max_batch_tokens"], params["tensorrt"]) == ("2048", "true")
     texts = corpus_texts(64, seed=21)
     ref_probs, ref_labels = torch_reference(ckpt, texts)
     with LocalTritonServer(ServerConfig(tmp_path / "repo", startup_timeout_s=180)) as srv:

@@ -18,22 +18,6 @@ import textmodel
 import token_batch
 import triton_python_backend_utils as pb_utils
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-
-def providers(params, available, device_id=0):
-    """ONNX Runtime providers (with options) for this instance: TensorRT (when asked) and CUDA where present,
-    the CPU provider always last."""
-    chosen = []
-    if params.get("tensorrt") == "true" and "TensorrtExecutionProvider" in available:
-        chosen.append(("TensorrtExecutionProvider", {
-            "device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": params.get("trt_cache_path", "/tmp/trt_cache")}))
-    if "CUDAExecutionProvider" in available:
-        chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
-    return chosen + [("CPUExecutionProvider", {})]
-
-
 def batch_session(args, params):
     """(session, whether it runs on a GPU) over the version directory's model.onnx."""
     import onnxruntime as ort
@@ -44,10 +28,10 @@ def batch_session(args, params):
     if threads > 0:
         options.intra_op_num_threads = threads
     path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-    chosen = providers(params, ort.get_available_providers(), int(params.get("device_id", "0")))
+    chosen = token_batch.providers(params, ort.get_available_providers(), int(params.get("device_id", "0")))
     session = ort.InferenceSession(path, sess_options=options, providers=[p for p, _ in chosen],
                                    provider_options=[o for _, o in chosen])
-    return session, session.get_providers()[0] in GPU_PROVIDERS
+    return session, session.get_providers()[0] in token_batch.GPU_PROVIDERS
 
 
 class TritonPythonModel:

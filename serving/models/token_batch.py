@@ -6,7 +6,8 @@ each sub-batch is padded only to its own longest row. The cut minimises the toke
 (rows x longest row, padding included) plus ``overhead_tokens`` per sub-batch (the fixed cost of one
 encoder call, in tokens), with every sub-batch's computed tokens at most ``max_batch_tokens`` (a row longer
 than the budget runs alone). Sorting by length and cutting contiguous runs is optimal for that cost: a
-dynamic programme over the sorted rows finds the best cut.
+dynamic programme over the sorted rows finds the best cut. :func:`providers` picks the model's ONNX Runtime
+execution providers (TensorRT when asked, CUDA, then the CPU provider that stands in where no GPU is present).
 """
 import re
 from dataclasses import dataclass
@@ -111,3 +112,19 @@ def run_rows(run, rows, pad_id, *, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
         record.sub_batches += 1
         record.computed_tokens += int(feeds["input_ids"].size)
     return results or [], record
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def providers(params, available, device_id=0):
+    """ONNX Runtime providers (with options) for this instance: TensorRT (when asked) and CUDA where present,
+    the CPU provider always last."""
+    chosen = []
+    if params.get("tensorrt") == "true" and "TensorrtExecutionProvider" in available:
+        chosen.append(("TensorrtExecutionProvider", {
+            "device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": params.get("trt_cache_path", "/tmp/trt_cache")}))
+    if "CUDAExecutionProvider" in available:
+        chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    return chosen + [("CPUExecutionProvider", {})]
