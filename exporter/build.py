@@ -25,7 +25,7 @@ SINGLE_ROWS = 64  # texts used for batch-1 latency
 
 
 def gate_mode(target: Target) -> GateMode:
-    """The CPU server runs each row alone in a 1-thread session; the GPU server runs padded batches."""
+    """The CPU server runs each row alone in a 1-thread session; the GPU server runs token-budget sub-batches."""
     return GateMode.PER_ROW if target is Target.CPU else GateMode.BATCHED
 
 

@@ -73,7 +73,7 @@ class Context:
                                     self.mode, self.config.max_batch_tokens)
 
     def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
-        """Speed as the target serves: per row, tokenized, 1 thread (cpu); padded batches (gpu)."""
+        """Speed: per row, tokenized, 1 thread (cpu, as served); padded batches of --batch-size (gpu)."""
         from exporter import parity, speed
 
         seconds = seconds or self.config.speed_seconds
