@@ -18,6 +18,7 @@ import textmodel
 import token_batch
 import triton_python_backend_utils as pb_utils
 
+
 def batch_session(args, params):
     """(session, whether it runs on a GPU) over the version directory's model.onnx."""
     import onnxruntime as ort
@@ -45,9 +46,14 @@ class TritonPythonModel:
         self.session, self.on_gpu = batch_session(args, params)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
-        self.totals = token_batch.BatchRecord()
-        pb_utils.Logger.log_info(f"{self.model.name}: ONNX Runtime providers {self.session.get_providers()}, "
+        self.totals = token_batch.BatchRecord()  # this instance's sums of every call's record (see stats())
+        pb_utils.Logger.log_info(f"{self.model.name}: ONNX Runtime providers {self.session.get_providers()}"
+                                 f"{'' if self.on_gpu else ' (no CUDA provider or GPU: running on the CPU)'}, "
                                  f"max_batch_tokens {self.budget}")
+
+    def stats(self):
+        """This instance's rows, sub-batches, real and computed tokens so far (for metrics counters)."""
+        return dict(vars(self.totals), ratio=self.totals.ratio)
 
     def _run(self, feeds):
         feeds = {name: feeds[name] for name in self.inputs}
