@@ -213,6 +213,7 @@ def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
     assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()
 
 
+@pytest.mark.server
 def test_gpu_target_serves_the_embedder_beside_the_classifier(built, texts, reference, tiny_onnx, tiny_checkpoint,
                                                               tmp_path):
     """The GPU target's one batched model serves the embedder (named apart) as built, on the CPU provider here:

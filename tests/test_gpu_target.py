@@ -126,6 +126,7 @@ def _probs(preds):
     return np.array([[p.probabilities[label] for label in LABELS] for p in preds])
 
 
+@pytest.mark.server
 def test_gpu_repository_as_built_is_served_here(server, gpu_repository, tiny_checkpoint):
     """The repository written for --target gpu loads unchanged; answers match PyTorch; a text's answer is the
     same alone or among 127 others under 16 concurrent clients (fp32 <= 1e-5); padding stays <= 1.3x."""
@@ -149,6 +150,7 @@ def test_gpu_repository_as_built_is_served_here(server, gpu_repository, tiny_che
     assert real <= computed <= 1.3 * real, (real, computed)
 
 
+@pytest.mark.server
 def test_a_bad_request_fails_alone_in_a_batch(server):
     texts = corpus_texts(8, seed=5)
     good = json.dumps({"inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES",
@@ -184,6 +186,7 @@ def _test_split_texts(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_example_corpus_at_16_clients_x_8_texts_computes_at_most_1_3x_the_real_tokens(server, tmp_path,
                                                                                        record_property):
     """The whole test split of the example corpus (3,000 texts) through the served GPU-target model."""
@@ -229,6 +232,7 @@ def test_gpu_gate_runs_the_served_sub_batches_in_the_rows_order(tiny_onnx, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_exporter_builds_the_gpu_target_gated_as_served_and_it_serves(tmp_path):
     """`exporter build --target gpu --max-batch-tokens`: the gate runs the served sub-batches, the budget reaches
     the repository, and the repository serves as built (CPU provider here) with the gated answers."""
@@ -251,6 +255,7 @@ def test_exporter_builds_the_gpu_target_gated_as_served_and_it_serves(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_bench_records_the_gpu_targets_token_ratio(gpu_repository, tiny_checkpoint, tiny_onnx, tmp_path):
     """`loadtest bench` on a GPU-target repository writes the served tokens (real, computed, ratio) into
     bench.json's served configuration and a note."""
