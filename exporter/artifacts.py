@@ -29,7 +29,8 @@ class ArtifactError(ExporterError):
 
 class GateMode(str, enum.Enum):
     """How parity and speed were measured: each row alone and unpadded in a 1-thread session (what the
-    CPU target serves), or padded batches (what the GPU target's dynamic batcher runs)."""
+    CPU target serves), or the GPU target's token-budget sub-batches (rows sorted by length, each sub-batch
+    padded to its own longest row: serving.models.token_batch)."""
 
     PER_ROW = "per_row"
     BATCHED = "batched"

@@ -25,7 +25,7 @@ SINGLE_ROWS = 64  # texts used for batch-1 latency
 
 
 def gate_mode(target: Target) -> GateMode:
-    """The CPU server runs each row alone in a 1-thread session; the GPU server runs padded batches."""
+    """The CPU server runs each row alone in a 1-thread session; the GPU server runs token-budget sub-batches."""
     return GateMode.PER_ROW if target is Target.CPU else GateMode.BATCHED
 
 
@@ -340,7 +340,8 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length,
                                        encoder_instances=config.instances,
-                                       intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances)
+                                       intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
+                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
         served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
         if _serves_others(Path(config.repository), config.target, served.name):

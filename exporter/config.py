@@ -7,6 +7,7 @@ from pathlib import Path
 
 from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
 from exporter.errors import ExporterError
+from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
 
 
@@ -77,8 +78,8 @@ class BuildConfig:
     repository: Path | None = field(default=Path("model_repository"),
                                     metadata={"help": "Triton repository to write the selected variant into"})
     target: Target = field(default=Target.CPU,
-                           metadata={"help": "cpu: local python-backend classifier; gpu: Triton onnxruntime "
-                                             "backend, fp16"})
+                           metadata={"help": "cpu: every row alone, one pinned instance per core; gpu: token-budget "
+                                             "batches on ONNX Runtime's CUDA provider, fp16"})
     precisions: tuple[Precision, ...] = field(default=(Precision.FP32, Precision.FP16, Precision.INT8),
                                               metadata={"help": "comma list of the precisions to build"})
     eval_data: Path | None = field(default=None,
@@ -127,6 +128,11 @@ class BuildConfig:
     pin_instances: bool = field(default=True, metadata={
         "help": "cpu target: pin each served instance to cores of its own (skipped under a CPU quota or when "
                 "instances x threads exceed the server's cores)"})
+    max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={
+        "help": "gpu target: most tokens (rows x longest row, padding included) one encoder call of the served "
+                "model computes; the gate runs the same sub-batches"})
+    tensorrt: bool = field(default=False, metadata={
+        "help": "gpu target: the served model tries ONNX Runtime's TensorRT provider (fp16) before CUDA"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -153,10 +159,13 @@ class BuildConfig:
             "threshold": 0.0 < self.threshold < 1.0,
             "instances": self.instances >= 0,
             "intra_op_threads": self.intra_op_threads >= 0,
+            "max_batch_tokens": self.max_batch_tokens >= self.max_length,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ExporterError(f"invalid {name.replace('_', '-')}: {getattr(self, name)}")
+        if self.tensorrt and self.target is not Target.GPU:
+            raise ExporterError("--tensorrt needs --target gpu")
         self._check_task()
         if self.repository is not None and self.repository.absolute() == self.out.absolute():
             raise ExporterError("--repository and --out must be different directories")

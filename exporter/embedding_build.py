@@ -103,6 +103,7 @@ class _Context:
     tuning_texts: list[str]
     tuning_reference: np.ndarray | None
     max_exclusion_rounds: int
+    max_batch_tokens: int | None = None  # gpu target: the gate runs the served sub-batches
 
 
 def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Path, *,
@@ -110,13 +111,15 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
                              budgets: EmbeddingBudgets | None = None,
                              precisions: Sequence[Precision | str] = tuple(Precision),
                              tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3,
-                             opset: int | None = None, measure_reference: bool = False) -> EmbeddingBuild:
+                             opset: int | None = None, measure_reference: bool = False,
+                             max_batch_tokens: int | None = None) -> EmbeddingBuild:
     """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
     tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error.
 
     ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
     quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
-    (:func:`exporter.int8.search`); without them int8 is quantized once.
+    (:func:`exporter.int8.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
+    the gate runs the served token-budget sub-batches instead of rows alone.
     """
     budgets = budgets or EmbeddingBudgets()
     pipeline = read_pipeline(Path(model_dir), pooling=pooling, normalize=normalize)
@@ -133,7 +136,7 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
     with tempfile.TemporaryDirectory(prefix="embedding-body-", dir=out_dir) as scratch:
         ctx = _Context(pipeline, out_dir, Path(scratch), texts, reference_embeddings(model, texts), budgets,
                        load_tokenizer(pipeline), tuning, reference_embeddings(model, tuning) if tuning else None,
-                       max_exclusion_rounds)
+                       max_exclusion_rounds, max_batch_tokens)
         body = export_body(pipeline, ctx.scratch, opset=opset)
         for precision in map(Precision, precisions):
             build.variants.append(_variant(precision, body, ctx))
@@ -156,7 +159,7 @@ def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVarian
         return record
     record.size_bytes = record.path.stat().st_size
     record.gate, record.speed = check_variant(record.path, precision, ctx.pipeline, ctx.texts, ctx.reference,
-                                              ctx.budgets, ctx.tokenizer)
+                                              ctx.budgets, ctx.tokenizer, max_batch_tokens=ctx.max_batch_tokens)
     return record
 
 
@@ -170,13 +173,15 @@ def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant)
     def tune(body_q: Path) -> EmbeddingGate:
         path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
         gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
-                                ctx.budgets, ctx.tokenizer, label=" (tuning texts)")
+                                ctx.budgets, ctx.tokenizer, label=" (tuning texts)",
+                                max_batch_tokens=ctx.max_batch_tokens)
         return gate
 
     def final(body_q: Path) -> EmbeddingGate:
         record.path = append_head_to_file(body_q, ctx.pipeline, dst)
         record.gate, record.speed = check_variant(record.path, Precision.INT8, ctx.pipeline, ctx.texts,
-                                                  ctx.reference, ctx.budgets, ctx.tokenizer)
+                                                  ctx.reference, ctx.budgets, ctx.tokenizer,
+                                                  max_batch_tokens=ctx.max_batch_tokens)
         return record.gate
 
     batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)

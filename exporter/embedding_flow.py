@@ -116,7 +116,8 @@ def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path):
     return build_embedding_variants(
         config.checkpoint, inputs.texts, out, pooling=config.pooling, normalize=config.normalize,
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
-        max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True)
+        max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True,
+        max_batch_tokens=config.max_batch_tokens if config.target is Target.GPU else None)
 
 
 def select_for_target(built, target: Target) -> str | None:
@@ -148,7 +149,8 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
                 "reference": "SentenceTransformer.encode, batch 32"}
     return EmbeddingReport(
         model_dir=str(config.checkpoint.absolute()), model_name=served_name(config), target=config.target.value,
-        gate_mode=GateMode.PER_ROW, selected=select_for_target(built, config.target),
+        gate_mode=GateMode.PER_ROW if config.target is Target.CPU else GateMode.BATCHED,
+        selected=select_for_target(built, config.target),
         pipeline=built.pipeline.describe(), eval_data=str(inputs.eval_path), n_texts=built.n_texts,
         budgets=as_dict(built.budgets), variants=variants, reference_speed=built.reference_speed,
         tuning_data={"source": inputs.tuning_source, "rows": built.n_tuning_texts}, settings=settings,
@@ -186,7 +188,8 @@ def write_embedder(config: BuildConfig, report, built) -> Path:
     try:
         repo_config = RepositoryConfig(target=config.target, max_length=built.pipeline.max_seq_length,
                                        encoder_instances=config.instances,
-                                       intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances)
+                                       intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
+                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
         return add_model(Path(config.repository), onnx_model=report.variant_path(report.selected, config.out),
                          tokenizer_dir=config.out / "tokenizer", model=served, config=repo_config,
                          provenance=provenance)

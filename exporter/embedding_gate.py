@@ -21,10 +21,12 @@ from exporter.config import Precision
 from exporter.embedding import EmbeddingPipeline, Source, load_tokenizer
 from exporter.errors import EvalDataError, ExporterError
 from serving.contract import ENCODER_EMBEDDING
+from serving.models import token_batch
 
 log = logging.getLogger(__name__)
 
 WARMUP_ROWS = 8
+WINDOW_ROWS = 32  # GPU target: rows per window (the rows of one execute call) that are sorted and sub-batched
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,36 @@ class RowEncoder:
         return self.session.run([ENCODER_EMBEDDING], feeds)[0][0]
 
 
+class BatchEncoder(RowEncoder):
+    """Embeds texts the way the GPU target serves them: windows of ``WINDOW_ROWS`` texts, each sorted by length
+    and run in token-budget sub-batches padded to their own longest row (serving.models.token_batch)."""
+
+    def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None, *,
+                 max_batch_tokens: int = token_batch.DEFAULT_MAX_BATCH_TOKENS):
+        super().__init__(path, pipeline, tokenizer)
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def _run(self, feeds):
+        return self.session.run([ENCODER_EMBEDDING], {name: feeds[name] for name in self.inputs})
+
+    def window(self, texts: Sequence[str]) -> np.ndarray:
+        enc = [self.tokenizer(t, truncation=True, max_length=self.max_length) for t in texts]
+        rows = [{name: np.asarray(e[name], dtype=np.int64) for name in self.inputs} for e in enc]
+        (embeddings,), _ = token_batch.run_rows(self._run, rows, self.pad_id, max_batch_tokens=self.max_batch_tokens)
+        return embeddings
+
+
+def encode_batched(encoder: BatchEncoder, texts: Sequence[str]) -> tuple[np.ndarray, EmbeddingSpeed]:
+    """Every window of texts in sub-batches (after a short warm-up); the embeddings [n, dim] and throughput."""
+    encoder.window(texts[:WARMUP_ROWS])
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = [encoder.window(texts[i:i + WINDOW_ROWS]) for i in range(0, len(texts), WINDOW_ROWS)]
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    speed = EmbeddingSpeed(len(texts) / seconds, len(texts), seconds, 1, len(texts) / cpu, cpu)
+    return np.concatenate(rows).astype(np.float32), speed
+
+
 def encode_rows(encoder: RowEncoder, texts: Sequence[str]) -> tuple[np.ndarray, EmbeddingSpeed]:
     """Every text alone (after a short warm-up); the embeddings [n, dim] and the timed throughput."""
     for text in texts[:WARMUP_ROWS]:
@@ -219,9 +251,13 @@ def judge(precision: Precision, reference: np.ndarray, got: np.ndarray, budgets:
 
 def check_variant(path: Path, precision: Precision, pipeline: EmbeddingPipeline, texts: Sequence[str],
                   reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None, *,
-                  label: str = "") -> tuple[EmbeddingGate, EmbeddingSpeed]:
-    """Run ``path`` row by row on ``texts`` and judge it against ``reference``; also its throughput."""
-    got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
+                  label: str = "", max_batch_tokens: int | None = None) -> tuple[EmbeddingGate, EmbeddingSpeed]:
+    """Run ``path`` on ``texts`` as the target serves them (row by row: cpu; token-budget sub-batches when
+    ``max_batch_tokens`` is given: gpu) and judge it against ``reference``; also its throughput."""
+    if max_batch_tokens is None:
+        got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
+    else:
+        got, speed = encode_batched(BatchEncoder(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens), texts)
     gate = judge(Precision(precision), reference, got, budgets)
     log.info("embedding %s%s: %s (%s); %.1f rows/s, %.1f rows/CPU-s, 1 thread", Precision(precision).value, label,
              "pass" if gate.passed else "FAIL", gate.reason, speed.rows_per_s, speed.rows_per_cpu_s)

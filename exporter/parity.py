@@ -1,6 +1,8 @@
 """Stage 5: the parity gate. Every variant is compared with the PyTorch checkpoint on real text, run as
 the target serves it: on the CPU target each row alone, trimmed to its own length, in a session with one
-intra-op thread (``GateMode.PER_ROW``); on the GPU target in padded batches (``GateMode.BATCHED``)."""
+intra-op thread (``GateMode.PER_ROW``); on the GPU target in the served model's token-budget sub-batches
+(``GateMode.BATCHED``: each window of ``--batch-size`` rows sorted by length and cut as the server cuts the
+rows of one execute call, each sub-batch padded to its own longest row; serving.models.token_batch)."""
 from __future__ import annotations
 
 import logging
@@ -16,10 +18,12 @@ from exporter.config import Budgets, Precision
 from exporter.stages import track
 from serving.contract import (DEFAULT_MULTI_LABEL_THRESHOLD, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES,
                               Head)
+from serving.models import token_batch
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+ROWS = "_rows"  # a sub-batch's row positions in the evaluation set (sub-batches run rows out of order)
 
 
 def tokenize(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
@@ -97,9 +101,36 @@ def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool =
     return ort.InferenceSession(str(path), options, providers=providers_for(precision))
 
 
-def gate_feeds(batches: list[Batch], mode: GateMode) -> list[Batch]:
-    """What the gate runs: every row alone and unpadded (per_row) or the padded batches themselves."""
-    return unbatch(batches) if mode is GateMode.PER_ROW else batches
+def sub_batches(batches: list[Batch], max_batch_tokens: int = token_batch.DEFAULT_MAX_BATCH_TOKENS,
+                overhead_tokens: int = token_batch.DEFAULT_OVERHEAD_TOKENS) -> list[Batch]:
+    """The GPU server's sub-batches of each (right-padded) batch: its rows sorted by length and cut by
+    ``token_batch.plan``, each padded to its own longest row; ``ROWS`` holds their positions in the set."""
+    input_ids, attention_mask = ENCODER_INPUTS[:2]
+    out, offset = [], 0
+    for batch in batches:
+        padding = batch[input_ids][batch[attention_mask] == 0]
+        pad_id = int(padding[0]) if padding.size else 0
+        rows = [{name: value[0] for name, value in row.items()} for row in unbatch([batch])]
+        for group in token_batch.plan([len(r[input_ids]) for r in rows], max_batch_tokens, overhead_tokens):
+            out.append({**token_batch.pad([rows[i] for i in group], pad_id), ROWS: offset + group})
+        offset += len(rows)
+    return out
+
+
+def gate_feeds(batches: list[Batch], mode: GateMode,
+               max_batch_tokens: int = token_batch.DEFAULT_MAX_BATCH_TOKENS) -> list[Batch]:
+    """What the gate runs: every row alone and unpadded (per_row) or the served sub-batches (batched)."""
+    return unbatch(batches) if mode is GateMode.PER_ROW else sub_batches(batches, max_batch_tokens)
+
+
+def _in_order(batches: list[Batch], outputs: list[np.ndarray]) -> np.ndarray:
+    """Concatenated per-batch outputs, put back in the set's row order when the batches carry ``ROWS``."""
+    joined = np.concatenate(outputs)
+    if not batches or ROWS not in batches[0]:
+        return joined
+    ordered = np.empty_like(joined)
+    ordered[np.concatenate([b[ROWS] for b in batches])] = joined
+    return ordered
 
 
 def _run(sess, names: set[str], batch: Batch):
@@ -119,7 +150,7 @@ def ort_outputs(sess, batches: list[Batch], description: str = "") -> tuple[np.n
         lo, pr = _run(sess, names, batch)
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
-    return np.concatenate(logits), np.concatenate(probs)
+    return _in_order(batches, logits), _in_order(batches, probs)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -280,7 +311,8 @@ def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets,
     for batch in track(batches, "int8 tuning rows", total=len(batches)):
         lo, pr = _run(sess, names, batch)
         end = start + len(lo)
-        flips += int(disagreements(lo.astype(np.float32), ref.logits[start:end], ref.head, ref.threshold).sum())
+        rows = batch[ROWS] if ROWS in batch else slice(start, end)
+        flips += int(disagreements(lo.astype(np.float32), ref.logits[rows], ref.head, ref.threshold).sum())
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
         start = end
@@ -290,19 +322,22 @@ def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets,
                                 early_stop=True, head=ref.head.value,
                                 reason=f"{flips} label flips in the first {end} rows > {allowed} allowed on "
                                        f"{len(ref.labels)}")
-    return compare(Precision.INT8, ref, np.concatenate(logits), np.concatenate(probs), budgets, mode)
+    return compare(Precision.INT8, ref, _in_order(batches, logits), _in_order(batches, probs), budgets, mode)
 
 
 def check_variant(path: Path, precision: Precision, ref: Reference, batches: list[Batch], budgets: Budgets,
-                  mode: GateMode = GateMode.BATCHED) -> ParityResult:
+                  mode: GateMode = GateMode.BATCHED,
+                  max_batch_tokens: int = token_batch.DEFAULT_MAX_BATCH_TOKENS) -> ParityResult:
     """Run ``path`` on the evaluation rows as the target serves them and return its parity record.
 
-    per_row: each row alone, unpadded, one intra-op thread (the CPU server). batched: the padded batches;
+    per_row: each row alone, unpadded, one intra-op thread (the CPU server). batched: the GPU server's
+    token-budget sub-batches (:func:`sub_batches`);
     int8 is then also run one row at a time (``label_agreement_batch1``, same budget), because dynamic
     quantization picks one activation scale per batch tensor.
     """
     sess = session(path, precision, threads=gate_threads(mode), arena=False)
-    logits, probs = ort_outputs(sess, gate_feeds(batches, mode), f"parity {Path(path).parent.name or path}")
+    logits, probs = ort_outputs(sess, gate_feeds(batches, mode, max_batch_tokens),
+                                f"parity {Path(path).parent.name or path}")
     record = compare(precision, ref, logits, probs, budgets, mode)
     if mode is GateMode.BATCHED and precision is Precision.INT8 and not record.nan_inf:
         alone = ort_outputs(sess, unbatch(batches))[0]

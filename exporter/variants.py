@@ -70,10 +70,10 @@ class Context:
         from exporter import parity
 
         return parity.check_variant(path, precision, self.data.ref, self.data.eval_batches, self.config.budgets,
-                                    self.mode)
+                                    self.mode, self.config.max_batch_tokens)
 
     def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
-        """Speed as the target serves: per row, tokenized, 1 thread (cpu); padded batches (gpu)."""
+        """Speed: per row, tokenized, 1 thread (cpu, as served); padded batches of --batch-size (gpu)."""
         from exporter import parity, speed
 
         seconds = seconds or self.config.speed_seconds
@@ -95,7 +95,7 @@ class Context:
 
         if self._tune_ref is None:
             sess = parity.session(self.base, Precision.FP32, threads=parity.gate_threads(self.mode), arena=False)
-            feeds = parity.gate_feeds(self.data.tuning_batches, self.mode)
+            feeds = parity.gate_feeds(self.data.tuning_batches, self.mode, self.config.max_batch_tokens)
             self._tune_ref = parity.Reference(parity.ort_outputs(sess, feeds, "int8 tuning reference")[0],
                                               self.data.tuning_labels, self.data.ref.head, self.data.ref.threshold)
         return self._tune_ref
@@ -178,7 +178,7 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
     kind = int8.STATIC if dst.parent.name == INT8_STATIC else int8.DYNAMIC
     settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=kind == int8.STATIC)
     tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
-    tuning_feeds = parity.gate_feeds(ctx.data.tuning_batches, ctx.mode)
+    tuning_feeds = parity.gate_feeds(ctx.data.tuning_batches, ctx.mode, ctx.config.max_batch_tokens)
 
     def tune(path: Path) -> ParityResult:
         sess = parity.session(path, Precision.INT8, threads=parity.gate_threads(ctx.mode), arena=False)

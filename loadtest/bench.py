@@ -369,6 +369,19 @@ def _open_loop_point(cfg: BenchConfig, endpoints, texts, gold, best: BackendResu
     return res
 
 
+def served_tokens(log_path: str | None) -> dict[str, Any] | None:
+    """The GPU target's token records summed over a server log (rows, sub-batches, real and computed tokens,
+    their ratio); None when the log has none (the CPU target runs rows alone and pads nothing)."""
+    from serving.models.token_batch import parse_records
+
+    if log_path is None or not Path(log_path).is_file():
+        return None
+    record = parse_records(Path(log_path).read_text(encoding="utf-8", errors="replace"))
+    if not record.rows:
+        return None
+    return {**asdict(record), "ratio": round(record.ratio, 4)}
+
+
 def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> list[BackendResult]:
     """Every served point against a local tritonserver on the repository; ``meta`` gets the endpoints."""
     from loadtest.serve import served
@@ -384,6 +397,12 @@ def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> l
         if cfg.gateway:
             step("gateway vs direct gRPC")
             results += _gateway_rows(cfg, endpoints, texts, gold, served_acc=best.accuracy)
+        tokens = served_tokens(endpoints.log_path)
+        if tokens is not None:
+            meta["tokens"] = tokens
+            cfg.notes.append(f"gpu target: the encoder computed {tokens['ratio']}x the real tokens over every served "
+                             f"point ({tokens['computed_tokens']} / {tokens['real_tokens']}, "
+                             f"{tokens['sub_batches']} sub-batches)")
     cfg.notes.append(
         f"served: {meta.get('instances')} instance(s) x {meta.get('intra_op_threads') or 'default'} intra-op "
         f"thread(s); server, python stubs and this client share the machine's {os.cpu_count()} cores, while "

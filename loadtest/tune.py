@@ -130,7 +130,7 @@ def _sources(repository: Path, workdir: Path) -> _Sources:
     info = read_served_repository(repository)
     if info.target != Target.CPU.value:
         raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
-                            f"machine (the GPU ensemble is sized on its GPU, docs/SERVING.md)")
+                            f"machine (the GPU target is sized on its GPU, docs/SERVING.md)")
     onnx = workdir / "model.onnx"
     shutil.copy2(info.onnx, onnx)
     tok = workdir / "tokenizer"

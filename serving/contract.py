@@ -86,14 +86,6 @@ class Head(str, enum.Enum):
     EMBEDDING = "embedding"
 
 
-class Part(str, enum.Enum):
-    """The internal models behind one served model (GPU ensemble: tokenizer -> encoder -> postprocess)."""
-
-    TOKENIZER = "tokenizer"
-    ENCODER = "encoder"
-    POSTPROCESS = "postprocess"
-
-
 # Wire tensors (the client contract).
 TEXT, TEXT_PAIR = "TEXT", "TEXT_PAIR"
 LABEL, PROBABILITIES, LOGITS, SCORE, EMBEDDING = "LABEL", "PROBABILITIES", "LOGITS", "SCORE", "EMBEDDING"
@@ -192,10 +184,6 @@ class ServedModel:
     def default_outputs(self) -> tuple[str, ...]:
         """What a client asks for unless told otherwise (LOGITS only on request)."""
         return tuple(t.name for t in self.outputs if t.name != LOGITS)
-
-    def part(self, part: Part | str) -> str:
-        """Name of an internal model: ``classifier_encoder`` (several models can share one repository)."""
-        return f"{self.name}_{Part(part).value}"
 
     # -- config parameters -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -6,8 +6,11 @@ repository):
 - CPU target: ONE python-backend model ``<name>`` (tokenizer + ONNX Runtime on each row alone + head), one
   instance per usable core, 1 intra-op thread: ``<name>/1/{model.py, textmodel.py, contract.py,
   model.onnx, tokenizer/}``.
-- GPU target: the ensemble ``<name>`` = ``<name>_tokenizer`` (python) -> ``<name>_encoder`` (onnxruntime,
-  dynamic batching, input dims pinned to ``[max_length]``) -> ``<name>_postprocess`` (python).
+- GPU target: ONE python-backend model ``<name>`` too (tokenizer + ONNX Runtime with the CUDA provider, the
+  CPU provider where no GPU is present + head), taking a dynamic batch of requests and running their rows in
+  token-budget sub-batches sorted by length, each padded only to its own longest row (token_batch.py):
+  ``<name>/1/{model.py, textmodel.py, contract.py, token_batch.py, model.onnx, tokenizer/}``. The config's
+  ``target`` parameter tells the two apart.
 
 Every ``config.pbtxt`` is a ``model_config_pb2.ModelConfig`` built from the ServedModel's tensors and written
 with ``google.protobuf.text_format``; python models read their contract back from the config parameters
@@ -27,18 +30,18 @@ from typing import Any, Mapping, Sequence
 
 from serving.contract import (
     DEFAULT_CLASSIFIER, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, LABEL, LOGITS, PROBABILITIES,
-    TEXT, ContractError, Head, Part, ServedModel, Tensor,
+    TEXT, ContractError, Head, ServedModel, Tensor,
 )
 from serving.errors import RepositoryError
+from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_OVERHEAD_TOKENS
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"
-# Names of the default classifier's models on the GPU target (ServedModel().part(...)). Kept for callers
-# that predate read_repository; new code reads the repository through read_repository().
+# The default classifier's model name (one model per served model on both targets). Kept for callers that
+# predate read_repository; new code reads the repository through read_repository().
 ENSEMBLE = DEFAULT_CLASSIFIER
-TOKENIZER, ENCODER, POSTPROCESS = (ServedModel(labels=("a", "b")).part(p) for p in Part)
-MODEL_NAMES = (TOKENIZER, ENCODER, POSTPROCESS, ENSEMBLE)
+MODEL_NAMES = (ENSEMBLE,)
 ENCODER_OUTPUTS = (ENCODER_LOGITS, ENCODER_PROBABILITIES)
 _CLIENT_TENSORS = (TEXT, LABEL, PROBABILITIES, LOGITS)  # re-exported for older callers (serving.contract owns them)
 
@@ -47,7 +50,8 @@ _CLIENT_TENSORS = (TEXT, LABEL, PROBABILITIES, LOGITS)  # re-exported for older 
 # overflow (CVE-2025-23310/23311) of 2.51 (docs/SECURITY.md). It ships ONNX Runtime 1.28.0: source:
 # triton-inference-server/server docs/introduction/compatibility.md, table "ONNX Runtime Versions" (row
 # "26.08 | 1.28.0"). The limits were measured on the onnxruntime 1.28.0 wheel (an Identity model per IR
-# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27.
+# version / opset): it loads IR version <= 13 and ai.onnx opset <= 26, and refuses IR 14 and opset 27. The
+# GPU model runs the onnxruntime-gpu wheel that serving/docker/Dockerfile installs, pinned to this version.
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.08-py3"
 NGC_ORT_VERSION = "1.28.0"
 NGC_MAX_IR_VERSION = 13
@@ -57,6 +61,7 @@ NGC_MAX_OPSET = 26
 MODELS_SRC = Path(__file__).parent / "models"
 CONTRACT_SRC = Path(__file__).parent / "contract.py"
 SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "contract.py": CONTRACT_SRC}
+GPU_SOURCES = {"token_batch.py": MODELS_SRC / "token_batch.py"}  # beside the GPU target's model only
 ONNX_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 PROVENANCE = "provenance.json"
@@ -79,7 +84,7 @@ def usable_cores() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-GPU_QUEUE_DELAY_US = 2000  # the gpu encoder's default dynamic-batching delay
+GPU_QUEUE_DELAY_US = 2000  # the gpu model's default dynamic-batching delay
 
 
 @dataclass
@@ -88,9 +93,11 @@ class RepositoryConfig:
 
     CPU target: ``encoder_instances`` instances of the one python model (0 = one per usable core of the
     machine the repository is built for), each running rows alone with ``intra_op_threads`` threads (1);
-    ``max_queue_delay_us`` is its dynamic-batching delay. GPU target: ``encoder_instances`` GPU instances of
-    the onnxruntime encoder (0 = 1), ``max_queue_delay_us`` on the encoder and ``aux_queue_delay_us`` on the
-    python tokenizer and postprocess. ``preferred_batch_sizes``: CPU (1,) (one request per execute call: rows
+    ``max_queue_delay_us`` is its dynamic-batching delay. GPU target: ``encoder_instances`` instances (0 = 1)
+    of the one python model running ONNX Runtime's CUDA provider (CPU provider without a GPU); the rows of a
+    dynamic batch run in sub-batches sorted by length, each padded to its own longest row, at most
+    ``max_batch_tokens`` tokens (padding included) each, cut to save ``overhead_tokens`` per encoder call.
+    ``preferred_batch_sizes``: CPU (1,) (one request per execute call: rows
     run alone, so batching buys nothing, and an instance must not hold queued requests while another idles);
     GPU empty (no size is special). ``max_queue_delay_us``: CPU 0, GPU 2000.
     ``max_text_chars``: a longer text is refused with 400 (0 = ``CHARS_PER_TOKEN`` x ``max_length``); with
@@ -99,13 +106,12 @@ class RepositoryConfig:
     """
 
     target: Target = field(default=Target.CPU,
-                           metadata={"help": "cpu: one python-backend classifier; gpu: ensemble on the onnxruntime "
-                                             "backend"})
+                           metadata={"help": "cpu: every row alone, one pinned instance per core; gpu: token-budget "
+                                             "batches on ONNX Runtime's CUDA provider (CPU provider without a GPU)"})
     max_batch_size: int = field(default=64, metadata={"help": "largest batch Triton forms"})
     max_length: int = field(default=128, metadata={"help": "tokenizer truncation in tokens"})
     encoder_instances: int = field(default=0, metadata={
         "help": "instances of the model that runs the encoder (0: one per usable core on cpu, 1 on gpu)"})
-    tokenizer_instances: int = field(default=1, metadata={"help": "gpu target: tokenizer model instances"})
     intra_op_threads: int = field(default=1, metadata={
         "help": "cpu target: ONNX Runtime intra-op threads per instance (0: the runtime's default)"})
     pin_instances: bool = field(default=True, metadata={
@@ -116,17 +122,19 @@ class RepositoryConfig:
                 "request and an idle instance never waits on requests another instance took; gpu none: the "
                 "largest batch the delay allows)"})
     max_queue_delay_us: int | None = field(default=None, metadata={
-        "help": "dynamic batcher delay in microseconds of the cpu model / the gpu encoder (default: cpu 0, "
+        "help": "dynamic batcher delay in microseconds of the served model (default: cpu 0, "
                 "since its rows run alone and waiting to batch them only adds latency; gpu 2000)"})
     max_queue_size: int = field(default=256,
                                 metadata={"help": "requests queued before the server answers unavailable"})
     default_queue_timeout_us: int = field(default=30_000_000,
                                           metadata={"help": "microseconds a request may wait in the queue"})
-    tensorrt: bool = field(default=False,
-                           metadata={"help": "gpu target: TensorRT execution accelerator on the onnxruntime backend"})
-    aux_queue_delay_us: int = field(default=500,
-                                    metadata={"help": "gpu target: batcher delay of the tokenizer and postprocess "
-                                                      "models in microseconds"})
+    tensorrt: bool = field(default=False, metadata={
+        "help": "gpu target: ONNX Runtime's TensorRT provider (fp16, engine cache in /tmp/trt_cache) before CUDA"})
+    max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={
+        "help": "gpu target: most tokens (rows x longest row, padding included) one encoder call computes"})
+    overhead_tokens: int = field(default=DEFAULT_OVERHEAD_TOKENS, metadata={
+        "help": "gpu target: padded tokens one more encoder call is worth (sub-batches are cut to minimise "
+                "computed tokens + this per call)"})
     max_text_chars: int = field(default=0, metadata={
         "help": f"longest accepted text in characters, longer ones get 400 (0: {CHARS_PER_TOKEN} x max_length)"})
     trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
@@ -141,8 +149,11 @@ class RepositoryConfig:
             raise RepositoryError("max_batch_size must be >= 1")
         if self.max_length < 8:
             raise RepositoryError("max_length must be >= 8")
-        if self.encoder_instances < 0 or self.tokenizer_instances < 1:
-            raise RepositoryError("instance counts must be >= 1 (encoder_instances 0: automatic)")
+        if self.encoder_instances < 0:
+            raise RepositoryError("encoder_instances must be >= 1 (0: automatic)")
+        if self.max_batch_tokens < self.max_length or self.overhead_tokens < 0:
+            raise RepositoryError(f"max_batch_tokens must be >= max_length ({self.max_length}) and "
+                                  "overhead_tokens >= 0")
         if self.intra_op_threads < 0:
             raise RepositoryError("intra_op_threads must be >= 0")
         if self.preferred_batch_sizes is None:
@@ -153,7 +164,7 @@ class RepositoryConfig:
             raise RepositoryError(f"preferred batch sizes {bad} are outside 1..max_batch_size")
         if self.max_queue_delay_us is None:
             self.max_queue_delay_us = GPU_QUEUE_DELAY_US if self.target is Target.GPU else 0
-        if min(self.max_queue_delay_us, self.aux_queue_delay_us, self.max_queue_size,
+        if min(self.max_queue_delay_us, self.max_queue_size,
                self.default_queue_timeout_us) < 0:
             raise RepositoryError("queue delay, size and timeout must be >= 0")
         if self.max_text_chars < 0:
@@ -191,10 +202,10 @@ def _output(pb, t: Tensor, dtype: str | None = None):
     return pb.ModelOutput(name=t.name, data_type=pb.DataType.Value(dtype or t.triton_type), dims=list(t.dims))
 
 
-def _batching(pb, config: RepositoryConfig, *, aux: bool = False):
+def _batching(pb, config: RepositoryConfig):
     return pb.ModelDynamicBatching(
         preferred_batch_size=list(config.preferred_batch_sizes),
-        max_queue_delay_microseconds=config.aux_queue_delay_us if aux else config.max_queue_delay_us,
+        max_queue_delay_microseconds=config.max_queue_delay_us,
         default_queue_policy=pb.ModelQueuePolicy(
             timeout_action=pb.ModelQueuePolicy.REJECT,
             default_timeout_microseconds=config.default_queue_timeout_us,
@@ -209,10 +220,10 @@ def _params(cfg, values: Mapping[str, Any]) -> None:
         cfg.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
 
 
-def _python_model(pb, name: str, config: RepositoryConfig, count: int, *, aux: bool):
+def _python_model(pb, name: str, config: RepositoryConfig, count: int, kind: str = "KIND_CPU"):
     cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch_size)
-    cfg.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=count))
-    cfg.dynamic_batching.CopyFrom(_batching(pb, config, aux=aux))
+    cfg.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.Kind.Value(kind), count=count))
+    cfg.dynamic_batching.CopyFrom(_batching(pb, config))
     return cfg
 
 
@@ -223,7 +234,7 @@ def _text_params(config: RepositoryConfig, tokenizer_params: Mapping[str, Any]) 
 
 def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_params: Mapping[str, Any]):
     """The CPU target's one python model: TEXT in, the head's outputs out, rows run alone."""
-    cfg = _python_model(pb, model.name, config, config.instances, aux=False)
+    cfg = _python_model(pb, model.name, config, config.instances)
     cfg.input.extend(_input(pb, t) for t in model.inputs)
     cfg.output.extend(_output(pb, t) for t in model.outputs)
     _params(cfg, {**model.to_parameters(), **_text_params(config, tokenizer_params),
@@ -232,65 +243,21 @@ def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_para
     return cfg
 
 
-def _encoder_tensors(model: ServedModel, config: RepositoryConfig, encoder_inputs: Sequence[str],
-                     output_types: Mapping[str, str]) -> tuple[list[Tensor], list[tuple[Tensor, str]]]:
-    """The GPU encoder's inputs (pinned to [max_length]) and outputs with their Triton types."""
-    inputs = [Tensor(name, "INT64", (config.max_length,)) for name in encoder_inputs]
-    outputs = [(Tensor(name, "FP32", (model.num_outputs,)), output_types.get(name, "TYPE_FP32"))
-               for name in model.encoder_outputs]
-    return inputs, outputs
+# KIND_MODEL: the model places itself (ONNX Runtime's CUDA provider on device_id); Triton neither refuses it
+# on a machine without a GPU nor moves tensors for it, so the same repository is served here on the CPU.
+GPU_INSTANCE_KIND = "KIND_MODEL"
 
 
-def _gpu_encoder(pb, config: RepositoryConfig, model: ServedModel, inputs, outputs):
-    enc = pb.ModelConfig(name=model.part(Part.ENCODER), backend="onnxruntime", max_batch_size=config.max_batch_size,
-                         default_model_filename=ONNX_FILE)
-    enc.input.extend(_input(pb, t) for t in inputs)
-    enc.output.extend(_output(pb, t, dtype) for t, dtype in outputs)
-    enc.dynamic_batching.CopyFrom(_batching(pb, config))
-    enc.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_GPU, count=config.instances))
-    if config.tensorrt:
-        trt = pb.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
-        trt.parameters["precision_mode"] = "FP16"
-        trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
-        trt.parameters["trt_engine_cache_enable"] = "1"
-        trt.parameters["trt_engine_cache_path"] = "/tmp/trt_cache"  # the repository is mounted read-only
-        enc.optimization.execution_accelerators.gpu_execution_accelerator.append(trt)
-    return enc
-
-
-def _gpu_ensemble(pb, config: RepositoryConfig, model: ServedModel, inputs, outputs):
-    ens = pb.ModelConfig(name=model.name, platform="ensemble", max_batch_size=config.max_batch_size)
-    ens.input.extend(_input(pb, t) for t in model.inputs)
-    ens.output.extend(_output(pb, t) for t in model.outputs)
-    step = pb.ModelEnsembling.Step
-    ens.ensemble_scheduling.step.append(step(
-        model_name=model.part(Part.TOKENIZER), model_version=-1,
-        input_map={t.name: t.name for t in model.inputs}, output_map={t.name: f"_{t.name}" for t in inputs}))
-    ens.ensemble_scheduling.step.append(step(
-        model_name=model.part(Part.ENCODER), model_version=-1,
-        input_map={t.name: f"_{t.name}" for t in inputs}, output_map={t.name: f"_{t.name}" for t, _ in outputs}))
-    ens.ensemble_scheduling.step.append(step(
-        model_name=model.part(Part.POSTPROCESS), model_version=-1,
-        input_map={t.name: f"_{t.name}" for t, _ in outputs}, output_map={t.name: t.name for t in model.outputs}))
-    _params(ens, model.to_parameters())
-    return ens
-
-
-def _gpu_configs(pb, config: RepositoryConfig, model: ServedModel, encoder_inputs: Sequence[str],
-                 output_types: Mapping[str, str], tokenizer_params: Mapping[str, Any]) -> dict[str, Any]:
-    """The GPU target's ensemble and its three steps, keyed by model name."""
-    inputs, outputs = _encoder_tensors(model, config, encoder_inputs, output_types)
-    tok = _python_model(pb, model.part(Part.TOKENIZER), config, config.tokenizer_instances, aux=True)
-    tok.input.extend(_input(pb, t) for t in model.inputs)
-    tok.output.extend(_output(pb, t) for t in inputs)
-    _params(tok, {**model.to_parameters(), **_text_params(config, tokenizer_params)})
-    post = _python_model(pb, model.part(Part.POSTPROCESS), config, 1, aux=True)
-    post.input.extend(_input(pb, t, dtype) for t, dtype in outputs)
-    post.output.extend(_output(pb, t) for t in model.outputs)
-    _params(post, model.to_parameters())
-    enc = _gpu_encoder(pb, config, model, inputs, outputs)
-    ens = _gpu_ensemble(pb, config, model, inputs, outputs)
-    return {cfg.name: cfg for cfg in (tok, enc, post, ens)}
+def _gpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_params: Mapping[str, Any]):
+    """The GPU target's one python model: TEXT in, the head's outputs out, rows in token-budget sub-batches."""
+    cfg = _python_model(pb, model.name, config, config.instances, GPU_INSTANCE_KIND)
+    cfg.input.extend(_input(pb, t) for t in model.inputs)
+    cfg.output.extend(_output(pb, t) for t in model.outputs)
+    _params(cfg, {**model.to_parameters(), **_text_params(config, tokenizer_params), "target": Target.GPU.value,
+                  "max_batch_tokens": str(config.max_batch_tokens), "overhead_tokens": str(config.overhead_tokens),
+                  "tensorrt": "true" if config.tensorrt else "false", "device_id": "0",
+                  "intra_op_threads": "0"})
+    return cfg
 
 
 def _as_model(model: ServedModel | Sequence[str]) -> ServedModel:
@@ -315,9 +282,8 @@ def build_configs(
     pb, model = _pb(), _as_model(model)
     if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION):
         raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
-    if config.target is Target.CPU:
-        return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
-    return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
+    make = _cpu_config if config.target is Target.CPU else _gpu_config
+    return {model.name: make(pb, config, model, tokenizer_params or {})}
 
 
 def config_text(model_config) -> str:
@@ -460,30 +426,26 @@ def _copy_tokenizer(dst: Path, tokenizer_dir: Path) -> None:
             shutil.copy2(tokenizer_dir / fname, dst / TOKENIZER_DIR / fname)
 
 
-def _python_sources(model: ServedModel) -> tuple[str, str]:
-    """(the CPU target's one model, the GPU ensemble's postprocess): python sources of the model's head."""
-    if model.head is Head.EMBEDDING:
-        return "embedder.py", "embedding_postprocess.py"
-    return "classifier.py", "postprocess.py"
+def _python_source(model: ServedModel, target: Target) -> str:
+    """The python source of the served model: the GPU target's batched model serves every head."""
+    if target is Target.GPU:
+        return "batched.py"
+    return "embedder.py" if model.head is Head.EMBEDDING else "classifier.py"
 
 
 def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
                        onnx_model: Path, tokenizer_dir: Path) -> None:
-    """Every file of one served model: configs, python sources, tokenizer, ONNX."""
-    cpu_source, postprocess_source = _python_sources(model)
+    """Every file of one served model: config, python sources, tokenizer, ONNX."""
     for name, model_config in configs.items():
         (root / name / VERSION).mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
-    if target is Target.CPU:
-        version = root / model.name / VERSION
-        _copy_python(version, cpu_source)
-        _copy_tokenizer(version, tokenizer_dir)
-        shutil.copy2(onnx_model, version / ONNX_FILE)
-        return
-    _copy_python(root / model.part(Part.TOKENIZER) / VERSION, "tokenizer.py")
-    _copy_tokenizer(root / model.part(Part.TOKENIZER) / VERSION, tokenizer_dir)
-    shutil.copy2(onnx_model, root / model.part(Part.ENCODER) / VERSION / ONNX_FILE)
-    _copy_python(root / model.part(Part.POSTPROCESS) / VERSION, postprocess_source)
+    version = root / model.name / VERSION
+    _copy_python(version, _python_source(model, target))
+    if target is Target.GPU:
+        for name, src in GPU_SOURCES.items():
+            shutil.copy2(src, version / name)
+    _copy_tokenizer(version, tokenizer_dir)
+    shutil.copy2(onnx_model, version / ONNX_FILE)
 
 
 def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_model: Path,
@@ -556,12 +518,12 @@ def write_repository(
 
 @dataclass(frozen=True)
 class ServedModelInfo:
-    """One served model of a repository: its contract, its configs, and where its ONNX file and tokenizer
-    are. ``parts`` holds the GPU ensemble's internal models by :class:`Part` value (empty on the CPU)."""
+    """One served model of a repository: its contract, its config, and where its ONNX file and tokenizer
+    are. ``parts`` is empty (it held the internal models of the GPU ensemble that the GPU target had before)."""
 
     contract: ServedModel
     target: Target
-    config: Any  # the served model's ModelConfig (CPU: the python model; GPU: the ensemble)
+    config: Any  # the served model's ModelConfig (the one python model on both targets)
     parts: Mapping[str, Any]
     onnx_path: Path
     tokenizer_dir: Path
@@ -578,7 +540,7 @@ class ServedModelInfo:
     @property
     def encoder_config(self) -> Any:
         """The config of the model that runs the ONNX file."""
-        return self.config if self.target is Target.CPU else self.parts[Part.ENCODER.value]
+        return self.config
 
     @property
     def instances(self) -> int:
@@ -644,16 +606,19 @@ def _contract(cfg) -> ServedModel | None:
         raise RepositoryError(f"model '{cfg.name}': bad contract parameters: {exc}") from exc
 
 
-def _served_info(root: Path, cfg, contract: ServedModel, configs: Mapping[str, Any]) -> ServedModelInfo:
+def _served_info(root: Path, cfg, contract: ServedModel) -> ServedModelInfo:
     if cfg.platform == "ensemble":
-        parts = {p.value: configs[contract.part(p)] for p in Part if contract.part(p) in configs}
-        return ServedModelInfo(contract, Target.GPU, cfg, parts,
-                               root / contract.part(Part.ENCODER) / VERSION / ONNX_FILE,
-                               root / contract.part(Part.TOKENIZER) / VERSION / TOKENIZER_DIR)
-    if cfg.backend == "python":
-        version = root / contract.name / VERSION
-        return ServedModelInfo(contract, Target.CPU, cfg, {}, version / ONNX_FILE, version / TOKENIZER_DIR)
-    raise RepositoryError(f"model '{cfg.name}' is neither a python model (cpu target) nor an ensemble (gpu)")
+        raise RepositoryError(f"model '{cfg.name}' is a GPU ensemble of an older build; rebuild the repository "
+                              "(the GPU target is one python model now)")
+    if cfg.backend != "python":
+        raise RepositoryError(f"model '{cfg.name}' is not a python-backend model")
+    param = cfg.parameters.get("target")
+    try:
+        target = Target(param.string_value if param is not None and param.string_value else Target.CPU)
+    except ValueError as exc:
+        raise RepositoryError(f"model '{cfg.name}': unknown target {param.string_value!r}") from exc
+    version = root / contract.name / VERSION
+    return ServedModelInfo(contract, target, cfg, {}, version / ONNX_FILE, version / TOKENIZER_DIR)
 
 
 def read_repository(path: Path) -> RepositoryInfo:
@@ -667,7 +632,7 @@ def read_repository(path: Path) -> RepositoryInfo:
     for name, cfg in configs.items():
         contract = _contract(cfg)
         if contract is not None and contract.name == name:
-            models[name] = _served_info(path, cfg, contract, configs)
+            models[name] = _served_info(path, cfg, contract)
     if not models:
         raise RepositoryError(f"{path}: no served model (no config.pbtxt with a 'contract' parameter)")
     targets = {m.target for m in models.values()}
@@ -729,12 +694,13 @@ def _check_encoder_onnx(m: ServedModelInfo, input_names: Sequence[str] | None = 
     return info
 
 
-def _validate_cpu(root: Path, m: ServedModelInfo) -> list[str]:
+def _validate_python_model(root: Path, m: ServedModelInfo, required: Sequence[str]) -> list[str]:
+    """The one python model of either target: scheduling, sources, tensors, parameters, tokenizer, ONNX."""
     _check_scheduled(root, m.config)
     _check_python(root, m.config)
     _check_signature(m.config, m.contract)
     params = {k: v.string_value for k, v in m.config.parameters.items()}
-    missing = [k for k in ("max_length", "max_text_chars", "pad_id", "pad_token") if not params.get(k)]
+    missing = [k for k in ("max_length", "max_text_chars", "pad_id", "pad_token", *required) if not params.get(k)]
     if missing:
         raise RepositoryError(f"model '{m.name}': missing parameters {missing}")
     _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
@@ -742,69 +708,34 @@ def _validate_cpu(root: Path, m: ServedModelInfo) -> list[str]:
     return [m.name]
 
 
-def _validate_gpu(root: Path, m: ServedModelInfo, configs: Mapping[str, Any]) -> list[str]:
-    missing = [m.contract.part(p) for p in Part if p.value not in m.parts]
-    if missing:
-        raise RepositoryError(f"missing config of model(s) {missing} (ensemble '{m.name}')")
-    _validate_ensemble(m.config, configs)
-    _check_signature(m.config, m.contract)
-    tok, enc, post = (m.parts[p.value] for p in Part)
-    for cfg in (tok, enc, post):
-        _check_scheduled(root, cfg)
-    _check_python(root, tok)
-    _check_python(root, post)
-    if enc.backend != "onnxruntime":
-        raise RepositoryError(f"model '{enc.name}' must use the onnxruntime backend, not '{enc.backend}'")
-    _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
-    _check_encoder_onnx(m, [t.name for t in enc.input])
-    produced = {t.name: list(t.dims) for t in tok.output}
-    for t in enc.input:
-        if list(t.dims) != produced.get(t.name) or min(t.dims, default=-1) < 1:
-            raise RepositoryError(f"model '{enc.name}': input {t.name} dims {list(t.dims)} must be pinned to "
-                                  f"what '{tok.name}' produces ({produced.get(t.name)})")
-    return m.model_names
+def _validate_gpu(root: Path, m: ServedModelInfo) -> list[str]:
+    """The GPU target's model also carries its batching sources and a token budget a full row fits in."""
+    names = _validate_python_model(root, m, ("max_batch_tokens", "overhead_tokens"))
+    for fname in GPU_SOURCES:
+        _require(root / m.name / VERSION / fname, f"python source {fname} of model '{m.name}'")
+    params = {k: v.string_value for k, v in m.config.parameters.items()}
+    if int(params["max_batch_tokens"]) < int(params["max_length"]):
+        raise RepositoryError(f"model '{m.name}': max_batch_tokens {params['max_batch_tokens']} < max_length "
+                              f"{params['max_length']}")
+    if m.config.dynamic_batching.max_queue_delay_microseconds < 1:
+        log.warning("model '%s' batches with no queue delay: token-budget sub-batches form only from requests "
+                    "that are already waiting", m.name)
+    return names
 
 
 def validate_repository(path: Path, target: Target | None = None) -> list[str]:
-    """Check a repository offline (every served model: configs, files, wiring, ONNX opset/IR); return the
-    names of its models."""
+    """Check a repository offline (every served model: configs, files, ONNX opset/IR for the target); return
+    the names of its models."""
     info = read_repository(path)
     if target is not None and Target(target) is not info.target:
         raise RepositoryError(f"repository is for target {info.target.value}, not {Target(target).value}")
     names: list[str] = []
     for m in info.models.values():
-        names += _validate_cpu(info.path, m) if m.target is Target.CPU else _validate_gpu(info.path, m, info.configs)
+        names += _validate_python_model(info.path, m, ()) if m.target is Target.CPU else _validate_gpu(info.path, m)
     orphans = sorted(set(info.configs) - set(names))
     if orphans:
         raise RepositoryError(f"models {orphans} belong to no served model")
     return names
-
-
-def _validate_ensemble(ens, configs: Mapping[str, Any]) -> None:
-    if ens.platform != "ensemble" or not ens.ensemble_scheduling.step:
-        raise RepositoryError(f"model '{ens.name}' is not an ensemble with steps")
-    available = {t.name for t in ens.input}
-    for i, step in enumerate(ens.ensemble_scheduling.step):
-        model = configs.get(step.model_name)
-        if model is None:
-            raise RepositoryError(f"ensemble step {i} names unknown model '{step.model_name}'")
-        model_inputs = {t.name for t in model.input}
-        model_outputs = {t.name for t in model.output}
-        for key, tensor in step.input_map.items():
-            if key not in model_inputs:
-                raise RepositoryError(f"ensemble step {i}: '{key}' is not an input of '{step.model_name}'")
-            if tensor not in available:
-                raise RepositoryError(f"ensemble step {i}: tensor '{tensor}' is not produced before it")
-        missing = model_inputs - set(step.input_map)
-        if missing:
-            raise RepositoryError(f"ensemble step {i}: inputs {sorted(missing)} of '{step.model_name}' unmapped")
-        for key, tensor in step.output_map.items():
-            if key not in model_outputs:
-                raise RepositoryError(f"ensemble step {i}: '{key}' is not an output of '{step.model_name}'")
-            available.add(tensor)
-    for out in ens.output:
-        if out.name not in available:
-            raise RepositoryError(f"ensemble output '{out.name}' is produced by no step")
 
 
 # -------------------------------------------------------------------- embedding models; several models
@@ -816,14 +747,13 @@ def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
                             encoder_inputs: Sequence[str] = ENCODER_INPUTS,
                             output_types: Mapping[str, str] | None = None,
                             tokenizer_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``ModelConfig`` messages of one embedding model: CPU, one python model (TEXT -> EMBEDDING, rows
-    alone); GPU, the ensemble ``<name>_tokenizer`` -> ``<name>_encoder`` -> ``<name>_postprocess`` (a cast)."""
+    """The ``ModelConfig`` of one embedding model: one python model (TEXT -> EMBEDDING); CPU rows alone, GPU
+    token-budget sub-batches."""
     if model.head is not Head.EMBEDDING:
         raise RepositoryError(f"model {model.name!r} has head {model.head.value}, not embedding")
     pb = _pb()
-    if config.target is Target.CPU:
-        return {model.name: _cpu_config(pb, config, model, tokenizer_params or {})}
-    return _gpu_configs(pb, config, model, encoder_inputs, output_types or {}, tokenizer_params or {})
+    make = _cpu_config if config.target is Target.CPU else _gpu_config
+    return {model.name: make(pb, config, model, tokenizer_params or {})}
 
 
 def _model_configs(config: RepositoryConfig, model: ServedModel, onnx_model: Path, tokenizer_dir: Path):

@@ -280,7 +280,7 @@ def test_manifests_spellings_and_defaults():
         "--service-account-annotation", "e=f", "--node-selector", "pool=gpu", "--writable-root-fs",
         "--no-service-monitor", "--service-monitor-label", "release=kps", "--no-kserve", "--kserve-mode",
         "Serverless", "--locust-workers", "3", "--no-network-policy", "--target", "cpu",
-        "--gpus-per-pod", "0", "--max-batch-size", "8", "--tokenizer-instances", "2", "--validate", "--out", "k"])
+        "--gpus-per-pod", "0", "--max-batch-size", "8", "--encoder-instances", "2", "--max-batch-tokens", "8192", "--validate", "--out", "k"])
     config = manifest_config(args)
     assert (config.create_namespace, config.autoscale, config.exit_timeout_s, config.startup_timeout_s) == (
         False, False, 7, 60)
@@ -291,8 +291,8 @@ def test_manifests_spellings_and_defaults():
     assert not (config.read_only_root_fs or config.service_monitor or config.kserve or config.network_policy)
     assert parser.parse_args([*required, "--require-digest"]).require_digest and not default.require_digest
     assert config.locust_workers == 3 and (args.validate, args.out) == (True, Path("k"))
-    assert (config.repository.target, config.repository.max_batch_size, config.repository.tokenizer_instances) == (
-        Target.CPU, 8, 2)
+    assert (config.repository.target, config.repository.max_batch_size, config.repository.encoder_instances,
+            config.repository.max_batch_tokens) == (Target.CPU, 8, 2, 8192)
     text = " ".join(subparsers(parser)["manifests"].format_help().split())
     assert "(default: 20000)" in text and "(default: gpu)" in text and "(repeatable)" in text
 

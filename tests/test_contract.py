@@ -28,7 +28,6 @@ def test_signatures_per_head():
     assert [(t.name, t.dims) for t in reg.outputs] == [(c.SCORE, (1,))]
     emb = c.ServedModel(name="embedder", head="embedding", embedding_dim=384)
     assert [(t.name, t.dims) for t in emb.outputs] == [(c.EMBEDDING, (384,))]
-    assert emb.part(c.Part.ENCODER) == "embedder_encoder"
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -238,3 +238,18 @@ def test_int8_exclusion_search_is_judged_by_the_embedding_gate(st_mean, tmp_path
     assert v.path == tmp_path / "out" / "int8.onnx" and v.gate.n_texts == len(TEXTS)
     assert v.passed == (v.gate.min_cosine >= 0.9999999 and v.gate.topk_overlap == 1.0)
     assert build.selected == ("int8" if v.passed else None)
+
+
+def test_gpu_gate_runs_the_served_sub_batches_and_matches_rows_alone(st_mean, st_mean_onnx):
+    """The GPU target's gate (token-budget sub-batches, each padded to its own longest row) gives every text
+    the embedding it gets alone (fp32 <= 1e-5), in the texts' order, and passes the same budget."""
+    from exporter.embedding_gate import BatchEncoder, encode_batched
+
+    pipeline = read_pipeline(st_mean)
+    got, speed = encode_batched(BatchEncoder(st_mean_onnx, pipeline, max_batch_tokens=64), TEXTS)
+    assert got.shape == (len(TEXTS), 32) and speed.n_rows == len(TEXTS)
+    assert np.abs(got - _row_embeddings(st_mean_onnx, st_mean)).max() <= 1e-5
+    reference = reference_embeddings(reference_model(pipeline), TEXTS)
+    gate, _ = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, reference, EmbeddingBudgets(top_k=3),
+                            max_batch_tokens=64)
+    assert gate.passed and gate.min_cosine > 0.99999

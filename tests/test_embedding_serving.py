@@ -213,9 +213,13 @@ def test_bench_task_embedding(built, st_model, eval_csv, tmp_path):
     assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()
 
 
-def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_onnx, tiny_checkpoint, tmp_path):
-    """Offline: the GPU layout (tokenizer -> onnxruntime encoder -> postprocess cast), named apart."""
-    from serving.contract import Part
+@pytest.mark.server
+def test_gpu_target_serves_the_embedder_beside_the_classifier(built, texts, reference, tiny_onnx, tiny_checkpoint,
+                                                              tmp_path):
+    """The GPU target's one batched model serves the embedder (named apart) as built, on the CPU provider here:
+    equal to sentence-transformers, and a text's embedding does not depend on its sub-batch neighbours."""
+    from serving.client import AsyncEmbedder, Embedder
+    from serving.models import token_batch
 
     repo = write_repository(tmp_path / "gpu", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
                             id2label=dict(enumerate(LABELS)), config=RepositoryConfig(target=Target.GPU))
@@ -223,12 +227,23 @@ def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_on
     add_model(repo, onnx_model=built["out"] / "fp32.onnx", tokenizer_dir=built["out"] / "tokenizer", model=served,
               config=RepositoryConfig(target=Target.GPU, max_length=64))
     info = read_repository(repo)
-    assert sorted(info.models) == [DEFAULT_CLASSIFIER, "search"]
-    m = info.model("search")
-    assert sorted(m.parts) == sorted(p.value for p in Part)
-    assert [(t.name, list(t.dims)) for t in m.parts["encoder"].input][:2] == [("input_ids", [64]),
-                                                                            ("attention_mask", [64])]
-    assert (repo / "search_postprocess" / "1" / "model.py").read_text() == (
-        Path(__file__).parents[1] / "serving" / "models" / "embedding_postprocess.py").read_text()
-    assert len(validate_repository(repo, Target.GPU)) == 8
+    assert sorted(info.models) == [DEFAULT_CLASSIFIER, "search"] and info.model("search").parts == {}
+    assert (repo / "search" / "1" / "model.py").read_text() == (
+        Path(__file__).parents[1] / "serving" / "models" / "batched.py").read_text()
+    assert validate_repository(repo, Target.GPU) == [DEFAULT_CLASSIFIER, "search"]
     verify_repository(repo)
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=180)) as srv:
+        with Embedder(srv.http_url, model="search") as client:
+            got = client.embed(texts)
+            alone = np.stack([client.embed(t)[0] for t in texts[:6]])
+
+        async def concurrent():
+            async with AsyncEmbedder(srv.grpc_url, protocol="grpc", model="search") as aclient:
+                rows = await asyncio.gather(*(aclient.embed([t, *texts[30:45]]) for t in texts[:6]))
+            return np.stack([r[0] for r in rows])
+
+        among = asyncio.run(concurrent())
+        record = token_batch.parse_records(srv.log_text())
+    assert got.shape == reference.shape and np.abs(got - reference).max() < 1e-5
+    assert np.abs(alone - among).max() <= 1e-5 and np.abs(alone - got[:6]).max() <= 1e-5
+    assert record.rows == len(texts) + 6 + 6 * 16 and record.real_tokens <= record.computed_tokens

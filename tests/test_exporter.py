@@ -462,6 +462,8 @@ def _bad_checkpoint(tiny, tmp_path, kind: str) -> Path:
     ("target", "argument --target: invalid choice 'tpu' (choose from cpu, gpu)"),
     ("out-not-writable", "is not a directory"),
     ("eval-size", "invalid eval-size"),
+    ("max-batch-tokens", "invalid max-batch-tokens: 64"),
+    ("tensorrt", "--tensorrt needs --target gpu"),
 ])
 def test_bad_input_one_line_and_no_slow_work(tiny, tmp_path, monkeypatch, capsys, case, expect):
     import exporter.build
@@ -491,6 +493,10 @@ def test_bad_input_one_line_and_no_slow_work(tiny, tmp_path, monkeypatch, capsys
         extra = ["--out", tmp_path / "afile" / "build"]
     elif case == "eval-size":
         extra = ["--eval-size", "0"]
+    elif case == "max-batch-tokens":  # below max_length (128): a full row would not fit one encoder call
+        extra = ["--max-batch-tokens", "64"]
+    elif case == "tensorrt":
+        extra = ["--tensorrt"]
     args = ["build", ck, "--repository", tmp_path / "repo", *extra]
     if "--out" not in extra:
         args += ["--out", tmp_path / "build"]

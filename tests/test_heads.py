@@ -255,3 +255,39 @@ def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, capsys):
     np.testing.assert_allclose(got, want, atol=1e-4)
     probs = np.exp(want[:2]) / np.exp(want[:2]).sum(1, keepdims=True)
     assert [r["label"] for r in rows] == [("no", "yes")[int(j)] for j in probs.argmax(1)]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.parametrize("case", ["multi_label_left_truncation", "regression", "text_pairs"])
+def test_gpu_target_serves_every_head_as_pytorch(tmp_path, arch_checkpoint, case):
+    """The GPU target's batched model (ONNX Runtime's CPU provider here) serves the same build's ONNX with the
+    contract of every head: multi-label (left truncation), regression, text pairs; logits equal PyTorch's."""
+    from checkpoint_factory import corpus
+    from transformers import AutoConfig
+
+    from serving.client import TextClassifier
+    from serving.repository import RepositoryConfig, Target, read_repository, write_repository
+    from serving.server import LocalTritonServer, ServerConfig
+
+    options = {"multi_label_left_truncation": dict(num_labels=4, labels=LABELS, truncation_side="left",
+                                                   problem_type="multi_label_classification"),
+               "regression": dict(num_labels=1, problem_type="regression"),
+               "text_pairs": dict(labels=("no", "yes"))}[case]
+    head = {"multi_label_left_truncation": Head.MULTI_LABEL, "regression": Head.REGRESSION}.get(case, Head.SINGLE_LABEL)
+    ck, cpu_repo, _ = _build(tmp_path, arch_checkpoint, head, pairs=case == "text_pairs", **options)
+    built = read_repository(cpu_repo).model()
+    gpu = write_repository(tmp_path / "gpu", onnx_model=built.onnx_path, tokenizer_dir=built.tokenizer_dir,
+                           id2label=AutoConfig.from_pretrained(ck).id2label, model=built.contract,
+                           config=RepositoryConfig(target=Target.GPU, max_length=MAX_LENGTH, max_batch_tokens=256))
+    texts = corpus(20, seed=3) + [_long_text()]
+    pairs = corpus(21, seed=8) if case == "text_pairs" else None
+    want = _torch(ck, texts, pairs)
+    with LocalTritonServer(ServerConfig(gpu, startup_timeout_s=120)) as srv:
+        with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
+            assert client.served_model() == built.contract
+            if head is Head.REGRESSION:
+                got = np.array(client.score(texts))[:, None]
+            else:
+                got = np.array([p.logits for p in client.classify(texts, pairs)])
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -316,8 +316,8 @@ def test_images_pinnable_by_digest():
     ({"memory": "1Gi", "shm_size": "1Gi"}, "must exceed shm size"),
     ({"grace_period_s": 30}, "grace period"),
     ({"min_replicas": 3, "max_replicas": 2}, "min (3) <= max (2)"),
-    ({"target_queue_us": 5000}, "dynamic-batching floor"),
-    ({"gpus_per_pod": 0}, "KIND_GPU"),
+    ({"target_queue_us": 2000}, "dynamic-batching floor"),
+    ({"gpus_per_pod": 0}, "runs on CUDA"),
     ({"name": "Triton"}, "DNS label"),
     ({"service_type": "Ingress"}, "ClusterIP"),
 ])
@@ -345,11 +345,11 @@ def test_cpu_only_pods_with_the_cpu_target():
 def test_shm_floor_follows_the_repository_config():
     small = m.estimate_shm_bytes(RepositoryConfig(target=Target.GPU))
     big = m.estimate_shm_bytes(RepositoryConfig(target=Target.GPU, max_batch_size=256, max_length=512,
-                                                tokenizer_instances=8))
+                                                encoder_instances=8))
     assert 0 < small < big
     with pytest.raises(m.ManifestError, match="floor"):
         make(shm_size="64Mi", repository=RepositoryConfig(target=Target.GPU, max_batch_size=256, max_length=512,
-                                                           tokenizer_instances=8))
+                                                           encoder_instances=12))
 
 
 # ----------------------------------------------------------------------------------- CLI

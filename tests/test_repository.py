@@ -14,6 +14,7 @@ from serving import contract
 from serving import repository as repo
 from serving.contract import ServedModel
 from serving.errors import RepositoryError
+from serving.models import token_batch
 from serving.repository import RepositoryConfig, Target, read_repository, validate_repository, write_repository
 
 LABELS = ["negative", "neutral", "positive"]
@@ -33,13 +34,13 @@ def _parse(path: Path) -> pb.ModelConfig:
 def cpu_repo(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("cpu") / "model_repository", tiny_onnx, tiny_checkpoint,
                   max_batch_size=32, max_length=64, intra_op_threads=2, preferred_batch_sizes=(8, 16),
-                  max_queue_delay_us=1500, aux_queue_delay_us=250, max_queue_size=100, default_queue_timeout_us=5_000_000)
+                  max_queue_delay_us=1500, max_queue_size=100, default_queue_timeout_us=5_000_000)
 
 
 @pytest.fixture(scope="module")
 def gpu_repo(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("gpu") / "model_repository", tiny_onnx, tiny_checkpoint,
-                  target="gpu", tensorrt=True, encoder_instances=2)
+                  target="gpu", tensorrt=True, encoder_instances=2, max_batch_tokens=4096)
 
 
 def test_cpu_target_is_one_python_model_per_served_model(cpu_repo):
@@ -96,10 +97,9 @@ def test_read_repository_round_trip(cpu_repo, gpu_repo, tiny_onnx, tiny_checkpoi
         info.model("embedder")
 
     g = read_repository(gpu_repo).model()
-    assert g.target is Target.GPU and g.model_names == [
-        "classifier_tokenizer", "classifier_encoder", "classifier_postprocess", "classifier"]
-    assert g.onnx_path == gpu_repo / "classifier_encoder" / "1" / "model.onnx" and g.instances == 2
-    assert g.encoder_config.backend == "onnxruntime" and g.config.platform == "ensemble"
+    assert g.target is Target.GPU and g.model_names == ["classifier"] and g.parts == {}
+    assert g.onnx_path == gpu_repo / "classifier" / "1" / "model.onnx" and g.instances == 2
+    assert g.encoder_config is g.config and g.config.backend == "python"
 
 
 def test_several_served_models_in_one_repository(cpu_repo, tiny_onnx, tiny_checkpoint, tmp_path):
@@ -121,38 +121,41 @@ def test_several_served_models_in_one_repository(cpu_repo, tiny_onnx, tiny_check
                          config=RepositoryConfig(), model=ServedModel(labels=("x", "y")))
 
 
-def test_gpu_target_configs_validated_offline_with_internal_names(gpu_repo):
-    names = ["classifier_tokenizer", "classifier_encoder", "classifier_postprocess", "classifier"]
-    assert validate_repository(gpu_repo, Target.GPU) == names
-    tok, enc, post, ens = (_parse(gpu_repo / n / "config.pbtxt") for n in names)
-    assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
-    assert enc.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU and enc.instance_group[0].count == 2
-    accel = enc.optimization.execution_accelerators.gpu_execution_accelerator
-    assert [a.name for a in accel] == ["tensorrt"] and accel[0].parameters["precision_mode"] == "FP16"
-    assert [(t.name, list(t.dims)) for t in enc.input] == [(t.name, list(t.dims)) for t in tok.output] == [
-        ("input_ids", [128]), ("attention_mask", [128]), ("token_type_ids", [128])]
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == names[:3]
-    for cfg in (tok, post, ens):
-        assert ServedModel.from_parameters(dict(cfg.parameters)) == ServedModel(labels=LABELS)
-    assert {(o.name, o.data_type) for o in post.output} == {
-        ("LABEL", pb.TYPE_STRING), ("PROBABILITIES", pb.TYPE_FP32), ("LOGITS", pb.TYPE_FP32)}
-    for n in ("classifier_tokenizer", "classifier_postprocess"):
-        assert (gpu_repo / n / "1" / "contract.py").is_file() and (gpu_repo / n / "1" / "textmodel.py").is_file()
-    assert not (gpu_repo / "classifier_encoder" / "1" / "model.py").exists()
+def test_gpu_target_is_one_batched_python_model(gpu_repo):
+    assert validate_repository(gpu_repo, Target.GPU) == ["classifier"]
+    assert sorted(p.name for p in gpu_repo.iterdir()) == ["classifier", "provenance.json"]
+    cfg = _parse(gpu_repo / "classifier" / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == 64
+    [group] = cfg.instance_group
+    assert group.kind == pb.ModelInstanceGroup.KIND_MODEL and group.count == 2  # the model places itself
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == repo.GPU_QUEUE_DELAY_US > 0
+    assert list(cfg.dynamic_batching.preferred_batch_size) == []
+    assert [t.name for t in cfg.input] == ["TEXT"] and [t.name for t in cfg.output] == ["LABEL", "PROBABILITIES",
+                                                                                        "LOGITS"]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert (params["target"], params["max_batch_tokens"], params["tensorrt"]) == ("gpu", "4096", "true")
+    assert params["overhead_tokens"] == str(token_batch.DEFAULT_OVERHEAD_TOKENS) and params["max_length"] == "128"
+    assert ServedModel.from_parameters(dict(cfg.parameters)) == ServedModel(labels=LABELS)
+    version = gpu_repo / "classifier" / "1"
+    for rel in ("model.py", "textmodel.py", "contract.py", "token_batch.py", "tokenizer/tokenizer.json", "model.onnx"):
+        assert (version / rel).is_file(), rel
+    assert (version / "model.py").read_text() == (Path(repo.__file__).parent / "models" / "batched.py").read_text()
     with pytest.raises(RepositoryError, match="target gpu, not cpu"):
         validate_repository(gpu_repo, Target.CPU)
     assert json.loads((gpu_repo / "provenance.json").read_text())["ngc_image"] == repo.NGC_IMAGE
 
 
-def test_validate_refuses_unpinned_encoder_dims(gpu_repo, tmp_path):
+def test_validate_refuses_a_token_budget_below_max_length(gpu_repo, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(gpu_repo, broken)
-    cfg_path = broken / "classifier_encoder" / "config.pbtxt"
+    cfg_path = broken / "classifier" / "config.pbtxt"
     cfg = _parse(cfg_path)
-    cfg.input[0].dims[:] = [-1]
+    cfg.parameters["max_batch_tokens"].string_value = "100"
     cfg_path.write_text(text_format.MessageToString(cfg))
-    with pytest.raises(RepositoryError, match="input_ids dims \\[-1\\] must be pinned"):
+    with pytest.raises(RepositoryError, match="max_batch_tokens 100 < max_length 128"):
         validate_repository(broken)
+    with pytest.raises(RepositoryError, match="max_batch_tokens must be >= max_length"):
+        RepositoryConfig(target="gpu", max_length=256, max_batch_tokens=255)
 
 
 @pytest.mark.parametrize("which, rel, match", [
@@ -160,9 +163,9 @@ def test_validate_refuses_unpinned_encoder_dims(gpu_repo, tmp_path):
     ("cpu", "classifier/1/model.onnx", "ONNX model of 'classifier'"),
     ("cpu", "classifier/1/contract.py", "python source contract.py of model 'classifier'"),
     ("cpu", "classifier/config.pbtxt", "no served model"),
-    ("gpu", "classifier_encoder/1/model.onnx", "ONNX model of 'classifier'"),
-    ("gpu", "classifier_postprocess/1/model.py", "python source model.py of model 'classifier_postprocess'"),
-    ("gpu", "classifier_postprocess/config.pbtxt", r"missing config of model\(s\) \['classifier_postprocess'\]"),
+    ("gpu", "classifier/1/model.onnx", "ONNX model of 'classifier'"),
+    ("gpu", "classifier/1/token_batch.py", "python source token_batch.py of model 'classifier'"),
+    ("gpu", "classifier/1/model.py", "python source model.py of model 'classifier'"),
 ])
 def test_validate_catches_a_missing_file(cpu_repo, gpu_repo, tmp_path, which, rel, match):
     broken = tmp_path / "repo"
@@ -200,18 +203,15 @@ def test_validate_catches_onnx_newer_than_the_ngc_runtime(gpu_repo, tmp_path, fi
         validate_repository(broken, Target.GPU)
 
 
-def test_validate_catches_a_miswired_ensemble(gpu_repo, tmp_path):
+def test_an_old_gpu_ensemble_is_refused_with_a_clear_message(gpu_repo, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(gpu_repo, broken)
     cfg_path = broken / "classifier" / "config.pbtxt"
     cfg = _parse(cfg_path)
-    cfg.ensemble_scheduling.step[1].input_map["input_ids"] = "_no_such_tensor"
+    cfg.ClearField("backend")
+    cfg.platform = "ensemble"
     cfg_path.write_text(text_format.MessageToString(cfg))
-    with pytest.raises(RepositoryError, match="_no_such_tensor"):
-        validate_repository(broken)
-    cfg.ensemble_scheduling.step[1].model_name = "nope"
-    cfg_path.write_text(text_format.MessageToString(cfg))
-    with pytest.raises(RepositoryError, match="unknown model 'nope'"):
+    with pytest.raises(RepositoryError, match="GPU ensemble of an older build; rebuild"):
         validate_repository(broken)
     cfg_path.write_text("this is { not a config")
     with pytest.raises(RepositoryError, match="cannot parse"):
@@ -227,7 +227,7 @@ def test_tokenizer_settings_follow_the_checkpoint(tiny_checkpoint, tiny_onnx, tm
     assert repo.tokenizer_settings(ck)["truncation_side"] == "left"
     out = write_repository(tmp_path / "r", onnx_model=tiny_onnx, tokenizer_dir=ck, id2label=ID2LABEL,
                            config=RepositoryConfig(target="gpu"))
-    params = _parse(out / "classifier_tokenizer" / "config.pbtxt").parameters
+    params = _parse(out / "classifier" / "config.pbtxt").parameters
     assert (params["truncation_side"].string_value, params["padding_side"].string_value) == ("left", "left")
     cfg_path.write_text(json.dumps({**doc, "truncation_side": "middle"}))
     with pytest.raises(RepositoryError, match="truncation_side must be 'left' or 'right'"):
@@ -274,6 +274,7 @@ def test_write_rejects_bad_inputs(tiny_onnx, tiny_checkpoint, tmp_path):
     ({"target": "tpu"}, "target"),
     ({"preferred_batch_sizes": (128,)}, "preferred"),
     ({"tensorrt": True}, "tensorrt needs target gpu"),
+    ({"target": "gpu", "overhead_tokens": -1}, "overhead_tokens >= 0"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(RepositoryError, match=match):
@@ -284,7 +285,11 @@ def test_docker_files_match_the_pinned_image():
     import yaml
 
     docker = Path(repo.__file__).parent / "docker"
-    assert f"ARG TRITON_IMAGE={repo.NGC_IMAGE}" in (docker / "Dockerfile").read_text()
+    dockerfile = (docker / "Dockerfile").read_text()
+    assert f"ARG TRITON_IMAGE={repo.NGC_IMAGE}" in dockerfile
+    # the model runs the onnxruntime-gpu wheel the image installs: the version the offline IR/opset check assumes
+    assert f"ARG ORT_GPU_VERSION={repo.NGC_ORT_VERSION}" in dockerfile
+    assert '"onnxruntime-gpu==${ORT_GPU_VERSION}"' in dockerfile and '"numpy<2"' in dockerfile
     compose = yaml.safe_load((docker / "docker-compose.yml").read_text())
     service = compose["services"]["triton"]
     mount = next(v for v in service["volumes"] if v["target"] == "/models")

@@ -39,7 +39,7 @@ def cpu_repository(tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
         id2label=dict(enumerate(LABELS)),
         # delay > 0 so that concurrent requests reliably share an execute() call (batch isolation test)
         config=RepositoryConfig(max_batch_size=MAX_BATCH, preferred_batch_sizes=(4, 8), max_queue_delay_us=1000,
-                                aux_queue_delay_us=1000, intra_op_threads=1),
+                                intra_op_threads=1),
     )
 
 

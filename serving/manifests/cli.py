@@ -22,7 +22,7 @@ FLAGS = {
     "service_account_annotations": Flag(names=("--service-account-annotation",)),
     "service_monitor_labels": Flag(names=("--service-monitor-label",)),
 }
-REPOSITORY_FIELDS = ("target", "max_batch_size", "max_length", "tokenizer_instances")
+REPOSITORY_FIELDS = ("target", "max_batch_size", "max_length", "encoder_instances", "max_batch_tokens")
 
 
 @dataclass

@@ -83,7 +83,7 @@ class ManifestConfig:
     locust_user_class: str = field(default="TritonHttpUser", metadata={"help": "TritonHttpUser or TritonGrpcUser"})
     repository: RepositoryConfig = field(default_factory=lambda: RepositoryConfig(target=Target.GPU), metadata={
         "help": "the repository the image serves (on the command line: --target, --max-batch-size, --max-length, "
-                "--tokenizer-instances)"})
+                "--encoder-instances, --max-batch-tokens)"})
     # security (docs/SECURITY.md)
     gateway_image: str | None = field(default=None, metadata={
         "help": "image of the gateway (serving/docker/Dockerfile.gateway): with one, every pod runs the OpenAI / "
@@ -144,7 +144,7 @@ class ManifestConfig:
         if not isinstance(self.gpus_per_pod, int) or self.gpus_per_pod < 0:
             raise ManifestError(f"gpus per pod must be an integer >= 0 (got {self.gpus_per_pod!r})")
         if self.gpus_per_pod == 0 and self.repository.target is Target.GPU:
-            raise ManifestError("gpus per pod is 0 but the repository target is gpu (its encoder is KIND_GPU): "
+            raise ManifestError("gpus per pod is 0 but the repository target is gpu (it runs on CUDA): "
                                 "give --gpus-per-pod >= 1 or --target cpu")
         if self.pre_stop_sleep_s < 0 or self.log_verbose < 0:
             raise ManifestError("pre-stop sleep and log verbosity must be >= 0")
@@ -170,7 +170,7 @@ class ManifestConfig:
         floor = estimate_shm_bytes(self.repository)
         if self.shm_bytes < floor:
             raise ManifestError(f"shm size {self.shm_size} is below {math.ceil(floor / 2**20)}Mi, the floor for "
-                                f"{self.repository.tokenizer_instances} tokenizer instance(s) at max_batch_size "
+                                f"{self.repository.instances} python-backend instance(s) at max_batch_size "
                                 f"{self.repository.max_batch_size} x max_length {self.repository.max_length}")
         if self.memory_bytes <= self.shm_bytes:
             raise ManifestError(f"memory {self.memory} must exceed shm size {self.shm_size}: /dev/shm in memory "

@@ -317,8 +317,8 @@ def service_monitor(config: ManifestConfig) -> dict[str, Any]:
 def adapter_rule(config: ManifestConfig) -> dict[str, Any]:
     """prometheus-adapter rule: mean queue time (us) per ``classifier`` request, per pod, over one minute.
 
-    Queue time is summed over the batched models (gpu: the ensemble's parts, the ensemble itself left out so
-    nothing is counted twice; cpu: the one model) and divided by the served model's successful requests.
+    Queue time of the batched model (the one served model on either target) divided by its successful
+    requests.
     """
     matchers = "<<.LabelMatchers>>"
     queued = "|".join(batched_models(config.repository.target))

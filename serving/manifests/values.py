@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from serving.errors import ServingError
-from serving.repository import ENCODER, ENSEMBLE, POSTPROCESS, TOKENIZER, RepositoryConfig, Target
+from serving.repository import ENSEMBLE, RepositoryConfig, Target
 
 DEFAULT_OUT = Path("build/k8s")
 APP = "triton-textclf"
@@ -19,12 +19,13 @@ QUEUE_METRIC = "nv_inference_queue_duration_us"
 SUCCESS_METRIC = "nv_inference_request_success"
 HPA_METRIC = "triton_queue_us_per_request"
 # models with a dynamic-batching queue; each can add up to max_queue_delay_us of queueing to a request
-BATCHED_MODELS = (TOKENIZER, ENCODER, POSTPROCESS)  # the GPU ensemble's parts
+BATCHED_MODELS = (ENSEMBLE,)  # the one served model (both targets)
 
 
 def batched_models(target: Target) -> tuple[str, ...]:
-    """The models whose queues a request waits in: the GPU ensemble's parts, or the one CPU model."""
-    return BATCHED_MODELS if Target(target) is Target.GPU else (ENSEMBLE,)
+    """The models whose queues a request waits in: the one served model on either target."""
+    Target(target)
+    return BATCHED_MODELS
 
 KSERVE_HTTP_PORT = 8080  # the kserve-tritonserver ClusterServingRuntime passes --http-port=8080
 KSERVE_GRPC_PORT = 9000  # ... and --grpc-port=9000
@@ -192,12 +193,12 @@ class RepositoryUri:
 def estimate_shm_bytes(repo: RepositoryConfig) -> int:
     """A floor for /dev/shm: python-backend stubs each map a region and move whole batches through it.
 
-    Each python-backend instance (gpu: tokenizer and postprocess; cpu: every instance of the one model) maps its own
-    region (python backend ``shm-default-byte-size``, 1 MiB by default) and grows it for the tensors of a
-    batch in flight: tokenizer outputs are 3 INT64 [max_batch_size, max_length] tensors. Twice that, for
-    input and output copies, is the floor we demand of ``--shm-size``.
+    Each python-backend instance (every instance of the one model, either target) maps its own region (python
+    backend ``shm-default-byte-size``, 1 MiB by default) and grows it for the tensors of a batch in flight,
+    counted as 3 INT64 [max_batch_size, max_length] tensors. Twice that, for input and output copies, is the
+    floor we demand of ``--shm-size``.
     """
-    instances = repo.instances if repo.target is Target.CPU else repo.tokenizer_instances + 1
+    instances = repo.instances
     batch_tensors = 3 * repo.max_batch_size * repo.max_length * 8
     return instances * 2 * (2**20 + batch_tensors)
 

@@ -1,7 +1,8 @@
 """Python-backend model sources; serving.repository copies them into a repository as `<model>/1/model.py`,
 with `textmodel.py` (shared code) and `contract.py` (serving.contract) beside each.
 
-`classifier.py` is the CPU target's one served model; `tokenizer.py` and `postprocess.py` are the python
-steps of the GPU target's ensemble. They import only numpy, tokenizers, onnxruntime, the standard library,
+`classifier.py` and `embedder.py` are the CPU target's served models (every row alone); `batched.py` is the GPU
+target's served model for every head (token-budget sub-batches, `token_batch.py` beside it). They import
+only numpy, tokenizers, onnxruntime, the standard library,
 triton_python_backend_utils and the two copied modules, because they run inside the Triton python stub.
 """

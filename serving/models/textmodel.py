@@ -81,6 +81,13 @@ def decode_rows(request, model, max_chars):
     return texts, pairs
 
 
+def encode_rows(tokenizer, texts, pairs=None):
+    """The tokenizer's encodings of a request's rows (with their pairs when the model takes TEXT_PAIR)."""
+    if pairs is None:
+        return [tokenizer.encode(text) for text in texts]
+    return [tokenizer.encode(text, pair) for text, pair in zip(texts, pairs)]
+
+
 def head_outputs(model, logits, probabilities):
     """The served output tensors of the head (FP32): regression SCORE (the raw prediction); classifiers
     LABEL (single-label: the argmax; multi-label: the JSON list of labels >= threshold), PROBABILITIES
