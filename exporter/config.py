@@ -32,10 +32,12 @@ class Budgets:
     """Parity budgets per precision. Agreements are fractions (0..1), drops are accuracy points."""
 
     fp32_max_abs: float = field(default=1e-4,
-                                metadata={"help": "fp32 budget: largest absolute probability difference"})
+                                metadata={"help": "fp32 budget: largest absolute LOGIT difference vs PyTorch "
+                                                  "(regression: the predicted value)"})
     fp32_min_agreement: float = field(default=1.0, metadata={"help": "fp32 budget: label agreement fraction"})
     fp16_max_abs: float = field(default=2e-2,
-                                metadata={"help": "fp16 budget: largest absolute probability difference"})
+                                metadata={"help": "fp16 budget: largest absolute LOGIT difference vs PyTorch "
+                                                  "(regression: the predicted value)"})
     fp16_min_agreement: float = field(default=0.995, metadata={"help": "fp16 budget: label agreement fraction"})
     int8_max_accuracy_drop: float = field(default=0.5, metadata={"help": "int8 budget: accuracy drop in points"})
     int8_min_agreement: float = field(default=0.98, metadata={"help": "int8 budget: label agreement fraction"})
@@ -112,8 +114,8 @@ class BuildConfig:
         "help": "classification: a fine-tuned classifier; embedding: a sentence-transformers directory (or a plain "
                 "encoder with --pooling) served as a sentence embedder"})
     model_name: str | None = field(default=None, metadata={
-        "help": "served model name (default: classifier / embedder); an embedder is added beside the models "
-                "already in --repository"})
+        "help": "served model name (default: classifier / embedder / reranker); the model is added beside the "
+                "other models already in --repository (a model of the same name is replaced)"})
     pooling: Pooling | None = field(default=None, metadata={
         "help": "embedding: pooling of a plain encoder (a sentence-transformers directory specifies its own)"})
     normalize: bool | None = field(default=None, metadata={

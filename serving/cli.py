@@ -190,18 +190,37 @@ def _run_classify(args) -> int:
         print(json.dumps([{"text": t, **p.to_dict()} for t, p in zip(config.texts, predictions)], indent=2))
         return 0
     from rich.console import Console
+
+    console = Console()
+    console.print(classify_table(config, predictions, console.width))
+    return 0
+
+
+TOP_SHOWN = 3  # probabilities shown in one column when a column per label does not fit the terminal
+
+
+def classify_table(config: ClassifyConfig, predictions, width: int):
+    """The predictions as a table that fits ``width`` columns: one column per label when they fit beside
+    the text and the label, else the top three probabilities in one column (the label always shows)."""
     from rich.table import Table
 
     labels = list(predictions[0].probabilities) if predictions else []
+    per_label = 24 + max((len(p.label) for p in predictions), default=5) + sum(max(len(x), 5) + 3 for x in labels)
     table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
-    table.add_column("text", overflow="fold", max_width=60)
-    table.add_column("label", style="bold")
-    for label in labels:
-        table.add_column(label, justify="right")
+    table.add_column("text", overflow="fold", max_width=60, min_width=8)
+    table.add_column("label", style="bold", overflow="fold", min_width=5)
+    if per_label <= width:
+        for label in labels:
+            table.add_column(label, justify="right")
+        for text, p in zip(config.texts, predictions):
+            table.add_row(text, p.label, *(f"{p.probabilities[label]:.3f}" for label in labels))
+        return table
+    table.add_column("score", justify="right")
+    table.add_column(f"top {TOP_SHOWN}", overflow="fold")
     for text, p in zip(config.texts, predictions):
-        table.add_row(text, p.label, *(f"{p.probabilities[label]:.3f}" for label in labels))
-    Console().print(table)
-    return 0
+        top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:TOP_SHOWN]
+        table.add_row(text, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.3f}" for k, v in top))
+    return table
 
 
 def _add_embed(sub) -> None:
