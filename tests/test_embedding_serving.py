@@ -232,3 +232,25 @@ def test_gpu_target_embedder_is_an_ensemble_beside_the_classifier(built, tiny_on
         Path(__file__).parents[1] / "serving" / "models" / "embedding_postprocess.py").read_text()
     assert len(validate_repository(repo, Target.GPU)) == 8
     verify_repository(repo)
+
+
+def test_supervisor_canary_asks_the_embedder_of_an_embedder_only_repository(built, server, tmp_path):
+    """Issue 19: the canary asked `classifier` whatever the repository served, so `serving up` restarted an
+    embedder-only repository again and again. It now asks a model the repository serves, for all its outputs."""
+    from serving.supervisor import Supervisor, canary_request
+
+    only = tmp_path / "repo"
+    shutil.copytree(built["repo"] / DEFAULT_EMBEDDER, only / DEFAULT_EMBEDDER)
+    assert set(read_repository(only).models) == {DEFAULT_EMBEDDER}
+    model, body = canary_request(only, None, "canary")
+    assert model == DEFAULT_EMBEDDER and "outputs" not in json.loads(body)
+    assert canary_request(built["repo"], None, "canary")[0] == DEFAULT_CLASSIFIER  # classifier first when served
+    # the request as the supervisor sends it is answered by the server (a missing model would be 'broken')
+    assert Supervisor(ServerConfig(only))._canary(server) is None
+    assert Supervisor(ServerConfig(only), _canary_config("absent"))._canary(server) is not None
+
+
+def _canary_config(model: str):
+    from serving.supervisor import SupervisorConfig
+
+    return SupervisorConfig(canary_model=model, canary_failures=1, canary_timeout_s=5)
