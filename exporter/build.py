@@ -14,6 +14,7 @@ from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
 
+from exporter.reranker import read_cross_encoder
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
@@ -52,6 +53,9 @@ def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
     checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
+    if read_cross_encoder(checkpoint.path) is not None and columns.text_pair is None:
+        raise ExporterError(f"{checkpoint.path} is a CrossEncoder reranker: it scores (query, document) pairs; name "
+                            "the evaluation CSV's document column with --text-pair-column")
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
     eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
     warnings = []
@@ -137,8 +141,6 @@ def build(config: BuildConfig) -> BuildResult:
         from exporter.embedding_flow import build_embedding
 
         return build_embedding(config)
-    if config.model_name not in (None, DEFAULT_CLASSIFIER):
-        raise ExporterError(f"--model-name {config.model_name}: the classifier is served as {DEFAULT_CLASSIFIER!r}")
     inputs = validate(config)
     for warning in inputs.warnings:
         log.warning("%s", warning)
@@ -342,7 +344,11 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances)
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
-        served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
+        cross = read_cross_encoder(ck.path)
+        name = config.model_name or (cross.default_name if cross is not None else DEFAULT_CLASSIFIER)
+        served = replace(ck.served_model(name, text_pair=pair is not None), threshold=config.threshold)
+        if cross is not None:
+            served = replace(served, activation=cross.activation)
         if _serves_others(Path(config.repository), config.target, served.name):
             return Path(add_model(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                   model=served, config=repo_config, provenance=provenance))

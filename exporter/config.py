@@ -51,6 +51,17 @@ class Budgets:
                 raise ExporterError(f"budget {name} must be within 0..1, got {getattr(self, name)}")
 
 
+DEFAULT_MAX_LENGTH = 128
+
+
+def _default_max_length(checkpoint: Path) -> int:
+    """A CrossEncoder's saved max_length (what its ``predict`` truncates at), else 128."""
+    from exporter.reranker import read_cross_encoder
+
+    cross = read_cross_encoder(checkpoint) if Path(checkpoint).is_dir() else None
+    return cross.max_length if cross is not None and cross.max_length else DEFAULT_MAX_LENGTH
+
+
 def parse_precisions(text: str | tuple | list) -> tuple[Precision, ...]:
     """``"fp32,int8"`` -> (Precision.FP32, Precision.INT8); unknown names are a user error."""
     items = [p.strip().lower() for p in text.split(",")] if isinstance(text, str) else list(text)
@@ -88,7 +99,8 @@ class BuildConfig:
                                                      "data_dir>/test.csv"})
     eval_size: int = field(default=1000, metadata={"help": "rows of eval data used"})
     calibration_size: int = field(default=256, metadata={"help": "training rows for static int8 calibration"})
-    max_length: int = field(default=128, metadata={"help": "token truncation"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "token truncation (default: a CrossEncoder's saved max_length, else 128)"})
     batch_size: int = field(default=32, metadata={"help": "parity/throughput batch"})
     budgets: Budgets = field(default_factory=Budgets, metadata={"help": "parity budgets per precision"})
     speed_seconds: float = field(default=1.0, metadata={"help": "timing budget per variant, split between batch-1 "
@@ -144,6 +156,8 @@ class BuildConfig:
         except ValueError:
             raise ExporterError(f"unknown target {self.target!r} (known: cpu, gpu)") from None
         self.precisions = parse_precisions(self.precisions)
+        if self.max_length is None:
+            self.max_length = _default_max_length(self.checkpoint)
         checks = {
             "eval_size": self.eval_size >= 1,
             "calibration_size": self.calibration_size >= 1,

@@ -25,16 +25,19 @@ from typing import Any, Iterable, Iterator, Sequence
 from serving.contract import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
+    DEFAULT_RERANKER,
     LOGITS,
     ContractError,
     Endpoint,
     Prediction,
     Protocol,
+    Ranked,
     ServedModel,
     decode_classification,
     decode_scores,
     infer_inputs,
     parse_endpoint,
+    rank,
     requested_outputs,
     text_rows,
 )
@@ -474,3 +477,38 @@ class AsyncEmbedder(_AsyncTransport):
 
 
 __all__ += ["AsyncEmbedder", "Embedder"]
+
+
+@dataclass
+class Reranker(_SyncTransport):
+    """Rerank documents for a query with a served reranker (a text-pair regression model; a CrossEncoder's
+    SCORE is its saved activation, as ``CrossEncoder.predict``)."""
+
+    model: str = DEFAULT_RERANKER
+
+    def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
+        """The documents' (index, score), highest score first (text-embeddings-inference's /rerank order)."""
+        query, docs = text_rows(query, "query"), text_rows(documents, "documents")
+        if len(query) != 1:
+            raise ClientError("rerank takes one query")
+        if not docs:
+            return []
+        return rank(_decode_scores(*self._infer(query * len(docs), docs)), top_k)
+
+
+@dataclass
+class AsyncReranker(_AsyncTransport):
+    """The asyncio twin of Reranker."""
+
+    model: str = DEFAULT_RERANKER
+
+    async def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
+        query, docs = text_rows(query, "query"), text_rows(documents, "documents")
+        if len(query) != 1:
+            raise ClientError("rerank takes one query")
+        if not docs:
+            return []
+        return rank(_decode_scores(*(await self._infer(query * len(docs), docs))), top_k)
+
+
+__all__ += ["AsyncReranker", "Reranker"]
