@@ -116,6 +116,9 @@ class BuildConfig:
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer directory, or the base model fine-tuned from (local Hugging Face cache), used when the "
                 "checkpoint has no tokenizer (Trainer.save_model without one) or instead of its own"})
+    base: Path | None = field(default=None, metadata={
+        "help": "PEFT adapter folders: the base checkpoint folder the adapter applies to (default: the adapter's "
+                "base_model_name_or_path when that is a local folder)"})
     text_column: str | None = field(default=None, metadata={
         "help": "CSV column holding the text (default: the one finetune train recorded, else 'text')"})
     label_column: str | None = field(default=None, metadata={
@@ -145,6 +148,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
         self.tokenizer = str(self.tokenizer) if self.tokenizer is not None else None
+        self.base = Path(self.base) if self.base is not None else None
         columns = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
         if any(not c.strip() for c in columns) or len(set(columns)) != len(columns):
             raise ExporterError(f"the text, label and text-pair columns must be distinct non-empty names, got {columns}")
