@@ -238,3 +238,25 @@ def test_int8_exclusion_search_is_judged_by_the_embedding_gate(st_mean, tmp_path
     assert v.path == tmp_path / "out" / "int8.onnx" and v.gate.n_texts == len(TEXTS)
     assert v.passed == (v.gate.min_cosine >= 0.9999999 and v.gate.topk_overlap == 1.0)
     assert build.selected == ("int8" if v.passed else None)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dense_modules_are_graph_nodes_equal_to_sentence_transformers(st_mean, tmp_path, normalize):
+    """Issue 19: Transformer -> Pooling -> Dense (-> Dense) -> [Normalize] was refused; the Dense modules now
+    run in the graph (MatMul + Add + activation) and the embedding equals SentenceTransformer.encode."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(5)
+    base = SentenceTransformer(str(st_mean), device="cpu")
+    modules = [base[0], base[1], models.Dense(32, 24, activation_function=torch.nn.Tanh()),
+               models.Dense(24, 16, bias=False, activation_function=torch.nn.Identity())]
+    SentenceTransformer(modules=modules + ([models.Normalize()] if normalize else []), device="cpu").save(
+        str(tmp_path / "dense"))
+    pipeline = read_pipeline(tmp_path / "dense")
+    assert pipeline.dim == 16 and len(pipeline.dense) == 2 and pipeline.normalize is normalize
+    onnx_path = fp32_variant(export_body(pipeline, tmp_path / "body"), pipeline, tmp_path / "fp32.onnx")
+    ref = reference_embeddings(reference_model(pipeline), TEXTS)
+    got = _row_embeddings(onnx_path, tmp_path / "dense")
+    assert got.shape == (len(TEXTS), 16)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
