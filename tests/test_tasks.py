@@ -169,3 +169,27 @@ def test_cross_encoder_without_a_pair_column_is_one_clear_line(cross_encoder, tm
                  "--no-repository"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--text-pair-column" in err[0]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_locust_picks_the_rerank_users_for_a_reranker(stack, built, scheme, tmp_path):
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    server = stack[0]
+    host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
+    texts = tmp_path / "texts.csv"
+    with open(texts, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[t] for t in corpus_texts(30, seed=43)])
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--host", host, "--texts", str(texts), "--texts-per-request", "4", "--model-name", DEFAULT_RERANKER,
+           "--csv", str(tmp_path / "l")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
+    wanted = "TritonRerankHttpUser" if scheme == "http" else "TritonRerankGrpcUser"
+    assert f"running {wanted}" in out.stderr + out.stdout
+    with open(tmp_path / "l_stats.csv") as fh:
+        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
