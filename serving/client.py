@@ -479,6 +479,17 @@ class AsyncEmbedder(_AsyncTransport):
 __all__ += ["AsyncEmbedder", "Embedder"]
 
 
+def _rerank_rows(query: str, documents: str | Sequence[str], top_k: int | None) -> tuple[list[str], list[str]]:
+    """([query], documents) checked before any request: one query string, string documents, top_k >= 1."""
+    if not isinstance(query, str):
+        raise ClientError("rerank takes one query string")
+    try:
+        rank([0.0], top_k)  # the same check the ranking applies
+        return [query], text_rows(documents, "documents")
+    except ContractError as exc:
+        raise ClientError(str(exc)) from None
+
+
 @dataclass
 class Reranker(_SyncTransport):
     """Rerank documents for a query with a served reranker (a text-pair regression model; a CrossEncoder's
@@ -488,9 +499,7 @@ class Reranker(_SyncTransport):
 
     def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
         """The documents' (index, score), highest score first (text-embeddings-inference's /rerank order)."""
-        query, docs = text_rows(query, "query"), text_rows(documents, "documents")
-        if len(query) != 1:
-            raise ClientError("rerank takes one query")
+        query, docs = _rerank_rows(query, documents, top_k)
         if not docs:
             return []
         return rank(_decode_scores(*self._infer(query * len(docs), docs)), top_k)
@@ -503,9 +512,7 @@ class AsyncReranker(_AsyncTransport):
     model: str = DEFAULT_RERANKER
 
     async def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
-        query, docs = text_rows(query, "query"), text_rows(documents, "documents")
-        if len(query) != 1:
-            raise ClientError("rerank takes one query")
+        query, docs = _rerank_rows(query, documents, top_k)
         if not docs:
             return []
         return rank(_decode_scores(*(await self._infer(query * len(docs), docs))), top_k)

@@ -193,3 +193,14 @@ def test_locust_picks_the_rerank_users_for_a_reranker(stack, built, scheme, tmp_
     with open(tmp_path / "l_stats.csv") as fh:
         total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+
+
+def test_reranker_client_refuses_bad_arguments_before_any_request():
+    from serving.client import Reranker
+    from serving.errors import ClientError
+
+    client = Reranker("127.0.0.1:9")  # nothing listens: a request would be a connection error instead
+    for args in ((["q1", "q2"], ["d"]), ("q", ["d", 3]), ("q", ["d"], 0)):
+        with pytest.raises(ClientError):
+            client.rerank(*args)
+    assert client.rerank("q", []) == []
