@@ -204,3 +204,18 @@ def test_reranker_client_refuses_bad_arguments_before_any_request():
         with pytest.raises(ClientError):
             client.rerank(*args)
     assert client.rerank("q", []) == []
+
+
+def test_gpu_target_reranker_ensemble_serves_score_and_logits(built, tmp_path):
+    """The GPU ensemble's postprocess runs the same head_outputs: its config and the ensemble map carry
+    SCORE and LOGITS for a reranker (validated offline; the GPU target is not served here)."""
+    from serving.repository import validate_repository
+
+    info = read_repository(built["repo"]).models[DEFAULT_RERANKER]
+    repo = write_repository(tmp_path / "gpu", onnx_model=info.onnx_path, tokenizer_dir=info.tokenizer_dir,
+                            id2label={0: "negative"}, model=info.contract,
+                            config=RepositoryConfig(target="gpu", max_length=SAVED_MAX_LENGTH))
+    assert DEFAULT_RERANKER in validate_repository(repo, "gpu")
+    gpu = read_repository(repo).models[DEFAULT_RERANKER]
+    assert {o.name for o in gpu.config.output} == {SCORE, LOGITS}
+    assert gpu.contract.activation is Activation.SIGMOID
