@@ -13,7 +13,6 @@ from exporter.config import BuildConfig, Target, Task
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
-
 from exporter.adapter import Adapter, read_adapter
 from exporter.reranker import read_cross_encoder
 from exporter.stages import Stages, progress_display, track
@@ -299,8 +298,9 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
                 "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
                 "exhaustive_int8": config.exhaustive_int8, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "ort_intra_op_spinning": False, "gate_mode": mode.value, "budgets": vars(config.budgets)}
+    source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
-        checkpoint=str((inputs.adapter.path if inputs.adapter else ck.path).absolute()), target=config.target.value, gate_mode=mode,
+        checkpoint=str(source.absolute()), target=config.target.value, gate_mode=mode,
         selected=select(variants, config.target), reference=reference, eval_data=str(inputs.eval_set.source),
         int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)}, settings=settings,
         labels=[ck.id2label[i] for i in range(len(ck.id2label))], optimization=optimization, variants=variants,

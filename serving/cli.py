@@ -1,4 +1,5 @@
-"""`python -m serving {up,gateway,classify,embed,rerank,models,health,validate,manifests}`: thin commands over the serving library."""
+"""`python -m serving {up,gateway,classify,embed,rerank,models,health,validate,manifests}`: thin commands over
+the serving library."""
 from __future__ import annotations
 
 import argparse

@@ -5,9 +5,9 @@ Each serves the repository's default model of its kind; ``?model=NAME`` picks an
 text-embeddings-inference, on purpose: ``/predict`` on a multi-label model answers sigmoid scores (never a
 softmax); a 2-string list is one pair only for a model that takes pairs (else two texts); ``/rerank`` is served
 by a text-pair model with a regression head (a CrossEncoder reranker: its served SCORE, the saved activation;
-another: sigmoid of its output; ``raw_scores``: the logit); a body with ``parameters`` (the Hugging Face Inference API form
-``InferenceClient.text_classification`` sends) gets that API's answer: one list per input, ``top_k`` and
-``function_to_apply`` honoured.
+another: sigmoid of its output; ``raw_scores``: the logit); a body with ``parameters`` (the Hugging Face
+Inference API form ``InferenceClient.text_classification`` sends) gets that API's answer: one list per
+input, ``top_k`` and ``function_to_apply`` honoured.
 """
 from __future__ import annotations
 
