@@ -13,7 +13,8 @@ from exporter.config import BuildConfig, Target, Task
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
-
+from exporter.adapter import Adapter, read_adapter
+from exporter.reranker import read_cross_encoder
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
@@ -46,12 +47,16 @@ class _Inputs:
     calibration: Examples
     tuning: Examples
     warnings: list[str]
+    adapter: Adapter | None = None  # a PEFT adapter: ``checkpoint`` is its merge, the reference its PeftModel
 
 
 def validate(config: BuildConfig) -> _Inputs:
     """Every check that can fail on bad input, done before any slow work."""
     checkpoint = load_checkpoint(config.checkpoint, tokenizer=config.tokenizer, max_length=config.max_length)
     columns = resolve_columns(checkpoint, config.text_column, config.label_column, config.text_pair_column)
+    if read_cross_encoder(checkpoint.path) is not None and columns.text_pair is None:
+        raise ExporterError(f"{checkpoint.path} is a CrossEncoder reranker: it scores (query, document) pairs; name "
+                            "the evaluation CSV's document column with --text-pair-column")
     eval_path = resolve_eval_data(checkpoint, config.eval_data)
     eval_set = read_checkpoint_examples(checkpoint, eval_path, columns, limit=config.eval_size)
     warnings = []
@@ -130,16 +135,30 @@ def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, 
 
 
 def build(config: BuildConfig) -> BuildResult:
-    """Run the whole build; the report is written even when no variant passes."""
-    from common.atomic import atomic_directory
-
+    """Run the whole build; the report is written even when no variant passes. A PEFT adapter folder is
+    built as its base merged with it (exporter.adapter), gated against the PeftModel."""
     if config.task is not Task.CLASSIFICATION:  # sentence embeddings have their own flow
         from exporter.embedding_flow import build_embedding
 
         return build_embedding(config)
-    if config.model_name not in (None, DEFAULT_CLASSIFIER):
-        raise ExporterError(f"--model-name {config.model_name}: the classifier is served as {DEFAULT_CLASSIFIER!r}")
+    adapter = read_adapter(config.checkpoint, config.base)
+    if adapter is None:
+        if config.base is not None:
+            raise ExporterError(f"--base is for PEFT adapter folders; {config.checkpoint} has no adapter_config.json")
+        return _build_checkpoint(config)
+    with tempfile.TemporaryDirectory(prefix="exporter-adapter-") as scratch:
+        merged = adapter.merge(Path(scratch) / "merged")
+        return _build_checkpoint(replace(config, checkpoint=merged), adapter)
+
+
+def _build_checkpoint(config: BuildConfig, adapter: Adapter | None = None) -> BuildResult:
+    from common.atomic import atomic_directory
+
     inputs = validate(config)
+    if adapter is not None:
+        inputs.adapter = adapter
+        inputs.warnings.append(f"{adapter.peft_type} adapter {adapter.path} merged into {adapter.base} "
+                               "(peft merge_and_unload); the reference is the unmerged PeftModel")
     for warning in inputs.warnings:
         log.warning("%s", warning)
     stages = Stages(_weights_size(inputs.checkpoint.path))
@@ -195,7 +214,7 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
     with stages("reference"):
         try:
             tokenizer = ck.load_tokenizer()
-            model = parity.load_torch_model(ck.path)
+            model = inputs.adapter.reference_model() if inputs.adapter else parity.load_torch_model(ck.path)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot load checkpoint {ck.path}: {exc}") from None
         if model.config.num_labels != len(ck.id2label):
@@ -279,8 +298,9 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
                 "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
                 "exhaustive_int8": config.exhaustive_int8, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "ort_intra_op_spinning": False, "gate_mode": mode.value, "budgets": vars(config.budgets)}
+    source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
-        checkpoint=str(ck.path.absolute()), target=config.target.value, gate_mode=mode,
+        checkpoint=str(source.absolute()), target=config.target.value, gate_mode=mode,
         selected=select(variants, config.target), reference=reference, eval_data=str(inputs.eval_set.source),
         int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)}, settings=settings,
         labels=[ck.id2label[i] for i in range(len(ck.id2label))], optimization=optimization, variants=variants,
@@ -343,7 +363,11 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
                                        max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
-        served = replace(ck.served_model(text_pair=pair is not None), threshold=config.threshold)
+        cross = read_cross_encoder(ck.path)
+        name = config.model_name or (cross.default_name if cross is not None else DEFAULT_CLASSIFIER)
+        served = replace(ck.served_model(name, text_pair=pair is not None), threshold=config.threshold)
+        if cross is not None:
+            served = replace(served, activation=cross.activation)
         if _serves_others(Path(config.repository), config.target, served.name):
             return Path(add_model(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                   model=served, config=repo_config, provenance=provenance))

@@ -33,10 +33,12 @@ class Budgets:
     """Parity budgets per precision. Agreements are fractions (0..1), drops are accuracy points."""
 
     fp32_max_abs: float = field(default=1e-4,
-                                metadata={"help": "fp32 budget: largest absolute probability difference"})
+                                metadata={"help": "fp32 budget: largest absolute LOGIT difference vs PyTorch "
+                                                  "(regression: the predicted value)"})
     fp32_min_agreement: float = field(default=1.0, metadata={"help": "fp32 budget: label agreement fraction"})
     fp16_max_abs: float = field(default=2e-2,
-                                metadata={"help": "fp16 budget: largest absolute probability difference"})
+                                metadata={"help": "fp16 budget: largest absolute LOGIT difference vs PyTorch "
+                                                  "(regression: the predicted value)"})
     fp16_min_agreement: float = field(default=0.995, metadata={"help": "fp16 budget: label agreement fraction"})
     int8_max_accuracy_drop: float = field(default=0.5, metadata={"help": "int8 budget: accuracy drop in points"})
     int8_min_agreement: float = field(default=0.98, metadata={"help": "int8 budget: label agreement fraction"})
@@ -48,6 +50,17 @@ class Budgets:
         for name in ("fp32_min_agreement", "fp16_min_agreement", "int8_min_agreement"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ExporterError(f"budget {name} must be within 0..1, got {getattr(self, name)}")
+
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def _default_max_length(checkpoint: Path) -> int:
+    """A CrossEncoder's saved max_length (what its ``predict`` truncates at), else 128."""
+    from exporter.reranker import read_cross_encoder
+
+    cross = read_cross_encoder(checkpoint) if Path(checkpoint).is_dir() else None
+    return cross.max_length if cross is not None and cross.max_length else DEFAULT_MAX_LENGTH
 
 
 def parse_precisions(text: str | tuple | list) -> tuple[Precision, ...]:
@@ -87,7 +100,8 @@ class BuildConfig:
                                                      "data_dir>/test.csv"})
     eval_size: int = field(default=1000, metadata={"help": "rows of eval data used"})
     calibration_size: int = field(default=256, metadata={"help": "training rows for static int8 calibration"})
-    max_length: int = field(default=128, metadata={"help": "token truncation"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "token truncation (default: a CrossEncoder's saved max_length, else 128)"})
     batch_size: int = field(default=32, metadata={"help": "parity/throughput batch"})
     budgets: Budgets = field(default_factory=Budgets, metadata={"help": "parity budgets per precision"})
     speed_seconds: float = field(default=1.0, metadata={"help": "timing budget per variant, split between batch-1 "
@@ -103,6 +117,9 @@ class BuildConfig:
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer directory, or the base model fine-tuned from (local Hugging Face cache), used when the "
                 "checkpoint has no tokenizer (Trainer.save_model without one) or instead of its own"})
+    base: Path | None = field(default=None, metadata={
+        "help": "PEFT adapter folders: the base checkpoint folder the adapter applies to (default: the adapter's "
+                "base_model_name_or_path when that is a local folder)"})
     text_column: str | None = field(default=None, metadata={
         "help": "CSV column holding the text (default: the one finetune train recorded, else 'text')"})
     label_column: str | None = field(default=None, metadata={
@@ -113,8 +130,8 @@ class BuildConfig:
         "help": "classification: a fine-tuned classifier; embedding: a sentence-transformers directory (or a plain "
                 "encoder with --pooling) served as a sentence embedder"})
     model_name: str | None = field(default=None, metadata={
-        "help": "served model name (default: classifier / embedder); an embedder is added beside the models "
-                "already in --repository"})
+        "help": "served model name (default: classifier / embedder / reranker); the model is added beside the "
+                "other models already in --repository (a model of the same name is replaced)"})
     pooling: Pooling | None = field(default=None, metadata={
         "help": "embedding: pooling of a plain encoder (a sentence-transformers directory specifies its own)"})
     normalize: bool | None = field(default=None, metadata={
@@ -137,6 +154,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
         self.tokenizer = str(self.tokenizer) if self.tokenizer is not None else None
+        self.base = Path(self.base) if self.base is not None else None
         columns = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
         if any(not c.strip() for c in columns) or len(set(columns)) != len(columns):
             raise ExporterError(f"the text, label and text-pair columns must be distinct non-empty names, got {columns}")
@@ -148,6 +166,8 @@ class BuildConfig:
         except ValueError:
             raise ExporterError(f"unknown target {self.target!r} (known: cpu, gpu)") from None
         self.precisions = parse_precisions(self.precisions)
+        if self.max_length is None:
+            self.max_length = _default_max_length(self.checkpoint)
         checks = {
             "eval_size": self.eval_size >= 1,
             "calibration_size": self.calibration_size >= 1,

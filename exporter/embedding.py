@@ -55,6 +55,37 @@ _LEGACY_POOLING_KEYS = {  # sentence-transformers < 5 wrote one boolean per mode
 }
 
 
+# sentence-transformers Dense activations (their class path as saved) -> the ONNX op that computes them
+DENSE_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "Tanh", "torch.nn.modules.linear.Identity": "Identity",
+                     "torch.nn.modules.activation.ReLU": "Relu", "torch.nn.modules.activation.Sigmoid": "Sigmoid"}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: ``activation(x @ weight.T + bias)``, put in the graph as nodes."""
+
+    path: Path  # the module's folder (config.json + model.safetensors)
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # an ONNX op name (DENSE_ACTIVATIONS)
+
+    def weights(self):
+        """(weight [out, in], bias [out] or None) as float32 numpy arrays, from the module's safetensors."""
+        from safetensors.numpy import load_file
+
+        file = self.path / "model.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"Dense module {self.path} has no model.safetensors (pickle weights are not loaded)")
+        tensors = load_file(str(file))
+        weight = tensors.get("linear.weight")
+        if weight is None or tuple(weight.shape) != (self.out_features, self.in_features):
+            raise CheckpointError(f"Dense module {self.path}: linear.weight is not [{self.out_features}, "
+                                  f"{self.in_features}]")
+        bias = tensors.get("linear.bias") if self.bias else None
+        return weight.astype("float32"), None if bias is None else bias.astype("float32")
+
+
 @dataclass(frozen=True)
 class EmbeddingPipeline:
     """What turns text into one vector: the encoder weights, the pooling, the normalisation, the limits."""
@@ -67,6 +98,7 @@ class EmbeddingPipeline:
     dim: int = field(metadata={"help": "embedding dimension (the encoder's hidden size)"})
     max_seq_length: int = field(metadata={"help": "tokens per text; longer texts are truncated"})
     do_lower_case: bool = field(default=False, metadata={"help": "lowercase text before tokenizing"})
+    dense: tuple[DenseLayer, ...] = field(default=(), metadata={"help": "Dense modules after the pooling"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling", Pooling(self.pooling))
@@ -77,7 +109,9 @@ class EmbeddingPipeline:
     def describe(self) -> dict:
         return {"root": str(self.root), "encoder_dir": str(self.encoder_dir), "source": self.source.value,
                 "pooling": self.pooling.value, "normalize": self.normalize, "dim": self.dim,
-                "max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case}
+                "max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case,
+                **({"dense": [f"{d.in_features}->{d.out_features} {d.activation}" for d in self.dense]}
+                   if self.dense else {})}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -126,12 +160,14 @@ def _read_json(path: Path) -> dict | list:
 
 
 def _read_sentence_transformers(root: Path) -> EmbeddingPipeline:
-    """Transformer -> Pooling -> optional Normalize, nothing else."""
+    """Transformer -> Pooling -> any Dense modules -> optional Normalize, nothing else."""
     modules = sorted(_read_json(root / "modules.json"), key=lambda m: m.get("idx", 0))
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+    normalize = kinds[-1:] == ["Normalize"]
+    middle = kinds[2:len(kinds) - normalize]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Dense" for k in middle):
         raise CheckpointError(f"{root}/modules.json is {' -> '.join(kinds) or 'empty'}; supported: "
-                              "Transformer -> Pooling [-> Normalize]")
+                              "Transformer -> Pooling [-> Dense ...] [-> Normalize]")
     encoder_dir = root / modules[0].get("path", "")
     st_config = next((encoder_dir / n for n in _ST_CONFIGS if (encoder_dir / n).is_file()), None)
     st = _read_json(st_config) if st_config else {}
@@ -141,8 +177,28 @@ def _read_sentence_transformers(root: Path) -> EmbeddingPipeline:
     declared = pooling_config.get("embedding_dimension", pooling_config.get("word_embedding_dimension", hidden))
     if declared != hidden:
         raise CheckpointError(f"{root}: pooling expects dimension {declared}, the encoder has {hidden}")
-    return EmbeddingPipeline(root, encoder_dir, Source.SENTENCE_TRANSFORMERS, pooling, len(kinds) == 3,
-                             hidden, max_len, bool(st.get("do_lower_case", False)))
+    dense = tuple(_read_dense(root / m.get("path", "")) for m in modules[2:2 + len(middle)])
+    dim = hidden
+    for layer in dense:
+        if layer.in_features != dim:
+            raise CheckpointError(f"{layer.path}: Dense takes {layer.in_features} features, the previous module "
+                                  f"gives {dim}")
+        dim = layer.out_features
+    return EmbeddingPipeline(root, encoder_dir, Source.SENTENCE_TRANSFORMERS, pooling, normalize,
+                             dim, max_len, bool(st.get("do_lower_case", False)), dense)
+
+
+def _read_dense(path: Path) -> DenseLayer:
+    config = _read_json(path / "config.json")
+    fn = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # Dense's default
+    if fn not in DENSE_ACTIVATIONS:
+        raise CheckpointError(f"Dense module {path}: activation {fn} is not supported "
+                              f"(supported: {', '.join(DENSE_ACTIVATIONS)})")
+    try:
+        return DenseLayer(path, int(config["in_features"]), int(config["out_features"]),
+                          bool(config.get("bias", True)), DENSE_ACTIVATIONS[fn])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"Dense module {path}: config.json lacks in_features/out_features") from None
 
 
 def _pooling_mode(config: dict, root: Path) -> Pooling:
@@ -215,7 +271,7 @@ def export_body(pipeline: EmbeddingPipeline, out_dir: Path, *, opset: int | None
 
 
 def append_head(model, pipeline: EmbeddingPipeline) -> None:
-    """Replace the graph's outputs by ``embedding`` = [Normalize](Pooling(last_hidden_state, mask))."""
+    """Replace the graph's outputs by ``embedding`` = [Normalize]([Dense ...](Pooling(last_hidden_state, mask)))."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -224,11 +280,15 @@ def append_head(model, pipeline: EmbeddingPipeline) -> None:
     inputs = {i.name: i for i in graph.input}
     batch = inputs[ENCODER_INPUTS[0]].type.tensor_type.shape.dim[0]
     nodes, inits = _pooling_nodes(pipeline.pooling, _opset(model))
+    last = "emb_pooled"
+    for i, layer in enumerate(pipeline.dense):
+        n2, i2, last = _dense_nodes(layer, last, i)
+        nodes, inits = nodes + n2, inits + i2
     if pipeline.normalize:
-        n2, i2 = _normalize_nodes()
+        n2, i2 = _normalize_nodes(last)
         nodes, inits = nodes + n2, inits + i2
     else:
-        nodes.append(helper.make_node("Identity", ["emb_pooled"], [ENCODER_EMBEDDING], name="emb_out"))
+        nodes.append(helper.make_node("Identity", [last], [ENCODER_EMBEDDING], name="emb_out"))
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
     del graph.output[:]
@@ -286,18 +346,37 @@ def _pooling_nodes(pooling: Pooling, opset: int):
     return nodes, inits
 
 
-def _normalize_nodes():
-    """``embedding = pooled / max(||pooled||_2, 1e-12)`` (torch.nn.functional.normalize)."""
+def _dense_nodes(layer: DenseLayer, x: str, i: int):
+    """``activation(x @ W.T + b)`` as MatMul [+ Add] + activation nodes (fp32 initializers); returns the
+    nodes, the initializers and the output name."""
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    weight, bias = layer.weights()
+    p = f"emb_dense{i}"
+    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), f"{p}_wt")]
+    nodes = [helper.make_node("MatMul", [x, f"{p}_wt"], [f"{p}_mm"], name=f"{p}_mm")]
+    pre = f"{p}_mm"
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, f"{p}_b"))
+        nodes.append(helper.make_node("Add", [pre, f"{p}_b"], [f"{p}_lin"], name=f"{p}_lin"))
+        pre = f"{p}_lin"
+    nodes.append(helper.make_node(layer.activation, [pre], [f"{p}_out"], name=f"{p}_act"))
+    return nodes, inits, f"{p}_out"
+
+
+def _normalize_nodes(x: str = "emb_pooled"):
+    """``embedding = x / max(||x||_2, 1e-12)`` (torch.nn.functional.normalize)."""
     from onnx import helper, numpy_helper
     import numpy as np
 
     inits = [numpy_helper.from_array(np.array(NORMALIZE_EPS, np.float32), "emb_norm_eps")]
     return [
-        helper.make_node("Mul", ["emb_pooled", "emb_pooled"], ["emb_sq"], name="emb_sq"),
+        helper.make_node("Mul", [x, x], ["emb_sq"], name="emb_sq"),
         _reduce("ReduceSum", "emb_sq", "emb_sumsq", 1, 1, 13, "emb_axis1"),
         helper.make_node("Sqrt", ["emb_sumsq"], ["emb_norm"], name="emb_norm"),
         helper.make_node("Max", ["emb_norm", "emb_norm_eps"], ["emb_norm_c"], name="emb_norm_c"),
-        helper.make_node("Div", ["emb_pooled", "emb_norm_c"], [ENCODER_EMBEDDING], name="emb_normalize"),
+        helper.make_node("Div", [x, "emb_norm_c"], [ENCODER_EMBEDDING], name="emb_normalize"),
     ], inits
 
 

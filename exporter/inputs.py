@@ -440,7 +440,11 @@ def resolve_columns(checkpoint: Checkpoint, text: str | None = None, label: str 
 
 
 def _label_id(token: str, label2id: dict[str, int]) -> int:
-    """A label name, or an integer id (``0``/``1``: what a tutorial's CSV holds)."""
+    """A label name as the checkpoint spells it (spaces kept: ``" pos"`` is a label of its own), else the
+    name without surrounding spaces, or an integer id (``0``/``1``: what a tutorial's CSV holds)."""
+    if token in label2id:
+        return label2id[token]
+    token = token.strip()
     if token in label2id:
         return label2id[token]
     if token.lstrip("-").isdigit() and int(token) in label2id.values():
@@ -466,7 +470,7 @@ def parse_label(raw: str, kind: Head, label2id: dict[str, int]) -> Any:
                 raise ValueError(raw)
         else:
             items = raw.split(MULTI_LABEL_SEPARATOR)
-        tokens = [str(i).strip() for i in items if str(i).strip()]
+        tokens = [str(i) for i in items if str(i).strip()]
         return sorted({_label_id(t, label2id) for t in tokens})
     return _label_id(raw, label2id)
 
@@ -490,9 +494,9 @@ def read_examples(path: Path, label2id: dict[str, int], *, limit: int | None = N
                 raise EvalDataError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(fields) or 'none'}); "
                                     "name the columns with --text-column/--label-column/--text-pair-column")
             for row in reader:
-                text, raw = row.get(columns.text), (row.get(columns.label) or "").strip()
+                text, raw = row.get(columns.text), row.get(columns.label) or ""
                 pair = row.get(columns.text_pair) if columns.text_pair else ""
-                if text is None or pair is None or not raw:
+                if text is None or pair is None or not raw.strip():
                     continue
                 try:
                     labels.append(parse_label(raw, kind, label2id))

@@ -8,7 +8,9 @@ one (``http://``/``https://`` -> TritonHttpUser, ``grpc://``/``grpcs://`` -> Tri
     locust -f loadtest/locustfile.py ... --host grpc://127.0.0.1:8001
 
 With ``--model-name`` naming an embedding model (say ``embedder``), the embedding users run instead
-(TritonEmbedHttpUser / TritonEmbedGrpcUser: every answer must be a finite FP32 [rows, dim] EMBEDDING).
+(TritonEmbedHttpUser / TritonEmbedGrpcUser: every answer must be a finite FP32 [rows, dim] EMBEDDING); naming
+a text-pair model (say ``reranker``), the rerank users (TritonRerankHttpUser / TritonRerankGrpcUser: one
+query and ``--texts-per-request`` documents a request, one finite SCORE per document).
 
 Each request sends ``--texts-per-request`` real texts drawn at random from ``--texts`` (a CSV with a
 ``text`` column; default data/test.csv, else the packaged corpus), so lengths are mixed. Requests are
@@ -25,6 +27,7 @@ grpc_gevent.init_gevent()
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import ssl  # noqa: E402
 import time  # noqa: E402
@@ -40,7 +43,10 @@ from loadtest.texts import load_texts  # noqa: E402
 from serving.contract import (  # noqa: E402
     DEFAULT_CLASSIFIER,
     EMBEDDING,
+    SCORE,
+    Activation,
     Head,
+    decode_scores,
     decode_embedding,
     LABEL,
     ContractError,
@@ -108,8 +114,11 @@ def _pick_user_class(environment) -> None:
     except ContractError as exc:
         raise SystemExit(f"--host: {exc}") from exc
     wanted = USER_CLASS[protocol]
-    if _is_embedding_model(environment.host, getattr(environment.parsed_options, "model_name", DEFAULT_CLASSIFIER)):
+    served = _served_contract(environment.host, getattr(environment.parsed_options, "model_name", DEFAULT_CLASSIFIER))
+    if served is not None and served.head is Head.EMBEDDING:
         wanted = EMBED_USER_CLASS[protocol]
+    elif served is not None and served.text_pair:
+        wanted = RERANK_USER_CLASS[protocol]
     environment.user_classes[:] = [u for u in environment.user_classes if u.__name__ == wanted]
     log.info("host %s: running %s", environment.host, wanted)
 
@@ -261,10 +270,16 @@ def check_answer(model: ServedModel | None, outputs, n_rows: int) -> None:
 
 
 def _is_embedding_model(host: str, model: str) -> bool:
-    """Whether the served ``model`` has an embedding head (asked only for a model other than the default
-    classifier, so plain ``locust -f`` runs as before); False when the server cannot tell."""
+    """Whether the served ``model`` has an embedding head (see :func:`_served_contract`)."""
+    served = _served_contract(host, model)
+    return served is not None and served.head is Head.EMBEDDING
+
+
+def _served_contract(host: str, model: str) -> ServedModel | None:
+    """The served ``model``'s contract (asked only for a model other than the default classifier, so plain
+    ``locust -f`` runs as before); None when the server cannot tell."""
     if not model or model == DEFAULT_CLASSIFIER:
-        return False
+        return None
     try:
         endpoint = parse_endpoint(host)
         if endpoint.protocol is Protocol.HTTP:
@@ -277,10 +292,10 @@ def _is_embedding_model(host: str, model: str) -> bool:
                 config = client.get_model_config(model, as_json=True)
             finally:
                 client.close()
-        return ServedModel.from_config(config).head is Head.EMBEDDING
+        return ServedModel.from_config(config)
     except Exception as exc:  # noqa: BLE001 - the classifier users stay, their checks report the problem
         log.warning("cannot read the config of %s at %s (%s): running the classifier users", model, host, exc)
-        return False
+        return None
 
 
 class TritonEmbedHttpUser(TritonHttpUser):
@@ -298,3 +313,65 @@ class TritonEmbedGrpcUser(TritonGrpcUser):
         super().on_start()
         self.outputs = requested_outputs(self._grpc, (EMBEDDING,))
         self.output_names = (EMBEDDING,)
+
+
+# ------------------------------------------------------------------------------------------- rerankers
+
+RERANK_USER_CLASS = {Protocol.HTTP: "TritonRerankHttpUser", Protocol.GRPC: "TritonRerankGrpcUser"}
+
+
+def check_scores(model: ServedModel | None, outputs, n_rows: int) -> None:
+    """A reranker's answer: one finite SCORE per document (within [0, 1] after a sigmoid)."""
+    scores = decode_scores(model, outputs, n_rows) if model is not None else list(outputs[SCORE].reshape(-1))
+    if len(scores) != n_rows or not all(math.isfinite(x) for x in scores):
+        raise ContractError(f"{SCORE}: expected {n_rows} finite scores, got {scores[:4]}")
+    if model is not None and model.activation is Activation.SIGMOID and not all(0.0 <= x <= 1.0 for x in scores):
+        raise ContractError(f"{SCORE} outside [0, 1] after a sigmoid")
+
+
+class TritonRerankHttpUser(FastHttpUser):
+    """A reranker (a text-pair model) over KServe v2 HTTP/JSON: one query and ``--texts-per-request``
+    documents per request (TEXT = the query on every row, TEXT_PAIR = the documents), SCORE rows out.
+    (Not a TritonHttpUser subclass: Locust would run that class's classify task too.)"""
+
+    wait_time = _wait
+    on_start = TritonHttpUser.on_start
+
+    @task
+    def infer(self) -> None:
+        query, *docs = payload.pick_texts(self.pool, self.n + 1, self.rng)
+        body = http_infer_body([query] * len(docs), docs, outputs=(SCORE,))
+        with self.client.post(infer_path(self.model), json=body, name=self.name, catch_response=True,
+                              timeout=_opts(self).request_timeout) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                check_scores(self.served, http_outputs(resp.json()), len(docs))
+            except (ContractError, ValueError) as exc:
+                resp.failure(f"invalid response: {exc}")
+
+
+class TritonRerankGrpcUser(User):
+    """A reranker over Triton gRPC (one query, ``--texts-per-request`` documents a request)."""
+
+    wait_time = _wait
+    on_start = TritonGrpcUser.on_start
+    on_stop = TritonGrpcUser.on_stop
+
+    @task
+    def infer(self) -> None:
+        query, *docs = payload.pick_texts(self.pool, self.n + 1, self.rng)
+        start, length, exc = time.perf_counter(), 0, None
+        try:
+            result = self.client.infer(self.model, infer_inputs(self._grpc, [query] * len(docs), docs),
+                                       outputs=requested_outputs(self._grpc, (SCORE,)),
+                                       client_timeout=_opts(self).request_timeout)
+            check_scores(self.served, {SCORE: result.as_numpy(SCORE)}, len(docs))
+            length = result.get_response().ByteSize()
+        except Exception as err:  # every failure is a failed request in the report
+            exc = err
+        self.environment.events.request.fire(
+            request_type="grpc", name=self.name, response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length, exception=exc, context={},
+        )

@@ -1,4 +1,5 @@
-"""`python -m serving {up,gateway,classify,embed,health,validate,manifests}`: thin commands over the serving library."""
+"""`python -m serving {up,gateway,classify,embed,rerank,models,health,validate,manifests}`: thin commands over
+the serving library."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
-from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, Protocol
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, DEFAULT_RERANKER, Protocol
 from serving.errors import ServingError
 from serving.repository import Target
 
@@ -65,6 +66,41 @@ class EmbedConfig(ClassifyConfig):
         super().__post_init__()
         if self.show < 0:
             raise ServingError(f"--show must be >= 0, got {self.show}")
+
+
+@dataclass
+class RerankConfig:
+    """`serving rerank`: a query, its documents, where to send them, how many to print."""
+
+    query: str = field(metadata={"help": "the query"})
+    documents: list[str] = field(metadata={"help": "documents to rank; '-' reads one document per line from stdin"})
+    url: str | None = field(default=None, metadata={"help": "host:port (default 127.0.0.1:8000 http, :8001 grpc)"})
+    protocol: Protocol = field(default=Protocol.HTTP, metadata={"help": "wire protocol"})
+    model: str = field(default=DEFAULT_RERANKER, metadata={"help": "served reranker name"})
+    top_k: int | None = field(default=None, metadata={"help": "print only the best K documents (default: all)"})
+    timeout_s: float = field(default=30.0, metadata={"help": "seconds per request"})
+    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
+
+    def __post_init__(self) -> None:
+        try:
+            self.protocol = Protocol(self.protocol)
+        except ValueError:
+            raise ServingError(f"protocol must be http or grpc, got {self.protocol!r}") from None
+        if not self.documents:
+            raise ServingError("give at least one document (or '-' to read lines from stdin)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ServingError(f"--top-k must be >= 1, got {self.top_k}")
+        self.output = Output(self.output)
+        if self.url is None:
+            self.url = f"127.0.0.1:{self.protocol.default_port}"
+
+
+@dataclass
+class ModelsConfig:
+    """`serving models`: the repository whose served models to list."""
+
+    repository: Path = field(default=Path("model_repository"), metadata={"help": "model repository directory"})
+    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
 
 
 @dataclass
@@ -190,18 +226,37 @@ def _run_classify(args) -> int:
         print(json.dumps([{"text": t, **p.to_dict()} for t, p in zip(config.texts, predictions)], indent=2))
         return 0
     from rich.console import Console
+
+    console = Console()
+    console.print(classify_table(config, predictions, console.width))
+    return 0
+
+
+TOP_SHOWN = 3  # probabilities shown in one column when a column per label does not fit the terminal
+
+
+def classify_table(config: ClassifyConfig, predictions, width: int):
+    """The predictions as a table that fits ``width`` columns: one column per label when they fit beside
+    the text and the label, else the top three probabilities in one column (the label always shows)."""
     from rich.table import Table
 
     labels = list(predictions[0].probabilities) if predictions else []
+    per_label = 24 + max((len(p.label) for p in predictions), default=5) + sum(max(len(x), 5) + 3 for x in labels)
     table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
-    table.add_column("text", overflow="fold", max_width=60)
-    table.add_column("label", style="bold")
-    for label in labels:
-        table.add_column(label, justify="right")
+    table.add_column("text", overflow="fold", max_width=60, min_width=8)
+    table.add_column("label", style="bold", overflow="fold", min_width=5)
+    if per_label <= width:
+        for label in labels:
+            table.add_column(label, justify="right")
+        for text, p in zip(config.texts, predictions):
+            table.add_row(text, p.label, *(f"{p.probabilities[label]:.3f}" for label in labels))
+        return table
+    table.add_column("score", justify="right")
+    table.add_column(f"top {TOP_SHOWN}", overflow="fold")
     for text, p in zip(config.texts, predictions):
-        table.add_row(text, p.label, *(f"{p.probabilities[label]:.3f}" for label in labels))
-    Console().print(table)
-    return 0
+        top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:TOP_SHOWN]
+        table.add_row(text, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.3f}" for k, v in top))
+    return table
 
 
 def _add_embed(sub) -> None:
@@ -253,6 +308,75 @@ def _print_scores(config: ClassifyConfig, scores: list[float]) -> int:
     return 0
 
 
+def _add_rerank(sub) -> None:
+    p = sub.add_parser("rerank", help="rank documents for a query with a running server (a reranker)")
+    p.add_argument("query", help=RerankConfig.__dataclass_fields__["query"].metadata["help"])
+    p.add_argument("documents", nargs="+", help=RerankConfig.__dataclass_fields__["documents"].metadata["help"])
+    add_config_arguments(p, RerankConfig, exclude={"query", "documents"})
+    p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
+
+
+def _run_rerank(args) -> int:
+    docs = [line.rstrip("\n") for line in sys.stdin] if args.documents == ["-"] else args.documents
+    config = config_from_args(RerankConfig, args, query=args.query, documents=docs)
+    from serving.client import Reranker
+
+    with Reranker(config.url, protocol=config.protocol, model=config.model, timeout_s=config.timeout_s) as client:
+        ranked = client.rerank(config.query, config.documents, config.top_k)
+    if config.output is Output.JSON:
+        print(json.dumps([{**r.to_dict(), "text": config.documents[r.index]} for r in ranked], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value}): {config.query}")
+    for name, justify in (("rank", "right"), ("index", "right"), ("score", "right"), ("document", "left")):
+        table.add_column(name, justify=justify, overflow="fold", max_width=60 if name == "document" else None)
+    for i, r in enumerate(ranked, 1):
+        table.add_row(str(i), str(r.index), f"{r.score:.4f}", config.documents[r.index])
+    Console().print(table)
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the served models of a repository (task, head, labels, version)")
+    add_config_arguments(p, ModelsConfig)
+    p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
+
+
+def served_models(repository: Path) -> list[dict]:
+    """Each served model of ``repository``: name, task, head, labels and the versions on disk."""
+    from serving.repository import read_repository
+
+    info = read_repository(repository)
+    rows = []
+    for name, model in sorted(info.models.items()):
+        c = model.contract
+        versions = sorted((d.name for d in (Path(repository) / name).iterdir() if d.is_dir() and d.name.isdigit()),
+                          key=int)
+        rows.append({"name": name, "task": c.task, "head": c.head.value, "labels": list(c.labels),
+                     "text_pair": c.text_pair, "version": versions[-1] if versions else None})
+    return rows
+
+
+def _run_models(args) -> int:
+    config = config_from_args(ModelsConfig, args)
+    rows = served_models(config.repository)
+    if config.output is Output.JSON:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(config.repository))
+    for name in ("model", "task", "head", "labels", "version"):
+        table.add_column(name, overflow="fold", max_width=40 if name == "labels" else None)
+    for r in rows:
+        table.add_row(r["name"], r["task"], r["head"], ", ".join(r["labels"]) or "-", r["version"] or "-")
+    Console().print(table)
+    return 0
+
+
 def _add_health(sub) -> None:
     add_config_arguments(sub.add_parser("health", help="exit 0 if the server and the model are ready"), HealthConfig)
 
@@ -292,7 +416,7 @@ def _manifests():
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     parser, sub = command_parser(PROG, __doc__)
-    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_health, _add_validate):
+    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_rerank, _add_models, _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
     if manifests is not None:
@@ -301,6 +425,7 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
 
 
 RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed,
+           "rerank": _run_rerank, "models": _run_models,
            "health": _run_health, "validate": _run_validate}
 
 

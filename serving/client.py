@@ -25,16 +25,19 @@ from typing import Any, Iterable, Iterator, Sequence
 from serving.contract import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
+    DEFAULT_RERANKER,
     LOGITS,
     ContractError,
     Endpoint,
     Prediction,
     Protocol,
+    Ranked,
     ServedModel,
     decode_classification,
     decode_scores,
     infer_inputs,
     parse_endpoint,
+    rank,
     requested_outputs,
     text_rows,
 )
@@ -474,3 +477,45 @@ class AsyncEmbedder(_AsyncTransport):
 
 
 __all__ += ["AsyncEmbedder", "Embedder"]
+
+
+def _rerank_rows(query: str, documents: str | Sequence[str], top_k: int | None) -> tuple[list[str], list[str]]:
+    """([query], documents) checked before any request: one query string, string documents, top_k >= 1."""
+    if not isinstance(query, str):
+        raise ClientError("rerank takes one query string")
+    try:
+        rank([0.0], top_k)  # the same check the ranking applies
+        return [query], text_rows(documents, "documents")
+    except ContractError as exc:
+        raise ClientError(str(exc)) from None
+
+
+@dataclass
+class Reranker(_SyncTransport):
+    """Rerank documents for a query with a served reranker (a text-pair regression model; a CrossEncoder's
+    SCORE is its saved activation, as ``CrossEncoder.predict``)."""
+
+    model: str = DEFAULT_RERANKER
+
+    def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
+        """The documents' (index, score), highest score first (text-embeddings-inference's /rerank order)."""
+        query, docs = _rerank_rows(query, documents, top_k)
+        if not docs:
+            return []
+        return rank(_decode_scores(*self._infer(query * len(docs), docs)), top_k)
+
+
+@dataclass
+class AsyncReranker(_AsyncTransport):
+    """The asyncio twin of Reranker."""
+
+    model: str = DEFAULT_RERANKER
+
+    async def rerank(self, query: str, documents: str | Sequence[str], top_k: int | None = None) -> list[Ranked]:
+        query, docs = _rerank_rows(query, documents, top_k)
+        if not docs:
+            return []
+        return rank(_decode_scores(*(await self._infer(query * len(docs), docs))), top_k)
+
+
+__all__ += ["AsyncReranker", "Reranker"]

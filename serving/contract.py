@@ -86,6 +86,24 @@ class Head(str, enum.Enum):
     EMBEDDING = "embedding"
 
 
+class Activation(str, enum.Enum):
+    """What a regression head's SCORE is: the logit itself (none), or an activation of it, as a
+    sentence-transformers CrossEncoder's ``predict`` applies its saved ``activation_fn``."""
+
+    NONE = "none"
+    IDENTITY = "identity"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        x = np.asarray(logits, dtype=np.float32)
+        if self is Activation.SIGMOID:
+            return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+        if self is Activation.TANH:
+            return np.tanh(x)
+        return x
+
+
 # Wire tensors (the client contract).
 TEXT, TEXT_PAIR = "TEXT", "TEXT_PAIR"
 LABEL, PROBABILITIES, LOGITS, SCORE, EMBEDDING = "LABEL", "PROBABILITIES", "LOGITS", "SCORE", "EMBEDDING"
@@ -132,9 +150,14 @@ class ServedModel:
     embedding_dim: int = 0
     threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD  # multi-label: a label is on when its probability >= it
     max_batch_size: int = 0  # filled from the model config when read back; 0 = unknown
+    # regression: SCORE = activation(logit) (a CrossEncoder reranker); LOGITS is served beside it then
+    activation: Activation = Activation.NONE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", Head(self.head))
+        object.__setattr__(self, "activation", Activation(self.activation))
+        if self.activation is not Activation.NONE and self.head is not Head.REGRESSION:
+            raise ContractError(f"an activation applies to a regression head's SCORE, not to {self.head.value}")
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         check_model_name(self.name)
         classifier = self.head in (Head.SINGLE_LABEL, Head.MULTI_LABEL)
@@ -150,6 +173,14 @@ class ServedModel:
             raise ContractError(f"threshold must be within (0, 1), got {self.threshold}")
 
     # -- signature -------------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        """The task the model serves: embedding, reranking (a CrossEncoder's activated SCORE) or
+        classification (single-label, multi-label, regression, text pairs)."""
+        if self.head is Head.EMBEDDING:
+            return "embedding"
+        return "reranking" if self.activation is not Activation.NONE else "classification"
+
     @property
     def num_outputs(self) -> int:
         """Width of the head: labels for classifiers, 1 for regression, the dimension for embeddings."""
@@ -168,7 +199,8 @@ class ServedModel:
         if self.head is Head.EMBEDDING:
             return (Tensor(EMBEDDING, "FP32", (n,)),)
         if self.head is Head.REGRESSION:
-            return (Tensor(SCORE, "FP32", (1,)),)
+            score = Tensor(SCORE, "FP32", (1,))
+            return (score,) if self.activation is Activation.NONE else (score, Tensor(LOGITS, "FP32", (1,)))
         return (Tensor(LABEL, "BYTES", (1,)), Tensor(PROBABILITIES, "FP32", (n,)), Tensor(LOGITS, "FP32", (n,)))
 
     @property
@@ -187,16 +219,19 @@ class ServedModel:
 
     # -- config parameters -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "name": self.name, "head": self.head.value,
-                "labels": list(self.labels), "text_pair": self.text_pair, "embedding_dim": self.embedding_dim,
-                "threshold": self.threshold}
+        doc = {"schema_version": SCHEMA_VERSION, "name": self.name, "head": self.head.value,
+               "labels": list(self.labels), "text_pair": self.text_pair, "embedding_dim": self.embedding_dim,
+               "threshold": self.threshold}
+        if self.activation is not Activation.NONE:  # only rerankers carry it: other contracts stay as they were
+            doc["activation"] = self.activation.value
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], max_batch_size: int = 0) -> "ServedModel":
         version = doc.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ContractError(f"contract schema_version {version} is not {SCHEMA_VERSION}")
-        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold")
+        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "activation")
         return cls(**{k: doc[k] for k in keys if k in doc}, max_batch_size=max_batch_size)
 
     def to_parameters(self) -> dict[str, str]:
@@ -390,6 +425,27 @@ def decode_scores(model: ServedModel, outputs: Mapping[str, Any], n_rows: int | 
     if n_rows is not None and len(scores) != n_rows:
         raise ContractError(f"{SCORE} has {len(scores)} rows, expected {n_rows}")
     return [float(x) for x in scores]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One document of a rerank answer: its index in the request and its score (text-embeddings-inference's
+    ``/rerank`` item)."""
+
+    index: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "score": self.score}
+
+
+def rank(scores: Sequence[float], top_k: int | None = None) -> list[Ranked]:
+    """Scores as text-embeddings-inference's ``/rerank`` orders them: highest first, equal scores in request
+    order, the first ``top_k`` (all when None)."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ContractError(f"top_k must be an integer >= 1, got {top_k!r}")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:top_k]
+    return [Ranked(int(i), float(scores[i])) for i in order]
 
 
 PROB_TOLERANCE = 1e-3

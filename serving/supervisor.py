@@ -44,6 +44,21 @@ STUB_NAME = "triton_python_backend_stub"
 UNHEALTHY_STUB = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
 
 
+def canary_request(repository: Path, model: str | None, text: str) -> tuple[str, bytes]:
+    """The canary's model and HTTP body: ``model``, else a model the repository serves (``classifier`` when it
+    serves one), asked for every output with the inputs its contract takes (a text pair too for a reranker)."""
+    from serving.errors import ServingError
+    from serving.repository import read_repository
+
+    try:
+        served = read_repository(repository).models
+    except (ServingError, OSError):
+        served = {}
+    name = model or (DEFAULT_CLASSIFIER if DEFAULT_CLASSIFIER in served or not served else sorted(served)[0])
+    pairs = [text] if name in served and served[name].contract.text_pair else None
+    return name, json.dumps(http_infer_body([text], pairs, outputs=())).encode()
+
+
 @dataclass
 class SupervisorConfig:
     """How often to check, what counts as broken, and how hard to try to recover."""
@@ -51,7 +66,8 @@ class SupervisorConfig:
     check_interval_s: float = field(default=2.0, metadata={"help": "seconds between supervisor checks"})
     canary: bool = field(default=True,
                          metadata={"help": "classify a canary text on every check (detects a dead python stub)"})
-    canary_model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "model the canary request goes to"})
+    canary_model: str | None = field(default=None, metadata={
+        "help": "model the canary request goes to (default: one the repository serves, 'classifier' first)"})
     canary_text: str = field(default="supervisor canary", metadata={"help": "text of the canary request"})
     canary_timeout_s: float = field(default=10.0, metadata={"help": "seconds a canary may take"})
     canary_failures: int = field(default=3,
@@ -142,6 +158,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._fatal: ServerError | None = None
         self._canary_misses = 0
+        self._canary_req: tuple[str, bytes] | None = None
         self._urls = ("", "", "")
 
     # -- what a caller sees
@@ -246,8 +263,11 @@ class Supervisor:
         return None
 
     def _canary(self, server: LocalTritonServer) -> str | None:
-        body = json.dumps(http_infer_body([self.config.canary_text])).encode()
-        req = urllib.request.Request(f"http://{server.http_url}{infer_path(self.config.canary_model)}", data=body,
+        if self._canary_req is None:  # read the repository once: the model the canary asks, and its inputs
+            self._canary_req = canary_request(self.server_config.repository, self.config.canary_model,
+                                              self.config.canary_text)
+        model, body = self._canary_req
+        req = urllib.request.Request(f"http://{server.http_url}{infer_path(model)}", data=body,
                                      headers={"Content-Type": "application/json"})  # inference: open
         hard, soft = None, None
         try:

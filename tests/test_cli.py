@@ -355,3 +355,39 @@ def test_cli_functions_are_under_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{rel}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def test_fp_max_abs_help_says_logits_as_the_gate_measures(capsys):
+    """Issue 19: the help said 'probability' while exporter.parity gates the largest absolute logit difference."""
+    from exporter.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--fp32-max-abs", "--fp16-max-abs"):
+        help_text = text.rsplit(flag, 1)[1].split(" --", 1)[0]  # the option list, after the usage line
+        assert "LOGIT" in help_text and "probability" not in help_text
+
+
+def test_classify_table_of_a_50_label_model_shows_the_label_at_80_columns():
+    """Issue 19: a column per label squeezed the label column to nothing at 80 columns."""
+    import io
+
+    from rich.console import Console
+
+    from serving.cli import ClassifyConfig, classify_table
+    from serving.contract import Prediction
+
+    labels = [f"category_{i:02d}" for i in range(50)]
+    probs = {name: (0.5 if i == 37 else 0.5 / 49) for i, name in enumerate(labels)}
+    preds = [Prediction(label="category_37", score=0.5, probabilities=probs)] * 2
+    config = ClassifyConfig(texts=["a long enough text to be folded by the table " * 2, "short"])
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(classify_table(config, preds, 80))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert sum("category_37" in line for line in lines) >= 2  # the label, in full, on each row
+    small = [Prediction(label="b", score=0.6, probabilities={"a": 0.4, "b": 0.6})]
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(classify_table(ClassifyConfig(texts=["t"]), small, 80))
+    assert "0.400" in out.getvalue() and "0.600" in out.getvalue()  # few labels: a column each, as before

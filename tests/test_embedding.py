@@ -253,3 +253,25 @@ def test_gpu_gate_runs_the_served_sub_batches_and_matches_rows_alone(st_mean, st
     gate, _ = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, reference, EmbeddingBudgets(top_k=3),
                             max_batch_tokens=64)
     assert gate.passed and gate.min_cosine > 0.99999
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dense_modules_are_graph_nodes_equal_to_sentence_transformers(st_mean, tmp_path, normalize):
+    """Issue 19: Transformer -> Pooling -> Dense (-> Dense) -> [Normalize] was refused; the Dense modules now
+    run in the graph (MatMul + Add + activation) and the embedding equals SentenceTransformer.encode."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(5)
+    base = SentenceTransformer(str(st_mean), device="cpu")
+    modules = [base[0], base[1], models.Dense(32, 24, activation_function=torch.nn.Tanh()),
+               models.Dense(24, 16, bias=False, activation_function=torch.nn.Identity())]
+    SentenceTransformer(modules=modules + ([models.Normalize()] if normalize else []), device="cpu").save(
+        str(tmp_path / "dense"))
+    pipeline = read_pipeline(tmp_path / "dense")
+    assert pipeline.dim == 16 and len(pipeline.dense) == 2 and pipeline.normalize is normalize
+    onnx_path = fp32_variant(export_body(pipeline, tmp_path / "body"), pipeline, tmp_path / "fp32.onnx")
+    ref = reference_embeddings(reference_model(pipeline), TEXTS)
+    got = _row_embeddings(onnx_path, tmp_path / "dense")
+    assert got.shape == (len(TEXTS), 16)
+    np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -247,3 +247,25 @@ def test_gpu_target_serves_the_embedder_beside_the_classifier(built, texts, refe
     assert got.shape == reference.shape and np.abs(got - reference).max() < 1e-5
     assert np.abs(alone - among).max() <= 1e-5 and np.abs(alone - got[:6]).max() <= 1e-5
     assert record.rows == len(texts) + 6 + 6 * 16 and record.real_tokens <= record.computed_tokens
+
+
+def test_supervisor_canary_asks_the_embedder_of_an_embedder_only_repository(built, server, tmp_path):
+    """Issue 19: the canary asked `classifier` whatever the repository served, so `serving up` restarted an
+    embedder-only repository again and again. It now asks a model the repository serves, for all its outputs."""
+    from serving.supervisor import Supervisor, canary_request
+
+    only = tmp_path / "repo"
+    shutil.copytree(built["repo"] / DEFAULT_EMBEDDER, only / DEFAULT_EMBEDDER)
+    assert set(read_repository(only).models) == {DEFAULT_EMBEDDER}
+    model, body = canary_request(only, None, "canary")
+    assert model == DEFAULT_EMBEDDER and "outputs" not in json.loads(body)
+    assert canary_request(built["repo"], None, "canary")[0] == DEFAULT_CLASSIFIER  # classifier first when served
+    # the request as the supervisor sends it is answered by the server (a missing model would be 'broken')
+    assert Supervisor(ServerConfig(only))._canary(server) is None
+    assert Supervisor(ServerConfig(only), _canary_config("absent"))._canary(server) is not None
+
+
+def _canary_config(model: str):
+    from serving.supervisor import SupervisorConfig
+
+    return SupervisorConfig(canary_model=model, canary_failures=1, canary_timeout_s=5)

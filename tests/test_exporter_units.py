@@ -203,6 +203,22 @@ def test_read_examples(tmp_path):
         read_examples(path, {"negative": 0})
 
 
+def test_read_examples_keeps_a_label_with_surrounding_spaces(tmp_path):
+    """Issue 19: the reader stripped the cell, so a label the checkpoint spells ' pos ' was refused."""
+    from exporter.inputs import read_examples
+    from serving.contract import Head
+
+    path = tmp_path / "e.csv"
+    path.write_text('text,label\na," pos "\nb,neg\nc, neg\nd,   \n', encoding="utf-8")
+    ex = read_examples(path, {" pos ": 0, "neg": 1})
+    assert ex.texts == ["a", "b", "c"] and ex.labels == [0, 1, 1]  # exact spelling first, else stripped
+    path.write_text('text,label\na," pos "\n', encoding="utf-8")
+    with pytest.raises(EvalDataError, match="does not know"):
+        read_examples(path, {"neg": 0, "other": 1})
+    path.write_text('text,label\na,"["" pos "", ""neg""]"\n', encoding="utf-8")
+    assert read_examples(path, {" pos ": 0, "neg": 1}, kind=Head.MULTI_LABEL).labels == [[0, 1]]
+
+
 def test_load_checkpoint_rejects(tmp_path):
     from exporter.inputs import load_checkpoint
 

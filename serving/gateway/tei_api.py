@@ -4,10 +4,10 @@
 Each serves the repository's default model of its kind; ``?model=NAME`` picks another. Differences from
 text-embeddings-inference, on purpose: ``/predict`` on a multi-label model answers sigmoid scores (never a
 softmax); a 2-string list is one pair only for a model that takes pairs (else two texts); ``/rerank`` is served
-by a text-pair model with a regression head (score = sigmoid of its output unless ``raw_scores``), since the
-toolkit has no dedicated reranker task yet; a body with ``parameters`` (the Hugging Face Inference API form
-``InferenceClient.text_classification`` sends) gets that API's answer: one list per input, ``top_k`` and
-``function_to_apply`` honoured.
+by a text-pair model with a regression head (a CrossEncoder reranker: its served SCORE, the saved activation;
+another: sigmoid of its output; ``raw_scores``: the logit); a body with ``parameters`` (the Hugging Face
+Inference API form ``InferenceClient.text_classification`` sends) gets that API's answer: one list per
+input, ``top_k`` and ``function_to_apply`` honoured.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.cli import package_version
-from serving.contract import EMBEDDING, LOGITS, PROBABILITIES, SCORE, Head
+from serving.contract import EMBEDDING, LOGITS, PROBABILITIES, SCORE, Activation, Head, ServedModel
 from serving.errors import GatewayError
 from serving.gateway.backend import CLASSIFIERS, ModelEntry
 
@@ -183,8 +183,7 @@ async def _rerank(gw: "Gateway", entry: ModelEntry, body: dict[str, Any]) -> "Re
         raise GatewayError("top_n must be an integer >= 1", 422)
     queries = [query] * len(texts)
     _check_length(gw, entry, queries, _flag(body, "truncate", True), texts)
-    raw = (await gw.triton.infer(entry.contract, queries, texts, (SCORE,)))[SCORE].reshape(-1).astype(np.float64)
-    scores = raw if _flag(body, "raw_scores", False) else 1.0 / (1.0 + np.exp(-raw))
+    scores = await _rerank_scores(gw, entry.contract, queries, texts, _flag(body, "raw_scores", False))
     with_text = _flag(body, "return_text", False)
     ranked = []
     for i in np.argsort(-scores, kind="stable")[:top_n]:
@@ -193,6 +192,17 @@ async def _rerank(gw: "Gateway", entry: ModelEntry, body: dict[str, Any]) -> "Re
             item["text"] = texts[i]
         ranked.append(item)
     return _json(ranked)
+
+
+async def _rerank_scores(gw: "Gateway", model: ServedModel, queries: list[str], texts: list[str],
+                         raw_scores: bool) -> np.ndarray:
+    """A reranker built from a CrossEncoder serves SCORE = its saved activation of LOGITS (CrossEncoder.predict):
+    that SCORE, or LOGITS for raw_scores. Another text-pair regression model: its SCORE, sigmoid unless raw."""
+    if model.activation is not Activation.NONE:
+        name = LOGITS if raw_scores else SCORE
+        return (await gw.triton.infer(model, queries, texts, (name,)))[name].reshape(-1).astype(np.float64)
+    raw = (await gw.triton.infer(model, queries, texts, (SCORE,)))[SCORE].reshape(-1).astype(np.float64)
+    return raw if raw_scores else 1.0 / (1.0 + np.exp(-raw))
 
 
 async def tokenize(gw: "Gateway", request: "Request") -> "Response":

@@ -89,12 +89,16 @@ def encode_rows(tokenizer, texts, pairs=None):
 
 
 def head_outputs(model, logits, probabilities):
-    """The served output tensors of the head (FP32): regression SCORE (the raw prediction); classifiers
+    """The served output tensors of the head (FP32): regression SCORE (the raw prediction; a reranker's
+    activation of it, with LOGITS beside); classifiers
     LABEL (single-label: the argmax; multi-label: the JSON list of labels >= threshold), PROBABILITIES
     (softmax / sigmoid, as the graph computed them) and LOGITS."""
     if model.head is contract.Head.REGRESSION:
-        score = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1, 1))
-        return [pb_utils.Tensor(contract.SCORE, score)]
+        raw = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1, 1))
+        if model.activation is contract.Activation.NONE:
+            return [pb_utils.Tensor(contract.SCORE, raw)]
+        score = np.ascontiguousarray(model.activation.apply(raw))  # a reranker: as CrossEncoder.predict
+        return [pb_utils.Tensor(contract.SCORE, score), pb_utils.Tensor(contract.LOGITS, raw)]
     probs = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).reshape(len(logits), -1))
     logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(probs.shape))
     labels = list(model.labels)
