@@ -61,6 +61,9 @@ def first_request_cost(http_url: str, model: ServedModel, *, steady: int = 20, t
 
 def first_request_costs(http_url: str, models: Mapping[str, ServedModel] | Sequence[ServedModel], *,
                         steady: int = 20) -> list[FirstRequest]:
-    """:func:`first_request_cost` of every model, one after the other."""
+    """:func:`first_request_cost` of every model, one after the other, after a readiness check has warmed
+    this client's side (urllib's first request sets up proxies and parsers: not the server's cost)."""
     items = models.values() if isinstance(models, Mapping) else models
+    with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10) as resp:
+        resp.read()
     return [first_request_cost(http_url, m, steady=steady) for m in items]

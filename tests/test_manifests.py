@@ -59,8 +59,9 @@ def triton_container(files):
 def test_every_object_validates_offline(uri, version):
     files = m.render_manifests(make(repository_uri=uri))
     kinds = sorted({d.get("kind", "values") for docs in files.values() for d in docs})
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "InferenceService", "Kustomization", "Namespace",
-                     "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount", "ServiceMonitor", "values"]
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "InferenceService", "Kustomization",
+                     "Namespace", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceAccount",
+                     "ServiceMonitor", "values"]
     assert m.validate_manifests(files, version) == []
 
 
