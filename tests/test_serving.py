@@ -346,6 +346,11 @@ def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, t
         lines = read_endpoints(proc)
         host, port = lines["HTTP"].removeprefix("http://").split(":")
         assert host == "127.0.0.1"
+        # where the metrics, the dashboard, the alert rules and their docs are
+        assert lines["metrics"].startswith("http://127.0.0.1:") and "/metrics" in lines["metrics"]
+        assert json.loads(Path(lines["dashboard"]).read_text())["uid"] == "textclf-serving"
+        assert "textclf.alerts" in Path(lines["alerts"]).read_text()
+        assert "textclf_rows_total" in Path(lines["docs"]).read_text()
         with TextClassifier(f"{host}:{port}") as client:
             assert client.classify(["hello"])[0].label in LABELS
         # kill the tritonserver behind `serving up`: the command must notice and exit non-zero
