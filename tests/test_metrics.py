@@ -8,6 +8,8 @@ model and an embedder; the first-request costs are measured in the fixture, righ
 from __future__ import annotations
 
 import json
+import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -95,19 +97,35 @@ def _metrics_text(server) -> str:
         return resp.read().decode()
 
 
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
 def scrape(server) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the server's /metrics: (name, labels) -> value. (prometheus_client's parser names a
-    counter's samples ``<family>_total``: right for the textclf_* counters, which end in _total already.)"""
-    from prometheus_client.parser import text_string_to_metric_families
+    """Every sample of the server's /metrics, named exactly as the server writes it (what Prometheus stores
+    and PromQL selects): (name, labels) -> value. (prometheus_client's parser renames counter samples to
+    ``<family>_total``, which Prometheus does not.)"""
+    out = {}
+    for line in _metrics_text(server).splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            name, labels, number = match.groups()
+            out[(name, frozenset(_LABEL.findall(labels or "")))] = float(number)
+    return out
 
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(_metrics_text(server)) for s in family.samples}
 
-
-def exported_names(server) -> set[str]:
-    """The sample names exactly as the server writes them (what Prometheus stores and PromQL selects)."""
-    lines = [line for line in _metrics_text(server).splitlines() if line and not line.startswith("#")]
-    return {line.split("{", 1)[0].split(" ", 1)[0] for line in lines}
+def settled(server, timeout_s: float = 15.0) -> dict[tuple[str, frozenset], float]:
+    """A scrape once the textclf_* series stopped moving: the models send their metrics from a thread every
+    0.5 s, so a scrape right after a request may not hold it yet."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        samples = scrape(server)
+        ours = {k: v for k, v in samples.items() if k[0].startswith("textclf_")}
+        if ours == last or time.monotonic() > deadline:
+            return samples
+        last = ours
+        time.sleep(0.7)
 
 
 def value(samples, name: str, **labels) -> float:
@@ -123,16 +141,22 @@ def delta(after, before, name: str, **labels) -> float:
 
 def test_first_request_after_ready_costs_at_most_3x_the_steady_median(served, repository):
     """Per model, the first request after ready costs <= 3x the median of the next 20. A cold start is
-    systematic; a neighbour's CPU burst on this shared machine is not: so a second fresh server measures
-    again, and each model must pass on at least one of the two starts."""
+    systematic: it shows on every start. A neighbour's CPU burst on this shared machine (a few ms against a
+    ~1 ms request) is not: a model over 3x is measured again on up to two more fresh starts and must pass
+    on one of them. (Without model_warmup every model is 20-30x on every start: the test can fail.)"""
     _, costs = served
     assert sorted(c.model for c in costs) == sorted(MODELS)
-    models = {n: m.contract for n, m in read_repository(repository).models.items()}
-    with LocalTritonServer(ServerConfig(repository, startup_timeout_s=180)) as again:
-        second = {c.model: c for c in first_request_costs(again.http_url, models, steady=20)}
-    slow = [(c.to_json(), second[c.model].to_json()) for c in costs
-            if min(c.ratio, second[c.model].ratio) > 3.0]
-    assert not slow, f"first request > 3x the median of the next 20 on both starts: {slow}"
+    contracts = {n: m.contract for n, m in read_repository(repository).models.items()}
+    tries = {c.model: [c] for c in costs}
+    for _ in range(2):
+        slow = [m for m, seen in tries.items() if min(c.ratio for c in seen) > 3.0]
+        if not slow:
+            break
+        with LocalTritonServer(ServerConfig(repository, startup_timeout_s=180)) as again:
+            for c in first_request_costs(again.http_url, [contracts[m] for m in slow], steady=20):
+                tries[c.model].append(c)
+    slow = {m: [c.to_json() for c in seen] for m, seen in tries.items() if min(c.ratio for c in seen) > 3.0}
+    assert not slow, f"first request > 3x the median of the next 20 on every start: {slow}"
 
 
 def test_warmup_is_in_every_served_config(repository):
@@ -159,10 +183,10 @@ def _tokens(checkpoint: Path, texts, pairs=None, max_length: int = 128) -> tuple
 
 def test_classifier_metrics_count_what_was_served(server, tiny_checkpoint):
     texts = corpus_texts(23, seed=5) + ["word " * 400]  # the last one is truncated
-    before = scrape(server)
+    before = settled(server)
     with TextClassifier(server.http_url, timeout_s=60) as client:
         predictions = client.classify(texts)
-    after = scrape(server)
+    after = settled(server)
     tokens, truncated = _tokens(tiny_checkpoint, texts)
     m = "classifier"
     assert delta(after, before, "textclf_rows_total", model=m) == len(texts)
@@ -182,7 +206,7 @@ def test_classifier_metrics_count_what_was_served(server, tiny_checkpoint):
 
 def test_multi_label_counts_every_label_given_and_a_failed_request_counts_nothing(server):
     texts = corpus_texts(12, seed=6)
-    before = scrape(server)
+    before = settled(server)
     with TextClassifier(server.http_url, model="tags", timeout_s=60) as client:
         predictions = client.classify(texts)
     bad = {"inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": ["fine", "\udcff"]}]}
@@ -192,7 +216,7 @@ def test_multi_label_counts_every_label_given_and_a_failed_request_counts_nothin
     with pytest.raises(urllib.error.HTTPError) as failed:
         urllib.request.urlopen(request, timeout=30)
     assert failed.value.code == 400
-    after = scrape(server)
+    after = settled(server)
     given = [set(p.labels) for p in predictions]
     assert sum(len(g) for g in given) > len(texts)  # threshold 0.3 on 3 labels: some rows get several
     for label in LABELS:
@@ -205,12 +229,12 @@ def test_pair_and_embedder_metrics(server, tiny_checkpoint):
     from serving.client import Embedder
 
     texts, pairs = corpus_texts(5, seed=8), corpus_texts(5, seed=9)
-    before = scrape(server)
+    before = settled(server)
     with TextClassifier(server.http_url, model="pairs", timeout_s=60) as client:
         client.classify(texts, pairs)
     with Embedder(server.http_url, model="embedder", timeout_s=60) as client:
         vectors = client.embed(texts)
-    after = scrape(server)
+    after = settled(server)
     assert vectors.shape == (5, 32)
     assert delta(after, before, "textclf_input_tokens_total", model="pairs") == sum(
         _tokens(tiny_checkpoint, texts, pairs)[0])
@@ -256,7 +280,7 @@ def test_dashboard_and_rules_name_only_metrics_the_server_exports(server):
 
     with TextClassifier(server.http_url, timeout_s=60) as client:
         client.classify(corpus_texts(4, seed=3))
-    exported = exported_names(server)
+    exported = {name for name, _ in settled(server)}
     named = set()
     for expr in expressions():
         named |= _selectors(promql_parser.parse(expr.replace("$model", ".*")))

@@ -211,7 +211,7 @@ def model_metrics(model, params):
 class RowModel:
     """What the CPU target's one-model python models share: the contract from the config, the tokenizer
     without padding, a row session, ``run_row`` (one row alone, at its own length) and the model's metrics
-    (one flush per execute call; the model_warmup requests Triton sends before ready are not counted).
+    (sent by their own thread; the model_warmup requests Triton sends before ready are not counted).
 
     A subclass implements ``answer(texts, pairs)`` -> output tensors (through ``run_row``); ``_handle``
     decodes a request and answers it."""
@@ -254,9 +254,7 @@ class RowModel:
         return outputs
 
     def execute(self, requests):
-        responses = respond(requests, self._counted, self.model.name)
-        self.metrics.flush()
-        return responses
+        return respond(requests, self._counted, self.model.name)
 
     def finalize(self):
         self.metrics.close()
