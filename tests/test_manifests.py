@@ -610,3 +610,23 @@ def test_kubectl_kustomize_builds_each_directory(tmp_path):
         expected = sorted((d["kind"], d["metadata"]["name"])
                           for rel in listed for d in files[f"{sub}/{rel}".lstrip("/")])
         assert built == expected and built
+
+
+def test_dashboard_and_alert_rules_ship_with_the_manifests():
+    """The PrometheusRule (with the ServiceMonitor) and the dashboard ConfigMap are rendered and applied by
+    kustomize; the plain copies in serving/deploy/k8s/monitoring/ are what the module renders now."""
+    from serving.manifests import monitoring
+
+    files = m.render_manifests(make())
+    rule = one(files, "prometheusrule.yaml", "PrometheusRule")
+    assert [g["name"] for g in rule["spec"]["groups"]] == ["textclf.records", "textclf.alerts"]
+    alerts = {r["alert"] for r in rule["spec"]["groups"][1]["rules"]}
+    assert alerts == {"TextclfErrorRatioHigh", "TextclfP99LatencyHigh", "TextclfQueueTimeHigh",
+                      "TextclfLabelMixShift", "TextclfConfidenceShift"}
+    board = json.loads(one(files, "grafana-dashboard.yaml", "ConfigMap")["data"][monitoring.DASHBOARD_FILE])
+    assert board == monitoring.dashboard()
+    assert {"prometheusrule.yaml", "grafana-dashboard.yaml"} <= set(one(files, "kustomization.yaml")["resources"])
+    assert "prometheusrule.yaml" not in m.render_manifests(make(service_monitor=False))
+    assert "--metrics-config=summary_latencies=true" in m.triton_args(make())  # the p99 and queue summaries
+    for name, text in monitoring.static_files().items():
+        assert (monitoring.STATIC_DIR / name).read_text() == text, f"regenerate: python -m serving.manifests.monitoring"
