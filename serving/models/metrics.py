@@ -90,7 +90,8 @@ def parse_baseline(value):
 
 
 class ModelMetrics:
-    """The metrics of one served model (``model`` label), buffered per ``execute`` call.
+    """The metrics of one served model (``model`` label): observations buffered in Python, sent by a
+    daemon thread every ``FLUSH_INTERVAL_S``.
 
     ``head`` is a :class:`contract.Head`; classifiers (single- and multi-label) also get a prediction
     counter per label and the confidence histogram; ``baseline`` (:func:`parse_baseline`) sets the baseline
@@ -102,6 +103,7 @@ class ModelMetrics:
         self._families, self._metrics = {}, {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread = None
         self.discard()
         if not enabled:
             return
@@ -230,7 +232,7 @@ class ModelMetrics:
         """Stop the flush thread, send what is left, then drop the metrics before their families (the
         backend requires that order)."""
         self._stop.set()
-        if getattr(self, "_thread", None) is not None:
+        if self._thread is not None:
             self._thread.join(timeout=5)
             self.flush()
         self._metrics.clear()
