@@ -99,6 +99,9 @@ class ReferenceResult:
     speed: SpeedResult | None = None
     mae: float | None = None
     pearson: float | None = None
+    # what the served model's predictions look like on the eval rows: label_share {label: share},
+    # confidence_mean (top-1 probability), rows; None for regression (parity.serving_baseline)
+    baseline: dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`python -m exporter build`: checkpoint -> ONNX variants -> parity gate -> report -> Triton repository."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -238,8 +239,10 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
         log.info("pytorch reference (%s): %s", ck.head.value, metrics)
     with stages("reference-speed"):
         metrics = {k: v for k, v in metrics.items() if k != "micro_f1"}
+        labels = [ck.id2label[i] for i in range(len(ck.id2label))]
         reference = ReferenceResult(**metrics, size_bytes=_weights_size(ck.path),
-                                    speed=_torch_speed(model, data, mode, config.speed_seconds))
+                                    speed=_torch_speed(model, data, mode, config.speed_seconds),
+                                    baseline=parity.serving_baseline(data.ref, labels))
         del model  # the torch model is never alive next to an ONNX Runtime session
     return data, reference
 
@@ -335,6 +338,11 @@ def _serves_others(repository: Path, target: Target, name: str) -> bool:
     return info.target is target and bool(set(info.models) - {name})
 
 
+def baseline_parameters(baseline: dict | None) -> dict[str, str]:
+    """The model-config parameter that carries the build's baseline to the served model's gauges."""
+    return {} if baseline is None else {"baseline": json.dumps(baseline, sort_keys=True)}
+
+
 def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: BuildReport) -> Path:
     """Hand the selected variant to the serving stage's repository writer (atomic on its side)."""
     from exporter.artifacts import to_dict
@@ -353,6 +361,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         "reference": {"accuracy": report.reference.accuracy, "macro_f1": report.reference.macro_f1,
                       "n_examples": report.reference.n_examples},
         "eval_data": report.eval_data,
+        "baseline": report.reference.baseline,
         "settings": report.settings,
         "versions": report.versions,
         "files": {onnx_model.name: report.files.get(chosen.file)},
@@ -361,7 +370,9 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         repo_config = RepositoryConfig(target=config.target, max_length=config.max_length,
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
-                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
+                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt,
+
+                                       extra=baseline_parameters(report.reference.baseline))
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
         cross = read_cross_encoder(ck.path)
         name = config.model_name or (cross.default_name if cross is not None else DEFAULT_CLASSIFIER)

@@ -219,6 +219,27 @@ class Reference:
         return {**task_metrics(pred, self.labels, self.logits.shape[1], self.head), "n_examples": len(self.labels)}
 
 
+def serving_baseline(ref: Reference, labels: Sequence[str]) -> dict | None:
+    """What the served model should look like on live traffic like the eval rows: the share of rows given
+    each label (multi-label: rows given it, so shares can sum past 1) and the mean top-1 probability,
+    from the reference's predictions. The server exports it as gauges (textclf_baseline_*) that the alert
+    rules compare the live label mix and confidence with. None for regression (no labels)."""
+    if ref.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL) or not len(ref.logits):
+        return None
+    logits = np.nan_to_num(ref.logits.astype(np.float64))
+    if ref.head is Head.MULTI_LABEL:
+        probs = _sigmoid(logits)
+        given = probs >= ref.threshold
+    else:
+        exp = np.exp(logits - logits.max(1, keepdims=True))
+        probs = exp / exp.sum(1, keepdims=True)
+        given = np.eye(len(labels), dtype=bool)[probs.argmax(1)]
+    shares = given.mean(0)
+    return {"label_share": {str(label): round(float(x), 6) for label, x in zip(labels, shares)},
+            "confidence_mean": round(float(probs.max(1).mean()), 6), "rows": int(len(logits)),
+            "source": "pytorch reference on the eval rows"}
+
+
 def compare(precision: Precision, ref: Reference, logits: np.ndarray, probs: np.ndarray, budgets: Budgets,
             mode: GateMode = GateMode.BATCHED) -> ParityResult:
     """Parity record of one variant against the reference, with its verdict and the reason for it.

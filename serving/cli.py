@@ -168,6 +168,15 @@ def _run_gateway(args) -> int:
     return run_gateway(config_from_args(GatewayConfig, args))
 
 
+def monitoring_pointers() -> dict[str, str]:
+    """Where the Grafana dashboard, the alert rules and the metrics docs are (``serving up`` prints them)."""
+    from serving.manifests.monitoring import DASHBOARD_FILE, RULES_FILE, STATIC_DIR
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "METRICS.md"
+    return {"dashboard": str(STATIC_DIR / DASHBOARD_FILE), "alerts": str(STATIC_DIR / RULES_FILE),
+            "docs": str(docs) if docs.is_file() else "docs/METRICS.md in the source tree"}
+
+
 def _run_up(args) -> int:
     from serving.server import ServerConfig, serve_forever
     from serving.supervisor import SupervisorConfig, supervise_forever
@@ -181,7 +190,9 @@ def _run_up(args) -> int:
         print(f"tritonserver ready in {server.start_seconds:.1f} s (Ctrl-C to stop)", flush=True)
         print(f"  HTTP     http://{server.http_url}", flush=True)
         print(f"  gRPC     {server.grpc_url}", flush=True)
-        print(f"  metrics  {server.metrics_url}", flush=True)
+        print(f"  metrics  {server.metrics_url}  (textclf_* per model, beside Triton's nv_*)", flush=True)
+        for key, where in monitoring_pointers().items():
+            print(f"  {key:<8} {where}", flush=True)
         print(f"  log      {server.log_path}", flush=True)
         print(f"  pid      {server.process.pid}", flush=True)
         print(f"  admin    restricted (header {server.admin_header}; key from --admin-key/$TRITON_ADMIN_KEY, "

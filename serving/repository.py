@@ -60,10 +60,15 @@ NGC_MAX_OPSET = 26
 
 MODELS_SRC = Path(__file__).parent / "models"
 CONTRACT_SRC = Path(__file__).parent / "contract.py"
-SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "contract.py": CONTRACT_SRC}
+SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "metrics.py": MODELS_SRC / "metrics.py",
+                  "contract.py": CONTRACT_SRC}
 GPU_SOURCES = {"token_batch.py": MODELS_SRC / "token_batch.py"}  # beside the GPU target's model only
 ONNX_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
+WARMUP_DIR = "warmup"  # Triton reads model_warmup input files from <model>/warmup/
+# Warm-up samples every python model answers before it reports ready (model_warmup): a short text twice,
+# then one past max_length tokens (the longest shapes). docs/METRICS.md, "Warm start".
+WARMUP_SAMPLES = (("short", 2), ("long", 1))
 PROVENANCE = "provenance.json"
 # Default text limit per token of max_length. English WordPiece averages ~4-5 characters per token; 16 leaves
 # room for long words and URLs, so a text refused by the limit would have been truncated anyway, while
@@ -227,6 +232,35 @@ def _python_model(pb, name: str, config: RepositoryConfig, count: int, kind: str
     return cfg
 
 
+def warmup_text(sample: str, max_length: int, tensor: str = TEXT) -> str:
+    """The text a warm-up sample sends in ``tensor`` (TEXT_PAIR: a short second text)."""
+    if tensor != TEXT:
+        return "warm-up pair"
+    return "warm-up request" if sample == "short" else " ".join(["warm"] * (max_length + 8))
+
+
+def add_warmup(pb, cfg, model: ServedModel) -> None:
+    """Make ``cfg`` (a python model taking the client's text inputs) answer :data:`WARMUP_SAMPLES` before it
+    reports ready; :func:`write_warmup_files` writes the inputs. The model tells warm-up from client requests
+    by their count (textmodel: the first requests an instance executes)."""
+    for sample, count in WARMUP_SAMPLES:
+        warm = pb.ModelWarmup(name=sample, batch_size=1, count=count)
+        for t in model.inputs:
+            warm.inputs[t.name].CopyFrom(pb.ModelWarmup.Input(
+                data_type=pb.DataType.Value(t.triton_type), dims=list(t.dims), input_data_file=f"{sample}_{t.name}"))
+        cfg.model_warmup.append(warm)
+
+
+def write_warmup_files(model_dir: Path, cfg) -> None:
+    """The input files of ``cfg``'s model_warmup samples (BYTES: 4-byte little-endian length + UTF-8)."""
+    max_length = int(cfg.parameters["max_length"].string_value)
+    for warm in cfg.model_warmup:
+        for name, spec in warm.inputs.items():
+            data = warmup_text(warm.name, max_length, name).encode("utf-8")
+            (model_dir / WARMUP_DIR).mkdir(exist_ok=True)
+            (model_dir / WARMUP_DIR / spec.input_data_file).write_bytes(len(data).to_bytes(4, "little") + data)
+
+
 def _text_params(config: RepositoryConfig, tokenizer_params: Mapping[str, Any]) -> dict[str, str]:
     return {"max_length": str(config.max_length), "max_text_chars": str(config.text_chars),
             **{k: str(v) for k, v in tokenizer_params.items()}}
@@ -239,7 +273,8 @@ def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_para
     cfg.output.extend(_output(pb, t) for t in model.outputs)
     _params(cfg, {**model.to_parameters(), **_text_params(config, tokenizer_params),
                   "intra_op_threads": str(config.intra_op_threads),
-                  "pin_instances": "true" if config.pin_instances else "false"})
+                  "pin_instances": "true" if config.pin_instances else "false", **config.extra})
+    add_warmup(pb, cfg, model)
     return cfg
 
 
@@ -257,6 +292,7 @@ def _gpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_para
                   "max_batch_tokens": str(config.max_batch_tokens), "overhead_tokens": str(config.overhead_tokens),
                   "tensorrt": "true" if config.tensorrt else "false", "device_id": "0",
                   "intra_op_threads": "0"})
+    add_warmup(pb, cfg, model)
     return cfg
 
 
@@ -446,6 +482,7 @@ def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedMode
             shutil.copy2(src, version / name)
     _copy_tokenizer(version, tokenizer_dir)
     shutil.copy2(onnx_model, version / ONNX_FILE)
+    write_warmup_files(root / model.name, configs[model.name])
 
 
 def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_model: Path,
@@ -705,6 +742,9 @@ def _validate_python_model(root: Path, m: ServedModelInfo, required: Sequence[st
         raise RepositoryError(f"model '{m.name}': missing parameters {missing}")
     _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
     _check_encoder_onnx(m)
+    for warm in m.config.model_warmup:
+        for spec in warm.inputs.values():
+            _require(root / m.name / WARMUP_DIR / spec.input_data_file, f"warm-up input of model '{m.name}'")
     return [m.name]
 
 

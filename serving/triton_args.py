@@ -76,6 +76,9 @@ class TritonServerConfig:
     allow_gpu_metrics: bool | None = None
     metrics_address: str | None = None
     metrics_port: int | None = None
+    # latency summaries (p50/p90/p95/p99 per model: nv_inference_{request,queue,compute_*}_summary_us) for the
+    # dashboard and the p99 alert (docs/METRICS.md); one --metrics-config flag per setting
+    metrics_config: tuple[str, ...] | None = ("summary_latencies=true",)
     log_verbose: int | None = None
     # restricted admin APIs: the key (or a $(VAR) reference), the header and the APIs (not a tritonserver flag)
     admin_key: str | None = None
@@ -105,6 +108,9 @@ class TritonServerConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in self._NOT_FLAGS or value is None:
+                continue
+            if isinstance(value, tuple):
+                args += [f"--{f.name.replace('_', '-')}={item}" for item in value]
                 continue
             text = str(value).lower() if isinstance(value, bool) else str(value)
             args.append(f"--{f.name.replace('_', '-')}={text}")

@@ -267,6 +267,24 @@ def test_selection_is_fastest_passing_and_written_to_repository(tiny):
     assert prov["exporter"]["parity"]["passed"] is True
 
 
+def test_build_writes_the_eval_baseline_into_the_repository(tiny):
+    """The eval set's label shares and mean top-1 probability go into the report, the repository's
+    provenance and the served model's `baseline` parameter (its textclf_baseline_* gauges)."""
+    from serving.repository import read_repository
+
+    rep = tiny["report"]
+    baseline = rep["reference"]["baseline"]
+    n = rep["reference"]["n_examples"]
+    assert baseline["rows"] == n and sorted(baseline["label_share"]) == sorted(rep["labels"])
+    assert sum(baseline["label_share"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(abs(share * n - round(share * n)) < 1e-3 for share in baseline["label_share"].values())
+    assert 1 / len(rep["labels"]) <= baseline["confidence_mean"] <= 1.0
+    prov = json.loads((tiny["repo"] / "provenance.json").read_text())
+    assert prov["exporter"]["baseline"] == baseline
+    param = read_repository(tiny["repo"]).model().config.parameters["baseline"].string_value
+    assert json.loads(param) == baseline
+
+
 def test_report_markdown_and_png(tiny):
     md = (tiny["build"] / "report.md").read_text()
     assert "| variant | size | p50 ms | seq/s | max diff | agreement | accuracy | drop (pts) | verdict |" in md

@@ -528,3 +528,18 @@ def test_weights_apart_is_a_plain_export_without_the_hook(monkeypatch):
     with weights_apart() as weights:
         assert not hasattr(torch._C.Graph, "_export_onnx")
     assert weights == {} and not hasattr(torch._C.Graph, "_export_onnx")
+
+
+def test_serving_baseline_label_shares_and_confidence():
+    from exporter.parity import Reference, serving_baseline
+    from serving.contract import Head
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
+    base = serving_baseline(Reference(logits, np.zeros(4)), ["a", "b", "c"])
+    assert base["label_share"] == {"a": 0.5, "b": 0.25, "c": 0.25}
+    assert base["confidence_mean"] == pytest.approx((0.7 + 0.8 + 0.6 + 0.6) / 4)
+    assert base["rows"] == 4
+    multi = serving_baseline(Reference(np.array([[2.0, 1.0], [-2.0, 3.0]]), np.zeros((2, 2)), Head.MULTI_LABEL, 0.5),
+                             ["x", "y"])
+    assert multi["label_share"] == {"x": 0.5, "y": 1.0}  # rows given each label: shares may sum past 1
+    assert serving_baseline(Reference(np.array([[0.3]]), np.zeros(1), Head.REGRESSION), []) is None

@@ -59,8 +59,9 @@ def triton_container(files):
 def test_every_object_validates_offline(uri, version):
     files = m.render_manifests(make(repository_uri=uri))
     kinds = sorted({d.get("kind", "values") for docs in files.values() for d in docs})
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "InferenceService", "Kustomization", "Namespace",
-                     "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount", "ServiceMonitor", "values"]
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "InferenceService", "Kustomization",
+                     "Namespace", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceAccount",
+                     "ServiceMonitor", "values"]
     assert m.validate_manifests(files, version) == []
 
 
@@ -638,3 +639,23 @@ def test_gateway_container_beside_tritonserver():
     with pytest.raises(m.ManifestError, match="pvc://"):
         make(gateway_image=GATEWAY_IMAGE)
     assert len(triton_container(m.render_manifests(make()))[0]["containers"]) == 1  # off without an image
+
+
+def test_dashboard_and_alert_rules_ship_with_the_manifests():
+    """The PrometheusRule (with the ServiceMonitor) and the dashboard ConfigMap are rendered and applied by
+    kustomize; the plain copies in serving/deploy/k8s/monitoring/ are what the module renders now."""
+    from serving.manifests import monitoring
+
+    files = m.render_manifests(make())
+    rule = one(files, "prometheusrule.yaml", "PrometheusRule")
+    assert [g["name"] for g in rule["spec"]["groups"]] == ["textclf.records", "textclf.alerts"]
+    alerts = {r["alert"] for r in rule["spec"]["groups"][1]["rules"]}
+    assert alerts == {"TextclfErrorRatioHigh", "TextclfP99LatencyHigh", "TextclfQueueTimeHigh",
+                      "TextclfLabelMixShift", "TextclfConfidenceShift"}
+    board = json.loads(one(files, "grafana-dashboard.yaml", "ConfigMap")["data"][monitoring.DASHBOARD_FILE])
+    assert board == monitoring.dashboard()
+    assert {"prometheusrule.yaml", "grafana-dashboard.yaml"} <= set(one(files, "kustomization.yaml")["resources"])
+    assert "prometheusrule.yaml" not in m.render_manifests(make(service_monitor=False))
+    assert "--metrics-config=summary_latencies=true" in m.triton_args(make())  # the p99 and queue summaries
+    for name, text in monitoring.static_files().items():
+        assert (monitoring.STATIC_DIR / name).read_text() == text, f"regenerate: python -m serving.manifests.monitoring"

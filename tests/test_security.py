@@ -219,7 +219,8 @@ def test_one_builder_for_every_server(repository):
     pod_args = m.triton_args(config)
     assert {a.split("=", 1)[0] for a in pod_args[1:]} - {a.split("=", 1)[0] for a in args} == {"--allow-gpu-metrics"}
     assert f"--http-restricted-api={restriction.replace('a' * 32, '$(TRITON_ADMIN_KEY)')}" in pod_args
-    assert TritonServerConfig(model_control_mode=None, strict_readiness=None, allow_metrics=None).to_args_list() == []
+    assert TritonServerConfig(model_control_mode=None, strict_readiness=None, allow_metrics=None,
+                              metrics_config=None).to_args_list() == []
     with pytest.raises(TritonArgsError):
         TritonServerConfig(restricted_apis=("shared-memory", "everything"))
 

@@ -346,6 +346,11 @@ def test_cli_up_serves_until_sigterm_and_notices_a_dead_server(cpu_repository, t
         lines = read_endpoints(proc)
         host, port = lines["HTTP"].removeprefix("http://").split(":")
         assert host == "127.0.0.1"
+        # where the metrics, the dashboard, the alert rules and their docs are
+        assert lines["metrics"].startswith("http://127.0.0.1:") and "/metrics" in lines["metrics"]
+        assert json.loads(Path(lines["dashboard"]).read_text())["uid"] == "textclf-serving"
+        assert "textclf.alerts" in Path(lines["alerts"]).read_text()
+        assert "textclf_rows_total" in Path(lines["docs"]).read_text()
         with TextClassifier(f"{host}:{port}") as client:
             assert client.classify(["hello"])[0].label in LABELS
         # kill the tritonserver behind `serving up`: the command must notice and exit non-zero
@@ -509,20 +514,39 @@ def test_a_texts_answer_does_not_depend_on_its_neighbours(int8_onnx, tiny_checkp
         assert np.abs(res["PROBABILITIES"][i] - ref_probs).max() <= 1e-6
 
 
+def _overlong_repository(tiny_onnx, tiny_checkpoint, root: Path) -> Path:
+    """max_length 256 on a model with 128 positions: a long text makes ONNX Runtime fail inside the model."""
+    return write_repository(root / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_batch_size=4, max_length=256, encoder_instances=1))
+
+
 def test_an_internal_failure_is_a_generic_error_with_details_only_in_the_log(tiny_onnx, tiny_checkpoint, tmp_path):
-    """max_length 256 on a model with 128 positions: a long text makes ONNX Runtime fail inside the model.
-    The client sees a generic message (no node names, paths, traceback); the server log has the details."""
-    repository = write_repository(tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
-                                  id2label=dict(enumerate(LABELS)),
-                                  config=RepositoryConfig(max_batch_size=4, max_length=256, encoder_instances=1))
+    """The client sees a generic message (no node names, paths, traceback); the server log has the details.
+    (The warm-up would refuse this model at load, see below: its samples are removed, served unverified.)"""
+    from serving.repository import config_text
+
+    repository = _overlong_repository(tiny_onnx, tiny_checkpoint, tmp_path)
+    cfg = read_repository(repository).model().config
+    cfg.ClearField("model_warmup")
+    (repository / "classifier" / "config.pbtxt").write_text(config_text(cfg), encoding="utf-8")
     log_file = tmp_path / "server.log"
-    with LocalTritonServer(ServerConfig(repository, startup_timeout_s=120, log_file=log_file)) as srv:
+    with LocalTritonServer(ServerConfig(repository, startup_timeout_s=120, log_file=log_file,
+                                        skip_verify=True)) as srv:
         code, answer = _post(_infer_url(srv), _text_request(["word " * 200]))
         assert code == 500 and answer["error"] == "internal error (see server log)", answer
         with TextClassifier(srv.http_url, retries=0) as client:
             assert client.classify(["short is fine"])[0].label in LABELS
     log = log_file.read_text()
     assert "Traceback" in log and "model.py" in log and "ONNXRuntimeError" in log
+
+
+def test_the_warmup_refuses_a_model_that_fails_on_a_long_text_at_load(tiny_onnx, tiny_checkpoint, tmp_path):
+    """model_warmup sends a text past max_length before ready: a model that cannot run its longest input
+    fails to load, naming the model and the sample, instead of failing every long request later."""
+    repository = _overlong_repository(tiny_onnx, tiny_checkpoint, tmp_path)
+    with pytest.raises(ServerError, match="'classifier'.*warmup sample 'long'"):
+        LocalTritonServer(ServerConfig(repository, startup_timeout_s=120)).start()
 
 
 def _cpu_quota() -> bool:

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 from serving.manifests.config import ManifestConfig
 from serving.manifests.kserve import inference_service, kserve_network_policy, kserve_service_account
 from serving.manifests.locust import locust_objects
+from serving.manifests.monitoring import dashboard_config_map, prometheus_rule
 from serving.manifests.objects import (
     adapter_values, deployment, hpa, network_policy, pdb, service_account, service_monitor, services,
 )
@@ -36,6 +37,8 @@ def render_manifests(config: ManifestConfig) -> dict[str, list[dict[str, Any]]]:
         files["hpa.yaml"] = [hpa(config)]
     if config.service_monitor:
         files["servicemonitor.yaml"] = [service_monitor(config)]
+        files["prometheusrule.yaml"] = [prometheus_rule(config)]
+    files["grafana-dashboard.yaml"] = [dashboard_config_map(config)]
     files["kustomization.yaml"] = [_kustomization(list(files))]
     if config.autoscale:
         files["prometheus-adapter/values.yaml"] = [adapter_values(config)]

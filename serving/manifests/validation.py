@@ -12,6 +12,7 @@ SCHEMA_DIR = Path(__file__).parent.parent / "deploy" / "k8s" / "schemas"
 _CRD_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"): "kustomization.json",
 }
 

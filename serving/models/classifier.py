@@ -12,13 +12,8 @@ import textmodel
 
 
 class TritonPythonModel(textmodel.RowModel):
-    def initialize(self, args):
-        super().initialize(args)
-        self.width = self.model.num_outputs
-
-    def _handle(self, request):
-        texts, pairs = textmodel.decode_rows(request, self.model, self.max_chars)
+    def answer(self, texts, pairs=None):
         results = [self.run_row(text, None if pairs is None else pairs[i]) for i, text in enumerate(texts)]
-        logits = np.concatenate([r[0] for r in results]) if results else np.zeros((0, self.width), np.float32)
-        probs = np.concatenate([r[-1] for r in results]) if results else np.zeros((0, self.width), np.float32)
-        return textmodel.head_outputs(self.model, logits, probs)
+        logits = np.concatenate([r[0] for r in results]) if results else np.zeros((0, self.model.num_outputs), np.float32)
+        probs = np.concatenate([r[-1] for r in results]) if results else np.zeros((0, self.model.num_outputs), np.float32)
+        return textmodel.head_outputs(self.model, logits, probs, self.metrics)

@@ -9,6 +9,5 @@ import textmodel
 
 
 class TritonPythonModel(textmodel.RowModel):
-    def _handle(self, request):
-        texts = textmodel.decode_texts(request, self.max_chars)
+    def answer(self, texts, pairs=None):
         return [textmodel.embedding_output(self.model, [self.run_row(text)[0][0] for text in texts])]

@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import contract
+import metrics
 
 INTERNAL_ERROR = "internal error (see server log)"
 
@@ -88,11 +89,12 @@ def encode_rows(tokenizer, texts, pairs=None):
     return [tokenizer.encode(text, pair) for text, pair in zip(texts, pairs)]
 
 
-def head_outputs(model, logits, probabilities):
+def head_outputs(model, logits, probabilities, model_metrics=None):
     """The served output tensors of the head (FP32): regression SCORE (the raw prediction; a reranker's
     activation of it, with LOGITS beside); classifiers
     LABEL (single-label: the argmax; multi-label: the JSON list of labels >= threshold), PROBABILITIES
-    (softmax / sigmoid, as the graph computed them) and LOGITS."""
+    (softmax / sigmoid, as the graph computed them) and LOGITS. ``model_metrics`` (metrics.ModelMetrics)
+    is told the labels given and each row's top-1 probability."""
     if model.head is contract.Head.REGRESSION:
         raw = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1, 1))
         if model.activation is contract.Activation.NONE:
@@ -103,9 +105,12 @@ def head_outputs(model, logits, probabilities):
     logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(probs.shape))
     labels = list(model.labels)
     if model.head is contract.Head.MULTI_LABEL:
-        rows = [contract.encode_label_set([labels[j] for j in np.flatnonzero(p >= model.threshold)]) for p in probs]
+        given = [[labels[j] for j in np.flatnonzero(p >= model.threshold)] for p in probs]
+        rows = [contract.encode_label_set(g) for g in given]
     else:
-        rows = [labels[int(j)] for j in probs.argmax(axis=1)] if len(probs) else []
+        given = rows = [labels[int(j)] for j in probs.argmax(axis=1)] if len(probs) else []
+    if model_metrics is not None:
+        model_metrics.observe_predictions(given, probs.max(axis=1) if len(probs) else [])
     label = np.array([r.encode("utf-8") for r in rows], dtype=np.object_).reshape(-1, 1)
     return [pb_utils.Tensor(contract.LABEL, label), pb_utils.Tensor(contract.PROBABILITIES, probs),
             pb_utils.Tensor(contract.LOGITS, logits)]
@@ -201,25 +206,66 @@ def pin_instance(args, params):
     return mine
 
 
+def warmup_requests(config):
+    """How many requests Triton's model_warmup sends each instance before the model is ready (a sample's
+    ``count`` 0 means once): the first requests an instance executes, which no client can have sent."""
+    return sum(max(int(w.get("count", 0) or 0), 1) for w in config.get("model_warmup", []))
+
+
+def model_metrics(model, params):
+    """The served model's metrics (metrics.ModelMetrics); the ``metrics`` parameter "false" turns them off."""
+    return metrics.ModelMetrics(model.name, model.head, model.labels,
+                                baseline=metrics.parse_baseline(params.get("baseline")),
+                                enabled=params.get("metrics", "true") != "false")
+
+
 class RowModel:
     """What the CPU target's one-model python models share: the contract from the config, the tokenizer
-    without padding, a row session, and ``run_row`` (one row alone, at its own length)."""
+    without padding, a row session, ``run_row`` (one row alone, at its own length) and the model's metrics
+    (sent by their own thread; the model_warmup requests Triton sends before ready are not counted).
+
+    A subclass implements ``answer(texts, pairs)`` -> output tensors (through ``run_row``); ``_handle``
+    decodes a request and answers it."""
 
     def initialize(self, args):
-        _, params, self.model = read_config(args)
+        config, params, self.model = read_config(args)
         pin_instance(args, params)
         self.max_chars = int(params["max_text_chars"])
         self.tokenizer = load_tokenizer(args, params, pad=False)
         self.session = row_session(args, params)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
+        self.metrics = model_metrics(self.model, params)
+        self.warmup_left = warmup_requests(config)
 
     def run_row(self, text, pair=None):
         """The session's outputs for one row (a batch of one, unpadded)."""
         enc = self.tokenizer.encode(text) if pair is None else self.tokenizer.encode(text, pair)
+        self.metrics.observe_row(len(enc.ids), len(enc.ids), bool(enc.overflowing))
         columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
         feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
         return self.session.run(self.outputs, feeds)
 
+    def _handle(self, request):
+        texts, pairs = decode_rows(request, self.model, self.max_chars)
+        return self.answer(texts, pairs)
+
+    def _counted(self, request):
+        warmup = self.warmup_left > 0  # Triton's warm-up, before ready: not a client's request
+        self.warmup_left -= int(warmup)
+        try:
+            outputs = self._handle(request)
+        except BaseException:
+            self.metrics.rollback()
+            raise
+        if warmup:
+            self.metrics.rollback()
+        else:
+            self.metrics.commit()
+        return outputs
+
     def execute(self, requests):
-        return respond(requests, self._handle, self.model.name)
+        return respond(requests, self._counted, self.model.name)
+
+    def finalize(self):
+        self.metrics.close()
