@@ -13,18 +13,31 @@ What it watches, every ``check_interval_s``:
   stub, or no connection, is a failure; 503 (queue full) and a slow answer are load, not failure, unless
   ``canary_failures`` of them come in a row.
 
-On a failure it marks itself not ready (``ready`` is False and the status says why), logs an error,
-stops the broken instance with a short exit timeout (SIGTERM, ``broken_exit_timeout_s``, then SIGKILL),
-removes the dead instance's python-backend shared-memory regions, and starts a new tritonserver on the
-same ports. More than ``max_restarts`` restarts within ``restart_window_s`` is a crash loop: it gives up
-and ``wait`` raises ServerError.
+A dead stub is recovered WITHOUT restarting tritonserver (``reload_models``, on by default): the server
+runs under explicit model control, so the supervisor reloads only the model whose stub died through the
+repository API with the admin key (serving.control: fresh stubs, the same version); the model's other
+instances and every other model keep answering meanwhile. Only when that load fails, or the server
+itself is gone (exit code, refused connection) or wedged (``canary_failures`` slow canaries in a row),
+does it restart the whole server: it marks itself not ready (``ready`` is False and the status says
+why), logs an error, stops the broken instance with a short exit timeout (SIGTERM,
+``broken_exit_timeout_s``, then SIGKILL), removes the dead instance's python-backend shared-memory
+regions, and starts a new tritonserver on the same ports. More than ``max_restarts`` restarts within
+``restart_window_s`` is a crash loop: it gives up and ``wait`` raises ServerError.
+
+New versions (``watch_repository``, on by default): on every check it looks at the repository's
+``provenance.json``; when a build changed it, it verifies the whole repository against the recorded
+hashes (serving.integrity) and the layout, then loads each model whose files changed, one at a time,
+while the old version keeps answering (Triton loads the new version before it unloads the old one). A
+repository that fails verification is refused with one log line and the old versions keep serving.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -42,6 +55,14 @@ log = logging.getLogger(__name__)
 
 STUB_NAME = "triton_python_backend_stub"
 UNHEALTHY_STUB = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
+_INSTANCE = re.compile(r"^(.+)_\d+_\d+$")  # instance name <model>_<group>_<index>
+_UNHEALTHY = re.compile(r"Stub process '([^']+)' is not healthy")
+
+
+def instance_model(instance: str) -> str:
+    """The model of a python-backend instance name (``classifier_0_1`` -> ``classifier``)."""
+    match = _INSTANCE.match(instance)
+    return match.group(1) if match else instance
 
 
 @dataclass
@@ -61,6 +82,15 @@ class SupervisorConfig:
     max_restarts: int = field(default=5,
                               metadata={"help": "restarts allowed within --restart-window before giving up"})
     restart_window_s: float = field(default=600.0, metadata={"help": "seconds over which restarts are counted"})
+    reload_models: bool = field(default=True, metadata={
+        "help": "recover a dead python stub by reloading only its model through the repository API "
+                "(explicit model control, admin key); off: restart the whole server"})
+    watch_repository: bool = field(default=True, metadata={
+        "help": "serve a new version written into the repository (verified against its provenance.json) "
+                "without a command"})
+    unload_grace_s: float = field(default=10.0, metadata={
+        "help": "seconds the stubs of an instance replaced by a load may take to exit before they are killed"})
+    load_timeout_s: float = field(default=300.0, metadata={"help": "seconds one model load may take"})
 
     def __post_init__(self) -> None:
         if self.check_interval_s <= 0 or self.canary_timeout_s <= 0 or self.broken_exit_timeout_s < 0:
@@ -77,6 +107,8 @@ class RestartEvent:
     reason: str
     recovered_at: float | None = None
     error: str | None = None
+    action: str = "restart"  # "restart" (the whole server) or "reload <model>" (one model, server kept)
+    settled_at: float | None = None  # reload: the replaced instances' stubs gone too (restart: = recovered_at)
 
     @property
     def down_s(self) -> float | None:
@@ -84,7 +116,7 @@ class RestartEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return {"detected_at": self.detected_at, "reason": self.reason, "recovered_at": self.recovered_at,
-                "down_s": self.down_s, "error": self.error}
+                "down_s": self.down_s, "error": self.error, "action": self.action, "settled_at": self.settled_at}
 
 
 def _psutil():
@@ -112,6 +144,39 @@ def stub_processes(pid: int) -> dict[str, Any]:
         name = cmd[-2] if len(cmd) >= 3 else str(child.pid)
         stubs[name] = child
     return stubs
+
+
+def _live_stubs(pid: int) -> list[tuple[str, Any]]:
+    """(instance name, process) of every live (not zombie) stub under tritonserver ``pid``; after a load an
+    instance name can have two (the old instance's, still unloading, and the new one's)."""
+    psutil = _psutil()
+    found = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.name() == STUB_NAME and child.status() != psutil.STATUS_ZOMBIE:
+                cmd = child.cmdline()
+                found.append((cmd[-2] if len(cmd) >= 3 else str(child.pid), child))
+    return found
+
+
+def _provenance_digest(repository: Path) -> str | None:
+    """SHA-256 of the repository's provenance.json (None while it is missing, e.g. mid-swap)."""
+    from serving.repository import PROVENANCE
+
+    try:
+        return hashlib.sha256((Path(repository) / PROVENANCE).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _model_files(provenance: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """The recorded hashes of the files of the given model directories."""
+    files = provenance.get("files") or {}
+    return {rel: digest for rel, digest in files.items() if rel.split("/", 1)[0] in names}
 
 
 def _shm_regions(stubs: dict[str, Any]) -> list[str]:
@@ -143,6 +208,11 @@ class Supervisor:
         self._fatal: ServerError | None = None
         self._canary_misses = 0
         self._urls = ("", "", "")
+        self._suspects: tuple[str, ...] = ()  # models whose stub the last check found dead
+        self._repo_digest: str | None = None  # provenance.json of the repository being served
+        self._repo_refused: str | None = None  # a changed provenance.json that failed verification
+        self.loads: list[dict[str, Any]] = []  # versions loaded from the watched repository
+        self._served_provenance: dict[str, Any] = {}  # the provenance.json of what is served
 
     # -- what a caller sees
     @property
@@ -158,6 +228,7 @@ class Supervisor:
                 "pid": server.process.pid if server and server.process else None,
                 "stubs": {name: proc.pid for name, proc in self._stubs.items()},
                 "restarts": [e.as_dict() for e in self.events],
+                "loads": list(self.loads),
             }
 
     @property
@@ -191,6 +262,8 @@ class Supervisor:
             self._stubs = stub_processes(server.process.pid)
             self._regions = _shm_regions(self._stubs)  # recorded while alive: a dead stub's cmdline is gone
             self._ready, self._reason = True, ""
+        self._repo_digest = _provenance_digest(self.server_config.repository)
+        self._served_provenance = self._read_provenance()
         log.info("supervising tritonserver pid %d (stubs: %s), checks every %.1f s", server.process.pid,
                  ", ".join(f"{n}={p.pid}" for n, p in sorted(self._stubs.items())) or "none",
                  self.config.check_interval_s)
@@ -216,6 +289,14 @@ class Supervisor:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _read_provenance(self) -> dict[str, Any]:
+        from serving.repository import PROVENANCE
+
+        try:
+            return json.loads((Path(self.server_config.repository) / PROVENANCE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
     def wait(self, stop: Callable[[], bool], poll_s: float = 0.5) -> None:
         """Block until ``stop()`` is true; raise ServerError if the supervisor gave up."""
         while not stop():
@@ -225,7 +306,9 @@ class Supervisor:
 
     # -- checks
     def check_once(self) -> str | None:
-        """One round of checks; the reason the server is broken, or None."""
+        """One round of checks; the reason the server is broken, or None. A dead stub also names its
+        model in ``self._suspects`` (reloading it may be enough)."""
+        self._suspects = ()
         with self._lock:
             server, stubs = self.server, dict(self._stubs)
         if server is None or server.process is None:
@@ -240,6 +323,7 @@ class Supervisor:
             except psutil.Error:
                 alive = False
             if not alive:
+                self._suspects = (instance_model(name),)
                 return f"python-backend stub '{name}' (pid {proc.pid}) is gone"
         if self.config.canary:
             return self._canary(server)
@@ -257,6 +341,8 @@ class Supervisor:
             text = exc.read().decode("utf-8", "replace")[:300]
             if UNHEALTHY_STUB in text:
                 hard = f"canary: {exc.code} {text}"
+                found = _UNHEALTHY.search(text)
+                self._suspects = (instance_model(found.group(1)) if found else self.config.canary_model,)
             else:
                 soft = f"canary: {exc.code} {text}"
         except (TimeoutError, OSError) as exc:  # URLError is an OSError
@@ -278,6 +364,8 @@ class Supervisor:
         while not self._stop.wait(self.config.check_interval_s):
             try:
                 reason = self.check_once()
+                if reason is None and self.config.watch_repository:
+                    self.check_repository()
             except Exception as exc:  # noqa: BLE001 - a bug in a check must not kill the watcher
                 log.exception("supervisor check failed")
                 reason = None
@@ -285,13 +373,133 @@ class Supervisor:
             if reason is None or self._stop.is_set():
                 continue
             try:
-                self.restart(reason)
+                self.recover(reason, self._suspects)
             except ServerError as exc:
                 self._fatal = exc
                 log.error("supervisor gave up: %s", exc)
                 return
 
     # -- recovery
+    def recover(self, reason: str, models: tuple[str, ...] = ()) -> RestartEvent:
+        """Reload ``models`` when that can fix it (a dead stub), else (or when the load fails) restart."""
+        if models and self.config.reload_models:
+            try:
+                return self.reload(reason, models)
+            except ServerError as exc:
+                log.error("reloading %s failed (%s); restarting tritonserver", ", ".join(models), exc)
+                reason = f"{reason}; reload failed: {exc}"
+        return self.restart(reason)
+
+    def _control(self, server: LocalTritonServer):
+        from serving.control import ModelControl
+
+        return ModelControl(server.http_url, server.admin_key, timeout_s=self.config.load_timeout_s)
+
+    def _verify(self) -> None:
+        """The repository still matches its provenance (code is about to be loaded from it)."""
+        from serving.integrity import clear_bytecode, verify_repository
+        from serving.repository import validate_repository
+
+        if not self.server_config.skip_verify:
+            clear_bytecode(self.server_config.repository)
+            verify_repository(self.server_config.repository)
+        validate_repository(self.server_config.repository)
+
+    def reload(self, reason: str, models: tuple[str, ...]) -> RestartEvent:
+        """Reload only ``models`` (fresh stubs, the same version); the server and other models keep serving."""
+        event = RestartEvent(time.time(), reason, action=f"reload {', '.join(models)}")
+        with self._restart_lock:
+            server = self.server
+            if server is None:
+                raise ServerError("no server")
+            log.error("%s; reloading model %s (tritonserver pid %d and the other models keep serving)", reason,
+                      ", ".join(models), server.process.pid)
+            self.events.append(event)
+            try:
+                self._verify()
+                control = self._control(server)
+                old = self._old_stubs(server, models)
+                for name in models:
+                    control.reload(name)
+                event.recovered_at = time.time()  # fresh instances serve from here
+                log.warning("model %s reloaded %.1f s after: %s", ", ".join(models), event.down_s, reason)
+                self._settle(server, old)
+            except ServerError as exc:  # RepositoryError and ModelControlError included
+                event.error = str(exc)
+                raise
+            event.settled_at = time.time()
+        if self.on_restart is not None:
+            self.on_restart(self, event)
+        return event
+
+    def _old_stubs(self, server: LocalTritonServer, models) -> set[int]:
+        """Pids of the live stubs of ``models`` before a load (the instances the load replaces)."""
+        return {proc.pid for name, proc in _live_stubs(server.process.pid) if instance_model(name) in models}
+
+    def _settle(self, server: LocalTritonServer, old: set[int]) -> None:
+        """After a load: wait until the replaced instances' stubs (``old`` pids) are gone, then record the
+        new stubs and remove the shared-memory regions of the ones that are gone. Measured on 2.51: when a
+        stub died with requests in flight, the old instance never finishes unloading and its healthy
+        stubs stay, serving nothing; after ``unload_grace_s`` they are killed."""
+        psutil = _psutil()
+        grace_end = time.time() + self.config.unload_grace_s
+        while True:
+            left = [proc for _, proc in _live_stubs(server.process.pid) if proc.pid in old]
+            if not left:
+                break
+            if time.time() > grace_end:
+                for proc in left:
+                    log.warning("stub pid %d of an unloaded instance is still there after %.0f s; killing it",
+                                proc.pid, self.config.unload_grace_s)
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                grace_end = time.time() + self.config.unload_grace_s
+            time.sleep(0.1)
+        stubs = stub_processes(server.process.pid)
+        regions = _shm_regions(stubs)
+        with self._lock:
+            previous, self._stubs, self._regions = self._regions, stubs, regions
+        for region in set(previous) - set(regions):
+            with contextlib.suppress(OSError):
+                os.unlink(Path("/dev/shm") / region)
+
+    def check_repository(self) -> list[str]:
+        """Serve what a build wrote since the last look: verify the repository, then load each model whose
+        files changed (its new version) while the old one keeps answering. Returns the models loaded."""
+        from serving.errors import RepositoryError
+        from serving.repository import read_repository
+
+        digest = _provenance_digest(self.server_config.repository)
+        if digest is None or digest in (self._repo_digest, self._repo_refused):
+            return []
+        with self._restart_lock:
+            server = self.server
+            if server is None:
+                return []
+            t0 = time.time()
+            try:
+                before = self._served_provenance
+                self._verify()
+                info = read_repository(self.server_config.repository)
+            except RepositoryError as exc:
+                self._repo_refused = digest
+                log.error("the repository changed but is refused, the served versions stay: %s", exc)
+                return []
+            changed = [m for m in info.models.values()
+                       if _model_files(info.provenance, m.model_names) != _model_files(before, m.model_names)]
+            control = self._control(server)
+            old = self._old_stubs(server, {n for m in changed for n in m.model_names})
+            for m in changed:
+                seconds = control.load(m.name)
+                self.loads.append({"model": m.name, "version": m.version, "seen_at": t0, "load_s": seconds,
+                                   "served_at": time.time()})
+                log.warning("model %s: version %d verified and served (loaded in %.1f s, %.1f s after the "
+                            "repository changed was seen)", m.name, m.version, seconds, time.time() - t0)
+            if changed:
+                self._settle(server, old)
+            self._repo_digest, self._served_provenance = digest, info.provenance
+        return [m.name for m in changed]
+
     def restart(self, reason: str) -> RestartEvent:
         """Mark not ready, stop the broken instance quickly, start a new one on the same ports."""
         event = RestartEvent(time.time(), reason)
@@ -299,7 +507,8 @@ class Supervisor:
             with self._lock:  # held briefly: status() must answer during a restart
                 self._ready, self._reason = False, reason
             log.error("tritonserver is broken: %s; NOT READY, restarting it", reason)
-            recent = [e for e in self.events if event.detected_at - e.detected_at < self.config.restart_window_s]
+            recent = [e for e in self.events if e.action == "restart"
+                      and event.detected_at - e.detected_at < self.config.restart_window_s]
             self.events.append(event)
             if len(recent) >= self.config.max_restarts:
                 event.error = f"{len(recent)} restarts within {self.config.restart_window_s:.0f} s"
@@ -316,11 +525,13 @@ class Supervisor:
                     time.sleep(1.0)
                     continue
                 stubs = stub_processes(server.process.pid)
+                self._repo_digest = _provenance_digest(self.server_config.repository)
+                self._served_provenance = self._read_provenance()  # a start loads the repository as it is
                 with self._lock:
                     self.server, self._stubs, self._regions = server, stubs, _shm_regions(stubs)
                     self._canary_misses = 0
                     self._ready, self._reason = True, ""
-                event.recovered_at = time.time()
+                event.recovered_at = event.settled_at = time.time()
                 log.warning("tritonserver restarted (pid %d) %.1f s after: %s", server.process.pid,
                             event.down_s, reason)
                 break

@@ -27,7 +27,7 @@ def package_sources() -> list[Path]:
 # -------------------------------------------------------------------------------- binding, model control
 
 
-def test_server_defaults_are_loopback_and_model_control_none(tmp_path):
+def test_server_defaults_are_loopback_and_model_control_explicit_behind_the_key(tmp_path):
     from serving.cli import build_parser
     from serving.server import LocalTritonServer, ServerConfig
 
@@ -36,8 +36,12 @@ def test_server_defaults_are_loopback_and_model_control_none(tmp_path):
     cmd = server.command(tmp_path)
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in cmd
-    assert "--model-control-mode=none" in cmd
-    assert not any(a.startswith("--model-control-mode=") and a != "--model-control-mode=none" for a in cmd)
+    # explicit model control (a new version or a dead stub's model is loaded alone), loading every model at
+    # start; the repository API that does it is restricted to the admin key, which every start has
+    assert [a for a in cmd if a.startswith("--model-control-mode=")] == ["--model-control-mode=explicit"]
+    assert "--load-model=*" in cmd
+    restricted = [a for a in cmd if a.startswith("--http-restricted-api=")]
+    assert len(restricted) == 1 and "model-repository" in restricted[0].split(":")[0]
     args = build_parser(with_manifests=False).parse_args(["up"])
     assert args.host == "127.0.0.1" and not args.no_supervise
 
