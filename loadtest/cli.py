@@ -92,6 +92,8 @@ def _soak(args: argparse.Namespace) -> int:
         kills = s["chaos"]["kills"]
         _print_table("chaos: kill -9 -> recovered", ("at s", "killed", "recovery", "outage s"),
                      [(k["at_s"], k.get("target", "skipped"), k.get("action"), k.get("outage_s")) for k in kills])
+        for e in s["chaos"].get("unplanned", []):
+            print(f"unplanned recovery ({e['action']}, {e['down_s']} s): {e['reason']}")
         print(f"longest outage: {s['chaos']['longest_outage_s']} s; requests lost: {soak['failures']}")
     print(f"reports: {s['out']}")
     if not s["passed"]:

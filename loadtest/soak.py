@@ -220,6 +220,12 @@ class Chaos(threading.Thread):
                         "outage_s": outage})
         return out
 
+    @staticmethod
+    def unplanned(events, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Recoveries no kill explains (the server failed on its own), with their outage."""
+        explained = {k["reason"] for k in kills if k.get("reason")}
+        return [e.as_dict() for e in events if e.reason not in explained]
+
 
 def chaos_verdict(requests: int, failures: int, kills: list[dict[str, Any]]) -> dict[str, Any]:
     """Pass when every request was answered correctly (after the client's retries) and every kill was
@@ -438,7 +444,9 @@ def _judge(cfg: SoakConfig, soak: dict[str, Any], p99, rss, t_start: float, t_en
     result = verdict(cfg, soak["requests"], soak["failures"], p99, rss, t_start, t_end)
     if chaos is None:
         return result
-    outcome = chaos_verdict(soak["requests"], soak["failures"], chaos.outcomes(list(server.events)))
+    events = list(server.events)
+    outcome = chaos_verdict(soak["requests"], soak["failures"], chaos.outcomes(events))
+    outcome["unplanned"] = chaos.unplanned(events, outcome["kills"])
     result["unjudged"] = {"reasons": result["reasons"]}
     result.update(passed=outcome["passed"], reasons=outcome["reasons"], chaos=outcome)
     return result
