@@ -487,18 +487,32 @@ class Supervisor:
                 return []
             changed = [m for m in info.models.values()
                        if _model_files(info.provenance, m.model_names) != _model_files(before, m.model_names)]
-            control = self._control(server)
             old = self._old_stubs(server, {n for m in changed for n in m.model_names})
-            for m in changed:
-                seconds = control.load(m.name)
-                self.loads.append({"model": m.name, "version": m.version, "seen_at": t0, "load_s": seconds,
-                                   "served_at": time.time()})
-                log.warning("model %s: version %d verified and served (loaded in %.1f s, %.1f s after the "
-                            "repository changed was seen)", m.name, m.version, seconds, time.time() - t0)
+            loaded = self._load_versions(server, changed, t0)
             if changed:
                 self._settle(server, old)
-            self._repo_digest, self._served_provenance = digest, info.provenance
-        return [m.name for m in changed]
+            if len(loaded) < len(changed):
+                self._repo_refused = digest  # retried when the repository changes again
+            else:
+                self._repo_digest, self._served_provenance = digest, info.provenance
+        return loaded
+
+    def _load_versions(self, server: LocalTritonServer, changed, t0: float) -> list[str]:
+        """Load each changed model (its newest version); one that fails to load keeps its old version."""
+        control, loaded = self._control(server), []
+        for m in changed:
+            try:
+                seconds = control.load(m.name)
+            except ServerError as exc:  # Triton keeps serving the loaded version when a load fails
+                log.error("model %s: version %d failed to load, the served version stays: %s", m.name, m.version,
+                          exc)
+                continue
+            loaded.append(m.name)
+            self.loads.append({"model": m.name, "version": m.version, "seen_at": t0, "load_s": seconds,
+                               "served_at": time.time()})
+            log.warning("model %s: version %d verified and served (loaded in %.1f s, %.1f s after the "
+                        "repository change was seen)", m.name, m.version, seconds, time.time() - t0)
+        return loaded
 
     def restart(self, reason: str) -> RestartEvent:
         """Mark not ready, stop the broken instance quickly, start a new one on the same ports."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,8 +155,12 @@ def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_chec
         assert row == {"name": "classifier", "state": "READY", "served": [3], "available": [2, 3]}
 
         # a build whose files were changed after it was written is refused; version 3 keeps serving
-        _build(repo, builds[4], tiny_checkpoint)
-        (repo / "classifier" / "4" / "model.py").write_text("raise SystemExit('tampered')\n")
+        staged = tmp_path / "staged"
+        shutil.copytree(repo, staged, ignore=shutil.ignore_patterns("__pycache__"))
+        _build(staged, builds[4], tiny_checkpoint)
+        (staged / "classifier" / "4" / "model.py").write_text("raise SystemExit('tampered')\n")
+        os.replace(repo, tmp_path / "served-before")  # swapped in whole, as a build swaps its directory
+        os.replace(staged, repo)
         time.sleep(3.0)
         assert control.served_versions("classifier") == (3,)
         assert np.allclose(_logits(url), v1 + shifts[3], atol=1e-4)
@@ -177,3 +182,42 @@ def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_chec
     assert len(answered) > 20
     assert all(any(np.allclose(a, k, atol=1e-4) for k in known) for a in answered)  # every answer from a version
     assert served_2 < 60 and served_3 < 60
+
+
+@pytest.mark.slow
+def test_exporter_build_into_a_served_repository_is_served_without_a_command(tmp_path):
+    """The real path: `python -m exporter build CK --repository R` while `serving up` serves R writes
+    version 2 beside 1, and the running server verifies and serves it within 60 s of the build's end,
+    with no failed request from clients without retries."""
+    from test_exporter import FAST, make_checkpoint, run_main
+
+    ckpt = make_checkpoint(tmp_path)
+    repo = tmp_path / "model_repository"
+    build = ["build", ckpt, "--out", tmp_path / "build", "--repository", repo, "--precisions", "fp32", *FAST]
+    assert run_main(build) == 0
+    with open(tmp_path / "serving-up.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "up", "--repository", str(repo), "--http-port", "0", "--grpc-port",
+             "0", "--metrics-port", "0", "--admin-key", KEY], stdout=subprocess.PIPE, stderr=err, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = read_endpoints(proc)["HTTP"].removeprefix("http://")
+        control = ModelControl(url, KEY)
+        assert control.served_versions("classifier") == (1,)
+        with Clients(url) as clients:
+            t0 = time.time()
+            assert run_main(build) == 0
+            built = time.time()
+            served = _wait_served(control, 2) - built
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert read_repository(repo).model().versions == (1, 2)
+    figures("exporter_version", build_s=round(built - t0, 1), served_after_build_s=round(served, 2),
+            requests=len(clients.records), failed=len(clients.failures()))
+    assert clients.failures() == [] and len(clients.records) > 20
+    assert served < 60
