@@ -278,7 +278,8 @@ def test_killed_stub_is_recovered(two_models, mode, caplog):
         assert old_regions and not [r for r in old_regions if (Path("/dev/shm") / r).exists()]  # cleaned up
         new_stubs = stub_processes(sup.server.process.pid)
         assert set(new_stubs) == set(stubs) and new_stubs[victim].pid != stubs[victim].pid
-        assert (sup.server.process.pid == server_pid) is (mode == "reload")
+        events = [(e.action, e.reason) for e in sup.events]
+        assert (sup.server.process.pid == server_pid) is (mode == "reload"), events
         with TextClassifier(http_url, retries=0) as client:
             assert client.classify(["back to normal"])[0].label in LABELS
     [event] = sup.events
