@@ -146,6 +146,9 @@ def _run_up(args) -> int:
         if supervisor is not None:
             print(f"  supervisor  on (checks every {supervisor.check_interval_s:g} s; --no-supervise to opt out)",
                   flush=True)
+            if supervisor.watch_repository:
+                print("  versions    a build into the repository is verified and served; go back with "
+                      "`python -m serving rollback MODEL --admin-key KEY`", flush=True)
 
     if supervisor is None:
         return serve_forever(config, on_ready=ready)
