@@ -74,6 +74,8 @@ class ModelControl:
             raise ModelControlError(f"{what}: {exc.message() or exc}") from None
         except OSError as exc:  # refused, reset: no server there
             raise ModelControlError(f"{what}: cannot reach {self.url}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - geventhttpclient's own (a connection closed mid-answer)
+            raise ModelControlError(f"{what}: {type(exc).__name__}: {exc}") from None
         finally:
             client.close()
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
-from serving.errors import ServerError
+from serving.errors import ServerError, ServingError
 from serving.server import LocalTritonServer, ServerConfig, stop_signals
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ class Supervisor:
                 continue
             try:
                 self.recover(reason, self._suspects)
-            except ServerError as exc:
+            except ServingError as exc:  # e.g. a repository that fails verification cannot be restarted
                 self._fatal = exc
                 log.error("supervisor gave up: %s", exc)
                 return
@@ -385,7 +385,7 @@ class Supervisor:
         if models and self.config.reload_models:
             try:
                 return self.reload(reason, models)
-            except ServerError as exc:
+            except ServingError as exc:  # a failed load, or a repository that no longer verifies
                 log.error("reloading %s failed (%s); restarting tritonserver", ", ".join(models), exc)
                 reason = f"{reason}; reload failed: {exc}"
         return self.restart(reason)
@@ -424,7 +424,7 @@ class Supervisor:
                 event.recovered_at = time.time()  # fresh instances serve from here
                 log.warning("model %s reloaded %.1f s after: %s", ", ".join(models), event.down_s, reason)
                 self._settle(server, old)
-            except ServerError as exc:  # RepositoryError and ModelControlError included
+            except ServingError as exc:  # RepositoryError and ModelControlError included
                 event.error = str(exc)
                 raise
             event.settled_at = time.time()
