@@ -88,8 +88,6 @@ class SupervisorConfig:
     watch_repository: bool = field(default=True, metadata={
         "help": "serve a new version written into the repository (verified against its provenance.json) "
                 "without a command"})
-    unload_grace_s: float = field(default=10.0, metadata={
-        "help": "seconds the stubs of an instance replaced by a load may take to exit before they are killed"})
     load_timeout_s: float = field(default=300.0, metadata={"help": "seconds one model load may take"})
 
     def __post_init__(self) -> None:
@@ -179,6 +177,15 @@ def _model_files(provenance: dict[str, Any], names: list[str]) -> dict[str, str]
     return {rel: digest for rel, digest in files.items() if rel.split("/", 1)[0] in names}
 
 
+_IN_FLIGHT = re.compile(r"Found (\d+) model versions that have in-flight inferences")
+
+
+def _drained(log_text: str) -> bool:
+    """Whether a stopping tritonserver reported no in-flight inference before its exit timeout expired."""
+    found = _IN_FLIGHT.findall(log_text)
+    return bool(found) and found[-1] == "0" and "Exit timeout expired" in log_text
+
+
 def _shm_regions(stubs: dict[str, Any]) -> list[str]:
     regions = []
     for proc in stubs.values():
@@ -213,6 +220,7 @@ class Supervisor:
         self._repo_refused: str | None = None  # a changed provenance.json that failed verification
         self.loads: list[dict[str, Any]] = []  # versions loaded from the watched repository
         self._served_provenance: dict[str, Any] = {}  # the provenance.json of what is served
+        self._leftovers: list[Any] = []  # stubs of replaced instances that Triton never finished unloading
 
     # -- what a caller sees
     @property
@@ -281,7 +289,16 @@ class Supervisor:
         with self._restart_lock, self._lock:
             self._ready, self._reason = False, "stopped"
             server, self.server = self.server, None
-        return server.stop() if server is not None else None
+        code = server.stop() if server is not None else None
+        if code not in (0, None) and any(e.action != "restart" for e in self.events) and _drained(server.log_text()):
+            log.warning("tritonserver used its whole exit timeout on the instance a reload replaced after its stub "
+                        "died (Triton 2.51 never finishes unloading it); no request was in flight: a clean stop")
+            code = 0
+        psutil = _psutil()
+        for proc in self._leftovers:  # the server is gone: nothing of it can crash any more
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return code
 
     def __enter__(self) -> "Supervisor":
         return self.start()
@@ -437,29 +454,26 @@ class Supervisor:
         return {proc.pid for name, proc in _live_stubs(server.process.pid) if instance_model(name) in models}
 
     def _settle(self, server: LocalTritonServer, old: set[int]) -> None:
-        """After a load: wait until the replaced instances' stubs (``old`` pids) are gone, then record the
-        new stubs and remove the shared-memory regions of the ones that are gone. Measured on 2.51: when a
-        stub died with requests in flight, the old instance never finishes unloading and its healthy
-        stubs stay, serving nothing; after ``unload_grace_s`` they are killed."""
-        psutil = _psutil()
-        grace_end = time.time() + self.config.unload_grace_s
-        while True:
-            left = [proc for _, proc in _live_stubs(server.process.pid) if proc.pid in old]
-            if not left:
-                break
-            if time.time() > grace_end:
-                for proc in left:
-                    log.warning("stub pid %d of an unloaded instance is still there after %.0f s; killing it",
-                                proc.pid, self.config.unload_grace_s)
-                    with contextlib.suppress(psutil.Error):
-                        proc.kill()
-                grace_end = time.time() + self.config.unload_grace_s
+        """After a load: watch the new stubs, not the replaced instances' (``old`` pids), and remove the
+        shared-memory regions of stubs that are gone. Measured on 2.51: when a stub died with requests in
+        flight, the old instance never finishes unloading and its healthy stubs stay, serving nothing. They
+        are left alone (killing one was followed by a tritonserver crash, boost lock_exception, twice in
+        five tries) and stopped with the server."""
+        deadline = time.time() + 5.0  # replaced instances unload within a second or two when nothing is stuck
+        live = _live_stubs(server.process.pid)
+        while any(proc.pid in old for _, proc in live) and time.time() < deadline:
             time.sleep(0.1)
-        stubs = stub_processes(server.process.pid)
-        regions = _shm_regions(stubs)
+            live = _live_stubs(server.process.pid)
+        stubs = {name: proc for name, proc in live if proc.pid not in old}
+        leftover = [proc for _, proc in live if proc.pid in old]
+        in_use = set(_shm_regions({str(proc.pid): proc for _, proc in live}))
         with self._lock:
-            previous, self._stubs, self._regions = self._regions, stubs, regions
-        for region in set(previous) - set(regions):
+            previous, self._stubs, self._regions = self._regions, stubs, _shm_regions(stubs)
+            self._leftovers = [p for p in self._leftovers if p.is_running()] + leftover
+        if leftover:
+            log.warning("stub(s) %s of the replaced instances still run (Triton 2.51 has not finished unloading "
+                        "them); left alone until the server stops", ", ".join(str(p.pid) for p in leftover))
+        for region in set(previous) - in_use:
             with contextlib.suppress(OSError):
                 os.unlink(Path("/dev/shm") / region)
 
@@ -573,9 +587,10 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         psutil = _psutil()
-        for child in stubs.values():
+        for child in [*stubs.values(), *self._leftovers]:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+        self._leftovers = []
         server.stop()
         for region in regions:
             with contextlib.suppress(OSError):

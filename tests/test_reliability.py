@@ -527,4 +527,8 @@ def test_serving_up_recovers_a_model_whose_stubs_died(repository):
     assert proc.returncode == 0, err[-2000:]
     assert "stub 'classifier_0_" in err and "reloading model classifier" in err and "reloaded" in err
     assert "restarted" not in err  # the server itself kept running
+    # Triton 2.51 never finishes unloading the instance whose stubs died: the stop waits its exit timeout,
+    # reports no request in flight, and the supervisor calls that clean (pinned: an upgrade that fixes it
+    # drops this line from the log)
+    assert "no request was in flight: a clean stop" in err
     assert recovered < 30
