@@ -287,3 +287,15 @@ def test_supervisor_canary_tells_a_broken_stub_from_load(fake_triton, status, me
     else:
         assert reasons[restart_after - 1] and all(r is None for r in reasons[:restart_after - 1])
         assert message[-25:] in reasons[restart_after - 1]
+
+
+def test_a_stop_is_clean_only_when_tritonserver_reported_nothing_in_flight():
+    from serving.supervisor import _drained, instance_model
+
+    waited = ('"Timeout 10: Found 0 model versions that have in-flight inferences"\n'
+              '"Timeout 3: Found 1 live models and 0 in-flight non-inference requests"\n'
+              '"failed to stop server: Internal - Exit timeout expired. Exiting immediately."')
+    assert _drained(waited)
+    assert not _drained(waited.replace("Found 0 model versions", "Found 1 model versions"))  # requests cut
+    assert not _drained(waited.split("\n")[0])  # it did not time out: nothing to excuse
+    assert instance_model("classifier_0_1") == "classifier" and instance_model("my_model_2_10") == "my_model"
