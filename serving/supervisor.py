@@ -465,7 +465,8 @@ class Supervisor:
             time.sleep(0.1)
             live = _live_stubs(server.process.pid)
         stubs = {name: proc for name, proc in live if proc.pid not in old}
-        leftover = [proc for _, proc in live if proc.pid in old]
+        known = {p.pid for p in self._leftovers}
+        leftover = [proc for _, proc in live if proc.pid in old and proc.pid not in known]
         in_use = set(_shm_regions({str(proc.pid): proc for _, proc in live}))
         with self._lock:
             previous, self._stubs, self._regions = self._regions, stubs, _shm_regions(stubs)
