@@ -289,15 +289,18 @@ class Supervisor:
         with self._restart_lock, self._lock:
             self._ready, self._reason = False, "stopped"
             server, self.server = self.server, None
+            stubs = list(self._stubs.values())
         code = server.stop() if server is not None else None
         if code not in (0, None) and any(e.action != "restart" for e in self.events) and _drained(server.log_text()):
             log.warning("tritonserver used its whole exit timeout on the instance a reload replaced after its stub "
                         "died (Triton 2.51 never finishes unloading it); no request was in flight: a clean stop")
             code = 0
         psutil = _psutil()
-        for proc in self._leftovers:  # the server is gone: nothing of it can crash any more
+        for proc in [*stubs, *self._leftovers]:  # the server is gone; a stub that outlived it serves nothing
             with contextlib.suppress(psutil.Error):
-                proc.kill()
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    log.warning("stub pid %d outlived tritonserver; killing it", proc.pid)
+                    proc.kill()
         return code
 
     def __enter__(self) -> "Supervisor":
