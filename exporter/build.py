@@ -323,9 +323,9 @@ def select(variants: dict[str, Variant], target: Target) -> str | None:
     return max(passing, key=lambda n: (variants[n].speed.throughput_seq_s if variants[n].speed else 0.0))
 
 
-def _serves_others(repository: Path, target: Target, name: str) -> bool:
-    """Whether ``repository`` is one of ours, for ``target``, with served models besides ``name``: then the
-    build adds its model beside them (an embedder stays) instead of replacing the whole repository."""
+def _adds_to(repository: Path, target: Target) -> bool:
+    """Whether ``repository`` is one of ours, for ``target``: then the build adds its model to it (the next
+    version of a model it serves, beside the other models) instead of replacing the whole repository."""
     from serving.errors import ServingError
     from serving.repository import PROVENANCE, read_repository
 
@@ -335,7 +335,7 @@ def _serves_others(repository: Path, target: Target, name: str) -> bool:
         info = read_repository(repository)
     except ServingError:
         return False  # not readable as a current repository: it is replaced whole, as before
-    return info.target is target and bool(set(info.models) - {name})
+    return info.target is target
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:
@@ -379,9 +379,10 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         served = replace(ck.served_model(name, text_pair=pair is not None), threshold=config.threshold)
         if cross is not None:
             served = replace(served, activation=cross.activation)
-        if _serves_others(Path(config.repository), config.target, served.name):
+        if _adds_to(Path(config.repository), config.target):
             return Path(add_model(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
-                                  model=served, config=repo_config, provenance=provenance))
+                                  model=served, config=repo_config, provenance=provenance,
+                                  keep_versions=config.keep_versions))
         return Path(write_repository(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                      id2label=dict(ck.id2label), config=repo_config, provenance=provenance,
                                      model=served))

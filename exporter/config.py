@@ -90,6 +90,9 @@ class BuildConfig:
     out: Path = field(default=Path("build"), metadata={"help": "build directory"})
     repository: Path | None = field(default=Path("model_repository"),
                                     metadata={"help": "Triton repository to write the selected variant into"})
+    keep_versions: int = field(default=2, metadata={
+        "help": "versions of the model the repository keeps when it already serves it (the new one beside "
+                "the previous ones, for a rollback)"})
     target: Target = field(default=Target.CPU,
                            metadata={"help": "cpu: every row alone, one pinned instance per core; gpu: token-budget "
                                              "batches on ONNX Runtime's CUDA provider, fp16"})
@@ -171,6 +174,7 @@ class BuildConfig:
         checks = {
             "eval_size": self.eval_size >= 1,
             "calibration_size": self.calibration_size >= 1,
+            "keep_versions": self.keep_versions >= 1,
             "max_length": 8 <= self.max_length <= 4096,
             "batch_size": self.batch_size >= 1,
             "speed_seconds": self.speed_seconds > 0,

@@ -101,6 +101,13 @@ def _soak(args: argparse.Namespace) -> int:
                   ("p99 drift %", None if p99["drift"] is None else 100 * p99["drift"]),
                   ("RSS MiB first window", rss["first"]), ("RSS MiB last window", rss["last"]),
                   ("RSS growth %", None if rss["growth"] is None else 100 * rss["growth"])])
+    if "chaos" in s:
+        kills = s["chaos"]["kills"]
+        _print_table("chaos: kill -9 -> recovered", ("at s", "killed", "recovery", "outage s"),
+                     [(k["at_s"], k.get("target", "skipped"), k.get("action"), k.get("outage_s")) for k in kills])
+        for e in s["chaos"].get("unplanned", []):
+            print(f"unplanned recovery ({e['action']}, {e['down_s']} s): {e['reason']}")
+        print(f"longest outage: {s['chaos']['longest_outage_s']} s; requests lost: {soak['failures']}")
     print(f"reports: {s['out']}")
     if not s["passed"]:
         print(f"{prog_name(PROG)}: error: soak failed: {'; '.join(s['reasons'])}", file=sys.stderr)

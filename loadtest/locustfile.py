@@ -77,6 +77,9 @@ def _add_arguments(parser) -> None:
                        help="seconds before a request counts as failed")
     group.add_argument("--check-labels", type=str, env_var="LOADTEST_CHECK_LABELS", default="true",
                        help="check every answer against the model's contract (labels from its config)")
+    group.add_argument("--client-retries", type=int, env_var="LOADTEST_CLIENT_RETRIES", default=12,
+                       help="TritonClientUser: retries of serving.client (backoff from 0.2 s, all within "
+                            "--request-timeout)")
 
 
 _POOLS: dict[str, tuple[str, ...]] = {}
@@ -249,6 +252,55 @@ class TritonGrpcUser(User):
             response_length=length, exception=exc, context={},
         )
 
+
+
+class TritonClientUser(User):
+    """Requests through ``serving.client.TextClassifier`` with its retry policy (``--client-retries``, backoff
+    from 0.2 s, all within ``--request-timeout``): a request fails only when the client gives up, and its
+    time includes the retries, which is what an application sees (``loadtest soak --chaos``). The host's
+    scheme picks HTTP or gRPC. An answer is correct when its label is one of the model's and, for a text
+    this user asked before, the same label as then (rows run alone, so a text's answer does not change;
+    do not roll out a new version during such a run)."""
+
+    wait_time = _wait
+
+    def on_start(self) -> None:
+        from serving.client import TextClassifier
+
+        endpoint = parse_endpoint(self.host)
+        _setup(self, endpoint.protocol)
+        self.request_type = f"client-{endpoint.protocol.value}"
+        opts = _opts(self)
+        self.client = TextClassifier(self.host, model=self.model, retries=opts.client_retries, backoff_s=0.2,
+                                     timeout_s=opts.request_timeout)
+        self.labels = set(self.client.served_model().labels) if _check_labels(self) else None
+        self.seen: dict[str, str] = {}
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def _check(self, texts, predictions) -> None:
+        if len(predictions) != len(texts):
+            raise ContractError(f"{len(predictions)} answers to {len(texts)} texts")
+        for text, p in zip(texts, predictions):
+            if self.labels is not None and p.label not in self.labels:
+                raise ContractError(f"label {p.label!r} is not one of the model's")
+            if self.seen.setdefault(text, p.label) != p.label:
+                raise ContractError(f"answer changed: {self.seen[text]!r} before, {p.label!r} now")
+
+    @task
+    def infer(self) -> None:
+        texts = payload.pick_texts(self.pool, self.n, self.rng)
+        start = time.perf_counter()
+        exc = None
+        try:
+            self._check(texts, self.client.classify(texts))
+        except Exception as err:  # noqa: BLE001 - every failure is a failed request in the report
+            exc = err
+        self.environment.events.request.fire(
+            request_type=self.request_type, name=self.name, response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=0, exception=exc, context={},
+        )
 
 
 # ------------------------------------------------------------------------------------------ embeddings

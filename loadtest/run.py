@@ -25,6 +25,7 @@ PREFIX = "locust"
 
 
 USER_CLASS = {Protocol.HTTP: "TritonHttpUser", Protocol.GRPC: "TritonGrpcUser"}
+CLIENT_USER_CLASS = "TritonClientUser"  # through serving.client and its retries (either protocol)
 
 
 def parse_protocol(value: str | Protocol) -> Protocol:
@@ -79,6 +80,10 @@ class RunConfig:
     request_rate: float = field(default=0.0, metadata={"help": "requests/s per user (0: closed loop)"})
     fail_on_error: bool = field(default=False, metadata={"help": "exit 1 if any request failed"})
     model_name: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model name"})
+    client_retries: int = field(default=0, metadata={
+        "help": "> 0: users send through serving.client with this many retries (TritonClientUser), so a "
+                "request fails only when the client gives up"})
+    request_timeout: float = field(default=30.0, metadata={"help": "seconds before a request counts as failed"})
     duration_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -94,6 +99,8 @@ class RunConfig:
             raise LoadtestError("--processes must be >= 1 (or -1: one per CPU core)")
         if self.request_rate < 0:
             raise LoadtestError("--request-rate must be >= 0")
+        if self.client_retries < 0 or self.request_timeout <= 0:
+            raise LoadtestError("--client-retries must be >= 0 and --request-timeout > 0")
         if self.start_server and self.host:
             raise LoadtestError("give either --host or --start-server, not both")
         if not self.start_server and not self.host:
@@ -118,13 +125,15 @@ def locust_command(cfg: RunConfig, host: str, workdir: Path) -> list[str]:
         "--exit-code-on-error", "0", "--stop-timeout", "10",
         "--loglevel", "WARNING", "--logfile", str(workdir / "locust.log"),
         "--texts-per-request", str(cfg.texts_per_request), "--model-name", cfg.model_name,
-        "--request-rate", f"{cfg.request_rate:g}",
+        "--request-rate", f"{cfg.request_rate:g}", "--request-timeout", f"{cfg.request_timeout:g}",
     ]
+    if cfg.client_retries:
+        cmd += ["--client-retries", str(cfg.client_retries)]
     if cfg.texts is not None:
         cmd += ["--texts", str(Path(cfg.texts).absolute())]
     if cfg.processes is not None:
         cmd += ["--processes", str(cfg.processes)]
-    cmd.append(USER_CLASS[cfg.protocol])
+    cmd.append(CLIENT_USER_CLASS if cfg.client_retries else USER_CLASS[cfg.protocol])
     return cmd
 
 

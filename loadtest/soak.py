@@ -8,6 +8,14 @@ Steps (each logged with its time):
 4. verdict: it fails on any failed request, on p99 drift over ``max_p99_drift`` (the first window after
    warm-up vs the last window) or on RSS growth over ``max_rss_growth`` (same windows).
 
+Chaos (``--chaos``): the server runs under the supervisor of ``serving up`` (serving.supervisor), the soak's
+users send through ``serving.client`` with its retry policy (``TritonClientUser``), and a thread kills a
+random python-backend stub with SIGKILL every ``chaos_interval`` and tritonserver itself once, half-way.
+The verdict: every request answered correctly (0 failed after the client's retries) and every kill
+recovered; each kill's outage (kill -> the supervisor's recovery: a reload of one model, or a restart of
+the server) is recorded, the longest in ``chaos.longest_outage_s``. p99 drift and memory are reported but
+not judged (the outages spike the p99, and a restart starts the memory over).
+
 Window p99: Locust's history holds, every second, the p99 of the last ~10 s of requests; a window's p99
 is the median of those rows inside it (robust to one slow second on a shared machine).
 Everything lands in ``out`` (default results/soak-<time>/): summary.json, the Locust CSVs and reports,
@@ -19,12 +27,14 @@ import contextlib
 import json
 import logging
 import os
+import random
+import signal
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common.atomic import atomic_directory
 from common.provenance import versions
@@ -57,9 +67,18 @@ class SoakConfig:
                                                     "(fraction)"})
     sample_interval_s: float = field(default=2.0, metadata={"help": "seconds between memory samples"})
     out: Path | None = field(default=None, metadata={"help": "report directory (default results/soak-<time>/)"})
+    chaos: bool = field(default=False, metadata={
+        "help": "kill -9 a python stub every --chaos-interval and tritonserver once, under the supervisor; users "
+                "retry through serving.client; judge 0 lost requests and record the longest outage"})
+    chaos_interval: str = field(default="120s", metadata={"help": "time between stub kills with --chaos"})
+    client_retries: int = field(default=12, metadata={"help": "--chaos: retries of each user's client"})
+    request_timeout: float = field(default=60.0, metadata={
+        "help": "--chaos: seconds a request may take with its retries before it counts as lost"})
+    seed: int = field(default=0, metadata={"help": "--chaos: which stub each kill picks"})
     duration_s: float = field(init=False, default=0.0)
     warmup_s: float = field(init=False, default=0.0)
     window_s: float = field(init=False, default=0.0)
+    chaos_interval_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.protocol = parse_protocol(self.protocol)
@@ -82,6 +101,11 @@ class SoakConfig:
         if self.texts is not None and not Path(self.texts).is_file():
             raise LoadtestError(f"texts file {self.texts} not found")
         self.out = Path(self.out) if self.out is not None else default_out("soak")
+        self.chaos_interval_s = parse_duration(self.chaos_interval)
+        if self.chaos and self.chaos_interval_s >= self.duration_s:
+            raise LoadtestError(f"--chaos-interval {self.chaos_interval} leaves no kill within {self.duration}")
+        if self.client_retries < 0 or self.request_timeout <= 0:
+            raise LoadtestError("--client-retries must be >= 0 and --request-timeout > 0")
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -102,9 +126,10 @@ def process_tree_rss(pid: int) -> dict[str, int]:
 
 
 class RssSampler(threading.Thread):
-    """Sample the RSS of a process tree every ``interval`` seconds until stopped."""
+    """Sample the RSS of a process tree every ``interval`` seconds until stopped (``pid`` may be a function:
+    the server's pid now, which a restart changes)."""
 
-    def __init__(self, pid: int, interval: float) -> None:
+    def __init__(self, pid: int | Callable[[], int | None], interval: float) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.pid, self.interval = pid, interval
         self.samples: list[tuple[float, dict[str, int]]] = []
@@ -114,7 +139,8 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                self.samples.append((time.time(), process_tree_rss(self.pid)))
+                pid = self.pid() if callable(self.pid) else self.pid
+                self.samples.append((time.time(), process_tree_rss(pid)))
             with contextlib.suppress(OSError):
                 self.loadavg.append(os.getloadavg()[0])
             if self._stop_event.wait(self.interval):
@@ -123,6 +149,104 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=self.interval + 5)
+
+
+# ------------------------------------------------------------------------------------------- chaos
+
+
+def chaos_plan(interval_s: float, duration_s: float) -> list[tuple[float, str]]:
+    """(seconds into the soak, "stub" | "server"): a stub every ``interval_s`` and the server once, half an
+    interval after the stub kill nearest the middle (so two recoveries never overlap)."""
+    stubs = [k * interval_s for k in range(1, int(duration_s // interval_s) + 1) if k * interval_s < duration_s - 10]
+    server = (int(duration_s / 2 // interval_s) + 0.5) * interval_s
+    if server >= duration_s - 10:
+        server = duration_s / 2
+    return sorted([(t, "stub") for t in stubs] + [(server, "server")])
+
+
+class Chaos(threading.Thread):
+    """Kill -9 what the plan says, when it says, in the server a Supervisor runs; record each kill."""
+
+    def __init__(self, supervisor, plan: list[tuple[float, str]], seed: int = 0) -> None:
+        super().__init__(name="chaos", daemon=True)
+        self.supervisor, self.plan, self.rng = supervisor, plan, random.Random(seed)
+        self.kills: list[dict[str, Any]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.time()
+        for at, kind in self.plan:
+            if self._stop_event.wait(max(0.0, t0 + at - time.time())):
+                return
+            self._kill(kind, at)
+
+    def _kill(self, kind: str, at: float) -> None:
+        from serving.supervisor import stub_processes
+
+        server = self.supervisor.server
+        if server is None or not self.supervisor.ready:
+            log.warning("chaos: the server is not ready at %.0f s; %s kill skipped", at, kind)
+            self.kills.append({"kind": kind, "at_s": at, "skipped": True})
+            return
+        if kind == "server":
+            target, pid = "tritonserver", server.process.pid
+        else:
+            stubs = stub_processes(server.process.pid)
+            target = self.rng.choice(sorted(stubs))
+            pid = stubs[target].pid
+        killed_at = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self.kills.append({"kind": kind, "at_s": at, "target": target, "pid": pid, "killed_at": killed_at})
+        log.warning("chaos: kill -9 %s (pid %d) at %.0f s", target, pid, at)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def outcomes(self, events) -> list[dict[str, Any]]:
+        """Each kill with the supervisor's recovery of it (the first event seen after it): its action and
+        the outage, kill -> recovered (a reload: the model serves from fresh stubs; a restart: ready)."""
+        out, used = [], set()
+        for kill in self.kills:
+            found = None
+            if not kill.get("skipped"):
+                found = next((i for i, e in enumerate(events)
+                              if i not in used and e.detected_at >= kill["killed_at"] - 0.5), None)
+            event = events[found] if found is not None else None
+            used.add(found)
+            outage = event.recovered_at - kill["killed_at"] if event is not None and event.recovered_at else None
+            out.append({**kill, "action": event.action if event else None, "reason": event.reason if event else None,
+                        "outage_s": outage})
+        return out
+
+    @staticmethod
+    def unplanned(events, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Recoveries no kill explains (the server failed on its own), with their outage."""
+        explained = {k["reason"] for k in kills if k.get("reason")}
+        return [e.as_dict() for e in events if e.reason not in explained]
+
+
+def chaos_verdict(requests: int, failures: int, kills: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pass when every request was answered correctly (after the client's retries) and every kill was
+    recovered; the longest outage is recorded."""
+    reasons = []
+    if requests == 0:
+        reasons.append("no requests were made")
+    if failures:
+        reasons.append(f"{failures} of {requests} requests lost (failed after the client's retries)")
+    done = [k for k in kills if not k.get("skipped")]
+    if not any(k["kind"] == "stub" for k in done) or not any(k["kind"] == "server" for k in done):
+        reasons.append(f"the plan was not carried out: {[(k['kind'], k.get('skipped', False)) for k in kills]}")
+    unrecovered = [k for k in done if k["outage_s"] is None]
+    if unrecovered:
+        reasons.append(f"{len(unrecovered)} kill(s) not recovered: {[k['target'] for k in unrecovered]}")
+    outages = [k["outage_s"] for k in done if k["outage_s"] is not None]
+    return {"passed": not reasons, "reasons": reasons, "kills": kills,
+            "longest_outage_s": max(outages, default=None),
+            "longest_stub_outage_s": max((k["outage_s"] for k in done if k["kind"] == "stub" and k["outage_s"]),
+                                         default=None),
+            "server_outage_s": next((k["outage_s"] for k in done if k["kind"] == "server"), None)}
 
 
 # ----------------------------------------------------------------------------------------- verdict
@@ -215,15 +339,25 @@ def _history_p99(history_csv: Path) -> list[tuple[float, float]]:
 
 
 def _start_server(cfg: SoakConfig):
+    """A LocalTritonServer; with ``--chaos`` a Supervisor (``serving up``'s recovery) running one."""
     from serving.errors import ServingError
     from serving.server import LocalTritonServer, ServerConfig
+    from serving.supervisor import Supervisor, SupervisorConfig
 
     try:
+        if cfg.chaos:
+            return Supervisor(ServerConfig(cfg.repository), SupervisorConfig(check_interval_s=1.0)).start()
         server = LocalTritonServer(ServerConfig(cfg.repository))
         server.start()
     except ServingError as exc:
         raise LoadtestError(f"could not start tritonserver: {exc}") from exc
     return server
+
+
+def _server_pid(server) -> int | None:
+    """tritonserver's pid now (a Supervisor's changes when it restarts the server)."""
+    inner = getattr(server, "server", server)  # Supervisor.server, or the LocalTritonServer itself
+    return inner.process.pid if inner is not None and inner.process is not None else None
 
 
 def _server_host(server, protocol: Protocol) -> str:
@@ -251,20 +385,29 @@ def _saturation(cfg: SoakConfig, host: str, workdir: Path) -> tuple[RunConfig, d
     return sat_cfg, sat
 
 
-def _soak(cfg: SoakConfig, host: str, workdir: Path, pid: int, rate: float):
-    """Constant-throughput users at ``rate`` req/s each while the server's RSS is sampled."""
+def _soak(cfg: SoakConfig, host: str, workdir: Path, server, rate: float):
+    """Constant-throughput users at ``rate`` req/s each while the server's RSS is sampled (and, with
+    ``--chaos``, its processes killed: the users then retry through serving.client)."""
     soak_cfg = RunConfig(users=cfg.users, spawn_rate=cfg.users, duration=f"{cfg.duration_s:g}s",
                          protocol=cfg.protocol, texts_per_request=cfg.texts_per_request, host=host,
-                         texts=cfg.texts, out=workdir, request_rate=rate)
-    sampler = RssSampler(pid, cfg.sample_interval_s)
+                         texts=cfg.texts, out=workdir, request_rate=rate,
+                         client_retries=cfg.client_retries if cfg.chaos else 0,
+                         request_timeout=cfg.request_timeout if cfg.chaos else 30.0)
+    sampler = RssSampler(lambda: _server_pid(server), cfg.sample_interval_s)
+    chaos = Chaos(server, chaos_plan(cfg.chaos_interval_s, cfg.duration_s), cfg.seed) if cfg.chaos else None
     sampler.start()
     t_start = time.time()
+    if chaos is not None:
+        chaos.start()
+    label = f"soak at {cfg.load_fraction:.0%} of saturation" + (" with chaos" if chaos else "")
     try:
-        soak = _locust(soak_cfg, host, workdir, f"soak at {cfg.load_fraction:.0%} of saturation")
+        soak = _locust(soak_cfg, host, workdir, label)
     finally:
         t_end = time.time()
         sampler.stop()
-    return soak, sampler, t_start, t_end
+        if chaos is not None:
+            chaos.stop()
+    return soak, sampler, t_start, t_end, chaos
 
 
 def _write_rss(path: Path, samples: list[tuple[float, dict[str, int]]]) -> None:
@@ -295,15 +438,30 @@ def _summary(cfg: SoakConfig, result: dict[str, Any], sat_cfg: RunConfig, sat: d
     }
 
 
+def _judge(cfg: SoakConfig, soak: dict[str, Any], p99, rss, t_start: float, t_end: float, chaos, server):
+    """The verdict: drift and memory; with chaos, 0 lost requests and every kill recovered instead (the
+    drift and memory figures stay in the summary, unjudged)."""
+    result = verdict(cfg, soak["requests"], soak["failures"], p99, rss, t_start, t_end)
+    if chaos is None:
+        return result
+    events = list(server.events)
+    outcome = chaos_verdict(soak["requests"], soak["failures"], chaos.outcomes(events))
+    outcome["unplanned"] = chaos.unplanned(events, outcome["kills"])
+    result["unjudged"] = {"reasons": result["reasons"]}
+    result.update(passed=outcome["passed"], reasons=outcome["reasons"], chaos=outcome)
+    return result
+
+
 def run_soak(cfg: SoakConfig) -> dict[str, Any]:
-    """Measure saturation, soak at ``load_fraction`` of it, judge; the summary is also summary.json."""
+    """Measure saturation, soak at ``load_fraction`` of it (with ``chaos``: kills), judge; the summary is
+    also summary.json."""
     t_begin = time.perf_counter()
 
     def stage(msg: str) -> None:
         log.info("[%6.1f s] %s", time.perf_counter() - t_begin, msg)
 
     server = _start_server(cfg)
-    stage(f"tritonserver ready (pid {server.process.pid})")
+    stage(f"tritonserver ready (pid {_server_pid(server)}){' under the supervisor, chaos on' if cfg.chaos else ''}")
     host = _server_host(server, cfg.protocol)
     try:
         with atomic_directory(cfg.out) as tmp:
@@ -314,12 +472,15 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             rate = cfg.load_fraction * sat["requests_per_s"] / cfg.users
             stage(f"saturation {sat['requests_per_s']:.1f} req/s (p99 {sat['latency_ms']['p99']} ms); soak at "
                   f"{rate * cfg.users:.1f} req/s = {cfg.users} users x {rate:.3f} req/s for {cfg.duration_s:g} s")
-            soak, sampler, t_start, t_end = _soak(cfg, host, tmp / "soak", server.process.pid, rate)
-            server.check()  # still alive and ready after the soak
+            soak, sampler, t_start, t_end, chaos = _soak(cfg, host, tmp / "soak", server, rate)
+            if not cfg.chaos:
+                server.check()  # still alive and ready after the soak
+            elif not server.ready:
+                raise LoadtestError(f"the server is not ready after the chaos soak: {server.status()['reason']}")
             stage("soak done; judging")
             p99 = _history_p99(tmp / "soak" / "locust_stats_history.csv")
             rss = [(t, sum(v.values())) for t, v in sampler.samples]
-            result = verdict(cfg, soak["requests"], soak["failures"], p99, rss, t_start, t_end)
+            result = _judge(cfg, soak, p99, rss, t_start, t_end, chaos, server)
             _write_rss(tmp / "rss.csv", sampler.samples)
             summary = _summary(cfg, result, sat_cfg, sat, soak, sampler, rate)
             title = f"soak at {cfg.load_fraction:.0%} of {sat['requests_per_s']:.0f} req/s"

@@ -1,5 +1,5 @@
-"""`python -m serving {up,gateway,classify,embed,rerank,models,health,validate,manifests}`: thin commands over
-the serving library."""
+"""`python -m serving {up,gateway,classify,embed,rerank,models,rollback,health,validate,manifests}`: thin
+commands over the serving library."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,37 @@ class ValidateConfig:
     target: Target | None = field(default=None, metadata={"help": "also check it fits this target"})
 
 
+@dataclass
+class ModelsConfig:
+    """`serving models`: which server to ask, with the admin key (the repository index is restricted)."""
+
+    url: str = field(default="127.0.0.1:8000", metadata={"help": "HTTP host:port"})
+    admin_key: str | None = field(default=None, repr=False, metadata={
+        "help": "the server's admin key (default: $TRITON_ADMIN_KEY)"})
+    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
+    timeout_s: float = field(default=30.0, metadata={"help": "seconds per call"})
+
+    def __post_init__(self) -> None:
+        self.output = Output(self.output)
+        if self.admin_key is None:
+            from serving.triton_args import key_from_environment
+
+            self.admin_key = key_from_environment()
+        if not self.admin_key:
+            raise ServingError("the repository API needs the server's admin key: --admin-key KEY or "
+                               "$TRITON_ADMIN_KEY")
+
+
+@dataclass
+class RollbackConfig(ModelsConfig):
+    """`serving rollback`: the model to return to its previous version (or to --version)."""
+
+    model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model"})
+    version: int | None = field(default=None, metadata={"help": "serve this version (default: the one before "
+                                                                "the version served now)"})
+    timeout_s: float = field(default=300.0, metadata={"help": "seconds the load may take"})
+
+
 def _add_up(sub) -> None:
     from serving.server import ServerConfig
     from serving.supervisor import SupervisorConfig
@@ -200,6 +231,9 @@ def _run_up(args) -> int:
         if supervisor is not None:
             print(f"  supervisor  on (checks every {supervisor.check_interval_s:g} s; --no-supervise to opt out)",
                   flush=True)
+            if supervisor.watch_repository:
+                print("  versions    a build into the repository is verified and served; go back with "
+                      "`python -m serving rollback MODEL --admin-key KEY`", flush=True)
         for g in gateway:
             print(f"  gateway  {g.url} (pid {g.process.pid}; key {'required' if g.config.api_key else 'none'})",
                   flush=True)
@@ -403,6 +437,51 @@ def _run_health(args) -> int:
     return 0 if ready else 1
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list a running server's models with the versions served and kept")
+    add_config_arguments(p, ModelsConfig)
+
+
+def _run_models(args) -> int:
+    from serving.control import ModelControl
+
+    config = config_from_args(ModelsConfig, args)
+    models = ModelControl(config.url, config.admin_key, timeout_s=config.timeout_s).models()
+    if config.output is Output.JSON:
+        print(json.dumps([m.to_dict() for m in models], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models @ {config.url}")
+    for column in ("model", "state", "served version", "versions kept"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m.name, m.state, ",".join(map(str, m.served)) or "-", ",".join(map(str, m.available)) or "-")
+    Console().print(table)
+    return 0
+
+
+def _add_rollback(sub) -> None:
+    p = sub.add_parser("rollback", help="serve the previous version of a model (a load; the old one answers "
+                                        "until the new one is ready)")
+    add_config_arguments(p, RollbackConfig, flags={"model": Flag(positional=True)}, exclude={"output"})
+
+
+def _run_rollback(args) -> int:
+    from serving.control import ModelControl
+
+    config = config_from_args(RollbackConfig, args)
+    control = ModelControl(config.url, config.admin_key, timeout_s=config.timeout_s)
+    if config.version is None:
+        old, new = control.rollback(config.model)
+    else:
+        old, new = max(control.served_versions(config.model), default=0), config.version
+        control.serve_version(config.model, config.version)
+    print(f"{config.model}: version {old} -> {new} (served now: {list(control.served_versions(config.model))})")
+    return 0
+
+
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a model repository offline")
     add_config_arguments(p, ValidateConfig, flags={"repository": Flag(positional=True)})
@@ -427,7 +506,8 @@ def _manifests():
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     parser, sub = command_parser(PROG, __doc__)
-    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_rerank, _add_models, _add_health, _add_validate):
+    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_rerank, _add_models, _add_rollback,
+                _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
     if manifests is not None:
@@ -436,7 +516,7 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
 
 
 RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed,
-           "rerank": _run_rerank, "models": _run_models,
+           "rerank": _run_rerank, "models": _run_models, "rollback": _run_rollback,
            "health": _run_health, "validate": _run_validate}
 
 

@@ -147,6 +147,8 @@ def classify_error(exc: BaseException, url: str) -> ClientError | _Retry:
     """Map a tritonclient / transport exception to a typed error (or a retryable one)."""
     from tritonclient.utils import InferenceServerException
 
+    if isinstance(exc, _Retry):
+        return exc
     if isinstance(exc, InferenceServerException):
         return _server_error(str(exc.status() or ""), exc.message() or str(exc), url)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("timeout", "ServerTimeoutError"):
@@ -241,7 +243,14 @@ class _Base(ClientConfig):
         return (self.model, infer_inputs(module, texts, pairs)), {"outputs": outputs, **self._grpc_timeout()}
 
     def _read(self, served: ServedModel, response: Any) -> dict[str, Any]:
-        return {name: response.as_numpy(name) for name in self._outputs(served)}
+        """The requested outputs of an answer. One that lacks any came from a failing server (seen on Triton
+        2.51 as the python backend crashed under load): retried like UNAVAILABLE, since classification is
+        idempotent (docs/RELIABILITY.md)."""
+        outputs = {name: response.as_numpy(name) for name in self._outputs(served)}
+        missing = [name for name, value in outputs.items() if value is None]
+        if missing:
+            raise _Retry(ServerUnavailableError(f"{self.url}: the answer lacks {missing} (a failing server)"))
+        return outputs
 
     def _chunks(self, served: ServedModel, items: list[str]) -> Iterable[list[str]]:
         return _chunks(items, max(1, served.max_batch_size))
@@ -296,7 +305,7 @@ class _SyncTransport(_Base):
         outs = []
         for chunk in self._chunks(served, items):
             args, kwargs = self._request(served, chunk)
-            outs.append(self._read(served, self._call(client.infer, *args, **kwargs)))
+            outs.append(self._call(lambda: self._read(served, client.infer(*args, **kwargs))))
         return served, outs
 
     def is_ready(self) -> bool:
@@ -350,7 +359,11 @@ class _AsyncTransport(_Base):
 
         async def one(chunk: list[str]) -> dict[str, Any]:
             args, kwargs = self._request(served, chunk)
-            return self._read(served, await self._call(client.infer, *args, **kwargs))
+
+            async def once() -> dict[str, Any]:
+                return self._read(served, await client.infer(*args, **kwargs))
+
+            return await self._call(once)
 
         return served, list(await asyncio.gather(*(one(c) for c in self._chunks(served, items))))
 

@@ -4,13 +4,20 @@ Layout, per served model ``<name>`` (a :class:`serving.contract.ServedModel`; se
 repository):
 
 - CPU target: ONE python-backend model ``<name>`` (tokenizer + ONNX Runtime on each row alone + head), one
-  instance per usable core, 1 intra-op thread: ``<name>/1/{model.py, textmodel.py, contract.py,
+  instance per usable core, 1 intra-op thread: ``<name>/<version>/{model.py, textmodel.py, contract.py,
   model.onnx, tokenizer/}``.
 - GPU target: ONE python-backend model ``<name>`` too (tokenizer + ONNX Runtime with the CUDA provider, the
   CPU provider where no GPU is present + head), taking a dynamic batch of requests and running their rows in
   token-budget sub-batches sorted by length, each padded only to its own longest row (token_batch.py):
   ``<name>/1/{model.py, textmodel.py, contract.py, token_batch.py, model.onnx, tokenizer/}``. The config's
   ``target`` parameter tells the two apart.
+
+Versions: a model's first build is version 1; :func:`add_model` into a repository that already serves the
+model writes the next version beside the current one and keeps the newest ``keep_versions`` (default 2),
+each with its own provenance record (``served[<name>].versions``). Versions share the model's
+``config.pbtxt`` (``version_policy: latest 1``, so Triton serves the newest; its ``versions`` parameter
+lists the directories, which ``serving.control`` reads to roll back); a build whose config differs from
+the served one starts over with only the new version (older ones do not fit its config).
 
 Every ``config.pbtxt`` is a ``model_config_pb2.ModelConfig`` built from the ServedModel's tensors and written
 with ``google.protobuf.text_format``; python models read their contract back from the config parameters
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,7 +45,9 @@ from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_OVERHEA
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "1"  # a new model's first version; later ones: model_versions() / ServedModelInfo.version
+KEEP_VERSIONS = 2  # versions of a model a build keeps: the new one and the one before (rollback)
+VERSIONS_PARAM = "versions"  # config parameter: the version directories beside the config, "1,2"
 # The default classifier's model name (one model per served model on both targets). Kept for callers that
 # predate read_repository; new code reads the repository through read_repository().
 ENSEMBLE = DEFAULT_CLASSIFIER
@@ -227,6 +237,7 @@ def _params(cfg, values: Mapping[str, Any]) -> None:
 
 def _python_model(pb, name: str, config: RepositoryConfig, count: int, kind: str = "KIND_CPU"):
     cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=config.max_batch_size)
+    cfg.version_policy.latest.num_versions = 1  # serve the newest version; a rollback overrides it on load
     cfg.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.Kind.Value(kind), count=count))
     cfg.dynamic_batching.CopyFrom(_batching(pb, config))
     return cfg
@@ -469,19 +480,31 @@ def _python_source(model: ServedModel, target: Target) -> str:
     return "embedder.py" if model.head is Head.EMBEDDING else "classifier.py"
 
 
+def model_versions(root: Path, name: str) -> list[int]:
+    """The version directories of model directory ``name`` in ``root``, oldest first."""
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
 def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedModel, target: Target,
-                       onnx_model: Path, tokenizer_dir: Path) -> None:
-    """Every file of one served model: config, python sources, tokenizer, ONNX."""
+                       onnx_model: Path, tokenizer_dir: Path, version: int = 1) -> None:
+    """Every file of one served model's ``version``: config (listing every version directory beside it),
+    python sources, tokenizer, ONNX, warm-up inputs."""
+    v = str(version)
     for name, model_config in configs.items():
-        (root / name / VERSION).mkdir(parents=True)
+        (root / name / v).mkdir(parents=True)
+        listed = ",".join(str(n) for n in model_versions(root, name))
+        model_config.parameters[VERSIONS_PARAM].string_value = listed
         (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
-    version = root / model.name / VERSION
-    _copy_python(version, _python_source(model, target))
+    folder = root / model.name / v
+    _copy_python(folder, _python_source(model, target))
     if target is Target.GPU:
         for name, src in GPU_SOURCES.items():
-            shutil.copy2(src, version / name)
-    _copy_tokenizer(version, tokenizer_dir)
-    shutil.copy2(onnx_model, version / ONNX_FILE)
+            shutil.copy2(src, folder / name)
+    _copy_tokenizer(folder, tokenizer_dir)
+    shutil.copy2(onnx_model, folder / ONNX_FILE)
     write_warmup_files(root / model.name, configs[model.name])
 
 
@@ -502,6 +525,31 @@ def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_m
         "versions": versions(),
         "exporter": dict(exporter or {}),
     }
+
+
+def _version_record(root: Path, names: Sequence[str], version: int, own: Mapping[str, Any]) -> dict[str, Any]:
+    """One version's own provenance: its ONNX file, the exporter's record, when, and the SHA-256 of each of
+    its files (the same hashes the repository's ``files`` holds, so a version is checked on its own)."""
+    from common.provenance import hash_tree
+
+    files = {}
+    for name in names:
+        files.update({f"{name}/{version}/{rel}": digest for rel, digest in hash_tree(root / name / str(version)).items()})
+    return {"onnx": own["onnx"], "exporter": own["exporter"],
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+
+
+def _served_record(root: Path, own: Mapping[str, Any], names: Sequence[str], version: int,
+                   previous: Mapping[str, Any] | None = None, kept: Sequence[int] = ()) -> dict[str, Any]:
+    """A served model's provenance: the newest build's config, ONNX and exporter record, and per version
+    (``versions``) the record of each version kept."""
+    older = dict((previous or {}).get("versions") or {})
+    if previous and not older:  # written before versions were recorded: it was version 1
+        older = {VERSION: {k: previous.get(k) for k in ("onnx", "exporter")}}
+    records = {v: r for v, r in older.items() if int(v) in kept}
+    records[str(version)] = _version_record(root, names, version, own)
+    return {**{k: own[k] for k in ("config", "resolved", "onnx", "exporter")}, "version": version,
+            "versions": records}
 
 
 def _served_model(model: ServedModel | None, id2label: Mapping[int, str]) -> ServedModel:
@@ -543,6 +591,7 @@ def write_repository(
     with atomic_directory(out) as tmp:
         _write_model_files(tmp, configs, served, config.target, onnx_model, tokenizer_dir)
         record = _provenance(tmp, config, served, onnx_model, info, provenance)
+        record["served"] = {served.name: _served_record(tmp, record, list(configs), 1)}
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         validate_repository(tmp, config.target)
     log.info("wrote %s repository %s (model %s, labels %s, %d instance(s))", config.target.value, out,
@@ -562,8 +611,10 @@ class ServedModelInfo:
     target: Target
     config: Any  # the served model's ModelConfig (the one python model on both targets)
     parts: Mapping[str, Any]
-    onnx_path: Path
+    onnx_path: Path  # of the served (newest) version
     tokenizer_dir: Path
+    version: int = 1  # the version Triton serves from this repository (the newest: version_policy latest 1)
+    versions: tuple[int, ...] = (1,)  # every version directory, oldest first
 
     @property
     def name(self) -> str:
@@ -654,8 +705,10 @@ def _served_info(root: Path, cfg, contract: ServedModel) -> ServedModelInfo:
         target = Target(param.string_value if param is not None and param.string_value else Target.CPU)
     except ValueError as exc:
         raise RepositoryError(f"model '{cfg.name}': unknown target {param.string_value!r}") from exc
-    version = root / contract.name / VERSION
-    return ServedModelInfo(contract, target, cfg, {}, version / ONNX_FILE, version / TOKENIZER_DIR)
+    versions = tuple(model_versions(root, contract.name)) or (1,)
+    folder = root / contract.name / str(versions[-1])
+    return ServedModelInfo(contract, target, cfg, {}, folder / ONNX_FILE, folder / TOKENIZER_DIR,
+                           versions[-1], versions)
 
 
 def read_repository(path: Path) -> RepositoryInfo:
@@ -697,15 +750,20 @@ def _check_scheduled(root: Path, cfg) -> None:
         raise RepositoryError(f"model '{cfg.name}': max_batch_size must be > 0 (dynamic batching)")
     if not cfg.HasField("dynamic_batching"):
         raise RepositoryError(f"model '{cfg.name}' has no dynamic_batching")
-    if not (root / cfg.name / VERSION).is_dir():
+    found = model_versions(root, cfg.name)
+    if not found:
         raise RepositoryError(f"missing version directory of model '{cfg.name}': {root / cfg.name / VERSION}")
+    listed = cfg.parameters[VERSIONS_PARAM].string_value if VERSIONS_PARAM in cfg.parameters else ""
+    if listed and listed != ",".join(map(str, found)):
+        raise RepositoryError(f"model '{cfg.name}': config lists versions {listed}, the directories are {found}")
 
 
 def _check_python(root: Path, cfg) -> None:
     if cfg.backend != "python":
         raise RepositoryError(f"model '{cfg.name}' must use the python backend, not '{cfg.backend}'")
-    for fname in ("model.py", *SHARED_SOURCES):
-        _require(root / cfg.name / VERSION / fname, f"python source {fname} of model '{cfg.name}'")
+    for version in model_versions(root, cfg.name):
+        for fname in ("model.py", *SHARED_SOURCES):
+            _require(root / cfg.name / str(version) / fname, f"python source {fname} of model '{cfg.name}'")
 
 
 def _check_signature(cfg, contract: ServedModel) -> None:
@@ -745,6 +803,9 @@ def _validate_python_model(root: Path, m: ServedModelInfo, required: Sequence[st
     for warm in m.config.model_warmup:
         for spec in warm.inputs.values():
             _require(root / m.name / WARMUP_DIR / spec.input_data_file, f"warm-up input of model '{m.name}'")
+    for version in m.versions[:-1]:  # older versions kept for a rollback: their files are there
+        _require(root / m.name / str(version) / TOKENIZER_DIR / "tokenizer.json", "tokenizer file")
+        _require(root / m.name / str(version) / ONNX_FILE, f"ONNX model of '{m.name}' version {version}")
     return [m.name]
 
 
@@ -817,9 +878,41 @@ def _existing(out: Path) -> RepositoryInfo | None:
     return read_repository(out)
 
 
-def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, new_names: Sequence[str]) -> None:
+def _same_config(old, new) -> bool:
+    """Whether two configs of one model directory differ only in what versions change (the version list
+    and policy), so the old versions can be served by the new config."""
+    a, b = type(old)(), type(new)()
+    a.CopyFrom(old)
+    b.CopyFrom(new)
+    for cfg in (a, b):
+        cfg.ClearField("version_policy")
+        if VERSIONS_PARAM in cfg.parameters:
+            del cfg.parameters[VERSIONS_PARAM]
+    return a == b
+
+
+def _kept_versions(existing: RepositoryInfo, old: ServedModelInfo | None, configs: Mapping[str, Any],
+                   keep: int) -> tuple[list[int], int]:
+    """(older versions the new one goes beside, the new version's number). Old versions stay only when the
+    new configs fit them; numbers only grow, so Triton's ``latest`` policy always means the new build."""
+    if old is None:
+        return [], 1
+    versions = sorted({v for name in old.model_names for v in model_versions(existing.path, name)})
+    new_version = (versions[-1] if versions else 0) + 1
+    fits = set(old.model_names) == set(configs) and all(
+        _same_config(existing.configs[name], configs[name]) for name in configs)
+    if not fits:
+        log.warning("model %s: the new build's config differs from the served one; versions %s are dropped "
+                    "(a rollback has nothing to return to)", old.name, versions)
+        return [], new_version
+    return versions[-(keep - 1):] if keep > 1 else [], new_version
+
+
+def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, configs: Mapping[str, Any],
+                   keep: int) -> tuple[list[int], int]:
     """Copy the existing repository into ``tmp`` (without bytecode), check it against its own provenance,
-    then drop the directories of the model being replaced."""
+    then drop what the new build replaces: the model's config and its versions beyond the newest
+    ``keep - 1``. Returns (versions kept, the new version's number)."""
     from serving.integrity import verify_repository
 
     shutil.copytree(existing.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -830,34 +923,47 @@ def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, new_
         raise RepositoryError(f"{existing.path} already serves a {old.contract.head.value} model named "
                               f"{model.name!r}; choose another name for the {model.head.value} model")
     replaced = old.model_names if old is not None else []
-    others = set(existing.configs) - set(replaced)
-    clash = sorted(others & set(new_names))
+    clash = sorted((set(existing.configs) - set(replaced)) & set(configs))
     if clash:
         raise RepositoryError(f"{existing.path}: model directories {clash} belong to another served model")
+    kept, new_version = _kept_versions(existing, old, configs, keep)
     for name in replaced:
-        shutil.rmtree(tmp / name)
+        if not kept:
+            shutil.rmtree(tmp / name)
+            continue
+        (tmp / name / "config.pbtxt").unlink()
+        for version in model_versions(tmp, name):
+            if version not in kept:
+                shutil.rmtree(tmp / name / str(version))
+    return kept, new_version
 
 
 def _merged_provenance(tmp: Path, existing: RepositoryInfo | None, config: RepositoryConfig, model: ServedModel,
-                       onnx_model: Path, info: Mapping[str, Any], exporter: Mapping[str, Any] | None) -> dict:
+                       onnx_model: Path, info: Mapping[str, Any], exporter: Mapping[str, Any] | None,
+                       names: Sequence[str], version: int, kept: Sequence[int]) -> dict:
     """The repository's provenance with ``model`` added: ``models`` and ``served`` (per model: its config,
-    ONNX file and exporter record) updated, ``files`` rehashed; what the other models recorded is kept."""
+    ONNX file, exporter record and one record per version) updated, ``files`` rehashed; what the other
+    models recorded is kept."""
     from common.provenance import hash_tree
 
     own = _provenance(tmp, config, model, onnx_model, info, exporter)
     record = dict(existing.provenance) if existing is not None else own
     record["models"] = {**record.get("models", {}), model.name: model.to_json()}
-    served = {k: own[k] for k in ("config", "resolved", "onnx", "exporter")}
+    previous = record.get("served", {}).get(model.name)
+    if previous is None and existing is not None and model.name in existing.models:
+        previous = {k: existing.provenance.get(k) for k in ("onnx", "exporter")}  # a one-model repository
+    served = _served_record(tmp, own, names, version, previous, kept)
     record["served"] = {**record.get("served", {}), model.name: served}
     record["files"] = hash_tree(tmp)
     return record
 
 
 def add_model(out: Path, *, onnx_model: Path, tokenizer_dir: Path, model: ServedModel, config: RepositoryConfig,
-              provenance: Mapping[str, Any] | None = None) -> Path:
-    """Add (or replace) the served ``model`` in the repository at ``out``, keeping every other model;
-    atomic (copy, add, swap) with the provenance and integrity hashes updated. Creates the repository
-    when there is none."""
+              provenance: Mapping[str, Any] | None = None, keep_versions: int = KEEP_VERSIONS) -> Path:
+    """Add the served ``model`` to the repository at ``out``, keeping every other model: a model it already
+    serves gets the next version beside the current one (the newest ``keep_versions`` stay); atomic (copy,
+    add, swap) with the provenance and integrity hashes updated. Creates the repository when there is
+    none. A running ``serving up`` notices the new version and loads it (serving.supervisor)."""
     from common.atomic import atomic_directory
 
     out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
@@ -866,13 +972,18 @@ def add_model(out: Path, *, onnx_model: Path, tokenizer_dir: Path, model: Served
     if existing is not None and existing.target is not config.target:
         raise RepositoryError(f"{out} serves the {existing.target.value} target; cannot add a "
                               f"{config.target.value} model")
+    if keep_versions < 1:
+        raise RepositoryError(f"keep_versions must be >= 1, got {keep_versions}")
     with atomic_directory(out) as tmp:
+        kept, version = [], 1
         if existing is not None:
-            _keep_existing(tmp, existing, model, list(configs))
-        _write_model_files(tmp, configs, model, config.target, onnx_model, tokenizer_dir)
-        record = _merged_provenance(tmp, existing, config, model, onnx_model, info, provenance)
+            kept, version = _keep_existing(tmp, existing, model, configs, keep_versions)
+        _write_model_files(tmp, configs, model, config.target, onnx_model, tokenizer_dir, version)
+        record = _merged_provenance(tmp, existing, config, model, onnx_model, info, provenance, list(configs),
+                                    version, kept)
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         validate_repository(tmp, config.target)
-    log.info("added %s model %s to %s (%d instance(s)); it serves %s", config.target.value, model.name, out,
-             config.instances, ", ".join(sorted(read_repository(out).models)))
+    log.info("added %s model %s version %d to %s (%d instance(s); versions kept %s); it serves %s",
+             config.target.value, model.name, version, out, config.instances, kept + [version],
+             ", ".join(sorted(read_repository(out).models)))
     return out

@@ -229,7 +229,7 @@ class LocalTritonServer:
             exit_on_error=True, exit_timeout_secs=cfg.exit_timeout_s,
             http_address=cfg.host, http_port=self.http_port, grpc_address=cfg.host, grpc_port=self.grpc_port,
             metrics_address=cfg.host, metrics_port=self.metrics_port, log_verbose=cfg.log_verbose,
-            admin_key=self.admin_key,
+            admin_key=self.admin_key, model_control_mode="explicit", load_model="*",
         )
 
     def command(self, backends: Path) -> list[str]:
@@ -341,10 +341,13 @@ class LocalTritonServer:
         return self._http("GET", "/v2/health/ready")[0] == 200
 
     def _models_not_ready(self) -> list[str]:
+        """Models with no READY version (the index lists each version; an old one may be UNLOADING)."""
         status, body = self._http("POST", "/v2/repository/index")
         if status != 200:
             return ["<repository index unavailable>"]
-        return [m.get("name", "?") for m in json.loads(body) if m.get("state") != "READY"]
+        rows = json.loads(body)
+        ready = {m.get("name") for m in rows if m.get("state") == "READY"}
+        return sorted({m.get("name", "?") for m in rows} - ready)
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

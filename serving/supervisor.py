@@ -13,18 +13,31 @@ What it watches, every ``check_interval_s``:
   stub, or no connection, is a failure; 503 (queue full) and a slow answer are load, not failure, unless
   ``canary_failures`` of them come in a row.
 
-On a failure it marks itself not ready (``ready`` is False and the status says why), logs an error,
-stops the broken instance with a short exit timeout (SIGTERM, ``broken_exit_timeout_s``, then SIGKILL),
-removes the dead instance's python-backend shared-memory regions, and starts a new tritonserver on the
-same ports. More than ``max_restarts`` restarts within ``restart_window_s`` is a crash loop: it gives up
-and ``wait`` raises ServerError.
+A dead stub is recovered WITHOUT restarting tritonserver (``reload_models``, on by default): the server
+runs under explicit model control, so the supervisor reloads only the model whose stub died through the
+repository API with the admin key (serving.control: fresh stubs, the same version); the model's other
+instances and every other model keep answering meanwhile. Only when that load fails, or the server
+itself is gone (exit code, refused connection) or wedged (``canary_failures`` slow canaries in a row),
+does it restart the whole server: it marks itself not ready (``ready`` is False and the status says
+why), logs an error, stops the broken instance with a short exit timeout (SIGTERM,
+``broken_exit_timeout_s``, then SIGKILL), removes the dead instance's python-backend shared-memory
+regions, and starts a new tritonserver on the same ports. More than ``max_restarts`` restarts within
+``restart_window_s`` is a crash loop: it gives up and ``wait`` raises ServerError.
+
+New versions (``watch_repository``, on by default): on every check it looks at the repository's
+``provenance.json``; when a build changed it, it verifies the whole repository against the recorded
+hashes (serving.integrity) and the layout, then loads each model whose files changed, one at a time,
+while the old version keeps answering (Triton loads the new version before it unloads the old one). A
+repository that fails verification is refused with one log line and the old versions keep serving.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -35,13 +48,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from serving.contract import DEFAULT_CLASSIFIER, http_infer_body, infer_path
-from serving.errors import ServerError
+from serving.errors import ServerError, ServingError
 from serving.server import LocalTritonServer, ServerConfig, stop_signals
 
 log = logging.getLogger(__name__)
 
 STUB_NAME = "triton_python_backend_stub"
 UNHEALTHY_STUB = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
+_INSTANCE = re.compile(r"^(.+)_\d+_\d+$")  # instance name <model>_<group>_<index>
+_UNHEALTHY = re.compile(r"Stub process '([^']+)' is not healthy")
+
+
+def instance_model(instance: str) -> str:
+    """The model of a python-backend instance name (``classifier_0_1`` -> ``classifier``)."""
+    match = _INSTANCE.match(instance)
+    return match.group(1) if match else instance
 
 
 def canary_request(repository: Path, model: str | None, text: str) -> tuple[str, bytes]:
@@ -77,6 +98,13 @@ class SupervisorConfig:
     max_restarts: int = field(default=5,
                               metadata={"help": "restarts allowed within --restart-window before giving up"})
     restart_window_s: float = field(default=600.0, metadata={"help": "seconds over which restarts are counted"})
+    reload_models: bool = field(default=True, metadata={
+        "help": "recover a dead python stub by reloading only its model through the repository API "
+                "(explicit model control, admin key); off: restart the whole server"})
+    watch_repository: bool = field(default=True, metadata={
+        "help": "serve a new version written into the repository (verified against its provenance.json) "
+                "without a command"})
+    load_timeout_s: float = field(default=300.0, metadata={"help": "seconds one model load may take"})
 
     def __post_init__(self) -> None:
         if self.check_interval_s <= 0 or self.canary_timeout_s <= 0 or self.broken_exit_timeout_s < 0:
@@ -93,6 +121,8 @@ class RestartEvent:
     reason: str
     recovered_at: float | None = None
     error: str | None = None
+    action: str = "restart"  # "restart" (the whole server) or "reload <model>" (one model, server kept)
+    settled_at: float | None = None  # reload: the replaced instances' stubs gone too (restart: = recovered_at)
 
     @property
     def down_s(self) -> float | None:
@@ -100,7 +130,7 @@ class RestartEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return {"detected_at": self.detected_at, "reason": self.reason, "recovered_at": self.recovered_at,
-                "down_s": self.down_s, "error": self.error}
+                "down_s": self.down_s, "error": self.error, "action": self.action, "settled_at": self.settled_at}
 
 
 def _psutil():
@@ -128,6 +158,48 @@ def stub_processes(pid: int) -> dict[str, Any]:
         name = cmd[-2] if len(cmd) >= 3 else str(child.pid)
         stubs[name] = child
     return stubs
+
+
+def _live_stubs(pid: int) -> list[tuple[str, Any]]:
+    """(instance name, process) of every live (not zombie) stub under tritonserver ``pid``; after a load an
+    instance name can have two (the old instance's, still unloading, and the new one's)."""
+    psutil = _psutil()
+    found = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.name() == STUB_NAME and child.status() != psutil.STATUS_ZOMBIE:
+                cmd = child.cmdline()
+                found.append((cmd[-2] if len(cmd) >= 3 else str(child.pid), child))
+    return found
+
+
+def _provenance_digest(repository: Path) -> str | None:
+    """SHA-256 of the repository's provenance.json (None while it is missing, e.g. mid-swap)."""
+    from serving.repository import PROVENANCE
+
+    try:
+        return hashlib.sha256((Path(repository) / PROVENANCE).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _model_files(provenance: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """The recorded hashes of the files of the given model directories."""
+    files = provenance.get("files") or {}
+    return {rel: digest for rel, digest in files.items() if rel.split("/", 1)[0] in names}
+
+
+_IN_FLIGHT = re.compile(r"Found (\d+) model versions that have in-flight inferences")
+
+
+def _drained(log_text: str) -> bool:
+    """Whether a stopping tritonserver reported no in-flight inference before its exit timeout expired."""
+    found = _IN_FLIGHT.findall(log_text)
+    return bool(found) and found[-1] == "0" and "Exit timeout expired" in log_text
 
 
 def _shm_regions(stubs: dict[str, Any]) -> list[str]:
@@ -160,6 +232,12 @@ class Supervisor:
         self._canary_misses = 0
         self._canary_req: tuple[str, bytes] | None = None
         self._urls = ("", "", "")
+        self._suspects: tuple[str, ...] = ()  # models whose stub the last check found dead
+        self._repo_digest: str | None = None  # provenance.json of the repository being served
+        self._repo_refused: str | None = None  # a changed provenance.json that failed verification
+        self.loads: list[dict[str, Any]] = []  # versions loaded from the watched repository
+        self._served_provenance: dict[str, Any] = {}  # the provenance.json of what is served
+        self._leftovers: list[Any] = []  # stubs of replaced instances that Triton never finished unloading
 
     # -- what a caller sees
     @property
@@ -175,6 +253,7 @@ class Supervisor:
                 "pid": server.process.pid if server and server.process else None,
                 "stubs": {name: proc.pid for name, proc in self._stubs.items()},
                 "restarts": [e.as_dict() for e in self.events],
+                "loads": list(self.loads),
             }
 
     @property
@@ -208,6 +287,8 @@ class Supervisor:
             self._stubs = stub_processes(server.process.pid)
             self._regions = _shm_regions(self._stubs)  # recorded while alive: a dead stub's cmdline is gone
             self._ready, self._reason = True, ""
+        self._repo_digest = _provenance_digest(self.server_config.repository)
+        self._served_provenance = self._read_provenance()
         log.info("supervising tritonserver pid %d (stubs: %s), checks every %.1f s", server.process.pid,
                  ", ".join(f"{n}={p.pid}" for n, p in sorted(self._stubs.items())) or "none",
                  self.config.check_interval_s)
@@ -225,13 +306,33 @@ class Supervisor:
         with self._restart_lock, self._lock:
             self._ready, self._reason = False, "stopped"
             server, self.server = self.server, None
-        return server.stop() if server is not None else None
+            stubs = list(self._stubs.values())
+        code = server.stop() if server is not None else None
+        if code not in (0, None) and any(e.action != "restart" for e in self.events) and _drained(server.log_text()):
+            log.warning("tritonserver used its whole exit timeout on the instance a reload replaced after its stub "
+                        "died (Triton 2.51 never finishes unloading it); no request was in flight: a clean stop")
+            code = 0
+        psutil = _psutil()
+        for proc in [*stubs, *self._leftovers]:  # the server is gone; a stub that outlived it serves nothing
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    log.warning("stub pid %d outlived tritonserver; killing it", proc.pid)
+                    proc.kill()
+        return code
 
     def __enter__(self) -> "Supervisor":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _read_provenance(self) -> dict[str, Any]:
+        from serving.repository import PROVENANCE
+
+        try:
+            return json.loads((Path(self.server_config.repository) / PROVENANCE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
 
     def wait(self, stop: Callable[[], bool], poll_s: float = 0.5) -> None:
         """Block until ``stop()`` is true; raise ServerError if the supervisor gave up."""
@@ -242,7 +343,9 @@ class Supervisor:
 
     # -- checks
     def check_once(self) -> str | None:
-        """One round of checks; the reason the server is broken, or None."""
+        """One round of checks; the reason the server is broken, or None. A dead stub also names its
+        model in ``self._suspects`` (reloading it may be enough)."""
+        self._suspects = ()
         with self._lock:
             server, stubs = self.server, dict(self._stubs)
         if server is None or server.process is None:
@@ -257,6 +360,7 @@ class Supervisor:
             except psutil.Error:
                 alive = False
             if not alive:
+                self._suspects = (instance_model(name),)
                 return f"python-backend stub '{name}' (pid {proc.pid}) is gone"
         if self.config.canary:
             return self._canary(server)
@@ -277,6 +381,8 @@ class Supervisor:
             text = exc.read().decode("utf-8", "replace")[:300]
             if UNHEALTHY_STUB in text:
                 hard = f"canary: {exc.code} {text}"
+                found = _UNHEALTHY.search(text)
+                self._suspects = (instance_model(found.group(1)) if found else self.config.canary_model,)
             else:
                 soft = f"canary: {exc.code} {text}"
         except (TimeoutError, OSError) as exc:  # URLError is an OSError
@@ -298,6 +404,8 @@ class Supervisor:
         while not self._stop.wait(self.config.check_interval_s):
             try:
                 reason = self.check_once()
+                if reason is None and self.config.watch_repository:
+                    self.check_repository()
             except Exception as exc:  # noqa: BLE001 - a bug in a check must not kill the watcher
                 log.exception("supervisor check failed")
                 reason = None
@@ -305,13 +413,145 @@ class Supervisor:
             if reason is None or self._stop.is_set():
                 continue
             try:
-                self.restart(reason)
-            except ServerError as exc:
+                self.recover(reason, self._suspects)
+            except ServingError as exc:  # e.g. a repository that fails verification cannot be restarted
                 self._fatal = exc
                 log.error("supervisor gave up: %s", exc)
                 return
 
     # -- recovery
+    def recover(self, reason: str, models: tuple[str, ...] = ()) -> RestartEvent:
+        """Reload ``models`` when that can fix it (a dead stub), else (or when the load fails) restart."""
+        if models and self.config.reload_models:
+            try:
+                return self.reload(reason, models)
+            except ServingError as exc:  # a failed load, or a repository that no longer verifies
+                log.error("reloading %s failed (%s); restarting tritonserver", ", ".join(models), exc)
+                reason = f"{reason}; reload failed: {exc}"
+        return self.restart(reason)
+
+    def _control(self, server: LocalTritonServer):
+        from serving.control import ModelControl
+
+        return ModelControl(server.http_url, server.admin_key, timeout_s=self.config.load_timeout_s)
+
+    def _verify(self) -> None:
+        """The repository still matches its provenance (code is about to be loaded from it)."""
+        from serving.integrity import clear_bytecode, verify_repository
+        from serving.repository import validate_repository
+
+        if not self.server_config.skip_verify:
+            clear_bytecode(self.server_config.repository)
+            verify_repository(self.server_config.repository)
+        validate_repository(self.server_config.repository)
+
+    def reload(self, reason: str, models: tuple[str, ...]) -> RestartEvent:
+        """Reload only ``models`` (fresh stubs, the same version); the server and other models keep serving."""
+        event = RestartEvent(time.time(), reason, action=f"reload {', '.join(models)}")
+        with self._restart_lock:
+            server = self.server
+            if server is None:
+                raise ServerError("no server")
+            log.error("%s; reloading model %s (tritonserver pid %d and the other models keep serving)", reason,
+                      ", ".join(models), server.process.pid)
+            self.events.append(event)
+            try:
+                self._verify()
+                control = self._control(server)
+                old = self._old_stubs(server, models)
+                for name in models:
+                    control.reload(name)
+                event.recovered_at = time.time()  # fresh instances serve from here
+                log.warning("model %s reloaded %.1f s after: %s", ", ".join(models), event.down_s, reason)
+                self._settle(server, old)
+            except ServingError as exc:  # RepositoryError and ModelControlError included
+                event.error = str(exc)
+                raise
+            event.settled_at = time.time()
+        if self.on_restart is not None:
+            self.on_restart(self, event)
+        return event
+
+    def _old_stubs(self, server: LocalTritonServer, models) -> set[int]:
+        """Pids of the live stubs of ``models`` before a load (the instances the load replaces)."""
+        return {proc.pid for name, proc in _live_stubs(server.process.pid) if instance_model(name) in models}
+
+    def _settle(self, server: LocalTritonServer, old: set[int]) -> None:
+        """After a load: watch the new stubs, not the replaced instances' (``old`` pids), and remove the
+        shared-memory regions of stubs that are gone. Measured on 2.51: when a stub died with requests in
+        flight, the old instance never finishes unloading and its healthy stubs stay, serving nothing. They
+        are left alone (killing one was followed by a tritonserver crash, boost lock_exception, twice in
+        five tries) and stopped with the server."""
+        deadline = time.time() + 5.0  # replaced instances unload within a second or two when nothing is stuck
+        live = _live_stubs(server.process.pid)
+        while any(proc.pid in old for _, proc in live) and time.time() < deadline:
+            time.sleep(0.1)
+            live = _live_stubs(server.process.pid)
+        stubs = {name: proc for name, proc in live if proc.pid not in old}
+        known = {p.pid for p in self._leftovers}
+        leftover = [proc for _, proc in live if proc.pid in old and proc.pid not in known]
+        in_use = set(_shm_regions({str(proc.pid): proc for _, proc in live}))
+        with self._lock:
+            previous, self._stubs, self._regions = self._regions, stubs, _shm_regions(stubs)
+            self._leftovers = [p for p in self._leftovers if p.is_running()] + leftover
+        if leftover:
+            log.warning("stub(s) %s of the replaced instances still run (Triton 2.51 has not finished unloading "
+                        "them); left alone until the server stops", ", ".join(str(p.pid) for p in leftover))
+        for region in set(previous) - in_use:
+            with contextlib.suppress(OSError):
+                os.unlink(Path("/dev/shm") / region)
+
+    def check_repository(self) -> list[str]:
+        """Serve what a build wrote since the last look: verify the repository, then load each model whose
+        files changed (its new version) while the old one keeps answering. Returns the models loaded."""
+        from serving.errors import RepositoryError
+        from serving.repository import read_repository
+
+        digest = _provenance_digest(self.server_config.repository)
+        if digest is None or digest in (self._repo_digest, self._repo_refused):
+            return []
+        with self._restart_lock:
+            server = self.server
+            if server is None:
+                return []
+            t0 = time.time()
+            try:
+                before = self._served_provenance
+                self._verify()
+                info = read_repository(self.server_config.repository)
+            except RepositoryError as exc:
+                self._repo_refused = digest
+                log.error("the repository changed but is refused, the served versions stay: %s", exc)
+                return []
+            changed = [m for m in info.models.values()
+                       if _model_files(info.provenance, m.model_names) != _model_files(before, m.model_names)]
+            old = self._old_stubs(server, {n for m in changed for n in m.model_names})
+            loaded = self._load_versions(server, changed, t0)
+            if changed:
+                self._settle(server, old)
+            if len(loaded) < len(changed):
+                self._repo_refused = digest  # retried when the repository changes again
+            else:
+                self._repo_digest, self._served_provenance = digest, info.provenance
+        return loaded
+
+    def _load_versions(self, server: LocalTritonServer, changed, t0: float) -> list[str]:
+        """Load each changed model (its newest version); one that fails to load keeps its old version."""
+        control, loaded = self._control(server), []
+        for m in changed:
+            try:
+                seconds = control.load(m.name)
+            except ServerError as exc:  # Triton keeps serving the loaded version when a load fails
+                log.error("model %s: version %d failed to load, the served version stays: %s", m.name, m.version,
+                          exc)
+                continue
+            loaded.append(m.name)
+            self.loads.append({"model": m.name, "version": m.version, "seen_at": t0, "load_s": seconds,
+                               "served_at": time.time()})
+            log.warning("model %s: version %d verified and served (loaded in %.1f s, %.1f s after the "
+                        "repository change was seen)", m.name, m.version, seconds, time.time() - t0)
+        return loaded
+
     def restart(self, reason: str) -> RestartEvent:
         """Mark not ready, stop the broken instance quickly, start a new one on the same ports."""
         event = RestartEvent(time.time(), reason)
@@ -319,7 +559,8 @@ class Supervisor:
             with self._lock:  # held briefly: status() must answer during a restart
                 self._ready, self._reason = False, reason
             log.error("tritonserver is broken: %s; NOT READY, restarting it", reason)
-            recent = [e for e in self.events if event.detected_at - e.detected_at < self.config.restart_window_s]
+            recent = [e for e in self.events if e.action == "restart"
+                      and event.detected_at - e.detected_at < self.config.restart_window_s]
             self.events.append(event)
             if len(recent) >= self.config.max_restarts:
                 event.error = f"{len(recent)} restarts within {self.config.restart_window_s:.0f} s"
@@ -336,11 +577,13 @@ class Supervisor:
                     time.sleep(1.0)
                     continue
                 stubs = stub_processes(server.process.pid)
+                self._repo_digest = _provenance_digest(self.server_config.repository)
+                self._served_provenance = self._read_provenance()  # a start loads the repository as it is
                 with self._lock:
                     self.server, self._stubs, self._regions = server, stubs, _shm_regions(stubs)
                     self._canary_misses = 0
                     self._ready, self._reason = True, ""
-                event.recovered_at = time.time()
+                event.recovered_at = event.settled_at = time.time()
                 log.warning("tritonserver restarted (pid %d) %.1f s after: %s", server.process.pid,
                             event.down_s, reason)
                 break
@@ -368,9 +611,10 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         psutil = _psutil()
-        for child in stubs.values():
+        for child in [*stubs.values(), *self._leftovers]:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+        self._leftovers = []
         server.stop()
         for region in regions:
             with contextlib.suppress(OSError):

@@ -65,6 +65,7 @@ class TritonServerConfig:
     model_repository: str | None = None
     backend_directory: str | None = None
     model_control_mode: str | None = "none"
+    load_model: str | None = None  # explicit mode: the models loaded at start ("*": every model)
     strict_readiness: bool | None = True
     exit_on_error: bool | None = None
     exit_timeout_secs: int | None = None

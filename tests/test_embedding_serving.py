@@ -89,7 +89,9 @@ def test_build_adds_the_embedder_beside_the_classifier(built):
     verify_repository(built["repo"])  # the provenance hashes cover both models
     files = info.provenance["files"]
     assert all(files[k] == v for k, v in built["classifier_files"].items())  # the classifier is untouched
-    assert set(info.provenance["served"]) == {DEFAULT_EMBEDDER}
+    served = info.provenance["served"]  # one record per served model, each with its versions
+    assert set(served) == {DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER}
+    assert served[DEFAULT_EMBEDDER]["version"] == 1 and set(served[DEFAULT_EMBEDDER]["versions"]) == {"1"}
     report = read_embedding_report(built["out"])
     assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
     assert report.repository == str(built["repo"].absolute())
@@ -99,7 +101,10 @@ def test_build_adds_the_embedder_beside_the_classifier(built):
 def test_adding_refuses_a_tampered_repository_and_another_target(built, tmp_path):
     repo = shutil.copytree(built["repo"], tmp_path / "repo")
     m = read_repository(repo).model(DEFAULT_EMBEDDER)
-    kwargs = dict(onnx_model=m.onnx_path, tokenizer_dir=m.tokenizer_dir, model=m.contract)
+    sources = tmp_path / "sources"  # outside the repository: a rebuild replaces the version they came from
+    shutil.copytree(m.tokenizer_dir, sources / "tokenizer")
+    shutil.copy2(m.onnx_path, sources / "model.onnx")
+    kwargs = dict(onnx_model=sources / "model.onnx", tokenizer_dir=sources / "tokenizer", model=m.contract)
     with pytest.raises(RepositoryError, match="target"):
         add_model(repo, config=RepositoryConfig(target=Target.GPU, max_length=64), **kwargs)
     named_like_the_classifier = dict(kwargs, model=ServedModel(name=DEFAULT_CLASSIFIER, head=Head.EMBEDDING,

@@ -167,6 +167,41 @@ def test_locust_command_carries_every_option(tmp_path):
         assert piece in joined
 
 
+def test_locust_command_with_client_retries_runs_the_client_user(tmp_path):
+    from loadtest.run import RunConfig, locust_command
+
+    cmd = locust_command(RunConfig(host="h:1", client_retries=7, request_timeout=45), "http://h:1", tmp_path)
+    joined = " ".join(cmd)
+    assert cmd[-1] == "TritonClientUser" and "--client-retries 7" in joined and "--request-timeout 45" in joined
+    with pytest.raises(LoadtestError, match="client-retries"):
+        RunConfig(host="h:1", client_retries=-1)
+
+
+def test_chaos_plan_kills_stubs_every_interval_and_the_server_once_between_them():
+    from loadtest.soak import chaos_plan
+
+    plan = chaos_plan(120, 600)
+    assert plan == [(120, "stub"), (240, "stub"), (300, "server"), (360, "stub"), (480, "stub")]
+    assert chaos_plan(20, 60) == [(20, "stub"), (30, "server"), (40, "stub")]
+    gaps = [b - a for (a, _), (b, _) in zip(plan, plan[1:])]
+    assert min(gaps) >= 60  # two recoveries never overlap
+
+
+def test_chaos_verdict_counts_lost_requests_and_unrecovered_kills():
+    from loadtest.soak import chaos_verdict
+
+    kills = [{"kind": "stub", "target": "classifier_0_1", "outage_s": 2.5},
+             {"kind": "server", "target": "tritonserver", "outage_s": 6.0}]
+    ok = chaos_verdict(1000, 0, kills)
+    assert ok["passed"] and ok["longest_outage_s"] == 6.0 and ok["longest_stub_outage_s"] == 2.5
+    lost = chaos_verdict(1000, 3, kills)
+    assert not lost["passed"] and "3 of 1000 requests lost" in lost["reasons"][0]
+    stuck = chaos_verdict(1000, 0, [kills[0], {**kills[1], "outage_s": None}])
+    assert not stuck["passed"] and "not recovered: ['tritonserver']" in stuck["reasons"][0]
+    skipped = chaos_verdict(1000, 0, [kills[0], {"kind": "server", "skipped": True}])
+    assert not skipped["passed"] and "plan was not carried out" in skipped["reasons"][0]
+
+
 def test_locustfile_loads_in_locust_and_parses_its_options():
     """Locust itself loads the locustfile: both users are listed, and our options reach the init check."""
     import subprocess

@@ -292,6 +292,23 @@ def test_network_policies_open_inference_to_the_namespace_and_metrics_to_monitor
     assert "networkpolicy.yaml" not in none and "kserve/networkpolicy.yaml" not in none
 
 
+def test_kserve_canary_rollout_is_generated_for_serverless_only():
+    """The canary path: a new --repository-uri with --canary-percent 10 sends 10 % to the new revision;
+    100 promotes it, 0 rolls back. KServe splits traffic between Knative revisions: Serverless only."""
+    plain = one(m.render_manifests(make(kserve_mode="Serverless")), "kserve/inferenceservice.yaml")
+    assert "canaryTrafficPercent" not in plain["spec"]["predictor"]
+    files = m.render_manifests(make(kserve_mode="Serverless", repository_uri=URIS[3], canary_percent=10))
+    predictor = one(files, "kserve/inferenceservice.yaml")["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10 and predictor["model"]["storageUri"] == "pvc://model-store/repos/v3"
+    assert m.validate_manifests(files) == []
+    assert one(m.render_manifests(make(kserve_mode="Serverless", canary_percent=0)),
+               "kserve/inferenceservice.yaml")["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    with pytest.raises(m.ManifestError, match="Serverless"):
+        make(canary_percent=10)  # RawDeployment: no revisions to split between
+    with pytest.raises(m.ManifestError, match="0..100"):
+        make(kserve_mode="Serverless", canary_percent=101)
+
+
 def test_images_pinnable_by_digest():
     digest = "registry.example.com/ml/triton@sha256:" + "a" * 64
     assert one(m.render_manifests(make(image=digest, locust_image=None, require_digest=True)),

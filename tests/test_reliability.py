@@ -226,54 +226,85 @@ class Load:
             t.join(timeout=60)
 
 
-def test_killed_stub_is_noticed_and_the_server_restarted(repository, caplog):
-    """kill -9 the encoder's stub under load: the supervisor reports not ready, logs it, restarts
-    tritonserver on the same ports; retrying clients lose nothing, plain ones lose the gap."""
+@pytest.fixture(scope="module")
+def two_models(repository, tiny_onnx, tiny_checkpoint, tmp_path_factory) -> Path:
+    """The repository plus a second classifier, ``other``: what must keep answering while one is recovered."""
+    import shutil
+
+    from serving.contract import ServedModel
+    from serving.repository import add_model
+
+    repo = tmp_path_factory.mktemp("rel-two") / "model_repository"
+    shutil.copytree(repository, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    return add_model(repo, onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                     model=ServedModel(name="other", labels=tuple(LABELS)),
+                     config=RepositoryConfig(max_batch_size=8, encoder_instances=1))
+
+
+def _kill_and_wait(sup: Supervisor, victim_pid: int, mode: str) -> tuple[float, list]:
+    seen_not_ready = []
+    killed_at = time.time()
+    os.kill(victim_pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (sup.events and sup.events[-1].settled_at):
+        if not sup.ready:
+            seen_not_ready.append(sup.status()["reason"])
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return killed_at, seen_not_ready
+
+
+@pytest.mark.parametrize("mode", ["reload", "restart"])
+def test_killed_stub_is_recovered(two_models, mode, caplog):
+    """kill -9 one of the classifier's stubs under load. ``reload`` (the default): the supervisor reloads
+    only that model through the repository API, tritonserver keeps running and the other model loses not
+    one request of clients without retries. ``restart`` (reload_models off, the old way, measured beside
+    it): the whole server restarts on the same ports. Retrying clients lose nothing either way."""
     caplog.set_level(logging.INFO, logger="serving.supervisor")
-    cfg = SupervisorConfig(check_interval_s=0.5, broken_exit_timeout_s=1.0)
-    with Supervisor(ServerConfig(repository), cfg) as sup:
+    cfg = SupervisorConfig(check_interval_s=0.5, broken_exit_timeout_s=1.0, reload_models=mode == "reload")
+    with Supervisor(ServerConfig(two_models), cfg) as sup:
         http_url, grpc_url = sup.http_url, sup.grpc_url
-        stubs = stub_processes(sup.server.process.pid)
-        victim = sorted(stubs)[0]
-        assert victim.startswith("classifier_0_"), stubs  # the one CPU model's instances
-        old_regions = _shm_regions(stubs)
-        seen_not_ready = []
+        server_pid = sup.server.process.pid
+        stubs = stub_processes(server_pid)
+        victim = sorted(s for s in stubs if s.startswith("classifier_0_"))[0]
+        old_regions = _shm_regions({victim: stubs[victim]})
         with Load(http_url, 2, retries=0, timeout_s=10) as plain, \
+                Load(http_url, 1, retries=0, timeout_s=10, model="other") as other, \
                 Load(grpc_url, 1, protocol="grpc", retries=12, backoff_s=0.2, timeout_s=30) as retrying, \
                 Load(http_url, 1, retries=12, backoff_s=0.2, timeout_s=30) as retrying_http:
             time.sleep(1.5)
-            killed_at = time.time()
-            os.kill(stubs[victim].pid, signal.SIGKILL)
-            deadline = time.time() + 60
-            while time.time() < deadline and not (sup.events and sup.events[-1].recovered_at):
-                if not sup.ready:
-                    seen_not_ready.append(sup.status()["reason"])
-                time.sleep(0.1)
-            time.sleep(2.0)
+            killed_at, seen_not_ready = _kill_and_wait(sup, stubs[victim].pid, mode)
         assert sup.ready and (sup.http_url, sup.grpc_url) == (http_url, grpc_url)
         assert old_regions and not [r for r in old_regions if (Path("/dev/shm") / r).exists()]  # cleaned up
         new_stubs = stub_processes(sup.server.process.pid)
         assert set(new_stubs) == set(stubs) and new_stubs[victim].pid != stubs[victim].pid
+        events = [(e.action, e.reason) for e in sup.events]
+        assert (sup.server.process.pid == server_pid) is (mode == "reload"), events
         with TextClassifier(http_url, retries=0) as client:
             assert client.classify(["back to normal"])[0].label in LABELS
     [event] = sup.events
-    assert victim in event.reason
-    assert seen_not_ready and victim in seen_not_ready[0]
-    assert "NOT READY" in caplog.text and "restarted" in caplog.text
+    assert victim in event.reason and event.action == ("reload classifier" if mode == "reload" else "restart")
     failed_plain = [r for r in plain.records if not r[2]]
-    first_good = min((r[1] for r in plain.records if r[2] and r[0] > killed_at), default=None)
-    assert first_good is not None
-    gap = first_good - killed_at
+    failed_other = [r for r in other.records if not r[2]]
     lost_retrying = [r for r in retrying.records + retrying_http.records if not r[2]]
-    figures("stub_kill", gap_s=round(gap, 2), down_s=round(event.down_s, 2),
+    failed_window = (max(r[1] for r in failed_plain) - killed_at) if failed_plain else 0.0
+    figures(f"stub_kill_{mode}", failed_window_s=round(failed_window, 2), down_s=round(event.down_s, 2),
             detect_s=round(event.detected_at - killed_at, 2), plain_requests=len(plain.records),
-            plain_lost=len(failed_plain), retrying_requests=len(retrying.records) + len(retrying_http.records),
+            plain_lost=len(failed_plain), other_model_requests=len(other.records),
+            other_model_lost=len(failed_other), retrying_requests=len(retrying.records) + len(retrying_http.records),
             retrying_lost=len(lost_retrying),
             plain_errors=sorted({e[:110] for *_, e in failed_plain if not e.startswith("ServerUnavailable")}))
-    assert gap < 30
-    assert failed_plain, "the plain clients must have seen the gap (else the kill did nothing)"
     assert lost_retrying == [], lost_retrying[:3]
     assert len(retrying.records) > 5 and len(retrying_http.records) > 5
+    if mode == "reload":
+        assert not seen_not_ready, "a reload must not take the server out of service"
+        assert failed_other == [], failed_other[:3]  # the other model never noticed
+        assert "reloading model classifier" in caplog.text and "reloaded" in caplog.text
+        assert "restarting" not in caplog.text
+    else:
+        assert seen_not_ready and victim in seen_not_ready[0]
+        assert failed_other, "a whole-server restart takes every model down"
+        assert "NOT READY" in caplog.text and "restarted" in caplog.text
 
 
 def test_unhealthy_stub_error_without_the_supervisor_is_pinned(repository):
@@ -383,7 +414,7 @@ def _body(texts: list[str]) -> bytes:
                                    "data": texts}]}).encode()
 
 
-def test_listens_on_loopback_only_and_refuses_model_control(server):
+def test_listens_on_loopback_only_and_model_control_needs_the_key(server):
     import psutil
 
     listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.process.pid).net_connections()
@@ -394,8 +425,9 @@ def test_listens_on_loopback_only_and_refuses_model_control(server):
         url = f"http://{server.http_url}/v2/repository/models/classifier/{action}"
         status, text, _ = _post(url, b"{}")  # anonymous: the model-repository API is restricted
         assert status == 403 and "restricted" in text
-        status, text, _ = _post(url, b"{}", headers=server.admin_headers())  # the key: model control is off
-        assert status >= 400 and "not allowed" in text
+    url = f"http://{server.http_url}/v2/repository/models/classifier/load"  # explicit model control, with the key
+    status, text, _ = _post(url, b"{}", headers=server.admin_headers())
+    assert status == 200, text
     server.check()
 
 
@@ -472,9 +504,9 @@ def test_sigterm_with_http_keepalive_clients_is_pinned(repository):
     assert proc.returncode == 1, err[-1500:]
 
 
-def test_serving_up_restarts_a_server_whose_stub_died(repository):
-    """The wiring of `python -m serving up`: supervised by default, the restart is in its log, the same
-    port serves again, and SIGTERM still stops it cleanly."""
+def test_serving_up_recovers_a_model_whose_stubs_died(repository):
+    """The wiring of `python -m serving up`: supervised by default, the model's reload is in its log (no
+    restart), the same port serves again, and SIGTERM still stops it cleanly."""
     proc = _serving_up(repository, "--check-interval", "0.5")
     try:
         lines = read_endpoints(proc)
@@ -493,5 +525,10 @@ def test_serving_up_restarts_a_server_whose_stub_died(repository):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err[-2000:]
-    assert "stub 'classifier_0_" in err and "NOT READY" in err and "tritonserver restarted" in err
+    assert "stub 'classifier_0_" in err and "reloading model classifier" in err and "reloaded" in err
+    assert "restarted" not in err  # the server itself kept running
+    # Triton 2.51 never finishes unloading the instance whose stubs died: the stop waits its exit timeout,
+    # reports no request in flight, and the supervisor calls that clean (pinned: an upgrade that fixes it
+    # drops this line from the log)
+    assert "no request was in flight: a clean stop" in err
     assert recovered < 30

@@ -27,7 +27,7 @@ def package_sources() -> list[Path]:
 # -------------------------------------------------------------------------------- binding, model control
 
 
-def test_server_defaults_are_loopback_and_model_control_none(tmp_path):
+def test_server_defaults_are_loopback_and_model_control_explicit_behind_the_key(tmp_path):
     from serving.cli import build_parser
     from serving.server import LocalTritonServer, ServerConfig
 
@@ -36,8 +36,12 @@ def test_server_defaults_are_loopback_and_model_control_none(tmp_path):
     cmd = server.command(tmp_path)
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in cmd
-    assert "--model-control-mode=none" in cmd
-    assert not any(a.startswith("--model-control-mode=") and a != "--model-control-mode=none" for a in cmd)
+    # explicit model control (a new version or a dead stub's model is loaded alone), loading every model at
+    # start; the repository API that does it is restricted to the admin key, which every start has
+    assert [a for a in cmd if a.startswith("--model-control-mode=")] == ["--model-control-mode=explicit"]
+    assert "--load-model=*" in cmd
+    restricted = [a for a in cmd if a.startswith("--http-restricted-api=")]
+    assert len(restricted) == 1 and "model-repository" in restricted[0].split(":")[0]
     args = build_parser(with_manifests=False).parse_args(["up"])
     assert args.host == "127.0.0.1" and not args.no_supervise
 
@@ -283,3 +287,15 @@ def test_supervisor_canary_tells_a_broken_stub_from_load(fake_triton, status, me
     else:
         assert reasons[restart_after - 1] and all(r is None for r in reasons[:restart_after - 1])
         assert message[-25:] in reasons[restart_after - 1]
+
+
+def test_a_stop_is_clean_only_when_tritonserver_reported_nothing_in_flight():
+    from serving.supervisor import _drained, instance_model
+
+    waited = ('"Timeout 10: Found 0 model versions that have in-flight inferences"\n'
+              '"Timeout 3: Found 1 live models and 0 in-flight non-inference requests"\n'
+              '"failed to stop server: Internal - Exit timeout expired. Exiting immediately."')
+    assert _drained(waited)
+    assert not _drained(waited.replace("Found 0 model versions", "Found 1 model versions"))  # requests cut
+    assert not _drained(waited.split("\n")[0])  # it did not time out: nothing to excuse
+    assert instance_model("classifier_0_1") == "classifier" and instance_model("my_model_2_10") == "my_model"

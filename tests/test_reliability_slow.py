@@ -101,3 +101,28 @@ def test_short_soak_runs_end_to_end(previous_repository, tmp_path, capsys):
     assert summary["passed"], summary["reasons"]
     assert (out / "rss.csv").is_file() and (out / "soak" / "locust_stats_history.csv").is_file()
     assert "RSS growth %" in capsys.readouterr().out
+
+
+def test_chaos_soak_loses_no_request(previous_repository, tmp_path, capsys):
+    """`python -m loadtest soak --chaos` for 60 s: stubs killed at 20 s and 40 s, tritonserver at 30 s, under
+    70 % load from users retrying through serving.client: 0 requests lost, every kill recovered (a stub by a
+    reload of its model, the server by a restart), the longest outage recorded."""
+    from loadtest.cli import main
+
+    out = tmp_path / "chaos"
+    code = main(["soak", "--repository", str(previous_repository), "--chaos", "--chaos-interval", "20s",
+                 "--duration", "60", "--saturation-duration", "8s", "--saturation-users", "4", "--users", "4",
+                 "--warmup", "5s", "--window", "10s", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    chaos = summary["chaos"]
+    with capsys.disabled():
+        print(f"\nFIGURES chaos_soak: {json.dumps({k: chaos[k] for k in chaos if k != 'kills'})} "
+              f"{[(k['kind'], k['action'], round(k['outage_s'] or -1, 2)) for k in chaos['kills']]} "
+              f"requests={summary['soak']['requests']} failures={summary['soak']['failures']}")
+    assert code == (0 if summary["passed"] else 1)
+    assert summary["passed"], summary["reasons"]
+    assert summary["soak"]["failures"] == 0 and summary["soak"]["requests"] > 100
+    kinds = [(k["kind"], k["action"]) for k in chaos["kills"]]
+    assert kinds == [("stub", "reload classifier"), ("server", "restart"), ("stub", "reload classifier")], kinds
+    assert 0 < chaos["longest_outage_s"] < 30
+    assert "longest outage" in capsys.readouterr().out

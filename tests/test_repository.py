@@ -356,3 +356,49 @@ def test_queue_delay_and_pinning_defaults_follow_the_target():
     assert cfg.parameters["pin_instances"].string_value == "true"
     off = repo._cpu_config(pb, RepositoryConfig(pin_instances=False), model, {"pad_id": 0})
     assert off.parameters["pin_instances"].string_value == "false"
+
+
+# ------------------------------------------------------------------------------------------- versions
+
+
+def test_a_build_into_a_repository_serving_the_model_writes_the_next_version(tiny_onnx, tiny_checkpoint, tmp_path):
+    """Version 1, then 2 beside it, then 3 (the newest 2 kept), each with its own provenance record; the
+    config lists the version directories and serves the newest (version_policy latest 1)."""
+    from common.provenance import sha256_file
+    from serving.integrity import verify_repository
+
+    out = _write(tmp_path / "r", tiny_onnx, tiny_checkpoint, max_batch_size=8)
+    model = read_repository(out).model().contract
+    for version in (2, 3):
+        repo.add_model(out, onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint, model=model,
+                       config=RepositoryConfig(max_batch_size=8), provenance={"variant": f"build {version}"})
+        info = read_repository(out).model()
+        assert info.version == version and info.onnx_path == out / "classifier" / str(version) / "model.onnx"
+    assert info.versions == (2, 3) and not (out / "classifier" / "1").exists()
+    cfg = _parse(out / "classifier" / "config.pbtxt")
+    assert cfg.version_policy.latest.num_versions == 1 and cfg.parameters[repo.VERSIONS_PARAM].string_value == "2,3"
+    served = read_repository(out).provenance["served"]["classifier"]
+    assert served["version"] == 3 and sorted(served["versions"]) == ["2", "3"]
+    assert served["versions"]["2"]["exporter"] == {"variant": "build 2"}
+    for v in ("2", "3"):  # each version's own hashes, the same as the repository's
+        files = served["versions"][v]["files"]
+        assert files and all(k.startswith(f"classifier/{v}/") and sha256_file(out / k) == h for k, h in files.items())
+    verify_repository(out)
+    validate_repository(out)
+    repo.add_model(out, onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint, model=model,
+                   config=RepositoryConfig(max_batch_size=8), keep_versions=3)
+    assert read_repository(out).model().versions == (2, 3, 4)
+    # a config the old versions do not fit (another batch size) starts over with the new version alone
+    repo.add_model(out, onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint, model=model,
+                   config=RepositoryConfig(max_batch_size=4))
+    assert read_repository(out).model().versions == (5,)
+    with pytest.raises(RepositoryError, match="keep_versions"):
+        repo.add_model(out, onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint, model=model,
+                       config=RepositoryConfig(max_batch_size=4), keep_versions=0)
+
+
+def test_validation_refuses_a_version_list_that_differs_from_the_directories(tiny_onnx, tiny_checkpoint, tmp_path):
+    out = _write(tmp_path / "r", tiny_onnx, tiny_checkpoint, max_batch_size=8)
+    shutil.copytree(out / "classifier" / "1", out / "classifier" / "2")  # not written by the writer
+    with pytest.raises(RepositoryError, match=r"config lists versions 1, the directories are \[1, 2\]"):
+        validate_repository(out)

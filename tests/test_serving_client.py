@@ -117,6 +117,52 @@ def test_unavailable_is_retried_with_bounded_backoff_then_raised():
     assert 0.05 + 0.1 + 0.2 <= elapsed < 3
 
 
+def test_an_answer_that_lacks_its_outputs_is_retried(protocol="http"):
+    """Seen on Triton 2.51 as its python backend crashed under load: a 200 without the outputs. The client
+    retries it (classification is idempotent) and, once the retries run out, says the server failed."""
+    from serving.contract import ServedModel
+
+    served = ServedModel(labels=("a", "b"))
+    config = {"name": DEFAULT_CLASSIFIER, "max_batch_size": 8,
+              "parameters": {k: {"string_value": v} for k, v in served.to_parameters().items()}}
+    good = {"model_name": DEFAULT_CLASSIFIER, "outputs": [
+        {"name": "LABEL", "datatype": "BYTES", "shape": [1, 1], "data": ["b"]},
+        {"name": "PROBABILITIES", "datatype": "FP32", "shape": [1, 2], "data": [0.25, 0.75]}]}
+    answers = [{"model_name": DEFAULT_CLASSIFIER, "outputs": []}] * 2 + [good]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, doc):
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - http.server API
+            self._send(config)
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(answers.pop(0) if answers else {"model_name": DEFAULT_CLASSIFIER, "outputs": []})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"127.0.0.1:{server.server_port}"
+        with TextClassifier(url, retries=3, backoff_s=0.01) as client:
+            [p] = client.classify(["x"])  # two empty answers, then a good one
+        assert p.label == "b" and abs(p.probabilities["b"] - 0.75) < 1e-6
+        with TextClassifier(url, retries=1, backoff_s=0.01) as client:
+            with pytest.raises(ServerUnavailableError, match="lacks"):
+                client.classify(["x"])
+    finally:
+        server.shutdown()
+
+
 def test_texts_must_be_strings():
     with pytest.raises(InvalidInputError, match="strings"):
         TextClassifier("127.0.0.1:1").classify(["ok", b"bytes"])

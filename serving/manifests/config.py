@@ -77,6 +77,10 @@ class ManifestConfig:
     # alternatives and extras
     kserve: bool = field(default=True, metadata={"help": "also render the KServe InferenceService alternative"})
     kserve_mode: KServeMode = field(default=KServeMode.RAW, metadata={"help": "KServe deployment mode"})
+    canary_percent: int | None = field(default=None, metadata={
+        "help": "KServe canary: the share of traffic (0-100) the InferenceService's new revision gets "
+                "(spec.predictor.canaryTrafficPercent; Serverless mode); re-render with a new --repository-uri "
+                "to roll a new version out, 100 promotes it, 0 rolls back (docs/KUBERNETES.md)"})
     locust_image: str | None = field(default=None, metadata={
         "help": "image from serving/deploy/k8s/locust.Dockerfile: renders distributed Locust in locust/"})
     locust_workers: int = field(default=2, metadata={"help": "Locust worker pods"})
@@ -117,6 +121,16 @@ class ManifestConfig:
         self._check_resources()
         self._check_autoscaling()
         self._check_identity()
+        self._check_canary()
+
+    def _check_canary(self) -> None:
+        if self.canary_percent is None:
+            return
+        if not 0 <= self.canary_percent <= 100:
+            raise ManifestError(f"canary percent must be in 0..100, got {self.canary_percent}")
+        if not self.kserve or self.kserve_mode is not KServeMode.SERVERLESS:
+            raise ManifestError("a canary (canaryTrafficPercent) needs the KServe InferenceService in Serverless "
+                                "mode (--kserve-mode Serverless): KServe splits traffic between Knative revisions")
 
     def _check_names(self) -> None:
         if not _DNS_LABEL.match(self.name) or len(self.name) > 40:

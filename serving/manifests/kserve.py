@@ -51,6 +51,8 @@ def inference_service(config: ManifestConfig) -> dict[str, Any]:
                     {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size}}],
         "model": model,
     }
+    if config.canary_percent is not None:  # the new revision (a new storageUri) gets this share; the rest stays
+        predictor["canaryTrafficPercent"] = config.canary_percent  # on the last revision that took 100 %
     if config.repo_uri.scheme is not RepositoryScheme.PVC and config.credentials_secret:
         predictor["serviceAccountName"] = f"{config.name}-kserve"
     predictor.update(scheduling(config))
