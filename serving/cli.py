@@ -96,14 +96,6 @@ class RerankConfig:
 
 
 @dataclass
-class ModelsConfig:
-    """`serving models`: the repository whose served models to list."""
-
-    repository: Path = field(default=Path("model_repository"), metadata={"help": "model repository directory"})
-    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
-
-
-@dataclass
 class HealthConfig:
     """`serving health`: which server and model to ask."""
 
@@ -121,8 +113,8 @@ class ValidateConfig:
 
 
 @dataclass
-class ModelsConfig:
-    """`serving models`: which server to ask, with the admin key (the repository index is restricted)."""
+class ServerAdminConfig:
+    """A running server's repository API: where it is and its admin key (the API is restricted)."""
 
     url: str = field(default="127.0.0.1:8000", metadata={"help": "HTTP host:port"})
     admin_key: str | None = field(default=None, repr=False, metadata={
@@ -142,7 +134,26 @@ class ModelsConfig:
 
 
 @dataclass
-class RollbackConfig(ModelsConfig):
+class ModelsConfig:
+    """`serving models`: the served models of a repository on disk (task, head, labels, versions), or with
+    --url those of a running server (state, version served, versions kept; needs the admin key)."""
+
+    repository: Path = field(default=Path("model_repository"), metadata={"help": "model repository directory"})
+    url: str | None = field(default=None, metadata={"help": "ask this running server (HTTP host:port) instead"})
+    admin_key: str | None = field(default=None, repr=False, metadata={
+        "help": "the server's admin key, with --url (default: $TRITON_ADMIN_KEY)"})
+    output: Output = field(default=Output.TABLE, metadata={"help": "print a table or JSON"})
+    timeout_s: float = field(default=30.0, metadata={"help": "seconds per call, with --url"})
+
+    def __post_init__(self) -> None:
+        self.output = Output(self.output)
+
+    def server(self) -> ServerAdminConfig:
+        return ServerAdminConfig(self.url, self.admin_key, self.output, self.timeout_s)
+
+
+@dataclass
+class RollbackConfig(ServerAdminConfig):
     """`serving rollback`: the model to return to its previous version (or to --version)."""
 
     model: str = field(default=DEFAULT_CLASSIFIER, metadata={"help": "served model"})
@@ -384,7 +395,8 @@ def _run_rerank(args) -> int:
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the served models of a repository (task, head, labels, version)")
+    p = sub.add_parser("models", help="list a repository's served models (task, head, labels, version), or "
+                                      "with --url a running server's (versions served and kept)")
     add_config_arguments(p, ModelsConfig)
     p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
 
@@ -397,15 +409,16 @@ def served_models(repository: Path) -> list[dict]:
     rows = []
     for name, model in sorted(info.models.items()):
         c = model.contract
-        versions = sorted((d.name for d in (Path(repository) / name).iterdir() if d.is_dir() and d.name.isdigit()),
-                          key=int)
         rows.append({"name": name, "task": c.task, "head": c.head.value, "labels": list(c.labels),
-                     "text_pair": c.text_pair, "version": versions[-1] if versions else None})
+                     "text_pair": c.text_pair, "version": str(model.version),
+                     "versions": [str(v) for v in model.versions]})
     return rows
 
 
 def _run_models(args) -> int:
     config = config_from_args(ModelsConfig, args)
+    if config.url is not None:
+        return _server_models(config.server())
     rows = served_models(config.repository)
     if config.output is Output.JSON:
         print(json.dumps(rows, indent=2))
@@ -414,10 +427,30 @@ def _run_models(args) -> int:
     from rich.table import Table
 
     table = Table(title=str(config.repository))
-    for name in ("model", "task", "head", "labels", "version"):
+    for name in ("model", "task", "head", "labels", "version", "kept"):
         table.add_column(name, overflow="fold", max_width=40 if name == "labels" else None)
     for r in rows:
-        table.add_row(r["name"], r["task"], r["head"], ", ".join(r["labels"]) or "-", r["version"] or "-")
+        table.add_row(r["name"], r["task"], r["head"], ", ".join(r["labels"]) or "-", r["version"],
+                      ",".join(r["versions"]))
+    Console().print(table)
+    return 0
+
+
+def _server_models(config: ServerAdminConfig) -> int:
+    from serving.control import ModelControl
+
+    models = ModelControl(config.url, config.admin_key, timeout_s=config.timeout_s).models()
+    if config.output is Output.JSON:
+        print(json.dumps([m.to_dict() for m in models], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models @ {config.url}")
+    for column in ("model", "state", "served version", "versions kept"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m.name, m.state, ",".join(map(str, m.served)) or "-", ",".join(map(str, m.available)) or "-")
     Console().print(table)
     return 0
 
@@ -435,31 +468,6 @@ def _run_health(args) -> int:
         ready = client.is_ready()
     print(f"{config.url}: {config.model} {'ready' if ready else 'NOT ready'}")
     return 0 if ready else 1
-
-
-def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list a running server's models with the versions served and kept")
-    add_config_arguments(p, ModelsConfig)
-
-
-def _run_models(args) -> int:
-    from serving.control import ModelControl
-
-    config = config_from_args(ModelsConfig, args)
-    models = ModelControl(config.url, config.admin_key, timeout_s=config.timeout_s).models()
-    if config.output is Output.JSON:
-        print(json.dumps([m.to_dict() for m in models], indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"models @ {config.url}")
-    for column in ("model", "state", "served version", "versions kept"):
-        table.add_column(column)
-    for m in models:
-        table.add_row(m.name, m.state, ",".join(map(str, m.served)) or "-", ",".join(map(str, m.available)) or "-")
-    Console().print(table)
-    return 0
 
 
 def _add_rollback(sub) -> None:
