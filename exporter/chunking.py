@@ -118,3 +118,16 @@ def average_rows(values: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     """Per-window rows averaged per text (``counts`` windows each, in order)."""
     edges = np.cumsum([0, *counts])
     return np.stack([values[a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])]).astype(values.dtype)
+
+
+def activation(logits: np.ndarray, head) -> np.ndarray:
+    """The head's activation of averaged logits: softmax (single-label), sigmoid (multi-label), none
+    (regression); as the served classifier applies it."""
+    x = logits.astype(np.float64)
+    value = getattr(head, "value", head)
+    if value == "multi_label_classification":
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    if value == "regression":
+        return logits
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

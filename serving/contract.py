@@ -97,6 +97,7 @@ class Part(str, enum.Enum):
 # Wire tensors (the client contract).
 TEXT, TEXT_PAIR = "TEXT", "TEXT_PAIR"
 LABEL, PROBABILITIES, LOGITS, SCORE, EMBEDDING = "LABEL", "PROBABILITIES", "LOGITS", "SCORE", "EMBEDDING"
+WINDOWS = "WINDOWS"  # chunked models (--long-text chunk): INT32 [rows, 1], the windows each text used
 # Encoder tensors (the ONNX graph's names, fixed by the exporter).
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
 ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
@@ -139,6 +140,7 @@ class ServedModel:
     embedding_dim: int = 0
     threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD  # multi-label: a label is on when its probability >= it
     max_batch_size: int = 0  # filled from the model config when read back; 0 = unknown
+    chunked: bool = False  # --long-text chunk: long texts answered in averaged windows; WINDOWS output
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", Head(self.head))
@@ -172,11 +174,13 @@ class ServedModel:
     @property
     def outputs(self) -> tuple[Tensor, ...]:
         n = self.num_outputs
+        windows = (Tensor(WINDOWS, "INT32", (1,)),) if self.chunked else ()
         if self.head is Head.EMBEDDING:
-            return (Tensor(EMBEDDING, "FP32", (n,)),)
+            return (Tensor(EMBEDDING, "FP32", (n,)), *windows)
         if self.head is Head.REGRESSION:
-            return (Tensor(SCORE, "FP32", (1,)),)
-        return (Tensor(LABEL, "BYTES", (1,)), Tensor(PROBABILITIES, "FP32", (n,)), Tensor(LOGITS, "FP32", (n,)))
+            return (Tensor(SCORE, "FP32", (1,)), *windows)
+        return (Tensor(LABEL, "BYTES", (1,)), Tensor(PROBABILITIES, "FP32", (n,)), Tensor(LOGITS, "FP32", (n,)),
+                *windows)
 
     @property
     def encoder_outputs(self) -> tuple[str, ...]:
@@ -190,7 +194,7 @@ class ServedModel:
     @property
     def default_outputs(self) -> tuple[str, ...]:
         """What a client asks for unless told otherwise (LOGITS only on request)."""
-        return tuple(t.name for t in self.outputs if t.name != LOGITS)
+        return tuple(t.name for t in self.outputs if t.name not in (LOGITS, WINDOWS))
 
     def part(self, part: Part | str) -> str:
         """Name of an internal model: ``classifier_encoder`` (several models can share one repository)."""
@@ -200,14 +204,14 @@ class ServedModel:
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "name": self.name, "head": self.head.value,
                 "labels": list(self.labels), "text_pair": self.text_pair, "embedding_dim": self.embedding_dim,
-                "threshold": self.threshold}
+                "threshold": self.threshold, **({"chunked": True} if self.chunked else {})}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], max_batch_size: int = 0) -> "ServedModel":
         version = doc.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ContractError(f"contract schema_version {version} is not {SCHEMA_VERSION}")
-        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold")
+        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "chunked")
         return cls(**{k: doc[k] for k in keys if k in doc}, max_batch_size=max_batch_size)
 
     def to_parameters(self) -> dict[str, str]:

@@ -10,5 +10,6 @@ import textmodel
 
 class TritonPythonModel(textmodel.RowModel):
     def _handle(self, request):
-        texts = textmodel.decode_texts(request, self.max_chars)
-        return [textmodel.embedding_output(self.model, [self.run_row(text)[0][0] for text in texts])]
+        texts, _ = textmodel.decode_rows(request, self.model, self.max_bytes)
+        windows, _ = self.run_rows(texts, None)
+        return [textmodel.embedding_output(self.model, [row[0][0][0] for row in windows])]
