@@ -131,8 +131,9 @@ class BuildConfig:
     long_text: LongText = field(default=LongText.TRUNCATE, metadata={
         "help": "truncate: a text is truncated at max-length as the checkpoint saves it; chunk: its tokens in "
                 "windows, the windows' logits averaged (docs/LONG_TEXT.md; cpu target, classifiers)"})
-    chunk_overlap: int = field(default=DEFAULT_OVERLAP, metadata={
-        "help": "chunk: tokens consecutive windows share (at most half a window)"})
+    chunk_overlap: int | None = field(default=None, metadata={
+        "help": f"chunk: tokens consecutive windows share, at most half a window (default: {DEFAULT_OVERLAP}, or a "
+                "quarter window when that is less)"})
     max_chunks: int = field(default=DEFAULT_MAX_CHUNKS, metadata={
         "help": "chunk: most windows per text, the first ones on the truncation side (a text costs at most "
                 "this many encoder rows)"})
@@ -180,8 +181,11 @@ class BuildConfig:
             self.long_text = LongText(self.long_text)
         except ValueError:
             raise ExporterError(f"unknown long-text {self.long_text!r} (known: truncate, chunk)") from None
+        if self.chunk_overlap is None:
+            self.chunk_overlap = min(DEFAULT_OVERLAP, (self.max_length - 2) // 4)
         self.chunk = ChunkConfig(self.chunk_overlap, self.max_chunks)
-        self.chunk.check(self.max_length)
+        if self.long_text is LongText.CHUNK:
+            self.chunk.check(self.max_length)
         if self.max_request_bytes < 1 << 20:
             raise ExporterError(f"invalid max-request-bytes: {self.max_request_bytes} (must be >= 1 MiB)")
         if self.long_text is LongText.CHUNK and (self.task is not Task.CLASSIFICATION or self.target is not Target.CPU):
