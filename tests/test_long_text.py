@@ -156,6 +156,10 @@ def test_windows_equal_the_reference_definition(wordpiece):
         assert [e.ids for e in got.encodings] == [w["input_ids"] for w in want], (trial, text[:60])
         assert [e.type_ids for e in got.encodings] == [w["token_type_ids"] for w in want]
         assert got.tokens.windows == len(want) <= chunk.max_chunks
+        every = reference_windows(hf, text, pair, max_length, ChunkConfig(chunk.overlap, 1024))
+        head_cut = pair is not None and len(hf(text, add_special_tokens=False)["input_ids"]) > (max_length - 3) // 2
+        assert got.tokens.truncated == (len(every) > chunk.max_chunks or head_cut), (trial, len(every))
+        assert got.tokens.input_tokens == got.tokens.computed_tokens == sum(len(w["input_ids"]) for w in want)
 
 
 def test_a_100k_text_costs_a_bounded_multiple_of_a_500_character_one(wordpiece):

@@ -156,9 +156,9 @@ class LengthTokenizer:
     def _windows(self, text: str) -> Windows:
         need = self.width + (self.max_windows - 1) * (self.width - self.overlap)
         _, enc, _, cut = self.cut(text, need + 1)  # one more: a cut text truly has tokens left over
+        more = cut or _covers(len(enc.ids), self.width, self.overlap) > self.max_windows
         pieces = _slide(enc, self.width, self.overlap, self.max_windows, self.side)  # all within the stable
         encodings = [self.probe.post_process(p, None, True) for p in pieces]
-        more = cut or _covers(len(enc.ids), self.width, self.overlap) > self.max_windows
         return _many(encodings, more)
 
     def _pair_windows(self, text: str, pair: str) -> Windows:
@@ -170,9 +170,9 @@ class LengthTokenizer:
         overlap = min(self.overlap, width // 2)
         need = width + (self.max_windows - 1) * (width - overlap)
         _, enc2, _, cut2 = self.cut(pair, need + 1)
+        more = cut or cut2 or n_first > budget // 2 or _covers(len(enc2.ids), width, overlap) > self.max_windows
         pieces = _slide(enc2, width, overlap, self.max_windows, self.side)
         encodings = [self.probe.post_process(head, p, True) for p in pieces]
-        more = cut or cut2 or n_first > budget // 2 or _covers(len(enc2.ids), width, overlap) > self.max_windows
         return _many(encodings, more)
 
 
