@@ -173,6 +173,9 @@ class RepositoryConfig:
             raise RepositoryError("chunk_overlap must be >= 0 and max_chunks >= 1")
         if self.long_text == "chunk" and self.target is Target.GPU:
             raise RepositoryError("long_text chunk is served by the cpu target")
+        if self.long_text == "chunk" and self.chunk_overlap > (self.max_length - 2) // 2:
+            raise RepositoryError(f"chunk_overlap {self.chunk_overlap} is over half a window at max_length "
+                                  f"{self.max_length}")
         if self.tensorrt and self.target is not Target.GPU:
             raise RepositoryError("tensorrt needs target gpu")
 
