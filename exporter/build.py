@@ -9,7 +9,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from exporter import chunking
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
+from exporter.chunking import LongText
 from exporter.config import BuildConfig, Target, Task
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
@@ -88,7 +90,8 @@ def validate(config: BuildConfig) -> _Inputs:
             import serving.repository  # noqa: F401  (the writer must exist before hours of work)
         except ImportError as exc:
             raise ExporterError(f"cannot import serving.repository to write {config.repository}: {exc}") from None
-    eval_set = with_long_rows(eval_set, checkpoint, config.max_length)  # last: after every input check
+    reach = config.max_length * (CHUNK_ROW_WINDOWS if config.long_text is LongText.CHUNK else 1)
+    eval_set = with_long_rows(eval_set, checkpoint, reach)  # last: after every input check
     kind = dict(kind=checkpoint.head, num_labels=len(checkpoint.id2label))
     paired = columns.text_pair is not None
     return _Inputs(
@@ -102,6 +105,7 @@ def validate(config: BuildConfig) -> _Inputs:
 
 
 LONG_ROWS = 8  # evaluation rows that reach truncation, so a served tokenizer that truncates otherwise fails
+CHUNK_ROW_WINDOWS = 3  # chunked builds: the long rows reach 3 x max_length tokens (several windows each)
 
 
 def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, n: int = LONG_ROWS) -> Examples:
@@ -223,9 +227,12 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
         tok = dict(batch_size=config.batch_size, max_length=config.max_length)
         ev = inputs.eval_set
         eval_batches = parity.tokenize(tokenizer, ev.texts, pairs=ev.pairs, **tok)
+        windows, counts = _windows(config, tokenizer, ev)
+        ref_logits = parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))) \
+            if windows is None else chunking.average_rows(parity.torch_logits(model, windows), counts)
         data = Data(
-            ref=parity.Reference(parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))),
-                                 inputs.eval_set.targets(), ck.head, config.threshold),
+            ref=parity.Reference(ref_logits, inputs.eval_set.targets(), ck.head, config.threshold),
+            windows=windows, window_counts=counts,
             eval_batches=eval_batches,
             tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, pairs=inputs.tuning.pairs, **tok),
             tuning_labels=inputs.tuning.targets(),
@@ -245,6 +252,17 @@ def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Sta
                                     baseline=parity.serving_baseline(data.ref, labels))
         del model  # the torch model is never alive next to an ONNX Runtime session
     return data, reference
+
+
+def _windows(config: BuildConfig, tokenizer, ev: Examples):
+    """(every window of every evaluation row as a batch of one, each row's window count) of a chunked build,
+    (None, None) otherwise: the reference of the chunked definition (exporter/chunking.py)."""
+    if config.long_text is not LongText.CHUNK:
+        return None, None
+    config.chunk.check(config.max_length, tokenizer.num_special_tokens_to_add(False))
+    windows, counts = chunking.window_batches(tokenizer, ev.texts, ev.pairs, config.max_length, config.chunk)
+    log.info("chunked reference: %d windows for %d rows (max %d per row)", len(windows), len(counts), max(counts))
+    return windows, counts
 
 
 def _torch_speed(model, data: Data, mode: GateMode, seconds: float):
@@ -371,7 +389,8 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
                                        max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt,
-
+                                       max_request_bytes=config.max_request_bytes, long_text=config.long_text.value,
+                                       chunk_overlap=config.chunk_overlap, max_chunks=config.max_chunks,
                                        extra=baseline_parameters(report.reference.baseline))
         pair = resolve_columns(ck, config.text_column, config.label_column, config.text_pair_column).text_pair
         cross = read_cross_encoder(ck.path)

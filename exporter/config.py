@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
+from exporter.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, ChunkConfig, LongText
 from exporter.errors import ExporterError
 from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
@@ -153,6 +154,18 @@ class BuildConfig:
                 "model computes; the gate runs the same sub-batches"})
     tensorrt: bool = field(default=False, metadata={
         "help": "gpu target: the served model tries ONNX Runtime's TensorRT provider (fp16) before CUDA"})
+    long_text: LongText = field(default=LongText.TRUNCATE, metadata={
+        "help": "truncate: a text is truncated at max-length as the checkpoint saves it; chunk: its tokens in "
+                "windows, the windows' logits averaged (docs/LONG_TEXT.md; cpu target, classifiers)"})
+    chunk_overlap: int | None = field(default=None, metadata={
+        "help": f"chunk: tokens consecutive windows share, at most half a window (default: {DEFAULT_OVERLAP}, or a "
+                "quarter window when that is less)"})
+    max_chunks: int = field(default=DEFAULT_MAX_CHUNKS, metadata={
+        "help": "chunk: most windows per text, the first ones on the truncation side (a text costs at most "
+                "this many encoder rows)"})
+    max_request_bytes: int = field(default=4 << 20, metadata={
+        "help": "served: most UTF-8 bytes of text in one request (>= 1 MiB; more gets 400); no text is refused "
+                "for its length below it"})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -191,8 +204,26 @@ class BuildConfig:
         if self.tensorrt and self.target is not Target.GPU:
             raise ExporterError("--tensorrt needs --target gpu")
         self._check_task()
+        self._check_long_text()
         if self.repository is not None and self.repository.absolute() == self.out.absolute():
             raise ExporterError("--repository and --out must be different directories")
+
+    def _check_long_text(self) -> None:
+        """--long-text, its window options and the request-size cap."""
+        try:
+            self.long_text = LongText(self.long_text)
+        except ValueError:
+            raise ExporterError(f"unknown long-text {self.long_text!r} (known: truncate, chunk)") from None
+        if self.chunk_overlap is None:
+            self.chunk_overlap = min(DEFAULT_OVERLAP, (self.max_length - 2) // 4)
+        self.chunk = ChunkConfig(self.chunk_overlap, self.max_chunks)
+        if self.long_text is LongText.CHUNK:
+            self.chunk.check(self.max_length)
+        if self.max_request_bytes < 1 << 20:
+            raise ExporterError(f"invalid max-request-bytes: {self.max_request_bytes} (must be >= 1 MiB)")
+        if self.long_text is LongText.CHUNK and (self.task is not Task.CLASSIFICATION or self.target is not Target.CPU):
+            raise ExporterError("--long-text chunk is built for classifiers on the cpu target (embeddings and the "
+                                "gpu target truncate)")
 
     def _check_task(self) -> None:
         """The task, the served model name and the embedding-only options agree."""

@@ -189,7 +189,8 @@ def write_embedder(config: BuildConfig, report, built) -> Path:
         repo_config = RepositoryConfig(target=config.target, max_length=built.pipeline.max_seq_length,
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
-                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt)
+                                       max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt,
+                                       max_request_bytes=config.max_request_bytes)
         return add_model(Path(config.repository), onnx_model=report.variant_path(report.selected, config.out),
                          tokenizer_dir=config.out / "tokenizer", model=served, config=repo_config,
                          provenance=provenance)

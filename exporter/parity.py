@@ -370,6 +370,21 @@ def check_variant(path: Path, precision: Precision, ref: Reference, batches: lis
     return record
 
 
+def check_chunked(path: Path, precision: Precision, ref: Reference, windows: list[Batch], counts: list[int],
+                  budgets: Budgets) -> ParityResult:
+    """A chunked variant (--long-text chunk) as the CPU target serves it: every window alone, one thread,
+    the windows' logits averaged per row, then the head's activation; judged against ``ref`` (PyTorch on the
+    same windows, averaged: exporter/chunking.py)."""
+    from exporter.chunking import activation, average_rows
+
+    sess = session(path, precision, threads=1, arena=False)
+    logits = average_rows(ort_outputs(sess, windows, f"chunked parity {Path(path).parent.name or path}")[0], counts)
+    record = compare(precision, ref, logits, activation(logits, ref.head), budgets, GateMode.PER_ROW)
+    log.info("chunked parity %s: %d windows, max|d|=%s agreement=%.4f -> %s", path, len(windows),
+             record.max_abs_diff, record.label_agreement, "pass" if record.passed else record.reason)
+    return record
+
+
 def _within(value: float | None, limit: float) -> bool:
     return value is not None and value <= limit
 

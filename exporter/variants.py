@@ -37,6 +37,8 @@ class Data:
     texts: list  # per-row speed texts, or (text, pair) tuples (tokenized inside the timed loop)
     encode: Callable[[str], Batch]
     calibration_source: str = ""
+    windows: list[Batch] | None = None  # --long-text chunk: every window of every evaluation row, alone
+    window_counts: list[int] | None = None  # windows per evaluation row
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Context:
     def gate(self, path: Path, precision: Precision) -> ParityResult:
         from exporter import parity
 
+        if self.data.windows is not None:
+            return parity.check_chunked(path, precision, self.data.ref, self.data.windows, self.data.window_counts,
+                                        self.config.budgets)
         return parity.check_variant(path, precision, self.data.ref, self.data.eval_batches, self.config.budgets,
                                     self.mode, self.config.max_batch_tokens)
 

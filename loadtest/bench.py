@@ -93,6 +93,10 @@ class BenchConfig:
     gateway: bool = field(default=True, metadata={
         "help": "also measure the gateway (docs/GATEWAY.md): the same requests through POST /predict and straight "
                 "over gRPC, alternating, at --single-text-concurrency clients and at 1 (loadtest/gateway_bench.py)"})
+    long_docs: int = field(default=0, metadata={
+        "help": "also measure N long documents (2k-50k characters joined from the texts): served (gRPC, one per "
+                "request) vs the in-process run of the same definition (the repository's model, tokenizer and "
+                "--long-text setting, one 1-thread session); 0: skip"})
 
     def __post_init__(self) -> None:
         self.bf16 = Bf16Mode(self.bf16)
@@ -382,10 +386,45 @@ def served_tokens(log_path: str | None) -> dict[str, Any] | None:
     return {**asdict(record), "ratio": round(record.ratio, 4)}
 
 
+def _long_docs_in_process(cfg: BenchConfig, docs: list[str]) -> tuple[BackendResult, list[str]]:
+    from loadtest.long_docs import DefinitionRunner, time_in_process
+
+    runner = DefinitionRunner(cfg.repository, cfg.model_name)
+    labels, lat, secs = time_in_process(runner, docs)
+    res = _result("long docs: in-process definition 1 thread", "long-docs", 1, docs, None, labels, lat, secs,
+                  windows_per_doc=runner.windows / len(docs), chars=[min(map(len, docs)), max(map(len, docs))])
+    return res, labels
+
+
+def _long_docs_served(cfg: BenchConfig, endpoints, docs: list[str], ref_labels: list[str]) -> list[BackendResult]:
+    """The long documents served over gRPC, one per request, at 1 and 2 clients; agreement with in-process."""
+    from loadtest.clients import classify_all, closed_loop
+
+    url = endpoints.url(Protocol.GRPC)
+    served = classify_all(Protocol.GRPC, url, docs, texts_per_request=1, concurrency=2, timeout_s=120)
+    agree = float(np.mean([a == b for a, b in zip(served, ref_labels)]))
+    out = []
+    for conc in (1, 2):
+        r = closed_loop(Protocol.GRPC, url, docs, None, concurrency=conc, texts_per_request=1,
+                        duration_s=cfg.served_seconds, warmup_s=cfg.warmup_seconds, timeout_s=120)
+        out.append(BackendResult(f"long docs: served grpc c{conc} x1", "long-docs", 1, r.seq_per_s, r.percentile(50),
+                                 r.percentile(99), None, r.rows, {"load": r.as_dict(),
+                                                                  "label_agreement_with_in_process": agree}))
+    return out
+
+
 def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> list[BackendResult]:
     """Every served point against a local tritonserver on the repository; ``meta`` gets the endpoints."""
     from loadtest.serve import served
 
+    long_rows, docs, ref_labels = [], [], []
+    if cfg.long_docs:
+        from loadtest.long_docs import long_documents
+
+        step(f"long documents in-process ({cfg.long_docs})")
+        docs = long_documents(texts, cfg.long_docs, seed=cfg.seed)
+        row, ref_labels = _long_docs_in_process(cfg, docs)
+        long_rows.append(row)
     step(f"starting tritonserver on {cfg.repository}")
     with served(cfg.repository) as endpoints:
         meta["endpoints"] = endpoints.as_dict()
@@ -403,6 +442,9 @@ def bench_served(cfg: BenchConfig, texts, gold, meta: dict[str, Any], step) -> l
             cfg.notes.append(f"gpu target: the encoder computed {tokens['ratio']}x the real tokens over every served "
                              f"point ({tokens['computed_tokens']} / {tokens['real_tokens']}, "
                              f"{tokens['sub_batches']} sub-batches)")
+        if docs:
+            step("long documents served")
+            results += long_rows + _long_docs_served(cfg, endpoints, docs, ref_labels)
     cfg.notes.append(
         f"served: {meta.get('instances')} instance(s) x {meta.get('intra_op_threads') or 'default'} intra-op "
         f"thread(s); server, python stubs and this client share the machine's {os.cpu_count()} cores, while "
@@ -570,7 +612,7 @@ def plot_bench(results: Sequence[BackendResult], png: Path) -> None:
     names = [r.name for r in results][::-1]
     vals = [r.seq_per_s for r in results][::-1]
     colors = [{"in-process": "tab:blue", "ceiling": "tab:purple", "served": "tab:green", "open-loop": "tab:olive",
-               "gateway": "tab:orange"}[r.kind]
+               "gateway": "tab:orange", "long-docs": "tab:red"}[r.kind]
               for r in results][::-1]
     ax1.barh(names, vals, color=colors)
     ax1.set_xlabel("sequences / s")
@@ -641,7 +683,7 @@ def _ort_rows(cfg: BenchConfig, texts, gold, step) -> list[BackendResult]:
 def _n_steps(cfg: BenchConfig, bf16: bool) -> int:
     n = 1 + cfg.pipeline_batch1 + bf16 + cfg.ceiling
     n += len(build_variants(cfg.build)) if cfg.build is not None else 0
-    return n + (3 + cfg.gateway + len(_served_plan(cfg)) if cfg.served else 0)
+    return n + (3 + cfg.gateway + len(_served_plan(cfg)) + 2 * bool(cfg.long_docs) if cfg.served else 0)
 
 
 def measure_all(cfg: BenchConfig, texts, gold, served_meta: dict[str, Any], isa: str | None,

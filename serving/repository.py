@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -70,8 +70,8 @@ NGC_MAX_OPSET = 26
 
 MODELS_SRC = Path(__file__).parent / "models"
 CONTRACT_SRC = Path(__file__).parent / "contract.py"
-SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "metrics.py": MODELS_SRC / "metrics.py",
-                  "contract.py": CONTRACT_SRC}
+SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "tokenization.py": MODELS_SRC / "tokenization.py",
+                  "metrics.py": MODELS_SRC / "metrics.py", "contract.py": CONTRACT_SRC}
 GPU_SOURCES = {"token_batch.py": MODELS_SRC / "token_batch.py"}  # beside the GPU target's model only
 ONNX_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
@@ -80,10 +80,11 @@ WARMUP_DIR = "warmup"  # Triton reads model_warmup input files from <model>/warm
 # then one past max_length tokens (the longest shapes). docs/METRICS.md, "Warm start".
 WARMUP_SAMPLES = (("short", 2), ("long", 1))
 PROVENANCE = "provenance.json"
-# Default text limit per token of max_length. English WordPiece averages ~4-5 characters per token; 16 leaves
-# room for long words and URLs, so a text refused by the limit would have been truncated anyway, while
-# max_batch_size rows x max_text_chars bounds a request's tokenizer work (docs/SERVING.md).
-CHARS_PER_TOKEN = 16
+# A request's text rows (TEXT and TEXT_PAIR, UTF-8 bytes) may total this much; a text of any length below it is
+# answered as the checkpoint saves it (cut before tokenizing: serving/models/tokenization.py). docs/SERVING.md
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+MIN_MAX_REQUEST_BYTES = 1 << 20
+LONG_TEXT_MODES = ("truncate", "chunk")
 
 
 class Target(str, enum.Enum):
@@ -115,9 +116,11 @@ class RepositoryConfig:
     ``preferred_batch_sizes``: CPU (1,) (one request per execute call: rows
     run alone, so batching buys nothing, and an instance must not hold queued requests while another idles);
     GPU empty (no size is special). ``max_queue_delay_us``: CPU 0, GPU 2000.
-    ``max_text_chars``: a longer text is refused with 400 (0 = ``CHARS_PER_TOKEN`` x ``max_length``); with
-    ``max_batch_size`` it bounds a request's size and the tokenizer's work. ``trim_batch`` is unused since
-    the CPU target runs rows alone (kept for old configs).
+    ``max_request_bytes``: the text rows of one request (UTF-8 bytes of TEXT and TEXT_PAIR) may total this
+    much (>= 1 MiB), more is refused with 400; no text is refused for its length below it. ``long_text``:
+    "truncate" (as the checkpoint saves it) or "chunk" (windows of ``chunk_overlap`` tokens overlap, at most
+    ``max_chunks`` per text: docs/LONG_TEXT.md). ``trim_batch`` is unused since the CPU target runs rows
+    alone (kept for old configs).
     """
 
     target: Target = field(default=Target.CPU,
@@ -150,8 +153,13 @@ class RepositoryConfig:
     overhead_tokens: int = field(default=DEFAULT_OVERHEAD_TOKENS, metadata={
         "help": "gpu target: padded tokens one more encoder call is worth (sub-batches are cut to minimise "
                 "computed tokens + this per call)"})
-    max_text_chars: int = field(default=0, metadata={
-        "help": f"longest accepted text in characters, longer ones get 400 (0: {CHARS_PER_TOKEN} x max_length)"})
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata={
+        "help": "most UTF-8 bytes of text (all TEXT and TEXT_PAIR rows) in one request, more gets 400 (>= 1 MiB); "
+                "no text is refused for its length below it"})
+    long_text: str = field(default="truncate", metadata={
+        "help": "truncate: a text is truncated at max_length as the checkpoint saves it; chunk: windows averaged"})
+    chunk_overlap: int = field(default=32, metadata={"help": "chunk: tokens consecutive windows share"})
+    max_chunks: int = field(default=16, metadata={"help": "chunk: most windows per text"})
     trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "more model-config parameters"})
 
@@ -182,8 +190,17 @@ class RepositoryConfig:
         if min(self.max_queue_delay_us, self.max_queue_size,
                self.default_queue_timeout_us) < 0:
             raise RepositoryError("queue delay, size and timeout must be >= 0")
-        if self.max_text_chars < 0:
-            raise RepositoryError("max_text_chars must be >= 1 (0: automatic)")
+        if self.max_request_bytes < MIN_MAX_REQUEST_BYTES:
+            raise RepositoryError(f"max_request_bytes must be >= {MIN_MAX_REQUEST_BYTES} (1 MiB)")
+        if self.long_text not in LONG_TEXT_MODES:
+            raise RepositoryError(f"long_text must be one of {list(LONG_TEXT_MODES)}")
+        if self.chunk_overlap < 0 or self.max_chunks < 1:
+            raise RepositoryError("chunk_overlap must be >= 0 and max_chunks >= 1")
+        if self.long_text == "chunk" and self.target is Target.GPU:
+            raise RepositoryError("long_text chunk is served by the cpu target")
+        if self.long_text == "chunk" and self.chunk_overlap > (self.max_length - 2) // 2:
+            raise RepositoryError(f"chunk_overlap {self.chunk_overlap} is over half a window at max_length "
+                                  f"{self.max_length}")
         if self.tensorrt and self.target is not Target.GPU:
             raise RepositoryError("tensorrt needs target gpu")
 
@@ -194,10 +211,6 @@ class RepositoryConfig:
             return self.encoder_instances
         return usable_cores() if self.target is Target.CPU else 1
 
-    @property
-    def text_chars(self) -> int:
-        """Resolved per-row character limit."""
-        return self.max_text_chars or CHARS_PER_TOKEN * self.max_length
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -273,8 +286,9 @@ def write_warmup_files(model_dir: Path, cfg) -> None:
 
 
 def _text_params(config: RepositoryConfig, tokenizer_params: Mapping[str, Any]) -> dict[str, str]:
-    return {"max_length": str(config.max_length), "max_text_chars": str(config.text_chars),
-            **{k: str(v) for k, v in tokenizer_params.items()}}
+    return {"max_length": str(config.max_length), "max_request_bytes": str(config.max_request_bytes),
+            "long_text": config.long_text, "chunk_overlap": str(config.chunk_overlap),
+            "max_chunks": str(config.max_chunks), **{k: str(v) for k, v in tokenizer_params.items()}}
 
 
 def _cpu_config(pb, config: RepositoryConfig, model: ServedModel, tokenizer_params: Mapping[str, Any]):
@@ -515,7 +529,7 @@ def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_m
     return {
         "target": config.target.value,
         "config": {**asdict(config), "target": config.target.value},
-        "resolved": {"instances": config.instances, "max_text_chars": config.text_chars},
+        "resolved": {"instances": config.instances, "max_request_bytes": config.max_request_bytes},
         "labels": list(model.labels),
         "models": {model.name: model.to_json()},
         "onnx": {"source": str(onnx_model.absolute()), "sha256": sha256_file(onnx_model),
@@ -577,7 +591,7 @@ def write_repository(
     from common.atomic import atomic_directory
 
     out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
-    served = _served_model(model, id2label)
+    served = replace(_served_model(model, id2label), chunked=config.long_text == "chunk")
     if not onnx_model.is_file():
         raise RepositoryError(f"ONNX model not found: {onnx_model}")
     if not (tokenizer_dir / "tokenizer.json").is_file():
@@ -795,7 +809,7 @@ def _validate_python_model(root: Path, m: ServedModelInfo, required: Sequence[st
     _check_python(root, m.config)
     _check_signature(m.config, m.contract)
     params = {k: v.string_value for k, v in m.config.parameters.items()}
-    missing = [k for k in ("max_length", "max_text_chars", "pad_id", "pad_token", *required) if not params.get(k)]
+    missing = [k for k in ("max_length", "max_request_bytes", "pad_id", "pad_token", *required) if not params.get(k)]
     if missing:
         raise RepositoryError(f"model '{m.name}': missing parameters {missing}")
     _require(m.tokenizer_dir / "tokenizer.json", "tokenizer file")
@@ -852,6 +866,8 @@ def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
     token-budget sub-batches."""
     if model.head is not Head.EMBEDDING:
         raise RepositoryError(f"model {model.name!r} has head {model.head.value}, not embedding")
+    if config.long_text != "truncate":
+        raise RepositoryError("long_text chunk is not served for embedding models yet (classifiers only)")
     pb = _pb()
     make = _cpu_config if config.target is Target.CPU else _gpu_config
     return {model.name: make(pb, config, model, tokenizer_params or {})}
@@ -967,6 +983,7 @@ def add_model(out: Path, *, onnx_model: Path, tokenizer_dir: Path, model: Served
     from common.atomic import atomic_directory
 
     out, onnx_model, tokenizer_dir = Path(out), Path(onnx_model), Path(tokenizer_dir)
+    model = replace(model, chunked=config.long_text == "chunk")
     configs, info = _model_configs(config, model, onnx_model, tokenizer_dir)
     existing = _existing(out)
     if existing is not None and existing.target is not config.target:

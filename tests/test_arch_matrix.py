@@ -25,7 +25,10 @@ def _texts() -> list[str]:
     from checkpoint_factory import corpus
 
     rows = corpus(12, seed=21)
-    return rows + [" ".join(rows)[:480]]  # the last one is truncated at MAX_LENGTH tokens
+    joined = " ".join(rows)
+    # truncated at MAX_LENGTH tokens; the long ones are cut before tokenizing by the served model (WordPiece,
+    # byte-level BPE, Metaspace/Unigram tokenizers alike: docs/LONG_TEXT.md)
+    return rows + [joined[:480], (joined * 40)[:20_000], " " * 3_000 + joined, "x" * 5_000 + " " + joined]
 
 
 def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:

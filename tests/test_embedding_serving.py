@@ -141,6 +141,22 @@ def test_served_embedding_equals_sentence_transformers(server, texts, reference,
     assert np.abs(got - reference).max() < 1e-5
 
 
+def test_a_long_text_is_embedded_as_sentence_transformers_truncates_it(server, st_model, texts):
+    """Texts of 20,000 and 100,000 characters, a 50,000-character word, 50,000 spaces then words: served =
+    sentence-transformers on the whole text (it truncates at max_seq_length; the model cuts before tokenizing)."""
+    from sentence_transformers import SentenceTransformer
+
+    from serving.client import Embedder
+
+    words = " ".join(texts)
+    long_texts = [(words * (n // len(words) + 1))[:n] for n in (20_000, 100_000)] + ["w" * 50_000,
+                                                                                    " " * 50_000 + words]
+    want = SentenceTransformer(str(st_model), device="cpu").encode(long_texts, convert_to_numpy=True)
+    with Embedder(server.http_url, timeout_s=60) as client:
+        got = client.embed(long_texts)
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_a_texts_embedding_does_not_depend_on_its_neighbours(server, texts):
     from serving.client import AsyncEmbedder, Embedder
 

@@ -39,7 +39,7 @@ def server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
     repo = write_repository(
         tmp_path_factory.mktemp("fuzz") / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
-        config=RepositoryConfig(max_batch_size=MAX_BATCH, intra_op_threads=1, max_text_chars=2000),
+        config=RepositoryConfig(max_batch_size=MAX_BATCH, intra_op_threads=1, max_request_bytes=1 << 20),
     )
     with LocalTritonServer(ServerConfig(repo)) as srv:
         yield srv
@@ -105,7 +105,7 @@ def mutate(body: dict, rng: random.Random) -> dict:
     elif choice == 10:
         body[rng.choice(["inputs", "outputs", "id"])] = junk(rng)
     else:
-        tensor["data"] = ["x" * rng.choice([2001, 5000])] + tensor["data"][1:]  # over max_text_chars
+        tensor["data"] = ["x" * rng.choice([5000, (1 << 20) + 1])] + tensor["data"][1:]  # long; over max_request_bytes
     return body
 
 

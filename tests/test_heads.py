@@ -130,7 +130,8 @@ def _write_data(ck: Path, root: Path, head: Head, n: int = 160, pairs: bool = Fa
     (ck / "metrics.json").write_text(json.dumps({"data_dir": str(data), "test": {}}))
 
 
-def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, **options) -> tuple[Path, Path, dict]:
+def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, extra: tuple = (),
+           **options) -> tuple[Path, Path, dict]:
     import shutil
 
     from exporter.cli import main
@@ -139,7 +140,7 @@ def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, **opt
     ck = tmp / "checkpoint"
     shutil.copytree(src, ck)
     _write_data(ck, tmp, head, pairs=pairs)
-    extra = ["--text-pair-column", "pair"] if pairs else []
+    extra = (["--text-pair-column", "pair"] if pairs else []) + list(extra)
     rc = main([str(a) for a in ["build", ck, "--out", tmp / "build", "--repository", tmp / "repo", "--precisions",
                                 "fp32", "--max-length", MAX_LENGTH, "--speed-seconds", "0.1", "--eval-size", "80",
                                 "--calibration-size", "16", "--tuning-size", "16", *extra]])
@@ -160,10 +161,11 @@ def _torch(ck: Path, texts: list[str], pairs: list[str] | None = None) -> np.nda
                                            return_tensors="pt")).logits.numpy() for t, p in zip(texts, seconds)])
 
 
-def _long_text() -> str:
+def _long_text(chars: int = 500) -> str:
     from checkpoint_factory import corpus
 
-    return " ".join(corpus(12, seed=9))[:500]  # far over MAX_LENGTH tokens, within max_text_chars (16/token)
+    words = " ".join(corpus(12, seed=9))
+    return (words * (chars // len(words) + 1))[:chars]  # far over MAX_LENGTH tokens
 
 
 @pytest.mark.server
@@ -184,7 +186,7 @@ def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_check
     assert report["reference"]["n_examples"] == read + LONG_ROWS  # rows joined to reach truncation
     from checkpoint_factory import corpus
 
-    texts = corpus(20, seed=3) + [_long_text()]
+    texts = corpus(20, seed=3) + [_long_text(), _long_text(100_000), " " * 50_000 + _long_text()]
     want = _torch(ck, texts)
     with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
         with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
@@ -218,7 +220,7 @@ def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
     assert report["reference"]["accuracy"] is None and report["reference"]["mae"] is not None
     from checkpoint_factory import corpus
 
-    texts = corpus(20, seed=4) + [_long_text()]
+    texts = corpus(20, seed=4) + [_long_text(), _long_text(20_000), "w" * 50_000]
     want = _torch(ck, texts)[:, 0]
     with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
         with TextClassifier(srv.http_url, timeout_s=60, return_logits=True) as client:
@@ -240,7 +242,7 @@ def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, capsys):
 
     ck, repo, report = _build(tmp_path, arch_checkpoint, Head.SINGLE_LABEL, pairs=True, labels=("no", "yes"))
     assert report["variants"]["fp32"]["parity"]["passed"]
-    texts, pairs = corpus(10, seed=7) + [_long_text()], corpus(11, seed=8)
+    texts, pairs = corpus(10, seed=7) + [_long_text(), _long_text(3_000)], corpus(11, seed=8) + [_long_text(2_500)]
     want = _torch(ck, texts, pairs)
     assert np.abs(want - _torch(ck, texts)).max() > 1e-3  # the pair changes the answer: the check can fail
     with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
@@ -291,3 +293,74 @@ def test_gpu_target_serves_every_head_as_pytorch(tmp_path, arch_checkpoint, case
             else:
                 got = np.array([p.logits for p in client.classify(texts, pairs)])
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ --long-text chunk
+
+
+def _chunk_reference(ck: Path, texts: list[str], pairs: list[str] | None, overlap: int, max_chunks: int):
+    """(averaged window logits, windows per text): the chunked definition run by PyTorch (exporter/chunking.py)."""
+    from transformers import AutoTokenizer
+
+    from exporter.chunking import ChunkConfig, average_rows, window_batches
+
+    windows, counts = window_batches(AutoTokenizer.from_pretrained(ck), texts, pairs, MAX_LENGTH,
+                                     ChunkConfig(overlap, max_chunks))
+    return average_rows(parity.torch_logits(parity.load_torch_model(ck), windows), counts), counts
+
+
+def _served_chunked(url: str, model: ServedModel, texts: list[str], pairs: list[str] | None = None):
+    import tritonclient.http as http
+
+    from serving.contract import LOGITS, SCORE, WINDOWS, infer_inputs, requested_outputs
+
+    names = [SCORE if model.head is Head.REGRESSION else LOGITS, WINDOWS]
+    with http.InferenceServerClient(url, network_timeout=120) as client:
+        res = client.infer(model.name, infer_inputs(http, texts, pairs), outputs=requested_outputs(http, names))
+    return res.as_numpy(names[0]).reshape(len(texts), -1), res.as_numpy(WINDOWS).reshape(-1)
+
+
+def _chunk_texts(seed: int) -> list[str]:
+    """Texts of 0 to ~300 words: one window up to more than --max-chunks."""
+    from checkpoint_factory import corpus
+
+    words = " ".join(corpus(120, seed=seed)).split()
+    return [" ".join(words[:k]) for k in (0, 4, 12, 20, 30, 45, 300)]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("head", [
+    pytest.param("pairs", id="single-label-text-pairs"),
+    pytest.param("multi_left", id="multi-label-left-truncation", marks=pytest.mark.slow),
+    pytest.param("regression", id="regression", marks=pytest.mark.slow)])
+def test_chunked_build_is_gated_and_served_as_the_reference_definition(tmp_path, arch_checkpoint, head):
+    """--long-text chunk: the build gates the chunked answers (long rows of several windows), the served
+    logits/scores equal PyTorch's average over the reference windows, WINDOWS counts them (capped at
+    --max-chunks), and a text's answer is the same alone and among other texts (batch neighbours)."""
+    from serving.server import LocalTritonServer, ServerConfig
+
+    options = {"pairs": dict(labels=("no", "yes")),
+               "multi_left": dict(num_labels=4, labels=LABELS, problem_type="multi_label_classification",
+                                  truncation_side="left"),
+               "regression": dict(num_labels=1, problem_type="regression")}[head]
+    kind = {"pairs": Head.SINGLE_LABEL, "multi_left": Head.MULTI_LABEL, "regression": Head.REGRESSION}[head]
+    overlap, max_chunks = 6, 4
+    ck, repo, report = _build(tmp_path, arch_checkpoint, kind, pairs=head == "pairs", **options,
+                              extra=["--long-text", "chunk", "--chunk-overlap", overlap, "--max-chunks", max_chunks])
+    assert report["variants"]["fp32"]["parity"]["passed"]
+    texts = _chunk_texts(seed=12)
+    pairs = _chunk_texts(seed=13) if head == "pairs" else None
+    want, counts = _chunk_reference(ck, texts, pairs, overlap, max_chunks)
+    assert max(counts) == max_chunks and min(counts) == 1 and len(set(counts)) >= 3  # the check can fail
+    with LocalTritonServer(ServerConfig(repo, startup_timeout_s=120)) as srv:
+        with __import__("serving.client", fromlist=["TextClassifier"]).TextClassifier(srv.http_url) as client:
+            served = client.served_model()
+        got, windows = _served_chunked(srv.http_url, served, texts, pairs)
+        alone = [_served_chunked(srv.http_url, served, [t], None if pairs is None else [pairs[i]])[0][0]
+                 for i, t in enumerate(texts)]
+    assert served.chunked
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert windows.tolist() == counts
+    np.testing.assert_allclose(np.array(alone), got, atol=1e-6)  # independent of batch neighbours
+    truncated = _torch(ck, texts, pairs)  # the truncating answer differs on multi-window rows
+    assert np.abs(truncated - want)[np.array(counts) > 1].max() > 1e-3

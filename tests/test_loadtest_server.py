@@ -223,7 +223,7 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
                                 repository=repository, texts=texts_csv, n_texts=16, batch_size=8, threads=1,
                                 bf16="off", pipeline_batch1=False, concurrency=(2,), protocols=("grpc", "http"),
                                 texts_per_request=4, single_text_concurrency=2, served_seconds=1.5,
-                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench"))
+                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench", long_docs=6))
     kinds = [r["kind"] for r in res["results"]]
     assert kinds.count("served") == 4 and kinds.count("open-loop") == 1 and kinds.count("ceiling") == 1
     gateway = {r["name"]: r for r in res["results"] if r["kind"] == "gateway"}  # the same requests, alternating
@@ -231,6 +231,15 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
     assert all(r["seq_per_s"] > 0 and r["detail"]["rounds"] for r in gateway.values())
     assert len(gateway["grpc direct c2 x4"]["detail"]["rounds"]) == 2  # alternating rounds; c1: one paired run
     assert any(n.startswith("gateway throughput") for n in res["notes"])
+    long_docs = {r["name"]: r for r in res["results"] if r["kind"] == "long-docs"}  # 2k-50k characters
+    assert sorted(long_docs) == ["long docs: in-process definition 1 thread", "long docs: served grpc c1 x1",
+                                 "long docs: served grpc c2 x1"]
+    lo, hi = long_docs["long docs: in-process definition 1 thread"]["detail"]["chars"]
+    assert 2_000 <= lo <= hi <= 50_000
+    for r in long_docs.values():
+        assert r["seq_per_s"] > 0
+        if "served" in r["name"]:  # the served answers are the in-process run's (same definition, same file)
+            assert r["detail"]["load"]["failures"] == 0 and r["detail"]["label_agreement_with_in_process"] == 1.0
     for r in res["results"]:
         assert r["seq_per_s"] > 0
         if r["kind"] in ("served", "open-loop"):

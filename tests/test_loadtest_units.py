@@ -439,3 +439,14 @@ def test_parse_protocol_is_a_user_error_not_a_traceback():
     assert parse_protocol("grpc") is Protocol.GRPC and parse_protocol(Protocol.HTTP) is Protocol.HTTP
     with pytest.raises(LoadtestError, match="protocol must be http or grpc, got 'udp'"):
         parse_protocol("udp")
+
+
+def test_long_documents_are_2k_to_50k_characters_joined_from_the_texts():
+    from loadtest.long_docs import long_documents
+
+    texts = [f"text number {i} with some words" for i in range(50)]
+    docs = long_documents(texts, 40, seed=3)
+    assert len(docs) == 40 and docs == long_documents(texts, 40, seed=3)
+    assert all(2_000 <= len(d) <= 50_000 for d in docs)
+    assert max(map(len, docs)) > 20_000 and min(map(len, docs)) < 5_000  # log-uniform over the range
+    assert all(d.split(" with some words ")[0].startswith("text number") for d in docs)

@@ -84,7 +84,7 @@ def test_overload_3x_saturation(tiny_onnx, tiny_checkpoint, texts, tmp_path):
     repo = write_repository(
         tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
-        config=RepositoryConfig(max_batch_size=4, max_queue_size=queue, intra_op_threads=1, max_text_chars=20_000),
+        config=RepositoryConfig(max_batch_size=4, max_queue_size=queue, intra_op_threads=1),
     )
     # heavy requests (4 long texts: tokenization dominates) keep the client's own CPU use small
     payload = np.array([[(" ".join(texts) * 8)[:20_000].encode()]] * 4, dtype=np.object_)
@@ -432,20 +432,23 @@ def test_listens_on_loopback_only_and_model_control_needs_the_key(server):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_text_over_the_character_limit_is_a_clear_400(server, protocol):
+def test_a_request_over_the_size_cap_is_a_clear_400_and_any_text_below_it_is_answered(server, protocol):
+    """No text is refused for its length: a 100,000-character text is answered; a request whose text rows
+    total more than max_request_bytes gets one clear 400 naming the limit."""
     from serving.errors import InvalidInputError
 
-    limit = RepositoryConfig().text_chars
+    limit = RepositoryConfig().max_request_bytes
     url = server.http_url if protocol == "http" else server.grpc_url
     with TextClassifier(url, protocol=protocol, retries=0) as client:
-        assert client.classify(["x " * (limit // 2)])[0].label in LABELS  # at the limit: fine
-        with pytest.raises(InvalidInputError, match=rf"TEXT row 1 has {limit + 1} characters; the limit is {limit}"):
+        assert client.classify(["x " * 50_000])[0].label in LABELS  # 100,000 characters: truncated, answered
+        with pytest.raises(InvalidInputError, match=rf"has {limit + 6} bytes of text; the limit is {limit} "
+                                                    r"\(max_request_bytes\)"):
             client.classify(["short", "y" * (limit + 1)])
 
 
 def test_a_huge_body_is_a_400_and_the_server_stays_up(server):
-    """Triton 2.51 has no --http-max-input-size: the limit is max_batch_size rows x max_text_chars chars,
-    enforced by the ensemble (rows) and the tokenizer (chars) with a 400."""
+    """Triton 2.51 has no --http-max-input-size: the limit is max_batch_size rows and max_request_bytes of text,
+    enforced by the batcher (rows) and the model (bytes) with a 400."""
     url = f"http://{server.http_url}/v2/models/classifier/infer"
     status, text, seconds = _post(url, _body(["z" * (32 << 20)]))  # one 32 MiB text
     assert status == 400 and "the limit is" in text, text[:200]

@@ -59,7 +59,8 @@ def test_cpu_target_is_one_python_model_per_served_model(cpu_repo):
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (100, 5_000_000)
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["intra_op_threads"] == "2" and params["max_length"] == "64"
-    assert params["max_text_chars"] == str(repo.CHARS_PER_TOKEN * 64)
+    assert params["max_request_bytes"] == str(repo.DEFAULT_MAX_REQUEST_BYTES) and "max_text_chars" not in params
+    assert (params["long_text"], params["chunk_overlap"], params["max_chunks"]) == ("truncate", "32", "16")
     assert (params["pad_token"], params["pad_id"], params["truncation_side"]) == ("[PAD]", "0", "right")
     assert ServedModel.from_parameters(dict(cfg.parameters)) == ServedModel(labels=LABELS)
     assert json.loads(params["labels"]) == LABELS
@@ -67,7 +68,7 @@ def test_cpu_target_is_one_python_model_per_served_model(cpu_repo):
 
 def test_cpu_repository_files_and_provenance(cpu_repo, tiny_onnx):
     version = cpu_repo / "classifier" / "1"
-    for rel in ("model.py", "textmodel.py", "contract.py", "tokenizer/tokenizer.json", "model.onnx"):
+    for rel in ("model.py", "textmodel.py", "tokenization.py", "contract.py", "tokenizer/tokenizer.json", "model.onnx"):
         assert (version / rel).is_file(), rel
     assert (version / "contract.py").read_text() == Path(contract.__file__).read_text()
     prov = json.loads((cpu_repo / "provenance.json").read_text())
@@ -77,7 +78,7 @@ def test_cpu_repository_files_and_provenance(cpu_repo, tiny_onnx):
     assert prov["files"]["classifier/1/model.onnx"] == prov["onnx"]["sha256"]
     assert prov["labels"] == LABELS and prov["exporter"] == {"variant": "fp32"}
     assert prov["target"] == "cpu" and "onnxruntime" in prov["versions"]
-    assert prov["resolved"] == {"instances": len(os.sched_getaffinity(0)), "max_text_chars": 1024}
+    assert prov["resolved"] == {"instances": len(os.sched_getaffinity(0)), "max_request_bytes": 4 << 20}
     assert validate_repository(cpu_repo, Target.CPU) == ["classifier"]
 
 
@@ -236,8 +237,13 @@ def test_tokenizer_settings_follow_the_checkpoint(tiny_checkpoint, tiny_onnx, tm
 
 def test_config_defaults_follow_the_machine_and_max_length():
     cfg = RepositoryConfig(max_length=64)
-    assert cfg.instances == len(os.sched_getaffinity(0)) and cfg.text_chars == repo.CHARS_PER_TOKEN * 64
-    assert RepositoryConfig(encoder_instances=3, max_text_chars=500).instances == 3
+    assert cfg.instances == len(os.sched_getaffinity(0)) and cfg.max_request_bytes == 4 << 20
+    assert RepositoryConfig(encoder_instances=3, max_request_bytes=1 << 20).instances == 3
+    for bad in (dict(max_request_bytes=(1 << 20) - 1), dict(long_text="middle"), dict(chunk_overlap=-1),
+                dict(max_chunks=0), dict(long_text="chunk", target="gpu"),
+                dict(long_text="chunk", max_length=32, chunk_overlap=16)):
+        with pytest.raises(RepositoryError):
+            RepositoryConfig(**bad)
     assert RepositoryConfig(target="gpu").instances == 1
 
 

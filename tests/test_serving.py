@@ -154,10 +154,13 @@ def test_empty_and_whitespace_text_are_the_empty_sequence(server, tiny_checkpoin
     _assert_still_serving(server)
 
 
-def test_a_text_at_the_character_limit_is_truncated_not_an_error(server, tiny_checkpoint, texts):
-    limit = RepositoryConfig(max_batch_size=MAX_BATCH).text_chars
-    long_text = (" ".join(texts) * 50)[:limit]
-    assert len(long_text) == limit
+@pytest.mark.parametrize("size", [3_000, 20_000, 100_000, 1_000_000, "word", "spaces"])
+def test_a_text_of_any_length_is_answered_as_pytorch_truncates_it(server, tiny_checkpoint, texts, size):
+    """The issue's cases: texts of 3k, 20k, 100k and 1M characters, one 50,000-character word, 50,000 spaces
+    then words: served = PyTorch truncating the whole text (the model cuts it before tokenizing)."""
+    words = " ".join(texts)
+    long_text = {"word": "w" * 50_000, "spaces": " " * 50_000 + words}.get(size) or \
+        (words * (int(size) // len(words) + 1))[:size]
     ref_probs, ref_labels = torch_reference(tiny_checkpoint, [long_text])
     with TextClassifier(server.http_url, timeout_s=60) as client:
         [prediction] = client.classify([long_text])
@@ -391,7 +394,7 @@ def test_overload_is_a_fast_unavailable(tiny_onnx, tiny_checkpoint, tmp_path):
     repository = write_repository(
         tmp_path / "model_repository", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
         id2label=dict(enumerate(LABELS)),
-        config=RepositoryConfig(max_batch_size=4, max_queue_size=2, encoder_instances=1, max_text_chars=100_000),
+        config=RepositoryConfig(max_batch_size=4, max_queue_size=2, encoder_instances=1),
     )
     long_text = ("lorem ipsum dolor " * 6000)[:100_000].encode()
 

@@ -37,9 +37,9 @@ def batch_session(args, params):
 
 class TritonPythonModel:
     def initialize(self, args):
-        _, params, self.model = textmodel.read_config(args)
-        self.max_chars = int(params["max_text_chars"])
-        self.tokenizer = textmodel.load_tokenizer(args, params, pad=False)
+        config, params, self.model = textmodel.read_config(args)
+        self.max_bytes = int(params["max_request_bytes"])
+        self.tokenizer = textmodel.length_tokenizer(args, params)  # any length, cut before tokenizing
         self.pad_id = int(params["pad_id"])  # padded on the right whatever padding_side says (token_batch.pad)
         self.budget = int(params.get("max_batch_tokens", token_batch.DEFAULT_MAX_BATCH_TOKENS))
         self.overhead = int(params.get("overhead_tokens", token_batch.DEFAULT_OVERHEAD_TOKENS))
@@ -47,6 +47,8 @@ class TritonPythonModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
         self.totals = token_batch.BatchRecord()  # this instance's sums of every call's record (see stats())
+        self.metrics = textmodel.model_metrics(self.model, params)
+        self.warmup_left = textmodel.warmup_requests(config)  # Triton's warm-up requests: not counted
         pb_utils.Logger.log_info(f"{self.model.name}: ONNX Runtime providers {self.session.get_providers()}"
                                  f"{'' if self.on_gpu else ' (no CUDA provider or GPU: running on the CPU)'}, "
                                  f"max_batch_tokens {self.budget}")
@@ -68,16 +70,18 @@ class TritonPythonModel:
         return binding.copy_outputs_to_cpu()
 
     def _tokenize(self, request):
-        """Per-row token dicts of one request (InputError for bad input)."""
-        texts, pairs = textmodel.decode_rows(request, self.model, self.max_chars)
-        return [{"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
-                for e in textmodel.encode_rows(self.tokenizer, texts, pairs)]
+        """(per-row token dicts, per-row RowTokens) of one request (InputError for bad input). The GPU target
+        does not chunk (RepositoryConfig refuses it), so every row is one window."""
+        texts, pairs = textmodel.decode_rows(request, self.model, self.max_bytes)
+        encoded = [self.tokenizer.encode(text, None if pairs is None else pairs[i]) for i, text in enumerate(texts)]
+        return ([{"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+                 for e in (row.encodings[0] for row in encoded)], [row.tokens for row in encoded])
 
     def _outputs(self, results):
         """The served tensors of one request's rows."""
         if self.model.head is textmodel.contract.Head.EMBEDDING:
             return [textmodel.embedding_output(self.model, results[0])]
-        return textmodel.head_outputs(self.model, results[0], results[-1])
+        return textmodel.head_outputs(self.model, results[0], results[-1], self.metrics)
 
     def _respond(self, where, results, error):
         """One request's response: its error, else its rows' outputs (a failure there is internal)."""
@@ -89,16 +93,35 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"{where}: response failed:\n{traceback.format_exc()}")
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(textmodel.INTERNAL_ERROR))
 
+    def _observe(self, n, row_tokens, record, span):
+        """Tell the metrics about request ``n``'s rows (real tokens; computed: their sub-batches' widths)."""
+        for tokens, computed in zip(row_tokens, record.row_computed[span[0]:span[1]]):
+            self.metrics.observe_row(tokens.input_tokens, computed, tokens.truncated, tokens.windows)
+
+    def _commit(self, responses):
+        """Keep the metrics of a call whose requests came from clients (not Triton's warm-up)."""
+        warmup = self.warmup_left > 0
+        self.warmup_left -= min(self.warmup_left, len(responses))
+        if warmup or all(r.has_error() for r in responses):
+            self.metrics.rollback()
+        else:
+            self.metrics.commit()
+        return responses
+
+    def finalize(self):
+        self.metrics.close()
+
     def execute(self, requests):
-        rows, spans, errors = [], [], {}
+        rows, spans, errors, row_tokens = [], [], {}, []
         for n, request in enumerate(requests):
             try:
-                mine = self._tokenize(request)
+                mine, tokens = self._tokenize(request)
             except textmodel.InputError as exc:
                 errors[n] = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                mine = []
+                mine, tokens = [], []
             spans.append((len(rows), len(rows) + len(mine)))
             rows += mine
+            row_tokens.append(tokens)
         try:
             results, record = token_batch.run_rows(self._run, rows, self.pad_id, max_batch_tokens=self.budget,
                                                    overhead_tokens=self.overhead)
@@ -111,5 +134,8 @@ class TritonPythonModel:
                     for n in range(len(requests))]
         self.totals.add(record)
         pb_utils.Logger.log_info(f"{self.model.name}: {record.line()}")
-        return [self._respond(self.model.name, [r[a:b] for r in results], errors.get(n))
-                for n, (a, b) in enumerate(spans)]
+        for n, span in enumerate(spans):
+            if n not in errors:
+                self._observe(n, row_tokens[n], record, span)
+        return self._commit([self._respond(self.model.name, [r[a:b] for r in results], errors.get(n))
+                             for n, (a, b) in enumerate(spans)])

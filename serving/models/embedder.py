@@ -10,4 +10,5 @@ import textmodel
 
 class TritonPythonModel(textmodel.RowModel):
     def answer(self, texts, pairs=None):
-        return [textmodel.embedding_output(self.model, [self.run_row(text)[0][0] for text in texts])]
+        windows, _ = self.run_rows(texts, None)
+        return [textmodel.embedding_output(self.model, [row[0][0][0] for row in windows])]

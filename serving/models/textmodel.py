@@ -14,6 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 import contract
 import metrics
+import tokenization
+from tokenization import RowTokens  # noqa: F401 - per-row facts (tokens, truncation, windows) for metrics
 
 INTERNAL_ERROR = "internal error (see server log)"
 
@@ -30,33 +32,29 @@ def read_config(args):
     return config, params, model
 
 
-def load_tokenizer(args, params, *, pad):
-    """The checkpoint's tokenizer: truncation at max_length on its truncation side; padded to max_length
-    (GPU: fixed shapes) only when ``pad``. Special tokens come from tokenizer.json's post-processor."""
+def length_tokenizer(args, params):
+    """The checkpoint's tokenizer as a tokenization.LengthTokenizer: any text answered as saved, cut before
+    tokenizing; windows when the model is chunked (``long_text`` chunk)."""
     from tokenizers import Tokenizer
 
     path = os.path.join(args["model_repository"], args["model_version"], "tokenizer", "tokenizer.json")
-    tokenizer = Tokenizer.from_file(path)
-    max_length = int(params["max_length"])
-    tokenizer.enable_truncation(max_length=max_length, direction=params.get("truncation_side", "right"))
-    if pad:
-        tokenizer.enable_padding(length=max_length, pad_id=int(params["pad_id"]), pad_token=params["pad_token"],
-                                 direction=params.get("padding_side", "right"))
-    else:
-        tokenizer.no_padding()
-    return tokenizer
+    return tokenization.LengthTokenizer(
+        Tokenizer.from_file(path), int(params["max_length"]), params.get("truncation_side", "right"),
+        long_text=params.get("long_text", tokenization.TRUNCATE), overlap=int(params.get("chunk_overlap", "0")),
+        max_windows=int(params.get("max_chunks", "1")))
 
 
-def decode_texts(request, max_chars, name=contract.TEXT):
-    """The rows of the request's ``name`` tensor (TEXT, or TEXT_PAIR) as strings; InputError naming the
-    first bad row."""
+def decode_texts(request, name=contract.TEXT):
+    """(rows of the request's ``name`` tensor (TEXT, or TEXT_PAIR) as strings, their UTF-8 bytes); InputError
+    naming the first bad row."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         raise InputError(f"missing input {name}")
-    out = []
+    out, size = [], 0
     for i, value in enumerate(tensor.as_numpy().reshape(-1)):
         if isinstance(value, str):
             text = value
+            size += len(value.encode("utf-8", "surrogatepass"))
         else:
             try:
                 text = bytes(value).decode("utf-8")
@@ -64,29 +62,29 @@ def decode_texts(request, max_chars, name=contract.TEXT):
                 raise InputError(f"{name} row {i} is not valid UTF-8 (byte {exc.start})") from None
             except TypeError:
                 raise InputError(f"{name} row {i} is not a string") from None
-        if len(text) > max_chars:
-            raise InputError(f"{name} row {i} has {len(text)} characters; the limit is {max_chars} "
-                             "(max_text_chars)")
+            size += len(value)
         out.append(text)
-    return out
+    return out, size
 
 
-def decode_rows(request, model, max_chars):
-    """(texts, pairs) of a request: pairs is None unless the model takes TEXT_PAIR (then one per text)."""
-    texts = decode_texts(request, max_chars)
-    if not model.text_pair:
-        return texts, None
-    pairs = decode_texts(request, max_chars, contract.TEXT_PAIR)
-    if len(pairs) != len(texts):
-        raise InputError(f"{len(texts)} {contract.TEXT} rows but {len(pairs)} {contract.TEXT_PAIR} rows")
+def decode_rows(request, model, max_bytes):
+    """(texts, pairs) of a request: pairs is None unless the model takes TEXT_PAIR (then one per text).
+    InputError when the text rows total more than ``max_bytes`` UTF-8 bytes (max_request_bytes)."""
+    texts, size = decode_texts(request)
+    pairs = None
+    if model.text_pair:
+        pairs, more = decode_texts(request, contract.TEXT_PAIR)
+        size += more
+        if len(pairs) != len(texts):
+            raise InputError(f"{len(texts)} {contract.TEXT} rows but {len(pairs)} {contract.TEXT_PAIR} rows")
+    if size > max_bytes:
+        raise InputError(f"the request has {size} bytes of text; the limit is {max_bytes} (max_request_bytes)")
     return texts, pairs
 
 
-def encode_rows(tokenizer, texts, pairs=None):
-    """The tokenizer's encodings of a request's rows (with their pairs when the model takes TEXT_PAIR)."""
-    if pairs is None:
-        return [tokenizer.encode(text) for text in texts]
-    return [tokenizer.encode(text, pair) for text, pair in zip(texts, pairs)]
+def windows_output(rows):
+    """The served WINDOWS tensor (INT32 [rows, 1]) of chunked models from the rows' RowTokens."""
+    return pb_utils.Tensor(contract.WINDOWS, np.array([[r.windows] for r in rows], dtype=np.int32).reshape(-1, 1))
 
 
 def head_outputs(model, logits, probabilities, model_metrics=None):
@@ -220,34 +218,45 @@ def model_metrics(model, params):
 
 
 class RowModel:
-    """What the CPU target's one-model python models share: the contract from the config, the tokenizer
-    without padding, a row session, ``run_row`` (one row alone, at its own length) and the model's metrics
-    (sent by their own thread; the model_warmup requests Triton sends before ready are not counted).
+    """What the CPU target's one-model python models share: the contract from the config, the length-aware
+    tokenizer, a row session, ``run_row`` (one row alone, each window at its own length) and the model's
+    metrics (sent by their own thread; the model_warmup requests Triton sends before ready are not counted).
 
-    A subclass implements ``answer(texts, pairs)`` -> output tensors (through ``run_row``); ``_handle``
-    decodes a request and answers it."""
+    A subclass implements ``answer(texts, pairs)`` -> output tensors (through ``run_rows``); ``_handle``
+    decodes a request and answers it. ``last_rows`` holds the RowTokens of the rows handled last."""
 
     def initialize(self, args):
         config, params, self.model = read_config(args)
         pin_instance(args, params)
-        self.max_chars = int(params["max_text_chars"])
-        self.tokenizer = load_tokenizer(args, params, pad=False)
+        self.max_bytes = int(params["max_request_bytes"])
+        self.tokenizer = length_tokenizer(args, params)
         self.session = row_session(args, params)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
         self.metrics = model_metrics(self.model, params)
         self.warmup_left = warmup_requests(config)
+        self.last_rows = []
 
     def run_row(self, text, pair=None):
-        """The session's outputs for one row (a batch of one, unpadded)."""
-        enc = self.tokenizer.encode(text) if pair is None else self.tokenizer.encode(text, pair)
-        self.metrics.observe_row(len(enc.ids), len(enc.ids), bool(enc.overflowing))
-        columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
-        feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
-        return self.session.run(self.outputs, feeds)
+        """(the session's outputs of each window of one row, each a batch of one, unpadded; its RowTokens)."""
+        row = self.tokenizer.encode(text, pair)
+        tokens = row.tokens
+        self.metrics.observe_row(tokens.input_tokens, tokens.computed_tokens, tokens.truncated, tokens.windows)
+        results = []
+        for enc in row.encodings:
+            columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
+            feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
+            results.append(self.session.run(self.outputs, feeds))
+        return results, tokens
+
+    def run_rows(self, texts, pairs):
+        """(window outputs of every row, RowTokens of every row) of a request; ``last_rows`` set."""
+        done = [self.run_row(text, None if pairs is None else pairs[i]) for i, text in enumerate(texts)]
+        self.last_rows = [tokens for _, tokens in done]
+        return [windows for windows, _ in done], self.last_rows
 
     def _handle(self, request):
-        texts, pairs = decode_rows(request, self.model, self.max_chars)
+        texts, pairs = decode_rows(request, self.model, self.max_bytes)
         return self.answer(texts, pairs)
 
     def _counted(self, request):

@@ -10,7 +10,7 @@ dynamic programme over the sorted rows finds the best cut. :func:`providers` pic
 execution providers (TensorRT when asked, CUDA, then the CPU provider that stands in where no GPU is present).
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,8 @@ class BatchRecord:
     sub_batches: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
+    # tokens computed for each row of the call (its sub-batch's longest row), in the rows' order; not summed
+    row_computed: list = field(default_factory=list, repr=False, compare=False)
 
     def add(self, other: "BatchRecord") -> None:
         self.rows += other.rows
@@ -100,7 +102,7 @@ def run_rows(run, rows, pad_id, *, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
     """Run ``rows`` (per-row token dicts) in planned sub-batches through ``run(feeds) -> [arrays]`` and put
     each row's outputs back in its own place. Returns (list of output arrays [rows, ...], BatchRecord)."""
     lengths = [len(r["input_ids"]) for r in rows]
-    record = BatchRecord(rows=len(rows), real_tokens=int(sum(lengths)))
+    record = BatchRecord(rows=len(rows), real_tokens=int(sum(lengths)), row_computed=[0] * len(rows))
     results = None
     for group in plan(lengths, max_batch_tokens, overhead_tokens):
         feeds = pad([rows[i] for i in group], pad_id)
@@ -111,6 +113,8 @@ def run_rows(run, rows, pad_id, *, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
             result[group] = output
         record.sub_batches += 1
         record.computed_tokens += int(feeds["input_ids"].size)
+        for i in group:
+            record.row_computed[int(i)] = int(feeds["input_ids"].shape[1])
     return results or [], record
 
 
