@@ -33,6 +33,11 @@ DEFAULT_OVERLAP = 32
 DEFAULT_MAX_CHUNKS = 16
 
 
+def default_overlap(max_length: int, specials: int = 2) -> int:
+    """The default --chunk-overlap: DEFAULT_OVERLAP tokens, or a quarter window when that is less."""
+    return min(DEFAULT_OVERLAP, (max_length - specials) // 4)
+
+
 @dataclass(frozen=True)
 class ChunkConfig:
     """Windows of one chunked row: ``overlap`` tokens shared by consecutive windows, at most ``max_chunks``."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
-from exporter.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, ChunkConfig, LongText
+from exporter.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, ChunkConfig, LongText, default_overlap
 from exporter.errors import ExporterError
 from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
@@ -156,7 +156,8 @@ class BuildConfig:
         "help": "gpu target: the served model tries ONNX Runtime's TensorRT provider (fp16) before CUDA"})
     long_text: LongText = field(default=LongText.TRUNCATE, metadata={
         "help": "truncate: a text is truncated at max-length as the checkpoint saves it; chunk: its tokens in "
-                "windows, the windows' logits averaged (docs/LONG_TEXT.md; cpu target, classifiers)"})
+                "windows, the windows' logits (embeddings: vectors before normalisation) averaged "
+                "(docs/LONG_TEXT.md; cpu target)"})
     chunk_overlap: int | None = field(default=None, metadata={
         "help": f"chunk: tokens consecutive windows share, at most half a window (default: {DEFAULT_OVERLAP}, or a "
                 "quarter window when that is less)"})
@@ -214,16 +215,25 @@ class BuildConfig:
             self.long_text = LongText(self.long_text)
         except ValueError:
             raise ExporterError(f"unknown long-text {self.long_text!r} (known: truncate, chunk)") from None
-        if self.chunk_overlap is None:
-            self.chunk_overlap = min(DEFAULT_OVERLAP, (self.max_length - 2) // 4)
-        self.chunk = ChunkConfig(self.chunk_overlap, self.max_chunks)
-        if self.long_text is LongText.CHUNK:
-            self.chunk.check(self.max_length)
         if self.max_request_bytes < 1 << 20:
             raise ExporterError(f"invalid max-request-bytes: {self.max_request_bytes} (must be >= 1 MiB)")
-        if self.long_text is LongText.CHUNK and (self.task is not Task.CLASSIFICATION or self.target is not Target.CPU):
-            raise ExporterError("--long-text chunk is built for classifiers on the cpu target (embeddings and the "
-                                "gpu target truncate)")
+        if self.long_text is LongText.CHUNK and self.target is not Target.CPU:
+            raise ExporterError("--long-text chunk is built for the cpu target (the gpu target truncates)")
+        if self.task is Task.EMBEDDING:  # windows of the pipeline's max_seq_length: exporter.embedding_flow
+            ChunkConfig(self.chunk_overlap or 0, self.max_chunks)  # the ranges, checked now
+            self.chunk = None
+            return
+        if self.chunk_overlap is None:
+            self.chunk_overlap = default_overlap(self.max_length)
+        self.chunk = self.chunk_config(self.max_length)
+        if self.long_text is LongText.CHUNK:
+            self.chunk.check(self.max_length)
+
+    def chunk_config(self, max_length: int) -> ChunkConfig:
+        """The windows at ``max_length`` tokens (an embedder's max_seq_length): --chunk-overlap, else the
+        default overlap at that length."""
+        overlap = default_overlap(max_length) if self.chunk_overlap is None else self.chunk_overlap
+        return ChunkConfig(overlap, self.max_chunks)
 
     def _check_task(self) -> None:
         """The task, the served model name and the embedding-only options agree."""

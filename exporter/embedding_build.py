@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from exporter import int8
+from exporter.chunking import ChunkConfig
 from exporter.config import Precision
 from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
                                 fp32_variant, int8_variant, load_tokenizer, read_pipeline)
-from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
-                                     reference_embeddings, reference_model, reference_speed)
+from exporter.embedding_gate import (Chunked, EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
+                                     chunked_reference, reference_embeddings, reference_model, reference_speed)
 from exporter.errors import EvalDataError, ExporterError
 
 log = logging.getLogger(__name__)
+
+LONG_TEXTS = 8  # chunked builds: gated texts of several windows each (joined from consecutive texts when needed)
+LONG_TEXT_WINDOWS = 3  # ... reaching 3 x max_seq_length tokens
 
 VARIANT_BUILDERS: dict[Precision, Callable[[Path, EmbeddingPipeline, Path], Path]] = {
     Precision.FP32: fp32_variant, Precision.FP16: fp16_variant, Precision.INT8: int8_variant,
@@ -61,6 +65,8 @@ class EmbeddingBuild:
     tokenizer_dir: Path | None = None
     reference_speed: EmbeddingSpeed | None = None
     n_tuning_texts: int = 0
+    chunked: Chunked | None = None  # --long-text chunk: the graphs answer before normalisation
+    windows: int = 0  # chunked: windows of the gated texts
 
     def variant(self, name: str) -> EmbeddingVariant:
         for v in self.variants:
@@ -81,6 +87,47 @@ def held_out_texts(texts: Sequence[str], top_k: int) -> list[str]:
     if len(kept) < len(texts):
         log.info("embedding gate: %d of %d texts kept (empty or duplicate ones dropped)", len(kept), len(texts))
     return kept
+
+
+def with_long_texts(texts: Sequence[str], tokenizer, reach: int, n: int = LONG_TEXTS) -> list[str]:
+    """``texts`` plus, when fewer than ``n`` of them exceed ``reach`` content tokens, texts made by joining
+    consecutive ones until they do: a chunked build gates texts of several windows."""
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    have = sum(length(t) > reach for t in texts[:2000])
+    out, start = list(texts), 0
+    for _ in range(max(0, n - have)):
+        end = start + 1
+        while end <= len(texts) and length(" ".join(texts[start:end])) <= reach:
+            end += 1
+        if end > len(texts):
+            break  # too few texts left to reach it
+        out.append(" ".join(texts[start:end]))
+        start = end
+    return out
+
+
+def _reference(model, tokenizer, texts: Sequence[str], pipeline: EmbeddingPipeline,
+               chunked: Chunked | None) -> tuple[np.ndarray | None, list[int]]:
+    """(the gate's reference of ``texts``: ``encode``, or the chunked definition (windows averaged); the
+    windows of each text)."""
+    if not texts:
+        return None, []
+    if chunked is None:
+        return reference_embeddings(model, texts), [1] * len(texts)
+    return chunked_reference(model, tokenizer, texts, pipeline.max_seq_length, chunked)
+
+
+def _gated_texts(texts: Sequence[str], tokenizer, pipeline: EmbeddingPipeline, chunk: ChunkConfig | None,
+                 top_k: int) -> tuple[list[str], Chunked | None]:
+    """(the texts the gate judges, the chunked definition or None); a chunked build adds long texts."""
+    if chunk is None:
+        return held_out_texts(texts, top_k), None
+    chunk.check(pipeline.max_seq_length, tokenizer.num_special_tokens_to_add(False))
+    texts = held_out_texts(texts, top_k)
+    return held_out_texts(with_long_texts(texts, tokenizer, LONG_TEXT_WINDOWS * pipeline.max_seq_length),
+                          top_k), Chunked(chunk, pipeline.normalize)
 
 
 def select(variants: Sequence[EmbeddingVariant]) -> str | None:
@@ -104,6 +151,7 @@ class _Context:
     tuning_reference: np.ndarray | None
     max_exclusion_rounds: int
     max_batch_tokens: int | None = None  # gpu target: the gate runs the served sub-batches
+    chunked: Chunked | None = None  # chunked cpu target: each window alone, averaged (``pipeline`` without Normalize)
 
 
 def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Path, *,
@@ -112,31 +160,37 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
                              precisions: Sequence[Precision | str] = tuple(Precision),
                              tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3,
                              opset: int | None = None, measure_reference: bool = False,
-                             max_batch_tokens: int | None = None) -> EmbeddingBuild:
+                             max_batch_tokens: int | None = None, chunk: ChunkConfig | None = None) -> EmbeddingBuild:
     """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
     tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error.
 
     ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
     quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
     (:func:`exporter.int8.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
-    the gate runs the served token-budget sub-batches instead of rows alone.
+    the gate runs the served token-budget sub-batches instead of rows alone. ``chunk`` (--long-text chunk,
+    cpu target): the graphs answer the vector before normalisation, the gate judges the mean of each text's
+    windows (normalised as the model does) against sentence-transformers on the same windows, long texts added.
     """
     budgets = budgets or EmbeddingBudgets()
     pipeline = read_pipeline(Path(model_dir), pooling=pooling, normalize=normalize)
-    texts = held_out_texts(texts, budgets.top_k)
+    tokenizer = load_tokenizer(pipeline)
+    texts, chunked = _gated_texts(texts, tokenizer, pipeline, chunk, budgets.top_k)
     gated = set(texts)
     tuning = [t for t in held_out_texts(tuning_texts, budgets.top_k) if t not in gated] if tuning_texts else []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = reference_model(pipeline)
     build = EmbeddingBuild(pipeline, len(texts), budgets, tokenizer_dir=copy_tokenizer(pipeline, out_dir / "tokenizer"),
-                           n_tuning_texts=len(tuning))
+                           n_tuning_texts=len(tuning), chunked=chunked)
     if measure_reference:
         build.reference_speed = reference_speed(model, texts)
+    graph = pipeline if chunked is None else replace(pipeline, normalize=False)  # normalised after the mean
+    reference, counts = _reference(model, tokenizer, texts, pipeline, chunked)
+    build.windows = sum(counts)
     with tempfile.TemporaryDirectory(prefix="embedding-body-", dir=out_dir) as scratch:
-        ctx = _Context(pipeline, out_dir, Path(scratch), texts, reference_embeddings(model, texts), budgets,
-                       load_tokenizer(pipeline), tuning, reference_embeddings(model, tuning) if tuning else None,
-                       max_exclusion_rounds, max_batch_tokens)
+        ctx = _Context(graph, out_dir, Path(scratch), texts, reference, budgets, tokenizer, tuning,
+                       _reference(model, tokenizer, tuning, pipeline, chunked)[0], max_exclusion_rounds,
+                       max_batch_tokens, chunked)
         body = export_body(pipeline, ctx.scratch, opset=opset)
         for precision in map(Precision, precisions):
             build.variants.append(_variant(precision, body, ctx))
@@ -159,7 +213,8 @@ def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVarian
         return record
     record.size_bytes = record.path.stat().st_size
     record.gate, record.speed = check_variant(record.path, precision, ctx.pipeline, ctx.texts, ctx.reference,
-                                              ctx.budgets, ctx.tokenizer, max_batch_tokens=ctx.max_batch_tokens)
+                                              ctx.budgets, ctx.tokenizer, max_batch_tokens=ctx.max_batch_tokens,
+                                              chunked=ctx.chunked)
     return record
 
 
@@ -174,14 +229,14 @@ def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant)
         path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
         gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
                                 ctx.budgets, ctx.tokenizer, label=" (tuning texts)",
-                                max_batch_tokens=ctx.max_batch_tokens)
+                                max_batch_tokens=ctx.max_batch_tokens, chunked=ctx.chunked)
         return gate
 
     def final(body_q: Path) -> EmbeddingGate:
         record.path = append_head_to_file(body_q, ctx.pipeline, dst)
         record.gate, record.speed = check_variant(record.path, Precision.INT8, ctx.pipeline, ctx.texts,
                                                   ctx.reference, ctx.budgets, ctx.tokenizer,
-                                                  max_batch_tokens=ctx.max_batch_tokens)
+                                                  max_batch_tokens=ctx.max_batch_tokens, chunked=ctx.chunked)
         return record.gate
 
     batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)

@@ -93,13 +93,16 @@ def build_embedding(config: BuildConfig):
     from exporter.build import BuildResult
     from exporter.embedding import read_pipeline
 
-    read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # bad input: fail fast
+    pipeline = read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # fail fast
+    chunk = chunk_config(config, pipeline)
+    if chunk is not None:
+        chunk.check(pipeline.max_seq_length)
     inputs = read_inputs(config)
     check_outputs(config)
     for warning in inputs.warnings:
         log.warning("%s", warning)
     with atomic_directory(config.out) as out:
-        built = _variants(config, inputs, out)
+        built = _variants(config, inputs, out, pipeline)
         report = assemble(config, inputs, built, out)
         render.write_embedding(report, out)
     if report.selected is None:
@@ -110,14 +113,22 @@ def build_embedding(config: BuildConfig):
     return BuildResult(report, config.out)
 
 
-def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path):
+def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline):
     from exporter.embedding_build import build_embedding_variants
 
     return build_embedding_variants(
         config.checkpoint, inputs.texts, out, pooling=config.pooling, normalize=config.normalize,
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
         max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True,
-        max_batch_tokens=config.max_batch_tokens if config.target is Target.GPU else None)
+        max_batch_tokens=config.max_batch_tokens if config.target is Target.GPU else None,
+        chunk=chunk_config(config, pipeline))
+
+
+def chunk_config(config: BuildConfig, pipeline):
+    """The windows of a --long-text chunk build at the pipeline's max_seq_length (None when it truncates)."""
+    from exporter.chunking import LongText
+
+    return config.chunk_config(pipeline.max_seq_length) if config.long_text is LongText.CHUNK else None
 
 
 def select_for_target(built, target: Target) -> str | None:
@@ -146,7 +157,12 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     settings = {"precisions": [p.value for p in config.precisions], "eval_size": config.eval_size,
                 "tuning_size": config.tuning_size, "max_exclusion_rounds": config.max_exclusion_rounds,
                 "seed": config.seed, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "reference": "SentenceTransformer.encode, batch 32"}
+                "reference": "SentenceTransformer.encode, batch 32", "long_text": config.long_text.value}
+    if built.chunked is not None:
+        settings.update(chunk_overlap=built.chunked.chunk.overlap, max_chunks=built.chunked.chunk.max_chunks,
+                        windows=built.windows, graph_normalizes=False, normalize_after_mean=built.chunked.normalize,
+                        reference="sentence-transformers modules before Normalize on the same windows, averaged, "
+                                  "then normalised as the model does")
     return EmbeddingReport(
         model_dir=str(config.checkpoint.absolute()), model_name=served_name(config), target=config.target.value,
         gate_mode=GateMode.PER_ROW if config.target is Target.CPU else GateMode.BATCHED,
@@ -171,6 +187,16 @@ def _repository_stage(config: BuildConfig, report, built) -> None:
     render.write_embedding(report, config.out, figure=False)
 
 
+def _long_text(built) -> dict:
+    """RepositoryConfig fields of a chunked embedder (the windows, and whether the served model normalises the
+    windows' mean); none for a truncating one."""
+    if built.chunked is None:
+        return {}
+    chunk = built.chunked.chunk
+    return {"long_text": "chunk", "chunk_overlap": chunk.overlap, "max_chunks": chunk.max_chunks,
+            "normalize": built.chunked.normalize}
+
+
 def write_embedder(config: BuildConfig, report, built) -> Path:
     """Add the selected variant to ``config.repository`` as the served embedding model."""
     from exporter.artifacts import to_dict
@@ -190,7 +216,8 @@ def write_embedder(config: BuildConfig, report, built) -> Path:
                                        encoder_instances=config.instances,
                                        intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
                                        max_batch_tokens=config.max_batch_tokens, tensorrt=config.tensorrt,
-                                       max_request_bytes=config.max_request_bytes)
+                                       max_request_bytes=config.max_request_bytes,
+                                       **_long_text(built))
         return add_model(Path(config.repository), onnx_model=report.variant_path(report.selected, config.out),
                          tokenizer_dir=config.out / "tokenizer", model=served, config=repo_config,
                          provenance=provenance)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from exporter.chunking import ChunkConfig, reference_windows
 from exporter.config import Precision
 from exporter.embedding import EmbeddingPipeline, Source, load_tokenizer
 from exporter.errors import EvalDataError, ExporterError
@@ -27,6 +28,26 @@ log = logging.getLogger(__name__)
 
 WARMUP_ROWS = 8
 WINDOW_ROWS = 32  # GPU target: rows per window (the rows of one execute call) that are sorted and sub-batched
+REFERENCE_BATCH = 32  # chunked reference: windows per padded PyTorch batch (the pooling masks the padding)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """``--long-text chunk`` for an embedder: a text's embedding is the mean of its windows' embeddings before
+    normalisation (``chunk`` windows, exporter/chunking.py), then L2-normalised when the model ``normalize``s.
+    The variant graphs of such a build answer the vector before normalisation."""
+
+    chunk: ChunkConfig
+    normalize: bool
+
+
+def finish_windows(vectors: np.ndarray, normalize: bool) -> np.ndarray:
+    """One text's embedding from its windows' vectors [windows, dim]: their mean, then L2-normalised (eps 1e-12,
+    as torch.nn.functional.normalize) when ``normalize``; float32 [dim]."""
+    mean = np.asarray(vectors, dtype=np.float64).mean(axis=0)
+    if normalize:
+        mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return mean.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,42 @@ def reference_embeddings(model, texts: Sequence[str], *, batch_size: int = 32) -
     return np.asarray(out, dtype=np.float32)
 
 
+def _pooled(model, windows: Sequence[dict], pad_id: int) -> np.ndarray:
+    """The sentence-transformers modules before Normalize (Transformer, Pooling, Dense) on token windows,
+    right-padded into batches of REFERENCE_BATCH: float32 [windows, dim]."""
+    import torch
+    from sentence_transformers.models import Normalize
+
+    modules = [m for m in model if not isinstance(m, Normalize)]
+    out = []
+    for i in range(0, len(windows), REFERENCE_BATCH):
+        part = windows[i:i + REFERENCE_BATCH]
+        width = max(len(w["input_ids"]) for w in part)
+        features = {name: torch.tensor([w[name] + [pad if name == "input_ids" else 0] * (width - len(w[name]))
+                                        for w in part], dtype=torch.long)
+                    for name, pad in (("input_ids", pad_id), ("token_type_ids", 0), ("attention_mask", 0))}
+        with torch.no_grad():
+            for module in modules:
+                features = module(features)
+        out.append(features["sentence_embedding"].float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def chunked_reference(model, tokenizer, texts: Sequence[str], max_length: int,
+                      chunked: Chunked) -> tuple[np.ndarray, list[int]]:
+    """(the chunked definition's embeddings [n, dim] by sentence-transformers/PyTorch, each text's window count):
+    every text's reference windows (exporter.chunking), pooled (and Dense-projected) without Normalize,
+    averaged, then normalised when the model normalises."""
+    rows = [reference_windows(tokenizer, text, None, max_length, chunked.chunk) for text in texts]
+    for windows in rows:
+        for w in windows:
+            w["attention_mask"] = [1] * len(w["input_ids"])
+    vectors = _pooled(model, [w for windows in rows for w in windows], tokenizer.pad_token_id or 0)
+    edges = np.cumsum([0, *map(len, rows)])
+    out = [finish_windows(vectors[a:b], chunked.normalize) for a, b in zip(edges[:-1], edges[1:])]
+    return np.stack(out), [len(w) for w in rows]
+
+
 def reference_speed(model, texts: Sequence[str], *, batch_size: int = 32, threads: int = 2) -> EmbeddingSpeed:
     """Throughput of ``model.encode`` (padded batches) with ``threads`` torch threads."""
     import torch
@@ -160,6 +217,24 @@ class RowEncoder:
         enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="np")
         feeds = {name: np.asarray(enc[name], dtype=np.int64) for name in self.inputs}
         return self.session.run([ENCODER_EMBEDDING], feeds)[0][0]
+
+
+class WindowEncoder(RowEncoder):
+    """Embeds one text the way a chunked CPU model serves it: each window alone (one thread), the graph's
+    vectors before normalisation averaged, then normalised when the model normalises."""
+
+    def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None, *, chunked: Chunked):
+        super().__init__(path, pipeline, tokenizer)
+        self.chunked = chunked
+
+    def __call__(self, text: str) -> np.ndarray:
+        vectors = []
+        for w in reference_windows(self.tokenizer, text, None, self.max_length, self.chunked.chunk):
+            ids = np.asarray([w["input_ids"]], dtype=np.int64)
+            columns = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                       "token_type_ids": np.asarray([w["token_type_ids"]], dtype=np.int64)}
+            vectors.append(self.session.run([ENCODER_EMBEDDING], {n: columns[n] for n in self.inputs})[0][0])
+        return finish_windows(np.stack(vectors), self.chunked.normalize)
 
 
 class BatchEncoder(RowEncoder):
@@ -251,10 +326,14 @@ def judge(precision: Precision, reference: np.ndarray, got: np.ndarray, budgets:
 
 def check_variant(path: Path, precision: Precision, pipeline: EmbeddingPipeline, texts: Sequence[str],
                   reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None, *,
-                  label: str = "", max_batch_tokens: int | None = None) -> tuple[EmbeddingGate, EmbeddingSpeed]:
+                  label: str = "", max_batch_tokens: int | None = None,
+                  chunked: Chunked | None = None) -> tuple[EmbeddingGate, EmbeddingSpeed]:
     """Run ``path`` on ``texts`` as the target serves them (row by row: cpu; token-budget sub-batches when
-    ``max_batch_tokens`` is given: gpu) and judge it against ``reference``; also its throughput."""
-    if max_batch_tokens is None:
+    ``max_batch_tokens`` is given: gpu; each window alone, averaged, when ``chunked``) and judge it against
+    ``reference``; also its throughput (texts per second)."""
+    if chunked is not None:
+        got, speed = encode_rows(WindowEncoder(path, pipeline, tokenizer, chunked=chunked), texts)
+    elif max_batch_tokens is None:
         got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
     else:
         got, speed = encode_batched(BatchEncoder(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens), texts)

@@ -160,6 +160,9 @@ class RepositoryConfig:
         "help": "truncate: a text is truncated at max_length as the checkpoint saves it; chunk: windows averaged"})
     chunk_overlap: int = field(default=32, metadata={"help": "chunk: tokens consecutive windows share"})
     max_chunks: int = field(default=16, metadata={"help": "chunk: most windows per text"})
+    normalize: bool = field(default=False, metadata={
+        "help": "chunked embedders: L2-normalise the mean of a text's window embeddings (the graph answers them "
+                "before normalisation)"})
     trim_batch: bool = field(default=True, metadata={"help": "unused: the cpu target runs every row alone"})
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "more model-config parameters"})
 
@@ -203,6 +206,8 @@ class RepositoryConfig:
                                   f"{self.max_length}")
         if self.tensorrt and self.target is not Target.GPU:
             raise RepositoryError("tensorrt needs target gpu")
+        if self.normalize and self.long_text != "chunk":
+            raise RepositoryError("normalize is for chunked embedders (a truncating graph normalises inside)")
 
     @property
     def instances(self) -> int:
@@ -343,6 +348,8 @@ def build_configs(
     pb, model = _pb(), _as_model(model)
     if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION):
         raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
+    if config.normalize:
+        raise RepositoryError("normalize is for chunked embedders, not classifiers")
     make = _cpu_config if config.target is Target.CPU else _gpu_config
     return {model.name: make(pb, config, model, tokenizer_params or {})}
 
@@ -866,11 +873,12 @@ def build_embedding_configs(config: RepositoryConfig, model: ServedModel, *,
     token-budget sub-batches."""
     if model.head is not Head.EMBEDDING:
         raise RepositoryError(f"model {model.name!r} has head {model.head.value}, not embedding")
-    if config.long_text != "truncate":
-        raise RepositoryError("long_text chunk is not served for embedding models yet (classifiers only)")
     pb = _pb()
     make = _cpu_config if config.target is Target.CPU else _gpu_config
-    return {model.name: make(pb, config, model, tokenizer_params or {})}
+    cfg = make(pb, config, model, tokenizer_params or {})
+    if config.long_text == "chunk":  # the windows' mean of the graph's vectors, then normalised (or not)
+        _params(cfg, {"normalize": "true" if config.normalize else "false"})
+    return {model.name: cfg}
 
 
 def _model_configs(config: RepositoryConfig, model: ServedModel, onnx_model: Path, tokenizer_dir: Path):

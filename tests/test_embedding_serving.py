@@ -22,6 +22,7 @@ from serving_helpers import corpus_texts, torch_reference
 
 LABELS = ["negative", "neutral", "positive"]
 N_EVAL = 40
+CHUNKED, CHUNK_OVERLAP, MAX_CHUNKS = "chunked", 6, 4  # a --long-text chunk embedder served beside the others
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,18 @@ def built(st_model, eval_csv, tiny_onnx, tiny_checkpoint, tmp_path_factory) -> d
     code = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
                  str(root / "build"), "--repository", str(repo), "--precisions", "fp32",
                  "--eval-size", str(N_EVAL)])
-    return {"code": code, "repo": repo, "out": root / "build", "classifier_files": classifier_files}
+    files = {k: v for k, v in json.loads((repo / "provenance.json").read_text())["files"].items()}
+    chunked = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
+                    str(root / "build-chunked"), "--repository", str(repo), "--precisions", "fp32",
+                    "--eval-size", str(N_EVAL), "--model-name", CHUNKED, "--long-text", "chunk",
+                    "--chunk-overlap", str(CHUNK_OVERLAP), "--max-chunks", str(MAX_CHUNKS)])
+    return {"code": code, "repo": repo, "out": root / "build", "classifier_files": classifier_files,
+            "chunked_code": chunked, "chunked_out": root / "build-chunked", "files_before_chunked": files}
 
 
 @pytest.fixture(scope="module")
 def server(built):
-    assert built["code"] == 0
+    assert built["code"] == 0 and built["chunked_code"] == 0
     with LocalTritonServer(ServerConfig(built["repo"], startup_timeout_s=180)) as srv:
         yield srv
 
@@ -82,15 +89,16 @@ def test_build_adds_the_embedder_beside_the_classifier(built):
     from exporter.artifacts import read_embedding_report
 
     info = read_repository(built["repo"])
-    assert sorted(info.models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    assert sorted(info.models) == [CHUNKED, DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
     embedder = info.model(DEFAULT_EMBEDDER).contract
-    assert (embedder.head, embedder.embedding_dim) == (Head.EMBEDDING, 32)
-    assert validate_repository(built["repo"], Target.CPU) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
-    verify_repository(built["repo"])  # the provenance hashes cover both models
+    assert (embedder.head, embedder.embedding_dim, embedder.chunked) == (Head.EMBEDDING, 32, False)
+    assert validate_repository(built["repo"], Target.CPU) == [CHUNKED, DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    verify_repository(built["repo"])  # the provenance hashes cover every model
     files = info.provenance["files"]
     assert all(files[k] == v for k, v in built["classifier_files"].items())  # the classifier is untouched
+    assert all(files[k] == v for k, v in built["files_before_chunked"].items())  # so is the first embedder
     served = info.provenance["served"]  # one record per served model, each with its versions
-    assert set(served) == {DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER}
+    assert set(served) == {CHUNKED, DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER}
     assert served[DEFAULT_EMBEDDER]["version"] == 1 and set(served[DEFAULT_EMBEDDER]["versions"]) == {"1"}
     report = read_embedding_report(built["out"])
     assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
@@ -112,7 +120,7 @@ def test_adding_refuses_a_tampered_repository_and_another_target(built, tmp_path
     with pytest.raises(RepositoryError, match="already serves a single_label_classification model"):
         add_model(repo, config=RepositoryConfig(max_length=64), **named_like_the_classifier)
     add_model(repo, config=RepositoryConfig(max_length=64, encoder_instances=1), **kwargs)  # replaces itself
-    assert sorted(read_repository(repo).models) == [DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
+    assert sorted(read_repository(repo).models) == [CHUNKED, DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER]
     verify_repository(repo)
     (repo / DEFAULT_CLASSIFIER / "1" / "model.py").write_text("# changed\n")
     with pytest.raises(IntegrityError):
@@ -194,6 +202,80 @@ def test_cli_embed(server, capsys):
     out = capsys.readouterr().out
     assert "a table row" in out and "32" in out
     assert main(["embed", "--url", server.http_url, "--model", DEFAULT_CLASSIFIER, "x"]) != 0
+
+
+# ------------------------------------------------------------------------------------ --long-text chunk
+
+
+def _chunk_texts(texts: list[str]) -> list[str]:
+    """Texts of 0 to 300 words: one window (the empty text too) up to more than MAX_CHUNKS windows."""
+    words = " ".join(texts).split()
+    return [" ".join(words[:k]) for k in (0, 4, 12, 40, 60, 90, 300)]
+
+
+def _chunked_reference(st_model: Path, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """The definition, by sentence-transformers/PyTorch here: each text's reference windows (exporter.chunking)
+    through the model's Transformer and Pooling modules (not its Normalize), averaged, then L2-normalised as its
+    Normalize module does; and each text's window count."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from exporter.chunking import ChunkConfig, window_batches
+
+    model = SentenceTransformer(str(st_model), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    windows, counts = window_batches(AutoTokenizer.from_pretrained(st_model), texts, None, 64,
+                                     ChunkConfig(CHUNK_OVERLAP, MAX_CHUNKS))
+    with torch.no_grad():
+        pooled = [model[1](model[0]({k: torch.from_numpy(v) for k, v in w.items()}))["sentence_embedding"][0]
+                  for w in windows]
+    edges = np.cumsum([0, *counts])
+    means = [torch.stack(pooled[a:b]).double().mean(0) for a, b in zip(edges[:-1], edges[1:])]
+    return np.stack([torch.nn.functional.normalize(m, dim=0).numpy() for m in means]), counts
+
+
+def _served_chunked(url: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    import tritonclient.http as http
+
+    from serving.contract import EMBEDDING, WINDOWS, infer_inputs, requested_outputs
+
+    with http.InferenceServerClient(url, network_timeout=120) as client:
+        res = client.infer(CHUNKED, infer_inputs(http, texts), outputs=requested_outputs(http, [EMBEDDING, WINDOWS]))
+    return res.as_numpy(EMBEDDING), res.as_numpy(WINDOWS).reshape(-1)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_chunked_embedder_serves_the_mean_of_its_windows_before_normalisation(server, built, st_model, texts):
+    """--long-text chunk for an embedder: the build gates the definition on long texts; served = the mean of the
+    windows' pooled vectors (PyTorch), then normalised; WINDOWS counts the windows (capped at --max-chunks); a
+    text's vector is the same alone and among others; a truncating build answers multi-window texts otherwise."""
+    from sentence_transformers import SentenceTransformer
+
+    from exporter.artifacts import read_embedding_report
+    from serving.client import Embedder
+
+    report = read_embedding_report(built["chunked_out"])
+    assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
+    assert report.settings["long_text"] == "chunk" and report.settings["windows"] > report.n_texts > N_EVAL
+    chunk_texts = _chunk_texts(texts)
+    want, counts = _chunked_reference(st_model, chunk_texts)
+    assert max(counts) == MAX_CHUNKS and min(counts) == 1 and len(set(counts)) >= 3  # the check can fail
+    got, windows = _served_chunked(server.http_url, chunk_texts)
+    alone = np.stack([_served_chunked(server.http_url, [t])[0][0] for t in chunk_texts])
+    with Embedder(server.grpc_url, protocol="grpc", model=CHUNKED) as client:
+        assert client.served_model().chunked
+        among = client.embed(texts[:5] + chunk_texts + texts[5:10])[5:-5]
+    assert _cosines(got, want).min() >= 0.99999 and np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+    assert windows.tolist() == counts
+    assert np.abs(alone - got).max() <= 1e-6 and np.abs(among - got).max() <= 1e-6
+    truncated = SentenceTransformer(str(st_model), device="cpu").encode(chunk_texts, convert_to_numpy=True)
+    multi = np.array(counts) > 1
+    assert _cosines(truncated, want)[multi].max() < 0.9999 and _cosines(truncated, want)[~multi].min() >= 0.99999
 
 
 # ------------------------------------------------------------------------------- load test and bench

@@ -39,6 +39,21 @@ def test_build_config_defaults_serve_cpu():
     assert cfg.budgets.int8_max_accuracy_drop == 0.5 and cfg.budgets.fp16_min_agreement == 0.995
 
 
+def test_long_text_chunk_is_built_for_embedders_on_the_cpu_target():
+    """--long-text chunk: classifiers and embedders on the cpu target, the gpu target refuses it in one line; an
+    embedder's default overlap is resolved at its pipeline's max_seq_length (exporter.embedding_flow)."""
+    cfg = BuildConfig(checkpoint="x", task="embedding", long_text="chunk")
+    assert cfg.chunk_config(256).overlap == 32 and cfg.chunk_config(64).overlap == 15
+    assert cfg.chunk_config(64).max_chunks == 16
+    given = BuildConfig(checkpoint="x", task="embedding", long_text="chunk", chunk_overlap=6, max_chunks=3)
+    assert (given.chunk_config(64).overlap, given.chunk_config(64).max_chunks) == (6, 3)
+    for task in ("classification", "embedding"):
+        with pytest.raises(ExporterError, match="cpu target"):
+            BuildConfig(checkpoint="x", task=task, long_text="chunk", target="gpu")
+    with pytest.raises(ExporterError, match="max-chunks"):
+        BuildConfig(checkpoint="x", task="embedding", long_text="chunk", max_chunks=0)
+
+
 def _ref(n=200, seed=0):
     from exporter.parity import Reference
 

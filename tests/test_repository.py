@@ -241,7 +241,7 @@ def test_config_defaults_follow_the_machine_and_max_length():
     assert RepositoryConfig(encoder_instances=3, max_request_bytes=1 << 20).instances == 3
     for bad in (dict(max_request_bytes=(1 << 20) - 1), dict(long_text="middle"), dict(chunk_overlap=-1),
                 dict(max_chunks=0), dict(long_text="chunk", target="gpu"),
-                dict(long_text="chunk", max_length=32, chunk_overlap=16)):
+                dict(long_text="chunk", max_length=32, chunk_overlap=16), dict(normalize=True)):
         with pytest.raises(RepositoryError):
             RepositoryConfig(**bad)
     assert RepositoryConfig(target="gpu").instances == 1
