@@ -179,10 +179,12 @@ def embedding_markdown(report) -> str:
         f"{p.get('normalize')}, dim {p.get('dim')}, max_seq_length {p.get('max_seq_length')}.",
         "",
         f"Gate: {report.n_texts} held-out texts of `{report.eval_data}`, each run alone at its own length in a "
-        "1-intra-op-thread session (as the CPU server runs it), against sentence-transformers `encode`; "
+        "1-intra-op-thread session (as the CPU server runs it), against sentence-transformers "
+        + ("on the same windows (below); " if report.settings.get("long_text") == "chunk" else "`encode`; ") +
         f"top-{report.budgets.get('top_k')} neighbour overlap inside the held-out set. Speed: one text at a time, "
         "tokenization included (rows/CPU-s is what selection compares)."
         + (f" Reference: `encode` batch 32 with {ref.intra_op_threads} torch threads." if ref else ""),
+        *_chunked_line(report.settings),
         "",
         "| " + " | ".join(EMBEDDING_COLUMNS) + " |",
         "|" + "|".join("---" for _ in EMBEDDING_COLUMNS) + "|",
@@ -194,6 +196,18 @@ def embedding_markdown(report) -> str:
         *([f"- repository error: {report.repository_error}"] if report.repository_error else []),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _chunked_line(settings: dict) -> list[str]:
+    """The report's line on a --long-text chunk embedder (none for a truncating one)."""
+    if settings.get("long_text") != "chunk":
+        return []
+    return ["", f"Long texts: **chunk** (overlap {settings.get('chunk_overlap')}, at most {settings.get('max_chunks')} "
+                f"windows; {settings.get('windows')} windows gated, long texts joined from consecutive ones). The "
+                "graph answers the vector before normalisation; the served model averages a text's windows"
+                + (" and L2-normalises the mean" if settings.get("normalize_after_mean") else "")
+                + ". The reference: sentence-transformers' modules before Normalize on the same windows, averaged"
+                + (", normalised." if settings.get("normalize_after_mean") else ".")]
 
 
 def embedding_plot(report, path: Path) -> None:
