@@ -275,3 +275,51 @@ def test_dense_modules_are_graph_nodes_equal_to_sentence_transformers(st_mean, t
     got = _row_embeddings(onnx_path, tmp_path / "dense")
     assert got.shape == (len(TEXTS), 16)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_gate_averages_the_windows_before_normalisation(st_mean, tmp_path, normalize):
+    """--long-text chunk: a chunked build's graph (Dense modules included) ends before Normalize; the gate runs
+    each window alone, averages, then L2-normalises when the model does (WindowEncoder), and its reference
+    (chunked_reference: padded batches of windows) equals the definition computed here window by window with
+    the sentence-transformers modules, with and without Normalize."""
+    import torch
+    from dataclasses import replace
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer
+
+    from exporter.chunking import ChunkConfig, window_batches
+    from exporter.embedding import load_tokenizer
+    from exporter.embedding_gate import Chunked, WindowEncoder, chunked_reference
+
+    torch.manual_seed(6)
+    base = SentenceTransformer(str(st_mean), device="cpu")
+    modules = [base[0], base[1], models.Dense(32, 24, activation_function=torch.nn.Tanh())]
+    SentenceTransformer(modules=modules + ([models.Normalize()] if normalize else []), device="cpu").save(
+        str(tmp_path / "dense"))
+    pipeline = read_pipeline(tmp_path / "dense")
+    onnx_path = fp32_variant(export_body(pipeline, tmp_path / "body"), replace(pipeline, normalize=False),
+                             tmp_path / "fp32.onnx")
+    texts = [" ".join(TEXTS[:k]) for k in (1, 4)] + [" ".join(TEXTS * 3), ""]
+    chunked = Chunked(ChunkConfig(4, 3), normalize)
+    want, counts = chunked_reference(reference_model(pipeline), load_tokenizer(pipeline), texts,
+                                     pipeline.max_seq_length, chunked)
+    assert counts[0] == 1 and counts[2] == 3 and counts[-1] == 1  # several windows, capped at max_chunks
+    model = SentenceTransformer(str(tmp_path / "dense"), device="cpu")
+    windows, hand_counts = window_batches(AutoTokenizer.from_pretrained(tmp_path / "dense"), texts, None,
+                                          pipeline.max_seq_length, ChunkConfig(4, 3))
+    with torch.no_grad():
+        pooled = [model[2](model[1](model[0]({k: torch.from_numpy(v) for k, v in w.items()})))["sentence_embedding"][0]
+                  for w in windows]
+    edges = np.cumsum([0, *hand_counts])
+    means = [torch.stack(pooled[a:b]).mean(0) for a, b in zip(edges[:-1], edges[1:])]
+    hand = np.stack([(torch.nn.functional.normalize(m, dim=0) if normalize else m).numpy() for m in means])
+    assert hand_counts == counts
+    np.testing.assert_allclose(want, hand, atol=1e-5)
+    encoder = WindowEncoder(onnx_path, pipeline, chunked=chunked)
+    got = np.stack([encoder(t) for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    window_vector = encoder.session.run(None, {n: windows[0][n] for n in encoder.inputs})[0][0]
+    assert abs(np.linalg.norm(window_vector) - 1) > 1e-3  # the graph answers before normalisation
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5) is normalize
