@@ -174,6 +174,27 @@ def test_a_bad_request_fails_alone_in_a_batch(server):
     assert "Traceback" not in json.dumps(results)
 
 
+@pytest.mark.server
+def test_metrics_count_the_gpu_targets_tokens_per_row(server):
+    """The GPU model feeds the token counters per row (token_batch.run_rows' row_computed): after concurrent
+    requests, /metrics moved by textclf_rows_total = the rows sent and textclf_computed_tokens_total >=
+    textclf_input_tokens_total > 0, the same real and computed tokens as the model's own sub-batch records."""
+    from test_metrics import delta, settled
+
+    texts = corpus_texts(CLIENTS * PER_REQUEST // 2, seed=21)
+    requests = [texts[i:i + PER_REQUEST] for i in range(0, len(texts), PER_REQUEST)]
+    before, records_before = settled(server), _served_token_records(server)
+    with ThreadPoolExecutor(CLIENTS) as pool:  # concurrent: sub-batches mix requests, so padding can occur
+        answers = list(pool.map(lambda rows: TextClassifier(server.http_url).classify(rows), requests))
+    after, records_after = settled(server), _served_token_records(server)
+    assert sum(len(a) for a in answers) == len(texts)
+    moved = {name: delta(after, before, f"textclf_{name}_total", model="classifier")
+             for name in ("rows", "input_tokens", "computed_tokens")}
+    assert moved["rows"] == len(texts) and moved["computed_tokens"] >= moved["input_tokens"] > 0, moved
+    assert moved["input_tokens"] == records_after.real_tokens - records_before.real_tokens, moved
+    assert moved["computed_tokens"] == records_after.computed_tokens - records_before.computed_tokens, moved
+
+
 # ------------------------------------------------------------------------------------------- slow
 
 
