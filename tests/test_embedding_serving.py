@@ -134,6 +134,20 @@ def test_task_embedding_needs_eval_data(st_model, tmp_path, capsys):
     assert "--eval-data" in capsys.readouterr().err
 
 
+def test_chunked_embedder_options_are_checked_at_its_max_seq_length(st_model, eval_csv, tmp_path, capsys):
+    """The tiny model's max_seq_length is 64 (windows of 62 tokens): an overlap over 31 is one line, before any
+    export; the gpu target refuses --long-text chunk."""
+    from exporter.cli import main
+
+    base = ["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out", str(tmp_path / "b"),
+            "--repository", str(tmp_path / "r"), "--long-text", "chunk"]
+    assert main(base + ["--chunk-overlap", "32"]) == 2
+    assert "chunk-overlap 32 is over half a window (62 tokens at max-length 64)" in capsys.readouterr().err
+    assert main(base + ["--target", "gpu"]) == 2
+    assert "cpu target" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------------------- served
 
 
