@@ -1,0 +1,135 @@
+"""Token classification (issue 19 item 3): a tiny random-init BertForTokenClassification (packaged vocabulary)
+built by `exporter build` (detected from its architecture), gated per token and per entity, served as `tagger`
+by the real tritonserver: ENTITIES equal `transformers.pipeline("token-classification")` for every aggregation
+strategy, unicode text and texts past max_length included. One server start serves all five strategies."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import packaged_encoder_dir
+from serving.contract import DEFAULT_TAGGER, ENTITIES, Aggregation, Head, entity_key
+from serving.repository import RepositoryConfig, add_model, read_repository
+from serving_helpers import corpus_texts
+
+TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+MAX_LENGTH = 48
+N_EVAL = 16
+UNICODE = ["Zoë Müller flew from Zürich to Kraków 🙂 with naïve café owners — “quoted” text",
+           "東京 and 北京: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﬁne ligatures, e\u0301 combining marks, and an [UNK]-free ✓ line"]
+
+
+def build_tiny_tagger(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+                        num_labels=len(TAGS), id2label=dict(enumerate(TAGS)),
+                        label2id={t: i for i, t in enumerate(TAGS)})
+    BertForTokenClassification(config).eval().save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(packaged_encoder_dir()).save_pretrained(out)
+    return out
+
+
+def _texts() -> list[str]:
+    texts = corpus_texts(N_EVAL - 3, seed=7)
+    return texts + UNICODE + [" ".join(corpus_texts(12, seed=8))]  # the last one past max_length
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    from exporter.cli import main
+
+    root = tmp_path_factory.mktemp("tagger")
+    checkpoint = build_tiny_tagger(root / "ner")
+    eval_csv = root / "eval.csv"
+    with open(eval_csv, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
+    code = main(["build", str(checkpoint), "--eval-data", str(eval_csv), "--precisions", "fp32,int8",
+                 "--eval-size", str(N_EVAL), "--max-length", str(MAX_LENGTH), "--out", str(root / "build"),
+                 "--repository", str(root / "repo"), "--instances", "1"])
+    report = json.loads((root / "build" / "report.json").read_text())
+    repo = root / "repo"
+    served = read_repository(repo).models[DEFAULT_TAGGER]
+    # The fp32 graph under every strategy (the build may have selected int8, whose scores move): one server
+    # start answers them all; `tagger` itself gets it as its next version.
+    for agg in Aggregation:
+        add_model(repo, onnx_model=root / "build" / "fp32.onnx", tokenizer_dir=checkpoint,
+                  model=replace(served.contract, name=_name(agg), aggregation=agg),
+                  config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1), keep_versions=1)
+    return {"code": code, "checkpoint": checkpoint, "repo": repo, "report": report}
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    from serving.server import LocalTritonServer, ServerConfig
+
+    assert built["code"] == 0
+    with LocalTritonServer(ServerConfig(built["repo"], startup_timeout_s=180)) as srv:
+        yield srv
+
+
+def _pipeline(checkpoint: Path, aggregation: Aggregation, texts: list[str]) -> list[list[dict]]:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(checkpoint, model_max_length=MAX_LENGTH)
+    model = AutoModelForTokenClassification.from_pretrained(checkpoint).eval()
+    pipe = pipeline("token-classification", model=model, tokenizer=tok, aggregation_strategy=aggregation.value,
+                    device="cpu")
+    return pipe(texts)
+
+
+def _name(agg: Aggregation) -> str:
+    return DEFAULT_TAGGER if agg is Aggregation.SIMPLE else f"tagger_{agg.value}"
+
+
+def test_build_detects_the_tagger_and_gates_it_per_token_and_per_entity(built):
+    report = built["report"]
+    assert report["selected"] in ("fp32", "int8") and report["aggregation"] == "simple"
+    fp32 = report["variants"]["fp32"]
+    assert fp32["passed"] and fp32["max_abs"] < 1e-4 and fp32["token_agreement"] == 1.0
+    assert fp32["entity_agreement"] == 1.0 and fp32["texts_equal"] == 1.0
+    assert 0.0 <= report["variants"]["int8"]["entity_agreement"] <= 1.0
+    info = read_repository(built["repo"]).models[DEFAULT_TAGGER]
+    assert info.contract.head is Head.TOKEN_CLASSIFICATION and info.contract.labels == TAGS
+    assert [t.name for t in info.contract.outputs] == [ENTITIES] and info.contract.task == "token-classification"
+
+
+@pytest.mark.parametrize("aggregation", list(Aggregation))
+def test_served_entities_equal_the_pipeline(server, built, aggregation):
+    from serving.client import Tagger
+
+    texts = _texts()
+    expected = _pipeline(built["checkpoint"], aggregation, texts)
+    with Tagger(url=server.http_url, model=_name(aggregation)) as tagger:
+        got = tagger.entities(texts)
+    key = entity_key(aggregation)
+    assert sum(len(r) for r in expected) > 0  # the random model finds entities: the comparison means something
+    for text, exp, row in zip(texts, expected, got):
+        assert [(e[key], e["word"], e["start"], e["end"]) for e in row] == \
+               [(e[key], e["word"], int(e["start"]), int(e["end"])) for e in exp], text
+        assert all(abs(e["score"] - float(x["score"])) < 1e-4 for e, x in zip(row, exp))
+
+
+def test_unicode_offsets_index_the_text_as_sent(server, built):
+    """Per token (aggregation none, over gRPC): text[start:end] is the token's own characters in the text as
+    sent (accents, emoji, CJK, astral-plane letters), as the checkpoint's normalizer reads them."""
+    from tokenizers import Tokenizer
+
+    from serving.client import Tagger
+
+    normalizer = Tokenizer.from_file(str(built["checkpoint"] / "tokenizer.json")).normalizer
+    with Tagger(url=server.grpc_url, model="tagger_none", protocol="grpc") as tagger:
+        rows = tagger.entities(UNICODE)
+    assert any(rows)
+    for text, row in zip(UNICODE, rows):
+        for e in row:
+            piece = text[e["start"]:e["end"]]
+            assert piece and (e["word"].removeprefix("##") == normalizer.normalize_str(piece).strip()
+                              or e["word"] == piece), (e, piece)
