@@ -226,9 +226,9 @@ class BuildConfig:
             self.chunk.check(self.max_length)
         if self.max_request_bytes < 1 << 20:
             raise ExporterError(f"invalid max-request-bytes: {self.max_request_bytes} (must be >= 1 MiB)")
-        if self.long_text is LongText.CHUNK and (self.task is not Task.CLASSIFICATION or self.target is not Target.CPU):
-            raise ExporterError("--long-text chunk is built for classifiers on the cpu target (embeddings and the "
-                                "gpu target truncate)")
+        if self.long_text is LongText.CHUNK and (self.task is Task.EMBEDDING or self.target is not Target.CPU):
+            raise ExporterError("--long-text chunk is built for classifiers and taggers on the cpu target (embeddings "
+                                "and the gpu target truncate)")
 
     def _check_task(self) -> None:
         """The task, the served model name and the embedding-only options agree."""

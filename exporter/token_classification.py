@@ -5,7 +5,9 @@ aggregation_strategy=...)`` on the eval texts, the way the server runs it (each 
 tokenizing: serving.models.tokenization; entities: serving.models.entities), and served as ``tagger``.
 
 Variants: fp32 (Optimum's export), fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization); the
-passing variant with the highest per-row 1-thread throughput is served. Long texts are truncated as saved.
+passing variant with the highest per-row 1-thread throughput is served. Long texts are truncated as saved, or
+with ``--long-text chunk`` run in overlapping windows (``--chunk-overlap`` tokens shared, at most ``--max-chunks``)
+whose entities are merged by offset: the pipeline's ``stride`` (its reference then), which refuses aggregation none.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.chunking import LongText
 from exporter.config import BuildConfig, Precision
 from exporter.embedding_flow import read_texts
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
@@ -71,7 +74,8 @@ class TaggerReport:
     variants: dict[str, TaggerGate]
     selected: str | None = None
     repository: str | None = None
-    note: str = "long texts are truncated as saved (overlapping windows are not built yet)"
+    long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
+    chunk_overlap: int = 0
 
 
 def export_tagger(checkpoint: Path, out_dir: Path) -> Path:
@@ -122,11 +126,17 @@ def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], 
         raise CheckpointError(f"cannot load token classifier {config.checkpoint}: {exc}") from None
     if not tokenizer.is_fast:
         raise CheckpointError(f"{source}: a token classifier needs a fast tokenizer (tokenizer.json) for offsets")
+    chunked = config.long_text is LongText.CHUNK
+    windows = dict(stride=config.chunk_overlap, return_overflowing_tokens=True, padding=True) if chunked else {}
     with torch.inference_mode():
-        logits = [model(**tokenizer(t, truncation=True, return_tensors="pt")).logits[0].float().numpy()
-                  for t in texts]
-    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer,
-                    aggregation_strategy=config.aggregation.value, device="cpu")
+        logits = []
+        for text in texts:
+            enc = tokenizer(text, truncation=True, return_tensors="pt", **windows)
+            enc.pop("overflow_to_sample_mapping", None)
+            out = model(**enc).logits.float().numpy()
+            logits.append(np.concatenate([out[i][enc["attention_mask"][i].numpy() == 1] for i in range(len(out))]))
+    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=config.aggregation.value,
+                    device="cpu", **({"stride": config.chunk_overlap} if chunked else {}))
     entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in pipe(texts)]
     return logits, entities
 
@@ -141,7 +151,8 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
 
     settings = tokenizer_settings(tokenizer_dir)
     tok = tokenization.LengthTokenizer(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), config.max_length,
-                                       settings["truncation_side"])
+                                       settings["truncation_side"], long_text=config.long_text.value,
+                                       overlap=config.chunk_overlap, max_windows=config.max_chunks)
     unk = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("unk_token") \
         if (tokenizer_dir / "tokenizer_config.json").is_file() else None
     vocab = entities.Vocabulary.of(tok.probe, unk.get("content") if isinstance(unk, dict) else unk)
@@ -158,7 +169,7 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
             window.append(session.run(["logits"], {n: np.asarray([cols[n]], np.int64) for n in names})[0][0])
         found.append(entities.text_entities(text, row.encodings, window, labels, vocab, config.aggregation.value,
                                             row.shift))
-        all_logits.append(window[0])
+        all_logits.append(np.concatenate(window))
     return all_logits, found, len(texts) / max(time.perf_counter() - start, 1e-9)
 
 
@@ -216,6 +227,9 @@ def build_tagger(config: BuildConfig):
     from exporter.build import BuildResult
 
     labels = read_labels(config.checkpoint)
+    if config.long_text is LongText.CHUNK and config.aggregation.value == "none":
+        raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than none "
+                            "(as the pipeline's stride)")
     texts = _eval_texts(config)
     config.tokenizer_dir = Path(config.tokenizer or config.checkpoint)
     ref_logits, ref_entities = reference(config, texts)
@@ -229,7 +243,8 @@ def build_tagger(config: BuildConfig):
         passing = [v for v in variants.values() if v.passed]
         report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
                               config.max_length, str(config.eval_data), len(texts), variants,
-                              max(passing, key=lambda v: v.rows_per_s).variant if passing else None)
+                              max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
+                              long_text=config.long_text.value, chunk_overlap=config.chunk_overlap)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
     if report.selected is None:
         log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
@@ -261,7 +276,8 @@ def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -
                   "gate": asdict(report.variants[report.selected]), "aggregation": report.aggregation}
     repo = RepositoryConfig(target=config.target, max_length=config.max_length, encoder_instances=config.instances,
                             intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
-                            max_request_bytes=config.max_request_bytes)
+                            max_request_bytes=config.max_request_bytes, long_text=config.long_text.value,
+                            chunk_overlap=config.chunk_overlap, max_chunks=config.max_chunks)
     kwargs = dict(onnx_model=onnx_model, tokenizer_dir=config.tokenizer_dir, config=repo, provenance=provenance)
     try:
         if _adds_to(Path(config.repository), config.target):
@@ -282,4 +298,6 @@ def summary(report: TaggerReport) -> str:
     for v in report.variants.values():
         lines.append(f"| {v.variant} | {'yes' if v.passed else 'no: ' + '; '.join(v.reasons)} | {v.max_abs:.3g} | "
                      f"{v.token_agreement:.4f} | {v.entity_agreement:.4f} | {v.texts_equal:.4f} | {v.rows_per_s:.0f} |")
-    return "\n".join(lines + ["", report.note])
+    long = (f"long texts: overlapping windows ({report.chunk_overlap} tokens shared), entities merged by offset"
+            if report.long_text == "chunk" else "long texts: truncated as saved")
+    return "\n".join(lines + ["", long])

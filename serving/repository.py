@@ -344,8 +344,8 @@ def build_configs(
     pb, model = _pb(), _as_model(model)
     if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION, Head.TOKEN_CLASSIFICATION):
         raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
-    if model.head is Head.TOKEN_CLASSIFICATION and (config.target is not Target.CPU or config.long_text != "truncate"):
-        raise RepositoryError("a token classifier (tagger) is served on the cpu target, truncated as saved")
+    if model.head is Head.TOKEN_CLASSIFICATION and config.target is not Target.CPU:
+        raise RepositoryError("a token classifier (tagger) is served on the cpu target")
     make = _cpu_config if config.target is Target.CPU else _gpu_config
     return {model.name: make(pb, config, model, tokenizer_params or {})}
 

@@ -18,6 +18,8 @@ from serving_helpers import corpus_texts
 
 TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 MAX_LENGTH = 48
+OVERLAP = 8  # --long-text chunk: tokens consecutive windows share (the pipeline's stride)
+WINDOWED = "tagger_windows"
 N_EVAL = 16
 UNICODE = ["Zoë Müller flew from Zürich to Kraków 🙂 with naïve café owners — “quoted” text",
            "東京 and 北京: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﬁne ligatures, e\u0301 combining marks, and an [UNK]-free ✓ line"]
@@ -63,6 +65,10 @@ def built(tmp_path_factory) -> dict:
         add_model(repo, onnx_model=root / "build" / "fp32.onnx", tokenizer_dir=checkpoint,
                   model=replace(served.contract, name=_name(agg), aggregation=agg),
                   config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1), keep_versions=1)
+    add_model(repo, onnx_model=root / "build" / "fp32.onnx", tokenizer_dir=checkpoint,
+              model=replace(served.contract, name=WINDOWED, aggregation=Aggregation.SIMPLE),
+              config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1, long_text="chunk",
+                                      chunk_overlap=OVERLAP, max_chunks=16))
     return {"code": code, "checkpoint": checkpoint, "repo": repo, "report": report}
 
 
@@ -75,13 +81,13 @@ def server(built):
         yield srv
 
 
-def _pipeline(checkpoint: Path, aggregation: Aggregation, texts: list[str]) -> list[list[dict]]:
+def _pipeline(checkpoint: Path, aggregation: Aggregation, texts: list[str], **kwargs) -> list[list[dict]]:
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
     tok = AutoTokenizer.from_pretrained(checkpoint, model_max_length=MAX_LENGTH)
     model = AutoModelForTokenClassification.from_pretrained(checkpoint).eval()
     pipe = pipeline("token-classification", model=model, tokenizer=tok, aggregation_strategy=aggregation.value,
-                    device="cpu")
+                    device="cpu", **kwargs)
     return pipe(texts)
 
 
@@ -101,6 +107,14 @@ def test_build_detects_the_tagger_and_gates_it_per_token_and_per_entity(built):
     assert [t.name for t in info.contract.outputs] == [ENTITIES] and info.contract.task == "token-classification"
 
 
+def _assert_equal(texts, expected, got, key):
+    assert sum(len(r) for r in expected) > 0  # the random model finds entities: the comparison means something
+    for text, exp, row in zip(texts, expected, got):
+        assert [(e[key], e["word"], e["start"], e["end"]) for e in row] == \
+               [(e[key], e["word"], int(e["start"]), int(e["end"])) for e in exp], text
+        assert all(abs(e["score"] - float(x["score"])) < 1e-4 for e, x in zip(row, exp))
+
+
 @pytest.mark.parametrize("aggregation", list(Aggregation))
 def test_served_entities_equal_the_pipeline(server, built, aggregation):
     from serving.client import Tagger
@@ -109,12 +123,52 @@ def test_served_entities_equal_the_pipeline(server, built, aggregation):
     expected = _pipeline(built["checkpoint"], aggregation, texts)
     with Tagger(url=server.http_url, model=_name(aggregation)) as tagger:
         got = tagger.entities(texts)
-    key = entity_key(aggregation)
-    assert sum(len(r) for r in expected) > 0  # the random model finds entities: the comparison means something
-    for text, exp, row in zip(texts, expected, got):
-        assert [(e[key], e["word"], e["start"], e["end"]) for e in row] == \
-               [(e[key], e["word"], int(e["start"]), int(e["end"])) for e in exp], text
-        assert all(abs(e["score"] - float(x["score"])) < 1e-4 for e, x in zip(row, exp))
+    _assert_equal(texts, expected, got, entity_key(aggregation))
+
+
+def test_long_texts_in_overlapping_windows_equal_the_pipeline_with_stride(server, built):
+    """--long-text chunk: every window run alone, entities merged by offset = pipeline(stride=overlap)."""
+    from serving.client import AsyncTagger
+
+    texts = _texts()
+    long_text = texts[-1]
+    expected = _pipeline(built["checkpoint"], Aggregation.SIMPLE, texts, stride=OVERLAP)
+    truncated = _pipeline(built["checkpoint"], Aggregation.SIMPLE, [long_text])[0]
+    assert max(e["end"] for e in expected[-1]) > max(e["end"] for e in truncated)  # windows reach further
+
+    async def ask():
+        async with AsyncTagger(url=server.http_url, model=WINDOWED) as tagger:
+            return await tagger.entities(texts)
+
+    import asyncio
+
+    _assert_equal(texts, expected, asyncio.run(ask()), "entity_group")
+
+
+def test_the_gate_measures_windows_and_refuses_a_drifting_variant(built, tmp_path):
+    """The gate with --long-text chunk agrees with pipeline(stride); a graph with perturbed logits fails it."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from exporter.config import BuildConfig
+    from exporter.token_classification import gate, read_labels, reference
+
+    texts, ck = _texts(), built["checkpoint"]
+    config = BuildConfig(checkpoint=ck, repository=None, out=tmp_path / "b", max_length=MAX_LENGTH,
+                         long_text="chunk", chunk_overlap=OVERLAP)
+    config.tokenizer_dir = ck
+    ref = reference(config, texts)
+    fp32 = built["repo"].parent / "build" / "fp32.onnx"
+    good = gate("fp32", fp32, config, read_labels(ck), texts, *ref)
+    assert good.passed and good.entity_agreement == 1.0 and good.max_abs < 1e-4, good
+    model = onnx.load(str(fp32))  # the classifier bias moved: logits drift, labels flip
+    bias = next(t for t in model.graph.initializer if t.name == "classifier.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.array([0, 0.5, -0.5, 0.5, -0.5],
+                                                                                 np.float32), bias.name))
+    onnx.save(model, str(tmp_path / "drift.onnx"))
+    bad = gate("fp32", tmp_path / "drift.onnx", config, read_labels(ck), texts, *ref)
+    assert not bad.passed and bad.entity_agreement < 1.0 and bad.reasons
 
 
 def test_unicode_offsets_index_the_text_as_sent(server, built):
