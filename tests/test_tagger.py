@@ -187,3 +187,44 @@ def test_unicode_offsets_index_the_text_as_sent(server, built):
             piece = text[e["start"]:e["end"]]
             assert piece and (e["word"].removeprefix("##") == normalizer.normalize_str(piece).strip()
                               or e["word"] == piece), (e, piece)
+
+
+def test_cli_entities_and_models(server, built, capsys):
+    from serving.cli import main
+
+    text = _texts()[0]
+    assert main(["entities", text, "--url", server.http_url, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    expected = _pipeline(built["checkpoint"], Aggregation.SIMPLE, [text])
+    _assert_equal([text], expected, [answer[0]["entities"]], "entity_group")
+    assert main(["entities", text, "--url", server.grpc_url, "--protocol", "grpc"]) == 0
+    assert "tagger" in capsys.readouterr().out
+    assert main(["models", "--repository", str(built["repo"]), "--json"]) == 0
+    listed = json.dumps(json.loads(capsys.readouterr().out))
+    assert "token-classification" in listed and "tagger_windows" in listed
+    assert main(["entities", text, "--url", server.http_url, "--model", "no_such_model"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_model" in err[0]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_locust_picks_the_tag_users_for_a_tagger(server, scheme, tmp_path):
+    import subprocess
+    import sys
+
+    from loadtest.run import LOCUSTFILE, _child_env
+
+    host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
+    texts = tmp_path / "texts.csv"
+    with open(texts, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--host", host, "--texts", str(texts), "--texts-per-request", "4", "--model-name", DEFAULT_TAGGER,
+           "--csv", str(tmp_path / "l")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
+    wanted = "TritonTagHttpUser" if scheme == "http" else "TritonTagGrpcUser"
+    assert f"running {wanted}" in out.stderr + out.stdout
+    with open(tmp_path / "l_stats.csv") as fh:
+        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
