@@ -4,7 +4,7 @@ label agreement over real tokens) and per entity against ``transformers.pipeline
 aggregation_strategy=...)`` on the eval texts, the way the server runs it (each text alone, cut before
 tokenizing: serving.models.tokenization; entities: serving.models.entities), and served as ``tagger``.
 
-Variants: fp32 (Optimum's export), fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization); the
+Variants of the fused graph: fp32, fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization); the
 passing variant with the highest per-row 1-thread throughput is served. Long texts are truncated as saved, or
 with ``--long-text chunk`` run in overlapping windows (``--chunk-overlap`` tokens shared, at most ``--max-chunks``)
 whose entities are merged by offset: the pipeline's ``stride`` (its reference then), which refuses aggregation none.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from exporter.errors import CheckpointError, EvalDataError, ExporterError
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
 
 log = logging.getLogger(__name__)
+WARMUP_ROWS = 4  # texts run before the timed pass (the pipeline's reference pass warms PyTorch the same way)
 
 
 def is_token_classifier(path: Path) -> bool:
@@ -74,12 +76,15 @@ class TaggerReport:
     variants: dict[str, TaggerGate]
     selected: str | None = None
     repository: str | None = None
+    optimization: dict = field(default_factory=dict)
+    pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
     long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
     chunk_overlap: int = 0
 
 
-def export_tagger(checkpoint: Path, out_dir: Path) -> Path:
-    """Optimum's token-classification export, one file, the served input names (token_type_ids added)."""
+def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
+    """Optimum's token-classification export (the served input names, token_type_ids added), then the
+    transformers fusions every variant starts from (exporter.optimize, as for classifiers): (graph, record)."""
     import onnx
     from optimum.exporters.onnx import main_export
 
@@ -95,7 +100,9 @@ def export_tagger(checkpoint: Path, out_dir: Path) -> Path:
     ensure_token_type_ids(model)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    return path
+    from exporter.optimize import optimize_onnx
+
+    return optimize_onnx(out_dir, out_dir.parent / "optimized", target)
 
 
 def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
@@ -113,8 +120,9 @@ def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
     return dst
 
 
-def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], list[list[dict]]]:
-    """(PyTorch logits [tokens, labels] per text, the pipeline's entities per text), truncated at max_length."""
+def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], list[list[dict]], float]:
+    """(PyTorch logits [tokens, labels] per text, the pipeline's entities per text, the pipeline's texts/s one at
+    a time on one thread), truncated at max_length (or in windows: the pipeline's stride)."""
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
@@ -137,8 +145,18 @@ def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], 
             logits.append(np.concatenate([out[i][enc["attention_mask"][i].numpy() == 1] for i in range(len(out))]))
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=config.aggregation.value,
                     device="cpu", **({"stride": config.chunk_overlap} if chunked else {}))
-    entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in pipe(texts)]
-    return logits, entities
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the served tagger runs: one text at a time on one core
+    try:
+        for text in texts[:WARMUP_ROWS]:
+            pipe(text)
+        start = time.perf_counter()
+        rows = [pipe(t) for t in texts]
+        speed = len(texts) / max(time.perf_counter() - start, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+    entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in rows]
+    return logits, entities, speed
 
 
 def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
@@ -160,17 +178,21 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    all_logits, found, start = [], [], time.perf_counter()
-    for text in texts:
+
+    def one(text: str):
         row = tok.encode(text)
         window = []
         for enc in row.encodings:
             cols = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
             window.append(session.run(["logits"], {n: np.asarray([cols[n]], np.int64) for n in names})[0][0])
-        found.append(entities.text_entities(text, row.encodings, window, labels, vocab, config.aggregation.value,
-                                            row.shift))
-        all_logits.append(np.concatenate(window))
-    return all_logits, found, len(texts) / max(time.perf_counter() - start, 1e-9)
+        return np.concatenate(window), entities.text_entities(text, row.encodings, window, labels, vocab,
+                                                              config.aggregation.value, row.shift)
+
+    for text in texts[:WARMUP_ROWS]:  # the session's first runs allocate: not timed
+        one(text)
+    start = time.perf_counter()
+    done = [one(text) for text in texts]
+    return [d[0] for d in done], [d[1] for d in done], len(texts) / max(time.perf_counter() - start, 1e-9)
 
 
 def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str) -> tuple[float, float, float]:
@@ -232,9 +254,9 @@ def build_tagger(config: BuildConfig):
                             "(as the pipeline's stride)")
     texts = _eval_texts(config)
     config.tokenizer_dir = Path(config.tokenizer or config.checkpoint)
-    ref_logits, ref_entities = reference(config, texts)
-    with atomic_directory(config.out) as out:
-        fp32 = export_tagger(config.checkpoint, out / "export")
+    ref_logits, ref_entities, pipeline_speed = reference(config, texts)
+    with atomic_directory(config.out) as out, tempfile.TemporaryDirectory(prefix="exporter-tagger-") as scratch:
+        fp32, optimization = export_tagger(config.checkpoint, Path(scratch) / "export", config.target)
         variants = {}
         for precision in config.precisions:
             path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
@@ -244,7 +266,8 @@ def build_tagger(config: BuildConfig):
         report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
                               config.max_length, str(config.eval_data), len(texts), variants,
                               max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
-                              long_text=config.long_text.value, chunk_overlap=config.chunk_overlap)
+                              long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
+                              pipeline_rows_per_s=pipeline_speed, optimization=optimization)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
     if report.selected is None:
         log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
@@ -292,7 +315,8 @@ def summary(report: TaggerReport) -> str:
     """The build's table in Markdown (the CLI prints it; report.json holds every figure)."""
     lines = [f"# Tagger build: {report.checkpoint}", "",
              f"aggregation {report.aggregation}, max_length {report.max_length}, {report.n_texts} eval texts; "
-             f"selected: {report.selected or 'none'}", "",
+             f"selected: {report.selected or 'none'}; transformers.pipeline: {report.pipeline_rows_per_s:.0f} texts/s "
+             "(1 thread, one text at a time, tokenization included; the variants' rows/s likewise)", "",
              "| variant | passed | max abs logit | token agreement | entity agreement | texts equal | rows/s |",
              "|---|---|---|---|---|---|---|"]
     for v in report.variants.values():

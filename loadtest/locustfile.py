@@ -391,12 +391,12 @@ TAG_USER_CLASS = {Protocol.HTTP: "TritonTagHttpUser", Protocol.GRPC: "TritonTagG
 
 def check_entities(model: ServedModel, outputs, n_rows: int) -> None:
     """A tagger's answer: one JSON list of entities per text, each with a known label, a score in [0, 1] and
-    offsets start <= end."""
+    offsets start <= end (a float32 softmax may round a hair above 1)."""
     key, labels = ("entity" if model.aggregation.value == "none" else "entity_group"), set(model.labels)
     groups = {label.split("-", 1)[-1] for label in labels}
     for row in decode_entities(model, outputs, n_rows):
         for e in row:
-            if e[key] not in labels | groups or not 0.0 <= e["score"] <= 1.0 or not 0 <= e["start"] <= e["end"]:
+            if e[key] not in labels | groups or not 0.0 <= e["score"] <= 1.0 + 1e-6 or not 0 <= e["start"] <= e["end"]:
                 raise ContractError(f"{ENTITIES}: bad entity {e}")
 
 

@@ -102,6 +102,7 @@ def test_build_detects_the_tagger_and_gates_it_per_token_and_per_entity(built):
     assert fp32["passed"] and fp32["max_abs"] < 1e-4 and fp32["token_agreement"] == 1.0
     assert fp32["entity_agreement"] == 1.0 and fp32["texts_equal"] == 1.0
     assert 0.0 <= report["variants"]["int8"]["entity_agreement"] <= 1.0
+    assert report["pipeline_rows_per_s"] > 0 and fp32["rows_per_s"] > 0
     info = read_repository(built["repo"]).models[DEFAULT_TAGGER]
     assert info.contract.head is Head.TOKEN_CLASSIFICATION and info.contract.labels == TAGS
     assert [t.name for t in info.contract.outputs] == [ENTITIES] and info.contract.task == "token-classification"
@@ -158,7 +159,8 @@ def test_the_gate_measures_windows_and_refuses_a_drifting_variant(built, tmp_pat
     config = BuildConfig(checkpoint=ck, repository=None, out=tmp_path / "b", max_length=MAX_LENGTH,
                          long_text="chunk", chunk_overlap=OVERLAP)
     config.tokenizer_dir = ck
-    ref = reference(config, texts)
+    *ref, speed = reference(config, texts)
+    assert speed > 0
     fp32 = built["repo"].parent / "build" / "fp32.onnx"
     good = gate("fp32", fp32, config, read_labels(ck), texts, *ref)
     assert good.passed and good.entity_agreement == 1.0 and good.max_abs < 1e-4, good
