@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.chunking import LongText
+from serving.repository import Target
 from exporter.config import BuildConfig, Precision
 from exporter.embedding_flow import read_texts
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
@@ -249,6 +250,8 @@ def build_tagger(config: BuildConfig):
     from exporter.build import BuildResult
 
     labels = read_labels(config.checkpoint)
+    if config.target is not Target.CPU:
+        raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
     if config.long_text is LongText.CHUNK and config.aggregation.value == "none":
         raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than none "
                             "(as the pipeline's stride)")

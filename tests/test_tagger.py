@@ -230,3 +230,14 @@ def test_locust_picks_the_tag_users_for_a_tagger(server, scheme, tmp_path):
     with open(tmp_path / "l_stats.csv") as fh:
         total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [(["--target", "gpu"], "cpu target"),
+                                            (["--long-text", "chunk", "--aggregation", "none"], "aggregation")])
+def test_what_a_tagger_build_refuses_is_one_line(built, tmp_path, capsys, extra, message):
+    from exporter.cli import main
+
+    code = main(["build", str(built["checkpoint"]), "--task", "token-classification", "--eval-data",
+                 str(tmp_path / "none.csv"), "--out", str(tmp_path / "b"), "--repository", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and message in err[0], err
