@@ -241,3 +241,26 @@ def test_what_a_tagger_build_refuses_is_one_line(built, tmp_path, capsys, extra,
                  str(tmp_path / "none.csv"), "--out", str(tmp_path / "b"), "--repository", str(tmp_path / "r"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("long_text", ["truncate", "chunk"])
+def test_left_truncation_offsets_still_index_the_text_as_sent(built, tmp_path, long_text):
+    """A checkpoint that truncates on the left: the served code cuts a suffix; its offsets are shifted back and
+    the entities equal the pipeline's (truncated, or in windows: stride)."""
+    import shutil
+
+    from exporter.config import BuildConfig
+    from exporter.token_classification import gate, read_labels, reference
+
+    ck = Path(shutil.copytree(built["checkpoint"], tmp_path / "left"))
+    cfg = json.loads((ck / "tokenizer_config.json").read_text())
+    (ck / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
+    config = BuildConfig(checkpoint=ck, repository=None, out=tmp_path / "b", max_length=MAX_LENGTH,
+                         long_text=long_text, chunk_overlap=OVERLAP)
+    config.tokenizer_dir = ck
+    texts = _texts()
+    *ref, _ = reference(config, texts)
+    if long_text == "truncate":  # the kept tokens are the long text's last ones: no entity at its start
+        assert ref[1][-1] and min(e["start"] for e in ref[1][-1]) > len(texts[-1]) // 2
+    result = gate("fp32", built["repo"].parent / "build" / "fp32.onnx", config, read_labels(ck), texts, *ref)
+    assert result.passed and result.entity_agreement == 1.0 and result.texts_equal == 1.0, result
