@@ -51,6 +51,23 @@ def read_labels(path: Path) -> list[str]:
 
 
 @dataclass
+class Reference:
+    """What every variant is gated against: the eval texts, PyTorch's logits over their real tokens, the
+    pipeline's entities, its texts/s, and the checkpoint's labels and tokenizer folder."""
+
+    texts: list[str]
+    labels: list[str]
+    tokenizer_dir: Path
+    logits: list[np.ndarray]
+    entities: list[list[dict]]
+    rows_per_s: float
+
+
+def tokenizer_dir(config: BuildConfig) -> Path:
+    return Path(config.tokenizer or config.checkpoint)
+
+
+@dataclass
 class TaggerGate:
     """One variant measured against PyTorch and the pipeline on the eval texts, as the server runs it."""
 
@@ -121,13 +138,13 @@ def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
     return dst
 
 
-def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], list[list[dict]], float]:
+def reference(config: BuildConfig, texts: list[str]) -> Reference:
     """(PyTorch logits [tokens, labels] per text, the pipeline's entities per text, the pipeline's texts/s one at
     a time on one thread), truncated at max_length (or in windows: the pipeline's stride)."""
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
-    source = config.tokenizer or config.checkpoint
+    source = tokenizer_dir(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, model_max_length=config.max_length, local_files_only=True)
         model = AutoModelForTokenClassification.from_pretrained(config.checkpoint, local_files_only=True).eval()
@@ -157,7 +174,7 @@ def reference(config: BuildConfig, texts: list[str]) -> tuple[list[np.ndarray], 
     finally:
         torch.set_num_threads(threads)
     entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in rows]
-    return logits, entities, speed
+    return Reference(texts, read_labels(config.checkpoint), tokenizer_dir(config), logits, entities, speed)
 
 
 def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
@@ -213,14 +230,13 @@ def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str) -> 
     return (matched / total if total else 1.0), equal / max(len(ref), 1), worst
 
 
-def gate(name: str, path: Path, config: BuildConfig, labels: list[str], texts: list[str],
-         ref_logits: list[np.ndarray], ref_entities: list[list[dict]]) -> TaggerGate:
+def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGate:
     """Measure one variant; the budgets of its precision decide."""
     result = TaggerGate(name, path.name)
-    logits, found, result.rows_per_s = served(path, config.tokenizer_dir, texts, config, labels)
+    logits, found, result.rows_per_s = served(path, ref.tokenizer_dir, ref.texts, config, ref.labels)
     agree = count = 0
     worst = 0.0
-    for r, g in zip(ref_logits, logits):
+    for r, g in zip(ref.logits, logits):
         if r.shape != g.shape:
             result.reasons.append(f"token count differs from PyTorch ({g.shape[0]} vs {r.shape[0]})")
             worst = float("inf")
@@ -230,7 +246,7 @@ def gate(name: str, path: Path, config: BuildConfig, labels: list[str], texts: l
         count += r.shape[0]
     result.max_abs, result.token_agreement = worst, agree / max(count, 1)
     result.entity_agreement, result.texts_equal, result.max_score_diff = compare_entities(
-        ref_entities, found, entity_key(config.aggregation))
+        ref.entities, found, entity_key(config.aggregation))
     b = config.budgets
     max_abs, minimum = {"fp32": (b.fp32_max_abs, b.fp32_min_agreement), "fp16": (b.fp16_max_abs, b.fp16_min_agreement),
                         "int8": (float("inf"), b.int8_min_agreement)}[name]
@@ -256,21 +272,20 @@ def build_tagger(config: BuildConfig):
         raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than none "
                             "(as the pipeline's stride)")
     texts = _eval_texts(config)
-    config.tokenizer_dir = Path(config.tokenizer or config.checkpoint)
-    ref_logits, ref_entities, pipeline_speed = reference(config, texts)
+    ref = reference(config, texts)
     with atomic_directory(config.out) as out, tempfile.TemporaryDirectory(prefix="exporter-tagger-") as scratch:
         fp32, optimization = export_tagger(config.checkpoint, Path(scratch) / "export", config.target)
         variants = {}
         for precision in config.precisions:
             path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
-            variants[precision.value] = gate(precision.value, path, config, labels, texts, ref_logits, ref_entities)
+            variants[precision.value] = gate(precision.value, path, config, ref)
             log.info("tagger %s: %s", precision.value, variants[precision.value])
         passing = [v for v in variants.values() if v.passed]
         report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
                               config.max_length, str(config.eval_data), len(texts), variants,
                               max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
                               long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
-                              pipeline_rows_per_s=pipeline_speed, optimization=optimization)
+                              pipeline_rows_per_s=ref.rows_per_s, optimization=optimization)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
     if report.selected is None:
         log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
@@ -304,7 +319,7 @@ def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -
                             intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
                             max_request_bytes=config.max_request_bytes, long_text=config.long_text.value,
                             chunk_overlap=config.chunk_overlap, max_chunks=config.max_chunks)
-    kwargs = dict(onnx_model=onnx_model, tokenizer_dir=config.tokenizer_dir, config=repo, provenance=provenance)
+    kwargs = dict(onnx_model=onnx_model, tokenizer_dir=tokenizer_dir(config), config=repo, provenance=provenance)
     try:
         if _adds_to(Path(config.repository), config.target):
             return Path(add_model(Path(config.repository), model=model, keep_versions=config.keep_versions, **kwargs))

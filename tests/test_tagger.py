@@ -153,23 +153,22 @@ def test_the_gate_measures_windows_and_refuses_a_drifting_variant(built, tmp_pat
     from onnx import numpy_helper
 
     from exporter.config import BuildConfig
-    from exporter.token_classification import gate, read_labels, reference
+    from exporter.token_classification import gate, reference
 
     texts, ck = _texts(), built["checkpoint"]
     config = BuildConfig(checkpoint=ck, repository=None, out=tmp_path / "b", max_length=MAX_LENGTH,
                          long_text="chunk", chunk_overlap=OVERLAP)
-    config.tokenizer_dir = ck
-    *ref, speed = reference(config, texts)
-    assert speed > 0
+    ref = reference(config, texts)
+    assert ref.rows_per_s > 0 and ref.labels == list(TAGS)
     fp32 = built["repo"].parent / "build" / "fp32.onnx"
-    good = gate("fp32", fp32, config, read_labels(ck), texts, *ref)
+    good = gate("fp32", fp32, config, ref)
     assert good.passed and good.entity_agreement == 1.0 and good.max_abs < 1e-4, good
     model = onnx.load(str(fp32))  # the classifier bias moved: logits drift, labels flip
     bias = next(t for t in model.graph.initializer if t.name == "classifier.bias")
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.array([0, 0.5, -0.5, 0.5, -0.5],
                                                                                  np.float32), bias.name))
     onnx.save(model, str(tmp_path / "drift.onnx"))
-    bad = gate("fp32", tmp_path / "drift.onnx", config, read_labels(ck), texts, *ref)
+    bad = gate("fp32", tmp_path / "drift.onnx", config, ref)
     assert not bad.passed and bad.entity_agreement < 1.0 and bad.reasons
 
 
@@ -250,17 +249,16 @@ def test_left_truncation_offsets_still_index_the_text_as_sent(built, tmp_path, l
     import shutil
 
     from exporter.config import BuildConfig
-    from exporter.token_classification import gate, read_labels, reference
+    from exporter.token_classification import gate, reference
 
     ck = Path(shutil.copytree(built["checkpoint"], tmp_path / "left"))
     cfg = json.loads((ck / "tokenizer_config.json").read_text())
     (ck / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
     config = BuildConfig(checkpoint=ck, repository=None, out=tmp_path / "b", max_length=MAX_LENGTH,
                          long_text=long_text, chunk_overlap=OVERLAP)
-    config.tokenizer_dir = ck
     texts = _texts()
-    *ref, _ = reference(config, texts)
+    ref = reference(config, texts)
     if long_text == "truncate":  # the kept tokens are the long text's last ones: no entity at its start
-        assert ref[1][-1] and min(e["start"] for e in ref[1][-1]) > len(texts[-1]) // 2
-    result = gate("fp32", built["repo"].parent / "build" / "fp32.onnx", config, read_labels(ck), texts, *ref)
+        assert ref.entities[-1] and min(e["start"] for e in ref.entities[-1]) > len(texts[-1]) // 2
+    result = gate("fp32", built["repo"].parent / "build" / "fp32.onnx", config, ref)
     assert result.passed and result.entity_agreement == 1.0 and result.texts_equal == 1.0, result
