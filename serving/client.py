@@ -26,6 +26,8 @@ from serving.contract import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
     DEFAULT_RERANKER,
+    DEFAULT_TAGGER,
+    decode_entities,
     LOGITS,
     ContractError,
     Endpoint,
@@ -532,3 +534,41 @@ class AsyncReranker(_AsyncTransport):
 
 
 __all__ += ["AsyncReranker", "Reranker"]
+
+
+def _decode_entities(served: ServedModel | None, outs: list[dict[str, Any]], sizes: list[int]) -> list[list[dict]]:
+    if served is None or not outs:
+        return []
+    try:
+        return [row for out, n in zip(outs, sizes) for row in decode_entities(served, out, n)]
+    except ContractError as exc:
+        raise ClientError(f"{served.name}: {exc}") from exc
+
+
+@dataclass
+class Tagger(_SyncTransport):
+    """Entities of texts from a served tagger (token classification): per text, a list of {entity_group,
+    score, word, start, end} (``entity`` and ``index`` per token without aggregation), character offsets into
+    the text as sent, as ``transformers.pipeline("token-classification")`` answers."""
+
+    model: str = DEFAULT_TAGGER
+
+    def entities(self, texts: str | Sequence[str]) -> list[list[dict]]:
+        rows = _texts(texts)
+        served, outs = self._infer(rows)
+        return _decode_entities(served, outs, [len(c) for c in self._chunks(served, rows)] if served else [])
+
+
+@dataclass
+class AsyncTagger(_AsyncTransport):
+    """The asyncio twin of Tagger."""
+
+    model: str = DEFAULT_TAGGER
+
+    async def entities(self, texts: str | Sequence[str]) -> list[list[dict]]:
+        rows = _texts(texts)
+        served, outs = await self._infer(rows)
+        return _decode_entities(served, outs, [len(c) for c in self._chunks(served, rows)] if served else [])
+
+
+__all__ += ["AsyncTagger", "Tagger"]

@@ -84,6 +84,18 @@ class Head(str, enum.Enum):
     MULTI_LABEL = "multi_label_classification"
     REGRESSION = "regression"
     EMBEDDING = "embedding"
+    TOKEN_CLASSIFICATION = "token_classification"  # a label per token, served as entities (a tagger)
+
+
+class Aggregation(str, enum.Enum):
+    """How a tagger groups its tokens into entities: ``transformers.pipeline("token-classification")``'s
+    ``aggregation_strategy`` (none: one entity per token)."""
+
+    NONE = "none"
+    SIMPLE = "simple"
+    FIRST = "first"
+    AVERAGE = "average"
+    MAX = "max"
 
 
 class Activation(str, enum.Enum):
@@ -107,6 +119,7 @@ class Activation(str, enum.Enum):
 # Wire tensors (the client contract).
 TEXT, TEXT_PAIR = "TEXT", "TEXT_PAIR"
 LABEL, PROBABILITIES, LOGITS, SCORE, EMBEDDING = "LABEL", "PROBABILITIES", "LOGITS", "SCORE", "EMBEDDING"
+ENTITIES = "ENTITIES"  # taggers: BYTES [rows, 1], one JSON list of {entity_group|entity, score, word, start, end}
 WINDOWS = "WINDOWS"  # chunked models (--long-text chunk): INT32 [rows, 1], the windows each text used
 # Encoder tensors (the ONNX graph's names, fixed by the exporter).
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
@@ -116,6 +129,8 @@ ENCODER_LOGITS, ENCODER_PROBABILITIES, ENCODER_EMBEDDING = "logits", "probabilit
 DEFAULT_CLASSIFIER = "classifier"
 DEFAULT_EMBEDDER = "embedder"
 DEFAULT_RERANKER = "reranker"  # the gateway's /rerank: a text-pair model with a regression head
+DEFAULT_TAGGER = "tagger"  # token classification (NER)
+DEFAULT_AGGREGATION = Aggregation.SIMPLE
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.5
 
 _WIRE_TO_TRITON = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64",
@@ -154,15 +169,17 @@ class ServedModel:
     # regression: SCORE = activation(logit) (a CrossEncoder reranker); LOGITS is served beside it then
     activation: Activation = Activation.NONE
     chunked: bool = False  # --long-text chunk: long texts answered in averaged windows; WINDOWS output
+    aggregation: Aggregation = DEFAULT_AGGREGATION  # taggers: how tokens become entities (only taggers carry it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", Head(self.head))
+        object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
         object.__setattr__(self, "activation", Activation(self.activation))
         if self.activation is not Activation.NONE and self.head is not Head.REGRESSION:
             raise ContractError(f"an activation applies to a regression head's SCORE, not to {self.head.value}")
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         check_model_name(self.name)
-        classifier = self.head in (Head.SINGLE_LABEL, Head.MULTI_LABEL)
+        classifier = self.head in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.TOKEN_CLASSIFICATION)
         if classifier and len(self.labels) < (2 if self.head is Head.SINGLE_LABEL else 1):
             raise ContractError(f"a {self.head.value} model needs labels, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
@@ -181,6 +198,8 @@ class ServedModel:
         classification (single-label, multi-label, regression, text pairs)."""
         if self.head is Head.EMBEDDING:
             return "embedding"
+        if self.head is Head.TOKEN_CLASSIFICATION:
+            return "token-classification"
         return "reranking" if self.activation is not Activation.NONE else "classification"
 
     @property
@@ -199,6 +218,8 @@ class ServedModel:
     def outputs(self) -> tuple[Tensor, ...]:
         n = self.num_outputs
         windows = (Tensor(WINDOWS, "INT32", (1,)),) if self.chunked else ()
+        if self.head is Head.TOKEN_CLASSIFICATION:
+            return (Tensor(ENTITIES, "BYTES", (1,)),)
         if self.head is Head.EMBEDDING:
             return (Tensor(EMBEDDING, "FP32", (n,)), *windows)
         if self.head is Head.REGRESSION:
@@ -212,7 +233,7 @@ class ServedModel:
         """The ONNX graph outputs the exporter writes for this head."""
         if self.head is Head.EMBEDDING:
             return (ENCODER_EMBEDDING,)
-        if self.head is Head.REGRESSION:
+        if self.head in (Head.REGRESSION, Head.TOKEN_CLASSIFICATION):
             return (ENCODER_LOGITS,)
         return (ENCODER_LOGITS, ENCODER_PROBABILITIES)
 
@@ -230,6 +251,8 @@ class ServedModel:
             doc["activation"] = self.activation.value
         if self.chunked:
             doc["chunked"] = True
+        if self.head is Head.TOKEN_CLASSIFICATION:  # only taggers carry it: other contracts stay as they were
+            doc["aggregation"] = self.aggregation.value
         return doc
 
     @classmethod
@@ -237,7 +260,8 @@ class ServedModel:
         version = doc.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ContractError(f"contract schema_version {version} is not {SCHEMA_VERSION}")
-        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "activation", "chunked")
+        keys = ("name", "head", "labels", "text_pair", "embedding_dim", "threshold", "activation", "chunked",
+                "aggregation")
         return cls(**{k: doc[k] for k in keys if k in doc}, max_batch_size=max_batch_size)
 
     def to_parameters(self) -> dict[str, str]:
@@ -504,3 +528,32 @@ def decode_embedding(model: ServedModel, outputs: Mapping[str, Any], n_rows: int
     if not np.all(np.isfinite(arr)):
         raise ContractError(f"{EMBEDDING} has NaN/Inf")
     return arr
+
+
+def entity_key(aggregation: Aggregation | str) -> str:
+    """The label key of an entity: ``entity`` per token (aggregation none), else ``entity_group`` (as the
+    transformers pipeline names them)."""
+    return "entity" if Aggregation(aggregation) is Aggregation.NONE else "entity_group"
+
+
+def decode_entities(model: ServedModel, outputs: Mapping[str, Any], n_rows: int) -> list[list[dict[str, Any]]]:
+    """A tagger's ENTITIES rows: per text, a list of {entity_group (entity when not aggregated), score, word,
+    start, end}; ContractError on a wrong shape or a malformed row."""
+    if model.head is not Head.TOKEN_CLASSIFICATION:
+        raise ContractError(f"model {model.name!r} is a {model.head.value} model, not a token classifier")
+    if outputs.get(ENTITIES) is None:
+        raise ContractError(f"response lacks {ENTITIES}")
+    rows = decode_strings(outputs[ENTITIES])
+    if len(rows) != n_rows:
+        raise ContractError(f"{ENTITIES} has {len(rows)} rows, expected {n_rows}")
+    key, out = entity_key(model.aggregation), []
+    for raw in rows:
+        try:
+            row = json.loads(raw)
+        except ValueError as exc:
+            raise ContractError(f"{ENTITIES} row is not JSON: {exc}") from exc
+        if not isinstance(row, list) or not all(isinstance(e, dict) and {key, "score", "word", "start", "end"} <= set(e)
+                                                for e in row):
+            raise ContractError(f"{ENTITIES} row is not a list of {{{key}, score, word, start, end}}")
+        out.append(row)
+    return out

@@ -73,6 +73,7 @@ CONTRACT_SRC = Path(__file__).parent / "contract.py"
 SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "tokenization.py": MODELS_SRC / "tokenization.py",
                   "metrics.py": MODELS_SRC / "metrics.py", "contract.py": CONTRACT_SRC}
 GPU_SOURCES = {"token_batch.py": MODELS_SRC / "token_batch.py"}  # beside the GPU target's model only
+TAGGER_SOURCES = {"entities.py": MODELS_SRC / "entities.py"}  # beside a tagger (token classification) only
 ONNX_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 WARMUP_DIR = "warmup"  # Triton reads model_warmup input files from <model>/warmup/
@@ -346,10 +347,12 @@ def build_configs(
     """The ``ModelConfig`` messages of one served model (keyed by model name); ``model`` may be a label list
     (the default classifier)."""
     pb, model = _pb(), _as_model(model)
-    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION):
+    if model.head not in (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION, Head.TOKEN_CLASSIFICATION):
         raise RepositoryError(f"head {model.head.value} is not served by the classifier models")
     if config.normalize:
         raise RepositoryError("normalize is for chunked embedders, not classifiers")
+    if model.head is Head.TOKEN_CLASSIFICATION and config.target is not Target.CPU:
+        raise RepositoryError("a token classifier (tagger) is served on the cpu target")
     make = _cpu_config if config.target is Target.CPU else _gpu_config
     return {model.name: make(pb, config, model, tokenizer_params or {})}
 
@@ -498,6 +501,8 @@ def _python_source(model: ServedModel, target: Target) -> str:
     """The python source of the served model: the GPU target's batched model serves every head."""
     if target is Target.GPU:
         return "batched.py"
+    if model.head is Head.TOKEN_CLASSIFICATION:
+        return "tagger.py"
     return "embedder.py" if model.head is Head.EMBEDDING else "classifier.py"
 
 
@@ -521,9 +526,9 @@ def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedMode
         (root / name / "config.pbtxt").write_text(config_text(model_config), encoding="utf-8")
     folder = root / model.name / v
     _copy_python(folder, _python_source(model, target))
-    if target is Target.GPU:
-        for name, src in GPU_SOURCES.items():
-            shutil.copy2(src, folder / name)
+    extra = GPU_SOURCES if target is Target.GPU else TAGGER_SOURCES if model.head is Head.TOKEN_CLASSIFICATION else {}
+    for name, src in extra.items():
+        shutil.copy2(src, folder / name)
     _copy_tokenizer(folder, tokenizer_dir)
     shutil.copy2(onnx_model, folder / ONNX_FILE)
     write_warmup_files(root / model.name, configs[model.name])

@@ -58,6 +58,7 @@ class Windows:
 
     encodings: list
     tokens: RowTokens
+    shift: int = 0  # characters of the text before the piece the encodings' offsets refer to (left cut)
 
 
 def _stable_prefix(enc, size: int, margin: int) -> int:
@@ -135,7 +136,7 @@ class LengthTokenizer:
         piece, enc, _, cut = self.cut(text, self.max_length)
         if pair is None:
             out = self.tokenizer.encode(piece)
-            return _one(out, cut or len(enc.ids) > self.width)
+            return _one(out, cut or len(enc.ids) > self.width, self._shift(text, piece))
         second, enc2, _, cut2 = self.cut(pair, self.max_length)
         budget = self.max_length - self.pair_specials
         if _odd_token_unknown(budget, len(enc.ids), cut, len(enc2.ids), cut2):
@@ -143,6 +144,10 @@ class LengthTokenizer:
         else:
             out = self.tokenizer.encode(piece, second)
         return _one(out, cut or cut2 or len(enc.ids) + len(enc2.ids) > self.max_length - self.pair_specials)
+
+    def _shift(self, text: str, piece: str) -> int:
+        """Characters of ``text`` before ``piece`` (a suffix when truncating on the left, else a prefix)."""
+        return len(text) - len(piece) if self.left else 0
 
     def _whole_pair(self, enc, enc2, text: str, pair: str, budget: int):
         """The kept tokens of two cut texts when which one is longer decides: both texts are counted whole (no
@@ -155,11 +160,11 @@ class LengthTokenizer:
 
     def _windows(self, text: str) -> Windows:
         need = self.width + (self.max_windows - 1) * (self.width - self.overlap)
-        _, enc, _, cut = self.cut(text, need + 1)  # one more: a cut text truly has tokens left over
+        piece, enc, _, cut = self.cut(text, need + 1)  # one more: a cut text truly has tokens left over
         more = cut or _covers(len(enc.ids), self.width, self.overlap) > self.max_windows
         pieces = _slide(enc, self.width, self.overlap, self.max_windows, self.side)  # all within the stable
         encodings = [self.probe.post_process(p, None, True) for p in pieces]
-        return _many(encodings, more)
+        return _many(encodings, more, self._shift(text, piece))
 
     def _pair_windows(self, text: str, pair: str) -> Windows:
         budget = self.max_length - self.pair_specials
@@ -176,14 +181,14 @@ class LengthTokenizer:
         return _many(encodings, more)
 
 
-def _one(enc, truncated: bool) -> Windows:
+def _one(enc, truncated: bool, shift: int = 0) -> Windows:
     n = len(enc.ids)
-    return Windows([enc], RowTokens(n, n, bool(truncated), 1))
+    return Windows([enc], RowTokens(n, n, bool(truncated), 1), shift)
 
 
-def _many(encodings: list, truncated: bool) -> Windows:
+def _many(encodings: list, truncated: bool, shift: int = 0) -> Windows:
     n = sum(len(e.ids) for e in encodings)
-    return Windows(encodings, RowTokens(n, n, bool(truncated), len(encodings)))
+    return Windows(encodings, RowTokens(n, n, bool(truncated), len(encodings)), shift)
 
 
 def _odd_token_unknown(budget: int, n1: int, cut1: bool, n2: int, cut2: bool) -> bool:

@@ -1,0 +1,345 @@
+"""Token classification (NER): a ``...ForTokenClassification`` checkpoint (or ``--task token-classification``)
+exported through Optimum (task token-classification), each variant gated per token (logits max abs difference,
+label agreement over real tokens) and per entity against ``transformers.pipeline("token-classification",
+aggregation_strategy=...)`` on the eval texts, the way the server runs it (each text alone, cut before
+tokenizing: serving.models.tokenization; entities: serving.models.entities), and served as ``tagger``.
+
+Variants of the fused graph: fp32, fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization); the
+passing variant with the highest per-row 1-thread throughput is served. Long texts are truncated as saved, or
+with ``--long-text chunk`` run in overlapping windows (``--chunk-overlap`` tokens shared, at most ``--max-chunks``)
+whose entities are merged by offset: the pipeline's ``stride`` (its reference then), which refuses aggregation none.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporter.chunking import LongText
+from serving.repository import Target
+from exporter.config import BuildConfig, Precision
+from exporter.embedding_flow import read_texts
+from exporter.errors import CheckpointError, EvalDataError, ExporterError
+from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
+
+log = logging.getLogger(__name__)
+WARMUP_ROWS = 4  # texts run before the timed pass (the pipeline's reference pass warms PyTorch the same way)
+
+
+def is_token_classifier(path: Path) -> bool:
+    """Whether the checkpoint folder's config names a ``...ForTokenClassification`` architecture."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") or [] if isinstance(config, dict) else []
+    return any(str(a).endswith("ForTokenClassification") for a in archs)
+
+
+def read_labels(path: Path) -> list[str]:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        id2label = {int(k): str(v) for k, v in config["id2label"].items()}
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: no readable id2label in config.json ({exc})") from None
+    return [id2label[i] for i in range(len(id2label))]
+
+
+@dataclass
+class Reference:
+    """What every variant is gated against: the eval texts, PyTorch's logits over their real tokens, the
+    pipeline's entities, its texts/s, and the checkpoint's labels and tokenizer folder."""
+
+    texts: list[str]
+    labels: list[str]
+    tokenizer_dir: Path
+    logits: list[np.ndarray]
+    entities: list[list[dict]]
+    rows_per_s: float
+
+
+def tokenizer_dir(config: BuildConfig) -> Path:
+    return Path(config.tokenizer or config.checkpoint)
+
+
+@dataclass
+class TaggerGate:
+    """One variant measured against PyTorch and the pipeline on the eval texts, as the server runs it."""
+
+    variant: str
+    file: str
+    passed: bool = False
+    max_abs: float = float("inf")  # logits over real tokens
+    token_agreement: float = 0.0  # argmax label agreement over real tokens
+    entity_agreement: float = 0.0  # entities equal to the pipeline's / (reference + extra served entities)
+    texts_equal: float = 0.0  # fraction of texts whose entity list equals the pipeline's
+    max_score_diff: float = 0.0
+    rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaggerReport:
+    checkpoint: str
+    labels: list[str]
+    aggregation: str
+    max_length: int
+    eval_data: str
+    n_texts: int
+    variants: dict[str, TaggerGate]
+    selected: str | None = None
+    repository: str | None = None
+    optimization: dict = field(default_factory=dict)
+    pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
+    long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
+    chunk_overlap: int = 0
+
+
+def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
+    """Optimum's token-classification export (the served input names, token_type_ids added), then the
+    transformers fusions every variant starts from (exporter.optimize, as for classifiers): (graph, record)."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    from exporter.export import ensure_token_type_ids
+
+    try:
+        main_export(str(checkpoint), out_dir, task="token-classification", do_validation=False,
+                    local_files_only=True, library_name="transformers")
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot export {checkpoint} to ONNX: {exc}") from exc
+    path = out_dir / "model.onnx"
+    model = onnx.load(str(path))
+    ensure_token_type_ids(model)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    from exporter.optimize import optimize_onnx
+
+    return optimize_onnx(out_dir, out_dir.parent / "optimized", target)
+
+
+def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
+    """The ``precision`` copy of the fp32 graph at ``dst``."""
+    if precision is Precision.FP32:
+        dst.write_bytes(fp32.read_bytes())
+    elif precision is Precision.FP16:
+        from exporter.fp16 import convert_fp16
+
+        convert_fp16(fp32, dst)
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+def reference(config: BuildConfig, texts: list[str]) -> Reference:
+    """(PyTorch logits [tokens, labels] per text, the pipeline's entities per text, the pipeline's texts/s one at
+    a time on one thread), truncated at max_length (or in windows: the pipeline's stride)."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    source = tokenizer_dir(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, model_max_length=config.max_length, local_files_only=True)
+        model = AutoModelForTokenClassification.from_pretrained(config.checkpoint, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load token classifier {config.checkpoint}: {exc}") from None
+    if not tokenizer.is_fast:
+        raise CheckpointError(f"{source}: a token classifier needs a fast tokenizer (tokenizer.json) for offsets")
+    chunked = config.long_text is LongText.CHUNK
+    windows = dict(stride=config.chunk_overlap, return_overflowing_tokens=True, padding=True) if chunked else {}
+    with torch.inference_mode():
+        logits = []
+        for text in texts:
+            enc = tokenizer(text, truncation=True, return_tensors="pt", **windows)
+            enc.pop("overflow_to_sample_mapping", None)
+            out = model(**enc).logits.float().numpy()
+            logits.append(np.concatenate([out[i][enc["attention_mask"][i].numpy() == 1] for i in range(len(out))]))
+    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=config.aggregation.value,
+                    device="cpu", **({"stride": config.chunk_overlap} if chunked else {}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the served tagger runs: one text at a time on one core
+    try:
+        for text in texts[:WARMUP_ROWS]:
+            pipe(text)
+        start = time.perf_counter()
+        rows = [pipe(t) for t in texts]
+        speed = len(texts) / max(time.perf_counter() - start, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+    entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in rows]
+    return Reference(texts, read_labels(config.checkpoint), tokenizer_dir(config), logits, entities, speed)
+
+
+def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
+    """(logits per text, entities per text, rows/s) as the served tagger computes them: each text alone."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from serving.models import entities, tokenization
+    from serving.repository import tokenizer_settings
+
+    settings = tokenizer_settings(tokenizer_dir)
+    tok = tokenization.LengthTokenizer(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), config.max_length,
+                                       settings["truncation_side"], long_text=config.long_text.value,
+                                       overlap=config.chunk_overlap, max_windows=config.max_chunks)
+    unk = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("unk_token") \
+        if (tokenizer_dir / "tokenizer_config.json").is_file() else None
+    vocab = entities.Vocabulary.of(tok.probe, unk.get("content") if isinstance(unk, dict) else unk)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def one(text: str):
+        row = tok.encode(text)
+        window = []
+        for enc in row.encodings:
+            cols = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
+            window.append(session.run(["logits"], {n: np.asarray([cols[n]], np.int64) for n in names})[0][0])
+        return np.concatenate(window), entities.text_entities(text, row.encodings, window, labels, vocab,
+                                                              config.aggregation.value, row.shift)
+
+    for text in texts[:WARMUP_ROWS]:  # the session's first runs allocate: not timed
+        one(text)
+    start = time.perf_counter()
+    done = [one(text) for text in texts]
+    return [d[0] for d in done], [d[1] for d in done], len(texts) / max(time.perf_counter() - start, 1e-9)
+
+
+def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str) -> tuple[float, float, float]:
+    """(entity agreement: entities equal in label, word, start and end over the reference's and the extra served
+    ones; the fraction of texts whose lists are equal; the largest score difference of agreeing entities)."""
+    matched = total = equal = 0
+    worst = 0.0
+    for r, g in zip(ref, got):
+        spans = {(e[key], e["word"], e["start"], e["end"]): e["score"] for e in g}
+        hits = [(e, spans[(e[key], e["word"], e["start"], e["end"])]) for e in r
+                if (e[key], e["word"], e["start"], e["end"]) in spans]
+        good = len(hits)  # labels, words and offsets equal; the score's difference is reported beside
+        worst = max([worst, *(abs(e["score"] - s) for e, s in hits)])
+        matched += good
+        total += len(r) + len(g) - good
+        equal += int(good == len(r) == len(g))
+    return (matched / total if total else 1.0), equal / max(len(ref), 1), worst
+
+
+def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGate:
+    """Measure one variant; the budgets of its precision decide."""
+    result = TaggerGate(name, path.name)
+    logits, found, result.rows_per_s = served(path, ref.tokenizer_dir, ref.texts, config, ref.labels)
+    agree = count = 0
+    worst = 0.0
+    for r, g in zip(ref.logits, logits):
+        if r.shape != g.shape:
+            result.reasons.append(f"token count differs from PyTorch ({g.shape[0]} vs {r.shape[0]})")
+            worst = float("inf")
+            continue
+        worst = max(worst, float(np.max(np.abs(r - g))) if r.size else 0.0)
+        agree += int(np.sum(r.argmax(-1) == g.argmax(-1)))
+        count += r.shape[0]
+    result.max_abs, result.token_agreement = worst, agree / max(count, 1)
+    result.entity_agreement, result.texts_equal, result.max_score_diff = compare_entities(
+        ref.entities, found, entity_key(config.aggregation))
+    b = config.budgets
+    max_abs, minimum = {"fp32": (b.fp32_max_abs, b.fp32_min_agreement), "fp16": (b.fp16_max_abs, b.fp16_min_agreement),
+                        "int8": (float("inf"), b.int8_min_agreement)}[name]
+    if not np.isfinite(worst) and name != "int8" or worst > max_abs:
+        result.reasons.append(f"max |logit diff| {worst:.3g} > {max_abs:g}")
+    if result.token_agreement < minimum:
+        result.reasons.append(f"token label agreement {result.token_agreement:.4f} < {minimum:g}")
+    if result.entity_agreement < minimum:
+        result.reasons.append(f"entity agreement with the pipeline {result.entity_agreement:.4f} < {minimum:g}")
+    result.passed = not result.reasons
+    return result
+
+
+def build_tagger(config: BuildConfig):
+    """Build, gate, report and (when a variant passes) serve a token classifier."""
+    from common.atomic import atomic_directory
+    from exporter.build import BuildResult
+
+    labels = read_labels(config.checkpoint)
+    if config.target is not Target.CPU:
+        raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
+    if config.long_text is LongText.CHUNK and config.aggregation.value == "none":
+        raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than none "
+                            "(as the pipeline's stride)")
+    texts = _eval_texts(config)
+    ref = reference(config, texts)
+    with atomic_directory(config.out) as out, tempfile.TemporaryDirectory(prefix="exporter-tagger-") as scratch:
+        fp32, optimization = export_tagger(config.checkpoint, Path(scratch) / "export", config.target)
+        variants = {}
+        for precision in config.precisions:
+            path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
+            variants[precision.value] = gate(precision.value, path, config, ref)
+            log.info("tagger %s: %s", precision.value, variants[precision.value])
+        passing = [v for v in variants.values() if v.passed]
+        report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
+                              config.max_length, str(config.eval_data), len(texts), variants,
+                              max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
+                              long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
+                              pipeline_rows_per_s=ref.rows_per_s, optimization=optimization)
+        (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+    if report.selected is None:
+        log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
+    elif config.repository is not None:
+        report.repository = str(write_tagger(config, report, labels))
+        (config.out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+    return BuildResult(report, config.out)
+
+
+def _eval_texts(config: BuildConfig) -> list[str]:
+    if config.eval_data is None:
+        raise EvalDataError("a token classifier is gated on held-out text: give --eval-data CSV (a text column)")
+    texts = read_texts(config.eval_data, config.text_column or "text", config.eval_size)
+    if not texts:
+        raise EvalDataError(f"{config.eval_data}: no text rows")
+    return texts
+
+
+def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -> Path:
+    """The selected variant into the repository as ``tagger`` (or --model-name), beside the models there."""
+    from exporter.build import _adds_to
+    from serving.errors import ServingError
+    from serving.repository import RepositoryConfig, add_model, write_repository
+
+    model = ServedModel(name=config.model_name or DEFAULT_TAGGER, head=Head.TOKEN_CLASSIFICATION,
+                        labels=tuple(labels), aggregation=config.aggregation)
+    onnx_model = config.out / report.variants[report.selected].file
+    provenance = {"source": "exporter", "checkpoint": report.checkpoint, "variant": report.selected,
+                  "gate": asdict(report.variants[report.selected]), "aggregation": report.aggregation}
+    repo = RepositoryConfig(target=config.target, max_length=config.max_length, encoder_instances=config.instances,
+                            intra_op_threads=config.intra_op_threads, pin_instances=config.pin_instances,
+                            max_request_bytes=config.max_request_bytes, long_text=config.long_text.value,
+                            chunk_overlap=config.chunk_overlap, max_chunks=config.max_chunks)
+    kwargs = dict(onnx_model=onnx_model, tokenizer_dir=tokenizer_dir(config), config=repo, provenance=provenance)
+    try:
+        if _adds_to(Path(config.repository), config.target):
+            return Path(add_model(Path(config.repository), model=model, keep_versions=config.keep_versions, **kwargs))
+        return Path(write_repository(Path(config.repository), id2label=dict(enumerate(labels)), model=model,
+                                     **kwargs))
+    except ServingError as exc:
+        raise ExporterError(f"cannot write the repository {config.repository}: {exc}") from exc
+
+
+def summary(report: TaggerReport) -> str:
+    """The build's table in Markdown (the CLI prints it; report.json holds every figure)."""
+    lines = [f"# Tagger build: {report.checkpoint}", "",
+             f"aggregation {report.aggregation}, max_length {report.max_length}, {report.n_texts} eval texts; "
+             f"selected: {report.selected or 'none'}; transformers.pipeline: {report.pipeline_rows_per_s:.0f} texts/s "
+             "(1 thread, one text at a time, tokenization included; the variants' rows/s likewise)", "",
+             "| variant | passed | max abs logit | token agreement | entity agreement | texts equal | rows/s |",
+             "|---|---|---|---|---|---|---|"]
+    for v in report.variants.values():
+        lines.append(f"| {v.variant} | {'yes' if v.passed else 'no: ' + '; '.join(v.reasons)} | {v.max_abs:.3g} | "
+                     f"{v.token_agreement:.4f} | {v.entity_agreement:.4f} | {v.texts_equal:.4f} | {v.rows_per_s:.0f} |")
+    long = (f"long texts: overlapping windows ({report.chunk_overlap} tokens shared), entities merged by offset"
+            if report.long_text == "chunk" else "long texts: truncated as saved")
+    return "\n".join(lines + ["", long])
