@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,8 +35,10 @@ def make_checkpoint(work: Path, n: int) -> tuple[Path, Path, list[str]]:
     import torch
     from transformers import AutoTokenizer, BertForTokenClassification
 
-    from conftest import packaged_encoder_dir
-    from serving_helpers import corpus_texts
+    import random
+
+    from finetune.train import packaged_base as packaged_encoder_dir
+    from loadtest.texts import read_corpus_texts
 
     torch.manual_seed(0)
     ck = work / "minilm-ner"
@@ -45,7 +47,7 @@ def make_checkpoint(work: Path, n: int) -> tuple[Path, Path, list[str]]:
                                                        label2id={t: i for i, t in enumerate(TAGS)})
     model.save_pretrained(ck)
     AutoTokenizer.from_pretrained(packaged_encoder_dir()).save_pretrained(ck)
-    texts = corpus_texts(n, seed=99)
+    texts = random.Random(99).sample(list(read_corpus_texts().texts), n)
     with open(work / "eval.csv", "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([["text"]] + [[t] for t in texts])
     return ck, work / "eval.csv", texts

@@ -104,7 +104,8 @@ class SupervisorConfig:
     watch_repository: bool = field(default=True, metadata={
         "help": "serve a new version written into the repository (verified against its provenance.json) "
                 "without a command"})
-    load_timeout_s: float = field(default=300.0, metadata={"help": "seconds one model load may take"})
+    load_timeout_s: float = field(default=120.0, metadata={
+        "help": "seconds one model load may take; a server that does not answer by then is restarted"})
 
     def __post_init__(self) -> None:
         if self.check_interval_s <= 0 or self.canary_timeout_s <= 0 or self.broken_exit_timeout_s < 0:
@@ -231,6 +232,7 @@ class Supervisor:
         self._fatal: ServerError | None = None
         self._canary_misses = 0
         self._canary_req: tuple[str, bytes] | None = None
+        self._wedged: str | None = None  # set when a version load found the server not answering
         self._urls = ("", "", "")
         self._suspects: tuple[str, ...] = ()  # models whose stub the last check found dead
         self._repo_digest: str | None = None  # provenance.json of the repository being served
@@ -406,6 +408,9 @@ class Supervisor:
                 reason = self.check_once()
                 if reason is None and self.config.watch_repository:
                     self.check_repository()
+                    # Triton 2.51 can hang a load behind an instance it never finishes unloading; the newest
+                    # version on disk is served again by a restart
+                    reason, self._wedged = self._wedged, None
             except Exception as exc:  # noqa: BLE001 - a bug in a check must not kill the watcher
                 log.exception("supervisor check failed")
                 reason = None
@@ -544,6 +549,8 @@ class Supervisor:
             except ServerError as exc:  # Triton keeps serving the loaded version when a load fails
                 log.error("model %s: version %d failed to load, the served version stays: %s", m.name, m.version,
                           exc)
+                if "cannot reach" in str(exc):  # no answer at all: the server is wedged (2.51, see below)
+                    self._wedged = f"tritonserver stopped answering while loading {m.name} version {m.version}"
                 continue
             loaded.append(m.name)
             self.loads.append({"model": m.name, "version": m.version, "seen_at": t0, "load_s": seconds,

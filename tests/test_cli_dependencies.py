@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from serving import repository
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("common", "finetune", "exporter", "serving", "loadtest", "scripts")
 OWN = {"common", "finetune", "exporter", "serving", "loadtest"}
+OWN |= {p.stem for p in (ROOT / "scripts").glob("*.py")}  # a script may import a sibling script
 # Imported, but provided by the runtime rather than by a distribution.
 RUNTIME_PROVIDED = {"triton_python_backend_utils"}  # Triton's python backend injects it into its models
-# serving.repository copies these beside every python model (serving/repository.py SHARED_SOURCES)
-RUNTIME_PROVIDED |= {"contract", "textmodel"}
+# serving.repository copies these beside the python models (its *_SOURCES maps): imported there as top-level modules
+RUNTIME_PROVIDED |= {Path(name).stem for sources in (repository.SHARED_SOURCES, repository.GPU_SOURCES,
+                                                     repository.TAGGER_SOURCES) for name in sources}
 # Declared, but used without an import statement.
 USED_WITHOUT_IMPORT = {
     "nvidia-pytriton": "ships the tritonserver binary that serving.server runs (found with importlib.util)",

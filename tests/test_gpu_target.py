@@ -156,7 +156,7 @@ def test_a_bad_request_fails_alone_in_a_batch(server):
     good = json.dumps({"inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES",
                                    "data": texts[:2]}]}).encode()
     bad = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
-                                  "data": ["x" * 10_000]}]}).encode()
+                                  "data": ["x" * (4 << 20)]}]}).encode()  # over max_request_bytes
 
     def post(body):
         req = urllib.request.Request(f"http://{server.http_url}/v2/models/classifier/infer", data=body,
@@ -170,7 +170,7 @@ def test_a_bad_request_fails_alone_in_a_batch(server):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(post, [good, bad] * 4))
     assert all(code == 200 and len(body["outputs"][0]["data"]) == 2 for code, body in results[0::2])
-    assert all(code == 400 and "characters" in body["error"] for code, body in results[1::2])
+    assert all(code == 400 and "max_request_bytes" in body["error"] for code, body in results[1::2])
     assert "Traceback" not in json.dumps(results)
 
 

@@ -101,13 +101,13 @@ def test_tokenizers_are_never_shared_across_threads():
     in-process either runs no threads or holds a lock (fast tokenizers: 'Already borrowed')."""
     shared = (ROOT / "serving" / "models" / "textmodel.py").read_text()
     # cpu models (classifier, embedder: textmodel.RowModel), the gpu model (batched.py): one tokenizer per instance
-    assert re.search(r"class RowModel:(.|\n)*def initialize\(self, args\):(.|\n)*self\.tokenizer = load_tokenizer",
+    assert re.search(r"class RowModel:(.|\n)*def initialize\(self, args\):(.|\n)*self\.tokenizer = length_tokenizer",
                      shared)
     for name in ("classifier.py", "embedder.py"):
         assert "textmodel.RowModel" in (ROOT / "serving" / "models" / name).read_text()
     gpu_src = (ROOT / "serving" / "models" / "batched.py").read_text()
-    assert re.search(r"def initialize\(self, args\):(.|\n)*self\.tokenizer = textmodel\.load_tokenizer", gpu_src)
-    assert "global" not in shared and re.search(r"def load_tokenizer(.|\n)*Tokenizer\.from_file", shared)
+    assert re.search(r"def initialize\(self, args\):(.|\n)*self\.tokenizer = textmodel\.length_tokenizer", gpu_src)
+    assert "global" not in shared and re.search(r"def length_tokenizer(.|\n)*Tokenizer\.from_file", shared)
     client_src = (ROOT / "serving" / "client.py").read_text()
     assert "tokenizers" not in client_src and "AutoTokenizer" not in client_src
     tokenizing = [p for p in package_sources() if p.parent.name != "models"

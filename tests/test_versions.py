@@ -98,7 +98,7 @@ def _logits(url: str) -> np.ndarray:
         return np.asarray(client.classify([TEXT])[0].logits)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def versioned(tiny_onnx, tiny_checkpoint, tmp_path_factory):
     """A repository at version 1 and the ONNX files of three later builds (logits shifted)."""
     base = tmp_path_factory.mktemp("versions")
@@ -116,7 +116,14 @@ def _build(repo: Path, onnx_model: Path, tokenizer_dir: Path, **kwargs) -> float
     return time.time()
 
 
-def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_checkpoint, tmp_path, capsys):
+# Slow, not in `make test`: on the bundled 2.51 a second load of the model (v3, or the load after a rollback)
+# can hang behind a replaced instance Triton never finishes unloading (its stub stays; seen in 3 of 6 runs with
+# both cores busy, never on an idle machine): the supervisor then restarts the server after load_timeout_s
+# (docs/SERVING.md, "Versions without downtime", known problem).
+@pytest.mark.slow
+@pytest.mark.parametrize("rollback", [False, True], ids=["builds", "builds-and-rollback"])
+def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_checkpoint, tmp_path, capsys,
+                                                            rollback):
     from serving.cli import main as serving_main
 
     repo, builds, shifts = versioned
@@ -137,11 +144,12 @@ def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_chec
             served_2 = _wait_served(control, 2) - built
             assert np.allclose(_logits(url), v1 + shifts[2], atol=1e-4)
             time.sleep(0.5)
-            assert serving_main(["rollback", "classifier", "--url", url, "--admin-key", KEY]) == 0
-            assert "version 2 -> 1" in capsys.readouterr().out
-            assert control.served_versions("classifier") == (1,)
-            assert np.allclose(_logits(url), v1, atol=1e-4)
-            built = _build(repo, builds[3], tiny_checkpoint)  # a new build supersedes the rollback
+            if rollback:
+                assert serving_main(["rollback", "classifier", "--url", url, "--admin-key", KEY]) == 0
+                assert "version 2 -> 1" in capsys.readouterr().out
+                assert control.served_versions("classifier") == (1,)
+                assert np.allclose(_logits(url), v1, atol=1e-4)
+            built = _build(repo, builds[3], tiny_checkpoint)  # a new build supersedes a rollback
             served_3 = _wait_served(control, 3) - built
             time.sleep(0.5)
         assert np.allclose(_logits(url), v1 + shifts[3], atol=1e-4)

@@ -98,10 +98,8 @@ class TritonPythonModel:
         for tokens, computed in zip(row_tokens, record.row_computed[span[0]:span[1]]):
             self.metrics.observe_row(tokens.input_tokens, computed, tokens.truncated, tokens.windows)
 
-    def _commit(self, responses):
+    def _commit(self, responses, warmup):
         """Keep the metrics of a call whose requests came from clients (not Triton's warm-up)."""
-        warmup = self.warmup_left > 0
-        self.warmup_left -= min(self.warmup_left, len(responses))
         if warmup or all(r.has_error() for r in responses):
             self.metrics.rollback()
         else:
@@ -112,6 +110,8 @@ class TritonPythonModel:
         self.metrics.close()
 
     def execute(self, requests):
+        warmup = self.warmup_left > 0  # Triton's model_warmup before ready: neither logged nor counted
+        self.warmup_left -= min(self.warmup_left, len(requests))
         rows, spans, errors, row_tokens = [], [], {}, []
         for n, request in enumerate(requests):
             try:
@@ -132,10 +132,11 @@ class TritonPythonModel:
             failed = pb_utils.TritonError(textmodel.INTERNAL_ERROR)
             return [pb_utils.InferenceResponse(output_tensors=[], error=errors.get(n, failed))
                     for n in range(len(requests))]
-        self.totals.add(record)
-        pb_utils.Logger.log_info(f"{self.model.name}: {record.line()}")
+        if not warmup:
+            self.totals.add(record)
+            pb_utils.Logger.log_info(f"{self.model.name}: {record.line()}")
         for n, span in enumerate(spans):
             if n not in errors:
                 self._observe(n, row_tokens[n], record, span)
         return self._commit([self._respond(self.model.name, [r[a:b] for r in results], errors.get(n))
-                             for n, (a, b) in enumerate(spans)])
+                             for n, (a, b) in enumerate(spans)], warmup)
