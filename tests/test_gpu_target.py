@@ -16,7 +16,9 @@ from serving_helpers import corpus_texts, torch_reference
 
 from serving.client import TextClassifier
 from serving.models import token_batch
-from serving.repository import RepositoryConfig, Target, read_repository, write_repository
+from serving.repository import (
+    DEFAULT_MAX_REQUEST_BYTES, RepositoryConfig, Target, read_repository, write_repository,
+)
 from serving.server import LocalTritonServer, ServerConfig
 
 LABELS = ["negative", "neutral", "positive"]
@@ -156,7 +158,7 @@ def test_a_bad_request_fails_alone_in_a_batch(server):
     good = json.dumps({"inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES",
                                    "data": texts[:2]}]}).encode()
     bad = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
-                                  "data": ["x" * (4 << 20)]}]}).encode()  # over max_request_bytes
+                                  "data": ["x" * (DEFAULT_MAX_REQUEST_BYTES + 1)]}]}).encode()  # over the cap
 
     def post(body):
         req = urllib.request.Request(f"http://{server.http_url}/v2/models/classifier/infer", data=body,
