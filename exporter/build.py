@@ -18,6 +18,7 @@ from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoi
                              resolve_columns, resolve_eval_data, split_sources)
 from exporter.adapter import Adapter, read_adapter
 from exporter.reranker import read_cross_encoder
+from exporter.result import BuildResult
 from exporter.token_classification import build_tagger, is_token_classifier
 from exporter.stages import Stages, progress_display, track
 from exporter.variants import FP16, SERVABLE, Context, Data
@@ -25,23 +26,12 @@ from serving.contract import DEFAULT_CLASSIFIER
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_NO_VARIANT = 0, 1
 SINGLE_ROWS = 64  # texts used for batch-1 latency
 
 
 def gate_mode(target: Target) -> GateMode:
     """The CPU server runs each row alone in a 1-thread session; the GPU server runs token-budget sub-batches."""
     return GateMode.PER_ROW if target is Target.CPU else GateMode.BATCHED
-
-
-@dataclass
-class BuildResult:
-    report: BuildReport
-    out: Path
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.report.selected else EXIT_NO_VARIANT
 
 
 @dataclass
@@ -345,21 +335,6 @@ def select(variants: dict[str, Variant], target: Target) -> str | None:
     return max(passing, key=lambda n: (variants[n].speed.throughput_seq_s if variants[n].speed else 0.0))
 
 
-def _adds_to(repository: Path, target: Target) -> bool:
-    """Whether ``repository`` is one of ours, for ``target``: then the build adds its model to it (the next
-    version of a model it serves, beside the other models) instead of replacing the whole repository."""
-    from serving.errors import ServingError
-    from serving.repository import PROVENANCE, read_repository
-
-    if not (repository / PROVENANCE).is_file():
-        return False
-    try:
-        info = read_repository(repository)
-    except ServingError:
-        return False  # not readable as a current repository: it is replaced whole, as before
-    return info.target is target
-
-
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:
     """The model-config parameter that carries the build's baseline to the served model's gauges."""
     return {} if baseline is None else {"baseline": json.dumps(baseline, sort_keys=True)}
@@ -369,7 +344,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     """Hand the selected variant to the serving stage's repository writer (atomic on its side)."""
     from exporter.artifacts import to_dict
     from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, add_model, write_repository
+    from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
     chosen = report.variants[report.selected]
     provenance = {
@@ -402,7 +377,7 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
         served = replace(ck.served_model(name, text_pair=pair is not None), threshold=config.threshold)
         if cross is not None:
             served = replace(served, activation=cross.activation)
-        if _adds_to(Path(config.repository), config.target):
+        if accepts_models(Path(config.repository), config.target):
             return Path(add_model(Path(config.repository), onnx_model=onnx_model, tokenizer_dir=ck.tokenizer_dir,
                                   model=served, config=repo_config, provenance=provenance,
                                   keep_versions=config.keep_versions))

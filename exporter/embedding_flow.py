@@ -17,6 +17,7 @@ from pathlib import Path
 
 from exporter.config import BuildConfig, Precision, Target
 from exporter.errors import EvalDataError, ExporterError
+from exporter.result import BuildResult
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,6 @@ def build_embedding(config: BuildConfig):
     """Run the embedding build; the report is written even when no variant passes."""
     from common.atomic import atomic_directory
     from exporter import report as render
-    from exporter.build import BuildResult
     from exporter.embedding import read_pipeline
 
     pipeline = read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # fail fast

@@ -25,6 +25,7 @@ from serving.repository import Target
 from exporter.config import BuildConfig, Precision
 from exporter.embedding_flow import read_texts
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
+from exporter.result import BuildResult
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,6 @@ def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGa
 def build_tagger(config: BuildConfig):
     """Build, gate, report and (when a variant passes) serve a token classifier."""
     from common.atomic import atomic_directory
-    from exporter.build import BuildResult
 
     labels = read_labels(config.checkpoint)
     if config.target is not Target.CPU:
@@ -306,9 +306,8 @@ def _eval_texts(config: BuildConfig) -> list[str]:
 
 def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -> Path:
     """The selected variant into the repository as ``tagger`` (or --model-name), beside the models there."""
-    from exporter.build import _adds_to
     from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, add_model, write_repository
+    from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
     model = ServedModel(name=config.model_name or DEFAULT_TAGGER, head=Head.TOKEN_CLASSIFICATION,
                         labels=tuple(labels), aggregation=config.aggregation)
@@ -321,7 +320,7 @@ def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -
                             chunk_overlap=config.chunk_overlap, max_chunks=config.max_chunks)
     kwargs = dict(onnx_model=onnx_model, tokenizer_dir=tokenizer_dir(config), config=repo, provenance=provenance)
     try:
-        if _adds_to(Path(config.repository), config.target):
+        if accepts_models(Path(config.repository), config.target):
             return Path(add_model(Path(config.repository), model=model, keep_versions=config.keep_versions, **kwargs))
         return Path(write_repository(Path(config.repository), id2label=dict(enumerate(labels)), model=model,
                                      **kwargs))

@@ -17,7 +17,9 @@ import logging
 from pathlib import Path
 
 from serving.errors import RepositoryError
-from serving.repository import PROVENANCE
+
+# The file beside the models that records every file's hash (serving.repository writes it, re-exports the name)
+PROVENANCE = "provenance.json"
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from serving.contract import (
     TEXT, ContractError, Head, ServedModel, Tensor,
 )
 from serving.errors import RepositoryError
+from serving.integrity import PROVENANCE, verify_repository
 from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_OVERHEAD_TOKENS
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,6 @@ WARMUP_DIR = "warmup"  # Triton reads model_warmup input files from <model>/warm
 # Warm-up samples every python model answers before it reports ready (model_warmup): a short text twice,
 # then one past max_length tokens (the longest shapes). docs/METRICS.md, "Warm start".
 WARMUP_SAMPLES = (("short", 2), ("long", 1))
-PROVENANCE = "provenance.json"
 # A request's text rows (TEXT and TEXT_PAIR, UTF-8 bytes) may total this much; a text of any length below it is
 # answered as the checkpoint saves it (cut before tokenizing: serving/models/tokenization.py). docs/SERVING.md
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
@@ -737,6 +737,20 @@ def _served_info(root: Path, cfg, contract: ServedModel) -> ServedModelInfo:
                            versions[-1], versions)
 
 
+def accepts_models(repository: Path, target: Target) -> bool:
+    """Whether ``repository`` is one of ours, for ``target``: a build then adds its model to it (the next
+    version of a model it serves, beside the other models) instead of replacing the whole repository."""
+    from serving.errors import ServingError
+
+    if not (Path(repository) / PROVENANCE).is_file():
+        return False
+    try:
+        info = read_repository(Path(repository))
+    except ServingError:
+        return False  # not readable as a current repository: it is replaced whole, as before
+    return info.target is Target(target)
+
+
 def read_repository(path: Path) -> RepositoryInfo:
     """Read a repository's served models, their contracts and configs, and its provenance (no deep checks:
     see :func:`validate_repository`)."""
@@ -942,8 +956,6 @@ def _keep_existing(tmp: Path, existing: RepositoryInfo, model: ServedModel, conf
     """Copy the existing repository into ``tmp`` (without bytecode), check it against its own provenance,
     then drop what the new build replaces: the model's config and its versions beyond the newest
     ``keep - 1``. Returns (versions kept, the new version's number)."""
-    from serving.integrity import verify_repository
-
     shutil.copytree(existing.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     verify_repository(tmp)  # never re-sign a repository that was changed since it was built
     (tmp / PROVENANCE).unlink()  # rewritten with the new model (the hashes never cover this file)

@@ -10,12 +10,12 @@ import numpy as np
 
 from serving.contract import EMBEDDING, Head
 from serving.errors import GatewayError
+from serving.gateway.state import Gateway, json_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from serving.gateway.app import Gateway
 
 OWNER = "triton-textclf"
 
@@ -45,7 +45,6 @@ def _encode(vectors: np.ndarray, encoding: str) -> list[Any]:
 
 async def embeddings(gw: "Gateway", request: "Request") -> "Response":
     """``{"model", "input", "encoding_format"}`` -> ``{"object": "list", "data": [...], "model", "usage"}``."""
-    from serving.gateway.app import json_response
 
     body = await gw.body(request)
     name = body.get("model")
@@ -79,13 +78,11 @@ def _model_object(name: str) -> dict[str, Any]:
 
 async def list_models(gw: "Gateway", request: "Request") -> "Response":
     """Every served model of the repository (embedders, classifiers, rerankers)."""
-    from serving.gateway.app import json_response
 
     return json_response({"object": "list", "data": [_model_object(n) for n in gw.models.entries]})
 
 
 async def retrieve_model(gw: "Gateway", request: "Request") -> "Response":
-    from serving.gateway.app import json_response
 
     name = request.path_params["model"]
     if name not in gw.models.entries:

@@ -19,18 +19,17 @@ from common.cli import package_version
 from serving.contract import EMBEDDING, LOGITS, PROBABILITIES, SCORE, Activation, Head, ServedModel
 from serving.errors import GatewayError
 from serving.gateway.backend import CLASSIFIERS, ModelEntry
+from serving.gateway.state import Gateway, json_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from serving.gateway.app import Gateway
 
 ANY_HEAD = tuple(Head)
 
 
 def _json(obj: Any, status: int = 200) -> "Response":
-    from serving.gateway.app import json_response
 
     return json_response(obj, status)
 
