@@ -214,17 +214,22 @@ def test_a_bad_request_fails_only_itself_within_a_dynamic_batch(server, texts):
             await client.close()
 
     def tokenizer_counts() -> tuple[int, int]:
+        """(requests answered, success or failure; execute() calls) from the model's statistics."""
         stats_request = urllib.request.Request(f"http://{server.http_url}/v2/models/classifier/stats",
                                                headers=server.admin_headers())  # statistics: restricted
         with urllib.request.urlopen(stats_request, timeout=5) as resp:
             stats = json.loads(resp.read())["model_stats"][0]
-        return stats["inference_count"], stats["execution_count"]
+        answered = stats["inference_stats"]["success"]["count"] + stats["inference_stats"]["fail"]["count"]
+        return answered, stats["execution_count"]
 
     before = tokenizer_counts()
     results = asyncio.run(run())
-    after = tokenizer_counts()
-    inferences, executions = after[0] - before[0], after[1] - before[1]
-    assert inferences == 13 and executions < inferences  # some requests shared an execute() call
+    # Triton records a batch's statistics after its responses went out: wait until all 13 are counted.
+    deadline = time.monotonic() + 10
+    while (after := tokenizer_counts())[0] - before[0] < 13 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answered, executions = after[0] - before[0], after[1] - before[1]
+    assert answered == 13 and executions < answered  # some requests shared an execute() call
     failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
     assert failed == [5]
     assert isinstance(results[5], InferenceServerException) and "UTF-8" in results[5].message()
