@@ -181,14 +181,15 @@ def test_metrics_count_the_gpu_targets_tokens_per_row(server):
     """The GPU model feeds the token counters per row (token_batch.run_rows' row_computed): after concurrent
     requests, /metrics moved by textclf_rows_total = the rows sent and textclf_computed_tokens_total >=
     textclf_input_tokens_total > 0, the same real and computed tokens as the model's own sub-batch records."""
-    from test_metrics import delta, settled
+    from test_metrics import delta, rows_counted, settled
 
     texts = corpus_texts(CLIENTS * PER_REQUEST // 2, seed=21)
     requests = [texts[i:i + PER_REQUEST] for i in range(0, len(texts), PER_REQUEST)]
     before, records_before = settled(server), _served_token_records(server)
     with ThreadPoolExecutor(CLIENTS) as pool:  # concurrent: sub-batches mix requests, so padding can occur
         answers = list(pool.map(lambda rows: TextClassifier(server.http_url).classify(rows), requests))
-    after, records_after = settled(server), _served_token_records(server)
+    after = settled(server, rows_counted(before, classifier=len(texts)))
+    records_after = _served_token_records(server)
     assert sum(len(a) for a in answers) == len(texts)
     moved = {name: delta(after, before, f"textclf_{name}_total", model="classifier")
              for name in ("rows", "input_tokens", "computed_tokens")}

@@ -114,18 +114,25 @@ def scrape(server) -> dict[tuple[str, frozenset], float]:
     return out
 
 
-def settled(server, timeout_s: float = 15.0) -> dict[tuple[str, frozenset], float]:
-    """A scrape once the textclf_* series stopped moving: the models send their metrics from a thread every
-    0.5 s, so a scrape right after a request may not hold it yet."""
+def settled(server, until=None, timeout_s: float = 30.0) -> dict[tuple[str, frozenset], float]:
+    """A scrape once the textclf_* series stopped moving and ``until(samples)`` holds: the models send their
+    metrics from a thread every 0.5 s, so a scrape right after a request may not hold it yet (and a busy
+    machine can delay a send past one quiet interval, hence the condition on what the test sent)."""
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
         samples = scrape(server)
         ours = {k: v for k, v in samples.items() if k[0].startswith("textclf_")}
-        if ours == last or time.monotonic() > deadline:
+        if (ours == last and (until is None or until(samples))) or time.monotonic() > deadline:
             return samples
         last = ours
         time.sleep(0.7)
+
+
+def rows_counted(before, **rows_by_model):
+    """An ``until`` for settled: every model's textclf_rows_total moved by at least the rows sent to it."""
+    return lambda samples: all(delta(samples, before, "textclf_rows_total", model=model) >= rows
+                               for model, rows in rows_by_model.items())
 
 
 def value(samples, name: str, **labels) -> float:
@@ -186,7 +193,7 @@ def test_classifier_metrics_count_what_was_served(server, tiny_checkpoint):
     before = settled(server)
     with TextClassifier(server.http_url, timeout_s=60) as client:
         predictions = client.classify(texts)
-    after = settled(server)
+    after = settled(server, rows_counted(before, classifier=len(texts)))
     tokens, truncated = _tokens(tiny_checkpoint, texts)
     m = "classifier"
     assert delta(after, before, "textclf_rows_total", model=m) == len(texts)
@@ -216,7 +223,7 @@ def test_multi_label_counts_every_label_given_and_a_failed_request_counts_nothin
     with pytest.raises(urllib.error.HTTPError) as failed:
         urllib.request.urlopen(request, timeout=30)
     assert failed.value.code == 400
-    after = settled(server)
+    after = settled(server, rows_counted(before, tags=len(texts)))
     given = [set(p.labels) for p in predictions]
     assert sum(len(g) for g in given) > len(texts)  # threshold 0.3 on 3 labels: some rows get several
     for label in LABELS:
@@ -234,7 +241,7 @@ def test_pair_and_embedder_metrics(server, tiny_checkpoint):
         client.classify(texts, pairs)
     with Embedder(server.http_url, model="embedder", timeout_s=60) as client:
         vectors = client.embed(texts)
-    after = settled(server)
+    after = settled(server, rows_counted(before, pairs=5, embedder=5))
     assert vectors.shape == (5, 32)
     assert delta(after, before, "textclf_input_tokens_total", model="pairs") == sum(
         _tokens(tiny_checkpoint, texts, pairs)[0])
