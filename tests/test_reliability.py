@@ -366,6 +366,16 @@ def _gone(proc) -> bool:
         return True
 
 
+def _ready(http_url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 def test_a_killed_serving_up_takes_its_restarted_tritonserver_and_stubs_with_it(repository):
     """`kill -9` of `python -m serving up` after its supervisor restarted tritonserver (from the supervisor's
     thread, so a parent-death signal is no answer): the server and its stubs are gone within seconds
@@ -375,16 +385,18 @@ def test_a_killed_serving_up_takes_its_restarted_tritonserver_and_stubs_with_it(
     proc = _serving_up(repository, "--check-interval", "0.3", "--exit-timeout", "3")
     survivors: list = []
     try:
-        first = int(read_endpoints(proc)["pid"])
+        lines = read_endpoints(proc)
+        first = int(lines["pid"])
         os.kill(first, signal.SIGKILL)
         deadline, server = time.time() + 90, None
         while time.time() < deadline and server is None:
             time.sleep(0.2)
             servers = [p for p in psutil.Process(proc.pid).children() if p.pid != first and not _gone(p)]
-            if servers and len(stub_processes(servers[0].pid)) == read_repository(repository).model().instances:
+            if servers and _ready(lines["HTTP"]):
                 server = servers[0]
         assert server is not None, "the supervisor did not restart tritonserver"
         stubs = list(stub_processes(server.pid).values())
+        assert len(stubs) == read_repository(repository).model().instances
         time.sleep(1.0)  # the restarted server serves a while: a thread-bound signal would have fired by now
         assert not _gone(server)
         proc.kill()
