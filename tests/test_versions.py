@@ -114,15 +114,17 @@ def _counted_by_the_new_version(url: str, metrics_url: str, version: int, instan
     the new instances would vanish from /metrics, or crash tritonserver)."""
     from types import SimpleNamespace
 
-    from test_metrics import delta, settled
+    from test_metrics import delta, scrape
 
     server = SimpleNamespace(metrics_url=metrics_url)
-    before = settled(server)
+    before = scrape(server)
     with TextClassifier(url, retries=0) as client:
         client.classify([TEXT] * n)
-    after = settled(server)
-    # the supervisor's canary (one row every check) counts too
-    assert delta(after, before, "textclf_rows_total", model="classifier", version=str(version)) >= n
+    deadline = time.time() + 15  # the models send their metrics every 0.5 s; the supervisor's canary counts too
+    while (moved := delta(after := scrape(server), before, "textclf_rows_total", model="classifier",
+                          version=str(version))) < n and time.time() < deadline:
+        time.sleep(0.2)
+    assert moved >= n, moved
     stubs = {dict(labels)["stub"] for name, labels in after if name == "textclf_rows_total"
              and ("version", str(version)) in labels}
     assert len(stubs) == instances, stubs  # one series of its own per stub
