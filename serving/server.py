@@ -25,7 +25,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -136,12 +135,35 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM the server when the Python process that started it dies."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def start_watchdog(pid: int, grace_s: float) -> tuple[subprocess.Popen, int] | None:
+    """serving.watchdog beside the server ``pid`` (the leader of its own process group): it stops the server,
+    then kills what is left of the group (stubs), when this process dies or closes the returned pipe end.
+    (the watchdog, the pipe's write end), or None if it could not start (logged)."""
+    read, write = os.pipe()  # not inheritable: only this process holds the write end
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("watchdog.py")), str(read),
+                                 str(pid), f"{grace_s:g}"], pass_fds=(read,), stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError as exc:
+        os.close(write)
+        log.warning("no watchdog for tritonserver pid %d: %s", pid, exc)
+        return None
+    finally:
+        os.close(read)
+    return proc, write
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _stop_watchdog(watchdog: tuple[subprocess.Popen, int] | None) -> None:
+    """Close the watchdog's pipe (it kills what is left of the server's group, then exits) and reap it."""
+    if watchdog is None:
+        return
+    proc, write = watchdog
+    os.close(write)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def model_errors(log_text: str) -> dict[str, str]:
@@ -170,6 +192,7 @@ class LocalTritonServer:
         self._log_handle = None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._admin_key: str | None = None
+        self._watchdog: tuple[subprocess.Popen, int] | None = None
 
     # -- the admin key (restricted APIs)
     @property
@@ -256,10 +279,10 @@ class LocalTritonServer:
         t0 = time.perf_counter()
         self.process = subprocess.Popen(
             cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_server_env(), cwd=self._workdir, start_new_session=True,
-            # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
-        )
+            env=_server_env(), cwd=self._workdir, start_new_session=True)
+        # stops it (and kills its stubs) when this process dies, however it dies and whichever thread started
+        # it: a parent-death signal would fire when that THREAD ends (the supervisor restarts from its own)
+        self._watchdog = start_watchdog(self.process.pid, cfg.exit_timeout_s + 5)
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -375,6 +398,8 @@ class LocalTritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
+        _stop_watchdog(self._watchdog)
+        self._watchdog = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

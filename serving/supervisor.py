@@ -408,8 +408,9 @@ class Supervisor:
                 reason = self.check_once()
                 if reason is None and self.config.watch_repository:
                     self.check_repository()
-                    # Triton 2.51 can hang a load behind an instance it never finishes unloading; the newest
-                    # version on disk is served again by a restart
+                    # a load that gets no answer means a wedged server (on 2.51 this was a metric series freed
+                    # under the new instances, fixed in serving/models/metrics.py); a restart serves the newest
+                    # version on disk
                     reason, self._wedged = self._wedged, None
             except Exception as exc:  # noqa: BLE001 - a bug in a check must not kill the watcher
                 log.exception("supervisor check failed")

@@ -135,8 +135,13 @@ def rows_counted(before, **rows_by_model):
                                for model, rows in rows_by_model.items())
 
 
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+def value(samples, name: str, agg=sum, **labels) -> float:
+    """``agg`` of the samples of ``name`` whose labels include ``labels``: sum, as PromQL's ``sum`` over the
+    series of every stub (each instance has series of its own, labels ``version`` and ``stub``); ``max`` for a
+    gauge every instance sets to the same value."""
+    wanted = set(labels.items())
+    found = [v for (n, have), v in samples.items() if n == name and wanted <= have]
+    return agg(found) if found else 0.0
 
 
 def delta(after, before, name: str, **labels) -> float:
@@ -255,9 +260,22 @@ def test_pair_and_embedder_metrics(server, tiny_checkpoint):
 def test_baseline_gauges_carry_the_build_baseline(server):
     samples = scrape(server)
     for label, share in BASELINE["label_share"].items():
-        assert value(samples, "textclf_baseline_label_share", model="classifier", label=label) == pytest.approx(share)
-    assert value(samples, "textclf_baseline_confidence_mean", model="classifier") == pytest.approx(0.71)
-    assert ("textclf_baseline_confidence_mean", frozenset({("model", "tags")})) not in samples  # no baseline given
+        assert value(samples, "textclf_baseline_label_share", max, model="classifier", label=label) == \
+            pytest.approx(share)
+    assert value(samples, "textclf_baseline_confidence_mean", max, model="classifier") == pytest.approx(0.71)
+    assert not any(name == "textclf_baseline_confidence_mean" and ("model", "tags") in labels
+                   for name, labels in samples)  # no baseline given
+
+
+def test_every_series_belongs_to_one_stub(server):
+    """Each instance's series carry the version it serves and its stub's pid, so no two instances share one
+    (Triton 2.51 frees a shared series when the first of its instances unloads: docs/RELIABILITY.md)."""
+    from serving.supervisor import instance_model, stub_processes
+
+    stubs = {instance_model(name): str(proc.pid) for name, proc in stub_processes(server.process.pid).items()}
+    ours = [dict(labels) for name, labels in scrape(server) if name.startswith("textclf_")]
+    assert sorted(stubs) == sorted(MODELS) and ours
+    assert all(labels["version"] == "1" and labels["stub"] == stubs[labels["model"]] for labels in ours), ours[:3]
 
 
 # --------------------------------------------------------------------------------- dashboard and rules

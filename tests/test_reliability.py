@@ -7,6 +7,7 @@ line (run with -s) that docs/RELIABILITY.md quotes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -354,6 +355,67 @@ def _serving_up(repository: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def _gone(proc) -> bool:
+    import psutil
+
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _ready(http_url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_a_killed_serving_up_takes_its_restarted_tritonserver_and_stubs_with_it(repository):
+    """`kill -9` of `python -m serving up` after its supervisor restarted tritonserver (from the supervisor's
+    thread, so a parent-death signal is no answer): the server and its stubs are gone within seconds
+    (serving.watchdog, started beside every server, sees the pipe close)."""
+    import psutil
+
+    proc = _serving_up(repository, "--check-interval", "0.3", "--exit-timeout", "3")
+    survivors: list = []
+    try:
+        lines = read_endpoints(proc)
+        first = int(lines["pid"])
+        os.kill(first, signal.SIGKILL)
+        deadline, server = time.time() + 90, None
+        while time.time() < deadline and server is None:
+            time.sleep(0.2)
+            servers = [p for p in psutil.Process(proc.pid).children() if p.pid != first and not _gone(p)]
+            if servers and _ready(lines["HTTP"]):
+                server = servers[0]
+        assert server is not None, "the supervisor did not restart tritonserver"
+        stubs = list(stub_processes(server.pid).values())
+        assert len(stubs) == read_repository(repository).model().instances
+        time.sleep(1.0)  # the restarted server serves a while: a thread-bound signal would have fired by now
+        assert not _gone(server)
+        proc.kill()
+        killed = time.time()
+        proc.wait()
+        survivors = [server, *stubs]
+        while time.time() < killed + 15 and not all(_gone(p) for p in survivors):
+            time.sleep(0.1)
+        gone_after = time.time() - killed
+        left = [p.pid for p in survivors if not _gone(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in survivors:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    figures("serving_up_killed", server_and_stubs_gone_after_s=round(gone_after, 2), stubs=len(stubs))
+    assert not left and gone_after < 10, (left, gone_after)
 
 
 def test_sigterm_under_load_finishes_accepted_requests_and_exits_0(repository):

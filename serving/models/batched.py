@@ -47,7 +47,7 @@ class TritonPythonModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
         self.totals = token_batch.BatchRecord()  # this instance's sums of every call's record (see stats())
-        self.metrics = textmodel.model_metrics(self.model, params)
+        self.metrics = textmodel.model_metrics(self.model, params, args)
         self.warmup_left = textmodel.warmup_requests(config)  # Triton's warm-up requests: not counted
         pb_utils.Logger.log_info(f"{self.model.name}: ONNX Runtime providers {self.session.get_providers()}"
                                  f"{'' if self.on_gpu else ' (no CUDA provider or GPU: running on the CPU)'}, "

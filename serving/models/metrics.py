@@ -18,6 +18,7 @@ probability of each row).
 """
 import bisect
 import json
+import os
 import threading
 
 import triton_python_backend_utils as pb_utils
@@ -72,6 +73,18 @@ def bucket_counts(values, bounds):
     return out
 
 
+def series_labels(model_name, version=""):
+    """The labels every series of this stub carries: ``model``, ``version`` (the model version it serves) and
+    ``stub`` (this stub's pid), so that no two instances ever share a series.
+
+    Why ``stub`` (docs/RELIABILITY.md, "A model's second load"): Triton 2.51 merges the series of every
+    instance that declares the same name and labels into one object, but counts its references per
+    MetricFamily, i.e. per instance. When the instances a load replaces drop their metrics at unload, the
+    shared series is freed while the new instances still increment it: heap corruption, and tritonserver
+    crashes or hangs (seen as a second version load that never ends). Sum over ``stub`` in PromQL."""
+    return {"model": model_name, "version": str(version), "stub": str(os.getpid())}
+
+
 def _family(name):
     kind, description = FAMILIES[name]
     return pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
@@ -90,14 +103,14 @@ def parse_baseline(value):
 
 
 class ModelMetrics:
-    """The metrics of one served model (``model`` label): observations buffered in Python, sent by a
-    daemon thread every ``FLUSH_INTERVAL_S``.
+    """The metrics of one instance of a served model (labels: :func:`series_labels`): observations buffered
+    in Python, sent by a daemon thread every ``FLUSH_INTERVAL_S``.
 
     ``head`` is a :class:`contract.Head`; classifiers (single- and multi-label) also get a prediction
     counter per label and the confidence histogram; ``baseline`` (:func:`parse_baseline`) sets the baseline
     gauges. ``enabled=False`` declares nothing and ignores every call."""
 
-    def __init__(self, model_name, head, labels=(), baseline=None, enabled=True):
+    def __init__(self, model_name, head, labels=(), baseline=None, enabled=True, version=""):
         self.enabled = enabled
         self.classifier = contract.Head(head) in (contract.Head.SINGLE_LABEL, contract.Head.MULTI_LABEL)
         self._families, self._metrics = {}, {}
@@ -107,7 +120,7 @@ class ModelMetrics:
         self.discard()
         if not enabled:
             return
-        model = {"model": model_name}
+        model = series_labels(model_name, version)
         for name in ("textclf_rows_total", *_COUNTERS):
             self._metric(name, model)
         self._histogram("textclf_input_tokens", model)

@@ -210,11 +210,12 @@ def warmup_requests(config):
     return sum(max(int(w.get("count", 0) or 0), 1) for w in config.get("model_warmup", []))
 
 
-def model_metrics(model, params):
-    """The served model's metrics (metrics.ModelMetrics); the ``metrics`` parameter "false" turns them off."""
+def model_metrics(model, params, args):
+    """The metrics of this instance of the served model (metrics.ModelMetrics, labelled with the version it
+    serves); the ``metrics`` parameter "false" turns them off."""
     return metrics.ModelMetrics(model.name, model.head, model.labels,
                                 baseline=metrics.parse_baseline(params.get("baseline")),
-                                enabled=params.get("metrics", "true") != "false")
+                                enabled=params.get("metrics", "true") != "false", version=args["model_version"])
 
 
 class RowModel:
@@ -233,7 +234,7 @@ class RowModel:
         self.session = row_session(args, params)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = list(self.model.encoder_outputs)
-        self.metrics = model_metrics(self.model, params)
+        self.metrics = model_metrics(self.model, params, args)
         self.warmup_left = warmup_requests(config)
         self.last_rows = []
 
