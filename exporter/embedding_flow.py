@@ -15,9 +15,22 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.config import BuildConfig, Precision, Target
+from common.atomic import atomic_directory
+from common.provenance import sha256_file, versions
+from exporter import report as render
+from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode, to_dict
+from exporter.choices import Precision, Target
+from exporter.chunking import LongText
+from exporter.config import BuildConfig
+from exporter.embedding import read_pipeline
+from exporter.embedding_build import build_embedding_variants
+from exporter.embedding_gate import as_dict
 from exporter.errors import EvalDataError, ExporterError
+from exporter.inputs import check_writable
 from exporter.result import BuildResult
+from serving.contract import DEFAULT_EMBEDDER, Head, ServedModel
+from serving.errors import ServingError
+from serving.repository import RepositoryConfig, add_model
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +93,6 @@ def read_inputs(config: BuildConfig) -> EmbeddingInputs:
 
 
 def check_outputs(config: BuildConfig) -> None:
-    from exporter.inputs import check_writable
-
     check_writable(config.out, "output directory")
     if config.repository is not None:
         check_writable(config.repository, "repository")
@@ -89,9 +100,6 @@ def check_outputs(config: BuildConfig) -> None:
 
 def build_embedding(config: BuildConfig):
     """Run the embedding build; the report is written even when no variant passes."""
-    from common.atomic import atomic_directory
-    from exporter import report as render
-    from exporter.embedding import read_pipeline
 
     pipeline = read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # fail fast
     chunk = chunk_config(config, pipeline)
@@ -114,8 +122,6 @@ def build_embedding(config: BuildConfig):
 
 
 def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline):
-    from exporter.embedding_build import build_embedding_variants
-
     return build_embedding_variants(
         config.checkpoint, inputs.texts, out, pooling=config.pooling, normalize=config.normalize,
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
@@ -126,8 +132,6 @@ def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline)
 
 def chunk_config(config: BuildConfig, pipeline):
     """The windows of a --long-text chunk build at the pipeline's max_seq_length (None when it truncates)."""
-    from exporter.chunking import LongText
-
     return config.chunk_config(pipeline.max_seq_length) if config.long_text is LongText.CHUNK else None
 
 
@@ -140,16 +144,11 @@ def select_for_target(built, target: Target) -> str | None:
 
 
 def served_name(config: BuildConfig) -> str:
-    from serving.contract import DEFAULT_EMBEDDER
-
     return config.model_name or DEFAULT_EMBEDDER
 
 
 def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     """The typed EmbeddingReport of ``built`` (files relative to ``out``)."""
-    from common.provenance import sha256_file, versions
-    from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode
-    from exporter.embedding_gate import as_dict
 
     variants = {v.name: EmbeddingVariantResult(
         v.precision.value, v.path.name if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
@@ -175,8 +174,6 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
 
 
 def _repository_stage(config: BuildConfig, report, built) -> None:
-    from exporter import report as render
-
     try:
         path = write_embedder(config, report, built)
     except BaseException as exc:
@@ -199,10 +196,6 @@ def _long_text(built) -> dict:
 
 def write_embedder(config: BuildConfig, report, built) -> Path:
     """Add the selected variant to ``config.repository`` as the served embedding model."""
-    from exporter.artifacts import to_dict
-    from serving.contract import Head, ServedModel
-    from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, add_model
 
     chosen = report.variants[report.selected]
     provenance = {"source": "exporter", "task": "embedding", "model_dir": report.model_dir,

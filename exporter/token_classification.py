@@ -20,13 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_directory
+from exporter.choices import Precision
 from exporter.chunking import LongText
-from serving.repository import Target
-from exporter.config import BuildConfig, Precision
+from exporter.config import BuildConfig
 from exporter.embedding_flow import read_texts
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
+from exporter.export import ensure_token_type_ids
+from exporter.fp16 import convert_fp16
+from exporter.optimize import optimize_onnx
 from exporter.result import BuildResult
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
+from serving.errors import ServingError
+from serving.models import entities, tokenization
+from serving.repository import RepositoryConfig, Target, accepts_models, add_model, tokenizer_settings, write_repository
 
 log = logging.getLogger(__name__)
 WARMUP_ROWS = 4  # texts run before the timed pass (the pipeline's reference pass warms PyTorch the same way)
@@ -107,8 +114,6 @@ def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
     import onnx
     from optimum.exporters.onnx import main_export
 
-    from exporter.export import ensure_token_type_ids
-
     try:
         main_export(str(checkpoint), out_dir, task="token-classification", do_validation=False,
                     local_files_only=True, library_name="transformers")
@@ -119,8 +124,6 @@ def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
     ensure_token_type_ids(model)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    from exporter.optimize import optimize_onnx
-
     return optimize_onnx(out_dir, out_dir.parent / "optimized", target)
 
 
@@ -129,8 +132,6 @@ def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
     if precision is Precision.FP32:
         dst.write_bytes(fp32.read_bytes())
     elif precision is Precision.FP16:
-        from exporter.fp16 import convert_fp16
-
         convert_fp16(fp32, dst)
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -182,9 +183,6 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
     """(logits per text, entities per text, rows/s) as the served tagger computes them: each text alone."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
-
-    from serving.models import entities, tokenization
-    from serving.repository import tokenizer_settings
 
     settings = tokenizer_settings(tokenizer_dir)
     tok = tokenization.LengthTokenizer(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), config.max_length,
@@ -263,8 +261,6 @@ def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGa
 
 def build_tagger(config: BuildConfig):
     """Build, gate, report and (when a variant passes) serve a token classifier."""
-    from common.atomic import atomic_directory
-
     labels = read_labels(config.checkpoint)
     if config.target is not Target.CPU:
         raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
@@ -306,8 +302,6 @@ def _eval_texts(config: BuildConfig) -> list[str]:
 
 def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -> Path:
     """The selected variant into the repository as ``tagger`` (or --model-name), beside the models there."""
-    from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
     model = ServedModel(name=config.model_name or DEFAULT_TAGGER, head=Head.TOKEN_CLASSIFICATION,
                         labels=tuple(labels), aggregation=config.aggregation)
