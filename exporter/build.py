@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.atomic import atomic_directory
 from common.provenance import sha256_file, versions
-from exporter import chunking, parity, report as render, speed, variants, worker
+from exporter import chunking, parity, report as render, speed, steps, variants, worker
 from exporter.adapter import Adapter, read_adapter
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant, to_dict
 from exporter.choices import Target, Task
@@ -25,8 +25,9 @@ from exporter.progress import progress_display, track
 from exporter.reranker import read_cross_encoder
 from exporter.result import BuildResult
 from exporter.stages import Stages
+from exporter.steps import Candidate
 from exporter.token_classification import build_tagger, is_token_classifier
-from exporter.variants import FP16, SERVABLE, Context, Data
+from exporter.variants import SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
 from serving.errors import ServingError
 from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
@@ -166,21 +167,11 @@ def _build_checkpoint(config: BuildConfig, adapter: Adapter | None = None) -> Bu
     # The build directory is in place; only now does the selected file go to the served repository, so
     # the repository's provenance names a file that exists. A failure here leaves the old repository.
     if report.selected and config.repository is not None:
-        _repository_stage(config, inputs.checkpoint, report, stages)
+        steps.repository_stage(
+            report, lambda: write_repo(config, inputs.checkpoint, report.variant_path(report.selected, config.out),
+                                       report),
+            lambda: render.write(report, config.out, figure=False), stages)
     return BuildResult(report, config.out)
-
-
-def _repository_stage(config: BuildConfig, ck: Checkpoint, report: BuildReport, stages: Stages) -> None:
-    try:
-        with stages("repository"):
-            path = write_repo(config, ck, report.variant_path(report.selected, config.out), report)
-    except BaseException as exc:
-        report.repository_error = f"{type(exc).__name__}: {exc}"
-        render.write(report, config.out, figure=False)
-        raise
-    report.repository = str(path.absolute())
-    report.stage_seconds, report.memory = stages.seconds, stages.memory
-    render.write(report, config.out, figure=False)
 
 
 def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stages: Stages) -> BuildReport:
@@ -312,13 +303,10 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
 
 
 def select(variants: dict[str, Variant], target: Target) -> str | None:
-    """gpu: fp16 (else fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
-    passing = [n for n, v in variants.items() if v.parity.passed and n in SERVABLE[target]]
-    if not passing:
-        return None
-    if target is Target.GPU:
-        return FP16 if FP16 in passing else passing[0]
-    return max(passing, key=lambda n: (variants[n].speed.throughput_seq_s if variants[n].speed else 0.0))
+    """The one selection rule (exporter.steps.select) over the classifier's variants: gpu: fp16 (else
+    fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
+    return steps.select([Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
+                                      n in SERVABLE[target]) for n, v in variants.items()], target)
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import enum
 
+from serving.contract import Head  # what a served model returns: the contract owns it, a task derives from it
 from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
 
 __all__ = ["Pooling", "Precision", "Target", "Task"]
 
 
 class Task(str, enum.Enum):
-    """What the exported model does: a classifier head, or a sentence embedding (exporter.embedding_flow)."""
+    """What a build does with a checkpoint: a classifier head, a sentence embedding (exporter.embedding_flow),
+    token classification (exporter.token_classification, served as a tagger). The served contract's
+    :class:`serving.contract.Head` says what the served model returns; a task is the set of heads it serves
+    (:attr:`heads`, :meth:`of`), so the two cannot drift apart."""
 
     CLASSIFICATION = "classification"
     EMBEDDING = "embedding"
-    TOKEN_CLASSIFICATION = "token-classification"  # NER: exporter.token_classification, served as a tagger
+    TOKEN_CLASSIFICATION = "token-classification"
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        """The served heads this task builds (a classification checkpoint's head is read from its config)."""
+        return _TASK_HEADS[self]
+
+    @classmethod
+    def of(cls, head: Head | str) -> "Task":
+        """The task that builds a model served with ``head``."""
+        head = Head(head)
+        return next(task for task, heads in _TASK_HEADS.items() if head in heads)
 
 
 class Precision(str, enum.Enum):
@@ -32,3 +47,10 @@ class Pooling(str, enum.Enum):
     CLS = "cls"
     MAX = "max"
     MEAN_SQRT_LEN = "mean_sqrt_len_tokens"
+
+
+_TASK_HEADS = {
+    Task.CLASSIFICATION: (Head.SINGLE_LABEL, Head.MULTI_LABEL, Head.REGRESSION),  # rerankers: a regression head
+    Task.EMBEDDING: (Head.EMBEDDING,),
+    Task.TOKEN_CLASSIFICATION: (Head.TOKEN_CLASSIFICATION,),
+}

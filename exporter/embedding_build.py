@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import int8, int8_search
-from exporter.choices import Precision
+from exporter import int8, int8_search, steps
+from exporter.choices import Precision, Target
 from exporter.chunking import ChunkConfig
 from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
                                 fp32_variant, int8_variant, load_tokenizer, read_pipeline)
@@ -24,6 +24,7 @@ from exporter.embedding_gate import (Chunked, EmbeddingBudgets, EmbeddingGate, E
                                      chunked_reference, reference_embeddings, reference_model, reference_speed)
 from exporter.errors import EvalDataError, ExporterError
 from exporter.parity import tokenize
+from exporter.steps import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,11 @@ def _gated_texts(texts: Sequence[str], tokenizer, pipeline: EmbeddingPipeline, c
                           top_k), Chunked(chunk, pipeline.normalize)
 
 
-def select(variants: Sequence[EmbeddingVariant]) -> str | None:
-    """The passing variant with the highest per-row 1-thread throughput (rows per CPU-second)."""
-    passing = [v for v in variants if v.passed and v.speed is not None]
-    return max(passing, key=lambda v: v.speed.rows_per_cpu_s).name if passing else None
+def select(variants: Sequence[EmbeddingVariant], target: Target = Target.CPU) -> str | None:
+    """The one selection rule (exporter.steps.select) over embedding variants: cpu: the passing variant with
+    the highest per-row 1-thread throughput (rows per CPU-second); gpu: fp16, else fp32."""
+    return steps.select([Candidate(v.name, Precision(v.precision).value, v.passed,
+                                   v.speed.rows_per_cpu_s if v.speed is not None else None) for v in variants], target)
 
 
 @dataclass

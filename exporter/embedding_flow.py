@@ -8,7 +8,6 @@ embedder beside the models already in the repository (a classifier keeps serving
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
@@ -19,15 +18,16 @@ from common.atomic import atomic_directory
 from common.provenance import sha256_file, versions
 from exporter import report as render
 from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode, to_dict
-from exporter.choices import Precision, Target
+from exporter.choices import Target
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
 from exporter.embedding import read_pipeline
-from exporter.embedding_build import build_embedding_variants
+from exporter.embedding_build import build_embedding_variants, select
 from exporter.embedding_gate import as_dict
 from exporter.errors import EvalDataError, ExporterError
-from exporter.inputs import check_writable
+from exporter.inputs import check_writable, read_texts
 from exporter.result import BuildResult
+from exporter.steps import repository_stage
 from serving.contract import DEFAULT_EMBEDDER, Head, ServedModel
 from serving.errors import ServingError
 from serving.repository import RepositoryConfig, add_model
@@ -46,23 +46,6 @@ class EmbeddingInputs:
     tuning_source: str
     tuning_texts: list[str]
     warnings: list[str]
-
-
-def read_texts(path: Path, column: str, limit: int | None = None) -> list[str]:
-    """The ``column`` of a CSV (UTF-8, else latin-1), in file order; labels are not needed."""
-    for encoding in ("utf-8", "latin-1"):
-        try:
-            with open(path, encoding=encoding, newline="") as fh:
-                reader = csv.DictReader(fh)
-                if column not in (reader.fieldnames or []):
-                    raise EvalDataError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-                rows = [row[column] for row in reader if row.get(column)]
-            break
-        except UnicodeDecodeError:
-            continue
-        except OSError as exc:
-            raise EvalDataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return rows[:limit] if limit is not None else rows
 
 
 def read_inputs(config: BuildConfig) -> EmbeddingInputs:
@@ -117,7 +100,8 @@ def build_embedding(config: BuildConfig):
         log.error("no embedding variant passed its gate: nothing is served, %s is left as it was",
                   config.repository or "the repository")
     elif config.repository is not None:
-        _repository_stage(config, report, built)
+        repository_stage(report, lambda: write_embedder(config, report, built),
+                         lambda: render.write_embedding(report, config.out, figure=False))
     return BuildResult(report, config.out)
 
 
@@ -136,11 +120,8 @@ def chunk_config(config: BuildConfig, pipeline):
 
 
 def select_for_target(built, target: Target) -> str | None:
-    """cpu: the fastest passing variant per core (embedding_build.select); gpu: fp16, else fp32."""
-    if target is Target.CPU:
-        return built.selected
-    passing = {v.name for v in built.variants if v.passed}
-    return next((p.value for p in (Precision.FP16, Precision.FP32) if p.value in passing), None)
+    """cpu: the fastest passing variant per core; gpu: fp16, else fp32 (exporter.steps.select)."""
+    return select(built.variants, target)
 
 
 def served_name(config: BuildConfig) -> str:
@@ -171,17 +152,6 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
         tuning_data={"source": inputs.tuning_source, "rows": built.n_tuning_texts}, settings=settings,
         warnings=inputs.warnings, versions=versions(),
         files={v.file: sha256_file(out / v.file) for v in variants.values() if v.file})
-
-
-def _repository_stage(config: BuildConfig, report, built) -> None:
-    try:
-        path = write_embedder(config, report, built)
-    except BaseException as exc:
-        report.repository_error = f"{type(exc).__name__}: {exc}"
-        render.write_embedding(report, config.out, figure=False)
-        raise
-    report.repository = str(Path(path).absolute())
-    render.write_embedding(report, config.out, figure=False)
 
 
 def _long_text(built) -> dict:

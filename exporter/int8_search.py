@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from exporter import worker
-from exporter.artifacts import ParityResult
 from exporter.int8 import DYNAMIC, DYNAMIC_OPS, STATIC, STATIC_OPS, QuantSettings
 from exporter.parity import Batch
 from exporter.progress import track
+from exporter.steps import Gate, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SearchResult:
     excluded: list[str] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
     sensitivity: list[dict] = field(default_factory=list)
-    eval_record: ParityResult | None = None
+    eval_record: Verdict | None = None
     skipped: str | None = None
 
 
@@ -53,8 +53,8 @@ class _Search:
 
     kind: str
     settings: QuantSettings
-    tune: Callable[[Path], ParityResult]
-    final: Callable[[Path], ParityResult]
+    tune: Gate
+    final: Gate
     tuning_batches: list[Batch]
     calibration: list[Batch] | None
     calibration_cache: Path | None
@@ -62,14 +62,15 @@ class _Search:
     speed_floor: float | None
 
 
-def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Callable[[Path], ParityResult],
-           final: Callable[[Path], ParityResult], tuning_batches: list[Batch], calibration: list[Batch] | None,
-           max_rounds: int, calibration_cache: Path | None = None,
+def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Gate, final: Gate,
+           tuning_batches: list[Batch], calibration: list[Batch] | None, max_rounds: int,
+           calibration_cache: Path | None = None,
            throughput: Callable[[Path], float] | None = None, speed_floor: float | None = None) -> SearchResult:
     """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
 
-    ``tune(path)`` and ``final(path)`` return parity records: ``tune`` on tuning rows drawn apart from the
-    evaluation set, ``final`` the gate on the evaluation set itself. Returns the last attempt; its
+    ``tune(path)`` and ``final(path)`` are gates (exporter.steps.Gate: the task's measure, a Verdict):
+    ``tune`` on tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set
+    itself. Returns the last attempt; its
     ``eval_record`` says whether it passed. When round 0 fails and ``throughput(path)`` is already below
     ``speed_floor`` (the best passing variant's), no exclusion round is tried: keeping nodes in fp32 only
     slows a variant down, so it could never be selected.

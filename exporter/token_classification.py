@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_directory
+from common.atomic import atomic_directory, atomic_write_text
 from exporter.choices import Precision
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
-from exporter.embedding_flow import read_texts
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
 from exporter.export import ensure_token_type_ids
 from exporter.fp16 import convert_fp16
+from exporter.inputs import read_texts
 from exporter.optimize import optimize_onnx
 from exporter.result import BuildResult
+from exporter.steps import Candidate, repository_stage, select
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
 from serving.errors import ServingError
 from serving.models import entities, tokenization
@@ -90,6 +91,16 @@ class TaggerGate:
     rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included
     reasons: list[str] = field(default_factory=list)
 
+    @property
+    def reason(self) -> str:
+        """The gate's verdict in words (exporter.steps.Verdict)."""
+        return "; ".join(self.reasons) if self.reasons else ("within budget" if self.passed else "not gated")
+
+    def brief(self) -> dict:
+        """The verdict-bearing numbers."""
+        keys = ("token_agreement", "entity_agreement", "max_abs", "passed")
+        return {k: getattr(self, k) for k in keys} | {"reason": self.reason}
+
 
 @dataclass
 class TaggerReport:
@@ -102,6 +113,7 @@ class TaggerReport:
     variants: dict[str, TaggerGate]
     selected: str | None = None
     repository: str | None = None
+    repository_error: str | None = None
     optimization: dict = field(default_factory=dict)
     pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
     long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
@@ -276,19 +288,23 @@ def build_tagger(config: BuildConfig):
             path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
             variants[precision.value] = gate(precision.value, path, config, ref)
             log.info("tagger %s: %s", precision.value, variants[precision.value])
-        passing = [v for v in variants.values() if v.passed]
+        selected = select([Candidate(name, name, v.passed, v.rows_per_s) for name, v in variants.items()],
+                          config.target)
         report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
-                              config.max_length, str(config.eval_data), len(texts), variants,
-                              max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
+                              config.max_length, str(config.eval_data), len(texts), variants, selected,
                               long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
                               pipeline_rows_per_s=ref.rows_per_s, optimization=optimization)
-        (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+        write_report(report, out)
     if report.selected is None:
         log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
     elif config.repository is not None:
-        report.repository = str(write_tagger(config, report, labels))
-        (config.out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+        repository_stage(report, lambda: write_tagger(config, report, labels), lambda: write_report(report, config.out))
     return BuildResult(report, config.out)
+
+
+def write_report(report: TaggerReport, out: Path) -> None:
+    """``out/report.json``, atomically."""
+    atomic_write_text(Path(out) / "report.json", json.dumps(asdict(report), indent=2, default=str) + "\n")
 
 
 def _eval_texts(config: BuildConfig) -> list[str]:
