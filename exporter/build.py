@@ -17,7 +17,6 @@ from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant, 
 from exporter.choices import Target, Task
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
-from exporter.embedding_flow import build_embedding
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
@@ -26,7 +25,6 @@ from exporter.reranker import read_cross_encoder
 from exporter.result import BuildResult
 from exporter.stages import Stages
 from exporter.steps import Candidate
-from exporter.token_classification import build_tagger, is_token_classifier
 from exporter.variants import SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
 from serving.errors import ServingError
@@ -135,13 +133,12 @@ def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, 
 
 
 def build(config: BuildConfig) -> BuildResult:
-    """Run the whole build; the report is written even when no variant passes. A PEFT adapter folder is
-    built as its base merged with it (exporter.adapter), gated against the PeftModel."""
-    if config.task is Task.TOKEN_CLASSIFICATION or (config.task is Task.CLASSIFICATION and
-                                                    is_token_classifier(config.checkpoint)):
-        return build_tagger(config)  # token classification (NER): its own module
-    if config.task is not Task.CLASSIFICATION:  # sentence embeddings have their own flow
-        return build_embedding(config)
+    """The classification task's flow (exporter.tasks runs it for --task classification): the report is
+    written even when no variant passes. A PEFT adapter folder is built as its base merged with it
+    (exporter.adapter), gated against the PeftModel; a CrossEncoder as a reranker (exporter.reranker)."""
+    if config.task is not Task.CLASSIFICATION:
+        raise ExporterError(f"exporter.build builds classifiers, not {config.task.value} (exporter.tasks.build "
+                            "runs every task)")
     adapter = read_adapter(config.checkpoint, config.base)
     if adapter is None:
         if config.base is not None:

@@ -13,10 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = ("common", "exporter", "finetune", "loadtest", "serving")
-# Packages held to "no import circle"; the others join as their circles are broken.
-ACYCLIC = ("exporter",)
-# Packages held to "no own-package import inside a function".
-EAGER = ("exporter",)
+# Packages held to "no import circle"; loadtest joins when its bench/ceiling/embedding_bench circle is broken.
+ACYCLIC = ("common", "exporter", "finetune", "serving")
+# Packages held to "no own-package import inside a function" (serving, finetune and loadtest still have some).
+EAGER = ("common", "exporter")
 
 
 def modules(root: Path, package: str) -> dict[str, Path]:

@@ -109,3 +109,38 @@ def test_task_derives_from_the_contract_head():
     assert Task.of(Head.REGRESSION) is Task.CLASSIFICATION and Task.of("embedding") is Task.EMBEDDING
     assert Task.TOKEN_CLASSIFICATION.heads == (Head.TOKEN_CLASSIFICATION,)
 
+
+def _config(checkpoint: Path, tmp_path: Path, **kw):
+    from exporter.config import BuildConfig
+
+    return BuildConfig(checkpoint=checkpoint, out=tmp_path / "build", repository=None, **kw)
+
+
+def test_the_registry_has_a_flow_for_every_task_and_resolves_what_a_checkpoint_is(tmp_path):
+    """exporter.tasks: one flow per Task; a ...ForTokenClassification checkpoint given as a classifier (the
+    default task) goes to the tagger, an explicit --task to its own flow."""
+    import json
+
+    from exporter import tasks
+    from exporter.build import build as build_classifier
+    from exporter.token_classification import build_tagger
+
+    assert set(tasks.FLOWS) == set(Task) and all(flow.task is task for task, flow in tasks.FLOWS.items())
+    plain, tagger = tmp_path / "plain", tmp_path / "tagger"
+    for folder, arch in ((plain, "BertForSequenceClassification"), (tagger, "BertForTokenClassification")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    assert tasks.resolve(_config(plain, tmp_path)).build is build_classifier
+    assert tasks.resolve(_config(tagger, tmp_path)).build is build_tagger
+    assert tasks.resolve(_config(plain, tmp_path, task="token-classification")).build is build_tagger
+    assert tasks.resolve(_config(plain, tmp_path, task="embedding")).task is Task.EMBEDDING
+
+
+def test_build_runs_the_resolved_flow(tmp_path, monkeypatch):
+    from exporter import tasks
+
+    calls = []
+    monkeypatch.setitem(tasks.FLOWS, Task.EMBEDDING, tasks.TaskFlow(Task.EMBEDDING, calls.append, str))
+    config = _config(tmp_path, tmp_path, task="embedding")
+    tasks.build(config)
+    assert calls == [config]
