@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.embedding_gate import EmbeddingGate, EmbeddingSpeed  # the embedding gate's typed records
+from common.atomic import atomic_write_text
 from exporter.errors import ExporterError
 
 SCHEMA_VERSION = 1
@@ -280,8 +280,6 @@ def from_json(text: str) -> BuildReport:
 
 
 def write_report_json(report: BuildReport, build_dir: Path) -> Path:
-    from common.atomic import atomic_write_text
-
     path = Path(build_dir) / REPORT_JSON
     atomic_write_text(path, to_json(report))
     return path
@@ -311,8 +309,48 @@ EMBEDDING_SCHEMA_VERSION = 1
 
 
 @dataclass
+class EmbeddingGate:
+    """One variant's agreement with the reference on the held-out texts."""
+
+    n_texts: int
+    min_cosine: float | None
+    mean_cosine: float | None
+    max_norm_gap: float | None
+    topk_overlap: float | None
+    top_k: int
+    nan_inf: bool
+    budget_min_cosine: float
+    budget_min_topk_overlap: float
+    passed: bool
+    reason: str
+
+    def brief(self) -> dict:
+        """The verdict-bearing numbers, for the int8 exclusion search's log (exporter.int8_search.search)."""
+        keys = ("n_texts", "min_cosine", "topk_overlap", "nan_inf", "passed", "reason")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class EmbeddingSpeed:
+    """Per-row throughput: one row at a time, one intra-op thread, tokenization included.
+
+    ``rows_per_cpu_s`` counts the process's CPU time instead of wall time: for a one-thread run that is
+    the per-core ceiling, and unlike wall time it hardly moves when other work shares the machine, so
+    selection uses it.
+    """
+
+    rows_per_s: float
+    n_rows: int
+    seconds: float
+    intra_op_threads: int = 1
+    rows_per_cpu_s: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+
+@dataclass
 class EmbeddingVariantResult:
-    """One embedding variant as the report records it (gate and speed: exporter.embedding_gate's records)."""
+    """One embedding variant as the report records it (gate and speed: measured by exporter.embedding_gate)."""
 
     precision: str
     file: str | None = None  # relative to the build directory
@@ -363,8 +401,6 @@ def embedding_report_from_json(text: str) -> EmbeddingReport:
 
 
 def write_embedding_report_json(report: EmbeddingReport, build_dir: Path) -> Path:
-    from common.atomic import atomic_write_text
-
     path = Path(build_dir) / REPORT_JSON
     atomic_write_text(path, json.dumps(to_dict(report), indent=2, allow_nan=False) + "\n")
     return path

@@ -9,20 +9,26 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter import chunking
-from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
+from common.atomic import atomic_directory
+from common.provenance import sha256_file, versions
+from exporter import chunking, parity, report as render, speed, steps, variants, worker
+from exporter.adapter import Adapter, read_adapter
+from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant, to_dict
+from exporter.choices import Target, Task
 from exporter.chunking import LongText
-from exporter.config import BuildConfig, Target, Task
+from exporter.config import BuildConfig
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
-from exporter.adapter import Adapter, read_adapter
+from exporter.progress import progress_display, track
 from exporter.reranker import read_cross_encoder
 from exporter.result import BuildResult
-from exporter.token_classification import build_tagger, is_token_classifier
-from exporter.stages import Stages, progress_display, track
-from exporter.variants import FP16, SERVABLE, Context, Data
+from exporter.stages import Stages
+from exporter.steps import Candidate
+from exporter.variants import SERVABLE, Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
+from serving.errors import ServingError
+from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +83,6 @@ def validate(config: BuildConfig) -> _Inputs:
     check_writable(config.out, "output directory")
     if config.repository is not None:
         check_writable(config.repository, "repository")
-        try:
-            import serving.repository  # noqa: F401  (the writer must exist before hours of work)
-        except ImportError as exc:
-            raise ExporterError(f"cannot import serving.repository to write {config.repository}: {exc}") from None
     reach = config.max_length * (CHUNK_ROW_WINDOWS if config.long_text is LongText.CHUNK else 1)
     eval_set = with_long_rows(eval_set, checkpoint, reach)  # last: after every input check
     kind = dict(kind=checkpoint.head, num_labels=len(checkpoint.id2label))
@@ -131,15 +133,12 @@ def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, 
 
 
 def build(config: BuildConfig) -> BuildResult:
-    """Run the whole build; the report is written even when no variant passes. A PEFT adapter folder is
-    built as its base merged with it (exporter.adapter), gated against the PeftModel."""
-    if config.task is Task.TOKEN_CLASSIFICATION or (config.task is Task.CLASSIFICATION and
-                                                    is_token_classifier(config.checkpoint)):
-        return build_tagger(config)  # token classification (NER): its own module
-    if config.task is not Task.CLASSIFICATION:  # sentence embeddings have their own flow
-        from exporter.embedding_flow import build_embedding
-
-        return build_embedding(config)
+    """The classification task's flow (exporter.tasks runs it for --task classification): the report is
+    written even when no variant passes. A PEFT adapter folder is built as its base merged with it
+    (exporter.adapter), gated against the PeftModel; a CrossEncoder as a reranker (exporter.reranker)."""
+    if config.task is not Task.CLASSIFICATION:
+        raise ExporterError(f"exporter.build builds classifiers, not {config.task.value} (exporter.tasks.build "
+                            "runs every task)")
     adapter = read_adapter(config.checkpoint, config.base)
     if adapter is None:
         if config.base is not None:
@@ -151,8 +150,6 @@ def build(config: BuildConfig) -> BuildResult:
 
 
 def _build_checkpoint(config: BuildConfig, adapter: Adapter | None = None) -> BuildResult:
-    from common.atomic import atomic_directory
-
     inputs = validate(config)
     if adapter is not None:
         inputs.adapter = adapter
@@ -167,29 +164,14 @@ def _build_checkpoint(config: BuildConfig, adapter: Adapter | None = None) -> Bu
     # The build directory is in place; only now does the selected file go to the served repository, so
     # the repository's provenance names a file that exists. A failure here leaves the old repository.
     if report.selected and config.repository is not None:
-        _repository_stage(config, inputs.checkpoint, report, stages)
+        steps.repository_stage(
+            report, lambda: write_repo(config, inputs.checkpoint, report.variant_path(report.selected, config.out),
+                                       report),
+            lambda: render.write(report, config.out, figure=False), stages)
     return BuildResult(report, config.out)
 
 
-def _repository_stage(config: BuildConfig, ck: Checkpoint, report: BuildReport, stages: Stages) -> None:
-    from exporter import report as render
-
-    try:
-        with stages("repository"):
-            path = write_repo(config, ck, report.variant_path(report.selected, config.out), report)
-    except BaseException as exc:
-        report.repository_error = f"{type(exc).__name__}: {exc}"
-        render.write(report, config.out, figure=False)
-        raise
-    report.repository = str(path.absolute())
-    report.stage_seconds, report.memory = stages.seconds, stages.memory
-    render.write(report, config.out, figure=False)
-
-
 def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stages: Stages) -> BuildReport:
-    from exporter import report as render
-    from exporter import variants
-
     mode = gate_mode(config.target)
     data, reference = _reference(config, inputs, mode, stages)
     base, optimization = _export(config, inputs.checkpoint, scratch, data, stages)
@@ -207,8 +189,6 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
 
 def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Stages) -> tuple[Data, ReferenceResult]:
     """Tokenize every row set, run PyTorch on the evaluation rows and time it; the model is freed after."""
-    from exporter import parity, speed
-
     ck = inputs.checkpoint
     with stages("reference"):
         try:
@@ -262,8 +242,6 @@ def _windows(config: BuildConfig, tokenizer, ev: Examples):
 def _torch_speed(model, data: Data, mode: GateMode, seconds: float):
     import torch
 
-    from exporter import speed
-
     if mode is GateMode.BATCHED:
         return speed.measure(speed.torch_runner(model), data.singles, data.eval_batches, seconds)
     threads = torch.get_num_threads()
@@ -280,8 +258,6 @@ def export_graph(checkpoint: Path, scratch: Path, target: Target, data: Data | N
 
     With ``data``, the worker also measures the unfused export's and the fused graph's batch throughput
     (measured, not assumed), so neither graph's session is ever opened in the build process."""
-    from exporter import worker
-
     args = {}
     if data is not None:
         args = {"singles": str(worker.save_batches(data.singles[:1], scratch / "singles.npz")),
@@ -304,8 +280,6 @@ def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stag
 
 def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: ReferenceResult, optimization: dict,
               variants: dict[str, Variant], out: Path, stages: Stages) -> BuildReport:
-    from common.provenance import sha256_file, versions
-
     ck = inputs.checkpoint
     settings = {"precisions": [p.value for p in config.precisions], "batch_size": config.batch_size,
                 "max_length": config.max_length, "eval_size": config.eval_size,
@@ -326,13 +300,10 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
 
 
 def select(variants: dict[str, Variant], target: Target) -> str | None:
-    """gpu: fp16 (else fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
-    passing = [n for n, v in variants.items() if v.parity.passed and n in SERVABLE[target]]
-    if not passing:
-        return None
-    if target is Target.GPU:
-        return FP16 if FP16 in passing else passing[0]
-    return max(passing, key=lambda n: (variants[n].speed.throughput_seq_s if variants[n].speed else 0.0))
+    """The one selection rule (exporter.steps.select) over the classifier's variants: gpu: fp16 (else
+    fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
+    return steps.select([Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
+                                      n in SERVABLE[target]) for n, v in variants.items()], target)
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:
@@ -342,9 +313,6 @@ def baseline_parameters(baseline: dict | None) -> dict[str, str]:
 
 def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: BuildReport) -> Path:
     """Hand the selected variant to the serving stage's repository writer (atomic on its side)."""
-    from exporter.artifacts import to_dict
-    from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
     chosen = report.variants[report.selected]
     provenance = {

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from exporter.optimize import save_model
 from exporter.parity import Batch
 
 _MIN, _MAX = "__calib_min__", "__calib_max__"
@@ -57,8 +58,6 @@ def _augmented_session(src: Path, op_types: Sequence[str]):
     """(session whose outputs are the min and max of every calibrated tensor, those tensors' names)."""
     import onnx
     import onnxruntime as ort
-
-    from exporter.optimize import save_model
 
     model = onnx.load(str(src))
     names = calibrated_tensors(model, op_types)

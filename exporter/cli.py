@@ -9,6 +9,7 @@ from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from exporter.config import Budgets, BuildConfig
 from exporter.errors import ExporterError
+from exporter.tasks import resolve
 
 PROG = "python -m exporter"
 BUDGET_FLAGS = {"int8_max_accuracy_drop": Flag(names=("--max-accuracy-drop", "--int8-max-accuracy-drop"))}
@@ -39,12 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def run() -> int:
-        from exporter.build import build
-        from exporter.report import markdown
-        from exporter.token_classification import summary as tagger_summary
-
-        result = build(_config(args))
-        print(markdown(result.report) if hasattr(result.report, "target") else tagger_summary(result.report))
+        config = _config(args)
+        flow = resolve(config)
+        result = flow.build(config)
+        print(flow.summary(result.report))
         if result.exit_code:
             print(f"{prog_name(PROG)}: no variant passed its parity gate (report: {result.out / 'report.md'})",
                   file=sys.stderr)

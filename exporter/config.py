@@ -1,34 +1,17 @@
 """Build configuration: precisions, target, parity budgets (dataclasses validated on creation)."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.embedding import Pooling  # the pooling modes the embedding export can put in the graph
+from exporter.choices import Pooling, Precision, Target, Task
 from exporter.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, ChunkConfig, LongText, default_overlap
 from exporter.errors import ExporterError
-from serving.contract import DEFAULT_AGGREGATION, Aggregation
+from exporter.reranker import read_cross_encoder
+from serving.contract import DEFAULT_AGGREGATION, Aggregation, ContractError, check_model_name
 from serving.models.token_batch import DEFAULT_MAX_BATCH_TOKENS
-from serving.repository import Target  # one definition of the serving targets, owned by the repository writer
 
-
-class Task(str, enum.Enum):
-    """What the exported model does: a classifier head, or a sentence embedding (exporter.embedding_flow)."""
-
-    CLASSIFICATION = "classification"
-    EMBEDDING = "embedding"
-    TOKEN_CLASSIFICATION = "token-classification"  # NER: exporter.token_classification, served as a tagger
-
-
-class Precision(str, enum.Enum):
-    """The numeric formats a variant is built in (int8 covers dynamic and static quantization)."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
-
-
+__all__ = ["Budgets", "BuildConfig", "Pooling", "Precision", "Target", "Task", "parse_precisions"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +43,6 @@ DEFAULT_MAX_LENGTH = 128
 
 def _default_max_length(checkpoint: Path) -> int:
     """A CrossEncoder's saved max_length (what its ``predict`` truncates at), else 128."""
-    from exporter.reranker import read_cross_encoder
-
     cross = read_cross_encoder(checkpoint) if Path(checkpoint).is_dir() else None
     return cross.max_length if cross is not None and cross.max_length else DEFAULT_MAX_LENGTH
 
@@ -242,8 +223,6 @@ class BuildConfig:
 
     def _check_task(self) -> None:
         """The task, the served model name and the embedding-only options agree."""
-        from serving.contract import ContractError, check_model_name
-
         try:
             self.task = Task(self.task)
         except ValueError:

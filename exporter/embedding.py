@@ -18,7 +18,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporter.choices import Pooling, Target
 from exporter.errors import CheckpointError, ExporterError
+from exporter.fp16 import convert_fp16
+from exporter.int8 import DYNAMIC, QuantSettings, cpu_preset
+from exporter.int8_search import quantize
+from exporter.optimize import optimize_onnx
 from serving.contract import ENCODER_EMBEDDING, ENCODER_INPUTS
 
 log = logging.getLogger(__name__)
@@ -30,15 +35,6 @@ MEAN_COUNT_EPS = 1e-9
 NORMALIZE_EPS = 1e-12
 _ST_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
                "sentence_camembert_config.json", "sentence_albert_config.json", "sentence_xlm-roberta_config.json")
-
-
-class Pooling(str, enum.Enum):
-    """Pooling modes the exporter can put in the graph (sentence-transformers' names)."""
-
-    MEAN = "mean"
-    CLS = "cls"
-    MAX = "max"
-    MEAN_SQRT_LEN = "mean_sqrt_len_tokens"
 
 
 class Source(str, enum.Enum):
@@ -252,9 +248,6 @@ def export_body(pipeline: EmbeddingPipeline, out_dir: Path, *, opset: int | None
     import onnx
     from optimum.exporters.onnx import main_export
 
-    from exporter.config import Target
-    from exporter.optimize import optimize_onnx
-
     raw = out_dir / "raw"
     try:
         main_export(str(pipeline.encoder_dir), raw, task="feature-extraction", opset=opset, do_validation=False,
@@ -409,8 +402,6 @@ def fp32_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
 
 def fp16_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
     """fp16 body (exporter.fp16: LayerNorm/Softmax kept fp32, fp32 inputs/outputs) + fp32 pooling head."""
-    from exporter.fp16 import convert_fp16
-
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
         converted = Path(tmp) / "body.onnx"
         convert_fp16(body, converted)
@@ -419,8 +410,6 @@ def fp16_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path) -> Path:
 
 def int8_variant(body: Path, pipeline: EmbeddingPipeline, dst: Path, *, per_channel: bool = True) -> Path:
     """Dynamic int8 body (exporter.int8: MatMul/Attention weights, this CPU's preset) + fp32 pooling head."""
-    from exporter.int8 import DYNAMIC, QuantSettings, cpu_preset, quantize
-
     settings = QuantSettings.from_preset(cpu_preset(), is_static=False, per_channel=per_channel)
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
         quantized = Path(tmp) / "body.onnx"

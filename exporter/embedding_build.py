@@ -15,14 +15,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import int8
+from exporter import int8, int8_search, steps
+from exporter.choices import Precision, Target
 from exporter.chunking import ChunkConfig
-from exporter.config import Precision
 from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
                                 fp32_variant, int8_variant, load_tokenizer, read_pipeline)
 from exporter.embedding_gate import (Chunked, EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
                                      chunked_reference, reference_embeddings, reference_model, reference_speed)
 from exporter.errors import EvalDataError, ExporterError
+from exporter.parity import tokenize
+from exporter.steps import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +132,11 @@ def _gated_texts(texts: Sequence[str], tokenizer, pipeline: EmbeddingPipeline, c
                           top_k), Chunked(chunk, pipeline.normalize)
 
 
-def select(variants: Sequence[EmbeddingVariant]) -> str | None:
-    """The passing variant with the highest per-row 1-thread throughput (rows per CPU-second)."""
-    passing = [v for v in variants if v.passed and v.speed is not None]
-    return max(passing, key=lambda v: v.speed.rows_per_cpu_s).name if passing else None
+def select(variants: Sequence[EmbeddingVariant], target: Target = Target.CPU) -> str | None:
+    """The one selection rule (exporter.steps.select) over embedding variants: cpu: the passing variant with
+    the highest per-row 1-thread throughput (rows per CPU-second); gpu: fp16, else fp32."""
+    return steps.select([Candidate(v.name, Precision(v.precision).value, v.passed,
+                                   v.speed.rows_per_cpu_s if v.speed is not None else None) for v in variants], target)
 
 
 @dataclass
@@ -166,7 +169,7 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
 
     ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
     quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
-    (:func:`exporter.int8.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
+    (:func:`exporter.int8_search.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
     the gate runs the served token-budget sub-batches instead of rows alone. ``chunk`` (--long-text chunk,
     cpu target): the graphs answer the vector before normalisation, the gate judges the mean of each text's
     windows (normalised as the model does) against sentence-transformers on the same windows, long texts added.
@@ -221,8 +224,6 @@ def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVarian
 def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant) -> EmbeddingVariant:
     """Dynamic int8 with exporter.int8's exclusion search, judged by the embedding gate (tuning texts for
     the search, the held-out texts for the final word on the kept file)."""
-    from exporter.parity import tokenize
-
     settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=False)
 
     def tune(body_q: Path) -> EmbeddingGate:
@@ -240,8 +241,8 @@ def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant)
         return record.gate
 
     batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)
-    found = int8.search(int8.DYNAMIC, body, ctx.scratch / "int8-body.onnx", settings, tune=tune, final=final,
-                        tuning_batches=batches, calibration=None, max_rounds=ctx.max_exclusion_rounds)
+    found = int8_search.search(int8.DYNAMIC, body, ctx.scratch / "int8-body.onnx", settings, tune=tune, final=final,
+                               tuning_batches=batches, calibration=None, max_rounds=ctx.max_exclusion_rounds)
     record.excluded_nodes, record.search = list(found.excluded), list(found.attempts)
     record.size_bytes = record.path.stat().st_size
     return record

@@ -8,16 +8,29 @@ embedder beside the models already in the repository (a classifier keeps serving
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.config import BuildConfig, Precision, Target
+from common.atomic import atomic_directory
+from common.provenance import sha256_file, versions
+from exporter import report as render
+from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode, to_dict
+from exporter.choices import Target
+from exporter.chunking import LongText
+from exporter.config import BuildConfig
+from exporter.embedding import read_pipeline
+from exporter.embedding_build import build_embedding_variants, select
+from exporter.embedding_gate import as_dict
 from exporter.errors import EvalDataError, ExporterError
+from exporter.inputs import check_writable, read_texts
 from exporter.result import BuildResult
+from exporter.steps import repository_stage
+from serving.contract import DEFAULT_EMBEDDER, Head, ServedModel
+from serving.errors import ServingError
+from serving.repository import RepositoryConfig, add_model
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +46,6 @@ class EmbeddingInputs:
     tuning_source: str
     tuning_texts: list[str]
     warnings: list[str]
-
-
-def read_texts(path: Path, column: str, limit: int | None = None) -> list[str]:
-    """The ``column`` of a CSV (UTF-8, else latin-1), in file order; labels are not needed."""
-    for encoding in ("utf-8", "latin-1"):
-        try:
-            with open(path, encoding=encoding, newline="") as fh:
-                reader = csv.DictReader(fh)
-                if column not in (reader.fieldnames or []):
-                    raise EvalDataError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-                rows = [row[column] for row in reader if row.get(column)]
-            break
-        except UnicodeDecodeError:
-            continue
-        except OSError as exc:
-            raise EvalDataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return rows[:limit] if limit is not None else rows
 
 
 def read_inputs(config: BuildConfig) -> EmbeddingInputs:
@@ -80,8 +76,6 @@ def read_inputs(config: BuildConfig) -> EmbeddingInputs:
 
 
 def check_outputs(config: BuildConfig) -> None:
-    from exporter.inputs import check_writable
-
     check_writable(config.out, "output directory")
     if config.repository is not None:
         check_writable(config.repository, "repository")
@@ -89,9 +83,6 @@ def check_outputs(config: BuildConfig) -> None:
 
 def build_embedding(config: BuildConfig):
     """Run the embedding build; the report is written even when no variant passes."""
-    from common.atomic import atomic_directory
-    from exporter import report as render
-    from exporter.embedding import read_pipeline
 
     pipeline = read_pipeline(config.checkpoint, pooling=config.pooling, normalize=config.normalize)  # fail fast
     chunk = chunk_config(config, pipeline)
@@ -109,13 +100,12 @@ def build_embedding(config: BuildConfig):
         log.error("no embedding variant passed its gate: nothing is served, %s is left as it was",
                   config.repository or "the repository")
     elif config.repository is not None:
-        _repository_stage(config, report, built)
+        repository_stage(report, lambda: write_embedder(config, report, built),
+                         lambda: render.write_embedding(report, config.out, figure=False))
     return BuildResult(report, config.out)
 
 
 def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline):
-    from exporter.embedding_build import build_embedding_variants
-
     return build_embedding_variants(
         config.checkpoint, inputs.texts, out, pooling=config.pooling, normalize=config.normalize,
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
@@ -126,30 +116,20 @@ def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline)
 
 def chunk_config(config: BuildConfig, pipeline):
     """The windows of a --long-text chunk build at the pipeline's max_seq_length (None when it truncates)."""
-    from exporter.chunking import LongText
-
     return config.chunk_config(pipeline.max_seq_length) if config.long_text is LongText.CHUNK else None
 
 
 def select_for_target(built, target: Target) -> str | None:
-    """cpu: the fastest passing variant per core (embedding_build.select); gpu: fp16, else fp32."""
-    if target is Target.CPU:
-        return built.selected
-    passing = {v.name for v in built.variants if v.passed}
-    return next((p.value for p in (Precision.FP16, Precision.FP32) if p.value in passing), None)
+    """cpu: the fastest passing variant per core; gpu: fp16, else fp32 (exporter.steps.select)."""
+    return select(built.variants, target)
 
 
 def served_name(config: BuildConfig) -> str:
-    from serving.contract import DEFAULT_EMBEDDER
-
     return config.model_name or DEFAULT_EMBEDDER
 
 
 def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     """The typed EmbeddingReport of ``built`` (files relative to ``out``)."""
-    from common.provenance import sha256_file, versions
-    from exporter.artifacts import EmbeddingReport, EmbeddingVariantResult, GateMode
-    from exporter.embedding_gate import as_dict
 
     variants = {v.name: EmbeddingVariantResult(
         v.precision.value, v.path.name if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
@@ -174,19 +154,6 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
         files={v.file: sha256_file(out / v.file) for v in variants.values() if v.file})
 
 
-def _repository_stage(config: BuildConfig, report, built) -> None:
-    from exporter import report as render
-
-    try:
-        path = write_embedder(config, report, built)
-    except BaseException as exc:
-        report.repository_error = f"{type(exc).__name__}: {exc}"
-        render.write_embedding(report, config.out, figure=False)
-        raise
-    report.repository = str(Path(path).absolute())
-    render.write_embedding(report, config.out, figure=False)
-
-
 def _long_text(built) -> dict:
     """RepositoryConfig fields of a chunked embedder (the windows, and whether the served model normalises the
     windows' mean); none for a truncating one."""
@@ -199,10 +166,6 @@ def _long_text(built) -> dict:
 
 def write_embedder(config: BuildConfig, report, built) -> Path:
     """Add the selected variant to ``config.repository`` as the served embedding model."""
-    from exporter.artifacts import to_dict
-    from serving.contract import Head, ServedModel
-    from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, add_model
 
     chosen = report.variants[report.selected]
     provenance = {"source": "exporter", "task": "embedding", "model_dir": report.model_dir,

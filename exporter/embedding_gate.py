@@ -17,8 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from exporter.artifacts import EmbeddingGate, EmbeddingSpeed  # the gate's typed records, in the build report
+from exporter.choices import Precision
 from exporter.chunking import ChunkConfig, reference_windows
-from exporter.config import Precision
 from exporter.embedding import EmbeddingPipeline, Source, load_tokenizer
 from exporter.errors import EvalDataError, ExporterError
 from serving.contract import ENCODER_EMBEDDING
@@ -78,45 +79,6 @@ class EmbeddingBudgets:
         """(minimum cosine, minimum top-k overlap) for ``precision``."""
         p = Precision(precision).value
         return getattr(self, f"{p}_min_cosine"), getattr(self, f"{p}_min_topk_overlap")
-
-
-@dataclass
-class EmbeddingGate:
-    """One variant's agreement with the reference on the held-out texts."""
-
-    n_texts: int
-    min_cosine: float | None
-    mean_cosine: float | None
-    max_norm_gap: float | None
-    topk_overlap: float | None
-    top_k: int
-    nan_inf: bool
-    budget_min_cosine: float
-    budget_min_topk_overlap: float
-    passed: bool
-    reason: str
-
-    def brief(self) -> dict:
-        """The verdict-bearing numbers, for the int8 exclusion search's log (exporter.int8.search)."""
-        keys = ("n_texts", "min_cosine", "topk_overlap", "nan_inf", "passed", "reason")
-        return {k: getattr(self, k) for k in keys}
-
-
-@dataclass
-class EmbeddingSpeed:
-    """Per-row throughput: one row at a time, one intra-op thread, tokenization included.
-
-    ``rows_per_cpu_s`` counts the process's CPU time instead of wall time: for a one-thread run that is
-    the per-core ceiling, and unlike wall time it hardly moves when other work shares the machine, so
-    selection uses it.
-    """
-
-    rows_per_s: float
-    n_rows: int
-    seconds: float
-    intra_op_threads: int = 1
-    rows_per_cpu_s: float = 0.0
-    cpu_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------- reference

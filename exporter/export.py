@@ -7,7 +7,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from exporter import inputs
 from exporter.errors import CheckpointError, ExporterError
+from exporter.memory import release_memory
+from exporter.optimize import save_model
 from serving.contract import ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, TOKEN_TYPE_IDS, Head
 
 log = logging.getLogger(__name__)
@@ -21,9 +24,6 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     """
     import onnx
     from optimum.exporters.onnx import main_export
-
-    from exporter.optimize import save_model
-    from exporter.stages import release_memory
 
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -100,8 +100,6 @@ def _initializer(name: str, tensor):
 
 def checkpoint_head(checkpoint: Path) -> Head:
     """The head of a checkpoint as exporter.inputs reads it (problem_type, num_labels)."""
-    from exporter import inputs
-
     raw = inputs._read_config(Path(checkpoint))
     return inputs._head(Path(checkpoint), raw, inputs._raw_labels(Path(checkpoint), raw))
 

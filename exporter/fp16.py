@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from exporter.optimize import save_model
+
 log = logging.getLogger(__name__)
 
 # Normalisations, softmax and the reductions inside an unfused LayerNorm overflow or lose precision in
@@ -22,8 +24,6 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    from exporter.optimize import save_model
 
     model = onnx.load(str(src))
     kept = [n.name for n in model.graph.node if n.op_type in FP32_OPS]

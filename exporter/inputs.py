@@ -549,6 +549,23 @@ def split_sources(checkpoint: Checkpoint, eval_path: Path) -> dict[str, Path]:
     return found
 
 
+def read_texts(path: Path, column: str, limit: int | None = None) -> list[str]:
+    """The ``column`` of a CSV (UTF-8, else latin-1), in file order; labels are not needed."""
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            with open(path, encoding=encoding, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if column not in (reader.fieldnames or []):
+                    raise EvalDataError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
+                rows = [row[column] for row in reader if row.get(column)]
+            break
+        except UnicodeDecodeError:
+            continue
+        except OSError as exc:
+            raise EvalDataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return rows[:limit] if limit is not None else rows
+
+
 def check_writable(path: Path, what: str) -> None:
     """Fail early when ``path`` cannot be created or replaced (its parent, or nearest ancestor, is read-only)."""
     path = Path(path).absolute()

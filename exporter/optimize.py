@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from exporter.config import Target
+from exporter.choices import Target
+from exporter.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def _weightless(src: Path, scratch: Path):
     once, for the final save.
     """
     import onnx
-
-    from exporter.stages import release_memory
 
     scratch.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src))

@@ -14,10 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from exporter.artifacts import GateMode, ParityResult
-from exporter.config import Budgets, Precision
-from exporter.stages import track
-from serving.contract import (DEFAULT_MULTI_LABEL_THRESHOLD, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES,
-                              Head)
+from exporter.choices import Precision
+from exporter.chunking import activation, average_rows
+from exporter.config import Budgets
+from exporter.progress import track
+from serving.contract import DEFAULT_MULTI_LABEL_THRESHOLD, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, Head
 from serving.models import token_batch
 
 log = logging.getLogger(__name__)
@@ -375,8 +376,6 @@ def check_chunked(path: Path, precision: Precision, ref: Reference, windows: lis
     """A chunked variant (--long-text chunk) as the CPU target serves it: every window alone, one thread,
     the windows' logits averaged per row, then the head's activation; judged against ``ref`` (PyTorch on the
     same windows, averaged: exporter/chunking.py)."""
-    from exporter.chunking import activation, average_rows
-
     sess = session(path, precision, threads=1, arena=False)
     logits = average_rows(ort_outputs(sess, windows, f"chunked parity {Path(path).parent.name or path}")[0], counts)
     record = compare(precision, ref, logits, activation(logits, ref.head), budgets, GateMode.PER_ROW)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from exporter.artifacts import BuildReport, GateMode, write_report_json
+from common.atomic import atomic_write_text
+from exporter.artifacts import BuildReport, GateMode, write_embedding_report_json, write_report_json
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ def plot(report: BuildReport, path: Path) -> None:
 
 def write(report: BuildReport, out_dir: Path, *, figure: bool = True) -> None:
     """Write report.json and report.md (each atomically) and, unless ``figure`` is False, report.png."""
-    from common.atomic import atomic_write_text
-
     write_report_json(report, out_dir)
     atomic_write_text(out_dir / "report.md", markdown(report))
     if figure:
@@ -241,8 +240,6 @@ def embedding_plot(report, path: Path) -> None:
 
 def write_embedding(report, out_dir: Path, *, figure: bool = True) -> None:
     """report.json (exporter.artifacts), report.md and, unless ``figure`` is False, report.png."""
-    from common.atomic import atomic_write_text
-    from exporter.artifacts import write_embedding_report_json
 
     write_embedding_report_json(report, out_dir)
     atomic_write_text(out_dir / "report.md", embedding_markdown(report))

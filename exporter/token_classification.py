@@ -20,13 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_directory, atomic_write_text
+from exporter.choices import Precision
 from exporter.chunking import LongText
-from serving.repository import Target
-from exporter.config import BuildConfig, Precision
-from exporter.embedding_flow import read_texts
+from exporter.config import BuildConfig
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
+from exporter.export import ensure_token_type_ids
+from exporter.fp16 import convert_fp16
+from exporter.inputs import read_texts
+from exporter.optimize import optimize_onnx
 from exporter.result import BuildResult
+from exporter.steps import Candidate, repository_stage, select
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
+from serving.errors import ServingError
+from serving.models import entities, tokenization
+from serving.repository import RepositoryConfig, Target, accepts_models, add_model, tokenizer_settings, write_repository
 
 log = logging.getLogger(__name__)
 WARMUP_ROWS = 4  # texts run before the timed pass (the pipeline's reference pass warms PyTorch the same way)
@@ -83,6 +91,16 @@ class TaggerGate:
     rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included
     reasons: list[str] = field(default_factory=list)
 
+    @property
+    def reason(self) -> str:
+        """The gate's verdict in words (exporter.steps.Verdict)."""
+        return "; ".join(self.reasons) if self.reasons else ("within budget" if self.passed else "not gated")
+
+    def brief(self) -> dict:
+        """The verdict-bearing numbers."""
+        keys = ("token_agreement", "entity_agreement", "max_abs", "passed")
+        return {k: getattr(self, k) for k in keys} | {"reason": self.reason}
+
 
 @dataclass
 class TaggerReport:
@@ -95,6 +113,7 @@ class TaggerReport:
     variants: dict[str, TaggerGate]
     selected: str | None = None
     repository: str | None = None
+    repository_error: str | None = None
     optimization: dict = field(default_factory=dict)
     pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
     long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
@@ -107,8 +126,6 @@ def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
     import onnx
     from optimum.exporters.onnx import main_export
 
-    from exporter.export import ensure_token_type_ids
-
     try:
         main_export(str(checkpoint), out_dir, task="token-classification", do_validation=False,
                     local_files_only=True, library_name="transformers")
@@ -119,8 +136,6 @@ def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
     ensure_token_type_ids(model)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    from exporter.optimize import optimize_onnx
-
     return optimize_onnx(out_dir, out_dir.parent / "optimized", target)
 
 
@@ -129,8 +144,6 @@ def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
     if precision is Precision.FP32:
         dst.write_bytes(fp32.read_bytes())
     elif precision is Precision.FP16:
-        from exporter.fp16 import convert_fp16
-
         convert_fp16(fp32, dst)
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -182,9 +195,6 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
     """(logits per text, entities per text, rows/s) as the served tagger computes them: each text alone."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
-
-    from serving.models import entities, tokenization
-    from serving.repository import tokenizer_settings
 
     settings = tokenizer_settings(tokenizer_dir)
     tok = tokenization.LengthTokenizer(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), config.max_length,
@@ -263,8 +273,6 @@ def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGa
 
 def build_tagger(config: BuildConfig):
     """Build, gate, report and (when a variant passes) serve a token classifier."""
-    from common.atomic import atomic_directory
-
     labels = read_labels(config.checkpoint)
     if config.target is not Target.CPU:
         raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
@@ -280,19 +288,23 @@ def build_tagger(config: BuildConfig):
             path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
             variants[precision.value] = gate(precision.value, path, config, ref)
             log.info("tagger %s: %s", precision.value, variants[precision.value])
-        passing = [v for v in variants.values() if v.passed]
+        selected = select([Candidate(name, name, v.passed, v.rows_per_s) for name, v in variants.items()],
+                          config.target)
         report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
-                              config.max_length, str(config.eval_data), len(texts), variants,
-                              max(passing, key=lambda v: v.rows_per_s).variant if passing else None,
+                              config.max_length, str(config.eval_data), len(texts), variants, selected,
                               long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
                               pipeline_rows_per_s=ref.rows_per_s, optimization=optimization)
-        (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+        write_report(report, out)
     if report.selected is None:
         log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
     elif config.repository is not None:
-        report.repository = str(write_tagger(config, report, labels))
-        (config.out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
+        repository_stage(report, lambda: write_tagger(config, report, labels), lambda: write_report(report, config.out))
     return BuildResult(report, config.out)
+
+
+def write_report(report: TaggerReport, out: Path) -> None:
+    """``out/report.json``, atomically."""
+    atomic_write_text(Path(out) / "report.json", json.dumps(asdict(report), indent=2, default=str) + "\n")
 
 
 def _eval_texts(config: BuildConfig) -> list[str]:
@@ -306,8 +318,6 @@ def _eval_texts(config: BuildConfig) -> list[str]:
 
 def write_tagger(config: BuildConfig, report: TaggerReport, labels: list[str]) -> Path:
     """The selected variant into the repository as ``tagger`` (or --model-name), beside the models there."""
-    from serving.errors import ServingError
-    from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
 
     model = ServedModel(name=config.model_name or DEFAULT_TAGGER, head=Head.TOKEN_CLASSIFICATION,
                         labels=tuple(labels), aggregation=config.aggregation)

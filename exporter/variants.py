@@ -10,10 +10,13 @@ from typing import Callable
 
 import numpy as np
 
+from exporter import int8, int8_search, parity, speed, worker
 from exporter.artifacts import MODEL_FILE, GateMode, ParityResult, SpeedResult, Variant
-from exporter.config import BuildConfig, Precision, Target
+from exporter.choices import Precision, Target
+from exporter.config import BuildConfig
+from exporter.memory import release_memory
 from exporter.parity import Batch, Reference
-from exporter.stages import Stages, release_memory
+from exporter.stages import Stages
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ class Context:
         return path
 
     def gate(self, path: Path, precision: Precision) -> ParityResult:
-        from exporter import parity
-
         if self.data.windows is not None:
             return parity.check_chunked(path, precision, self.data.ref, self.data.windows, self.data.window_counts,
                                         self.config.budgets)
@@ -79,8 +80,6 @@ class Context:
 
     def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
         """Speed: per row, tokenized, 1 thread (cpu, as served); padded batches of --batch-size (gpu)."""
-        from exporter import parity, speed
-
         seconds = seconds or self.config.speed_seconds
         threads = parity.gate_threads(self.mode)
         sess = parity.session(path, precision, threads=threads)
@@ -96,8 +95,6 @@ class Context:
 
     def tuning_reference(self) -> Reference:
         """The fused fp32 graph's answers on the tuning rows, as the gate runs them (computed once)."""
-        from exporter import parity
-
         if self._tune_ref is None:
             sess = parity.session(self.base, Precision.FP32, threads=parity.gate_threads(self.mode), arena=False)
             feeds = parity.gate_feeds(self.data.tuning_batches, self.mode, self.config.max_batch_tokens)
@@ -171,15 +168,11 @@ def _make_fp32(ctx: Context, dst: Path) -> Made:
 
 
 def _make_fp16(ctx: Context, dst: Path) -> Made:
-    from exporter import worker
-
     info = worker.call("fp16", src=str(ctx.base), dst=str(dst))
     return {k: info[k] for k in ("fp32_nodes", "fp32_io", "fp32_ops_present", "converter")}, None
 
 
 def _make_int8(ctx: Context, dst: Path) -> Made:
-    from exporter import int8, parity
-
     kind = int8.STATIC if dst.parent.name == INT8_STATIC else int8.DYNAMIC
     settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=kind == int8.STATIC)
     tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
@@ -189,11 +182,12 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
         sess = parity.session(path, Precision.INT8, threads=parity.gate_threads(ctx.mode), arena=False)
         return parity.tuning_check(sess, tuning_feeds, tune_ref, budgets, ctx.mode)
 
-    found = int8.search(kind, ctx.base, dst, settings, tune=tune, final=lambda p: ctx.gate(p, Precision.INT8),
-                        tuning_batches=ctx.data.tuning_batches, calibration=ctx.data.calibration,
-                        max_rounds=ctx.config.max_exclusion_rounds, calibration_cache=ctx.scratch / "calibration.json",
-                        throughput=lambda p: ctx.speed(p, Precision.INT8, 0.5).throughput_seq_s,
-                        speed_floor=None if ctx.config.exhaustive_int8 else ctx.best_passing())
+    found = int8_search.search(kind, ctx.base, dst, settings, tune=tune, final=lambda p: ctx.gate(p, Precision.INT8),
+                               tuning_batches=ctx.data.tuning_batches, calibration=ctx.data.calibration,
+                               max_rounds=ctx.config.max_exclusion_rounds,
+                               calibration_cache=ctx.scratch / "calibration.json",
+                               throughput=lambda p: ctx.speed(p, Precision.INT8, 0.5).throughput_seq_s,
+                               speed_floor=None if ctx.config.exhaustive_int8 else ctx.best_passing())
     extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}

@@ -16,6 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.cli import setup_logging
+from exporter import errors, export, fp16, int8, optimize, parity, speed
+from exporter.choices import Precision, Target
+from exporter.errors import ExporterError
+
 EXIT_USER_ERROR = 3
 
 
@@ -37,23 +42,16 @@ def _export(checkpoint: str, scratch: str, target: str, singles: str | None = No
 
 
 def _export_onnx(checkpoint: str, raw: str) -> dict:
-    from exporter import export
-
     export.export_onnx(Path(checkpoint), Path(raw))
     return {}
 
 
 def _fuse(raw: str, fused: str, target: str) -> dict:
-    from exporter import optimize
-    from exporter.config import Target
-
     return optimize.optimize_onnx(Path(raw), Path(fused), Target(target))[1]
 
 
 def _fusion_speed(raw: str, fused: str, level: str, singles: str, batches: str, seconds: float) -> dict:
     """Batch throughput of the unfused and the fused graph, one session at a time."""
-    from exporter import parity, speed
-    from exporter.config import Precision
 
     rows, full = load_batches(Path(singles)), load_batches(Path(batches))
     return {label: speed.measure(speed.ort_runner(parity.session(Path(path) / "model.onnx", Precision.FP32,
@@ -62,16 +60,12 @@ def _fusion_speed(raw: str, fused: str, level: str, singles: str, batches: str, 
 
 
 def _fp16(src: str, dst: str) -> dict:
-    from exporter import fp16
-
     return fp16.convert_fp16(Path(src), Path(dst))
 
 
 def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exclude: list[str],
               calibration: str | None, calibration_cache: str | None) -> dict:
     """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`)."""
-    from exporter import int8
-
     settings = int8.QuantSettings.from_preset(preset, is_static=kind == int8.STATIC, per_channel=per_channel)
     batches = load_batches(Path(calibration)) if calibration else None
     int8.quantize_here(kind, Path(src), Path(dst), settings, exclude=exclude, calibration=batches,
@@ -81,8 +75,6 @@ def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exc
 
 def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: bool, per_channel: bool,
           calibration: str | None) -> list[dict]:
-    from exporter import int8
-
     settings = int8.QuantSettings.from_preset(preset, is_static=is_static, per_channel=per_channel)
     return int8.rank_sensitivity(Path(src), load_batches(Path(batches)), tuple(op_types), settings,
                                  load_batches(Path(calibration)) if calibration else None)
@@ -128,8 +120,6 @@ def load_batches(path: Path) -> list[dict]:
 
 def call(job: str, **args: Any) -> dict:
     """Run ``job`` in a worker process and return its JSON result; its user errors are re-raised here."""
-    from exporter import errors
-
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix=f"exporter-{job}-") as tmp:
@@ -159,9 +149,6 @@ def _record_peaks(job: str, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import setup_logging
-    from exporter.errors import ExporterError
-
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     setup_logging(False)
     out = Path(spec["result"])

@@ -410,7 +410,7 @@ def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkeypatch, exc):
-    import serving.repository
+    import exporter.build
 
     repo, out = tmp_path / "repo", tmp_path / "build"
     shutil.copytree(tiny["repo"], repo)
@@ -421,8 +421,8 @@ def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkey
     def boom(*args, **kwargs):
         raise exc("interrupted while writing the repository")
 
-    monkeypatch.setattr(serving.repository, "write_repository", boom)
-    monkeypatch.setattr(serving.repository, "add_model", boom)  # the repository serves the model: next version
+    monkeypatch.setattr(exporter.build, "write_repository", boom)  # the build's repository writer
+    monkeypatch.setattr(exporter.build, "add_model", boom)  # the repository serves the model: next version
     if exc is KeyboardInterrupt:
         assert run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", *FAST]) == 130
     else:

@@ -343,13 +343,13 @@ def test_tuning_check_stops_early_only_when_the_budget_is_already_lost():
 
 def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: float, floor: float | None,
                  max_rounds: int = 3):
-    """Run int8.search with the quantizer and the sensitivity ranking replaced by stand-ins."""
-    from exporter import int8
+    """Run int8_search.search with the quantizer and the sensitivity ranking replaced by stand-ins."""
+    from exporter import int8, int8_search
 
     calls = []
-    monkeypatch.setattr(int8, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
+    monkeypatch.setattr(int8_search, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
     ranked = [{"node": f"n{i}", "op_type": "MatMul", "local_rel_error": 1.0 / (i + 1)} for i in range(16)]
-    monkeypatch.setattr(int8, "_rank_in_worker", lambda *a, **k: ranked)
+    monkeypatch.setattr(int8_search, "_rank_in_worker", lambda *a, **k: ranked)
 
     from exporter.artifacts import ParityResult
 
@@ -364,9 +364,9 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
                             label_agreement=1.0 if ok else 0.9)
 
     settings = int8.QuantSettings("avx2", False, True, True, None, None)
-    result = int8.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=tune, final=final,
-                         tuning_batches=[], calibration=None, max_rounds=max_rounds,
-                         throughput=lambda p: seq_s, speed_floor=floor)
+    result = int8_search.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=tune,
+                                final=final, tuning_batches=[], calibration=None, max_rounds=max_rounds,
+                                throughput=lambda p: seq_s, speed_floor=floor)
     return result, calls
 
 
@@ -391,7 +391,7 @@ def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monk
 
 def test_progress_is_silent_off_a_terminal(capsys):
     """Off a TTY the progress display adds nothing to the logs, and track still yields every item."""
-    from exporter.stages import progress_display, track
+    from exporter.progress import progress_display, track
 
     with progress_display():
         assert list(track(iter(range(4)), "rows", total=4)) == [0, 1, 2, 3]

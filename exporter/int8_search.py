@@ -1,0 +1,154 @@
+"""The int8 search, the build process's side of stage 4: quantize in a worker, check on tuning rows, and
+exclude the most sensitive nodes (ranked in a worker by :func:`exporter.int8.rank_sensitivity`) a bounded
+number of times until the budget holds. The conversions themselves live in :mod:`exporter.int8`, which the
+worker process runs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from exporter import worker
+from exporter.int8 import DYNAMIC, DYNAMIC_OPS, STATIC, STATIC_OPS, QuantSettings
+from exporter.parity import Batch
+from exporter.progress import track
+from exporter.steps import Gate, Verdict
+
+log = logging.getLogger(__name__)
+
+# Fractions of the ranked candidates excluded in rounds 1, 2, 3, ... (round 0 quantizes everything).
+EXCLUSION_SCHEDULE = (0.125, 0.25, 0.5, 0.75)
+
+
+def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
+             calibration: list[Batch] | None = None, calibration_cache: Path | None = None) -> None:
+    """:func:`exporter.int8.quantize_here` in a worker process (the quantizers hold several copies of the
+    weights)."""
+    with tempfile.TemporaryDirectory(prefix="int8-calibration-") as tmp:
+        batches = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        worker.call("quantize", kind=kind, src=str(src), dst=str(dst), preset=settings.preset,
+                    per_channel=settings.per_channel, exclude=list(exclude),
+                    calibration=str(batches) if batches else None,
+                    calibration_cache=str(calibration_cache) if calibration_cache else None)
+
+
+@dataclass
+class SearchResult:
+    path: Path | None
+    excluded: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)
+    sensitivity: list[dict] = field(default_factory=list)
+    eval_record: Verdict | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class _Search:
+    """What one search needs besides the files: the checks, the rows for ranking, and the speed floor."""
+
+    kind: str
+    settings: QuantSettings
+    tune: Gate
+    final: Gate
+    tuning_batches: list[Batch]
+    calibration: list[Batch] | None
+    calibration_cache: Path | None
+    throughput: Callable[[Path], float] | None
+    speed_floor: float | None
+
+
+def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Gate, final: Gate,
+           tuning_batches: list[Batch], calibration: list[Batch] | None, max_rounds: int,
+           calibration_cache: Path | None = None,
+           throughput: Callable[[Path], float] | None = None, speed_floor: float | None = None) -> SearchResult:
+    """Quantize, check on tuning rows, and exclude the most sensitive nodes until the budget holds.
+
+    ``tune(path)`` and ``final(path)`` are gates (exporter.steps.Gate: the task's measure, a Verdict):
+    ``tune`` on tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set
+    itself. Returns the last attempt; its
+    ``eval_record`` says whether it passed. When round 0 fails and ``throughput(path)`` is already below
+    ``speed_floor`` (the best passing variant's), no exclusion round is tried: keeping nodes in fp32 only
+    slows a variant down, so it could never be selected.
+    """
+    job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)
+    result = SearchResult(path=None)
+    ranked: list[dict] | None = None
+    exclude: list[str] = []
+    for round_ in track(range(max_rounds + 1), f"int8 {kind} search rounds", total=max_rounds + 1):
+        if round_ > 0:
+            if ranked is None:
+                ranked = _rank(job, src, result)
+            exclude = _next_exclusion(ranked, exclude, round_)
+            if exclude is None:
+                break
+        if _round(job, src, dst, round_, exclude, result):
+            break
+    if result.path is not None and result.eval_record is None:
+        result.eval_record = final(result.path)  # the gate always speaks for the file that is kept
+    if result.skipped and not result.eval_record.passed:
+        result.eval_record.reason += f"; {result.skipped}"
+    return result
+
+
+def _rank(job: _Search, src: Path, result: SearchResult) -> list[dict]:
+    t0 = time.perf_counter()
+    ops = DYNAMIC_OPS if job.kind == DYNAMIC else STATIC_OPS
+    ranked = _rank_in_worker(src, job.tuning_batches[:2], ops, job.settings, (job.calibration or [])[:4])
+    result.sensitivity = ranked[:10]
+    log.info("int8 %s: ranked %d nodes by local error in %.1fs; most sensitive: %s", job.kind, len(ranked),
+             time.perf_counter() - t0, ", ".join(f"{r['node']} ({r['local_rel_error']:.3f})" for r in ranked[:3]))
+    return ranked
+
+
+def _rank_in_worker(src: Path, batches: list[Batch], ops: tuple[str, ...], settings: QuantSettings,
+                    calibration: list[Batch]) -> list[dict]:
+    """:func:`exporter.int8.rank_sensitivity` in a worker process (it holds the weights and a capture
+    session)."""
+    with tempfile.TemporaryDirectory(prefix="int8-rank-") as tmp:
+        rows = worker.save_batches(batches, Path(tmp) / "rows.npz")
+        calib = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
+        return worker.call("rank", src=str(src), batches=str(rows), op_types=list(ops), preset=settings.preset,
+                           is_static=settings.is_static, per_channel=settings.per_channel,
+                           calibration=str(calib) if calib else None)
+
+
+def _next_exclusion(ranked: list[dict], exclude: list[str], round_: int) -> list[str] | None:
+    """The nodes round ``round_`` keeps in fp32, or None when it would exclude nothing new."""
+    frac = EXCLUSION_SCHEDULE[min(round_ - 1, len(EXCLUSION_SCHEDULE) - 1)]
+    k = min(len(ranked), max(len(exclude) + 1, math.ceil(frac * len(ranked))))
+    return None if k <= len(exclude) else [r["node"] for r in ranked[:k]]
+
+
+def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], result: SearchResult) -> bool:
+    """Quantize and check one round; True when the search should stop (passed, or not worth going on)."""
+    t0 = time.perf_counter()
+    result.eval_record = None
+    quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
+             calibration_cache=job.calibration_cache if job.kind == STATIC else None)
+    tuning = job.tune(dst)
+    attempt = {"round": round_, "excluded": len(exclude), "tuning": tuning.brief()}
+    if tuning.passed:
+        result.eval_record = job.final(dst)
+        attempt["eval"] = result.eval_record.brief()
+    result.attempts.append(attempt)
+    result.path, result.excluded = dst, list(exclude)
+    log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
+             "pass" if tuning.passed else f"fail ({tuning.reason})",
+             "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
+             time.perf_counter() - t0)
+    if result.eval_record is not None and result.eval_record.passed:
+        return True
+    if round_ == 0 and job.throughput is not None and job.speed_floor:
+        seq_s = job.throughput(dst)
+        attempt["throughput_seq_s"] = seq_s
+        if seq_s < job.speed_floor:
+            result.skipped = (f"exclusion search skipped: round 0 runs {seq_s:.1f} seq/s, below the "
+                              f"{job.speed_floor:.1f} seq/s of a variant that already passed")
+            log.info("int8 %s: %s", job.kind, result.skipped)
+            return True
+    return False

@@ -1,0 +1,74 @@
+"""The steps every build shares, whatever its task (classifier, embedder, tagger): the gate interface a
+variant is judged through, the one rule that selects the variant to serve, and the repository stage that
+hands it to serving and records the outcome in the report.
+
+A task supplies its own gate measure (exporter.parity for classifiers, exporter.embedding_gate for
+embedders, exporter.token_classification for taggers); each returns a record that is a :class:`Verdict`,
+and the int8 search (exporter.int8_search) and :func:`select` only look at that."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+from exporter.choices import Precision, Target
+
+# The target's preference when it does not select by speed: the GPU target serves fp16, else fp32.
+GPU_PREFERENCE = (Precision.FP16.value, Precision.FP32.value)
+
+
+class Verdict(Protocol):
+    """What a gate says of one variant (ParityResult, EmbeddingGate, TaggerGate)."""
+
+    passed: bool
+    reason: str
+
+    def brief(self) -> dict[str, Any]: ...
+
+
+Gate = Callable[[Path], Verdict]  # a variant's file -> its verdict (a task's measure, bound to its reference)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One built variant as selection sees it: its gate verdict, its speed (higher is faster, in the unit the
+    task times: sequences/s, rows per CPU-second, texts/s), and whether the target can serve it."""
+
+    name: str
+    precision: str
+    passed: bool
+    speed: float | None = None
+    servable: bool = True
+
+
+def select(candidates: Iterable[Candidate], target: Target) -> str | None:
+    """The variant to serve: among those that passed their gate and the target serves, the GPU target takes
+    fp16, else fp32; the CPU target the fastest (a variant whose speed was not measured ranks last).
+    None when no variant qualifies."""
+    passing = [c for c in candidates if c.passed and c.servable]
+    if not passing:
+        return None
+    if Target(target) is Target.GPU:
+        preferred = [c for p in GPU_PREFERENCE for c in passing if c.precision == p]
+        return (preferred or passing)[0].name
+    return max(passing, key=lambda c: c.speed if c.speed is not None else float("-inf")).name
+
+
+def repository_stage(report: Any, write: Callable[[], Path], save: Callable[[], None], stages=None) -> Path:
+    """Hand the selected variant to the repository writer (``write()`` returns the repository) and record the
+    outcome in ``report`` (``repository``, or ``repository_error`` when writing failed: the error is re-raised
+    after ``save()`` wrote the report). With ``stages`` (exporter.stages.Stages) the write is a timed stage
+    and the report takes the stage times and memory record."""
+    try:
+        with stages("repository") if stages is not None else contextlib.nullcontext():
+            path = write()
+    except BaseException as exc:
+        report.repository_error = f"{type(exc).__name__}: {exc}"
+        save()
+        raise
+    report.repository = str(Path(path).absolute())
+    if stages is not None:
+        report.stage_seconds, report.memory = stages.seconds, stages.memory
+    save()
+    return Path(path)
