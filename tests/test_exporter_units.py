@@ -425,19 +425,39 @@ def test_worker_batches_round_trip(tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_worker_reraises_user_errors_as_one_line(tmp_path):
-    """An unexportable checkpoint fails inside the worker; the build process gets the same CheckpointError."""
+def test_worker_raises_the_jobs_own_exceptions(tmp_path):
+    """An unexportable checkpoint fails in the export worker's own export worker (a pool inside a pool's
+    process); the build process gets that CheckpointError itself, with its message and the worker's traceback
+    as its cause. A converter's failure arrives as its own class too; no worker process outlives its job."""
+    import multiprocessing
+
     from exporter.worker import call
 
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
                                                 "model_type": "bert", "id2label": {"0": "a", "1": "b"}}))
-    with pytest.raises(CheckpointError, match="cannot export"):
+    with pytest.raises(CheckpointError, match=f"cannot export {ck} to ONNX") as info:
         call("export", checkpoint=str(ck), scratch=str(tmp_path / "scratch"), target="cpu")
-    with pytest.raises(RuntimeError, match="AttributeError"):
+    assert type(info.value) is CheckpointError and "Traceback" in str(info.value.__cause__)
+    with pytest.raises(AttributeError, match="nope"):
         call("quantize", kind="dynamic", src=str(tmp_path / "missing.onnx"), dst=str(tmp_path / "o.onnx"),
              preset="nope", per_channel=True, exclude=[], calibration=None, calibration_cache=None)
+    assert multiprocessing.active_children() == []
+
+
+class _Unpicklable(Exception):
+    def __init__(self, *, reason):
+        super().__init__(f"because {reason}")
+
+
+def test_worker_names_an_exception_that_cannot_travel_back():
+    from exporter.worker import WorkerError, _picklable
+
+    error = _picklable(_Unpicklable(reason="kw-only"))
+    assert type(error) is WorkerError and str(error) == "_Unpicklable: because kw-only"
+    plain = CheckpointError("bad")
+    assert _picklable(plain) is plain
 
 
 def test_save_model_writes_the_same_model_one_tensor_at_a_time(tmp_path, tiny_onnx):
