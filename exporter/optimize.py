@@ -153,22 +153,22 @@ def save_model(model, path: Path, base_dir: Path | None = None) -> None:
         fh.write(_without(model, "graph").SerializeToString())
         fh.write(onnx.ModelProto(graph=_without(model.graph, "initializer")).SerializeToString())
         for tensor in model.graph.initializer:
-            if external_data_helper.uses_external_data(tensor):
-                tensor = _inline(tensor, base_dir)
-            fh.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])).SerializeToString())
+            wrapper = onnx.ModelProto()  # graph.initializer = [a copy of this tensor], nothing else
+            copy = wrapper.graph.initializer.add()
+            copy.CopyFrom(tensor)
+            if external_data_helper.uses_external_data(copy):
+                _inline(copy, base_dir)
+            fh.write(wrapper.SerializeToString())
+            del wrapper, copy
     tmp.replace(path)
 
 
-def _inline(tensor, base_dir: Path | None):
-    """A copy of an external-data initializer with its bytes read from ``base_dir`` (the original stays small)."""
-    import onnx
+def _inline(tensor, base_dir: Path | None) -> None:
+    """Read an external-data initializer's bytes from ``base_dir`` into it: an ordinary tensor afterwards."""
     from onnx import external_data_helper
 
     if base_dir is None:
         raise ValueError(f"initializer {tensor.name} is external data and no base directory was given")
-    copy = onnx.TensorProto()
-    copy.CopyFrom(tensor)
-    external_data_helper.load_external_data_for_tensor(copy, str(base_dir))
-    del copy.external_data[:]
-    copy.ClearField("data_location")
-    return copy
+    external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
