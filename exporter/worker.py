@@ -72,23 +72,21 @@ def _fp16(src: str, dst: str) -> dict:
     return fp16.convert_fp16(Path(src), Path(dst))
 
 
-def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exclude: list[str],
-              calibration: str | None, calibration_cache: str | None) -> dict:
-    """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`)."""
+def _quantize(kind: str, src: str, dst: str, settings, exclude: list[str], calibration: str | None,
+              calibration_cache: str | None) -> dict:
+    """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`).
+    ``settings`` (an ``int8.QuantSettings``) arrives pickled, so this process never imports Optimum (nor torch)."""
     from exporter import int8
 
-    settings = int8.QuantSettings.from_preset(preset, is_static=kind == int8.STATIC, per_channel=per_channel)
     batches = load_batches(Path(calibration)) if calibration else None
     int8.quantize_here(kind, Path(src), Path(dst), settings, exclude=exclude, calibration=batches,
                        calibration_cache=Path(calibration_cache) if calibration_cache else None)
     return {}
 
 
-def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: bool, per_channel: bool,
-          calibration: str | None) -> list[dict]:
+def _rank(src: str, batches: str, op_types: list[str], settings, calibration: str | None) -> list[dict]:
     from exporter import int8
 
-    settings = int8.QuantSettings.from_preset(preset, is_static=is_static, per_channel=per_channel)
     return int8.rank_sensitivity(Path(src), load_batches(Path(batches)), tuple(op_types), settings,
                                  load_batches(Path(calibration)) if calibration else None)
 
