@@ -31,8 +31,7 @@ def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclud
     weights)."""
     with tempfile.TemporaryDirectory(prefix="int8-calibration-") as tmp:
         batches = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
-        worker.call("quantize", kind=kind, src=str(src), dst=str(dst), preset=settings.preset,
-                    per_channel=settings.per_channel, exclude=list(exclude),
+        worker.call("quantize", kind=kind, src=str(src), dst=str(dst), settings=settings, exclude=list(exclude),
                     calibration=str(batches) if batches else None,
                     calibration_cache=str(calibration_cache) if calibration_cache else None)
 
@@ -112,8 +111,7 @@ def _rank_in_worker(src: Path, batches: list[Batch], ops: tuple[str, ...], setti
     with tempfile.TemporaryDirectory(prefix="int8-rank-") as tmp:
         rows = worker.save_batches(batches, Path(tmp) / "rows.npz")
         calib = worker.save_batches(calibration, Path(tmp) / "calibration.npz") if calibration else None
-        return worker.call("rank", src=str(src), batches=str(rows), op_types=list(ops), preset=settings.preset,
-                           is_static=settings.is_static, per_channel=settings.per_channel,
+        return worker.call("rank", src=str(src), batches=str(rows), op_types=list(ops), settings=settings,
                            calibration=str(calib) if calib else None)
 
 

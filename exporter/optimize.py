@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import shutil
 from pathlib import Path
-from typing import Iterable
 
 from exporter.choices import Target
 from exporter.memory import release_memory
@@ -18,7 +16,6 @@ log = logging.getLogger(__name__)
 # O3 adds the GELU approximation and O4 casts the whole graph to fp16 blindly: neither is used.
 LEVEL = {Target.CPU: 2, Target.GPU: 2}
 MS_DOMAIN = "com.microsoft"
-MODEL_GRAPH, GRAPH_INITIALIZER = 7, 5  # field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer
 
 
 def _fuse(model, raw_dir: Path, level: int, target: Target):
@@ -122,13 +119,6 @@ def clear_data_location(model) -> None:
         tensor.ClearField("data_location")
 
 
-def _field(number: int, data: bytes) -> bytes:
-    """One length-delimited protobuf field: key, length, bytes."""
-    from google.protobuf.internal.encoder import _VarintBytes
-
-    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(data)) + data
-
-
 def _without(message, name: str):
     """A copy of ``message`` without its field ``name`` (the other fields are small)."""
     out = type(message)()
@@ -144,20 +134,40 @@ def _without(message, name: str):
     return out
 
 
-def save_model(model, path: Path, extra_initializers: Iterable = ()) -> None:
+def save_model(model, path: Path, base_dir: Path | None = None) -> None:
     """``onnx.save(model, path)`` (one file, weights inside) without serializing the model in one piece.
 
     ``onnx.save`` holds the model, its serialization and a copy of that at once (+1.5 GB on BERT-base).
-    This writes the model without its graph, the graph without its initializers, then each initializer as
-    a further ``graph`` field: protobuf merges repeated occurrences of a message field, so every reader
-    (onnx, ONNX Runtime) parses the same ModelProto, holding one tensor's bytes at a time here.
-    ``extra_initializers`` (TensorProtos, made one at a time by a generator) are written after the model's own.
+    This writes the model without its graph, then its graph without initializers, then each initializer as
+    a ModelProto of its own that holds only that one: protobuf parsers merge repeated occurrences of a
+    message field (the documented "last one wins"/merge rule of the wire format), so every reader (onnx,
+    ONNX Runtime) parses the same ModelProto, and this process holds one tensor's bytes at a time.
+    Initializers kept as ONNX external data are read from ``base_dir`` one at a time and written inline.
     """
-    graph = model.graph
+    import onnx
+    from onnx import external_data_helper
+
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(_without(model, "graph").SerializeToString())
-        fh.write(_field(MODEL_GRAPH, _without(graph, "initializer").SerializeToString()))
-        for tensor in itertools.chain(graph.initializer, extra_initializers):
-            fh.write(_field(MODEL_GRAPH, _field(GRAPH_INITIALIZER, tensor.SerializeToString())))
+        fh.write(onnx.ModelProto(graph=_without(model.graph, "initializer")).SerializeToString())
+        for tensor in model.graph.initializer:
+            wrapper = onnx.ModelProto()  # graph.initializer = [a copy of this tensor], nothing else
+            copy = wrapper.graph.initializer.add()
+            copy.CopyFrom(tensor)
+            if external_data_helper.uses_external_data(copy):
+                _inline(copy, base_dir)
+            fh.write(wrapper.SerializeToString())
+            del wrapper, copy
     tmp.replace(path)
+
+
+def _inline(tensor, base_dir: Path | None) -> None:
+    """Read an external-data initializer's bytes from ``base_dir`` into it: an ordinary tensor afterwards."""
+    from onnx import external_data_helper
+
+    if base_dir is None:
+        raise ValueError(f"initializer {tensor.name} is external data and no base directory was given")
+    external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")

@@ -1,27 +1,31 @@
-"""Memory-heavy conversions in a process of their own: `python -m exporter.worker JOB_FILE`.
+"""Memory-heavy conversions in a process of their own: :func:`call` runs one job in a fresh worker process.
 
 The torch exporter, the fusion passes, the fp16 converter and the quantizers each hold several copies of
 the weights at once (measured on a BERT-base-sized checkpoint: +2.6 GB for the export, +3.8 GB for
 ORTOptimizer's O2 pass, +0.5 GB for the fp16 conversion). Run in a worker, all of it goes back to the
 system when the worker exits, and the build process only ever holds the sessions that judge a variant.
-:func:`call` is the parent's side; the job file names the job and its JSON arguments.
+Each job runs in a ``concurrent.futures.ProcessPoolExecutor`` of one spawned process that takes one task
+(``max_tasks_per_child=1``): arguments and results travel pickled, and an exception a job raises arrives in
+the caller as itself (class, message, and the worker's traceback as its cause).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
+import logging
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from common.cli import setup_logging
-from exporter import errors, export, fp16, int8, optimize, parity, speed
+from exporter import export, fp16, int8, optimize, parity, speed
 from exporter.choices import Precision, Target
-from exporter.errors import ExporterError
 
-EXIT_USER_ERROR = 3
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker's exception that cannot travel back pickled, as its class name and message."""
 
 
 def _export(checkpoint: str, scratch: str, target: str, singles: str | None = None, batches: str | None = None,
@@ -52,7 +56,6 @@ def _fuse(raw: str, fused: str, target: str) -> dict:
 
 def _fusion_speed(raw: str, fused: str, level: str, singles: str, batches: str, seconds: float) -> dict:
     """Batch throughput of the unfused and the fused graph, one session at a time."""
-
     rows, full = load_batches(Path(singles)), load_batches(Path(batches))
     return {label: speed.measure(speed.ort_runner(parity.session(Path(path) / "model.onnx", Precision.FP32,
                                                                   arena=False)), rows, full, seconds).throughput_seq_s
@@ -63,19 +66,17 @@ def _fp16(src: str, dst: str) -> dict:
     return fp16.convert_fp16(Path(src), Path(dst))
 
 
-def _quantize(kind: str, src: str, dst: str, preset: str, per_channel: bool, exclude: list[str],
-              calibration: str | None, calibration_cache: str | None) -> dict:
-    """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`)."""
-    settings = int8.QuantSettings.from_preset(preset, is_static=kind == int8.STATIC, per_channel=per_channel)
+def _quantize(kind: str, src: str, dst: str, settings, exclude: list[str], calibration: str | None,
+              calibration_cache: str | None) -> dict:
+    """int8 quantization; ``calibration`` is an .npz of the calibration batches (see :func:`save_batches`).
+    ``settings`` (an ``int8.QuantSettings``) arrives pickled, so this process never imports Optimum (nor torch)."""
     batches = load_batches(Path(calibration)) if calibration else None
     int8.quantize_here(kind, Path(src), Path(dst), settings, exclude=exclude, calibration=batches,
                        calibration_cache=Path(calibration_cache) if calibration_cache else None)
     return {}
 
 
-def _rank(src: str, batches: str, op_types: list[str], preset: str, is_static: bool, per_channel: bool,
-          calibration: str | None) -> list[dict]:
-    settings = int8.QuantSettings.from_preset(preset, is_static=is_static, per_channel=per_channel)
+def _rank(src: str, batches: str, op_types: list[str], settings, calibration: str | None) -> list[dict]:
     return int8.rank_sensitivity(Path(src), load_batches(Path(batches)), tuple(op_types), settings,
                                  load_batches(Path(calibration)) if calibration else None)
 
@@ -118,51 +119,37 @@ def load_batches(path: Path) -> list[dict]:
     return [batches[i] for i in sorted(batches)]
 
 
-def call(job: str, **args: Any) -> dict:
-    """Run ``job`` in a worker process and return its JSON result; its user errors are re-raised here."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix=f"exporter-{job}-") as tmp:
-        spec, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps({"job": job, "args": args, "result": str(result_file)}))
-        proc = subprocess.run([sys.executable, "-m", "exporter.worker", str(spec)], env=env)
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    _record_peaks(job, result)
-    if "error" in result and result["type"] != "ConversionError":
-        raise getattr(errors, result["type"], errors.ExporterError)(result["error"])
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    if proc.returncode != 0 or "result" not in result:
-        raise RuntimeError(f"the exporter worker ({job}) failed with exit code {proc.returncode}; see its log above")
-    return result["result"]
+def call(job: str, **args: Any) -> Any:
+    """Run ``job`` with ``args`` in a fresh worker process and return its result; what it raises is raised here.
+
+    A worker that dies (killed for memory, a crash in native code) raises ``BrokenProcessPool`` (a RuntimeError).
+    """
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this process's threads/memory
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        result, peak, peaks = pool.submit(_run, job, args).result()
+    PEAKS.extend(peaks)  # the workers that worker ran itself
+    PEAKS.append((job, peak))
+    log.info("worker %s: peak RSS %.2f GB", job, peak / 1e9)
+    return result
 
 
-def _record_peaks(job: str, result: dict) -> None:
-    """Keep the peak RSS of the worker (and of the workers it ran itself) in :data:`PEAKS`."""
-    import logging
-
-    for name, peak in result.get("peaks", []):
-        PEAKS.append((name, peak))
-    if "peak_rss_bytes" in result:
-        PEAKS.append((job, result["peak_rss_bytes"]))
-        logging.getLogger(__name__).info("worker %s: peak RSS %.2f GB", job, result["peak_rss_bytes"] / 1e9)
-
-
-def main(argv: list[str] | None = None) -> int:
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+def _run(job: str, args: dict) -> tuple[Any, int, list[tuple[str, int]]]:
+    """In the worker: the job's result, this process's peak RSS and the peaks of the workers it ran."""
     setup_logging(False)
-    out = Path(spec["result"])
     try:
-        result = JOBS[spec["job"]](**spec["args"])
-    except ExporterError as exc:  # a user error (e.g. an unexportable checkpoint): the parent says it in one line
-        out.write_text(json.dumps({"error": str(exc), "type": type(exc).__name__, "peaks": PEAKS}))
-        return EXIT_USER_ERROR
-    except Exception as exc:  # a converter failure: the parent fails the variant with this reason
-        out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "type": "ConversionError"}))
-        raise
-    out.write_text(json.dumps({"result": result, "peak_rss_bytes": own_peak_rss(), "peaks": PEAKS}))
-    return 0
+        result = JOBS[job](**args)
+    except Exception as exc:
+        failure = _picklable(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+    return result, own_peak_rss(), PEAKS
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` itself when it survives a pickle round trip, else a :class:`WorkerError` naming it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # any failure to pickle it or to rebuild it
+        return WorkerError(f"{type(exc).__name__}: {exc}")
+    return exc

@@ -425,19 +425,44 @@ def test_worker_batches_round_trip(tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_worker_reraises_user_errors_as_one_line(tmp_path):
-    """An unexportable checkpoint fails inside the worker; the build process gets the same CheckpointError."""
+def test_worker_raises_the_jobs_own_exceptions(tmp_path):
+    """An unexportable checkpoint fails in the export worker's own export worker (a pool inside a pool's
+    process); the build process gets that CheckpointError itself, with its message and the worker's traceback
+    as its cause. A converter's failure arrives as its own class too; no worker process outlives its job."""
+    import multiprocessing
+
     from exporter.worker import call
 
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
                                                 "model_type": "bert", "id2label": {"0": "a", "1": "b"}}))
-    with pytest.raises(CheckpointError, match="cannot export"):
+    with pytest.raises(CheckpointError, match=f"cannot export {ck} to ONNX") as info:
         call("export", checkpoint=str(ck), scratch=str(tmp_path / "scratch"), target="cpu")
-    with pytest.raises(RuntimeError, match="AttributeError"):
+    assert type(info.value) is CheckpointError and "Traceback" in str(info.value.__cause__)
+    import onnx
+
+    from exporter import int8
+
+    settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=False)  # travels pickled
+    with pytest.raises(onnx.checker.ValidationError, match="missing.onnx"):
         call("quantize", kind="dynamic", src=str(tmp_path / "missing.onnx"), dst=str(tmp_path / "o.onnx"),
-             preset="nope", per_channel=True, exclude=[], calibration=None, calibration_cache=None)
+             settings=settings, exclude=[], calibration=None, calibration_cache=None)
+    assert multiprocessing.active_children() == []
+
+
+class _Unpicklable(Exception):
+    def __init__(self, *, reason):
+        super().__init__(f"because {reason}")
+
+
+def test_worker_names_an_exception_that_cannot_travel_back():
+    from exporter.worker import WorkerError, _picklable
+
+    error = _picklable(_Unpicklable(reason="kw-only"))
+    assert type(error) is WorkerError and str(error) == "_Unpicklable: because kw-only"
+    plain = CheckpointError("bad")
+    assert _picklable(plain) is plain
 
 
 def test_save_model_writes_the_same_model_one_tensor_at_a_time(tmp_path, tiny_onnx):
@@ -510,39 +535,60 @@ class _OneBatch:
         return self._feeds.pop() if self._feeds else None
 
 
-def test_export_with_the_weights_apart_writes_the_plain_exports_graph(tiny_checkpoint, tmp_path):
-    """export_onnx keeps the weights out of the torch exporter (exporter.export.weights_apart) and writes them
-    one at a time; the file holds the nodes, inputs and initializers (bytes included) of a plain Optimum export."""
+def test_export_without_params_answers_as_the_plain_export_and_fuses_the_same(tiny_checkpoint, tmp_path):
+    """export_onnx keeps the weights out of the torch exporter (export_params=False, weights attached as external
+    data and streamed into one file): the file has the plain Optimum export's inputs, initializer count and
+    answers (bit for bit), and the O2 fusions find the same fused operators in it."""
     import onnx
+    import onnxruntime as ort
     from optimum.exporters.onnx import main_export
 
-    from exporter import export
+    from exporter import export, optimize
 
     path = export.export_onnx(tiny_checkpoint, tmp_path / "ours")
     main_export(str(tiny_checkpoint), tmp_path / "plain", task="text-classification", do_validation=False,
                 local_files_only=True, library_name="transformers")
     ours, plain = onnx.load(str(path)), onnx.load(str(tmp_path / "plain" / "model.onnx"))
     export.add_probabilities(plain)
-    assert len(ours.graph.initializer) > 10  # the weights are in the file, not graph inputs
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.onnx"]  # one self-contained file
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in ours.graph.initializer)
     assert [i.name for i in ours.graph.input] == [i.name for i in plain.graph.input]
-    assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in plain.graph.node]
-    assert ({i.name: i.SerializeToString() for i in ours.graph.initializer}
-            == {i.name: i.SerializeToString() for i in plain.graph.initializer})
-    import torch
+    assert len(ours.graph.initializer) == len(plain.graph.initializer) > 10  # transposed weights folded
+    assert not [n for n in ours.graph.node if n.op_type == "Transpose" and n.input[0] in
+                {t.name for t in ours.graph.initializer}]
+    feed = {"input_ids": np.random.default_rng(0).integers(5, 90, (3, 11)), "attention_mask": np.ones((3, 11), np.int64),
+            "token_type_ids": np.zeros((3, 11), np.int64)}
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+            for m in (ours, plain)]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    records = [optimize.optimize_onnx(d, tmp_path / f"fused-{d.name}", Target.CPU)[1] for d in (path.parent,
+                                                                                              tmp_path / "plain")]
+    assert records[0]["fused_ops"] == records[1]["fused_ops"] and "Attention" in records[0]["fused_ops"]
 
-    assert torch._C.Graph._export_onnx.__name__ != "export_without_weights"  # the hook is undone
 
+def test_save_model_inlines_external_data_one_tensor_at_a_time(tmp_path, tiny_onnx):
+    """A model whose weights are ONNX external data (loaded without them) is written as the one-file model."""
+    import onnx
 
-def test_weights_apart_is_a_plain_export_without_the_hook(monkeypatch):
-    """A torch without the exporter's hook: nothing is patched or kept apart (the export stays plain)."""
-    import torch
+    from exporter.optimize import save_model
 
-    from exporter.export import weights_apart
-
-    monkeypatch.delattr(torch._C.Graph, "_export_onnx")
-    with weights_apart() as weights:
-        assert not hasattr(torch._C.Graph, "_export_onnx")
-    assert weights == {} and not hasattr(torch._C.Graph, "_export_onnx")
+    model = onnx.load(str(tiny_onnx))
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data",
+                    size_threshold=0)
+    weightless = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    assert all(onnx.external_data_helper.uses_external_data(t) for t in weightless.graph.initializer)
+    save_model(weightless, tmp_path / "model.onnx", base_dir=tmp_path)
+    model = onnx.load(str(tiny_onnx))  # onnx.save_model moved the first copy's weights out
+    back = onnx.load(str(tmp_path / "model.onnx"))  # external data stores every tensor as raw_data
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in back.graph.initializer)
+    assert [(t.name, t.data_type, list(t.dims)) for t in back.graph.initializer] == [
+        (t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]
+    for ours, theirs in zip(back.graph.initializer, model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), onnx.numpy_helper.to_array(theirs))
+    assert back.graph.node == model.graph.node and back.graph.input == model.graph.input
+    with pytest.raises(ValueError, match="external data"):
+        save_model(weightless, tmp_path / "again.onnx")
 
 
 def test_serving_baseline_label_shares_and_confidence():
