@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter import chunking
+from exporter import chunking, openvino
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant
 from exporter.chunking import LongText
 from exporter.config import BuildConfig, Target, Task
@@ -195,7 +195,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
     base, optimization = _export(config, inputs.checkpoint, scratch, data, stages)
     ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages,
                   tokenizer_dir=inputs.checkpoint.tokenizer_dir)
-    for builder in variants.builders(config.precisions):
+    ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
+    for builder in [*variants.builders(config.precisions), *ov]:
         ctx.variants[builder.name] = variants.run(ctx, builder)
     report = _assemble(config, inputs, mode, reference, optimization, ctx.variants, out, stages)
     if report.selected is None:
@@ -316,7 +317,7 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
     source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
         checkpoint=str(source.absolute()), target=config.target.value, gate_mode=mode,
-        selected=select(variants, config.target), reference=reference, eval_data=str(inputs.eval_set.source),
+        selected=select(variants, config.target, config.variant), reference=reference, eval_data=str(inputs.eval_set.source),
         int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)}, settings=settings,
         labels=[ck.id2label[i] for i in range(len(ck.id2label))], optimization=optimization, variants=variants,
         warnings=inputs.warnings, versions=versions(),
@@ -325,9 +326,14 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
     )
 
 
-def select(variants: dict[str, Variant], target: Target) -> str | None:
-    """gpu: fp16 (else fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
+def select(variants: dict[str, Variant], target: Target, forced: str | None = None) -> str | None:
+    """gpu: fp16 (else fp32); cpu: the passing variant with the highest per-row 1-thread throughput, whatever
+    its runtime. ``forced`` (--variant): that variant, if it passed (else none is served)."""
     passing = [n for n, v in variants.items() if v.parity.passed and n in SERVABLE[target]]
+    if forced is not None:  # OpenVINO hook: --variant serves a named variant (tests serve ov_* with it)
+        if forced not in passing:
+            log.error("--variant %s did not pass its gate (or was not built): nothing is selected", forced)
+        return forced if forced in passing else None
     if not passing:
         return None
     if target is Target.GPU:

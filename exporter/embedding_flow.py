@@ -121,7 +121,7 @@ def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline)
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
         max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True,
         max_batch_tokens=config.max_batch_tokens if config.target is Target.GPU else None,
-        chunk=chunk_config(config, pipeline))
+        chunk=chunk_config(config, pipeline), openvino=config.openvino and config.target is Target.CPU)
 
 
 def chunk_config(config: BuildConfig, pipeline):
@@ -131,8 +131,11 @@ def chunk_config(config: BuildConfig, pipeline):
     return config.chunk_config(pipeline.max_seq_length) if config.long_text is LongText.CHUNK else None
 
 
-def select_for_target(built, target: Target) -> str | None:
-    """cpu: the fastest passing variant per core (embedding_build.select); gpu: fp16, else fp32."""
+def select_for_target(built, target: Target, forced: str | None = None) -> str | None:
+    """cpu: the fastest passing variant per core (embedding_build.select); gpu: fp16, else fp32. ``forced``
+    (--variant): that variant if it passed, else none."""
+    if forced is not None:  # OpenVINO hook: --variant serves a named variant
+        return forced if any(v.name == forced and v.passed for v in built.variants) else None
     if target is Target.CPU:
         return built.selected
     passing = {v.name for v in built.variants if v.passed}
@@ -152,8 +155,8 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     from exporter.embedding_gate import as_dict
 
     variants = {v.name: EmbeddingVariantResult(
-        v.precision.value, v.path.name if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
-        list(v.excluded_nodes)) for v in built.variants}
+        v.precision.value, str(v.path.relative_to(out)) if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
+        list(v.excluded_nodes), v.runtime_settings) for v in built.variants}
     settings = {"precisions": [p.value for p in config.precisions], "eval_size": config.eval_size,
                 "tuning_size": config.tuning_size, "max_exclusion_rounds": config.max_exclusion_rounds,
                 "seed": config.seed, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -166,7 +169,7 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     return EmbeddingReport(
         model_dir=str(config.checkpoint.absolute()), model_name=served_name(config), target=config.target.value,
         gate_mode=GateMode.PER_ROW if config.target is Target.CPU else GateMode.BATCHED,
-        selected=select_for_target(built, config.target),
+        selected=select_for_target(built, config.target, config.variant),
         pipeline=built.pipeline.describe(), eval_data=str(inputs.eval_path), n_texts=built.n_texts,
         budgets=as_dict(built.budgets), variants=variants, reference_speed=built.reference_speed,
         tuning_data={"source": inputs.tuning_source, "rows": built.n_tuning_texts}, settings=settings,

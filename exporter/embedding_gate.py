@@ -203,12 +203,17 @@ class RowEncoder:
     def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None):
         import onnxruntime as ort
 
+        from serving.models import runtime
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
+            self.session = runtime.open_session(path, 1)
+        else:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = tokenizer or load_tokenizer(pipeline)
         self.max_length = pipeline.max_seq_length

@@ -90,6 +90,10 @@ def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool =
     (the CPU arena keeps the peak of the largest batch for the session's lifetime)."""
     import onnxruntime as ort
 
+    from serving.models import runtime
+
+    if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
+        return runtime.open_session(path, threads)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Spinning worker threads steal the cores they wait for on a shared machine: measured here on MiniLM,
