@@ -254,7 +254,7 @@ def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, .
             continue
         record.path, record.size_bytes = dst, record.runtime_settings["ir_bytes"]
         record.gate, record.speed = check_variant(dst, precision, ctx.pipeline, ctx.texts, ctx.reference, ctx.budgets,
-                                                  ctx.tokenizer, chunked=ctx.chunked)
+                                                  ctx.tokenizer, label=f" ({name})", chunked=ctx.chunked)
         out.append(record)
     return out
 

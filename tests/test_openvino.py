@@ -195,3 +195,29 @@ def test_openvino_session_outputs_are_the_callers_own(ov_build, texts):
     sess.run(["logits"], feeds[1])
     np.testing.assert_array_equal(first, kept)
     np.testing.assert_array_equal(sess.run(["logits"], feeds[0])[0], kept)  # deterministic per row
+
+
+def test_embedding_build_makes_gated_openvino_variants(tmp_path):
+    """The embedding build (cpu target) adds ov_fp32/ov_int8 beside fp32/int8: each in its own directory
+    (model.onnx + IR), gated per row by the embedding gate on the OpenVINO session, timed, selectable."""
+    from embedding_helpers import build_tiny_sentence_transformer
+    from exporter import openvino
+    from exporter.embedding_build import build_embedding_variants, select
+    from exporter.embedding_gate import RowEncoder
+    from test_embedding import TEXTS, TUNING
+
+    model = build_tiny_sentence_transformer(tmp_path / "st", pooling="mean")
+    build = build_embedding_variants(model, TEXTS, tmp_path / "out", precisions=["fp32", "int8"],
+                                     tuning_texts=TUNING, max_exclusion_rounds=0, openvino=True)
+    by_name = {v.name: v for v in build.variants}
+    assert list(by_name) == ["fp32", "int8", "ov_fp32", "ov_int8"]
+    assert by_name["ov_fp32"].precision is openvino.gate_precision(openvino.default_precision())
+    for name in ("ov_fp32", "ov_int8"):
+        v = by_name[name]
+        assert v.error is None and v.path == tmp_path / "out" / name / "model.onnx"
+        assert runtime.runtime_of(v.path) == runtime.OPENVINO and v.runtime_settings["runtime"] == "openvino"
+        assert v.gate.n_texts == len(TEXTS) and v.speed.rows_per_s > 0
+        assert isinstance(RowEncoder(v.path, build.pipeline).session, runtime.OpenVINOSession)
+    assert by_name["ov_fp32"].passed  # bf16 (or f32) of a small model within the fp16 (fp32) cosine budget
+    assert runtime.runtime_of(tmp_path / "out" / "fp32.onnx") == runtime.ONNXRUNTIME  # the others stay ORT
+    assert build.selected == select(build.variants)
