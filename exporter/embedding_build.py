@@ -225,9 +225,8 @@ def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVarian
 
 def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, ...]) -> list[EmbeddingVariant]:
     """OpenVINO hook: ov_fp32 (the runtime's default precision; bf16 judged by the fp16 budget) and ov_int8
-    (NNCF, calibrated on the tuning texts; accuracy-aware against the int8 min cosine on them when the
-    build truncates) from the fp32 graph with its head, gated and timed as every variant (RowEncoder opens
-    the IR)."""
+    (NNCF, calibrated on the tuning texts, its sensitivity rounds judged by the gate on them) from the fp32
+    graph with its head, gated and timed as every variant (RowEncoder opens the IR)."""
     if not openvino.available():
         log.warning("openvino is not installed: no OpenVINO embedding variants")
         return []
@@ -240,13 +239,9 @@ def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, .
         dst = ctx.out_dir / name / "model.onnx"
         calibration = openvino.embedding_rows(ctx.tokenizer, ctx.tuning_texts[:openvino.CALIBRATION_ROWS],
                                               ctx.pipeline.max_seq_length) if name == openvino.OV_INT8 else None
-        control = None
-        if calibration and ctx.chunked is None and ctx.tuning_reference is not None:
-            min_cos = ctx.budgets.limits(Precision.INT8)[0]
-            control = (calibration, openvino.min_cosine_fn(ctx.tuning_reference[:len(calibration)]), 1.0 - min_cos)
         try:
             record.runtime_settings = openvino.make_embedding(name, fp32, dst, calibration=calibration,
-                                                              control=control)
+                                                              tune=lambda path: _ov_tune(path, ctx))
         except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant only
             log.warning("embedding %s variant failed: %s", name, exc)
             record.error = f"{type(exc).__name__}: {exc}"
@@ -257,6 +252,13 @@ def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, .
                                                   ctx.tokenizer, label=f" ({name})", chunked=ctx.chunked)
         out.append(record)
     return out
+
+
+def _ov_tune(path: Path, ctx: _Context) -> tuple[bool, str]:
+    """An ov_int8 round judged by the embedding gate on the tuning texts (never the gated ones)."""
+    gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference, ctx.budgets,
+                            ctx.tokenizer, label=" (ov_int8, tuning texts)", chunked=ctx.chunked)
+    return gate.passed, gate.reason
 
 
 def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant) -> EmbeddingVariant:
