@@ -15,6 +15,8 @@ ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"  # OpenVINO IR; its weights are model.bin beside it
 IR_WEIGHTS = "model.bin"
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+# The IR's rt_info key of the inference precision the exporter gated it at (absent: the runtime's default)
+PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
 
 
 def ir_beside(onnx_path):
@@ -39,18 +41,21 @@ class OpenVINOSession:
     """An OpenVINO CompiledModel on the CPU behind ONNX Runtime's session calls: one infer request, run by one
     caller at a time (a Triton instance runs its requests in turn), ``threads`` inference threads (0: the
     runtime's default), one stream, no CPU pinning of its own (the instance pins itself: textmodel). The
-    inference precision is the runtime's default (bf16 where the CPU has AMX/AVX512-BF16, else f32) unless
-    ``precision`` names one; ``precision`` holds what was compiled."""
+    inference precision is the one the IR's rt_info names (``PRECISION_KEY``: the exporter writes it where it
+    gated the model at a fixed precision), else the runtime's default (bf16 where the CPU has
+    AMX/AVX512-BF16, else f32); ``precision`` holds what was compiled."""
 
-    def __init__(self, xml_path, threads=1, precision=None):
+    def __init__(self, xml_path, threads=1):
         import openvino as ov
 
+        core = ov.Core()
+        model = core.read_model(str(xml_path))
         config = {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        self.compiled = ov.Core().compile_model(str(xml_path), "CPU", config)
+        if model.has_rt_info(PRECISION_KEY):
+            config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(PRECISION_KEY).astype(str)
+        self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._inputs = [_Port(port.get_any_name()) for port in self.compiled.inputs]
