@@ -131,9 +131,11 @@ def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
 
 
 def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[Path], tuple[bool, str]],
-           excluded: Sequence[str] = ()) -> dict:
+           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None) -> dict:
     """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
-    the evaluation rows); ``dst`` keeps the last round. Returns the runtime record with the attempts."""
+    the evaluation rows); ``dst`` keeps the last round. No further rounds after a failed round 0 that
+    ``too_slow`` says is slower than a variant that passed (keeping more in float only slows it down, so it
+    could never be selected). Returns the runtime record with the attempts."""
     attempts, record = [], {}
     for i, ignored in enumerate(sensitivity_rounds(excluded)):
         record = save_ir(quantize(src_onnx, calibration, ignored), src_onnx, dst, INT8_REST_PRECISION)
@@ -141,6 +143,9 @@ def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[
         attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
         log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
         if passed:
+            break
+        if i == 0 and too_slow is not None and too_slow(dst):
+            attempts[-1]["skipped"] = "slower than a passing variant: no sensitivity rounds"
             break
     record["quantization"] = {"tool": "nncf.quantize", "preset": "MIXED", "model_type": "TRANSFORMER",
                               "calibration_rows": len(calibration), "ignored_scope": attempts[-1]["ignored_scope"]}
@@ -187,7 +192,9 @@ def make_int8(ctx: Context, dst: Path) -> Made:
         record = parity.tuning_check(sess, tuning, tune_ref, budgets, ctx.mode)
         return record.passed, record.reason
 
-    record = search(ctx.base, dst, calibration, tune, excluded)
+    floor = None if ctx.config.exhaustive_int8 else ctx.best_passing()
+    too_slow = None if floor is None else (lambda path: ctx.speed(path, Precision.INT8, 0.5).throughput_seq_s < floor)
+    record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
     scope = record["quantization"]["ignored_scope"] or {}
     extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
              "calibration": {"rows": len(calibration), "source": ctx.data.calibration_source,
