@@ -110,6 +110,14 @@ def test_the_repository_carries_the_ir_and_the_runtime_adapter(ov_build):
     validate_repository(ov_build["repo"])
 
 
+def test_the_bench_ceiling_opens_what_is_served(ov_build):
+    """loadtest's in-process sessions (the ceiling) run an OpenVINO variant's IR, not its source ONNX."""
+    from loadtest.bench import ort_session
+
+    assert isinstance(ort_session(ov_build["build"] / "ov_fp32" / "model.onnx", 1), runtime.OpenVINOSession)
+    assert not isinstance(ort_session(ov_build["build"] / "fp32" / "model.onnx", 1), runtime.OpenVINOSession)
+
+
 def _gate_logits(build: Path, tokenizer, texts: list[str]) -> np.ndarray:
     """Each text alone in the session the gate judged ov_fp32 with (parity.session: OpenVINO, 1 thread)."""
     from exporter import parity
