@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from exporter import parity
 from exporter.config import Precision
 from exporter.parity import Batch
 from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made
@@ -180,8 +181,6 @@ def make_embedding(name: str, fp32_onnx: Path, dst: Path, *, calibration: list[B
 
 def make_int8(ctx: Context, dst: Path) -> Made:
     """NNCF PTQ on training rows, the sensitivity rounds judged on the tuning rows; the eval rows decide."""
-    from exporter import parity
-
     calibration = parity.unbatch(ctx.data.calibration)[:CALIBRATION_ROWS]
     tuning = parity.unbatch(ctx.data.tuning_batches)
     tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
