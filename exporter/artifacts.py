@@ -125,6 +125,7 @@ class Variant:
     excluded_nodes: list[str] | None = None
     search: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    runtime_settings: dict[str, Any] | None = None  # OpenVINO variants: runtime, inference precision, IR files
 
     @property
     def directory(self) -> str | None:
@@ -359,6 +360,7 @@ class EmbeddingVariantResult:
     speed: EmbeddingSpeed | None = None
     error: str | None = None
     excluded_nodes: list[str] = field(default_factory=list)
+    runtime_settings: dict[str, Any] | None = None  # OpenVINO variants: runtime, inference precision, IR files
 
     @property
     def passed(self) -> bool:

@@ -9,9 +9,10 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+
 from common.atomic import atomic_directory
 from common.provenance import sha256_file, versions
-from exporter import chunking, parity, report as render, speed, steps, variants, worker
+from exporter import chunking, openvino, parity, report as render, speed, steps, variants, worker
 from exporter.adapter import Adapter, read_adapter
 from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant, to_dict
 from exporter.choices import Target, Task
@@ -177,7 +178,8 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
     base, optimization = _export(config, inputs.checkpoint, scratch, data, stages)
     ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages,
                   tokenizer_dir=inputs.checkpoint.tokenizer_dir)
-    for builder in variants.builders(config.precisions):
+    ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
+    for builder in [*variants.builders(config.precisions), *ov]:
         ctx.variants[builder.name] = variants.run(ctx, builder)
     report = _assemble(config, inputs, mode, reference, optimization, ctx.variants, out, stages)
     if report.selected is None:
@@ -290,7 +292,7 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
     source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
         checkpoint=str(source.absolute()), target=config.target.value, gate_mode=mode,
-        selected=select(variants, config.target), reference=reference, eval_data=str(inputs.eval_set.source),
+        selected=select(variants, config.target, config.variant), reference=reference, eval_data=str(inputs.eval_set.source),
         int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)}, settings=settings,
         labels=[ck.id2label[i] for i in range(len(ck.id2label))], optimization=optimization, variants=variants,
         warnings=inputs.warnings, versions=versions(),
@@ -299,11 +301,12 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
     )
 
 
-def select(variants: dict[str, Variant], target: Target) -> str | None:
+def select(variants: dict[str, Variant], target: Target, forced: str | None = None) -> str | None:
     """The one selection rule (exporter.steps.select) over the classifier's variants: gpu: fp16 (else
-    fp32); cpu: the passing variant with the highest per-row 1-thread throughput."""
+    fp32); cpu: the passing variant with the highest per-row 1-thread throughput, whatever its runtime.
+    ``forced`` (--variant): that variant, if it passed (else none is served)."""
     return steps.select([Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
-                                      n in SERVABLE[target]) for n, v in variants.items()], target)
+                                   n in SERVABLE[target]) for n, v in variants.items()], target, forced)
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:

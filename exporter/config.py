@@ -138,6 +138,11 @@ class BuildConfig:
     max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={
         "help": "gpu target: most tokens (rows x longest row, padding included) one encoder call of the served "
                 "model computes; the gate runs the same sub-batches"})
+    openvino: bool = field(default=True, metadata={  # OpenVINO hook (exporter/openvino.py)
+        "help": "cpu target: also build OpenVINO IR variants (ov_fp32 for fp32, ov_int8 for int8), gated, timed "
+                "and selectable beside the ONNX Runtime ones"})
+    variant: str | None = field(default=None, metadata={
+        "help": "serve this variant (e.g. ov_int8) if it passes its gate, instead of the fastest passing one"})
     tensorrt: bool = field(default=False, metadata={
         "help": "gpu target: the served model tries ONNX Runtime's TensorRT provider (fp16) before CUDA"})
     long_text: LongText = field(default=LongText.TRUNCATE, metadata={

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import int8, int8_search, steps
+from exporter import int8, int8_search, openvino, steps
 from exporter.choices import Precision, Target
 from exporter.chunking import ChunkConfig
 from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
@@ -49,6 +49,7 @@ class EmbeddingVariant:
     error: str | None = None
     excluded_nodes: list[str] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)
+    runtime_settings: dict | None = None  # OpenVINO variants (exporter.openvino)
 
     @property
     def passed(self) -> bool:
@@ -132,11 +133,13 @@ def _gated_texts(texts: Sequence[str], tokenizer, pipeline: EmbeddingPipeline, c
                           top_k), Chunked(chunk, pipeline.normalize)
 
 
-def select(variants: Sequence[EmbeddingVariant], target: Target = Target.CPU) -> str | None:
+def select(variants: Sequence[EmbeddingVariant], target: Target = Target.CPU, forced: str | None = None) -> str | None:
     """The one selection rule (exporter.steps.select) over embedding variants: cpu: the passing variant with
-    the highest per-row 1-thread throughput (rows per CPU-second); gpu: fp16, else fp32."""
+    the highest per-row 1-thread throughput (rows per CPU-second), whatever its runtime; gpu: fp16, else fp32;
+    ``forced`` (--variant): that variant if it passed."""
     return steps.select([Candidate(v.name, Precision(v.precision).value, v.passed,
-                                   v.speed.rows_per_cpu_s if v.speed is not None else None) for v in variants], target)
+                                   v.speed.rows_per_cpu_s if v.speed is not None else None) for v in variants],
+                        target, forced)
 
 
 @dataclass
@@ -163,10 +166,12 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
                              precisions: Sequence[Precision | str] = tuple(Precision),
                              tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3,
                              opset: int | None = None, measure_reference: bool = False,
-                             max_batch_tokens: int | None = None, chunk: ChunkConfig | None = None) -> EmbeddingBuild:
+                             max_batch_tokens: int | None = None, chunk: ChunkConfig | None = None,
+                             openvino: bool = False) -> EmbeddingBuild:
     """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
     tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error.
 
+    ``openvino`` (cpu target): also ov_fp32/ov_int8 (exporter.openvino), gated and timed alike.
     ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
     quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
     (:func:`exporter.int8_search.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
@@ -197,6 +202,8 @@ def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Pat
         body = export_body(pipeline, ctx.scratch, opset=opset)
         for precision in map(Precision, precisions):
             build.variants.append(_variant(precision, body, ctx))
+        if openvino and max_batch_tokens is None:  # OpenVINO hook: the CPU target's OpenVINO variants
+            build.variants += _openvino_variants(body, ctx, tuple(map(Precision, precisions)))
     build.selected = select(build.variants)
     log.info("embedding variants: %s; selected %s", ", ".join(
         f"{v.name} {'pass' if v.passed else 'fail'}" for v in build.variants), build.selected or "none")
@@ -219,6 +226,44 @@ def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVarian
                                               ctx.budgets, ctx.tokenizer, max_batch_tokens=ctx.max_batch_tokens,
                                               chunked=ctx.chunked)
     return record
+
+
+def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, ...]) -> list[EmbeddingVariant]:
+    """OpenVINO hook: ov_fp32 (the runtime's default precision; bf16 judged by the fp16 budget) and ov_int8
+    (NNCF, calibrated on the tuning texts, its sensitivity rounds judged by the gate on them) from the fp32
+    graph with its head, gated and timed as every variant (RowEncoder opens the IR)."""
+    if not openvino.available():
+        log.warning("openvino is not installed: no OpenVINO embedding variants")
+        return []
+    wanted = [(openvino.OV_FP32, openvino.gate_precision(openvino.default_precision()))] * (Precision.FP32 in precisions)
+    wanted += [(openvino.OV_INT8, Precision.INT8)] * (Precision.INT8 in precisions and bool(ctx.tuning_texts))
+    fp32 = fp32_variant(body, ctx.pipeline, ctx.scratch / "openvino-source.onnx") if wanted else None
+    out = []
+    for name, precision in wanted:
+        record = EmbeddingVariant(name, precision)
+        dst = ctx.out_dir / name / "model.onnx"
+        calibration = openvino.embedding_rows(ctx.tokenizer, ctx.tuning_texts[:openvino.CALIBRATION_ROWS],
+                                              ctx.pipeline.max_seq_length) if name == openvino.OV_INT8 else None
+        try:
+            record.runtime_settings = openvino.make_embedding(name, fp32, dst, calibration=calibration,
+                                                              tune=lambda path: _ov_tune(path, ctx))
+        except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant only
+            log.warning("embedding %s variant failed: %s", name, exc)
+            record.error = f"{type(exc).__name__}: {exc}"
+            out.append(record)
+            continue
+        record.path, record.size_bytes = dst, record.runtime_settings["ir_bytes"]
+        record.gate, record.speed = check_variant(dst, precision, ctx.pipeline, ctx.texts, ctx.reference, ctx.budgets,
+                                                  ctx.tokenizer, label=f" ({name})", chunked=ctx.chunked)
+        out.append(record)
+    return out
+
+
+def _ov_tune(path: Path, ctx: _Context) -> tuple[bool, str]:
+    """An ov_int8 round judged by the embedding gate on the tuning texts (never the gated ones)."""
+    gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference, ctx.budgets,
+                            ctx.tokenizer, label=" (ov_int8, tuning texts)", chunked=ctx.chunked)
+    return gate.passed, gate.reason
 
 
 def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant) -> EmbeddingVariant:

@@ -111,7 +111,7 @@ def _variants(config: BuildConfig, inputs: EmbeddingInputs, out: Path, pipeline)
         precisions=config.precisions, tuning_texts=inputs.tuning_texts,
         max_exclusion_rounds=config.max_exclusion_rounds, measure_reference=True,
         max_batch_tokens=config.max_batch_tokens if config.target is Target.GPU else None,
-        chunk=chunk_config(config, pipeline))
+        chunk=chunk_config(config, pipeline), openvino=config.openvino and config.target is Target.CPU)
 
 
 def chunk_config(config: BuildConfig, pipeline):
@@ -119,9 +119,10 @@ def chunk_config(config: BuildConfig, pipeline):
     return config.chunk_config(pipeline.max_seq_length) if config.long_text is LongText.CHUNK else None
 
 
-def select_for_target(built, target: Target) -> str | None:
-    """cpu: the fastest passing variant per core; gpu: fp16, else fp32 (exporter.steps.select)."""
-    return select(built.variants, target)
+def select_for_target(built, target: Target, forced: str | None = None) -> str | None:
+    """cpu: the fastest passing variant per core; gpu: fp16, else fp32 (exporter.steps.select). ``forced``
+    (--variant): that variant if it passed, else none."""
+    return select(built.variants, target, forced)
 
 
 def served_name(config: BuildConfig) -> str:
@@ -132,8 +133,8 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     """The typed EmbeddingReport of ``built`` (files relative to ``out``)."""
 
     variants = {v.name: EmbeddingVariantResult(
-        v.precision.value, v.path.name if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
-        list(v.excluded_nodes)) for v in built.variants}
+        v.precision.value, str(v.path.relative_to(out)) if v.path else None, v.size_bytes, v.gate, v.speed, v.error,
+        list(v.excluded_nodes), v.runtime_settings) for v in built.variants}
     settings = {"precisions": [p.value for p in config.precisions], "eval_size": config.eval_size,
                 "tuning_size": config.tuning_size, "max_exclusion_rounds": config.max_exclusion_rounds,
                 "seed": config.seed, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -146,7 +147,7 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built, out: Path):
     return EmbeddingReport(
         model_dir=str(config.checkpoint.absolute()), model_name=served_name(config), target=config.target.value,
         gate_mode=GateMode.PER_ROW if config.target is Target.CPU else GateMode.BATCHED,
-        selected=select_for_target(built, config.target),
+        selected=select_for_target(built, config.target, config.variant),
         pipeline=built.pipeline.describe(), eval_data=str(inputs.eval_path), n_texts=built.n_texts,
         budgets=as_dict(built.budgets), variants=variants, reference_speed=built.reference_speed,
         tuning_data={"source": inputs.tuning_source, "rows": built.n_tuning_texts}, settings=settings,

@@ -23,7 +23,7 @@ from exporter.chunking import ChunkConfig, reference_windows
 from exporter.embedding import EmbeddingPipeline, Source, load_tokenizer
 from exporter.errors import EvalDataError, ExporterError
 from serving.contract import ENCODER_EMBEDDING
-from serving.models import token_batch
+from serving.models import runtime, token_batch
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,10 @@ class RowEncoder:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
+            self.session = runtime.open_session(path, 1)
+        else:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = tokenizer or load_tokenizer(pipeline)
         self.max_length = pipeline.max_seq_length

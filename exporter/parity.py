@@ -19,7 +19,7 @@ from exporter.chunking import activation, average_rows
 from exporter.config import Budgets
 from exporter.progress import track
 from serving.contract import DEFAULT_MULTI_LABEL_THRESHOLD, ENCODER_INPUTS, ENCODER_LOGITS, ENCODER_PROBABILITIES, Head
-from serving.models import token_batch
+from serving.models import runtime, token_batch
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool =
     (the CPU arena keeps the peak of the largest batch for the session's lifetime)."""
     import onnxruntime as ort
 
+    if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
+        return runtime.open_session(path, threads)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Spinning worker threads steal the cores they wait for on a shared machine: measured here on MiniLM,

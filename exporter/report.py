@@ -52,6 +52,13 @@ def how_measured(report: BuildReport) -> str:
             f"in-process, batch 1 latency and batch {st['batch_size']} throughput on the same texts.")
 
 
+def openvino_note(name: str, settings: dict, budget: str) -> str:
+    """One report line of an OpenVINO variant: the runtime, the precision that ran and the budget judging it."""
+    quant = (settings.get("quantization") or {}).get("tool")
+    return (f"- {name}: OpenVINO {str(settings.get('openvino_version', '')).split('-')[0]} IR, inference precision "
+            f"{settings.get('inference_precision')} (judged by the {budget} budget)" + (f", {quant}" if quant else ""))
+
+
 def _notes(report: BuildReport) -> list[str]:
     lines = []
     for name, v in report.variants.items():
@@ -63,9 +70,11 @@ def _notes(report: BuildReport) -> list[str]:
                          f"{p.label_agreement_batch1:.2%}")
         if v.excluded_nodes:
             lines.append(f"- {name}: {len(v.excluded_nodes)} nodes kept in fp32 after the sensitivity search")
-        if v.fp32_nodes and v.precision == "fp16":
+        if v.fp32_nodes and v.precision == "fp16" and not v.runtime_settings:
             lines.append(f"- {name}: {len(v.fp32_nodes)} nodes kept in fp32 ({', '.join(v.fp32_ops_present or [])}), "
                          "inputs/outputs float32")
+        if v.runtime_settings:  # OpenVINO hook: which runtime and precision ran
+            lines.append(openvino_note(name, v.runtime_settings, v.precision))
     opt = report.optimization
     if opt:
         measured = ", ".join(f"{k} {v:.1f} seq/s" for k, v in (opt.get("throughput_seq_s") or {}).items())
@@ -190,6 +199,8 @@ def embedding_markdown(report) -> str:
         *("| " + " | ".join(r) + " |" for r in embedding_table_rows(report)),
         "",
         *(f"- {name}: {v.gate.reason if v.gate else v.error}" for name, v in report.variants.items()),
+        *(openvino_note(name, v.runtime_settings, v.precision) for name, v in report.variants.items()
+          if v.runtime_settings),  # OpenVINO hook
         *(f"- warning: {w}" for w in report.warnings),
         *([f"- repository: {report.repository}"] if report.repository else []),
         *([f"- repository error: {report.repository_error}"] if report.repository_error else []),

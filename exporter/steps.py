@@ -8,11 +8,14 @@ and the int8 search (exporter.int8_search) and :func:`select` only look at that.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from exporter.choices import Precision, Target
+
+log = logging.getLogger(__name__)
 
 # The target's preference when it does not select by speed: the GPU target serves fp16, else fp32.
 GPU_PREFERENCE = (Precision.FP16.value, Precision.FP32.value)
@@ -42,11 +45,16 @@ class Candidate:
     servable: bool = True
 
 
-def select(candidates: Iterable[Candidate], target: Target) -> str | None:
+def select(candidates: Iterable[Candidate], target: Target, forced: str | None = None) -> str | None:
     """The variant to serve: among those that passed their gate and the target serves, the GPU target takes
-    fp16, else fp32; the CPU target the fastest (a variant whose speed was not measured ranks last).
-    None when no variant qualifies."""
+    fp16, else fp32; the CPU target the fastest whatever its runtime (a variant whose speed was not measured
+    ranks last). ``forced`` (--variant): that variant if it qualifies. None when no variant qualifies."""
     passing = [c for c in candidates if c.passed and c.servable]
+    if forced is not None:
+        if forced not in {c.name for c in passing}:
+            log.error("--variant %s did not pass its gate (or was not built): nothing is selected", forced)
+            return None
+        return forced
     if not passing:
         return None
     if Target(target) is Target.GPU:

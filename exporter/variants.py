@@ -21,7 +21,8 @@ from exporter.stages import Stages
 log = logging.getLogger(__name__)
 
 FP32, FP16, INT8_DYNAMIC, INT8_STATIC = "fp32", "fp16", "int8_dynamic", "int8_static"
-SERVABLE = {Target.CPU: (FP32, FP16, INT8_DYNAMIC, INT8_STATIC), Target.GPU: (FP32, FP16)}
+OV_FP32, OV_INT8 = "ov_fp32", "ov_int8"  # OpenVINO hook: the OpenVINO variants (exporter.openvino builds them)
+SERVABLE = {Target.CPU: (FP32, FP16, INT8_DYNAMIC, INT8_STATIC, OV_FP32, OV_INT8), Target.GPU: (FP32, FP16)}
 # Files of a checkpoint that make a variant's directory loadable by Optimum's ORTModel classes.
 _BESIDE_MODEL = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                  "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")

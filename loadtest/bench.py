@@ -236,6 +236,10 @@ def bench_torch_bf16(checkpoint: Path, texts, gold, batch: int, max_length: int,
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 
+    from serving.models import runtime
+
+    if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant runs its IR, as served
+        return runtime.open_session(path, threads)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -47,6 +47,7 @@ class DefinitionRunner:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        from serving.models import runtime
         from serving.models.tokenization import LengthTokenizer
         from serving.repository import read_repository
 
@@ -59,7 +60,10 @@ class DefinitionRunner:
             overlap=int(params.get("chunk_overlap", "0")), max_windows=int(params.get("max_chunks", "1")))
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-        self.session = ort.InferenceSession(str(info.onnx_path), options, providers=["CPUExecutionProvider"])
+        if runtime.ir_beside(info.onnx_path):  # OpenVINO hook: the served model runs its IR
+            self.session = runtime.open_session(info.onnx_path, 1)
+        else:
+            self.session = ort.InferenceSession(str(info.onnx_path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.windows = 0
 

@@ -72,7 +72,8 @@ NGC_MAX_OPSET = 26
 MODELS_SRC = Path(__file__).parent / "models"
 CONTRACT_SRC = Path(__file__).parent / "contract.py"
 SHARED_SOURCES = {"textmodel.py": MODELS_SRC / "textmodel.py", "tokenization.py": MODELS_SRC / "tokenization.py",
-                  "metrics.py": MODELS_SRC / "metrics.py", "contract.py": CONTRACT_SRC}
+                  "metrics.py": MODELS_SRC / "metrics.py", "contract.py": CONTRACT_SRC,
+                  "runtime.py": MODELS_SRC / "runtime.py"}  # OpenVINO hook: the runtime adapter
 GPU_SOURCES = {"token_batch.py": MODELS_SRC / "token_batch.py"}  # beside the GPU target's model only
 TAGGER_SOURCES = {"entities.py": MODELS_SRC / "entities.py"}  # beside a tagger (token classification) only
 ONNX_FILE = "model.onnx"
@@ -531,7 +532,22 @@ def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedMode
         shutil.copy2(src, folder / name)
     _copy_tokenizer(folder, tokenizer_dir)
     shutil.copy2(onnx_model, folder / ONNX_FILE)
+    _copy_openvino_ir(onnx_model, folder, target)  # OpenVINO hook
     write_warmup_files(root / model.name, configs[model.name])
+
+
+def _copy_openvino_ir(onnx_model: Path, folder: Path, target: Target) -> None:
+    """OpenVINO hook: an OpenVINO variant's IR (model.xml/model.bin beside its model.onnx, converted from it)
+    goes beside the served model.onnx, so the CPU model runs it (serving/models/runtime.py)."""
+    from serving.models import runtime
+
+    xml = runtime.ir_beside(onnx_model)
+    if xml is None:
+        return
+    if target is not Target.CPU:
+        raise RepositoryError(f"{xml}: OpenVINO variants are served by the CPU target only")
+    for fname in (runtime.IR_FILE, runtime.IR_WEIGHTS):
+        shutil.copy2(Path(xml).parent / fname, folder / fname)
 
 
 def _provenance(root: Path, config: RepositoryConfig, model: ServedModel, onnx_model: Path,

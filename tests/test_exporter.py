@@ -119,7 +119,7 @@ def test_full_build_succeeds_and_reports(tiny):
     assert set(rep["reference"]) >= {"accuracy", "macro_f1", "n_examples"}
     from exporter.build import LONG_ROWS  # rows joined to reach truncation are added to the eval rows
     assert 200 <= rep["reference"]["n_examples"] <= 200 + LONG_ROWS
-    assert set(rep["variants"]) == {"fp32", "fp16", "int8_dynamic", "int8_static"}
+    assert set(rep["variants"]) == {"fp32", "fp16", "int8_dynamic", "int8_static", "ov_fp32", "ov_int8"}
     for name, v in rep["variants"].items():
         assert VARIANT_KEYS <= set(v), name
         assert PARITY_KEYS <= set(v["parity"]), name

@@ -4,6 +4,6 @@ beside each.
 
 `classifier.py` and `embedder.py` are the CPU target's served models (every row alone); `batched.py` is the GPU
 target's served model for every head (token-budget sub-batches, `token_batch.py` beside it). They import
-only numpy, tokenizers, onnxruntime, the standard library,
+only numpy, tokenizers, onnxruntime (or openvino: `runtime.py` opens either), the standard library,
 triton_python_backend_utils and the two copied modules, because they run inside the Triton python stub.
 """

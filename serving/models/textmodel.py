@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 import contract
 import metrics
+import runtime  # ONNX Runtime or OpenVINO, by the files of the version directory
 import tokenization
 from tokenization import RowTokens  # noqa: F401 - per-row facts (tokens, truncation, windows) for metrics
 
@@ -143,19 +144,11 @@ def respond(requests, handle, where):
 
 
 def row_session(args, params):
-    """The CPU target's ONNX Runtime session over the version directory's model.onnx: ``intra_op_threads``
-    from the config (1 by default, 0: the runtime's default), one inter-op thread, no spinning."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    threads = int(params.get("intra_op_threads", "1"))
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    """The CPU target's session over the version directory's model file: ``intra_op_threads`` from the config
+    (1 by default, 0: the runtime's default). ONNX Runtime over model.onnx, or OpenVINO when the exporter
+    selected an OpenVINO variant (model.xml beside it): runtime.open_session."""
+    path = os.path.join(args["model_repository"], args["model_version"], runtime.ONNX_FILE)
+    return runtime.open_session(path, int(params.get("intra_op_threads", "1")))
 
 
 def embedding_output(model, rows):

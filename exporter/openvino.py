@@ -1,0 +1,201 @@
+"""OpenVINO variants beside the ONNX Runtime ones (issue 22): ``ov_fp32`` and ``ov_int8``.
+
+Both start from the same fused fp32 ONNX graph as every other variant and live in ``<build>/<name>/``: the
+``model.onnx`` they were converted from (the repository checks its tensors) and ``model.xml``/``model.bin``,
+the OpenVINO IR that runs (serving/models/runtime.py picks OpenVINO when the IR is there).
+
+- ``ov_fp32``: the graph converted as is (fp32 weights), run at the runtime's DEFAULT inference precision:
+  bf16 on CPUs with AMX or AVX512-BF16, f32 elsewhere. What ran is recorded (``runtime_settings``) and judges
+  the budget: bf16 is 16-bit float inference, so it is gated with the fp16 budget; f32 with the fp32 one.
+- ``ov_int8``: NNCF post-training quantization (``ModelType.TRANSFORMER``, MIXED preset) calibrated on
+  training rows, each row alone at its own length as served (as the ORT static int8 calibration takes
+  them); its float remainder runs in f32 (``INT8_REST_PRECISION``, written into the IR's rt_info). Sensitivity handling when the tuning rows miss the budget: rounds that keep more MatMuls in
+  floating point (NNCF ``IgnoredScope``: the nodes the ONNX Runtime int8 search kept in fp32, then the FFN
+  down-projections, then every FFN MatMul), each judged on the tuning rows, the first that passes kept; the
+  evaluation rows then give the final verdict, like every variant's. (NNCF's accuracy-aware
+  ``quantize_with_accuracy_control`` was tried first: on MiniLM each reverted layer made the drop worse,
+  0.01 -> 0.21 -> 0.42 in min cosine, and its ranking ran for minutes on 2 shared cores.)
+
+Gated, timed and selected like every other variant (exporter.variants.run, the same per-row 1-thread gate
+and speed measure: parity.session opens an OpenVINO session when the IR is there).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from exporter import parity
+from exporter.config import Precision
+from exporter.parity import Batch
+from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made
+from serving.models import runtime
+
+log = logging.getLogger(__name__)
+
+SIXTEEN_BIT = ("bf16", "f16")  # inference precisions judged by the fp16 budget
+# ov_int8's non-quantized operations run in f32: at the default bf16 on AMX, NNCF int8 of MiniLM gave a min
+# cosine of 0.660 (p1 0.786) on 200 texts, at f32 0.992 (measured here, 2026-12-05)
+INT8_REST_PRECISION = "f32"
+CALIBRATION_ROWS = 300  # NNCF's default subset size; fewer when fewer training rows are given
+# ONNX node names of BERT-family FFN MatMuls (Optimum's export names them after the torch modules)
+FFN_DOWN, FFN_UP = r".*layer\.\d+/output/dense/MatMul.*", r".*layer\.\d+/intermediate/dense/MatMul.*"
+
+
+def default_precision() -> str:
+    """The CPU plugin's default inference precision on this machine (``bf16`` or ``f32``)."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def gate_precision(inference_precision: str) -> Precision:
+    """The budget an OpenVINO float variant is judged by: fp16's when it computes in 16 bits, else fp32's."""
+    return Precision.FP16 if inference_precision in SIXTEEN_BIT else Precision.FP32
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def builders(precisions: Sequence[Precision], enabled: bool = True) -> list[Builder]:
+    """The OpenVINO builders of the requested precisions (fp32 -> ov_fp32, int8 -> ov_int8); none when
+    disabled or when openvino is not installed (then said once in the log)."""
+    if not enabled:
+        return []
+    if not available():
+        log.warning("openvino is not installed: no OpenVINO variants (pip install openvino nncf)")
+        return []
+    out = []
+    if Precision.FP32 in precisions:
+        out.append(Builder(OV_FP32, gate_precision(default_precision()), "convert", make_fp32))
+    if Precision.INT8 in precisions:
+        out.append(Builder(OV_INT8, Precision.INT8, "quantize", make_int8))
+    return out
+
+
+def save_ir(model, src_onnx: Path, dst: Path, precision: str | None = None) -> dict:
+    """Write ``dst`` (a copy of the ONNX graph the IR comes from) and model.xml/model.bin beside it (fp32
+    weights kept: no fp16 compression), with ``precision`` as the inference precision every session of it
+    compiles (None: the runtime's default); returns the variant's runtime record."""
+    import openvino as ov
+
+    if precision:
+        model.set_rt_info(precision, runtime.PRECISION_KEY)
+    shutil.copyfile(src_onnx, dst)
+    xml = dst.parent / runtime.IR_FILE
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    session = runtime.OpenVINOSession(xml, threads=1)
+    return {"runtime": runtime.OPENVINO, "openvino_version": ov.get_version(),
+            "inference_precision": session.precision, "ir_files": [runtime.IR_FILE, runtime.IR_WEIGHTS],
+            "ir_bytes": xml.stat().st_size + (dst.parent / runtime.IR_WEIGHTS).stat().st_size,
+            "converted_from": "the fused fp32 ONNX graph (model.onnx beside the IR)"}
+
+
+def make_fp32(ctx: Context, dst: Path) -> Made:
+    import openvino as ov
+
+    record = save_ir(ov.convert_model(str(ctx.base)), ctx.base, dst)
+    return {"fp32_nodes": "all", "runtime_settings": record}, None
+
+
+def quantize(src_onnx: Path, calibration: list[Batch], ignored: dict | None = None):
+    """NNCF post-training int8 of ``src_onnx`` calibrated on ``calibration`` (feeds of one row each), the
+    nodes ``ignored`` names ({"names": [...], "patterns": [...]}) kept in floating point."""
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(str(src_onnx))
+    names = [p.get_any_name() for p in model.inputs]
+    feeds = [{k: v for k, v in row.items() if k in names} for row in calibration]
+    scope = nncf.IgnoredScope(**ignored, validate=False) if ignored else None
+    return nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.MIXED,
+                         model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds), ignored_scope=scope)
+
+
+def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
+    """The ignored scopes tried in turn until the tuning rows pass: none; the nodes the ONNX Runtime int8
+    search kept in fp32 (when it kept any); the FFN down-projections (fed by GELU outputs with outliers, the
+    most sensitive MatMuls on BERT models, as the ORT ranking finds); every FFN MatMul."""
+    rounds: list[dict | None] = [None]
+    if excluded:
+        rounds.append({"names": list(excluded)})
+    rounds += [{"patterns": [FFN_DOWN]}, {"patterns": [FFN_DOWN, FFN_UP]}]
+    return rounds
+
+
+def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[Path], tuple[bool, str]],
+           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None) -> dict:
+    """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
+    the evaluation rows); ``dst`` keeps the last round. No further rounds after a failed round 0 that
+    ``too_slow`` says is slower than a variant that passed (keeping more in float only slows it down, so it
+    could never be selected). Returns the runtime record with the attempts."""
+    attempts, record = [], {}
+    for i, ignored in enumerate(sensitivity_rounds(excluded)):
+        record = save_ir(quantize(src_onnx, calibration, ignored), src_onnx, dst, INT8_REST_PRECISION)
+        passed, reason = tune(dst)
+        attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
+        log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
+        if passed:
+            break
+        if i == 0 and too_slow is not None and too_slow(dst):
+            attempts[-1]["skipped"] = "slower than a passing variant: no sensitivity rounds"
+            break
+    record["quantization"] = {"tool": "nncf.quantize", "preset": "MIXED", "model_type": "TRANSFORMER",
+                              "calibration_rows": len(calibration), "ignored_scope": attempts[-1]["ignored_scope"]}
+    record["search"] = attempts
+    return record
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+def embedding_rows(tokenizer, texts: Sequence[str], max_length: int) -> list[Batch]:
+    """Each text alone, unpadded, as int64 feeds of one row (as the CPU embedder runs it)."""
+    rows = []
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="np")
+        rows.append({k: np.asarray(v, dtype=np.int64) for k, v in enc.items()})
+    return rows
+
+
+def make_embedding(name: str, fp32_onnx: Path, dst: Path, *, calibration: list[Batch] | None = None,
+                   tune: Callable[[Path], tuple[bool, str]] | None = None) -> dict:
+    """An OpenVINO embedding variant in ``dst``'s directory from the fp32 graph with its pooling head:
+    converted (ov_fp32) or NNCF-quantized on ``calibration`` rows with the sensitivity rounds judged by
+    ``tune`` (ov_int8). Returns its runtime record."""
+    import openvino as ov
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if name == OV_FP32:
+        return save_ir(ov.convert_model(str(fp32_onnx)), fp32_onnx, dst)
+    return search(fp32_onnx, dst, calibration or [], tune or (lambda path: (True, "no tuning texts")))
+
+
+def make_int8(ctx: Context, dst: Path) -> Made:
+    """NNCF PTQ on training rows, the sensitivity rounds judged on the tuning rows; the eval rows decide."""
+    calibration = parity.unbatch(ctx.data.calibration)[:CALIBRATION_ROWS]
+    tuning = parity.unbatch(ctx.data.tuning_batches)
+    tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
+    excluded = sorted({n for v in ctx.variants.values() if not v.runtime_settings for n in v.excluded_nodes or ()})
+
+    def tune(path: Path) -> tuple[bool, str]:
+        sess = runtime.OpenVINOSession(path.parent / runtime.IR_FILE, threads=1)
+        record = parity.tuning_check(sess, tuning, tune_ref, budgets, ctx.mode)
+        return record.passed, record.reason
+
+    floor = None if ctx.config.exhaustive_int8 else ctx.best_passing()
+    too_slow = None if floor is None else (lambda path: ctx.speed(path, Precision.INT8, 0.5).throughput_seq_s < floor)
+    record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
+    scope = record["quantization"]["ignored_scope"] or {}
+    extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
+             "calibration": {"rows": len(calibration), "source": ctx.data.calibration_source,
+                             "method": "NNCF MinMax (TRANSFORMER, MIXED)", "format": "OpenVINO IR FakeQuantize"}}
+    return extra, None
