@@ -7,8 +7,14 @@ from typing import Sequence
 
 from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
+from loadtest.bench import BenchConfig, run_bench
 from loadtest.errors import LoadtestError
-from loadtest.tune import parse_ints, parse_layouts
+from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
+from loadtest.report import fmt
+from loadtest.run import RunConfig, run_loadtest
+from loadtest.soak import SoakConfig, run_soak
+from loadtest.tune import TuneConfig, parse_ints, parse_layouts, run_tune
+from serving.errors import ServingError
 
 PROG = "python -m loadtest"
 
@@ -16,8 +22,6 @@ PROG = "python -m loadtest"
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from loadtest.report import fmt
 
     table = Table(title=title)
     for i, h in enumerate(header):
@@ -28,8 +32,6 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) ->
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loadtest.run import RunConfig, run_loadtest
-
     cfg = config_from_args(RunConfig, args)
     s = run_loadtest(cfg)
     lat = s["latency_ms"]
@@ -48,23 +50,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchConfig, run_bench
-
     cfg = config_from_args(BenchConfig, args)
     result = run_bench(cfg)
     header, rows = result["table"]
     _print_table(f"bench: {result['machine']['n_texts']} texts, {cfg.threads} thread(s)", header, rows)
-    for line in result["goal_lines"]:
+    for line in result["check_lines"]:
         print(line)
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"reports: {result['out']}")
+    if result["failed"]:
+        print(f"{prog_name(PROG)}: error: threshold not met: {'; '.join(result['failed'])}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
-
     cfg = config_from_args(GatewayBenchConfig, args)
     result = run_gateway_bench(cfg)
     _print_table(f"gateway vs direct gRPC ({result['model']}, {cfg.rounds} alternating rounds, medians)",
@@ -76,8 +77,6 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from loadtest.tune import TuneConfig, run_tune
-
     cfg = config_from_args(TuneConfig, args)
     s = run_tune(cfg)
     header, rows = s["table"]
@@ -89,8 +88,6 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from loadtest.soak import SoakConfig, run_soak
-
     cfg = config_from_args(SoakConfig, args)
     s = run_soak(cfg)
     p99, rss, soak = s["p99_ms"], s["rss_mb"], s["soak"]
@@ -127,12 +124,6 @@ TUNE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadtest.bench import BenchConfig
-    from loadtest.gateway_bench import GatewayBenchConfig
-    from loadtest.run import RunConfig
-    from loadtest.soak import SoakConfig
-    from loadtest.tune import TuneConfig
-
     parser, sub = command_parser(PROG, "Load tests and benchmarks of the served classifier.")
 
     run = sub.add_parser("run", help="headless Locust run: CSV/HTML reports, summary.json, a plot")
@@ -164,6 +155,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from serving.errors import ServingError
 
     return run_cli(lambda: args.func(args), user_errors=(LoadtestError, ServingError), prog=prog_name(PROG))

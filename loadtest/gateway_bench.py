@@ -16,9 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from loadtest.clients import LoadResult, _closed, _Sender, _TextStream
+from common.atomic import atomic_directory
+from loadtest.clients import LoadResult, _attempt, _closed, _record, _Sender, _TextStream
 from loadtest.errors import LoadtestError
-from serving.contract import DEFAULT_CLASSIFIER, Protocol
+from loadtest.run import default_out
+from loadtest.serve import served
+from loadtest.texts import load_texts
+from serving.contract import DEFAULT_CLASSIFIER, Endpoint, Protocol
+from serving.gateway.config import GatewayConfig
+from serving.gateway.process import GatewayProcess
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +108,6 @@ async def _paired(direct, gateway, stream: _TextStream, res: tuple[LoadResult, L
                   diffs: list[float]) -> None:
     """One client: each text chunk goes straight and through the gateway, back to back (which goes first
     alternates), so a change in the machine's load hits both paths alike; ``diffs`` gets gateway - direct."""
-    from loadtest.clients import _attempt, _record
-
     loop = asyncio.get_running_loop()
     await direct.fetch_contract()
     t_measure = loop.time() + warmup_s
@@ -149,8 +153,6 @@ def measure(grpc_url: str, gateway_url: str, key: str | None, texts: Sequence[st
     """Throughput: direct gRPC and gateway runs at ``concurrency`` clients, alternating, ``rounds`` of each.
     Latency: one client sending each request both ways back to back. The medians, the throughput ratio and
     the added p50 at 1 client, with the goals."""
-    from serving.contract import Endpoint
-
     direct_url = Endpoint(grpc_url, Protocol.GRPC).url
     factories = {"grpc direct": lambda c: _Sender(Protocol.GRPC, direct_url, model, c),
                  "gateway http": lambda c: _GatewaySender(gateway_url, model, key, c)}
@@ -181,9 +183,6 @@ def measure(grpc_url: str, gateway_url: str, key: str | None, texts: Sequence[st
 
 def run_beside(repository: Path, grpc_url: str, texts, gold, **kwargs) -> dict[str, Any]:
     """Start a gateway (random key, free port) beside the tritonserver at ``grpc_url`` and :func:`measure`."""
-    from serving.gateway.config import GatewayConfig
-    from serving.gateway.process import GatewayProcess
-
     key = secrets.token_urlsafe(24)
     config = GatewayConfig(repository=repository, triton_url=grpc_url, port=0, api_key=key)
     with GatewayProcess(config) as gateway:
@@ -206,8 +205,6 @@ class GatewayBenchConfig:
     out: Path | None = field(default=None, metadata={"help": "report directory (default results/gateway-<time>/)"})
 
     def __post_init__(self) -> None:
-        from loadtest.run import default_out
-
         self.repository = Path(self.repository)
         if not self.repository.is_dir():
             raise LoadtestError(f"repository {self.repository} not found")
@@ -220,10 +217,6 @@ def run_gateway_bench(cfg: GatewayBenchConfig) -> dict[str, Any]:
     """tritonserver + gateway on the repository, :func:`measure`, gateway.json written into ``cfg.out``."""
     import json
     import os
-
-    from common.atomic import atomic_directory
-    from loadtest.serve import served
-    from loadtest.texts import load_texts
 
     textset = load_texts(cfg.texts).sample(cfg.n_texts, seed=0)
     gold = None if textset.labels is None else list(textset.labels)
