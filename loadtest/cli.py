@@ -1,4 +1,4 @@
-"""`python -m loadtest {run,bench,gateway,tune,soak}`: parse, build a config, call one library function, print a table."""
+"""`python -m loadtest {run,bench,gateway,profile,tune,soak}`: parse, build a config, call one library function, print a table."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from loadtest.bench import BenchConfig, run_bench
 from loadtest.errors import LoadtestError
 from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
 from loadtest.report import fmt
+from loadtest.profile import ProfileConfig, run_profile
 from loadtest.run import RunConfig, run_loadtest
 from loadtest.soak import SoakConfig, run_soak
 from loadtest.tune import TuneConfig, parse_ints, parse_layouts, run_tune
@@ -72,6 +73,14 @@ def _gateway(args: argparse.Namespace) -> int:
                  *table(result))
     for line in goal_lines(result):
         print(line)
+    print(f"reports: {result['out']}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ProfileConfig, args)
+    result = run_profile(cfg)
+    _print_table(f"profile: {result['title']}", *result["table"])
     print(f"reports: {result['out']}")
     return 0
 
@@ -140,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "tritonserver over gRPC, side by side")
     add_config_arguments(gateway, GatewayBenchConfig)
     gateway.set_defaults(func=_gateway)
+
+    profile = sub.add_parser("profile", help="where each served request's time goes (front, queue, IPC, tokenizer, "
+                                             "ONNX Runtime, head, metrics) under a closed load")
+    add_config_arguments(profile, ProfileConfig)
+    profile.set_defaults(func=_profile)
 
     tune = sub.add_parser("tune", help="sweep the served configuration and write the best into the repository")
     add_config_arguments(tune, TuneConfig, flags=TUNE_FLAGS)

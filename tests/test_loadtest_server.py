@@ -335,3 +335,43 @@ def test_full_bench_defaults_on_tiny_model(tiny_checkpoint, tiny_onnx, repositor
                  "--repository", str(repository), "--out", str(out)]) == 0
     saved = json.loads((out / "bench.json").read_text())
     assert sum(r["kind"] == "served" for r in saved["results"]) == 10
+
+
+def test_parse_metrics_and_the_breakdown_arithmetic():
+    from loadtest.errors import LoadtestError
+    from loadtest.profile import breakdown, model_counters, parse_metrics
+
+    text = ('# HELP x\nnv_inference_request_success{model="classifier",version="1"} 10\n'
+            'nv_inference_queue_duration_us{model="classifier",version="1"} 2000\n'
+            'nv_inference_request_duration_us{model="classifier",version="1"} 30000\n'
+            'nv_inference_compute_infer_duration_us{model="classifier",version="1"} 25000\n'
+            'textclf_stage_seconds_total{model="classifier",stage="execute"} 0.02\n'
+            'textclf_stage_seconds_total{model="classifier",stage="encoder"} 0.015\n'
+            'nv_inference_request_success{model="other",version="1"} 99\n')
+    after = model_counters(parse_metrics(text), "classifier")
+    assert after["requests"] == 10 and after["stage:execute"] == pytest.approx(20_000)
+    rows = dict(breakdown({}, after, client_mean_ms=4.0))
+    assert rows["  Triton request total"] == pytest.approx(3.0) and rows["    queue"] == pytest.approx(0.2)
+    assert rows["  front: HTTP/gRPC, client library, loopback"] == pytest.approx(1.0)
+    assert rows["      python-backend IPC (compute_infer - execute)"] == pytest.approx(0.5)
+    assert rows["        ONNX Runtime"] == pytest.approx(1.5)
+    with pytest.raises(LoadtestError, match="no request"):
+        breakdown(after, after, 1.0)
+
+
+@pytest.mark.server
+def test_profile_splits_a_served_requests_time(server, repository, texts_csv, tmp_path):
+    """The model's own timers and Triton's counters, read from the metrics port around a real closed loop:
+    every part measured, the parts inside the model within its execute, the execute within compute_infer."""
+    from loadtest.profile import ProfileConfig, measure_profile
+
+    cfg = ProfileConfig(repository=repository, texts=texts_csv, concurrency=2, texts_per_request=2, seconds=2.0,
+                        warmup_seconds=0.5, out=tmp_path / "p")
+    rows, load = measure_profile(cfg, server, corpus_texts(32))
+    by = dict(rows)
+    assert load["requests"] > 0 and load["server_requests"] >= load["requests"] and load["executions"] > 0
+    for part in ("        tokenizer", "        ONNX Runtime", "      model execute", "    compute_infer",
+                 "  Triton request total", "client latency (mean)"):
+        assert by[part] > 0, part
+    assert by["        tokenizer"] + by["        ONNX Runtime"] <= by["      model execute"] <= by["    compute_infer"]
+    assert by["    compute_infer"] <= by["  Triton request total"] <= by["client latency (mean)"]
