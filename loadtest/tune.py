@@ -92,7 +92,6 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
-
         if not (self.repository / PROVENANCE).is_file():
             raise LoadtestError(f"{self.repository} is not a repository written by serving.repository "
                                 f"(no {PROVENANCE})")

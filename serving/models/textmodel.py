@@ -205,6 +205,13 @@ def pin_instance(args, params):
     return mine
 
 
+def requested_only(request, outputs):
+    """The output tensors the request asked for (all when it named none): the ones Triton would drop anyway
+    are not handed over the python backend's shared memory (clients ask for LOGITS only on request)."""
+    wanted = request.requested_output_names()
+    return [t for t in outputs if t.name() in wanted] if wanted else outputs
+
+
 def warmup_requests(config):
     """How many requests Triton's model_warmup sends each instance before the model is ready (a sample's
     ``count`` 0 means once): the first requests an instance executes, which no client can have sent."""
@@ -270,7 +277,7 @@ class RowModel:
         outputs = self.answer(texts, pairs)
         self.stage_ns["decode"] += t1 - t0
         self.stage_ns["answer"] += time.perf_counter_ns() - t1
-        return outputs
+        return requested_only(request, outputs)
 
     def _counted(self, request):
         warmup = self.warmup_left > 0  # Triton's warm-up, before ready: not a client's request
