@@ -375,3 +375,16 @@ def test_profile_splits_a_served_requests_time(server, repository, texts_csv, tm
         assert by[part] > 0, part
     assert by["        tokenizer"] + by["        ONNX Runtime"] <= by["      model execute"] <= by["    compute_infer"]
     assert by["    compute_infer"] <= by["  Triton request total"] <= by["client latency (mean)"]
+
+
+def test_bench_cli_exits_1_with_one_line_when_a_threshold_is_missed(tiny_checkpoint, texts_csv, tmp_path, capsys):
+    """--min-ratio with nothing to compare against (no build, no repository: no ceiling) cannot hold."""
+    from loadtest.cli import main
+
+    code = main(["bench", "--checkpoint", str(tiny_checkpoint), "--no-build", "--no-served", "--no-batch1",
+                 "--texts", str(texts_csv), "--n-texts", "8", "--batch-size", "4", "--threads", "1", "--bf16", "off",
+                 "--min-ratio", "0.8", "--out", str(tmp_path / "b")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "FAIL: --min-ratio 0.8: no ceiling to compare" in out
+    assert err.strip().splitlines()[-1] == ("python -m loadtest: error: threshold not met: --min-ratio 0.8: no "
+                                            "ceiling to compare")
