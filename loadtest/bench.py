@@ -37,6 +37,7 @@ from loadtest.bench_common import (
     BenchConfig,
     Bf16Mode,
     accuracy,
+    check_thresholds,
     cpu_flags,
     cpu_model,
     load_bench_texts,
@@ -48,7 +49,7 @@ from loadtest.bench_common import (
 from loadtest.ceiling import CeilingModel, measure_ceiling
 from loadtest.clients import classify_all, closed_loop, open_loop
 from loadtest.embedding_bench import run_embedding_bench
-from loadtest.gateway_bench import goal_lines as gateway_lines, run_beside
+from loadtest.gateway_bench import run_beside, summary_lines
 from loadtest.long_docs import DefinitionRunner, long_documents, time_in_process
 from loadtest.peer import bench_peer
 from loadtest.report import markdown_table
@@ -324,51 +325,11 @@ def _gateway_rows(cfg: BenchConfig, endpoints, texts, gold, served_acc) -> list[
     rows = [BackendResult(f"{p['path']} c{p['concurrency']} x{p['texts_per_request']}", "gateway",
                           p["texts_per_request"], p["seq_per_s"], p["p50_ms"], p["p99_ms"], served_acc, 0,
                           {"rounds": p["rounds"]}) for p in g["points"]]
-    cfg.notes.extend(gateway_lines(g))
+    cfg.notes.extend(summary_lines(g))
     return rows
 
 
 # ---------------------------------------------------------------- the user's thresholds and the report
-
-
-def _reference(results: Sequence[BackendResult], served_variant: str | None) -> BackendResult | None:
-    """What served rows are a fraction of: the ceiling row, else in-process ORT on the served variant."""
-    ceiling = next((r for r in results if r.kind == "ceiling"), None)
-    if ceiling is not None or not served_variant:
-        return ceiling
-    return next((r for r in results if r.kind == "in-process" and r.detail.get("variant") == served_variant), None)
-
-
-def check_thresholds(results: Sequence[BackendResult], served_variant: str | None, min_ratio: float = 0.0,
-                     slo_p99_ms: float = 0.0) -> tuple[list[str], list[str]]:
-    """(verdict lines, the failed ones) of the thresholds the user set (0: not checked). ``min_ratio``: the best
-    served closed-loop row of each texts-per-request shape reaches that fraction of the ceiling (else of
-    in-process ORT on the served variant). ``slo_p99_ms``: the open-loop row's p99 (at ``--open-loop-load`` of
-    the saturating rate) is within it. A threshold that cannot be checked (no row to check) fails."""
-    lines, failed = [], []
-
-    def verdict(ok: bool, text: str) -> None:
-        lines.append(f"{'PASS' if ok else 'FAIL'}: {text}")
-        if not ok:
-            failed.append(text)
-
-    if min_ratio > 0:
-        reference = _reference(results, served_variant)
-        served = [r for r in results if r.kind == "served"]
-        if reference is None or not served:
-            verdict(False, f"--min-ratio {min_ratio:g}: no {'served row' if reference else 'ceiling'} to compare")
-        for k in sorted({r.rows_per_call for r in served} if reference else set(), reverse=True):
-            best = max((r for r in served if r.rows_per_call == k), key=lambda r: r.seq_per_s)
-            ratio = best.seq_per_s / reference.seq_per_s
-            verdict(ratio >= min_ratio, f"{best.name} {best.seq_per_s:.1f} seq/s = {ratio:.2f} of {reference.name} "
-                                        f"{reference.seq_per_s:.1f} (--min-ratio {min_ratio:g})")
-    if slo_p99_ms > 0:
-        ol = next((r for r in results if r.kind == "open-loop" and r.p99_ms is not None), None)
-        if ol is None:
-            verdict(False, f"--slo-p99-ms {slo_p99_ms:g}: no open-loop row was measured")
-        else:
-            verdict(ol.p99_ms <= slo_p99_ms, f"{ol.name} p99 {ol.p99_ms:.1f} ms (--slo-p99-ms {slo_p99_ms:g})")
-    return lines, failed
 
 
 TABLE_HEADER = ("backend", "rows/call", "seq/s", "p50 ms", "p99 ms", "x pipeline", "of ceiling", "accuracy")

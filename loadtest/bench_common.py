@@ -265,3 +265,42 @@ def set_ratios(results: Sequence[BackendResult], baseline: str) -> None:
         if ceiling is not None and r.kind in ("served", "open-loop", "ceiling", "peer"):
             r.ratio_to_ceiling = r.seq_per_s / ceiling.seq_per_s
 
+
+def _reference(results: Sequence[BackendResult], served_variant: str | None) -> BackendResult | None:
+    """What served rows are a fraction of: the ceiling row, else in-process ORT on the served variant."""
+    ceiling = next((r for r in results if r.kind == "ceiling"), None)
+    if ceiling is not None or not served_variant:
+        return ceiling
+    return next((r for r in results if r.kind == "in-process" and r.detail.get("variant") == served_variant), None)
+
+
+def check_thresholds(results: Sequence[BackendResult], served_variant: str | None, min_ratio: float = 0.0,
+                     slo_p99_ms: float = 0.0) -> tuple[list[str], list[str]]:
+    """(verdict lines, the failed ones) of the thresholds the user set (0: not checked). ``min_ratio``: the best
+    served closed-loop row of each texts-per-request shape reaches that fraction of the ceiling (else of
+    in-process ORT on the served variant). ``slo_p99_ms``: the open-loop row's p99 (at ``--open-loop-load`` of
+    the saturating rate) is within it. A threshold that cannot be checked (no row to check) fails."""
+    lines, failed = [], []
+
+    def verdict(ok: bool, text: str) -> None:
+        lines.append(f"{'PASS' if ok else 'FAIL'}: {text}")
+        if not ok:
+            failed.append(text)
+
+    if min_ratio > 0:
+        reference = _reference(results, served_variant)
+        served = [r for r in results if r.kind == "served"]
+        if reference is None or not served:
+            verdict(False, f"--min-ratio {min_ratio:g}: no {'served row' if reference else 'ceiling'} to compare")
+        for k in sorted({r.rows_per_call for r in served} if reference else set(), reverse=True):
+            best = max((r for r in served if r.rows_per_call == k), key=lambda r: r.seq_per_s)
+            ratio = best.seq_per_s / reference.seq_per_s
+            verdict(ratio >= min_ratio, f"{best.name} {best.seq_per_s:.1f} seq/s = {ratio:.2f} of {reference.name} "
+                                        f"{reference.seq_per_s:.1f} (--min-ratio {min_ratio:g})")
+    if slo_p99_ms > 0:
+        ol = next((r for r in results if r.kind == "open-loop" and r.p99_ms is not None), None)
+        if ol is None:
+            verdict(False, f"--slo-p99-ms {slo_p99_ms:g}: no open-loop row was measured")
+        else:
+            verdict(ol.p99_ms <= slo_p99_ms, f"{ol.name} p99 {ol.p99_ms:.1f} ms (--slo-p99-ms {slo_p99_ms:g})")
+    return lines, failed

@@ -9,7 +9,7 @@ from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from loadtest.bench import BenchConfig, run_bench
 from loadtest.errors import LoadtestError
-from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
+from loadtest.gateway_bench import GatewayBenchConfig, run_gateway_bench, summary_lines, table
 from loadtest.report import fmt
 from loadtest.profile import ProfileConfig, run_profile
 from loadtest.run import RunConfig, run_loadtest
@@ -71,7 +71,7 @@ def _gateway(args: argparse.Namespace) -> int:
     result = run_gateway_bench(cfg)
     _print_table(f"gateway vs direct gRPC ({result['model']}, {cfg.rounds} alternating rounds, medians)",
                  *table(result))
-    for line in goal_lines(result):
+    for line in summary_lines(result):
         print(line)
     print(f"reports: {result['out']}")
     return 0

@@ -31,6 +31,7 @@ from exporter.embedding_gate import RowEncoder
 from loadtest.bench_common import (
     BackendResult,
     BenchConfig,
+    check_thresholds,
     cpu_model,
     load_bench_texts,
     plot_bench,
@@ -180,24 +181,27 @@ def _selected(cfg: BenchConfig) -> tuple[str, Path, Path]:
     return report.selected, report.variant_path(report.selected, cfg.build), Path(report.model_dir)
 
 
-def _write(cfg: BenchConfig, results: list[BackendResult], meta: dict[str, Any]) -> dict[str, Any]:
+def _write(cfg: BenchConfig, results: list[BackendResult], meta: dict[str, Any],
+           checks: tuple[list[str], list[str]]) -> dict[str, Any]:
     rows = [(r.name, r.rows_per_call, r.seq_per_s, r.p50_ms, r.p99_ms,
              None if r.ratio_to_pipeline is None else f"{r.ratio_to_pipeline:.2f}",
              None if r.ratio_to_ceiling is None else f"{r.ratio_to_ceiling:.2f}",
              None if r.accuracy is None else f"{r.accuracy:.6f}") for r in results]
     out = {"task": "embedding", "config": json.loads(json.dumps(asdict(cfg), default=str)), "machine": meta,
-           "results": [asdict(r) for r in results], "goals": {}, "notes": cfg.notes, "versions": versions(),
+           "results": [asdict(r) for r in results], "thresholds": {"lines": checks[0], "failed": checks[1]},
+           "notes": cfg.notes, "versions": versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = ["# Embedding benchmark\n", "sentence-transformers encode, the in-process ceiling (the selected variant, "
             "one text at a time, one 1-thread process per core) and the served embedder, on the same texts.\n",
             f"{meta['n_texts']} texts from `{meta['texts_source']}`, {meta['cpu']} ({meta['cores']} cores); "
             "`min cosine` is against sentence-transformers' vectors for the same texts.\n",
-            markdown_table(HEADER, rows), *[f"- {n}" for n in cfg.notes], ""]
+            markdown_table(HEADER, rows), *[f"- {n}" for n in [*checks[0], *cfg.notes]], ""]
     with atomic_directory(cfg.out) as tmp:
         (tmp / "bench.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
         (tmp / "bench.md").write_text("\n".join(text))
         plot_bench(results, tmp / "bench.png")
-    return {**out, "out": str(cfg.out.absolute()), "table": (HEADER, rows), "goal_lines": []}
+    return {**out, "out": str(cfg.out.absolute()), "table": (HEADER, rows), "check_lines": checks[0],
+            "failed": checks[1]}
 
 
 def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -220,4 +224,4 @@ def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.peer_url:
         results += bench_peer(cfg, texts, None, reference)
     set_ratios(results, base.name)
-    return _write(cfg, results, meta)
+    return _write(cfg, results, meta, check_thresholds(results, variant, cfg.min_ratio, cfg.slo_p99_ms))

@@ -304,8 +304,10 @@ def test_no_goal_constants_in_the_bench():
     """Product code carries no goals (issue 22 item 4): users pass --min-ratio / --slo-p99-ms."""
     import loadtest.bench as bench
     import loadtest.bench_common as common
+    import loadtest.embedding_bench as embedding_bench
+    import loadtest.gateway_bench as gateway_bench
 
-    for mod in (bench, common):
+    for mod in (bench, common, embedding_bench, gateway_bench):
         assert not [n for n in vars(mod) if n.startswith("GOAL")], mod.__name__
 
 
