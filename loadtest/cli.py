@@ -1,4 +1,5 @@
-"""`python -m loadtest {run,bench,gateway,profile,tune,soak}`: parse, build a config, call one library function, print a table."""
+"""`python -m loadtest {run,bench,gateway,profile,tune,soak}`: parse, build a config, call one library function,
+print a table."""
 from __future__ import annotations
 
 import argparse
