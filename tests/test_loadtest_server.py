@@ -362,7 +362,8 @@ def test_parse_metrics_and_the_breakdown_arithmetic():
 @pytest.mark.server
 def test_profile_splits_a_served_requests_time(server, repository, texts_csv, tmp_path):
     """The model's own timers and Triton's counters, read from the metrics port around a real closed loop:
-    every part measured, the parts inside the model within its execute, the execute within compute_infer."""
+    every part measured, the parts inside the model within its execute, the execute within compute_infer,
+    compute_infer within Triton's request total."""
     from loadtest.profile import ProfileConfig, measure_profile
 
     cfg = ProfileConfig(repository=repository, texts=texts_csv, concurrency=2, texts_per_request=2, seconds=2.0,
@@ -374,7 +375,9 @@ def test_profile_splits_a_served_requests_time(server, repository, texts_csv, tm
                  "  Triton request total", "client latency (mean)"):
         assert by[part] > 0, part
     assert by["        tokenizer"] + by["        ONNX Runtime"] <= by["      model execute"] <= by["    compute_infer"]
-    assert by["    compute_infer"] <= by["  Triton request total"] <= by["client latency (mean)"]
+    # (not <= the client's latency: Triton ends a request when it releases it, which can come after the
+    # client has its answer, and the two windows differ by the requests in flight at their edges)
+    assert by["    compute_infer"] <= by["  Triton request total"]
 
 
 def test_bench_cli_exits_1_with_one_line_when_a_threshold_is_missed(tiny_checkpoint, texts_csv, tmp_path, capsys):
