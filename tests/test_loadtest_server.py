@@ -391,3 +391,20 @@ def test_bench_cli_exits_1_with_one_line_when_a_threshold_is_missed(tiny_checkpo
     assert code == 1 and "FAIL: --min-ratio 0.8: no ceiling to compare" in out
     assert err.strip().splitlines()[-1] == ("python -m loadtest: error: threshold not met: --min-ratio 0.8: no "
                                             "ceiling to compare")
+
+
+def test_the_ceiling_runs_what_the_repository_serves(tiny_onnx, tiny_checkpoint, tmp_path):
+    """ceiling_source reads the served model's ONNX file, tokenizer, max_length and intra-op threads from the
+    repository's config (not the bench's own --max-length or a fixed thread count)."""
+    from loadtest.bench import ceiling_source
+    from loadtest.bench_common import BenchConfig
+
+    repo = write_repository(tmp_path / "repo", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_length=64, intra_op_threads=2, encoder_instances=1),
+                            provenance={"variant": "fp32"})
+    cfg = BenchConfig(checkpoint=tiny_checkpoint, build=None, repository=repo, max_length=128, out=tmp_path / "b")
+    variant, model = ceiling_source(cfg)
+    served = read_repository(repo).model("classifier")
+    assert (model.onnx, model.tokenizer_dir) == (served.onnx_path, served.tokenizer_dir)
+    assert (model.max_length, model.intra_op_threads) == (64, 2)

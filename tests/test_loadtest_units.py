@@ -469,3 +469,39 @@ def test_long_documents_are_2k_to_50k_characters_joined_from_the_texts():
     assert all(2_000 <= len(d) <= 50_000 for d in docs)
     assert max(map(len, docs)) > 20_000 and min(map(len, docs)) < 5_000  # log-uniform over the range
     assert all(d.split(" with some words ")[0].startswith("text number") for d in docs)
+
+
+def _session_settings(path: Path, function: str) -> set[str]:
+    """What a function sets on ONNX Runtime session options: assigned attributes, config entries, modes."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    found = set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+            found.add(f"{node.targets[0].attr} = {ast.unparse(node.value)}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_session_config_entry":
+            found.add(f"entry {ast.unparse(node.args[0])} = {ast.unparse(node.args[1])}")
+    return found
+
+
+def test_the_ceiling_sets_the_served_models_session_options():
+    """loadtest.ceiling.session_options sets exactly what serving/models/textmodel.py's row_session sets (the
+    served model's file cannot be imported outside Triton, so both are read from their source)."""
+    root = Path(__file__).resolve().parents[1]
+    served = _session_settings(root / "serving" / "models" / "textmodel.py", "row_session")
+    ceiling = _session_settings(root / "loadtest" / "ceiling.py", "session_options")
+    assert "entry 'session.intra_op.allow_spinning' = '0'" in served and "inter_op_num_threads = 1" in served
+    assert {s.split(" = ")[0] for s in served} == {s.split(" = ")[0] for s in ceiling}
+    assert {s for s in served if "threads" not in s.split(" = ")[1]} == \
+        {s for s in ceiling if "threads" not in s.split(" = ")[1]}
+
+
+def test_the_ceilings_session_options_are_real():
+    from loadtest.ceiling import session_options
+
+    options = session_options(2)
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(0).intra_op_num_threads == 0  # 0: the runtime's default, as the served model
