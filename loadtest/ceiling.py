@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,6 +58,7 @@ class CeilingRun:
     latencies_ms: list[float]  # every timed row of every process
     label_ids: list[int]  # the first process's answers, in text order
     intra_op_threads: int = 1
+    sessions: list[int | None] = field(default_factory=list)  # each process's session id
 
 
 def session_options(intra_op_threads: int) -> Any:
@@ -118,9 +119,12 @@ def _timed_passes(run: RowRunner, texts: Sequence[str], min_seconds: float) -> t
 
 
 def _row_loop(index: int, core: int | None, model: CeilingModel, texts: Sequence[str], min_seconds: float,
-              barrier: Any, results: Any) -> None:
-    """One process: pin to ``core``, one untimed pass, wait for the others, then timed passes."""
+              barrier: Any, results: Any, own_session: bool = True) -> None:
+    """One process: its own session (see measure_ceiling), pin to ``core``, one untimed pass, wait for the
+    others, then timed passes."""
     try:
+        if own_session and hasattr(os, "setsid"):
+            os.setsid()
         if core is not None:
             os.sched_setaffinity(0, {core})
         run = RowRunner(model)
@@ -128,16 +132,20 @@ def _row_loop(index: int, core: int | None, model: CeilingModel, texts: Sequence
             run(text)
         barrier.wait(timeout=600)
         ids, lat, rows, seconds = _timed_passes(run, texts, min_seconds)
-        results.put({"index": index, "rows": rows, "seconds": seconds, "ids": ids, "lat": lat})
+        results.put({"index": index, "rows": rows, "seconds": seconds, "ids": ids, "lat": lat,
+                     "session": os.getsid(0) if hasattr(os, "getsid") else None})
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
         barrier.abort()
         results.put({"index": index, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def measure_ceiling(model: CeilingModel, texts: Sequence[str], processes: int = 0,
-                    min_seconds: float = MIN_SECONDS) -> CeilingRun:
+                    min_seconds: float = MIN_SECONDS, own_session: bool = True) -> CeilingRun:
     """Run the per-core loop in ``processes`` processes (0: one per usable core; each pinned to its core
-    when there are no more processes than cores and one intra-op thread each) at once."""
+    when there are no more processes than cores and one intra-op thread each) at once. Each process starts
+    its own session (``own_session``), as tritonserver does (serving.server): where the kernel groups CPU
+    time by session (Linux autogroup, ``/proc/sys/kernel/sched_autogroup_enabled``), processes left in the
+    bench's session share one fair share of a busy machine between them, while a served stack gets its own."""
     if not texts:
         raise LoadtestError("the ceiling needs at least one text")
     cores = usable_cores()
@@ -147,7 +155,8 @@ def measure_ceiling(model: CeilingModel, texts: Sequence[str], processes: int = 
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or sessions
     barrier, results = ctx.Barrier(n), ctx.Queue()
     procs = [ctx.Process(target=_row_loop, name=f"ceiling-{i}", daemon=True,
-                         args=(i, cores[i] if pin else None, model, list(texts), min_seconds, barrier, results))
+                         args=(i, cores[i] if pin else None, model, list(texts), min_seconds, barrier, results,
+                               own_session))
              for i in range(n)]
     for p in procs:
         p.start()
@@ -164,4 +173,4 @@ def measure_ceiling(model: CeilingModel, texts: Sequence[str], processes: int = 
     got.sort(key=lambda g: g["index"])
     rates = [g["rows"] / g["seconds"] for g in got]
     return CeilingRun(n, float(sum(rates)), rates, [x for g in got for x in g["lat"]], got[0]["ids"],
-                      model.intra_op_threads)
+                      model.intra_op_threads, [g["session"] for g in got])
