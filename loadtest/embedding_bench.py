@@ -102,7 +102,8 @@ def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[st
     n = processes or usable_cores()
     shares = [list(range(i, len(texts), n)) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=os.setsid) as pool:  # own sessions, as loadtest.ceiling
         barrier = manager.Barrier(n)
         futures = [pool.submit(_ceiling_worker, str(onnx_path), str(model_dir), [texts[i] for i in s], barrier)
                    for s in shares]
