@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the whole flow on the embedded default) and `make test`.
+# `make check`: the fast tier while you work (units and ONE real tritonserver start, <= 2 min here); `make test`
+# stays the full suite CI runs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,15 @@ DEMO_LIMIT ?= 8000
 DEMO_EPOCHS ?= 1
 DEMO_DIR ?= demo
 
-.PHONY: install demo test test-all finetune-full soak clean
+.PHONY: install demo check test test-all finetune-full soak clean
+
+# the fast tier: unit tests (no server) and the served contract on one real tritonserver (test_serving's
+# module server: parity with PyTorch over HTTP and gRPC, raw KServe v2 JSON, bad input, metrics, CLI)
+CHECK_TESTS := tests/test_common.py tests/test_contract.py tests/test_code_shape.py tests/test_loadtest_units.py \
+	tests/test_import_graph.py tests/test_exporter_units.py tests/test_finetune_data.py tests/test_cli.py \
+	tests/test_serving.py::test_parity_with_pytorch tests/test_serving.py::test_plain_kserve_v2_http_json \
+	tests/test_serving.py::test_metrics_endpoint_on_loopback tests/test_serving.py::test_undecodable_bytes_are_invalid_argument \
+	tests/test_serving.py::test_bad_requests_over_http tests/test_serving.py::test_cli_classify_and_health
 
 install: $(STAMP)
 
@@ -23,6 +33,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	bash scripts/demo.sh $(PY) $(DEMO_DIR) $(DEMO_LIMIT) $(DEMO_EPOCHS)
+
+check: install
+	$(PY) -m pytest -m "not slow and not gpu" -q --timeout 300 $(CHECK_TESTS)
 
 test: install
 	$(PY) -m pytest -m "not slow and not gpu" --timeout 1200

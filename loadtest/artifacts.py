@@ -9,16 +9,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.provenance import sha256_file
+from exporter.artifacts import ArtifactError, read_report
 from loadtest.errors import LoadtestError
 from serving.contract import ServedModel
+from serving.errors import RepositoryError
+from serving.repository import read_repository
 
 log = logging.getLogger(__name__)
 
 
 def _report(build: Path):
     """The exporter's typed build report (exporter.artifacts owns its schema)."""
-    from exporter.artifacts import ArtifactError, read_report
-
     try:
         return read_report(Path(build))
     except ArtifactError as exc:
@@ -86,9 +87,6 @@ def read_served_repository(repository: Path, build: Path | None = None,
                            model: str | None = None) -> ServedRepository:
     """Read a repository written by serving.repository (through ``read_repository``); ``model`` picks one
     served model of several (default: the only one, or ``classifier``)."""
-    from serving.errors import RepositoryError
-    from serving.repository import read_repository
-
     repository = Path(repository)
     try:
         info = read_repository(repository)

@@ -1,4 +1,5 @@
-"""`python -m loadtest {run,bench,gateway,tune,soak}`: parse, build a config, call one library function, print a table."""
+"""`python -m loadtest {run,bench,gateway,profile,tune,soak}`: parse, build a config, call one library function,
+print a table."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,15 @@ from typing import Sequence
 
 from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
+from loadtest.bench import BenchConfig, run_bench
 from loadtest.errors import LoadtestError
-from loadtest.tune import parse_ints, parse_layouts
+from loadtest.gateway_bench import GatewayBenchConfig, run_gateway_bench, summary_lines, table
+from loadtest.report import fmt
+from loadtest.profile import ProfileConfig, run_profile
+from loadtest.run import RunConfig, run_loadtest
+from loadtest.soak import SoakConfig, run_soak
+from loadtest.tune import TuneConfig, parse_ints, parse_layouts, run_tune
+from serving.errors import ServingError
 
 PROG = "python -m loadtest"
 
@@ -16,8 +24,6 @@ PROG = "python -m loadtest"
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from loadtest.report import fmt
 
     table = Table(title=title)
     for i, h in enumerate(header):
@@ -28,8 +34,6 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) ->
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loadtest.run import RunConfig, run_loadtest
-
     cfg = config_from_args(RunConfig, args)
     s = run_loadtest(cfg)
     lat = s["latency_ms"]
@@ -48,36 +52,41 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchConfig, run_bench
-
     cfg = config_from_args(BenchConfig, args)
     result = run_bench(cfg)
     header, rows = result["table"]
     _print_table(f"bench: {result['machine']['n_texts']} texts, {cfg.threads} thread(s)", header, rows)
-    for line in result["goal_lines"]:
+    for line in result["check_lines"]:
         print(line)
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"reports: {result['out']}")
+    if result["failed"]:
+        print(f"{prog_name(PROG)}: error: threshold not met: {'; '.join(result['failed'])}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from loadtest.gateway_bench import GatewayBenchConfig, goal_lines, run_gateway_bench, table
-
     cfg = config_from_args(GatewayBenchConfig, args)
     result = run_gateway_bench(cfg)
     _print_table(f"gateway vs direct gRPC ({result['model']}, {cfg.rounds} alternating rounds, medians)",
                  *table(result))
-    for line in goal_lines(result):
+    for line in summary_lines(result):
         print(line)
+    print(f"reports: {result['out']}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ProfileConfig, args)
+    result = run_profile(cfg)
+    _print_table(f"profile: {result['title']}", *result["table"])
     print(f"reports: {result['out']}")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from loadtest.tune import TuneConfig, run_tune
-
     cfg = config_from_args(TuneConfig, args)
     s = run_tune(cfg)
     header, rows = s["table"]
@@ -89,8 +98,6 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from loadtest.soak import SoakConfig, run_soak
-
     cfg = config_from_args(SoakConfig, args)
     s = run_soak(cfg)
     p99, rss, soak = s["p99_ms"], s["rss_mb"], s["soak"]
@@ -127,12 +134,6 @@ TUNE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadtest.bench import BenchConfig
-    from loadtest.gateway_bench import GatewayBenchConfig
-    from loadtest.run import RunConfig
-    from loadtest.soak import SoakConfig
-    from loadtest.tune import TuneConfig
-
     parser, sub = command_parser(PROG, "Load tests and benchmarks of the served classifier.")
 
     run = sub.add_parser("run", help="headless Locust run: CSV/HTML reports, summary.json, a plot")
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gateway, GatewayBenchConfig)
     gateway.set_defaults(func=_gateway)
 
+    profile = sub.add_parser("profile", help="where each served request's time goes (front, queue, IPC, tokenizer, "
+                                             "ONNX Runtime, head, metrics) under a closed load")
+    add_config_arguments(profile, ProfileConfig)
+    profile.set_defaults(func=_profile)
+
     tune = sub.add_parser("tune", help="sweep the served configuration and write the best into the repository")
     add_config_arguments(tune, TuneConfig, flags=TUNE_FLAGS)
     tune.set_defaults(func=_tune)
@@ -164,6 +170,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from serving.errors import ServingError
 
     return run_cli(lambda: args.func(args), user_errors=(LoadtestError, ServingError), prog=prog_name(PROG))

@@ -16,6 +16,7 @@ import numpy as np
 
 from loadtest.errors import LoadtestError
 from loadtest.payload import check_response
+from serving.client import connect, tritonclient_module
 from serving.contract import (
     DEFAULT_CLASSIFIER,
     ContractError,
@@ -77,8 +78,6 @@ class _Sender:
     """One asyncio client for either protocol (TLS when the URL says so); ``send`` returns checked labels."""
 
     def __init__(self, protocol: Protocol | str, url: str, model: str, conn_limit: int):
-        from serving.client import connect, tritonclient_module
-
         try:
             self.endpoint = parse_endpoint(url, protocol)
         except ContractError as exc:

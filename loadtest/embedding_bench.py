@@ -23,10 +23,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from loadtest.bench import BackendResult, BenchConfig, _load_texts, _set_ratios, cpu_model, plot_bench, time_calls
+from common.atomic import atomic_directory
+from common.provenance import versions
+from exporter.artifacts import ArtifactError, read_embedding_report
+from exporter.embedding import read_pipeline
+from exporter.embedding_gate import RowEncoder
+from loadtest.bench_common import (
+    BackendResult,
+    BenchConfig,
+    check_thresholds,
+    cpu_model,
+    load_bench_texts,
+    plot_bench,
+    set_ratios,
+    time_calls,
+)
 from loadtest.errors import LoadtestError
+from loadtest.peer import bench_peer
 from loadtest.report import markdown_table
+from loadtest.serve import served
+from serving.client import Embedder
 from serving.contract import DEFAULT_EMBEDDER, Protocol
+from serving.repository import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +82,10 @@ def bench_encode(model_dir: Path, texts: list[str], batch: int) -> tuple[Backend
 
 
 def _ceiling_worker(onnx_path: str, model_dir: str, texts: list[str], barrier) -> tuple[np.ndarray, list[float], float]:
-    """One 1-thread process: every text alone, timed once every process has loaded and warmed up (so no
+    """One 1-thread process: every text alone, timed once every process has loaded and made an untimed pass (so no
     process's timing overlaps another's start-up); (vectors, ms per text, seconds)."""
-    from exporter.embedding import read_pipeline
-    from exporter.embedding_gate import RowEncoder
-
     encoder = RowEncoder(Path(onnx_path), read_pipeline(Path(model_dir)))
-    for text in texts[:8]:
+    for text in texts:  # one whole untimed pass, as loadtest.ceiling warms up
         encoder(text)
     barrier.wait()
     lat, rows, t_all = [], [], time.perf_counter()
@@ -84,12 +99,11 @@ def _ceiling_worker(onnx_path: str, model_dir: str, texts: list[str], barrier) -
 def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[str], processes: int,
                   reference: np.ndarray) -> BackendResult:
     """The selected variant, one text at a time, one 1-thread process per core, all at once."""
-    from serving.repository import usable_cores
-
     n = processes or usable_cores()
     shares = [list(range(i, len(texts), n)) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=os.setsid) as pool:  # own sessions, as loadtest.ceiling
         barrier = manager.Barrier(n)
         futures = [pool.submit(_ceiling_worker, str(onnx_path), str(model_dir), [texts[i] for i in s], barrier)
                    for s in shares]
@@ -107,8 +121,6 @@ def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[st
 def _closed_loop(url: str, protocol: Protocol, model: str, texts: list[str], concurrency: int, k: int,
                  seconds: float) -> tuple[int, list[float], float, int]:
     """``concurrency`` threads, each with its own Embedder, sending ``k`` texts per request for ``seconds``."""
-    from serving.client import Embedder
-
     lat: list[float] = []
     counts = {"rows": 0, "failures": 0}
     lock, stop = threading.Lock(), time.perf_counter() + seconds
@@ -142,9 +154,6 @@ def _closed_loop(url: str, protocol: Protocol, model: str, texts: list[str], con
 def bench_served(cfg: BenchConfig, model: str, texts: list[str], reference: np.ndarray,
                  meta: dict[str, Any]) -> list[BackendResult]:
     """Every (protocol, concurrency) point against a local tritonserver on the repository."""
-    from loadtest.serve import served
-    from serving.client import Embedder
-
     results = []
     with served(cfg.repository) as endpoints:
         meta["endpoints"] = endpoints.as_dict()
@@ -164,8 +173,6 @@ def bench_served(cfg: BenchConfig, model: str, texts: list[str], reference: np.n
 
 def _selected(cfg: BenchConfig) -> tuple[str, Path, Path]:
     """(variant, ONNX file, model directory) of the embedding build's selection."""
-    from exporter.artifacts import ArtifactError, read_embedding_report
-
     try:
         report = read_embedding_report(cfg.build)
     except ArtifactError as exc:
@@ -175,27 +182,27 @@ def _selected(cfg: BenchConfig) -> tuple[str, Path, Path]:
     return report.selected, report.variant_path(report.selected, cfg.build), Path(report.model_dir)
 
 
-def _write(cfg: BenchConfig, results: list[BackendResult], meta: dict[str, Any]) -> dict[str, Any]:
-    from common.atomic import atomic_directory
-    from common.provenance import versions
-
+def _write(cfg: BenchConfig, results: list[BackendResult], meta: dict[str, Any],
+           checks: tuple[list[str], list[str]]) -> dict[str, Any]:
     rows = [(r.name, r.rows_per_call, r.seq_per_s, r.p50_ms, r.p99_ms,
              None if r.ratio_to_pipeline is None else f"{r.ratio_to_pipeline:.2f}",
              None if r.ratio_to_ceiling is None else f"{r.ratio_to_ceiling:.2f}",
              None if r.accuracy is None else f"{r.accuracy:.6f}") for r in results]
     out = {"task": "embedding", "config": json.loads(json.dumps(asdict(cfg), default=str)), "machine": meta,
-           "results": [asdict(r) for r in results], "goals": {}, "notes": cfg.notes, "versions": versions(),
+           "results": [asdict(r) for r in results], "thresholds": {"lines": checks[0], "failed": checks[1]},
+           "notes": cfg.notes, "versions": versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = ["# Embedding benchmark\n", "sentence-transformers encode, the in-process ceiling (the selected variant, "
             "one text at a time, one 1-thread process per core) and the served embedder, on the same texts.\n",
             f"{meta['n_texts']} texts from `{meta['texts_source']}`, {meta['cpu']} ({meta['cores']} cores); "
             "`min cosine` is against sentence-transformers' vectors for the same texts.\n",
-            markdown_table(HEADER, rows), *[f"- {n}" for n in cfg.notes], ""]
+            markdown_table(HEADER, rows), *[f"- {n}" for n in [*checks[0], *cfg.notes]], ""]
     with atomic_directory(cfg.out) as tmp:
         (tmp / "bench.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
         (tmp / "bench.md").write_text("\n".join(text))
         plot_bench(results, tmp / "bench.png")
-    return {**out, "out": str(cfg.out.absolute()), "table": (HEADER, rows), "goal_lines": []}
+    return {**out, "out": str(cfg.out.absolute()), "table": (HEADER, rows), "check_lines": checks[0],
+            "failed": checks[1]}
 
 
 def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -205,7 +212,7 @@ def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.build is None:
         raise LoadtestError("--task embedding needs --build (an `exporter build --task embedding` directory)")
     torch.set_num_threads(cfg.threads)
-    texts, _, source = _load_texts(cfg)
+    texts, _, source = load_bench_texts(cfg)
     variant, onnx_path, model_dir = _selected(cfg)
     meta = {"n_texts": len(texts), "texts_source": source, "cpu": cpu_model(), "cores": os.cpu_count(),
             "variant": variant, "model_dir": str(model_dir)}
@@ -215,5 +222,7 @@ def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
         results.append(bench_ceiling(variant, onnx_path, model_dir, texts, cfg.ceiling_processes, reference))
     if cfg.served:
         results += bench_served(cfg, cfg.model_name or DEFAULT_EMBEDDER, texts, reference, meta)
-    _set_ratios(results, base.name)
-    return _write(cfg, results, meta)
+    if cfg.peer_url:
+        results += bench_peer(cfg, texts, None, reference)
+    set_ratios(results, base.name)
+    return _write(cfg, results, meta, check_thresholds(results, variant, cfg.min_ratio, cfg.slo_p99_ms))

@@ -39,22 +39,24 @@ from locust.runners import WorkerRunner  # noqa: E402
 from locust.user.wait_time import constant_throughput  # noqa: E402
 
 from loadtest import payload  # noqa: E402
+from loadtest.long_docs import long_documents  # noqa: E402
 from loadtest.run import USER_CLASS  # noqa: E402
 from loadtest.texts import load_texts  # noqa: E402
+from serving.client import TextClassifier  # noqa: E402
 from serving.contract import (  # noqa: E402
     DEFAULT_CLASSIFIER,
     EMBEDDING,
     ENTITIES,
-    decode_entities,
+    LABEL,
     SCORE,
     Activation,
-    Head,
-    decode_scores,
-    decode_embedding,
-    LABEL,
     ContractError,
+    Head,
     Protocol,
     ServedModel,
+    decode_embedding,
+    decode_entities,
+    decode_scores,
     http_infer_body,
     http_outputs,
     infer_inputs,
@@ -103,8 +105,6 @@ def text_pool(path: str | None, long_texts: int = 0) -> tuple[str, ...]:
         texts = load_texts(path or None)
         pool = texts.texts
         if long_texts > 0:
-            from loadtest.long_docs import long_documents
-
             pool = tuple(long_documents(pool, long_texts))
         _POOLS[key] = pool
         log.info("loaded %d texts from %s%s", len(pool), texts.source, " (long documents)" if long_texts else "")
@@ -279,8 +279,6 @@ class TritonClientUser(User):
     wait_time = _wait
 
     def on_start(self) -> None:
-        from serving.client import TextClassifier
-
         endpoint = parse_endpoint(self.host)
         _setup(self, endpoint.protocol)
         self.request_type = f"client-{endpoint.protocol.value}"

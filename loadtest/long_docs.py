@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from serving.models import runtime
+from serving.models.tokenization import LengthTokenizer
+from serving.repository import read_repository
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,6 @@ class DefinitionRunner:
     def __init__(self, repository: Path, model: str | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
-
-        from serving.models import runtime
-        from serving.models.tokenization import LengthTokenizer
-        from serving.repository import read_repository
 
         info = read_repository(Path(repository)).model(model)
         params = {k: v.string_value for k, v in info.config.parameters.items()}

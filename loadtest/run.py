@@ -16,6 +16,8 @@ from typing import Any
 from common.atomic import atomic_directory
 from common.provenance import versions
 from loadtest.errors import LoadtestError
+from loadtest.report import plot_history, read_history, read_locust_failures, read_locust_stats
+from loadtest.serve import served
 from serving.contract import DEFAULT_CLASSIFIER, Protocol
 
 log = logging.getLogger(__name__)
@@ -166,8 +168,6 @@ def run_locust(cfg: RunConfig, host: str, workdir: Path) -> int:
 
 def summarize(cfg: RunConfig, workdir: Path, host: str, wall_s: float, server: dict[str, Any] | None) -> dict:
     """summary.json content from Locust's CSVs."""
-    from loadtest.report import read_locust_failures, read_locust_stats
-
     stats = read_locust_stats(workdir / f"{PREFIX}_stats.csv")
     total = stats["total"]
     return {
@@ -196,9 +196,6 @@ def summarize(cfg: RunConfig, workdir: Path, host: str, wall_s: float, server: d
 
 def run_loadtest(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole load test into ``cfg.out`` atomically; return the summary (also summary.json)."""
-    from loadtest.report import plot_history, read_history
-    from loadtest.serve import served
-
     with contextlib.ExitStack() as stack:
         server_info = None
         host = cfg.host

@@ -9,6 +9,8 @@ from typing import Iterator
 
 from loadtest.errors import LoadtestError
 from serving.contract import Endpoint, Protocol
+from serving.errors import ServingError
+from serving.server import LocalTritonServer, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,6 @@ class Endpoints:
 @contextlib.contextmanager
 def served(repository: Path, log_file: Path | None = None) -> Iterator[Endpoints]:
     """Run tritonserver on ``repository`` for the duration of the block; yield its endpoints."""
-    from serving.errors import ServingError
-    from serving.server import LocalTritonServer, ServerConfig
-
     try:
         server = LocalTritonServer(ServerConfig(Path(repository), log_file=log_file))
         server.start()

@@ -42,6 +42,9 @@ from loadtest import progress
 from loadtest.errors import LoadtestError
 from loadtest.run import RunConfig, default_out, parse_duration, parse_protocol, run_locust, summarize
 from serving.contract import Endpoint, Protocol
+from serving.errors import ServingError
+from serving.server import LocalTritonServer, ServerConfig
+from serving.supervisor import Supervisor, SupervisorConfig, stub_processes
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +184,6 @@ class Chaos(threading.Thread):
             self._kill(kind, at)
 
     def _kill(self, kind: str, at: float) -> None:
-        from serving.supervisor import stub_processes
-
         server = self.supervisor.server
         if server is None or not self.supervisor.ready:
             log.warning("chaos: the server is not ready at %.0f s; %s kill skipped", at, kind)
@@ -340,10 +341,6 @@ def _history_p99(history_csv: Path) -> list[tuple[float, float]]:
 
 def _start_server(cfg: SoakConfig):
     """A LocalTritonServer; with ``--chaos`` a Supervisor (``serving up``'s recovery) running one."""
-    from serving.errors import ServingError
-    from serving.server import LocalTritonServer, ServerConfig
-    from serving.supervisor import Supervisor, SupervisorConfig
-
     try:
         if cfg.chaos:
             return Supervisor(ServerConfig(cfg.repository), SupervisorConfig(check_interval_s=1.0)).start()

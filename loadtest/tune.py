@@ -25,10 +25,15 @@ from typing import Any, Mapping
 
 from common.atomic import atomic_directory
 from loadtest import progress
+from loadtest.artifacts import read_served_repository
+from loadtest.clients import closed_loop
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
 from loadtest.run import default_out, parse_duration, parse_protocol
+from loadtest.serve import served
+from loadtest.texts import load_texts
 from serving.contract import Protocol, ServedModel
+from serving.repository import PROVENANCE, RepositoryConfig, Target, usable_cores, write_repository
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +92,6 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
-        from serving.repository import PROVENANCE
-
         if not (self.repository / PROVENANCE).is_file():
             raise LoadtestError(f"{self.repository} is not a repository written by serving.repository "
                                 f"(no {PROVENANCE})")
@@ -114,8 +117,6 @@ class _Sources:
 
     def write(self, out: Path, rcfg, exporter: dict[str, Any] | None = None) -> Path:
         """A repository serving the same model with ``rcfg`` (serving.repository writes it atomically)."""
-        from serving.repository import write_repository
-
         return write_repository(out, onnx_model=self.onnx, tokenizer_dir=self.tokenizer_dir,
                                 id2label=dict(enumerate(self.model.labels)), config=rcfg, model=self.model,
                                 provenance=exporter)
@@ -124,9 +125,6 @@ class _Sources:
 def _sources(repository: Path, workdir: Path) -> _Sources:
     """Copies of what ``repository`` serves (read through serving.repository.read_repository), so that the
     repository itself can be rewritten from them."""
-    from loadtest.artifacts import read_served_repository
-    from serving.repository import Target
-
     info = read_served_repository(repository)
     if info.target != Target.CPU.value:
         raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
@@ -141,8 +139,6 @@ def _sources(repository: Path, workdir: Path) -> _Sources:
 
 def _base_config(raw: Mapping[str, Any]):
     """The RepositoryConfig a repository was written with (its provenance's ``config``)."""
-    from serving.repository import RepositoryConfig
-
     known = {f.name for f in dataclasses.fields(RepositoryConfig)}
     raw = {k: v for k, v in raw.items() if k in known}
     if "preferred_batch_sizes" in raw:
@@ -152,8 +148,6 @@ def _base_config(raw: Mapping[str, Any]):
 
 def default_layouts(base) -> tuple[tuple[int, int], ...]:
     """The repository's layout, one instance per usable core x 1 thread, half of that x 2, twice that x 1."""
-    from serving.repository import usable_cores
-
     n = usable_cores()
     candidates = ((base.instances, base.intra_op_threads), (n, 1), (max(n // 2, 1), 2), (2 * n, 1))
     return tuple(dict.fromkeys(candidates))
@@ -167,9 +161,6 @@ def _knobs(cfg) -> dict[str, Any]:
 
 def _trial(i: int, stage: str, rcfg, src: _Sources, workdir: Path, cfg: TuneConfig, texts, gold) -> dict[str, Any]:
     """Serve ``rcfg`` from a fresh repository and measure one closed-loop run against it."""
-    from loadtest.clients import closed_loop
-    from loadtest.serve import served
-
     repo = src.write(workdir / f"trial-{i}", rcfg)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"trial": i, "stage": stage, **_knobs(rcfg)}
@@ -275,8 +266,6 @@ _RESULT_KEYS = ("trial", "seq_per_s", "p50_ms", "p99_ms")
 
 def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     """Sweep, write tune.json/tune.md into ``cfg.out``, and (if ``cfg.apply``) rewrite the repository."""
-    from loadtest.texts import load_texts
-
     textset = load_texts(cfg.texts).sample(cfg.n_texts)
     texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
     with tempfile.TemporaryDirectory(prefix="tune-") as tmpname:

@@ -142,6 +142,7 @@ def test_every_config_dataclass_has_a_command_line_form():
     from finetune.train import TrainConfig
     from loadtest.bench import BenchConfig
     from loadtest.cli import TUNE_FLAGS
+    from loadtest.profile import ProfileConfig
     from loadtest.run import RunConfig
     from loadtest.soak import SoakConfig
     from loadtest.tune import TuneConfig
@@ -151,7 +152,7 @@ def test_every_config_dataclass_has_a_command_line_form():
 
     cases = [(DataConfig, {}, ()), (TrainConfig, {}, ()), (BuildConfig, {}, ("budgets",)), (Budgets, {}, ()),
              (ServerConfig, {}, ("extra_args",)), (SupervisorConfig, {}, ()), (RepositoryConfig, {}, ("extra",)),
-             (RunConfig, {}, ()), (BenchConfig, {}, ()), (TuneConfig, TUNE_FLAGS, ()), (SoakConfig, {}, ())]
+             (RunConfig, {}, ()), (BenchConfig, {}, ()), (ProfileConfig, {}, ()), (TuneConfig, TUNE_FLAGS, ()), (SoakConfig, {}, ())]
     for cls, flags, exclude in cases:
         parser = argparse.ArgumentParser()
         add_config_arguments(parser, cls, flags=flags, exclude=exclude)

@@ -299,7 +299,7 @@ def test_bench_records_the_gpu_targets_token_ratio(gpu_repository, tiny_checkpoi
                                 texts=texts_csv, n_texts=64, batch_size=8, threads=1, bf16="off",
                                 pipeline_batch1=False, concurrency=(16,), protocols=("grpc",),
                                 texts_per_request=PER_REQUEST, single_text_concurrency=2, served_seconds=2.0,
-                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench"))
+                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench", ceiling_seconds=0.5))
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     tokens = saved["machine"]["served"]["tokens"]
     assert tokens["real_tokens"] <= tokens["computed_tokens"] and tokens["rows"] > 64

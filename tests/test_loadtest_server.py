@@ -192,7 +192,8 @@ def test_bench_in_process_backends(tiny_checkpoint, tiny_onnx, texts_csv, tmp_pa
 
     out = tmp_path / "bench"
     res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx), served=False,
-                                texts=texts_csv, n_texts=12, batch_size=4, threads=1, bf16="off", out=out))
+                                texts=texts_csv, n_texts=12, batch_size=4, threads=1, bf16="off", out=out,
+                                ceiling_seconds=0.3))
     names = [r["name"] for r in res["results"]]
     ceiling = f"ceiling onnxruntime fp32 1 row x {len(usable_cores())} proc"
     assert names == ["pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "onnxruntime fp32 b4", ceiling]
@@ -208,22 +209,38 @@ def test_bench_in_process_backends(tiny_checkpoint, tiny_onnx, texts_csv, tmp_pa
     assert c["kind"] == "ceiling" and c["rows_per_call"] == 1 and c["detail"]["intra_op_threads"] == 1
     assert c["seq_per_s"] == pytest.approx(sum(c["detail"]["per_process_seq_per_s"]))
     assert c["ratio_to_ceiling"] == pytest.approx(1.0) and c["ratio_to_pipeline"] > 0
+    assert c["detail"]["max_length"] == 128 and sum(c["detail"]["per_process_seq_per_s"]) > 0
     saved = json.loads((out / "bench.json").read_text())
-    assert saved["goals"]["a"]["met"] is None and len(saved["results"]) == 4
+    assert saved["thresholds"] == {"lines": [], "failed": []} and len(saved["results"]) == 4
     assert "| onnxruntime fp32 b4 |" in (out / "bench.md").read_text()
     assert f"| {ceiling} |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.fixture(scope="module")
+def gateway(server, repository):
+    """Our own gateway (TEI and OpenAI routes) in front of the module's server: the peer of the bench tests."""
+    from serving.gateway.config import GatewayConfig
+    from serving.gateway.process import GatewayProcess
+
+    with GatewayProcess(GatewayConfig(repository=repository, triton_url=server.grpc_url, port=0,
+                                      api_key=None)) as gw:
+        yield gw
+
+
 @pytest.mark.server
-def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, tmp_path):
+def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, gateway, tmp_path):
+    """Every served row, the gateway's rows, long documents and a peer server (our gateway's TEI /predict,
+    started apart: what --peer-url measures) in one run; thresholds the run meets pass."""
     from loadtest.bench import BenchConfig, run_bench
 
     res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx),
                                 repository=repository, texts=texts_csv, n_texts=16, batch_size=8, threads=1,
                                 bf16="off", pipeline_batch1=False, concurrency=(2,), protocols=("grpc", "http"),
                                 texts_per_request=4, single_text_concurrency=2, served_seconds=1.5,
-                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench", long_docs=6))
+                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench", long_docs=6,
+                                ceiling_seconds=0.3, peer_url=gateway.url, peer_api="tei", min_ratio=0.001,
+                                slo_p99_ms=60_000))
     kinds = [r["kind"] for r in res["results"]]
     assert kinds.count("served") == 4 and kinds.count("open-loop") == 1 and kinds.count("ceiling") == 1
     gateway = {r["name"]: r for r in res["results"] if r["kind"] == "gateway"}  # the same requests, alternating
@@ -251,12 +268,16 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, t
     by = {r["name"]: r for r in res["results"]}
     # the served deployment and in-process ORT run the same ONNX file on the same texts: same labels
     assert by["served grpc c2 x4"]["accuracy"] == pytest.approx(by["onnxruntime fp32 b8"]["accuracy"], abs=1 / 16)
-    g = res["goals"]
-    assert g["b"]["ort_backend"].startswith("ceiling onnxruntime fp32") and g["b"]["met"] in (True, False)
-    assert g["d"]["served_point"].endswith("x1") and g["d"]["met"] in (True, False)
-    assert g["a"]["met"] is False and "not an int8" in g["a"]["note"]  # the tiny repository serves fp32
-    assert g["c"]["p50_ms"] > 0 and g["c"]["offered_requests_per_s"] == pytest.approx(
-        0.7 * g["c"]["saturating_requests_per_s"])
+    # the peer: the same load shapes, the same texts, the same labels as the served model (same ONNX file)
+    peer = {r["name"]: r for r in res["results"] if r["kind"] == "peer"}
+    assert sorted(peer) == ["peer tei c2 x1", "peer tei c2 x4"]
+    for r in peer.values():
+        assert r["seq_per_s"] > 0 and r["detail"]["load"]["failures"] == 0 and r["ratio_to_ceiling"] > 0
+        assert r["accuracy"] == pytest.approx(by["served grpc c2 x4"]["accuracy"])
+    assert [line.split(":")[0] for line in res["check_lines"]] == ["PASS", "PASS", "PASS"] and not res["failed"]
+    ol = by["served grpc open-loop 70% x4"] if "served grpc open-loop 70% x4" in by else \
+        next(r for r in res["results"] if r["kind"] == "open-loop")
+    assert ol["detail"]["load"]["target_rps"] == pytest.approx(0.7 * ol["detail"]["saturating_requests_per_s"])
 
 
 def test_served_repository_is_read_through_serving_repository(repository, tiny_onnx, tiny_checkpoint, tmp_path):
@@ -314,3 +335,91 @@ def test_full_bench_defaults_on_tiny_model(tiny_checkpoint, tiny_onnx, repositor
                  "--repository", str(repository), "--out", str(out)]) == 0
     saved = json.loads((out / "bench.json").read_text())
     assert sum(r["kind"] == "served" for r in saved["results"]) == 10
+
+
+def test_parse_metrics_and_the_breakdown_arithmetic():
+    from loadtest.errors import LoadtestError
+    from loadtest.profile import breakdown, model_counters, parse_metrics
+
+    text = ('# HELP x\nnv_inference_request_success{model="classifier",version="1"} 10\n'
+            'nv_inference_queue_duration_us{model="classifier",version="1"} 2000\n'
+            'nv_inference_request_duration_us{model="classifier",version="1"} 30000\n'
+            'nv_inference_compute_infer_duration_us{model="classifier",version="1"} 25000\n'
+            'textclf_stage_seconds_total{model="classifier",stage="execute"} 0.02\n'
+            'textclf_stage_seconds_total{model="classifier",stage="encoder"} 0.015\n'
+            'nv_inference_request_success{model="other",version="1"} 99\n')
+    after = model_counters(parse_metrics(text), "classifier")
+    assert after["requests"] == 10 and after["stage:execute"] == pytest.approx(20_000)
+    rows = dict(breakdown({}, after, client_mean_ms=4.0))
+    assert rows["  Triton request total"] == pytest.approx(3.0) and rows["    queue"] == pytest.approx(0.2)
+    assert rows["  front: HTTP/gRPC, client library, loopback"] == pytest.approx(1.0)
+    assert rows["      python-backend IPC (compute_infer - execute)"] == pytest.approx(0.5)
+    assert rows["        ONNX Runtime"] == pytest.approx(1.5)
+    with pytest.raises(LoadtestError, match="no request"):
+        breakdown(after, after, 1.0)
+
+
+@pytest.mark.server
+def test_profile_splits_a_served_requests_time(server, repository, texts_csv, tmp_path):
+    """The model's own timers and Triton's counters, read from the metrics port around a real closed loop:
+    every part measured, the parts inside the model within its execute, the execute within compute_infer,
+    compute_infer within Triton's request total."""
+    from loadtest.profile import ProfileConfig, measure_profile
+
+    cfg = ProfileConfig(repository=repository, texts=texts_csv, concurrency=2, texts_per_request=2, seconds=2.0,
+                        warmup_seconds=0.5, out=tmp_path / "p")
+    rows, load = measure_profile(cfg, server, corpus_texts(32))
+    by = dict(rows)
+    assert load["requests"] > 0 and load["server_requests"] >= load["requests"] and load["executions"] > 0
+    for part in ("        tokenizer", "        ONNX Runtime", "      model execute", "    compute_infer",
+                 "  Triton request total", "client latency (mean)"):
+        assert by[part] > 0, part
+    assert by["        tokenizer"] + by["        ONNX Runtime"] <= by["      model execute"] <= by["    compute_infer"]
+    # (not <= the client's latency: Triton ends a request when it releases it, which can come after the
+    # client has its answer, and the two windows differ by the requests in flight at their edges)
+    assert by["    compute_infer"] <= by["  Triton request total"]
+
+
+def test_bench_cli_exits_1_with_one_line_when_a_threshold_is_missed(tiny_checkpoint, texts_csv, tmp_path, capsys):
+    """--min-ratio with nothing to compare against (no build, no repository: no ceiling) cannot hold."""
+    from loadtest.cli import main
+
+    code = main(["bench", "--checkpoint", str(tiny_checkpoint), "--no-build", "--no-served", "--no-batch1",
+                 "--texts", str(texts_csv), "--n-texts", "8", "--batch-size", "4", "--threads", "1", "--bf16", "off",
+                 "--min-ratio", "0.8", "--out", str(tmp_path / "b")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "FAIL: --min-ratio 0.8: no ceiling to compare" in out
+    assert err.strip().splitlines()[-1] == ("python -m loadtest: error: threshold not met: --min-ratio 0.8: no "
+                                            "ceiling to compare")
+
+
+def test_the_ceiling_runs_what_the_repository_serves(tiny_onnx, tiny_checkpoint, tmp_path):
+    """ceiling_source reads the served model's ONNX file, tokenizer, max_length and intra-op threads from the
+    repository's config (not the bench's own --max-length or a fixed thread count)."""
+    from loadtest.bench import ceiling_source
+    from loadtest.bench_common import BenchConfig
+
+    repo = write_repository(tmp_path / "repo", onnx_model=tiny_onnx, tokenizer_dir=tiny_checkpoint,
+                            id2label=dict(enumerate(LABELS)),
+                            config=RepositoryConfig(max_length=64, intra_op_threads=2, encoder_instances=1),
+                            provenance={"variant": "fp32"})
+    cfg = BenchConfig(checkpoint=tiny_checkpoint, build=None, repository=repo, max_length=128, out=tmp_path / "b")
+    variant, model = ceiling_source(cfg)
+    served = read_repository(repo).model("classifier")
+    assert (model.onnx, model.tokenizer_dir) == (served.onnx_path, served.tokenizer_dir)
+    assert (model.max_length, model.intra_op_threads) == (64, 2)
+
+
+def test_each_ceiling_process_runs_in_its_own_session(tiny_onnx, tiny_checkpoint):
+    """As tritonserver does: on a shared machine the kernel's autogroup scheduler gives each session a fair
+    share, so ceiling processes left in the caller's session measured ~13 % below the same processes in their
+    own sessions (docs/LOADTEST.md)."""
+    import os
+
+    from loadtest.ceiling import CeilingModel, measure_ceiling
+
+    model = CeilingModel(tiny_onnx, tiny_checkpoint)
+    run = measure_ceiling(model, corpus_texts(6), processes=2, min_seconds=0.2)
+    assert len(set(run.sessions)) == 2 and os.getsid(0) not in run.sessions
+    shared = measure_ceiling(model, corpus_texts(6), processes=2, min_seconds=0.2, own_session=False)
+    assert set(shared.sessions) == {os.getsid(0)}

@@ -20,6 +20,7 @@ import bisect
 import json
 import os
 import threading
+import time
 
 import triton_python_backend_utils as pb_utils
 
@@ -48,12 +49,18 @@ FAMILIES = {
     "textclf_computed_tokens_total": ("COUNTER", "Tokens the encoder ran for the answered texts, padding included"),
     "textclf_truncated_rows_total": ("COUNTER", "Answered texts that were longer than max_length tokens"),
     "textclf_windows_total": ("COUNTER", "Encoder windows run for the answered texts (1 per text unless chunked)"),
+    "textclf_stage_seconds_total": ("COUNTER", "Seconds the served model spent in each part of its execute calls "
+                                               "(stage: execute, decode, answer, tokenize, encoder, flush)"),
     "textclf_baseline_label_share": ("GAUGE", "Share of each label on the build's eval set (from the build)"),
     "textclf_baseline_confidence_mean": ("GAUGE", "Mean top-1 probability on the build's eval set (from the build)"),
 }
 _COUNTERS = ("textclf_input_tokens_total", "textclf_computed_tokens_total", "textclf_truncated_rows_total",
              "textclf_windows_total")
 HISTOGRAMS = {"textclf_input_tokens": TOKEN_BUCKETS, "textclf_confidence": CONFIDENCE_BUCKETS}
+# the parts of a model's execute that it times itself (textmodel.RowModel; `loadtest profile` reads them): the
+# whole call, decoding TEXT, answer() (tokenize + encoder + head), the tokenizer, the ONNX Runtime session, and
+# this module's flush thread (its metric operations hold the GIL the execute thread needs)
+STAGES = ("execute", "decode", "answer", "tokenize", "encoder", "flush")
 
 
 def _le(bound):
@@ -124,6 +131,8 @@ class ModelMetrics:
         for name in ("textclf_rows_total", *_COUNTERS):
             self._metric(name, model)
         self._histogram("textclf_input_tokens", model)
+        for stage in STAGES:
+            self._metric("textclf_stage_seconds_total", {**model, "stage": stage}, key=stage)
         if self.classifier:
             self._histogram("textclf_confidence", model)
             for label in labels:
@@ -185,10 +194,17 @@ class ModelMetrics:
             self._committed_confidences.extend(self._confidences)
         self._rows, self._labels, self._confidences = [], {}, []
 
+    def add_stage_ns(self, stage_ns):
+        """Add ``{stage: nanoseconds}`` (STAGES) of an execute call; sent with the next flush, warm-up included."""
+        with self._lock:
+            for stage, ns in stage_ns.items():
+                self._stage_ns[stage] = self._stage_ns.get(stage, 0) + ns
+
     def discard(self):
         """Forget every observation not flushed yet."""
         with self._lock:
             self._committed_rows, self._committed_labels, self._committed_confidences = [], [], []
+            self._stage_ns = {}
         self._rows, self._labels, self._confidences = [], {}, []
 
     def rollback(self):
@@ -200,15 +216,27 @@ class ModelMetrics:
         with self._lock:
             taken = self._committed_rows, self._committed_labels, self._committed_confidences
             self._committed_rows, self._committed_labels, self._committed_confidences = [], [], []
-        return taken
+            stages, self._stage_ns = self._stage_ns, {}
+        return taken, stages
 
     def flush(self):
         """Send the committed observations to the server (the flush thread calls this every
-        ``FLUSH_INTERVAL_S``; finalize once more)."""
-        rows, label_counts, confidences = self._take()
-        if not self.enabled or not rows:
-            return
+        ``FLUSH_INTERVAL_S``; finalize once more). The flush's own time is the next flush's ``flush`` stage."""
+        t0 = time.perf_counter_ns()
+        if self._send():
+            self.add_stage_ns({"flush": time.perf_counter_ns() - t0})
+
+    def _send(self):
+        """One increment per series that moved; True when rows were sent."""
+        (rows, label_counts, confidences), stages = self._take()
+        if not self.enabled or not (rows or any(stages.values())):
+            return False
         m = self._metrics
+        for stage, ns in stages.items():
+            if ns and ("textclf_stage_seconds_total", stage) in m:
+                m[("textclf_stage_seconds_total", stage)].increment(ns / 1e9)
+        if not rows:  # only stage time (the flush's own): not timed again, so an idle model goes quiet
+            return False
         m["textclf_rows_total"].increment(len(rows))
         for name, total in zip(_COUNTERS, [sum(r[i] for r in rows) for i in range(4)]):
             if total:
@@ -223,6 +251,7 @@ class ModelMetrics:
         self._send_histogram("textclf_input_tokens", [r[0] for r in rows])
         if self.classifier:
             self._send_histogram("textclf_confidence", confidences)
+        return True
 
     def _send_histogram(self, name, values):
         if not values:

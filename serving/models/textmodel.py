@@ -7,6 +7,7 @@ a classification head, and the error boundary that keeps internals away from cli
 """
 import json
 import os
+import time
 import traceback
 
 import numpy as np
@@ -197,6 +198,13 @@ def pin_instance(args, params):
     return mine
 
 
+def requested_only(request, outputs):
+    """The output tensors the request asked for (all when it named none): the ones Triton would drop anyway
+    are not handed over the python backend's shared memory (clients ask for LOGITS only on request)."""
+    wanted = request.requested_output_names()
+    return [t for t in outputs if t.name() in wanted] if wanted else outputs
+
+
 def warmup_requests(config):
     """How many requests Triton's model_warmup sends each instance before the model is ready (a sample's
     ``count`` 0 means once): the first requests an instance executes, which no client can have sent."""
@@ -230,17 +238,24 @@ class RowModel:
         self.metrics = model_metrics(self.model, params, args)
         self.warmup_left = warmup_requests(config)
         self.last_rows = []
+        self.stage_ns = dict.fromkeys(metrics.STAGES, 0)  # this execute call's parts (metrics.STAGES)
 
     def run_row(self, text, pair=None):
         """(the session's outputs of each window of one row, each a batch of one, unpadded; its RowTokens)."""
+        clock, stage_ns = time.perf_counter_ns, self.stage_ns
+        t0 = clock()
         row = self.tokenizer.encode(text, pair)
+        t1 = clock()
+        stage_ns["tokenize"] += t1 - t0
         tokens = row.tokens
         self.metrics.observe_row(tokens.input_tokens, tokens.computed_tokens, tokens.truncated, tokens.windows)
         results = []
         for enc in row.encodings:
             columns = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
             feeds = {name: np.asarray([columns[name]], dtype=np.int64) for name in self.inputs}
+            t1 = clock()
             results.append(self.session.run(self.outputs, feeds))
+            stage_ns["encoder"] += clock() - t1
         return results, tokens
 
     def run_rows(self, texts, pairs):
@@ -250,8 +265,13 @@ class RowModel:
         return [windows for windows, _ in done], self.last_rows
 
     def _handle(self, request):
+        t0 = time.perf_counter_ns()
         texts, pairs = decode_rows(request, self.model, self.max_bytes)
-        return self.answer(texts, pairs)
+        t1 = time.perf_counter_ns()
+        outputs = self.answer(texts, pairs)
+        self.stage_ns["decode"] += t1 - t0
+        self.stage_ns["answer"] += time.perf_counter_ns() - t1
+        return requested_only(request, outputs)
 
     def _counted(self, request):
         warmup = self.warmup_left > 0  # Triton's warm-up, before ready: not a client's request
@@ -268,7 +288,12 @@ class RowModel:
         return outputs
 
     def execute(self, requests):
-        return respond(requests, self._counted, self.model.name)
+        t0 = time.perf_counter_ns()
+        responses = respond(requests, self._counted, self.model.name)
+        self.stage_ns["execute"] += time.perf_counter_ns() - t0
+        self.metrics.add_stage_ns(self.stage_ns)
+        self.stage_ns = dict.fromkeys(metrics.STAGES, 0)
+        return responses
 
     def finalize(self):
         self.metrics.close()
