@@ -133,13 +133,13 @@ class LengthTokenizer:
         """The row as the encoder runs it (one encoding per window) and what it cost."""
         if self.long_text == CHUNK:
             return self._windows(text) if pair is None else self._pair_windows(text, pair)
-        piece, enc, _, cut = self.cut(text, self.max_length)
+        piece, enc, stable, cut = self.cut(text, self.max_length)
         if pair is None:
             out = self.tokenizer.encode(piece)
             return _one(out, cut or len(enc.ids) > self.width, self._shift(text, piece))
-        second, enc2, _, cut2 = self.cut(pair, self.max_length)
+        second, enc2, stable2, cut2 = self.cut(pair, self.max_length)
         budget = self.max_length - self.pair_specials
-        if _odd_token_unknown(budget, len(enc.ids), cut, len(enc2.ids), cut2):
+        if _odd_token_unknown(budget, stable, cut, stable2, cut2):
             out = self._whole_pair(enc, enc2, text, pair, budget)  # the longer text gets the odd token: count both whole
         else:
             out = self.tokenizer.encode(piece, second)
@@ -193,7 +193,10 @@ def _many(encodings: list, truncated: bool, shift: int = 0) -> Windows:
 
 def _odd_token_unknown(budget: int, n1: int, cut1: bool, n2: int, cut2: bool) -> bool:
     """True when longest_first's odd token (it goes to the longer text; the second on a tie) could go to the
-    other text than in the whole texts: an odd budget, and a cut text that is not surely the longer one."""
+    other text than in the whole texts: an odd budget, and a cut text that is not surely the longer one.
+    ``n1``/``n2``: a cut text's STABLE token count (its whole text has at least that many; the piece's own
+    count can be higher than the whole's, e.g. a prefix of a 300-character word is many WordPieces where the
+    whole word is one [UNK]), an uncut text's exact count."""
     if budget % 2 == 0 or not (cut1 or cut2):
         return False
     if cut1 and cut2:
