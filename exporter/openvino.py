@@ -191,7 +191,7 @@ def make_int8(ctx: Context, dst: Path) -> Made:
         record = parity.tuning_check(sess, tuning, tune_ref, budgets, ctx.mode)
         return record.passed, record.reason
 
-    floor = None if ctx.config.exhaustive_int8 else ctx.best_passing()
+    floor = None if ctx.config.exhaustive else ctx.best_passing()
     too_slow = None if floor is None else (lambda path: ctx.speed(path, Precision.INT8, 0.5).throughput_seq_s < floor)
     record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
     scope = record["quantization"]["ignored_scope"] or {}
