@@ -200,14 +200,6 @@ def gate(ctx: Context, builder: Builder, variant: Variant) -> None:
     release_memory()
 
 
-def run(ctx: Context, builder: Builder) -> Variant:
-    """build -> speed -> gate for one precision alone (every variant's gate: what --exhaustive does)."""
-    variant, needs_gate = make(ctx, builder)
-    if needs_gate:
-        gate(ctx, builder, variant)
-    return variant
-
-
 def failed(ctx: Context, builder: Builder, exc: BaseException) -> Variant:
     log.warning("variant %s failed to build: %s", builder.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     shutil.rmtree(ctx.out / builder.name, ignore_errors=True)

@@ -461,9 +461,14 @@ def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
 
 
 def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monkeypatch, tmp_path):
-    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=30.0, floor=50.0)
-    assert calls == [[]] and not result.eval_record.passed
-    assert "exclusion search skipped" in result.eval_record.reason and result.skipped
+    """Round 0 slower than a variant that passed: quantized once, then no tuning check, gate or exclusion round
+    (exporter.variants.run_all records it as not gated); as fast: the search runs as usual."""
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=30.0, floor=50.0)
+    assert calls == [[]] and result.eval_record is None and result.path is not None
+    assert "below the 50.0 seq/s" in result.skipped and result.attempts == [
+        {"round": 0, "excluded": 0, "throughput_seq_s": 30.0, "skipped": result.skipped}]
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=60.0, floor=50.0)
+    assert calls == [[]] and result.eval_record.passed and not result.skipped
 
 
 def test_progress_is_silent_off_a_terminal(capsys):
