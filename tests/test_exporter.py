@@ -217,10 +217,12 @@ def test_cpu_gate_is_per_row(tiny):
     tokenizer = AutoTokenizer.from_pretrained(ck.path)
     batches = parity.tokenize(tokenizer, ex.texts, batch_size=32, max_length=128)
     ref = parity.torch_logits(parity.load_torch_model(ck.path), batches).argmax(1)
+    checked = []
     for name in ("int8_dynamic", "int8_static"):
         v = rep.variants[name]
-        if v.file is None:
+        if v.file is None or not v.parity.gated:  # not gated: slower than a variant that passed
             continue
+        checked.append(name)
         assert v.parity.gate_mode is GateMode.PER_ROW and v.parity.n_examples == len(ex.texts)
         sess = parity.session(tiny["build"] / v.file, parity.Precision.INT8, threads=1)
         encode = __import__("exporter.speed", fromlist=["encoder"]).encoder(tokenizer, 128)
@@ -228,6 +230,7 @@ def test_cpu_gate_is_per_row(tiny):
         assert v.parity.label_agreement == pytest.approx(float((alone.argmax(1) == ref).mean()), abs=1e-12), name
         assert v.parity.label_agreement_batch1 == v.parity.label_agreement
         assert v.speed.mode is GateMode.PER_ROW and v.speed.intra_op_threads == 1 and v.speed.tokenization_included
+    assert "int8_dynamic" in checked or rep.variants["int8_dynamic"].file is None  # the first int8 search gates
 
 
 def test_variant_directories_load_with_optimum(tiny):
