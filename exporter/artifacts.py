@@ -80,6 +80,7 @@ class ParityResult:
     mae: float | None = None
     mae_increase_pts: float | None = None  # regression: MAE increase in % of the targets' standard deviation
     pearson: float | None = None
+    gated: bool = True  # False: not gated (a faster or preferred variant passed, so it could not be selected)
 
     def brief(self) -> dict[str, Any]:
         """The verdict-bearing numbers, for the int8 search log."""

@@ -25,8 +25,7 @@ from exporter.progress import progress_display, track
 from exporter.reranker import read_cross_encoder
 from exporter.result import BuildResult
 from exporter.stages import Stages
-from exporter.steps import Candidate
-from exporter.variants import SERVABLE, Context, Data
+from exporter.variants import Context, Data, candidates
 from serving.contract import DEFAULT_CLASSIFIER
 from serving.errors import ServingError
 from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
@@ -179,8 +178,7 @@ def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stage
     ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages,
                   tokenizer_dir=inputs.checkpoint.tokenizer_dir)
     ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
-    for builder in [*variants.builders(config.precisions), *ov]:
-        ctx.variants[builder.name] = variants.run(ctx, builder)
+    variants.run_all(ctx, [*variants.builders(config.precisions), *ov])
     report = _assemble(config, inputs, mode, reference, optimization, ctx.variants, out, stages)
     if report.selected is None:
         log.error("no variant passed its parity gate: nothing is served, %s is left as it was",
@@ -287,7 +285,7 @@ def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: R
                 "max_length": config.max_length, "eval_size": config.eval_size,
                 "calibration_size": config.calibration_size, "tuning_size": config.tuning_size,
                 "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
-                "exhaustive_int8": config.exhaustive_int8, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "exhaustive": config.exhaustive, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "ort_intra_op_spinning": False, "gate_mode": mode.value, "budgets": vars(config.budgets)}
     source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
@@ -305,8 +303,7 @@ def select(variants: dict[str, Variant], target: Target, forced: str | None = No
     """The one selection rule (exporter.steps.select) over the classifier's variants: gpu: fp16 (else
     fp32); cpu: the passing variant with the highest per-row 1-thread throughput, whatever its runtime.
     ``forced`` (--variant): that variant, if it passed (else none is served)."""
-    return steps.select([Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
-                                   n in SERVABLE[target]) for n, v in variants.items()], target, forced)
+    return steps.select(candidates(variants, target), target, forced)
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:

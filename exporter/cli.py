@@ -19,7 +19,9 @@ def parser() -> argparse.ArgumentParser:
     p, sub = command_parser(PROG, "Export a fine-tuned classifier to gated ONNX variants and write the fastest "
                                   "passing one into a Triton model repository.", verbose=False)
     s = sub.add_parser("build", help="export, optimise, convert, gate, report, write the repository")
-    add_config_arguments(s, BuildConfig, flags={"checkpoint": Flag(positional=True)}, exclude={"budgets"})
+    add_config_arguments(s, BuildConfig, flags={"checkpoint": Flag(positional=True),
+                                                  "exhaustive": Flag(names=("--exhaustive", "--exhaustive-int8"))},
+                         exclude={"budgets"})
     s.add_argument("--no-repository", dest="repository", action="store_const", const=None,
                    help="only build and report")
     add_config_arguments(s.add_argument_group("parity budgets"), Budgets, flags=BUDGET_FLAGS)

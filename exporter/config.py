@@ -95,9 +95,9 @@ class BuildConfig:
                                                                 "latency and batch throughput"})
     max_exclusion_rounds: int = field(default=3,
                                       metadata={"help": "int8: retries excluding the most sensitive nodes"})
-    exhaustive_int8: bool = field(default=False,
-                                  metadata={"help": "run the int8 exclusion search even for a variant already "
-                                                    "slower than a passing one"})
+    exhaustive: bool = field(default=False, metadata={
+        "help": "gate every variant and run every int8 exclusion search, even for a variant slower than one "
+                "that passed (which can never be selected; by default its gate is skipped)"})
     tuning_size: int = field(default=512, metadata={"help": "int8: rows (from validation/train, never the eval set) "
                                                             "used to pick exclusions"})
     seed: int = field(default=0, metadata={"help": "random seed of the calibration and int8 tuning row samples"})

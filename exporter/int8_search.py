@@ -70,9 +70,11 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
     ``tune(path)`` and ``final(path)`` are gates (exporter.steps.Gate: the task's measure, a Verdict):
     ``tune`` on tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set
     itself. Returns the last attempt; its
-    ``eval_record`` says whether it passed. When round 0 fails and ``throughput(path)`` is already below
-    ``speed_floor`` (the best passing variant's), no exclusion round is tried: keeping nodes in fp32 only
-    slows a variant down, so it could never be selected.
+    ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
+    ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
+    is run (``eval_record`` None, ``skipped`` says why): keeping nodes in fp32 only slows a variant down,
+    so it could never be selected; exporter.variants.run_all records it as not gated (or gates round 0's
+    file if its final speed measure puts it ahead of every passing variant).
     """
     job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)
     result = SearchResult(path=None)
@@ -87,9 +89,9 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
                 break
         if _round(job, src, dst, round_, exclude, result):
             break
-    if result.path is not None and result.eval_record is None:
+    if result.path is not None and result.eval_record is None and not result.skipped:
         result.eval_record = final(result.path)  # the gate always speaks for the file that is kept
-    if result.skipped and not result.eval_record.passed:
+    if result.skipped and result.eval_record is not None and not result.eval_record.passed:
         result.eval_record.reason += f"; {result.skipped}"
     return result
 
@@ -128,25 +130,23 @@ def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], 
     result.eval_record = None
     quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
              calibration_cache=job.calibration_cache if job.kind == STATIC else None)
+    result.path, result.excluded = dst, list(exclude)
+    if round_ == 0 and job.throughput is not None and job.speed_floor:
+        seq_s = job.throughput(dst)
+        if seq_s < job.speed_floor:
+            result.skipped = (f"round 0 runs {seq_s:.1f} seq/s, below the {job.speed_floor:.1f} seq/s of a "
+                              "variant that already passed: no tuning check, gate or exclusion search")
+            result.attempts.append({"round": 0, "excluded": 0, "throughput_seq_s": seq_s, "skipped": result.skipped})
+            log.info("int8 %s: %s", job.kind, result.skipped)
+            return True
     tuning = job.tune(dst)
     attempt = {"round": round_, "excluded": len(exclude), "tuning": tuning.brief()}
     if tuning.passed:
         result.eval_record = job.final(dst)
         attempt["eval"] = result.eval_record.brief()
     result.attempts.append(attempt)
-    result.path, result.excluded = dst, list(exclude)
     log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
              "pass" if tuning.passed else f"fail ({tuning.reason})",
              "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
              time.perf_counter() - t0)
-    if result.eval_record is not None and result.eval_record.passed:
-        return True
-    if round_ == 0 and job.throughput is not None and job.speed_floor:
-        seq_s = job.throughput(dst)
-        attempt["throughput_seq_s"] = seq_s
-        if seq_s < job.speed_floor:
-            result.skipped = (f"exclusion search skipped: round 0 runs {seq_s:.1f} seq/s, below the "
-                              f"{job.speed_floor:.1f} seq/s of a variant that already passed")
-            log.info("int8 %s: %s", job.kind, result.skipped)
-            return True
-    return False
+    return result.eval_record is not None and result.eval_record.passed

@@ -16,7 +16,7 @@ the OpenVINO IR that runs (serving/models/runtime.py picks OpenVINO when the IR 
   ``quantize_with_accuracy_control`` was tried first: on MiniLM each reverted layer made the drop worse,
   0.01 -> 0.21 -> 0.42 in min cosine, and its ranking ran for minutes on 2 shared cores.)
 
-Gated, timed and selected like every other variant (exporter.variants.run, the same per-row 1-thread gate
+Gated, timed and selected like every other variant (exporter.variants.run_all, the same per-row 1-thread gate
 and speed measure: parity.session opens an OpenVINO session when the IR is there).
 """
 from __future__ import annotations
@@ -136,17 +136,19 @@ def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[
     """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
     the evaluation rows); ``dst`` keeps the last round. No further rounds after a failed round 0 that
     ``too_slow`` says is slower than a variant that passed (keeping more in float only slows it down, so it
-    could never be selected). Returns the runtime record with the attempts."""
+    could never be selected). Round 0 is timed before its tuning check: when ``too_slow``, neither the
+    check nor a further round runs. Returns the runtime record with the attempts."""
     attempts, record = [], {}
     for i, ignored in enumerate(sensitivity_rounds(excluded)):
         record = save_ir(quantize(src_onnx, calibration, ignored), src_onnx, dst, INT8_REST_PRECISION)
+        if i == 0 and too_slow is not None and too_slow(dst):
+            attempts.append({"round": 0, "ignored_scope": None,
+                             "skipped": "slower than a passing variant: no tuning check, no sensitivity rounds"})
+            break
         passed, reason = tune(dst)
         attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
         log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
         if passed:
-            break
-        if i == 0 and too_slow is not None and too_slow(dst):
-            attempts[-1]["skipped"] = "slower than a passing variant: no sensitivity rounds"
             break
     record["quantization"] = {"tool": "nncf.quantize", "preset": "MIXED", "model_type": "TRANSFORMER",
                               "calibration_rows": len(calibration), "ignored_scope": attempts[-1]["ignored_scope"]}
@@ -191,7 +193,7 @@ def make_int8(ctx: Context, dst: Path) -> Made:
         record = parity.tuning_check(sess, tuning, tune_ref, budgets, ctx.mode)
         return record.passed, record.reason
 
-    floor = None if ctx.config.exhaustive_int8 else ctx.best_passing()
+    floor = None if ctx.config.exhaustive else ctx.best_passing()
     too_slow = None if floor is None else (lambda path: ctx.speed(path, Precision.INT8, 0.5).throughput_seq_s < floor)
     record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
     scope = record["quantization"]["ignored_scope"] or {}

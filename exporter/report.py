@@ -32,7 +32,8 @@ def table_rows(report: BuildReport) -> list[tuple[str, ...]]:
              _f(speed and speed.throughput_seq_s, ".1f"), "0", "100.00%", _pct(ref.accuracy), "0.00", "reference")]
     for name, v in report.variants.items():
         p, s = v.parity, v.speed
-        verdict = ("PASS" if p.passed else "FAIL") + (" (selected)" if name == report.selected else "")
+        verdict = ("PASS" if p.passed else "FAIL" if p.gated else "not gated") + \
+            (" (selected)" if name == report.selected else "")
         rows.append((name, _mb(v.size_bytes), _f(s and s.latency_ms_p50, ".2f"), _f(s and s.throughput_seq_s, ".1f"),
                      _f(p.max_abs_diff, ".2e"), _pct(p.label_agreement if p.n_examples else None), _pct(p.accuracy),
                      _f(p.accuracy_drop_pts, ".2f"), verdict))
@@ -64,7 +65,7 @@ def _notes(report: BuildReport) -> list[str]:
     for name, v in report.variants.items():
         p = v.parity
         if not p.passed:
-            lines.append(f"- **{name}** failed: {p.reason or v.error}")
+            lines.append(f"- **{name}** {p.reason}" if not p.gated else f"- **{name}** failed: {p.reason or v.error}")
         if p.label_agreement_batch1 is not None and report.gate_mode is GateMode.BATCHED:
             lines.append(f"- {name}: label agreement one row at a time (as a request served alone) "
                          f"{p.label_agreement_batch1:.2%}")

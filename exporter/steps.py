@@ -45,22 +45,32 @@ class Candidate:
     servable: bool = True
 
 
+def preference(candidates: Iterable[Candidate], target: Target) -> list[Candidate]:
+    """The candidates in the order selection prefers them, whether they passed or not: the GPU target fp16,
+    then fp32, then the rest; the CPU target fastest first (a variant whose speed was not measured last).
+    The sort is stable, so candidates that tie keep their given order."""
+    candidates = list(candidates)
+    if Target(target) is Target.GPU:
+        preferred = [c for p in GPU_PREFERENCE for c in candidates if c.precision == p]
+        return preferred + [c for c in candidates if c not in preferred]
+    return sorted(candidates, key=lambda c: -c.speed if c.speed is not None else float("inf"))
+
+
 def select(candidates: Iterable[Candidate], target: Target, forced: str | None = None) -> str | None:
-    """The variant to serve: among those that passed their gate and the target serves, the GPU target takes
-    fp16, else fp32; the CPU target the fastest whatever its runtime (a variant whose speed was not measured
-    ranks last). ``forced`` (--variant): that variant if it qualifies. None when no variant qualifies."""
-    passing = [c for c in candidates if c.passed and c.servable]
+    """The variant to serve: the first of :func:`preference`'s order that passed its gate and that the target
+    serves (GPU: fp16, else fp32; CPU: the fastest whatever its runtime). ``forced`` (--variant): that variant
+    if it qualifies. None when no variant qualifies.
+
+    Because selection takes the FIRST passing candidate of that order, a candidate after one that passed can
+    never be selected, whatever its own gate says: exporter.variants.run_all gates in this order and stops
+    at the first pass (each later variant recorded as not gated) with the same result as gating every one."""
+    passing = [c for c in preference(candidates, target) if c.passed and c.servable]
     if forced is not None:
         if forced not in {c.name for c in passing}:
             log.error("--variant %s did not pass its gate (or was not built): nothing is selected", forced)
             return None
         return forced
-    if not passing:
-        return None
-    if Target(target) is Target.GPU:
-        preferred = [c for p in GPU_PREFERENCE for c in passing if c.precision == p]
-        return (preferred or passing)[0].name
-    return max(passing, key=lambda c: c.speed if c.speed is not None else float("-inf")).name
+    return passing[0].name if passing else None
 
 
 def repository_stage(report: Any, write: Callable[[], Path], save: Callable[[], None], stages=None) -> Path:

@@ -1,16 +1,17 @@
-"""Variant builders: each precision is built, gated, timed and recorded in turn (build -> gate -> speed
--> record), holding one variant's sessions and data at a time. The build loop is in exporter.build."""
+"""Variant builders and the loop that runs them (:func:`run_all`): every precision is built and timed
+first (cheap), then gated in the order selection prefers them, stopping at the first that passes; one
+variant's sessions and data are held at a time."""
 from __future__ import annotations
 
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import int8, int8_search, parity, speed, worker
+from exporter import int8, int8_search, parity, speed, steps, worker
 from exporter.artifacts import MODEL_FILE, GateMode, ParityResult, SpeedResult, Variant
 from exporter.choices import Precision, Target
 from exporter.config import BuildConfig
@@ -131,8 +132,47 @@ def builders(precisions: tuple[Precision, ...]) -> list[Builder]:
     return out
 
 
-def run(ctx: Context, builder: Builder) -> Variant:
-    """build -> gate -> speed -> record for one precision; a converter failure fails the variant only."""
+def run_all(ctx: Context, builders: Sequence[Builder]) -> dict[str, Variant]:
+    """Build and time every variant (:func:`make`), then gate them in :func:`exporter.steps.preference`'s
+    order (cpu: fastest first; gpu: fp16, fp32, the rest) until one the target serves passes. Each variant
+    after it is recorded as not gated and never selected: selection takes the first passing variant of
+    that same order (exporter.steps.select), so its gate could not change what is served. --exhaustive
+    gates every variant; the --variant named is always gated. The int8 searches gate while they build
+    (their verdict steers the search): their record stands. Returns ``ctx.variants`` in build order."""
+    pending = {}
+    for builder in builders:
+        ctx.variants[builder.name], needs_gate = make(ctx, builder)
+        if needs_gate:
+            pending[builder.name] = builder
+    winner = None
+    for cand in steps.preference(candidates(ctx.variants, ctx.config.target), ctx.config.target):
+        variant = ctx.variants[cand.name]
+        if cand.name in pending:
+            if winner is None or ctx.config.exhaustive or cand.name == ctx.config.variant:
+                gate(ctx, pending[cand.name], variant)
+            else:
+                variant.parity.reason = f"not gated: {_outranked(ctx, winner)}"
+                log.info("variant %s %s", cand.name, variant.parity.reason)
+        if winner is None and variant.parity.passed and variant.servable:
+            winner = variant
+    return ctx.variants
+
+
+def _outranked(ctx: Context, winner: Variant) -> str:
+    if ctx.config.target is Target.GPU:
+        return f"{winner.name} passed and the gpu target prefers it (--exhaustive gates every variant)"
+    return f"slower than {winner.name}, which passed (--exhaustive gates every variant)"
+
+
+def candidates(variants: dict[str, Variant], target: Target) -> list[steps.Candidate]:
+    """The variants as exporter.steps' selection sees them (speed: sequences/s as measured)."""
+    return [steps.Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
+                            n in SERVABLE[target]) for n, v in variants.items()]
+
+
+def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
+    """build -> speed for one precision, and whether the variant still needs its gate (False when the
+    builder gated it, or when it failed to build: a converter failure fails the variant only)."""
     dst = ctx.variant_dir(builder.name) / MODEL_FILE
     try:
         if builder.step:
@@ -141,16 +181,23 @@ def run(ctx: Context, builder: Builder) -> Variant:
         else:
             extra, record = builder.make(ctx, dst)
     except Exception as exc:  # a converter/quantizer failure fails the variant, not the build
-        return failed(ctx, builder, exc)
-    if record is None:
-        with ctx.stages(f"{builder.name}-parity"):
-            record = ctx.gate(dst, builder.precision)
+        return failed(ctx, builder, exc), False
     with ctx.stages(f"{builder.name}-speed"):
         speed = ctx.speed(dst, builder.precision)
     release_memory()
-    return Variant(name=builder.name, precision=builder.precision.value, file=f"{builder.name}/{MODEL_FILE}",
-                   size_bytes=dst.stat().st_size, parity=record, speed=speed,
-                   servable=builder.name in SERVABLE[ctx.config.target], **extra)
+    variant = Variant(name=builder.name, precision=builder.precision.value, file=f"{builder.name}/{MODEL_FILE}",
+                      size_bytes=dst.stat().st_size, speed=speed, servable=builder.name in SERVABLE[ctx.config.target],
+                      parity=record or ParityResult(n_examples=0, passed=False, reason="not gated",
+                                                    label_agreement=0.0, gate_mode=ctx.mode, gated=False),
+                      **extra)
+    return variant, record is None
+
+
+def gate(ctx: Context, builder: Builder, variant: Variant) -> None:
+    """The gate of a built variant (its file under the build directory)."""
+    with ctx.stages(f"{builder.name}-parity"):
+        variant.parity = ctx.gate(ctx.out / variant.file, builder.precision)
+    release_memory()
 
 
 def failed(ctx: Context, builder: Builder, exc: BaseException) -> Variant:
@@ -188,7 +235,7 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
                                max_rounds=ctx.config.max_exclusion_rounds,
                                calibration_cache=ctx.scratch / "calibration.json",
                                throughput=lambda p: ctx.speed(p, Precision.INT8, 0.5).throughput_seq_s,
-                               speed_floor=None if ctx.config.exhaustive_int8 else ctx.best_passing())
+                               speed_floor=None if ctx.config.exhaustive else ctx.best_passing())
     extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}

@@ -242,6 +242,8 @@ def test_existing_spellings_keep_working():
     p = parsers()
     build = p["exporter"].parse_args(["build", "ckpt", "--no-repository", "--target", "gpu", "--precisions",
                                       "fp16,int8", "--max-accuracy-drop", "1.5", "--exhaustive-int8", "-v"])
+    assert build.exhaustive and not p["exporter"].parse_args(["build", "ckpt"]).exhaustive
+    assert p["exporter"].parse_args(["build", "ckpt", "--exhaustive"]).exhaustive
     assert build.repository is None and build.target is Target.GPU and build.verbose
     assert build.precisions == (Precision.FP16, Precision.INT8) and build.int8_max_accuracy_drop == 1.5
     train = p["finetune"].parse_args(["train", "--data", "d", "--out", "o", "--no-bf16", "--no-group-by-length"])

@@ -172,6 +172,83 @@ def test_select():
     assert select({"fp32": _variant("fp32", False, 1)}, Target.CPU) is None
 
 
+def _gating_context(tmp_path, target, speeds, passes, **config):
+    """A real variants.Context whose gate and speed measure are stand-ins that record what they judged."""
+    from exporter.artifacts import GateMode, ParityResult, SpeedResult
+    from exporter.stages import Stages
+    from exporter.variants import Context
+
+    class Recording(Context):
+        def gate(self, path, precision):
+            self.gated.append(path.parent.name)
+            return ParityResult(n_examples=10, passed=passes[path.parent.name], reason="stand-in",
+                                label_agreement=1.0, gate_mode=self.mode)
+
+        def speed(self, path, precision, seconds=None):
+            return SpeedResult(mode=self.mode, latency_ms_p50=1.0, latency_ms_p99=1.0, latency_samples=1,
+                               throughput_seq_s=speeds[path.parent.name], throughput_rows=1, intra_op_threads=1)
+
+    cfg = BuildConfig(checkpoint=tmp_path / "ck", out=tmp_path / "out", repository=None, target=target, **config)
+    ctx = Recording(cfg, GateMode.PER_ROW, tmp_path / "ck", tmp_path / "out", tmp_path, tmp_path / "base.onnx",
+                    None, Stages())
+    ctx.gated = []
+    return ctx
+
+
+def _stand_in_builders(names):
+    from exporter.variants import Builder
+
+    def make(ctx, dst):
+        dst.write_bytes(b"stand-in")
+        return {}, None
+
+    return [Builder(n, Precision.INT8 if n.startswith("int8") else Precision(n), None, make) for n in names]
+
+
+NAMES = ("fp32", "fp16", "int8_dynamic", "int8_static")
+
+
+@pytest.mark.parametrize("passes_fastest", [True, False])
+def test_gates_fastest_first_and_stops_at_the_first_pass(tmp_path, passes_fastest):
+    """cpu: every variant is built and timed, then gated fastest first; once one passes, every slower one is
+    recorded as not gated and the selection is what gating every variant gives (--exhaustive)."""
+    from exporter import variants as vmod
+    from exporter.build import select
+
+    speeds = {"fp32": 10.0, "fp16": 12.0, "int8_dynamic": 70.0, "int8_static": 15.0}
+    passes = {"fp32": True, "fp16": True, "int8_dynamic": passes_fastest, "int8_static": True}
+    ctx = _gating_context(tmp_path, Target.CPU, speeds, passes)
+    got = vmod.run_all(ctx, _stand_in_builders(NAMES))
+    winner = "int8_dynamic" if passes_fastest else "int8_static"
+    assert ctx.gated == (["int8_dynamic"] if passes_fastest else ["int8_dynamic", "int8_static"])
+    assert list(got) == list(NAMES)  # recorded in build order
+    for name, v in got.items():
+        assert v.speed.throughput_seq_s == speeds[name]  # every variant is timed
+        if name not in ctx.gated:
+            assert not v.parity.gated and not v.parity.passed
+            assert v.parity.reason.startswith(f"not gated: slower than {winner}, which passed")
+    assert select(got, Target.CPU) == winner
+    every = _gating_context(tmp_path / "all", Target.CPU, speeds, passes, exhaustive=True)
+    all_gated = vmod.run_all(every, _stand_in_builders(NAMES))
+    assert sorted(every.gated) == sorted(NAMES) and all(v.parity.gated for v in all_gated.values())
+    assert select(all_gated, Target.CPU) == winner  # the same selection as gating every variant
+    forced = _gating_context(tmp_path / "forced", Target.CPU, speeds, passes, variant="fp32")
+    assert "fp32" in vmod.run_all(forced, _stand_in_builders(NAMES)) and "fp32" in forced.gated  # --variant: gated
+
+
+def test_gpu_gates_by_preference_not_speed(tmp_path):
+    from exporter import variants as vmod
+    from exporter.build import select
+
+    speeds = {"fp32": 10.0, "fp16": 5.0, "int8_dynamic": 70.0, "int8_static": 15.0}
+    for fp16_passes, gated, winner in ((True, ["fp16"], "fp16"), (False, ["fp16", "fp32"], "fp32")):
+        passes = {"fp32": True, "fp16": fp16_passes, "int8_dynamic": True, "int8_static": True}
+        ctx = _gating_context(tmp_path / str(fp16_passes), Target.GPU, speeds, passes)
+        got = vmod.run_all(ctx, _stand_in_builders(NAMES))
+        assert ctx.gated == gated and select(got, Target.GPU) == winner
+        assert "gpu target prefers it" in got["int8_dynamic"].parity.reason
+
+
 def test_cpu_preset_and_settings():
     from exporter.int8 import QuantSettings, cpu_preset
 
@@ -384,9 +461,14 @@ def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
 
 
 def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monkeypatch, tmp_path):
-    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=None, seq_s=30.0, floor=50.0)
-    assert calls == [[]] and not result.eval_record.passed
-    assert "exclusion search skipped" in result.eval_record.reason and result.skipped
+    """Round 0 slower than a variant that passed: quantized once, then no tuning check, gate or exclusion round
+    (exporter.variants.run_all records it as not gated); as fast: the search runs as usual."""
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=30.0, floor=50.0)
+    assert calls == [[]] and result.eval_record is None and result.path is not None
+    assert "below the 50.0 seq/s" in result.skipped and result.attempts == [
+        {"round": 0, "excluded": 0, "throughput_seq_s": 30.0, "skipped": result.skipped}]
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=60.0, floor=50.0)
+    assert calls == [[]] and result.eval_record.passed and not result.skipped
 
 
 def test_progress_is_silent_off_a_terminal(capsys):

@@ -24,7 +24,7 @@ from serving.server import LocalTritonServer, ServerConfig
 pytestmark = pytest.mark.server
 
 FP16_MAX_ABS = 0.1
-BUILD_ARGS = ["--precisions", "fp32,int8", "--variant", "ov_fp32", "--fp16-max-abs", str(FP16_MAX_ABS),
+BUILD_ARGS = ["--precisions", "fp32,int8", "--variant", "ov_fp32", "--exhaustive", "--fp16-max-abs", str(FP16_MAX_ABS),
               "--speed-seconds", "0.2", "--calibration-size", "32", "--tuning-size", "64", "--eval-size", "120"]
 
 
