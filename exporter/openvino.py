@@ -16,19 +16,23 @@ the OpenVINO IR that runs (serving/models/runtime.py picks OpenVINO when the IR 
   ``quantize_with_accuracy_control`` was tried first: on MiniLM each reverted layer made the drop worse,
   0.01 -> 0.21 -> 0.42 in min cosine, and its ranking ran for minutes on 2 shared cores.)
 
+The conversion and each NNCF round run in a worker process (exporter.worker's ``ov-convert``/``ov-quantize``
+jobs over exporter/openvino_ir.py), as the torch export and the ONNX Runtime quantizers do: in the build
+process they raised a BERT-base-sized build's peak to 4.7× the fp32 weights.
+
 Gated, timed and selected like every other variant (exporter.variants.run_all, the same per-row 1-thread gate
 and speed measure: parity.session opens an OpenVINO session when the IR is there).
 """
 from __future__ import annotations
 
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import parity
+from exporter import parity, worker
 from exporter.config import Precision
 from exporter.parity import Batch
 from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made
@@ -81,43 +85,15 @@ def builders(precisions: Sequence[Precision], enabled: bool = True) -> list[Buil
     return out
 
 
-def save_ir(model, src_onnx: Path, dst: Path, precision: str | None = None) -> dict:
-    """Write ``dst`` (a copy of the ONNX graph the IR comes from) and model.xml/model.bin beside it (fp32
-    weights kept: no fp16 compression), with ``precision`` as the inference precision every session of it
-    compiles (None: the runtime's default); returns the variant's runtime record."""
-    import openvino as ov
-
-    if precision:
-        model.set_rt_info(precision, runtime.PRECISION_KEY)
-    shutil.copyfile(src_onnx, dst)
-    xml = dst.parent / runtime.IR_FILE
-    ov.save_model(model, str(xml), compress_to_fp16=False)
-    session = runtime.OpenVINOSession(xml, threads=1)
-    return {"runtime": runtime.OPENVINO, "openvino_version": ov.get_version(),
-            "inference_precision": session.precision, "ir_files": [runtime.IR_FILE, runtime.IR_WEIGHTS],
-            "ir_bytes": xml.stat().st_size + (dst.parent / runtime.IR_WEIGHTS).stat().st_size,
-            "converted_from": "the fused fp32 ONNX graph (model.onnx beside the IR)"}
-
-
 def make_fp32(ctx: Context, dst: Path) -> Made:
-    import openvino as ov
-
-    record = save_ir(ov.convert_model(str(ctx.base)), ctx.base, dst)
+    record = worker.call("ov-convert", src=str(ctx.base), dst=str(dst))  # the conversion's memory: a worker's
     return {"fp32_nodes": "all", "runtime_settings": record}, None
 
 
-def quantize(src_onnx: Path, calibration: list[Batch], ignored: dict | None = None):
-    """NNCF post-training int8 of ``src_onnx`` calibrated on ``calibration`` (feeds of one row each), the
-    nodes ``ignored`` names ({"names": [...], "patterns": [...]}) kept in floating point."""
-    import nncf
-    import openvino as ov
-
-    model = ov.convert_model(str(src_onnx))
-    names = [p.get_any_name() for p in model.inputs]
-    feeds = [{k: v for k, v in row.items() if k in names} for row in calibration]
-    scope = nncf.IgnoredScope(**ignored, validate=False) if ignored else None
-    return nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.MIXED,
-                         model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds), ignored_scope=scope)
+def _quantize(src_onnx: Path, dst: Path, rows: Path, ignored: dict | None) -> dict:
+    """One NNCF int8 round in a worker (exporter.openvino_ir.quantize): its memory is the worker's."""
+    return worker.call("ov-quantize", src=str(src_onnx), dst=str(dst), calibration=str(rows), ignored=ignored,
+                       precision=INT8_REST_PRECISION)
 
 
 def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
@@ -139,17 +115,19 @@ def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[
     could never be selected). Round 0 is timed before its tuning check: when ``too_slow``, neither the
     check nor a further round runs. Returns the runtime record with the attempts."""
     attempts, record = [], {}
-    for i, ignored in enumerate(sensitivity_rounds(excluded)):
-        record = save_ir(quantize(src_onnx, calibration, ignored), src_onnx, dst, INT8_REST_PRECISION)
-        if i == 0 and too_slow is not None and too_slow(dst):
-            attempts.append({"round": 0, "ignored_scope": None,
-                             "skipped": "slower than a passing variant: no tuning check, no sensitivity rounds"})
-            break
-        passed, reason = tune(dst)
-        attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
-        log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
-        if passed:
-            break
+    with tempfile.TemporaryDirectory(prefix="ov-int8-calibration-") as tmp:
+        rows = worker.save_batches(calibration, Path(tmp) / "calibration.npz")
+        for i, ignored in enumerate(sensitivity_rounds(excluded)):
+            record = _quantize(src_onnx, dst, rows, ignored)
+            if i == 0 and too_slow is not None and too_slow(dst):
+                attempts.append({"round": 0, "ignored_scope": None,
+                                 "skipped": "slower than a passing variant: no tuning check, no sensitivity rounds"})
+                break
+            passed, reason = tune(dst)
+            attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
+            log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
+            if passed:
+                break
     record["quantization"] = {"tool": "nncf.quantize", "preset": "MIXED", "model_type": "TRANSFORMER",
                               "calibration_rows": len(calibration), "ignored_scope": attempts[-1]["ignored_scope"]}
     record["search"] = attempts
@@ -173,11 +151,9 @@ def make_embedding(name: str, fp32_onnx: Path, dst: Path, *, calibration: list[B
     """An OpenVINO embedding variant in ``dst``'s directory from the fp32 graph with its pooling head:
     converted (ov_fp32) or NNCF-quantized on ``calibration`` rows with the sensitivity rounds judged by
     ``tune`` (ov_int8). Returns its runtime record."""
-    import openvino as ov
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     if name == OV_FP32:
-        return save_ir(ov.convert_model(str(fp32_onnx)), fp32_onnx, dst)
+        return worker.call("ov-convert", src=str(fp32_onnx), dst=str(dst))
     return search(fp32_onnx, dst, calibration or [], tune or (lambda path: (True, "no tuning texts")))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import setup_logging
-from exporter import export, fp16, int8, optimize, parity, speed
+from exporter import export, fp16, int8, openvino_ir, optimize, parity, speed
 from exporter.choices import Precision, Target
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,17 @@ def _rank(src: str, batches: str, op_types: list[str], settings, calibration: st
                                  load_batches(Path(calibration)) if calibration else None)
 
 
+def _ov_convert(src: str, dst: str) -> dict:
+    return openvino_ir.convert(Path(src), Path(dst))
+
+
+def _ov_quantize(src: str, dst: str, calibration: str, ignored: dict | None, precision: str) -> dict:
+    """NNCF int8; ``calibration`` is an .npz of one-row feeds (see :func:`save_batches`)."""
+    return openvino_ir.quantize(Path(src), Path(dst), load_batches(Path(calibration)), ignored, precision)
+
+
 JOBS = {"export": _export, "export-onnx": _export_onnx, "fuse": _fuse, "fusion-speed": _fusion_speed, "fp16": _fp16,
-        "quantize": _quantize, "rank": _rank}
+        "quantize": _quantize, "rank": _rank, "ov-convert": _ov_convert, "ov-quantize": _ov_quantize}
 PEAKS: list[tuple[str, int]] = []  # (job, peak RSS in bytes) of every worker this process ran, in order
 
 
