@@ -89,7 +89,7 @@ def _whole(tok, max_length, side, text, pair=None):
 
 def _agrees(tok, rng: random.Random, side: str, trials: int = 160) -> int:
     """Random texts and pairs drawn from ``rng``: each cut then truncated equals the whole text truncated
-    (asserted); returns how many were cut."""
+    (ids, type ids, whether tokens were left out: asserted); returns how many texts the cut shortened."""
     cut_seen = 0
     for trial in range(trials):
         max_length = rng.choice([8, 13, 16, 33])
@@ -98,8 +98,11 @@ def _agrees(tok, rng: random.Random, side: str, trials: int = 160) -> int:
         pair = _random_text(rng, rng.randint(1, 30)) if trial % 3 == 0 else None
         text = _random_text(rng, rng.randint(1, 120 if pair is None else 40))
         got = cutter.encode(text, pair)
-        assert got.encodings[0].ids == full.encode(text, pair).ids, (trial, max_length, text[:80], pair and pair[:80])
-        cut_seen += got.tokens.truncated
+        want = full.encode(text, pair)
+        assert got.encodings[0].ids == want.ids, (trial, max_length, text[:80], pair and pair[:80])
+        assert got.encodings[0].type_ids == want.type_ids
+        assert got.tokens.truncated == bool(want.overflowing), (trial, text[:80])
+        cut_seen += cutter.cut(text, max_length)[3]
     return cut_seen
 
 
@@ -116,21 +119,8 @@ def test_a_pair_whose_cut_piece_has_more_tokens_than_its_whole_text(wordpiece, s
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("which", ["wordpiece", "bytelevel"])
 def test_cut_then_truncate_equals_truncating_the_whole_text(request, which, side):
-    tok = request.getfixturevalue(which)
     rng = random.Random(f"{which}-{side}")  # the same texts on every run (hash() of a str is salted per process)
-    cut_seen = 0
-    for trial in range(160):
-        max_length = rng.choice([8, 13, 16, 33])
-        cutter = _cutter(tok, max_length, side)
-        full = _whole(tok, max_length, side, "")
-        pair = _random_text(rng, rng.randint(1, 30)) if trial % 3 == 0 else None
-        text = _random_text(rng, rng.randint(1, 120 if pair is None else 40))
-        got = cutter.encode(text, pair)
-        want = full.encode(text, pair)
-        assert got.encodings[0].ids == want.ids, (trial, max_length, text[:80], pair and pair[:80])
-        assert got.encodings[0].type_ids == want.type_ids
-        assert got.tokens.truncated == bool(want.overflowing), (trial, text[:80])
-        cut_seen += cutter.cut(text, max_length)[3]
+    cut_seen = _agrees(request.getfixturevalue(which), rng, side)
     assert cut_seen > 40  # the cut was really exercised (texts far over the first guess)
 
 
