@@ -45,7 +45,7 @@ def _export(checkpoint: str, scratch: str, target: str, singles: str | None = No
     return record
 
 
-def _export_onnx(checkpoint: str, raw: str) -> dict:
+def _export_graph(checkpoint: str, raw: str) -> dict:
     export.export_onnx(Path(checkpoint), Path(raw))
     return {}
 
@@ -90,7 +90,7 @@ def _ov_quantize(src: str, dst: str, calibration: str, ignored: dict | None, pre
     return openvino_ir.quantize(Path(src), Path(dst), load_batches(Path(calibration)), ignored, precision)
 
 
-JOBS = {"export": _export, "export-onnx": _export_onnx, "fuse": _fuse, "fusion-speed": _fusion_speed, "fp16": _fp16,
+JOBS = {"export": _export, "export-onnx": _export_graph, "fuse": _fuse, "fusion-speed": _fusion_speed, "fp16": _fp16,
         "quantize": _quantize, "rank": _rank, "ov-convert": _ov_convert, "ov-quantize": _ov_quantize}
 PEAKS: list[tuple[str, int]] = []  # (job, peak RSS in bytes) of every worker this process ran, in order
 
