@@ -22,7 +22,7 @@ def _f(value, fmt: str) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return _f(None if value is None else value * 100, ".2f") + "%"
+    return "-" if value is None else f"{value * 100:.2f}%"
 
 
 def table_rows(report: BuildReport) -> list[tuple[str, ...]]:
