@@ -135,10 +135,11 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def start_watchdog(pid: int, grace_s: float) -> tuple[subprocess.Popen, int] | None:
-    """serving.watchdog beside the server ``pid`` (the leader of its own process group): it stops the server,
-    then kills what is left of the group (stubs), when this process dies or closes the returned pipe end.
-    (the watchdog, the pipe's write end), or None if it could not start (logged)."""
+def start_watchdog(pid: int, grace_s: float, what: str = "tritonserver") -> tuple[subprocess.Popen, int] | None:
+    """serving.watchdog beside the process ``pid`` (``what``: tritonserver, or the gateway; the leader of its own
+    process group): it stops that process, then kills what is left of its group (stubs), when this process
+    dies or closes the returned pipe end. (the watchdog, the pipe's write end), or None if it could not start
+    (logged)."""
     read, write = os.pipe()  # not inheritable: only this process holds the write end
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("watchdog.py")), str(read),
@@ -146,14 +147,14 @@ def start_watchdog(pid: int, grace_s: float) -> tuple[subprocess.Popen, int] | N
                                 start_new_session=True)
     except OSError as exc:
         os.close(write)
-        log.warning("no watchdog for tritonserver pid %d: %s", pid, exc)
+        log.warning("no watchdog for %s pid %d: %s", what, pid, exc)
         return None
     finally:
         os.close(read)
     return proc, write
 
 
-def _stop_watchdog(watchdog: tuple[subprocess.Popen, int] | None) -> None:
+def stop_watchdog(watchdog: tuple[subprocess.Popen, int] | None) -> None:
     """Close the watchdog's pipe (it kills what is left of the server's group, then exits) and reap it."""
     if watchdog is None:
         return
@@ -398,7 +399,7 @@ class LocalTritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
-        _stop_watchdog(self._watchdog)
+        stop_watchdog(self._watchdog)
         self._watchdog = None
         if self._log_handle is not None:
             self._log_handle.close()

@@ -4,6 +4,7 @@ text-pair reranker); every answer is compared with what the KServe path (gRPC st
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -281,6 +282,49 @@ def test_serving_up_runs_and_restarts_the_gateway(repo):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_killed_serving_up_takes_its_gateway_with_it(repo):
+    """`kill -9` of `serving up --gateway-port`: the gateway child and tritonserver are gone within seconds
+    (a serving.watchdog beside each sees the pipe close); before, the gateway lived on, holding its port."""
+    import psutil
+
+    from serving.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "up", "--repository", str(repo), "--http-port", "0",
+                             "--grpc-port", "0", "--metrics-port", "0", "--gateway-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, API_KEY_ENV: KEY})
+    left = []
+    try:
+        lines = read_endpoints(proc, timeout=180)
+        while "gateway" not in lines:
+            key, value = proc.stdout.readline().split(None, 1)
+            lines[key] = value.strip()
+        children = [psutil.Process(int(lines["gateway"].split("pid ")[1].split(";")[0])),
+                    psutil.Process(int(lines["pid"]))]
+        proc.kill()
+        killed = time.monotonic()
+        proc.wait()
+        while time.monotonic() < killed + 15 and any(_running(p) for p in children):
+            time.sleep(0.1)
+        gone_after = time.monotonic() - killed
+        left = [p for p in children if _running(p)]
+    finally:
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not left and gone_after < 10, ([p.pid for p in left], gone_after)
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_locust_users_of_every_route(stack, tmp_path):

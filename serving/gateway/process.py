@@ -16,8 +16,11 @@ from pathlib import Path
 
 from serving.errors import GatewayError
 from serving.gateway.config import API_KEY_ENV, API_KEY_FILE_ENV, GatewayConfig
+from serving.server import free_port, start_watchdog, stop_watchdog
 
 log = logging.getLogger(__name__)
+
+GRACE_S = 15.0  # a stopped gateway's time to finish its requests (uvicorn allows 10) before SIGKILL
 
 
 def _have(module: str) -> bool:
@@ -44,13 +47,12 @@ class GatewayProcess:
 
     def __init__(self, config: GatewayConfig, *, startup_timeout_s: float = 60.0, check_interval_s: float = 1.0):
         if config.port == 0:
-            from serving.server import free_port
-
             config.port = free_port(config.host)
         self.config = config
         self.startup_timeout_s, self.check_interval_s = startup_timeout_s, check_interval_s
         self.process: subprocess.Popen | None = None
         self.restarts = 0
+        self._watchdog = None  # serving.watchdog: stops the gateway when this process dies, SIGKILL included
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -72,6 +74,8 @@ class GatewayProcess:
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key  # the environment, not the command line (ps shows that)
         self.process = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        stop_watchdog(self._watchdog)  # the watchdog of a gateway that died (it has exited by itself)
+        self._watchdog = start_watchdog(self.process.pid, GRACE_S, what="gateway")
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -117,10 +121,12 @@ class GatewayProcess:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=GRACE_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
         return proc.returncode
 
     def stop(self) -> int | None:
