@@ -201,7 +201,7 @@ class ClassifierTask:
     def candidate(self, run: Run, name: str, record: Variant) -> Candidate:
         return variants.candidate(name, record, run.config.target)
 
-    def judged(self, record: Variant, verdict: ParityResult | None, reason: str = "") -> None:
+    def judged(self, run: Run, record: Variant, verdict: ParityResult | None, reason: str = "") -> None:
         if verdict is None:
             record.parity.reason = reason  # built and timed, not gated (its record says gated=False)
         else:

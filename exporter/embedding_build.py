@@ -225,11 +225,11 @@ def make(state: EmbeddingState, step: Step) -> tuple[EmbeddingVariant, bool]:
     return record, record.gate is None
 
 
-def not_gated(state: EmbeddingState | None, precision: Precision, reason: str) -> EmbeddingGate:
+def not_gated(state: EmbeddingState, precision: Precision, reason: str) -> EmbeddingGate:
     """The gate record of a variant that was built and timed but not gated (selection could not take it)."""
-    min_cos, min_overlap = (state.budgets if state else EmbeddingBudgets()).limits(precision)
-    return EmbeddingGate(0, None, None, None, None, state.budgets.top_k if state else 0, False, min_cos, min_overlap,
-                         False, reason, gated=False)
+    min_cos, min_overlap = state.budgets.limits(precision)
+    return EmbeddingGate(0, None, None, None, None, state.budgets.top_k, False, min_cos, min_overlap, False, reason,
+                         gated=False)
 
 
 def _make_onnx(state: EmbeddingState, record: EmbeddingVariant) -> None:

@@ -149,8 +149,9 @@ class EmbeddingTask:
         return Candidate(name, Precision(record.precision).value, record.passed,
                          record.speed.rows_per_s if record.speed is not None else None)
 
-    def judged(self, record: EmbeddingVariant, verdict: EmbeddingGate | None, reason: str = "") -> None:
-        record.gate = verdict if verdict is not None else embedding_build.not_gated(None, record.precision, reason)
+    def judged(self, run: Run, record: EmbeddingVariant, verdict: EmbeddingGate | None,
+               reason: str = "") -> None:
+        record.gate = verdict if verdict is not None else embedding_build.not_gated(run.reference, record.precision, reason)
 
     def report(self, run: Run, selected: str | None) -> EmbeddingReport:
         return assemble(run.config, run.inputs, built(run, selected), run.out, run.stages)

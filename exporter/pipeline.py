@@ -73,7 +73,8 @@ class TaskSpec(Protocol):
     def gate(self, run: Run, step: Step) -> steps.Gate: ...
     def file(self, run: Run, record: Any) -> Path: ...  # the variant's file (what the gate opens)
     def candidate(self, run: Run, name: str, record: Any) -> steps.Candidate: ...
-    def judged(self, record: Any, verdict: steps.Verdict | None, reason: str = "") -> None: ...  # None: not gated
+    # records the verdict (None: not gated, with the reason why)
+    def judged(self, run: Run, record: Any, verdict: steps.Verdict | None, reason: str = "") -> None: ...
     def report(self, run: Run, selected: str | None) -> Any: ...
     def write_report(self, report: Any, out: Path, figure: bool = True) -> None: ...
     def write_repository(self, run: Run, report: Any) -> Path: ...
@@ -135,10 +136,10 @@ def run_variants(task: TaskSpec, run: Run, todo: Sequence[Step]) -> dict[str, An
         if cand.name in pending:
             if winner is None or config.exhaustive or cand.name == config.variant:
                 with run.stages(f"{cand.name}-parity"):
-                    task.judged(record, task.gate(run, pending[cand.name])(task.file(run, record)))
+                    task.judged(run, record, task.gate(run, pending[cand.name])(task.file(run, record)))
             else:
                 reason = f"not gated: {outranked(config.target, winner)}"
-                task.judged(record, None, reason)
+                task.judged(run, record, None, reason)
                 log.info("%s %s %s", task.label, cand.name, reason)
         cand = task.candidate(run, cand.name, record)
         if winner is None and cand.passed and cand.servable:

@@ -369,7 +369,7 @@ class TaggerTask:
     def candidate(self, run: Run, name: str, record: TaggerGate) -> Candidate:
         return Candidate(name, name, record.passed, record.rows_per_s if record.file else None)
 
-    def judged(self, record: TaggerGate, verdict: TaggerGate | None, reason: str = "") -> None:
+    def judged(self, run: Run, record: TaggerGate, verdict: TaggerGate | None, reason: str = "") -> None:
         if verdict is None:
             record.reasons = [reason]
             return

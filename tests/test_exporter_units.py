@@ -174,7 +174,8 @@ def run_all(ctx, names=None):
     from exporter.pipeline import Run, Step, run_variants
 
     run = Run(ctx.config, None, ctx.out, ctx.scratch, ctx.stages, state=ctx, variants=ctx.variants)
-    return run_variants(ClassifierTask(), run, [Step(b.name, b.precision, b) for b in _stand_in_builders(names or NAMES)])
+    steps = [Step(b.name, b.precision, b) for b in _stand_in_builders(names or NAMES)]
+    return run_variants(ClassifierTask(), run, steps)
 
 
 def test_select():
