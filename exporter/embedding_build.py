@@ -23,6 +23,7 @@ from exporter.embedding_gate import (Chunked, EmbeddingBudgets, EmbeddingGate, E
 from exporter.errors import EvalDataError
 from exporter.parity import tokenize
 from exporter.pipeline import Step
+from exporter.stages import Stages
 from exporter.steps import Gate
 
 log = logging.getLogger(__name__)
@@ -211,17 +212,20 @@ def steps(state: EmbeddingState, precisions: Sequence[Precision], openvino_enabl
     return out
 
 
-def make(state: EmbeddingState, step: Step) -> tuple[EmbeddingVariant, bool]:
-    """Build and time one variant: (its record, whether it still needs its gate). A conversion failure fails
-    the variant only; the int8 exclusion search gates while it builds (its final gate stands)."""
+def make(state: EmbeddingState, step: Step, stages: Stages) -> tuple[EmbeddingVariant, bool]:
+    """Build and time one variant (stages ``<name>-build`` and ``<name>-speed``): (its record, whether it still
+    needs its gate). A conversion failure fails the variant only; the int8 exclusion search gates while it
+    builds (its final gate stands)."""
     record = EmbeddingVariant(step.name, step.precision)
     try:
-        step.make(state, record)
+        with stages(f"{step.name}-build"):
+            step.make(state, record)
     except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant, not the build
         log.warning("embedding %s variant failed: %s", step.name, exc)
         record.error, record.path = f"{type(exc).__name__}: {exc}", None
         return record, False
-    record.speed = state.speed(record.path)
+    with stages(f"{step.name}-speed"):
+        record.speed = state.speed(record.path)
     return record, record.gate is None
 
 

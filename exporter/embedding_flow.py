@@ -137,7 +137,7 @@ class EmbeddingTask:
                                      run.config.openvino and run.config.target is Target.CPU)
 
     def make(self, run: Run, step: Step) -> tuple[EmbeddingVariant, bool]:
-        return embedding_build.make(run.reference, step)
+        return embedding_build.make(run.reference, step, run.stages)
 
     def gate(self, run: Run, step: Step) -> Gate:
         return run.reference.gate(step.precision, "" if step.name == step.precision.value else f" ({step.name})")
