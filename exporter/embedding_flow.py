@@ -151,7 +151,9 @@ class EmbeddingTask:
 
     def judged(self, run: Run, record: EmbeddingVariant, verdict: EmbeddingGate | None,
                reason: str = "") -> None:
-        record.gate = verdict if verdict is not None else embedding_build.not_gated(run.reference, record.precision, reason)
+        if verdict is None:
+            verdict = embedding_build.not_gated(run.reference, record.precision, reason)
+        record.gate = verdict
 
     def report(self, run: Run, selected: str | None) -> EmbeddingReport:
         return assemble(run.config, run.inputs, built(run, selected), run.out, run.stages)
@@ -216,7 +218,8 @@ def assemble(config: BuildConfig, inputs: EmbeddingInputs, built: EmbeddingBuild
         list(v.excluded_nodes), v.runtime_settings) for v in built.variants}
     settings = {"precisions": [p.value for p in config.precisions], "eval_size": config.eval_size,
                 "tuning_size": config.tuning_size, "max_exclusion_rounds": config.max_exclusion_rounds,
-                "seed": config.seed, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "seed": config.seed, "speed_seconds": config.speed_seconds, "exhaustive": config.exhaustive,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "reference": "SentenceTransformer.encode, batch 32", "long_text": config.long_text.value}
     if built.chunked is not None:
         settings.update(chunk_overlap=built.chunked.chunk.overlap, max_chunks=built.chunked.chunk.max_chunks,
