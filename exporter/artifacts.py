@@ -325,6 +325,7 @@ class EmbeddingGate:
     budget_min_topk_overlap: float
     passed: bool
     reason: str
+    gated: bool = True  # False: not gated (a faster or preferred variant passed, so it could not be selected)
 
     def brief(self) -> dict:
         """The verdict-bearing numbers, for the int8 exclusion search's log (exporter.int8_search.search)."""
@@ -336,9 +337,9 @@ class EmbeddingGate:
 class EmbeddingSpeed:
     """Per-row throughput: one row at a time, one intra-op thread, tokenization included.
 
-    ``rows_per_cpu_s`` counts the process's CPU time instead of wall time: for a one-thread run that is
-    the per-core ceiling, and unlike wall time it hardly moves when other work shares the machine, so
-    selection uses it.
+    ``rows_per_s`` is the classifier's measure (exporter.speed.measure_per_row, wall time), the one selection
+    ranks by; ``rows_per_cpu_s`` counts the process's CPU time instead (it hardly moves when other work shares
+    the machine), reported beside it.
     """
 
     rows_per_s: float

@@ -10,22 +10,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 
-from common.atomic import atomic_directory
 from common.provenance import sha256_file, versions
-from exporter import chunking, openvino, parity, report as render, speed, steps, variants, worker
+from exporter import chunking, openvino, parity, pipeline, report as render, speed, variants, worker
 from exporter.adapter import Adapter, read_adapter
-from exporter.artifacts import BuildReport, GateMode, ReferenceResult, Variant, to_dict
+from exporter.artifacts import BuildReport, GateMode, ParityResult, ReferenceResult, Variant, to_dict
 from exporter.choices import Target, Task
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
 from exporter.errors import CheckpointError, ExporterError
 from exporter.inputs import (Checkpoint, Examples, check_writable, load_checkpoint, read_checkpoint_examples,
                              resolve_columns, resolve_eval_data, split_sources)
-from exporter.progress import progress_display, track
+from exporter.memory import weights_size
+from exporter.pipeline import Run, Step
+from exporter.progress import track
 from exporter.reranker import read_cross_encoder
 from exporter.result import BuildResult
-from exporter.stages import Stages
-from exporter.variants import Context, Data, candidates
+from exporter.steps import Candidate, Gate
+from exporter.variants import Context, Data
 from serving.contract import DEFAULT_CLASSIFIER
 from serving.errors import ServingError
 from serving.repository import RepositoryConfig, accepts_models, add_model, write_repository
@@ -133,8 +134,8 @@ def with_long_rows(eval_set: Examples, checkpoint: Checkpoint, max_length: int, 
 
 
 def build(config: BuildConfig) -> BuildResult:
-    """The classification task's flow (exporter.tasks runs it for --task classification): the report is
-    written even when no variant passes. A PEFT adapter folder is built as its base merged with it
+    """The classification task's flow (exporter.tasks runs it for --task classification): the one pipeline
+    (exporter.pipeline) with :class:`ClassifierTask`. A PEFT adapter folder is built as its base merged with it
     (exporter.adapter), gated against the PeftModel; a CrossEncoder as a reranker (exporter.reranker)."""
     if config.task is not Task.CLASSIFICATION:
         raise ExporterError(f"exporter.build builds classifiers, not {config.task.value} (exporter.tasks.build "
@@ -143,89 +144,120 @@ def build(config: BuildConfig) -> BuildResult:
     if adapter is None:
         if config.base is not None:
             raise ExporterError(f"--base is for PEFT adapter folders; {config.checkpoint} has no adapter_config.json")
-        return _build_checkpoint(config)
+        return pipeline.build(config, ClassifierTask())
     with tempfile.TemporaryDirectory(prefix="exporter-adapter-") as scratch:
         merged = adapter.merge(Path(scratch) / "merged")
-        return _build_checkpoint(replace(config, checkpoint=merged), adapter)
+        return pipeline.build(replace(config, checkpoint=merged), ClassifierTask(adapter))
 
 
-def _build_checkpoint(config: BuildConfig, adapter: Adapter | None = None) -> BuildResult:
-    inputs = validate(config)
-    if adapter is not None:
-        inputs.adapter = adapter
-        inputs.warnings.append(f"{adapter.peft_type} adapter {adapter.path} merged into {adapter.base} "
-                               "(peft merge_and_unload); the reference is the unmerged PeftModel")
-    for warning in inputs.warnings:
-        log.warning("%s", warning)
-    stages = Stages(_weights_size(inputs.checkpoint.path))
-    with progress_display(), tempfile.TemporaryDirectory(prefix="exporter-") as scratch, \
-            atomic_directory(config.out) as out:
-        report = _build(config, inputs, out, Path(scratch), stages)
-    # The build directory is in place; only now does the selected file go to the served repository, so
-    # the repository's provenance names a file that exists. A failure here leaves the old repository.
-    if report.selected and config.repository is not None:
-        steps.repository_stage(
-            report, lambda: write_repo(config, inputs.checkpoint, report.variant_path(report.selected, config.out),
-                                       report),
-            lambda: render.write(report, config.out, figure=False), stages)
-    return BuildResult(report, config.out)
+@dataclass
+class ClassifierTask:
+    """What the classifier (single-label, multi-label, regression, pairs, rerankers, merged PEFT adapters)
+    supplies to exporter.pipeline: its inputs, PyTorch reference, Optimum export, variant builders
+    (exporter.variants, exporter.openvino), parity gate (exporter.parity) and repository writer."""
+
+    adapter: Adapter | None = None  # a PEFT adapter: the checkpoint is its merge, the reference its PeftModel
+    label: str = "variant"
+
+    def prepare(self, config: BuildConfig) -> _Inputs:
+        inputs = validate(config)
+        if self.adapter is not None:
+            inputs.adapter = self.adapter
+            inputs.warnings.append(f"{self.adapter.peft_type} adapter {self.adapter.path} merged into "
+                                   f"{self.adapter.base} (peft merge_and_unload); the reference is the unmerged "
+                                   "PeftModel")
+        return inputs
+
+    def weights_bytes(self, inputs: _Inputs) -> int | None:
+        return weights_size(inputs.checkpoint.path)
+
+    def reference(self, run: Run) -> None:
+        run.reference, run.state = _reference(run.config, run.inputs)
+
+    def measure_reference(self, run: Run) -> None:
+        model, run.state = run.state, None  # the torch model is never alive next to an ONNX Runtime session
+        run.reference_speed = _reference_result(run.config, run.inputs, run.reference, model)
+
+    def export(self, run: Run) -> None:
+        run.base, run.export_record = _export(run.config, run.inputs.checkpoint, run.scratch, run.reference)
+        run.state = Context(run.config, gate_mode(run.config.target), run.inputs.checkpoint.path, run.out,
+                            run.scratch, run.base, run.reference, run.stages, variants=run.variants,
+                            tokenizer_dir=run.inputs.checkpoint.tokenizer_dir)
+
+    def plan(self, run: Run) -> list[Step]:
+        config = run.config
+        ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
+        return [Step(b.name, b.precision, b) for b in [*variants.builders(config.precisions), *ov]]
+
+    def make(self, run: Run, step: Step) -> tuple[Variant, bool]:
+        return variants.make(run.state, step.make)
+
+    def gate(self, run: Run, step: Step) -> Gate:
+        return lambda path: run.state.gate(path, step.precision)
+
+    def file(self, run: Run, record: Variant) -> Path:
+        return run.out / record.file
+
+    def candidate(self, run: Run, name: str, record: Variant) -> Candidate:
+        return variants.candidate(name, record, run.config.target)
+
+    def judged(self, run: Run, record: Variant, verdict: ParityResult | None, reason: str = "") -> None:
+        if verdict is None:
+            record.parity.reason = reason  # built and timed, not gated (its record says gated=False)
+        else:
+            record.parity = verdict
+
+    def report(self, run: Run, selected: str | None) -> BuildReport:
+        return _assemble(run, selected)
+
+    def write_report(self, report: BuildReport, out: Path, figure: bool = True) -> None:
+        render.write(report, out, figure=figure)
+
+    def write_repository(self, run: Run, report: BuildReport) -> Path:
+        return write_repo(run.config, run.inputs.checkpoint, report.variant_path(report.selected, run.config.out),
+                          report)
 
 
-def _build(config: BuildConfig, inputs: _Inputs, out: Path, scratch: Path, stages: Stages) -> BuildReport:
-    mode = gate_mode(config.target)
-    data, reference = _reference(config, inputs, mode, stages)
-    base, optimization = _export(config, inputs.checkpoint, scratch, data, stages)
-    ctx = Context(config, mode, inputs.checkpoint.path, out, scratch, base, data, stages,
-                  tokenizer_dir=inputs.checkpoint.tokenizer_dir)
-    ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
-    variants.run_all(ctx, [*variants.builders(config.precisions), *ov])
-    report = _assemble(config, inputs, mode, reference, optimization, ctx.variants, out, stages)
-    if report.selected is None:
-        log.error("no variant passed its parity gate: nothing is served, %s is left as it was",
-                  config.repository or "the repository")
-    render.write(report, out)
-    return report
-
-
-def _reference(config: BuildConfig, inputs: _Inputs, mode: GateMode, stages: Stages) -> tuple[Data, ReferenceResult]:
-    """Tokenize every row set, run PyTorch on the evaluation rows and time it; the model is freed after."""
+def _reference(config: BuildConfig, inputs: _Inputs) -> tuple[Data, object]:
+    """Tokenize every row set and run PyTorch on the evaluation rows: (the data every gate uses, the model)."""
     ck = inputs.checkpoint
-    with stages("reference"):
-        try:
-            tokenizer = ck.load_tokenizer()
-            model = inputs.adapter.reference_model() if inputs.adapter else parity.load_torch_model(ck.path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot load checkpoint {ck.path}: {exc}") from None
-        if model.config.num_labels != len(ck.id2label):
-            raise CheckpointError(f"checkpoint head has {model.config.num_labels} outputs but {len(ck.id2label)} labels")
-        tok = dict(batch_size=config.batch_size, max_length=config.max_length)
-        ev = inputs.eval_set
-        eval_batches = parity.tokenize(tokenizer, ev.texts, pairs=ev.pairs, **tok)
-        windows, counts = _windows(config, tokenizer, ev)
-        ref_logits = parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))) \
-            if windows is None else chunking.average_rows(parity.torch_logits(model, windows), counts)
-        data = Data(
-            ref=parity.Reference(ref_logits, inputs.eval_set.targets(), ck.head, config.threshold),
-            windows=windows, window_counts=counts,
-            eval_batches=eval_batches,
-            tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, pairs=inputs.tuning.pairs, **tok),
-            tuning_labels=inputs.tuning.targets(),
-            calibration=parity.tokenize(tokenizer, inputs.calibration.texts, pairs=inputs.calibration.pairs, **tok),
-            singles=parity.tokenize(tokenizer, ev.texts[:SINGLE_ROWS], batch_size=1, max_length=config.max_length,
-                                    pairs=None if ev.pairs is None else ev.pairs[:SINGLE_ROWS]),
-            texts=ev.texts if ev.pairs is None else list(zip(ev.texts, ev.pairs)),
-            encode=speed.encoder(tokenizer, config.max_length),
-            calibration_source=str(inputs.calibration.source))
-        metrics = data.ref.metrics
-        log.info("pytorch reference (%s): %s", ck.head.value, metrics)
-    with stages("reference-speed"):
-        metrics = {k: v for k, v in metrics.items() if k != "micro_f1"}
-        labels = [ck.id2label[i] for i in range(len(ck.id2label))]
-        reference = ReferenceResult(**metrics, size_bytes=_weights_size(ck.path),
-                                    speed=_torch_speed(model, data, mode, config.speed_seconds),
-                                    baseline=parity.serving_baseline(data.ref, labels))
-        del model  # the torch model is never alive next to an ONNX Runtime session
-    return data, reference
+    try:
+        tokenizer = ck.load_tokenizer()
+        model = inputs.adapter.reference_model() if inputs.adapter else parity.load_torch_model(ck.path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {ck.path}: {exc}") from None
+    if model.config.num_labels != len(ck.id2label):
+        raise CheckpointError(f"checkpoint head has {model.config.num_labels} outputs but {len(ck.id2label)} labels")
+    tok = dict(batch_size=config.batch_size, max_length=config.max_length)
+    ev = inputs.eval_set
+    eval_batches = parity.tokenize(tokenizer, ev.texts, pairs=ev.pairs, **tok)
+    windows, counts = _windows(config, tokenizer, ev)
+    ref_logits = parity.torch_logits(model, track(eval_batches, "pytorch reference", len(eval_batches))) \
+        if windows is None else chunking.average_rows(parity.torch_logits(model, windows), counts)
+    data = Data(
+        ref=parity.Reference(ref_logits, inputs.eval_set.targets(), ck.head, config.threshold),
+        windows=windows, window_counts=counts,
+        eval_batches=eval_batches,
+        tuning_batches=parity.tokenize(tokenizer, inputs.tuning.texts, pairs=inputs.tuning.pairs, **tok),
+        tuning_labels=inputs.tuning.targets(),
+        calibration=parity.tokenize(tokenizer, inputs.calibration.texts, pairs=inputs.calibration.pairs, **tok),
+        singles=parity.tokenize(tokenizer, ev.texts[:SINGLE_ROWS], batch_size=1, max_length=config.max_length,
+                                pairs=None if ev.pairs is None else ev.pairs[:SINGLE_ROWS]),
+        texts=ev.texts if ev.pairs is None else list(zip(ev.texts, ev.pairs)),
+        encode=speed.encoder(tokenizer, config.max_length),
+        calibration_source=str(inputs.calibration.source))
+    log.info("pytorch reference (%s): %s", ck.head.value, data.ref.metrics)
+    return data, model
+
+
+def _reference_result(config: BuildConfig, inputs: _Inputs, data: Data, model) -> ReferenceResult:
+    """The reference's metrics, size, speed (as the target serves) and the served model's baseline."""
+    ck = inputs.checkpoint
+    metrics = {k: v for k, v in data.ref.metrics.items() if k != "micro_f1"}
+    labels = [ck.id2label[i] for i in range(len(ck.id2label))]
+    return ReferenceResult(**metrics, size_bytes=weights_size(ck.path),
+                           speed=_torch_speed(model, data, gate_mode(config.target), config.speed_seconds),
+                           baseline=parity.serving_baseline(data.ref, labels))
 
 
 def _windows(config: BuildConfig, tokenizer, ev: Examples):
@@ -267,10 +299,9 @@ def export_graph(checkpoint: Path, scratch: Path, target: Target, data: Data | N
     return scratch / "optimized" / "model.onnx", record
 
 
-def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stages: Stages) -> tuple[Path, dict]:
+def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data) -> tuple[Path, dict]:
     """Export and fuse the graph every variant starts from (with the fusion's measured throughput)."""
-    with stages("export"):
-        base, record = export_graph(ck.path, scratch, config.target, data, min(config.speed_seconds, 0.5))
+    base, record = export_graph(ck.path, scratch, config.target, data, min(config.speed_seconds, 0.5))
     record["note"] = ("the fused graph is the base of every variant: quantization must see the fusions "
                       "(Attention -> QAttention); onnxruntime applies the same fusions at load time, "
                       "so the two run at about the same speed on the CPU")
@@ -278,32 +309,29 @@ def _export(config: BuildConfig, ck: Checkpoint, scratch: Path, data: Data, stag
     return base, record
 
 
-def _assemble(config: BuildConfig, inputs: _Inputs, mode: GateMode, reference: ReferenceResult, optimization: dict,
-              variants: dict[str, Variant], out: Path, stages: Stages) -> BuildReport:
+def _settings(config: BuildConfig) -> dict:
+    return {"precisions": [p.value for p in config.precisions], "batch_size": config.batch_size,
+            "max_length": config.max_length, "eval_size": config.eval_size,
+            "calibration_size": config.calibration_size, "tuning_size": config.tuning_size,
+            "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
+            "exhaustive": config.exhaustive, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "ort_intra_op_spinning": False, "gate_mode": gate_mode(config.target).value,
+            "budgets": vars(config.budgets)}
+
+
+def _assemble(run: Run, selected: str | None) -> BuildReport:
+    config, inputs, built = run.config, run.inputs, run.variants
     ck = inputs.checkpoint
-    settings = {"precisions": [p.value for p in config.precisions], "batch_size": config.batch_size,
-                "max_length": config.max_length, "eval_size": config.eval_size,
-                "calibration_size": config.calibration_size, "tuning_size": config.tuning_size,
-                "speed_seconds": config.speed_seconds, "max_exclusion_rounds": config.max_exclusion_rounds,
-                "exhaustive": config.exhaustive, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "ort_intra_op_spinning": False, "gate_mode": mode.value, "budgets": vars(config.budgets)}
     source = inputs.adapter.path if inputs.adapter else ck.path  # an adapter is named, not its scratch merge
     return BuildReport(
-        checkpoint=str(source.absolute()), target=config.target.value, gate_mode=mode,
-        selected=select(variants, config.target, config.variant), reference=reference, eval_data=str(inputs.eval_set.source),
-        int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)}, settings=settings,
-        labels=[ck.id2label[i] for i in range(len(ck.id2label))], optimization=optimization, variants=variants,
-        warnings=inputs.warnings, versions=versions(),
-        files={v.file: sha256_file(out / v.file) for v in variants.values() if v.file},
-        stage_seconds=stages.seconds, memory=stages.memory,
+        checkpoint=str(source.absolute()), target=config.target.value, gate_mode=gate_mode(config.target),
+        selected=selected, reference=run.reference_speed, eval_data=str(inputs.eval_set.source),
+        int8_tuning_data={"source": str(inputs.tuning.source), "rows": len(inputs.tuning)},
+        settings=_settings(config), labels=[ck.id2label[i] for i in range(len(ck.id2label))],
+        optimization=run.export_record, variants=built, warnings=inputs.warnings, versions=versions(),
+        files={v.file: sha256_file(run.out / v.file) for v in built.values() if v.file},
+        stage_seconds=run.stages.seconds, memory=run.stages.memory,
     )
-
-
-def select(variants: dict[str, Variant], target: Target, forced: str | None = None) -> str | None:
-    """The one selection rule (exporter.steps.select) over the classifier's variants: gpu: fp16 (else
-    fp32); cpu: the passing variant with the highest per-row 1-thread throughput, whatever its runtime.
-    ``forced`` (--variant): that variant, if it passed (else none is served)."""
-    return steps.select(candidates(variants, target), target, forced)
 
 
 def baseline_parameters(baseline: dict | None) -> dict[str, str]:
@@ -357,10 +385,3 @@ def write_repo(config: BuildConfig, ck: Checkpoint, onnx_model: Path, report: Bu
     except NotImplementedError:
         raise ExporterError("serving.repository.write_repository is not implemented yet; "
                             "use --no-repository") from None
-
-
-def _weights_size(path: Path) -> int | None:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return (path / name).stat().st_size
-    return None

@@ -1,30 +1,30 @@
-"""Build every embedding variant, gate each on held-out text and select the fastest that passes.
-
-``build_embedding_variants`` is the library entry point for ``python -m exporter build --task embedding``:
-read the pipeline, export and fuse the encoder body once, write fp32/fp16/int8 graphs with the pooling
-head, run the gate (:mod:`exporter.embedding_gate`) and pick, among passing variants, the one with the
-highest per-row 1-thread throughput (the CPU target's per-core ceiling, DECISIONS 3).
+"""The embedder's pieces of the one pipeline (exporter.pipeline; exporter.embedding_flow plugs them in): the
+gated and tuning texts and their sentence-transformers reference (:func:`prepare_state`), the variants of the
+exported body (fp32/fp16/int8 graphs with the pooling head, the OpenVINO ones: :func:`steps`, :func:`make`),
+each timed per row on one thread as served (:meth:`EmbeddingState.speed`) and gated through
+:meth:`EmbeddingState.gate` (exporter.embedding_gate bound to the reference: a ``steps.Gate``).
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter import int8, int8_search, openvino, steps
-from exporter.choices import Precision, Target
+from exporter import int8, int8_search, openvino
+from exporter.choices import Precision
 from exporter.chunking import ChunkConfig
-from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, export_body, fp16_variant,
+from exporter.embedding import (EmbeddingPipeline, append_head_to_file, copy_tokenizer, fp16_variant,
                                 fp32_variant, int8_variant, load_tokenizer, read_pipeline)
 from exporter.embedding_gate import (Chunked, EmbeddingBudgets, EmbeddingGate, EmbeddingSpeed, check_variant,
-                                     chunked_reference, reference_embeddings, reference_model, reference_speed)
-from exporter.errors import EvalDataError, ExporterError
+                                     chunked_reference, measure_speed, reference_embeddings, reference_model)
+from exporter.errors import EvalDataError
 from exporter.parity import tokenize
-from exporter.steps import Candidate
+from exporter.pipeline import Step
+from exporter.stages import Stages
+from exporter.steps import Gate
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +133,12 @@ def _gated_texts(texts: Sequence[str], tokenizer, pipeline: EmbeddingPipeline, c
                           top_k), Chunked(chunk, pipeline.normalize)
 
 
-def select(variants: Sequence[EmbeddingVariant], target: Target = Target.CPU, forced: str | None = None) -> str | None:
-    """The one selection rule (exporter.steps.select) over embedding variants: cpu: the passing variant with
-    the highest per-row 1-thread throughput (rows per CPU-second), whatever its runtime; gpu: fp16, else fp32;
-    ``forced`` (--variant): that variant if it passed."""
-    return steps.select([Candidate(v.name, Precision(v.precision).value, v.passed,
-                                   v.speed.rows_per_cpu_s if v.speed is not None else None) for v in variants],
-                        target, forced)
-
-
 @dataclass
-class _Context:
-    """What every variant's gate needs, computed once."""
+class EmbeddingState:
+    """What every embedding variant's builder and gate need, computed once (exporter.embedding_flow's
+    reference and export stages): the texts, their reference, the tuning texts and theirs, the body graph."""
 
-    pipeline: EmbeddingPipeline
+    pipeline: EmbeddingPipeline  # the graphs' pipeline (chunked: without Normalize, normalised after the mean)
     out_dir: Path
     scratch: Path
     texts: list[str]
@@ -158,136 +150,138 @@ class _Context:
     max_exclusion_rounds: int
     max_batch_tokens: int | None = None  # gpu target: the gate runs the served sub-batches
     chunked: Chunked | None = None  # chunked cpu target: each window alone, averaged (``pipeline`` without Normalize)
+    windows: int = 0  # chunked: windows of the gated texts
+    speed_seconds: float = 1.0
+    body: Path | None = None  # the exported encoder body every variant starts from
+
+    def gate(self, precision: Precision, label: str = "") -> Gate:
+        """The embedding gate bound to the held-out texts' reference and ``precision``'s budgets."""
+        return lambda path: check_variant(path, precision, self.pipeline, self.texts, self.reference, self.budgets,
+                                          self.tokenizer, label=label, max_batch_tokens=self.max_batch_tokens,
+                                          chunked=self.chunked)
+
+    def tuning_gate(self, precision: Precision, label: str) -> Gate:
+        """The same gate on the tuning texts (never the gated ones): what the int8 searches judge rounds by."""
+        return lambda path: check_variant(path, precision, self.pipeline, self.tuning_texts, self.tuning_reference,
+                                          self.budgets, self.tokenizer, label=label,
+                                          max_batch_tokens=self.max_batch_tokens, chunked=self.chunked)
+
+    def speed(self, path: Path) -> EmbeddingSpeed:
+        """The variant's speed as the target serves it (cpu: per row, 1 thread, tokenization included)."""
+        return measure_speed(path, self.pipeline, self.texts, self.tokenizer, self.speed_seconds,
+                             max_batch_tokens=self.max_batch_tokens, chunked=self.chunked)
 
 
-def build_embedding_variants(model_dir: Path, texts: Sequence[str], out_dir: Path, *,
-                             pooling: str | None = None, normalize: bool | None = None,
-                             budgets: EmbeddingBudgets | None = None,
-                             precisions: Sequence[Precision | str] = tuple(Precision),
-                             tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3,
-                             opset: int | None = None, measure_reference: bool = False,
-                             max_batch_tokens: int | None = None, chunk: ChunkConfig | None = None,
-                             openvino: bool = False) -> EmbeddingBuild:
-    """Read, export, convert, gate and select; variants land in ``out_dir/<precision>.onnx``, the
-    tokenizer in ``out_dir/tokenizer``. A variant whose conversion fails is recorded with its error.
-
-    ``openvino`` (cpu target): also ov_fp32/ov_int8 (exporter.openvino), gated and timed alike.
-    ``tuning_texts`` (never the gate's ``texts``) let int8 exclude its most sensitive MatMuls from
-    quantization, up to ``max_exclusion_rounds`` times, when round 0 misses its budget on them
-    (:func:`exporter.int8_search.search`); without them int8 is quantized once. ``max_batch_tokens`` (gpu target):
-    the gate runs the served token-budget sub-batches instead of rows alone. ``chunk`` (--long-text chunk,
-    cpu target): the graphs answer the vector before normalisation, the gate judges the mean of each text's
-    windows (normalised as the model does) against sentence-transformers on the same windows, long texts added.
-    """
+def prepare_state(model_dir: Path, texts: Sequence[str], out_dir: Path, *, pooling: str | None = None,
+                  normalize: bool | None = None, budgets: EmbeddingBudgets | None = None,
+                  tuning_texts: Sequence[str] = (), max_exclusion_rounds: int = 3, max_batch_tokens: int | None = None,
+                  chunk: ChunkConfig | None = None, scratch: Path, speed_seconds: float = 1.0):
+    """(the state every variant needs, the sentence-transformers reference model): the gated texts (a chunked
+    build adds long ones), the tuning texts (never gated ones), both references, the tokenizer copied to
+    ``out_dir/tokenizer``."""
     budgets = budgets or EmbeddingBudgets()
     pipeline = read_pipeline(Path(model_dir), pooling=pooling, normalize=normalize)
     tokenizer = load_tokenizer(pipeline)
     texts, chunked = _gated_texts(texts, tokenizer, pipeline, chunk, budgets.top_k)
     gated = set(texts)
     tuning = [t for t in held_out_texts(tuning_texts, budgets.top_k) if t not in gated] if tuning_texts else []
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(pipeline, Path(out_dir) / "tokenizer")
     model = reference_model(pipeline)
-    build = EmbeddingBuild(pipeline, len(texts), budgets, tokenizer_dir=copy_tokenizer(pipeline, out_dir / "tokenizer"),
-                           n_tuning_texts=len(tuning), chunked=chunked)
-    if measure_reference:
-        build.reference_speed = reference_speed(model, texts)
-    graph = pipeline if chunked is None else replace(pipeline, normalize=False)  # normalised after the mean
     reference, counts = _reference(model, tokenizer, texts, pipeline, chunked)
-    build.windows = sum(counts)
-    with tempfile.TemporaryDirectory(prefix="embedding-body-", dir=out_dir) as scratch:
-        ctx = _Context(graph, out_dir, Path(scratch), texts, reference, budgets, tokenizer, tuning,
-                       _reference(model, tokenizer, tuning, pipeline, chunked)[0], max_exclusion_rounds,
-                       max_batch_tokens, chunked)
-        body = export_body(pipeline, ctx.scratch, opset=opset)
-        for precision in map(Precision, precisions):
-            build.variants.append(_variant(precision, body, ctx))
-        if openvino and max_batch_tokens is None:  # OpenVINO hook: the CPU target's OpenVINO variants
-            build.variants += _openvino_variants(body, ctx, tuple(map(Precision, precisions)))
-    build.selected = select(build.variants)
-    log.info("embedding variants: %s; selected %s", ", ".join(
-        f"{v.name} {'pass' if v.passed else 'fail'}" for v in build.variants), build.selected or "none")
-    return build
+    graph = pipeline if chunked is None else replace(pipeline, normalize=False)  # normalised after the mean
+    state = EmbeddingState(graph, Path(out_dir), Path(scratch), texts, reference, budgets, tokenizer, tuning,
+                           _reference(model, tokenizer, tuning, pipeline, chunked)[0], max_exclusion_rounds,
+                           max_batch_tokens, chunked, sum(counts), speed_seconds)
+    return state, model
 
 
-def _variant(precision: Precision, body: Path, ctx: _Context) -> EmbeddingVariant:
-    record = EmbeddingVariant(precision.value, precision)
-    dst = ctx.out_dir / f"{precision.value}.onnx"
-    try:
-        if precision is Precision.INT8 and ctx.tuning_texts and ctx.max_exclusion_rounds > 0:
-            return _int8_search(body, dst, ctx, record)
-        record.path = VARIANT_BUILDERS[precision](body, ctx.pipeline, dst)
-    except (ExporterError, ValueError, RuntimeError, OSError) as exc:
-        log.warning("embedding %s variant failed: %s", precision.value, exc)
-        record.error = f"{type(exc).__name__}: {exc}"
-        return record
-    record.size_bytes = record.path.stat().st_size
-    record.gate, record.speed = check_variant(record.path, precision, ctx.pipeline, ctx.texts, ctx.reference,
-                                              ctx.budgets, ctx.tokenizer, max_batch_tokens=ctx.max_batch_tokens,
-                                              chunked=ctx.chunked)
-    return record
-
-
-def _openvino_variants(body: Path, ctx: _Context, precisions: tuple[Precision, ...]) -> list[EmbeddingVariant]:
-    """OpenVINO hook: ov_fp32 (the runtime's default precision; bf16 judged by the fp16 budget) and ov_int8
-    (NNCF, calibrated on the tuning texts, its sensitivity rounds judged by the gate on them) from the fp32
-    graph with its head, gated and timed as every variant (RowEncoder opens the IR)."""
+def steps(state: EmbeddingState, precisions: Sequence[Precision], openvino_enabled: bool) -> list[Step]:
+    """The variants to build: one per precision, then (cpu target) the OpenVINO ones (exporter.openvino)."""
+    out = [Step(p.value, p, _make_onnx) for p in map(Precision, precisions)]
+    if not openvino_enabled or state.max_batch_tokens is not None:
+        return out
     if not openvino.available():
         log.warning("openvino is not installed: no OpenVINO embedding variants")
-        return []
-    wanted = [(openvino.OV_FP32, openvino.gate_precision(openvino.default_precision()))] * (Precision.FP32 in precisions)
-    wanted += [(openvino.OV_INT8, Precision.INT8)] * (Precision.INT8 in precisions and bool(ctx.tuning_texts))
-    fp32 = fp32_variant(body, ctx.pipeline, ctx.scratch / "openvino-source.onnx") if wanted else None
-    out = []
-    for name, precision in wanted:
-        record = EmbeddingVariant(name, precision)
-        dst = ctx.out_dir / name / "model.onnx"
-        calibration = openvino.embedding_rows(ctx.tokenizer, ctx.tuning_texts[:openvino.CALIBRATION_ROWS],
-                                              ctx.pipeline.max_seq_length) if name == openvino.OV_INT8 else None
-        try:
-            record.runtime_settings = openvino.make_embedding(name, fp32, dst, calibration=calibration,
-                                                              tune=lambda path: _ov_tune(path, ctx))
-        except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant only
-            log.warning("embedding %s variant failed: %s", name, exc)
-            record.error = f"{type(exc).__name__}: {exc}"
-            out.append(record)
-            continue
-        record.path, record.size_bytes = dst, record.runtime_settings["ir_bytes"]
-        record.gate, record.speed = check_variant(dst, precision, ctx.pipeline, ctx.texts, ctx.reference, ctx.budgets,
-                                                  ctx.tokenizer, label=f" ({name})", chunked=ctx.chunked)
-        out.append(record)
+        return out
+    wanted = tuple(map(Precision, precisions))
+    if Precision.FP32 in wanted:
+        out.append(Step(openvino.OV_FP32, openvino.gate_precision(openvino.default_precision()), _make_openvino))
+    if Precision.INT8 in wanted and state.tuning_texts:
+        out.append(Step(openvino.OV_INT8, Precision.INT8, _make_openvino))
     return out
 
 
-def _ov_tune(path: Path, ctx: _Context) -> tuple[bool, str]:
-    """An ov_int8 round judged by the embedding gate on the tuning texts (never the gated ones)."""
-    gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference, ctx.budgets,
-                            ctx.tokenizer, label=" (ov_int8, tuning texts)", chunked=ctx.chunked)
+def make(state: EmbeddingState, step: Step, stages: Stages) -> tuple[EmbeddingVariant, bool]:
+    """Build and time one variant (stages ``<name>-build`` and ``<name>-speed``): (its record, whether it still
+    needs its gate). A conversion failure fails the variant only; the int8 exclusion search gates while it
+    builds (its final gate stands)."""
+    record = EmbeddingVariant(step.name, step.precision)
+    try:
+        with stages(f"{step.name}-build"):
+            step.make(state, record)
+    except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant, not the build
+        log.warning("embedding %s variant failed: %s", step.name, exc)
+        record.error, record.path = f"{type(exc).__name__}: {exc}", None
+        return record, False
+    with stages(f"{step.name}-speed"):
+        record.speed = state.speed(record.path)
+    return record, record.gate is None
+
+
+def not_gated(state: EmbeddingState, precision: Precision, reason: str) -> EmbeddingGate:
+    """The gate record of a variant that was built and timed but not gated (selection could not take it)."""
+    min_cos, min_overlap = state.budgets.limits(precision)
+    return EmbeddingGate(0, None, None, None, None, state.budgets.top_k, False, min_cos, min_overlap, False, reason,
+                         gated=False)
+
+
+def _make_onnx(state: EmbeddingState, record: EmbeddingVariant) -> None:
+    dst = state.out_dir / f"{record.name}.onnx"
+    if record.precision is Precision.INT8 and state.tuning_texts and state.max_exclusion_rounds > 0:
+        _int8_search(dst, state, record)
+    else:
+        record.path = VARIANT_BUILDERS[record.precision](state.body, state.pipeline, dst)
+    record.size_bytes = record.path.stat().st_size
+
+
+def _make_openvino(state: EmbeddingState, record: EmbeddingVariant) -> None:
+    """OpenVINO hook: ov_fp32 (the runtime's default precision; bf16 judged by the fp16 budget) and ov_int8
+    (NNCF, calibrated on the tuning texts, its sensitivity rounds judged by the gate on them) from the fp32
+    graph with its head (RowEncoder opens the IR)."""
+    source = state.scratch / "openvino-source.onnx"
+    if not source.is_file():
+        fp32_variant(state.body, state.pipeline, source)
+    dst = state.out_dir / record.name / "model.onnx"
+    calibration = openvino.embedding_rows(state.tokenizer, state.tuning_texts[:openvino.CALIBRATION_ROWS],
+                                          state.pipeline.max_seq_length) if record.name == openvino.OV_INT8 else None
+    tune = state.tuning_gate(Precision.INT8, f" ({record.name}, tuning texts)")
+    record.runtime_settings = openvino.make_embedding(record.name, source, dst, calibration=calibration,
+                                                      tune=lambda path: _verdict(tune(path)))
+    record.path, record.size_bytes = dst, record.runtime_settings["ir_bytes"]
+
+
+def _verdict(gate: EmbeddingGate) -> tuple[bool, str]:
     return gate.passed, gate.reason
 
 
-def _int8_search(body: Path, dst: Path, ctx: _Context, record: EmbeddingVariant) -> EmbeddingVariant:
+def _int8_search(dst: Path, state: EmbeddingState, record: EmbeddingVariant) -> None:
     """Dynamic int8 with exporter.int8's exclusion search, judged by the embedding gate (tuning texts for
     the search, the held-out texts for the final word on the kept file)."""
     settings = int8.QuantSettings.from_preset(int8.cpu_preset(), is_static=False)
+    tune_gate, final_gate = state.tuning_gate(Precision.INT8, " (tuning texts)"), state.gate(Precision.INT8)
 
     def tune(body_q: Path) -> EmbeddingGate:
-        path = append_head_to_file(body_q, ctx.pipeline, ctx.scratch / "int8-tuning.onnx")
-        gate, _ = check_variant(path, Precision.INT8, ctx.pipeline, ctx.tuning_texts, ctx.tuning_reference,
-                                ctx.budgets, ctx.tokenizer, label=" (tuning texts)",
-                                max_batch_tokens=ctx.max_batch_tokens, chunked=ctx.chunked)
-        return gate
+        return tune_gate(append_head_to_file(body_q, state.pipeline, state.scratch / "int8-tuning.onnx"))
 
     def final(body_q: Path) -> EmbeddingGate:
-        record.path = append_head_to_file(body_q, ctx.pipeline, dst)
-        record.gate, record.speed = check_variant(record.path, Precision.INT8, ctx.pipeline, ctx.texts,
-                                                  ctx.reference, ctx.budgets, ctx.tokenizer,
-                                                  max_batch_tokens=ctx.max_batch_tokens, chunked=ctx.chunked)
+        record.path = append_head_to_file(body_q, state.pipeline, dst)
+        record.gate = final_gate(record.path)
         return record.gate
 
-    batches = tokenize(ctx.tokenizer, ctx.tuning_texts[:32], batch_size=16, max_length=ctx.pipeline.max_seq_length)
-    found = int8_search.search(int8.DYNAMIC, body, ctx.scratch / "int8-body.onnx", settings, tune=tune, final=final,
-                               tuning_batches=batches, calibration=None, max_rounds=ctx.max_exclusion_rounds)
+    batches = tokenize(state.tokenizer, state.tuning_texts[:32], batch_size=16,
+                       max_length=state.pipeline.max_seq_length)
+    found = int8_search.search(int8.DYNAMIC, state.body, state.scratch / "int8-body.onnx", settings, tune=tune,
+                               final=final, tuning_batches=batches, calibration=None,
+                               max_rounds=state.max_exclusion_rounds)
     record.excluded_nodes, record.search = list(found.excluded), list(found.attempts)
-    record.size_bytes = record.path.stat().st_size
-    return record

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from exporter import speed
 from exporter.artifacts import EmbeddingGate, EmbeddingSpeed  # the gate's typed records, in the build report
 from exporter.choices import Precision
 from exporter.chunking import ChunkConfig, reference_windows
@@ -289,23 +290,47 @@ def judge(precision: Precision, reference: np.ndarray, got: np.ndarray, budgets:
                          budgets.top_k, m["nan_inf"], min_cos, min_overlap, not failures, reason)
 
 
+def encoder_for(path: Path, pipeline: EmbeddingPipeline, tokenizer=None, *, max_batch_tokens: int | None = None,
+                chunked: Chunked | None = None) -> RowEncoder:
+    """The encoder that runs ``path`` as the target serves it: each window alone, averaged (``chunked``); token-budget
+    sub-batches (``max_batch_tokens``: gpu); else each row alone on one thread (cpu)."""
+    if chunked is not None:
+        return WindowEncoder(path, pipeline, tokenizer, chunked=chunked)
+    if max_batch_tokens is None:
+        return RowEncoder(path, pipeline, tokenizer)
+    return BatchEncoder(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens)
+
+
 def check_variant(path: Path, precision: Precision, pipeline: EmbeddingPipeline, texts: Sequence[str],
                   reference: np.ndarray, budgets: EmbeddingBudgets, tokenizer=None, *,
                   label: str = "", max_batch_tokens: int | None = None,
-                  chunked: Chunked | None = None) -> tuple[EmbeddingGate, EmbeddingSpeed]:
-    """Run ``path`` on ``texts`` as the target serves them (row by row: cpu; token-budget sub-batches when
-    ``max_batch_tokens`` is given: gpu; each window alone, averaged, when ``chunked``) and judge it against
-    ``reference``; also its throughput (texts per second)."""
-    if chunked is not None:
-        got, speed = encode_rows(WindowEncoder(path, pipeline, tokenizer, chunked=chunked), texts)
-    elif max_batch_tokens is None:
-        got, speed = encode_rows(RowEncoder(path, pipeline, tokenizer), texts)
-    else:
-        got, speed = encode_batched(BatchEncoder(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens), texts)
+                  chunked: Chunked | None = None) -> EmbeddingGate:
+    """Run ``path`` on ``texts`` as the target serves them (:func:`encoder_for`) and judge it against
+    ``reference`` (bound to its reference, this is the embedder's ``steps.Gate``)."""
+    encoder = encoder_for(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens, chunked=chunked)
+    got, _ = encode_batched(encoder, texts) if isinstance(encoder, BatchEncoder) else encode_rows(encoder, texts)
     gate = judge(Precision(precision), reference, got, budgets)
-    log.info("embedding %s%s: %s (%s); %.1f rows/s, %.1f rows/CPU-s, 1 thread", Precision(precision).value, label,
-             "pass" if gate.passed else "FAIL", gate.reason, speed.rows_per_s, speed.rows_per_cpu_s)
-    return gate, speed
+    log.info("embedding %s%s: %s (%s)", Precision(precision).value, label, "pass" if gate.passed else "FAIL",
+             gate.reason)
+    return gate
+
+
+def measure_speed(path: Path, pipeline: EmbeddingPipeline, texts: Sequence[str], tokenizer=None,
+                  seconds: float = 1.0, *, max_batch_tokens: int | None = None,
+                  chunked: Chunked | None = None) -> EmbeddingSpeed:
+    """The variant's throughput as the target serves it, measured the way the classifier's is
+    (exporter.speed.measure_per_row: each text tokenized and run alone on one thread for ``seconds``; gpu:
+    the served sub-batches over every text); ``rows_per_s`` is what selection ranks by."""
+    encoder = encoder_for(path, pipeline, tokenizer, max_batch_tokens=max_batch_tokens, chunked=chunked)
+    if isinstance(encoder, BatchEncoder):
+        return encode_batched(encoder, texts)[1]
+    c0 = time.process_time()
+    timed = speed.measure_per_row(encoder, lambda text: text, texts, seconds, 1)
+    cpu = time.process_time() - c0
+    rows = timed.throughput_rows
+    seconds = rows / timed.throughput_seq_s if timed.throughput_seq_s else 0.0
+    return EmbeddingSpeed(timed.throughput_seq_s, rows, round(seconds, 4), 1,
+                          (rows + min(3, len(texts))) / cpu if cpu > 0 else 0.0, round(cpu, 4))
 
 
 def as_dict(record) -> dict:

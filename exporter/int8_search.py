@@ -73,7 +73,7 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
     ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
     ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
     is run (``eval_record`` None, ``skipped`` says why): keeping nodes in fp32 only slows a variant down,
-    so it could never be selected; exporter.variants.run_all records it as not gated (or gates round 0's
+    so it could never be selected; exporter.pipeline.run_variants records it as not gated (or gates round 0's
     file if its final speed measure puts it ahead of every passing variant).
     """
     job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import resource
+from pathlib import Path
 
 _PAGE = resource.getpagesize()
 
@@ -30,3 +31,11 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def weights_size(checkpoint: Path) -> int | None:
+    """The bytes of a checkpoint folder's weights file (the unit of a build's memory record), None without one."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (Path(checkpoint) / name).is_file():
+            return (Path(checkpoint) / name).stat().st_size
+    return None

@@ -20,7 +20,7 @@ The conversion and each NNCF round run in a worker process (exporter.worker's ``
 jobs over exporter/openvino_ir.py), as the torch export and the ONNX Runtime quantizers do: in the build
 process they raised a BERT-base-sized build's peak to 4.7× the fp32 weights.
 
-Gated, timed and selected like every other variant (exporter.variants.run_all, the same per-row 1-thread gate
+Gated, timed and selected like every other variant (exporter.pipeline.run_variants, the same per-row 1-thread gate
 and speed measure: parity.session opens an OpenVINO session when the IR is there).
 """
 from __future__ import annotations

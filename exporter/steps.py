@@ -62,7 +62,7 @@ def select(candidates: Iterable[Candidate], target: Target, forced: str | None =
     if it qualifies. None when no variant qualifies.
 
     Because selection takes the FIRST passing candidate of that order, a candidate after one that passed can
-    never be selected, whatever its own gate says: exporter.variants.run_all gates in this order and stops
+    never be selected, whatever its own gate says: exporter.pipeline.run_variants gates in this order and stops
     at the first pass (each later variant recorded as not gated) with the same result as gating every one."""
     passing = [c for c in preference(candidates, target) if c.passed and c.servable]
     if forced is not None:

@@ -1,11 +1,12 @@
 """The task registry: the one place that says which flow builds which task, how a checkpoint given as a
 plain classifier is recognised as another task, and how a build's result is summarised for a person.
 
-Every flow runs the same stage sequence (read checkpoint -> reference -> export -> variants -> gate ->
-select -> report -> repository) with the steps shared in exporter.steps; a task supplies what differs in
-a module of its own (exporter.build: classifiers, rerankers and PEFT adapters; exporter.embedding_flow:
-sentence embedders; exporter.token_classification: taggers). Adding a task is its module plus one entry
-in :data:`FLOWS` (and its :class:`exporter.choices.Task` with the served heads it builds)."""
+Every task runs the one stage sequence of exporter.pipeline (inputs -> reference -> export -> variants ->
+gate -> select -> report -> repository); a task supplies what differs as a ``pipeline.TaskSpec`` in a module
+of its own (exporter.build: ClassifierTask, for classifiers, rerankers and PEFT adapters;
+exporter.embedding_flow: EmbeddingTask; exporter.token_classification: TaggerTask). Adding a task is its
+module plus one entry in :data:`FLOWS` (and its :class:`exporter.choices.Task` with the served heads it
+builds)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

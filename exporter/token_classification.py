@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_directory, atomic_write_text
+from common.atomic import atomic_write_text
+from exporter import pipeline, speed
 from exporter.choices import Precision
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
@@ -28,9 +28,10 @@ from exporter.errors import CheckpointError, EvalDataError, ExporterError
 from exporter.export import ensure_token_type_ids
 from exporter.fp16 import convert_fp16
 from exporter.inputs import read_texts
+from exporter.memory import weights_size
 from exporter.optimize import optimize_onnx
-from exporter.result import BuildResult
-from exporter.steps import Candidate, repository_stage, select
+from exporter.pipeline import Run, Step
+from exporter.steps import Candidate, Gate
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
 from serving.errors import ServingError
 from serving.models import entities, tokenization
@@ -88,8 +89,9 @@ class TaggerGate:
     entity_agreement: float = 0.0  # entities equal to the pipeline's / (reference + extra served entities)
     texts_equal: float = 0.0  # fraction of texts whose entity list equals the pipeline's
     max_score_diff: float = 0.0
-    rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included
+    rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included (exporter.speed.measure_per_row)
     reasons: list[str] = field(default_factory=list)
+    gated: bool = True  # False: not gated (a faster variant passed, so it could not be selected)
 
     @property
     def reason(self) -> str:
@@ -118,6 +120,7 @@ class TaggerReport:
     pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
     long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
     chunk_overlap: int = 0
+    stage_seconds: dict = field(default_factory=dict)
 
 
 def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
@@ -155,6 +158,13 @@ def make_variant(precision: Precision, fp32: Path, dst: Path) -> Path:
 def reference(config: BuildConfig, texts: list[str]) -> Reference:
     """(PyTorch logits [tokens, labels] per text, the pipeline's entities per text, the pipeline's texts/s one at
     a time on one thread), truncated at max_length (or in windows: the pipeline's stride)."""
+    ref, pipe = reference_outputs(config, texts)
+    ref.rows_per_s = pipeline_speed(pipe, texts)
+    return ref
+
+
+def reference_outputs(config: BuildConfig, texts: list[str]):
+    """(the Reference without its speed, the transformers pipeline that made it)."""
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
@@ -177,22 +187,31 @@ def reference(config: BuildConfig, texts: list[str]) -> Reference:
             logits.append(np.concatenate([out[i][enc["attention_mask"][i].numpy() == 1] for i in range(len(out))]))
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=config.aggregation.value,
                     device="cpu", **({"stride": config.chunk_overlap} if chunked else {}))
+    rows = [pipe(text) for text in texts]
+    entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in rows]
+    return Reference(texts, read_labels(config.checkpoint), tokenizer_dir(config), logits, entities, 0.0), pipe
+
+
+def pipeline_speed(pipe, texts: list[str]) -> float:
+    """The transformers pipeline's texts/s, one text at a time on one thread (as the served tagger runs)."""
+    import torch
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the served tagger runs: one text at a time on one core
+    torch.set_num_threads(1)
     try:
         for text in texts[:WARMUP_ROWS]:
             pipe(text)
         start = time.perf_counter()
-        rows = [pipe(t) for t in texts]
-        speed = len(texts) / max(time.perf_counter() - start, 1e-9)
+        for text in texts:
+            pipe(text)
+        return len(texts) / max(time.perf_counter() - start, 1e-9)
     finally:
         torch.set_num_threads(threads)
-    entities = [[{k: (float(v) if k == "score" else v) for k, v in e.items()} for e in row] for row in rows]
-    return Reference(texts, read_labels(config.checkpoint), tokenizer_dir(config), logits, entities, speed)
 
 
-def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
-    """(logits per text, entities per text, rows/s) as the served tagger computes them: each text alone."""
+def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, labels: list[str]):
+    """text -> (logits [tokens, labels], entities) as the served tagger computes them: the text alone, cut
+    before tokenizing (serving.models.tokenization), one thread."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -217,11 +236,24 @@ def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: Build
         return np.concatenate(window), entities.text_entities(text, row.encodings, window, labels, vocab,
                                                               config.aggregation.value, row.shift)
 
+    return one
+
+
+def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
+    """(logits per text, entities per text, rows/s) as the served tagger computes them: each text alone."""
+    one = served_tagger(onnx_path, tokenizer_dir, config, labels)
     for text in texts[:WARMUP_ROWS]:  # the session's first runs allocate: not timed
         one(text)
     start = time.perf_counter()
     done = [one(text) for text in texts]
     return [d[0] for d in done], [d[1] for d in done], len(texts) / max(time.perf_counter() - start, 1e-9)
+
+
+def measure_speed(onnx_path: Path, ref: Reference, config: BuildConfig) -> float:
+    """The variant's texts/s as served, measured the way the classifier's is (exporter.speed.measure_per_row:
+    each text tokenized and run alone on one thread for --speed-seconds)."""
+    one = served_tagger(onnx_path, ref.tokenizer_dir, config, ref.labels)
+    return speed.measure_per_row(one, lambda text: text, ref.texts, config.speed_seconds, 1).throughput_seq_s
 
 
 def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str) -> tuple[float, float, float]:
@@ -272,34 +304,94 @@ def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGa
 
 
 def build_tagger(config: BuildConfig):
-    """Build, gate, report and (when a variant passes) serve a token classifier."""
-    labels = read_labels(config.checkpoint)
-    if config.target is not Target.CPU:
-        raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
-    if config.long_text is LongText.CHUNK and config.aggregation.value == "none":
-        raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than none "
-                            "(as the pipeline's stride)")
-    texts = _eval_texts(config)
-    ref = reference(config, texts)
-    with atomic_directory(config.out) as out, tempfile.TemporaryDirectory(prefix="exporter-tagger-") as scratch:
-        fp32, optimization = export_tagger(config.checkpoint, Path(scratch) / "export", config.target)
-        variants = {}
-        for precision in config.precisions:
-            path = make_variant(precision, fp32, out / f"{precision.value}.onnx")
-            variants[precision.value] = gate(precision.value, path, config, ref)
-            log.info("tagger %s: %s", precision.value, variants[precision.value])
-        selected = select([Candidate(name, name, v.passed, v.rows_per_s) for name, v in variants.items()],
-                          config.target)
-        report = TaggerReport(str(Path(config.checkpoint).absolute()), labels, config.aggregation.value,
-                              config.max_length, str(config.eval_data), len(texts), variants, selected,
-                              long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
-                              pipeline_rows_per_s=ref.rows_per_s, optimization=optimization)
+    """Build, gate, report and (when a variant passes) serve a token classifier: the one pipeline
+    (exporter.pipeline) with :class:`TaggerTask`."""
+    return pipeline.build(config, TaggerTask())
+
+
+@dataclass
+class TaggerInputs:
+    checkpoint: Path
+    labels: list[str]
+    texts: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaggerTask:
+    """What the tagger supplies to exporter.pipeline: its eval texts, PyTorch/pipeline reference, Optimum export,
+    fp32/fp16/int8 variants, per-token and per-entity gate, report and the tagger it adds to a repository."""
+
+    label: str = "tagger variant"
+
+    def prepare(self, config: BuildConfig) -> TaggerInputs:
+        labels = read_labels(config.checkpoint)
+        if config.target is not Target.CPU:
+            raise ExporterError("a token classifier (tagger) is served on the cpu target only (--target cpu)")
+        if config.long_text is LongText.CHUNK and config.aggregation.value == "none":
+            raise ExporterError("--long-text chunk merges entities by offset: choose an --aggregation other than "
+                                "none (as the pipeline's stride)")
+        return TaggerInputs(Path(config.checkpoint), labels, _eval_texts(config))
+
+    def weights_bytes(self, inputs: TaggerInputs) -> int | None:
+        return weights_size(inputs.checkpoint)
+
+    def reference(self, run: Run) -> None:
+        run.reference, run.state = reference_outputs(run.config, run.inputs.texts)
+
+    def measure_reference(self, run: Run) -> None:
+        pipe, run.state = run.state, None
+        run.reference.rows_per_s = run.reference_speed = pipeline_speed(pipe, run.inputs.texts)
+
+    def export(self, run: Run) -> None:
+        run.base, run.export_record = export_tagger(run.config.checkpoint, run.scratch / "export", run.config.target)
+
+    def plan(self, run: Run) -> list[Step]:
+        return [Step(p.value, p) for p in run.config.precisions]
+
+    def make(self, run: Run, step: Step) -> tuple[TaggerGate, bool]:
+        path = run.out / f"{step.name}.onnx"
+        try:
+            make_variant(step.precision, run.base, path)
+        except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant, not the build
+            log.warning("tagger %s variant failed: %s", step.name, exc)
+            return TaggerGate(step.name, "", reasons=[f"conversion failed: {exc}"]), False
+        with run.stages(f"{step.name}-speed"):
+            rows_per_s = measure_speed(path, run.reference, run.config)
+        return TaggerGate(step.name, path.name, rows_per_s=rows_per_s, gated=False), True
+
+    def gate(self, run: Run, step: Step) -> Gate:
+        return lambda path: gate(step.name, path, run.config, run.reference)
+
+    def file(self, run: Run, record: TaggerGate) -> Path:
+        return run.out / record.file
+
+    def candidate(self, run: Run, name: str, record: TaggerGate) -> Candidate:
+        return Candidate(name, name, record.passed, record.rows_per_s if record.file else None)
+
+    def judged(self, run: Run, record: TaggerGate, verdict: TaggerGate | None, reason: str = "") -> None:
+        if verdict is None:
+            record.reasons = [reason]
+            return
+        for name in ("passed", "max_abs", "token_agreement", "entity_agreement", "texts_equal", "max_score_diff",
+                     "reasons"):
+            setattr(record, name, getattr(verdict, name))
+        record.gated = True
+        log.info("tagger %s: %s", record.variant, record)
+
+    def report(self, run: Run, selected: str | None) -> TaggerReport:
+        config = run.config
+        return TaggerReport(str(Path(config.checkpoint).absolute()), run.inputs.labels, config.aggregation.value,
+                            config.max_length, str(config.eval_data), len(run.inputs.texts), run.variants, selected,
+                            long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
+                            pipeline_rows_per_s=run.reference_speed, optimization=run.export_record,
+                            stage_seconds=run.stages.seconds)
+
+    def write_report(self, report: TaggerReport, out: Path, figure: bool = True) -> None:
         write_report(report, out)
-    if report.selected is None:
-        log.error("no tagger variant passed its gate: nothing is served, %s is left as it was", config.repository)
-    elif config.repository is not None:
-        repository_stage(report, lambda: write_tagger(config, report, labels), lambda: write_report(report, config.out))
-    return BuildResult(report, config.out)
+
+    def write_repository(self, run: Run, report: TaggerReport) -> Path:
+        return write_tagger(run.config, report, run.inputs.labels)
 
 
 def write_report(report: TaggerReport, out: Path) -> None:

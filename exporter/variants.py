@@ -1,13 +1,14 @@
-"""Variant builders and the loop that runs them (:func:`run_all`): every precision is built and timed
-first (cheap), then gated in the order selection prefers them, stopping at the first that passes; one
-variant's sessions and data are held at a time."""
+"""The classifier's variant builders: each precision built (:func:`make`) and timed as the target serves it,
+gated through :meth:`Context.gate` (exporter.parity); exporter.pipeline runs them (build and time every one,
+then gate in selection's order, stopping at the first that passes). One variant's sessions and data are held
+at a time."""
 from __future__ import annotations
 
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -132,42 +133,15 @@ def builders(precisions: tuple[Precision, ...]) -> list[Builder]:
     return out
 
 
-def run_all(ctx: Context, builders: Sequence[Builder]) -> dict[str, Variant]:
-    """Build and time every variant (:func:`make`), then gate them in :func:`exporter.steps.preference`'s
-    order (cpu: fastest first; gpu: fp16, fp32, the rest) until one the target serves passes. Each variant
-    after it is recorded as not gated and never selected: selection takes the first passing variant of
-    that same order (exporter.steps.select), so its gate could not change what is served. --exhaustive
-    gates every variant; the --variant named is always gated. The int8 searches gate while they build
-    (their verdict steers the search): their record stands. Returns ``ctx.variants`` in build order."""
-    pending = {}
-    for builder in builders:
-        ctx.variants[builder.name], needs_gate = make(ctx, builder)
-        if needs_gate:
-            pending[builder.name] = builder
-    winner = None
-    for cand in steps.preference(candidates(ctx.variants, ctx.config.target), ctx.config.target):
-        variant = ctx.variants[cand.name]
-        if cand.name in pending:
-            if winner is None or ctx.config.exhaustive or cand.name == ctx.config.variant:
-                gate(ctx, pending[cand.name], variant)
-            else:
-                variant.parity.reason = f"not gated: {_outranked(ctx, winner)}"
-                log.info("variant %s %s", cand.name, variant.parity.reason)
-        if winner is None and variant.parity.passed and variant.servable:
-            winner = variant
-    return ctx.variants
-
-
-def _outranked(ctx: Context, winner: Variant) -> str:
-    if ctx.config.target is Target.GPU:
-        return f"{winner.name} passed and the gpu target prefers it (--exhaustive gates every variant)"
-    return f"slower than {winner.name}, which passed (--exhaustive gates every variant)"
+def candidate(name: str, variant: Variant, target: Target) -> steps.Candidate:
+    """A classifier variant as exporter.steps' selection sees it (speed: per-row sequences/s as measured)."""
+    return steps.Candidate(name, variant.precision, variant.parity.passed,
+                           variant.speed.throughput_seq_s if variant.speed else None, name in SERVABLE[target])
 
 
 def candidates(variants: dict[str, Variant], target: Target) -> list[steps.Candidate]:
-    """The variants as exporter.steps' selection sees them (speed: sequences/s as measured)."""
-    return [steps.Candidate(n, v.precision, v.parity.passed, v.speed.throughput_seq_s if v.speed else None,
-                            n in SERVABLE[target]) for n, v in variants.items()]
+    """The variants as exporter.steps' selection sees them."""
+    return [candidate(n, v, target) for n, v in variants.items()]
 
 
 def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
@@ -191,13 +165,6 @@ def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
                                                     label_agreement=0.0, gate_mode=ctx.mode, gated=False),
                       **extra)
     return variant, record is None
-
-
-def gate(ctx: Context, builder: Builder, variant: Variant) -> None:
-    """The gate of a built variant (its file under the build directory)."""
-    with ctx.stages(f"{builder.name}-parity"):
-        variant.parity = ctx.gate(ctx.out / variant.file, builder.precision)
-    release_memory()
 
 
 def failed(ctx: Context, builder: Builder, exc: BaseException) -> Variant:

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -49,6 +49,7 @@ from loadtest.bench_common import (
 from loadtest.ceiling import CeilingModel, measure_ceiling
 from loadtest.clients import classify_all, closed_loop, open_loop
 from loadtest.embedding_bench import run_embedding_bench
+from loadtest.errors import LoadtestError
 from loadtest.gateway_bench import run_beside, summary_lines
 from loadtest.long_docs import DefinitionRunner, long_documents, time_in_process
 from loadtest.peer import bench_peer
@@ -454,11 +455,16 @@ def _write_reports(cfg: BenchConfig, results, checks: tuple[list[str], list[str]
     return out
 
 
+# The bench of each served task that has rows of its own (keyed by --task): a new task adds its entry here.
+TASK_BENCHES: dict[Task, Callable[[BenchConfig], dict[str, Any]]] = {Task.EMBEDDING: run_embedding_bench}
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every backend, check the user's thresholds (--min-ratio, --slo-p99-ms), write
     bench.{json,md,png} into ``cfg.out``; the result's ``failed`` lists the thresholds not met."""
-    if cfg.task is Task.EMBEDDING:
-        return run_embedding_bench(cfg)
+    own = TASK_BENCHES.get(cfg.task)  # a task with a bench of its own; classification: the rows below
+    if own is not None:
+        return own(cfg)
     import torch
 
     torch.set_num_threads(cfg.threads)

@@ -33,6 +33,8 @@ import random  # noqa: E402
 import ssl  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
 
 from locust import FastHttpUser, User, events, task  # noqa: E402
 from locust.runners import WorkerRunner  # noqa: E402
@@ -128,14 +130,8 @@ def _pick_user_class(environment) -> None:
         protocol = parse_endpoint(environment.host).protocol
     except ContractError as exc:
         raise SystemExit(f"--host: {exc}") from exc
-    wanted = USER_CLASS[protocol]
     served = _served_contract(environment.host, getattr(environment.parsed_options, "model_name", DEFAULT_CLASSIFIER))
-    if served is not None and served.head is Head.EMBEDDING:
-        wanted = EMBED_USER_CLASS[protocol]
-    elif served is not None and served.head is Head.TOKEN_CLASSIFICATION:
-        wanted = TAG_USER_CLASS[protocol]
-    elif served is not None and served.text_pair:
-        wanted = RERANK_USER_CLASS[protocol]
+    wanted = task_users(served).users[protocol]
     environment.user_classes[:] = [u for u in environment.user_classes if u.__name__ == wanted]
     log.info("host %s: running %s", environment.host, wanted)
 
@@ -321,25 +317,17 @@ EMBED_USER_CLASS = {Protocol.HTTP: "TritonEmbedHttpUser", Protocol.GRPC: "Triton
 
 
 def check_answer(model: ServedModel | None, outputs, n_rows: int) -> None:
-    """Check an answer against the model's contract: embeddings by shape and finiteness, classifications
-    through loadtest.payload."""
-    if model is not None and model.head is Head.EMBEDDING:
-        decode_embedding(model, outputs, n_rows)
-        return
-    if model is not None and model.head is Head.TOKEN_CLASSIFICATION:
-        check_entities(model, outputs, n_rows)
+    """Check an answer against the model's contract: by its task's check (:data:`TASK_USERS`: embeddings by shape
+    and finiteness, entities by their fields), classifications through loadtest.payload."""
+    check = task_users(model).check
+    if check is not None:
+        check(model, outputs, n_rows)
         return
     if model is None and EMBEDDING in outputs:
         if len(outputs[EMBEDDING]) == 0 or not all(len(row) for row in outputs[EMBEDDING]):
             raise ContractError(f"{EMBEDDING} has an empty row")
         return
     payload.check_response(model, outputs, n_rows)
-
-
-def _is_embedding_model(host: str, model: str) -> bool:
-    """Whether the served ``model`` has an embedding head (see :func:`_served_contract`)."""
-    served = _served_contract(host, model)
-    return served is not None and served.head is Head.EMBEDDING
 
 
 def _served_contract(host: str, model: str) -> ServedModel | None:
@@ -475,3 +463,32 @@ class TritonRerankGrpcUser(User):
             request_type="grpc", name=self.name, response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length, exception=exc, context={},
         )
+
+
+# ------------------------------------------------------------------------------------- users per served task
+
+
+@dataclass(frozen=True)
+class TaskUsers:
+    """The Locust users (per protocol) that load one kind of served model, and how the plain users check its
+    answers (None: loadtest.payload's classification check)."""
+
+    users: dict[Protocol, str]
+    check: Callable[[ServedModel, dict, int], None] | None = None
+
+
+PAIR = "text_pair"  # a text-pair classifier (a CrossEncoder) is loaded as a reranker
+CLASSIFIER_USERS = TaskUsers(USER_CLASS)
+# Keyed by the served model's head (serving.contract), or PAIR: a new task adds its entry here.
+TASK_USERS: dict[str, TaskUsers] = {
+    Head.EMBEDDING.value: TaskUsers(EMBED_USER_CLASS, decode_embedding),
+    Head.TOKEN_CLASSIFICATION.value: TaskUsers(TAG_USER_CLASS, check_entities),
+    PAIR: TaskUsers(RERANK_USER_CLASS),
+}
+
+
+def task_users(served: ServedModel | None) -> TaskUsers:
+    """The users and answer check of ``served`` (None, or a classifier head: the classifier's)."""
+    if served is None:
+        return CLASSIFIER_USERS
+    return TASK_USERS.get(PAIR if served.text_pair else served.head.value, CLASSIFIER_USERS)

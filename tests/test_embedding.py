@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from embedding_helpers import build_tiny_sentence_transformer
-from exporter.config import Precision
+from exporter import steps
+from exporter.config import Precision, Target
 from exporter.embedding import Pooling, Source, export_body, fp32_variant, read_pipeline
-from exporter.embedding_build import EmbeddingVariant, build_embedding_variants, held_out_texts, select
-from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingSpeed, RowEncoder, check_variant, judge, reference_embeddings,
-                                     reference_model)
+from exporter.embedding_build import EmbeddingVariant, held_out_texts
+from exporter.embedding_flow import EmbeddingTask, build_embedding_variants
+from exporter.embedding_gate import (EmbeddingBudgets, EmbeddingSpeed, RowEncoder, check_variant, judge, measure_speed,
+                                     reference_embeddings, reference_model)
 from exporter.errors import CheckpointError, EvalDataError, ExporterError
 
 TEXTS = [
@@ -183,21 +185,32 @@ def test_gate_rejects_a_perturbed_graph(st_mean, st_mean_onnx, tmp_path):
     onnx.save(model, str(perturbed))
     pipeline = read_pipeline(st_mean)
     ref = reference_embeddings(reference_model(pipeline), TEXTS)
-    good, speed = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, ref, EmbeddingBudgets())
-    bad, _ = check_variant(perturbed, Precision.FP32, pipeline, TEXTS, ref, EmbeddingBudgets())
-    assert good.passed and good.min_cosine > 0.99999 and speed.rows_per_s > 0
+    good = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, ref, EmbeddingBudgets())
+    bad = check_variant(perturbed, Precision.FP32, pipeline, TEXTS, ref, EmbeddingBudgets())
+    speed = measure_speed(st_mean_onnx, pipeline, TEXTS, seconds=0.2)  # per row, 1 thread: the classifier's measure
+    assert good.passed and good.min_cosine > 0.99999 and speed.rows_per_s > 0 and speed.intra_op_threads == 1
     assert not bad.passed and bad.min_cosine < 0.99999
 
 
 def test_build_embedding_variants(st_mean, tmp_path):
     texts = TEXTS + TEXTS[:3] + [" "]  # duplicates and blanks are dropped
-    build = build_embedding_variants(st_mean, texts, tmp_path / "out")
+    build = build_embedding_variants(st_mean, texts, tmp_path / "out", speed_seconds=0.2)
     assert build.n_texts == len(TEXTS)
     assert [v.name for v in build.variants] == ["fp32", "fp16", "int8"]
-    for v in build.variants:
-        assert v.error is None and v.path.is_file() and v.gate.n_texts == len(TEXTS), v
-    assert build.variant("fp32").passed and build.variant("fp32").gate.min_cosine >= 0.99999
-    assert build.selected in {v.name for v in build.variants if v.passed}
+    # every variant built and timed, then gated fastest first until one passes: the slower ones are not gated
+    by_speed = sorted(build.variants, key=lambda v: -v.speed.rows_per_s)
+    first = next(i for i, v in enumerate(by_speed) if v.passed)
+    assert build.selected == by_speed[first].name
+    for i, v in enumerate(by_speed):
+        assert v.error is None and v.path.is_file() and v.speed.rows_per_s > 0, v
+        assert v.gate.gated == (i <= first)  # (no tuning texts: int8 is quantized once, gated like the rest)
+        if v.gate.gated:
+            assert v.gate.n_texts == len(TEXTS)
+        else:
+            assert not v.passed and v.gate.reason.startswith(f"not gated: slower than {build.selected}")
+    every = build_embedding_variants(st_mean, texts, tmp_path / "every", speed_seconds=0.2, exhaustive=True)
+    assert all(v.gate.gated and v.gate.n_texts == len(TEXTS) for v in every.variants)
+    assert every.variant("fp32").passed and every.variant("fp32").gate.min_cosine >= 0.99999
     assert (build.tokenizer_dir / "tokenizer.json").is_file()
 
 
@@ -205,15 +218,19 @@ def test_selection_and_held_out_texts():
     with pytest.raises(EvalDataError):
         held_out_texts(["a", "b", "a", "", "c"], top_k=5)
     assert held_out_texts(["a", "b", "a", "c"], top_k=2) == ["a", "b", "c"]
-    assert select([]) is None
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(10, 4)).astype(np.float32)
     ok = judge(Precision.FP32, ref, ref, EmbeddingBudgets())
     bad = judge(Precision.FP32, ref, -ref, EmbeddingBudgets())
 
-    def variant(name, gate, cpu_rate):
-        return EmbeddingVariant(name, Precision(name), gate=gate, speed=EmbeddingSpeed(1.0, 10, 1.0, 1, cpu_rate, 1.0))
+    def variant(name, gate, rate):
+        return EmbeddingVariant(name, Precision(name), gate=gate, speed=EmbeddingSpeed(rate, 10, 1.0, 1, 1.0, 1.0))
 
+    def select(variants):  # the one rule (exporter.steps.select) over the embedder's candidates
+        task = EmbeddingTask()
+        return steps.select([task.candidate(None, v.name, v) for v in variants], Target.CPU)
+
+    assert select([]) is None
     # fastest passing wins; a faster failing variant is never selected; a failed conversion neither
     assert select([variant("fp32", ok, 10.0), variant("fp16", ok, 20.0), variant("int8", bad, 99.0)]) == "fp16"
     assert select([variant("fp32", bad, 10.0), EmbeddingVariant("int8", Precision.INT8, error="boom")]) is None
@@ -250,7 +267,7 @@ def test_gpu_gate_runs_the_served_sub_batches_and_matches_rows_alone(st_mean, st
     assert got.shape == (len(TEXTS), 32) and speed.n_rows == len(TEXTS)
     assert np.abs(got - _row_embeddings(st_mean_onnx, st_mean)).max() <= 1e-5
     reference = reference_embeddings(reference_model(pipeline), TEXTS)
-    gate, _ = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, reference, EmbeddingBudgets(top_k=3),
+    gate = check_variant(st_mean_onnx, Precision.FP32, pipeline, TEXTS, reference, EmbeddingBudgets(top_k=3),
                             max_batch_tokens=64)
     assert gate.passed and gate.min_cosine > 0.99999
 

@@ -103,6 +103,9 @@ def test_build_adds_the_embedder_beside_the_classifier(built):
     report = read_embedding_report(built["out"])
     assert report.selected == "fp32" and report.variants["fp32"].gate.min_cosine >= 0.99999
     assert report.repository == str(built["repo"].absolute())
+    # the one pipeline's stages, timed as the classifier's are (exporter.pipeline)
+    assert {"reference", "reference-speed", "export", "fp32-build", "fp32-speed", "fp32-parity",
+            "repository"} <= set(report.stage_seconds)
     assert (built["out"] / "report.md").is_file() and (built["out"] / "report.png").is_file()
 
 

@@ -160,9 +160,25 @@ def _variant(name, passed, seq_s, **parity):
                    parity=record, speed=speed)
 
 
-def test_select():
-    from exporter.build import select
+def select(variants, target, forced=None):
+    """The one selection rule (exporter.steps.select) over classifier variants."""
+    from exporter.steps import select as select_candidates
+    from exporter.variants import candidates
 
+    return select_candidates(candidates(variants, target), target, forced)
+
+
+def run_all(ctx, names=None):
+    """exporter.pipeline's variant stage over the classifier task, with ``ctx`` (a variants.Context) as its state."""
+    from exporter.build import ClassifierTask
+    from exporter.pipeline import Run, Step, run_variants
+
+    run = Run(ctx.config, None, ctx.out, ctx.scratch, ctx.stages, state=ctx, variants=ctx.variants)
+    steps = [Step(b.name, b.precision, b) for b in _stand_in_builders(names or NAMES)]
+    return run_variants(ClassifierTask(), run, steps)
+
+
+def test_select():
     variants = {"fp32": _variant("fp32", True, 100), "fp16": _variant("fp16", True, 90),
                 "int8_dynamic": _variant("int8_dynamic", True, 250), "int8_static": _variant("int8_static", False, 400)}
     assert select(variants, Target.CPU) == "int8_dynamic"
@@ -212,13 +228,10 @@ NAMES = ("fp32", "fp16", "int8_dynamic", "int8_static")
 def test_gates_fastest_first_and_stops_at_the_first_pass(tmp_path, passes_fastest):
     """cpu: every variant is built and timed, then gated fastest first; once one passes, every slower one is
     recorded as not gated and the selection is what gating every variant gives (--exhaustive)."""
-    from exporter import variants as vmod
-    from exporter.build import select
-
     speeds = {"fp32": 10.0, "fp16": 12.0, "int8_dynamic": 70.0, "int8_static": 15.0}
     passes = {"fp32": True, "fp16": True, "int8_dynamic": passes_fastest, "int8_static": True}
     ctx = _gating_context(tmp_path, Target.CPU, speeds, passes)
-    got = vmod.run_all(ctx, _stand_in_builders(NAMES))
+    got = run_all(ctx)
     winner = "int8_dynamic" if passes_fastest else "int8_static"
     assert ctx.gated == (["int8_dynamic"] if passes_fastest else ["int8_dynamic", "int8_static"])
     assert list(got) == list(NAMES)  # recorded in build order
@@ -229,22 +242,19 @@ def test_gates_fastest_first_and_stops_at_the_first_pass(tmp_path, passes_fastes
             assert v.parity.reason.startswith(f"not gated: slower than {winner}, which passed")
     assert select(got, Target.CPU) == winner
     every = _gating_context(tmp_path / "all", Target.CPU, speeds, passes, exhaustive=True)
-    all_gated = vmod.run_all(every, _stand_in_builders(NAMES))
+    all_gated = run_all(every)
     assert sorted(every.gated) == sorted(NAMES) and all(v.parity.gated for v in all_gated.values())
     assert select(all_gated, Target.CPU) == winner  # the same selection as gating every variant
     forced = _gating_context(tmp_path / "forced", Target.CPU, speeds, passes, variant="fp32")
-    assert "fp32" in vmod.run_all(forced, _stand_in_builders(NAMES)) and "fp32" in forced.gated  # --variant: gated
+    assert "fp32" in run_all(forced) and "fp32" in forced.gated  # --variant: gated
 
 
 def test_gpu_gates_by_preference_not_speed(tmp_path):
-    from exporter import variants as vmod
-    from exporter.build import select
-
     speeds = {"fp32": 10.0, "fp16": 5.0, "int8_dynamic": 70.0, "int8_static": 15.0}
     for fp16_passes, gated, winner in ((True, ["fp16"], "fp16"), (False, ["fp16", "fp32"], "fp32")):
         passes = {"fp32": True, "fp16": fp16_passes, "int8_dynamic": True, "int8_static": True}
         ctx = _gating_context(tmp_path / str(fp16_passes), Target.GPU, speeds, passes)
-        got = vmod.run_all(ctx, _stand_in_builders(NAMES))
+        got = run_all(ctx)
         assert ctx.gated == gated and select(got, Target.GPU) == winner
         assert "gpu target prefers it" in got["int8_dynamic"].parity.reason
 
@@ -462,7 +472,7 @@ def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
 
 def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monkeypatch, tmp_path):
     """Round 0 slower than a variant that passed: quantized once, then no tuning check, gate or exclusion round
-    (exporter.variants.run_all records it as not gated); as fast: the search runs as usual."""
+    (exporter.pipeline.run_variants records it as not gated); as fast: the search runs as usual."""
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=30.0, floor=50.0)
     assert calls == [[]] and result.eval_record is None and result.path is not None
     assert "below the 50.0 seq/s" in result.skipped and result.attempts == [

@@ -218,6 +218,40 @@ def test_locustfile_loads_in_locust_and_parses_its_options():
     assert bad.returncode != 0 and "--texts-per-request must be >= 1" in bad.stderr + bad.stdout
 
 
+_USERS_PER_TASK = """
+import json
+from serving.contract import Head, Protocol, ServedModel
+from loadtest import locustfile as lf
+models = {"embedding": ServedModel(name="e", head=Head.EMBEDDING, embedding_dim=8),
+          "tagger": ServedModel(name="t", head=Head.TOKEN_CLASSIFICATION, labels=("O", "B-PER")),
+          "reranker": ServedModel(name="r", head=Head.REGRESSION, labels=("score",), text_pair=True),
+          "multi": ServedModel(name="m", head=Head.MULTI_LABEL, labels=("a", "b")), "none": None}
+users = {k: [lf.task_users(m).users[p] for p in Protocol] for k, m in models.items()}
+checks = {k: getattr(lf.task_users(m).check, "__name__", None) for k, m in models.items()}
+print(json.dumps({"users": users, "checks": checks}))
+"""
+
+
+def test_locust_users_are_looked_up_per_served_task():
+    """loadtest.locustfile.TASK_USERS: the users and answer check of each served head (a text-pair classifier:
+    the reranker's), the classifier's for any other head; run in a child (locust patches the process)."""
+    import subprocess
+    import sys
+
+    from loadtest.run import _child_env
+
+    out = subprocess.run([sys.executable, "-c", _USERS_PER_TASK], capture_output=True, text=True, env=_child_env(),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["users"] == {"embedding": ["TritonEmbedHttpUser", "TritonEmbedGrpcUser"],
+                            "tagger": ["TritonTagHttpUser", "TritonTagGrpcUser"],
+                            "reranker": ["TritonRerankHttpUser", "TritonRerankGrpcUser"],
+                            "multi": ["TritonHttpUser", "TritonGrpcUser"], "none": ["TritonHttpUser", "TritonGrpcUser"]}
+    assert got["checks"] == {"embedding": "decode_embedding", "tagger": "check_entities", "reranker": None,
+                             "multi": None, "none": None}
+
+
 # ------------------------------------------------------------------ reports
 
 

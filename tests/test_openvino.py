@@ -85,9 +85,13 @@ def test_the_budget_follows_the_precision_that_ran():
 
 
 def test_variant_flag_selects_only_a_passing_variant(ov_build):
+    from exporter import steps
     from exporter.artifacts import read_report
-    from exporter.build import select
     from exporter.config import Target
+    from exporter.variants import candidates
+
+    def select(variants, target, forced=None):  # the one rule over the classifier's candidates
+        return steps.select(candidates(variants, target), target, forced)
 
     variants = read_report(ov_build["build"]).variants
     assert select(variants, Target.CPU, "ov_fp32") == "ov_fp32"
@@ -213,13 +217,15 @@ def test_embedding_build_makes_gated_openvino_variants(tmp_path):
     (model.onnx + IR), gated per row by the embedding gate on the OpenVINO session, timed, selectable."""
     from embedding_helpers import build_tiny_sentence_transformer
     from exporter import openvino
-    from exporter.embedding_build import build_embedding_variants, select
+    from exporter.embedding_flow import EmbeddingTask, build_embedding_variants
     from exporter.embedding_gate import RowEncoder
+    from exporter.steps import select
     from test_embedding import TEXTS, TUNING
 
     model = build_tiny_sentence_transformer(tmp_path / "st", pooling="mean")
     build = build_embedding_variants(model, TEXTS, tmp_path / "out", precisions=["fp32", "int8"],
-                                     tuning_texts=TUNING, max_exclusion_rounds=0, openvino=True)
+                                     tuning_texts=TUNING, max_exclusion_rounds=0, openvino=True, exhaustive=True,
+                                     speed_seconds=0.2)
     by_name = {v.name: v for v in build.variants}
     assert list(by_name) == ["fp32", "int8", "ov_fp32", "ov_int8"]
     assert by_name["ov_fp32"].precision is openvino.gate_precision(openvino.default_precision())
@@ -231,4 +237,4 @@ def test_embedding_build_makes_gated_openvino_variants(tmp_path):
         assert isinstance(RowEncoder(v.path, build.pipeline).session, runtime.OpenVINOSession)
     assert by_name["ov_fp32"].passed  # bf16 (or f32) of a small model within the fp16 (fp32) cosine budget
     assert runtime.runtime_of(tmp_path / "out" / "fp32.onnx") == runtime.ONNXRUNTIME  # the others stay ORT
-    assert build.selected == select(build.variants)
+    assert build.selected == select([EmbeddingTask().candidate(None, v.name, v) for v in build.variants], "cpu")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from exporter.artifacts import EmbeddingGate, EmbeddingSpeed, GateMode, ParityResult, SpeedResult, Variant
-from exporter.build import select as select_classifier
+from exporter.build import ClassifierTask
 from exporter.choices import Precision, Target, Task
 from exporter.embedding_build import EmbeddingVariant
-from exporter.embedding_build import select as select_embedder
+from exporter.embedding_flow import EmbeddingTask
 from exporter.stages import Stages
 from exporter.steps import Candidate, repository_stage, select
 from exporter.token_classification import TaggerGate
@@ -35,6 +35,16 @@ def test_gpu_prefers_fp16_then_fp32_whatever_the_speed():
     assert select([both[0], Candidate("fp16", "fp16", False, 1.0)], "gpu") == "fp32"
 
 
+class _Run:
+    def __init__(self, target):
+        self.config = type("Config", (), {"target": target})()
+
+
+def _select(task, records, target=Target.CPU):
+    """The pipeline's selection (exporter.pipeline.build_variants): steps.select over the task's candidates."""
+    return select([task.candidate(_Run(target), name, record) for name, record in records.items()], target)
+
+
 def test_every_task_selects_through_the_one_rule():
     """The classifier's, the embedder's and the tagger's variant records all go through steps.select."""
     ok = ParityResult(n_examples=1, passed=True, reason="ok", label_agreement=1.0)
@@ -46,13 +56,13 @@ def test_every_task_selects_through_the_one_rule():
     variants = {"fp32": Variant("fp32", "fp32", "fp32/model.onnx", 1, ok, speed(5.0)),
                 "fp16": Variant("fp16", "fp16", "fp16/model.onnx", 1, bad, speed(50.0)),
                 "int8_dynamic": Variant("int8_dynamic", "int8", "i/model.onnx", 1, ok, speed(9.0))}
-    assert select_classifier(variants, Target.CPU) == "int8_dynamic"
-    assert select_classifier(variants, Target.GPU) == "fp32"
+    assert _select(ClassifierTask(), variants, Target.CPU) == "int8_dynamic"
+    assert _select(ClassifierTask(), variants, Target.GPU) == "fp32"
 
     gate = _embedding_gate(True)
-    emb = [EmbeddingVariant("fp32", Precision.FP32, gate=gate, speed=EmbeddingSpeed(1, 1, 1, rows_per_cpu_s=3.0)),
-           EmbeddingVariant("int8", Precision.INT8, gate=gate, speed=EmbeddingSpeed(1, 1, 1, rows_per_cpu_s=7.0))]
-    assert select_embedder(emb) == "int8" and select_embedder(emb, Target.GPU) == "fp32"
+    emb = {"fp32": EmbeddingVariant("fp32", Precision.FP32, gate=gate, speed=EmbeddingSpeed(3.0, 1, 1)),
+           "int8": EmbeddingVariant("int8", Precision.INT8, gate=gate, speed=EmbeddingSpeed(7.0, 1, 1))}
+    assert _select(EmbeddingTask(), emb) == "int8" and _select(EmbeddingTask(), emb, Target.GPU) == "fp32"
 
 
 def _embedding_gate(passed: bool) -> EmbeddingGate:
