@@ -134,8 +134,8 @@ class LengthTokenizer:
         if self.long_text == CHUNK:
             return self._windows(text) if pair is None else self._pair_windows(text, pair)
         piece, enc, stable, cut = self.cut(text, self.max_length)
-        if pair is None:
-            out = self.tokenizer.encode(piece)
+        if pair is None:  # the cut's encoding, truncated and with the special tokens: encode(piece), not redone
+            out = self.tokenizer.post_process(enc)
             return _one(out, cut or len(enc.ids) > self.width, self._shift(text, piece))
         second, enc2, stable2, cut2 = self.cut(pair, self.max_length)
         budget = self.max_length - self.pair_specials
