@@ -141,8 +141,8 @@ class LengthTokenizer:
         budget = self.max_length - self.pair_specials
         if _odd_token_unknown(budget, stable, cut, stable2, cut2):
             out = self._whole_pair(enc, enc2, text, pair, budget)  # the longer text gets the odd token: count both whole
-        else:
-            out = self.tokenizer.encode(piece, second)
+        else:  # both cuts' encodings, truncated longest-first and with the special tokens: encode(piece, second)
+            out = self.tokenizer.post_process(enc, enc2)
         return _one(out, cut or cut2 or len(enc.ids) + len(enc2.ids) > self.max_length - self.pair_specials)
 
     def _shift(self, text: str, piece: str) -> int:
