@@ -195,6 +195,18 @@ def test_a_texts_embedding_does_not_depend_on_its_neighbours(server, texts):
     assert np.abs(alone - asyncio.run(concurrent())).max() <= 1e-6
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_load_generator_checks_an_embedders_vectors(server, texts, protocol):
+    """loadtest's asyncio closed loop (bench, profile, peer comparison) drives an embedding model: every answer
+    is decoded as vectors of the served dim (not refused for lacking LABEL)."""
+    from loadtest.clients import closed_loop
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    res = closed_loop(protocol, url, texts, None, concurrency=2, texts_per_request=3, duration_s=0.5, warmup_s=0.0,
+                      model=DEFAULT_EMBEDDER)
+    assert res.failures == 0 and res.requests > 0 and res.rows == 3 * res.requests, res.first_error
+
+
 def test_the_classifier_still_answers(server, texts, tiny_checkpoint):
     from serving.client import TextClassifier
 
