@@ -99,6 +99,9 @@ class BenchConfig:
         "help": "tei: POST URL/predict or URL/embed; openai: POST URL/classify (infinity) or URL/embeddings "
                 "(URL includes any /v1 prefix, as an OpenAI client's base_url)"})
     peer_model: str | None = field(default=None, metadata={"help": "the model field sent to an openai peer"})
+    rounds: int = field(default=2, metadata={
+        "help": "--task embedding: rounds of each served/peer point, interleaved at each load shape in alternating "
+                "order (A B, B A, ...); a row's rows/s is the mean of its rounds"})
     long_docs: int = field(default=0, metadata={
         "help": "also measure N long documents (2k-50k characters joined from the texts): served (gRPC, one per "
                 "request) vs the in-process run of the same definition (the repository's model, tokenizer and "
@@ -110,8 +113,8 @@ class BenchConfig:
         self.checkpoint = Path(self.checkpoint)
         if not (self.checkpoint / "config.json").is_file():
             raise LoadtestError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
-        if self.n_texts < 1 or self.threads < 1 or self.batch_size < 1 or self.texts_per_request < 1:
-            raise LoadtestError("--n-texts, --threads, --batch-size and --texts-per-request must be >= 1")
+        if min(self.n_texts, self.threads, self.batch_size, self.texts_per_request, self.rounds) < 1:
+            raise LoadtestError("--n-texts, --threads, --batch-size, --texts-per-request and --rounds must be >= 1")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise LoadtestError("--concurrency must be a list of integers >= 1")
         if not self.protocols:

@@ -20,8 +20,10 @@ from serving.client import connect, tritonclient_module
 from serving.contract import (
     DEFAULT_CLASSIFIER,
     ContractError,
+    Head,
     Protocol,
     ServedModel,
+    decode_embedding,
     infer_inputs,
     parse_endpoint,
     requested_outputs,
@@ -97,12 +99,15 @@ class _Sender:
             raise LoadtestError(f"{self.model}: {exc}") from exc
         self.outputs = requested_outputs(self.mod, self.served.default_outputs)
 
-    async def send(self, texts: Sequence[str], timeout_s: float) -> list[str]:
+    async def send(self, texts: Sequence[str], timeout_s: float) -> list:
+        """The checked answer of one request: a label per text, or (an embedding model) a vector per text."""
         timeout = ({"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
                    else {"timeout": int(timeout_s * 1e6)})
         result = await self.client.infer(self.model, infer_inputs(self.mod, texts), outputs=self.outputs, **timeout)
         assert self.served is not None, "fetch_contract() first"
         outputs = {name: result.as_numpy(name) for name in self.served.default_outputs}
+        if self.served.head is Head.EMBEDDING:
+            return list(decode_embedding(self.served, outputs, len(texts)))
         return check_response(self.served, outputs, len(texts))
 
     async def close(self) -> None:

@@ -4,18 +4,21 @@
 - the ceiling: the build's selected ONNX variant in-process, one text at a time in one 1-intra-op-thread
   process per core, all cores at once (summed rows/s; what the CPU server can at best reach),
 - served: the repository's embedding model behind a local tritonserver, closed loop (``--concurrency``
-  clients of ``--texts-per-request`` texts), HTTP and gRPC.
+  clients of ``--texts-per-request`` texts, and ``--single-text-concurrency`` clients of one text), HTTP and
+  gRPC, through the same asyncio load generator as the classifier's rows (loadtest.clients);
+- a peer (``--peer-url``: infinity, text-embeddings-inference, OpenAI-compatible) at the same shapes, its
+  points interleaved with the served ones (``--rounds``, alternating order).
 Every backend's vectors are compared with sentence-transformers' (min cosine); ratios are to ``encode``
 and to the ceiling. Reports: bench.json, bench.md, bench.png (loadtest.bench's table and plot).
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,11 +42,13 @@ from loadtest.bench_common import (
     time_calls,
 )
 from loadtest.errors import LoadtestError
-from loadtest.peer import bench_peer
+from loadtest.clients import LoadResult, _closed, _Sender, _TextStream
+from loadtest.peer import TIMEOUT_S, peer_pass, peer_plan, peer_point
 from loadtest.report import markdown_table
 from loadtest.serve import served
 from serving.client import Embedder
 from serving.contract import DEFAULT_EMBEDDER, Protocol
+from serving.models import runtime
 from serving.repository import usable_cores
 
 log = logging.getLogger(__name__)
@@ -114,61 +119,71 @@ def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[st
     rates = [len(s) / secs for s, (_, _, secs) in zip(shares, parts)]
     lat = [x for _, part_lat, _ in parts for x in part_lat]
     # rows/s summed over the processes, as loadtest.ceiling reports it
-    return _row(f"ceiling onnxruntime {variant} 1 row x {n} proc", "ceiling", 1, len(texts), len(texts) / sum(rates),
+    return _row(f"ceiling {runtime.runtime_of(onnx_path)} {variant} 1 row x {n} proc", "ceiling", 1, len(texts), len(texts) / sum(rates),
                 lat, min_cosine(reference, vectors), onnx=str(onnx_path), processes=n, per_process_rows_per_s=rates)
 
 
-def _closed_loop(url: str, protocol: Protocol, model: str, texts: list[str], concurrency: int, k: int,
-                 seconds: float) -> tuple[int, list[float], float, int]:
-    """``concurrency`` threads, each with its own Embedder, sending ``k`` texts per request for ``seconds``."""
-    lat: list[float] = []
-    counts = {"rows": 0, "failures": 0}
-    lock, stop = threading.Lock(), time.perf_counter() + seconds
+def _served_point(proto: Protocol, url: str, model: str, texts: list[str], conc: int, k: int,
+                  cfg: BenchConfig) -> LoadResult:
+    """One closed-loop point against the served embedder: ``conc`` asyncio clients, ``k`` texts each."""
+    res = LoadResult(proto.value, "closed", conc, None, k, cfg.served_seconds, 0, 0, 0)
 
-    def client(i: int) -> None:
-        with Embedder(url, protocol=protocol, model=model) as emb:
-            j = i * k
-            while time.perf_counter() < stop:
-                batch = [texts[(j + x) % len(texts)] for x in range(k)]
-                j += k * concurrency
-                t0 = time.perf_counter()
-                try:
-                    emb.embed(batch)
-                except Exception:  # noqa: BLE001 - counted, the bench goes on
-                    with lock:
-                        counts["failures"] += 1
-                    continue
-                with lock:
-                    lat.append((time.perf_counter() - t0) * 1e3)
-                    counts["rows"] += k
+    async def drive() -> LoadResult:
+        sender = _Sender(proto, url, model, conc)
+        try:
+            await sender.fetch_contract()
+            return await _closed(sender, _TextStream(texts, None, k), res, conc, cfg.warmup_seconds, TIMEOUT_S)
+        finally:
+            await sender.close()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return counts["rows"], lat, time.perf_counter() - t0, counts["failures"]
+    return asyncio.run(drive())
+
+
+def _side_row(name: str, kind: str, k: int, runs: list[LoadResult], cosine: float | None,
+              **detail) -> BackendResult:
+    """One table row from a side's interleaved rounds at one shape: the mean of the rounds' rows/s."""
+    lat = [x for r in runs for x in r.latencies_ms]
+    if not lat:
+        raise LoadtestError(f"{name}: no request succeeded ({runs[0].first_error})")
+    rates = [r.seq_per_s for r in runs]
+    res = BackendResult(name, kind, k, float(np.mean(rates)), float(np.percentile(lat, 50)),
+                        float(np.percentile(lat, 99)), cosine, sum(r.rows for r in runs),
+                        {**detail, "rounds_rows_per_s": rates, "failures": sum(r.failures for r in runs)})
+    log.info("%-40s %8.1f rows/s (rounds %s)  p50 %7.2f ms  p99 %7.2f ms", name, res.seq_per_s,
+             " ".join(f"{x:.1f}" for x in rates), res.p50_ms, res.p99_ms)
+    return res
+
+
+def _sides(cfg: BenchConfig, endpoints, model: str, texts: list[str]) -> list[tuple[str, str, Any]]:
+    """(row prefix, kind, point(conc, k) -> LoadResult) of every side measured: each protocol, then the peer."""
+    sides: list[tuple[str, str, Any]] = [
+        (f"served {p.value}", "served",
+         lambda c, k, p=p: _served_point(p, endpoints.url(p), model, texts, c, k, cfg)) for p in cfg.protocols]
+    if cfg.peer_url:
+        sides.append((f"peer {cfg.peer_api.value}", "peer", lambda c, k: peer_point(cfg, texts, None, c, k)))
+    return sides
 
 
 def bench_served(cfg: BenchConfig, model: str, texts: list[str], reference: np.ndarray,
                  meta: dict[str, Any]) -> list[BackendResult]:
-    """Every (protocol, concurrency) point against a local tritonserver on the repository."""
-    results = []
+    """Every load shape against a local tritonserver on the repository (and the peer, ``--peer-url``), the
+    sides interleaved at each shape in ``--rounds`` rounds whose order alternates (A B, B A, ...), so a side
+    measured while the shared machine was busier is measured again while it was quieter."""
     with served(cfg.repository) as endpoints:
         meta["endpoints"] = endpoints.as_dict()
         with Embedder(endpoints.url(Protocol.GRPC), model=model) as emb:  # a pass over the texts: parity + warm-up
-            cosine = min_cosine(reference, emb.embed(texts))
-        for proto in cfg.protocols:
-            for conc in cfg.concurrency:
-                rows, lat, secs, failures = _closed_loop(endpoints.url(proto), proto, model, texts, conc,
-                                                         cfg.texts_per_request, cfg.served_seconds)
-                if not lat:
-                    raise LoadtestError(f"served {proto.value} c{conc}: no request succeeded")
-                results.append(_row(f"served {proto.value} c{conc} x{cfg.texts_per_request}", "served",
-                                    cfg.texts_per_request, rows, secs, lat, cosine, failures=failures,
-                                    load={"protocol": proto.value, "concurrency": conc}))
-    return results
+            cosine = {"served": min_cosine(reference, emb.embed(texts))}
+        if cfg.peer_url:  # the peer's pass: its cosine, and its warm-up
+            cosine["peer"] = min_cosine(reference, peer_pass(cfg, texts, cfg.texts_per_request))
+        sides = _sides(cfg, endpoints, model, texts)
+        runs: dict[tuple[str, int, int], list[LoadResult]] = {}
+        for conc, k in peer_plan(cfg):
+            for r in range(cfg.rounds):
+                for name, _, point in (sides if r % 2 == 0 else sides[::-1]):
+                    runs.setdefault((name, conc, k), []).append(point(conc, k))
+        return [_side_row(f"{name} c{conc} x{k}", kind, k, runs[(name, conc, k)], cosine[kind],
+                          load={"protocol": name.split()[1], "concurrency": conc, "texts_per_request": k})
+                for name, kind, _ in sides for conc, k in peer_plan(cfg)]
 
 
 def _selected(cfg: BenchConfig) -> tuple[str, Path, Path]:
@@ -222,7 +237,5 @@ def run_embedding_bench(cfg: BenchConfig) -> dict[str, Any]:
         results.append(bench_ceiling(variant, onnx_path, model_dir, texts, cfg.ceiling_processes, reference))
     if cfg.served:
         results += bench_served(cfg, cfg.model_name or DEFAULT_EMBEDDER, texts, reference, meta)
-    if cfg.peer_url:
-        results += bench_peer(cfg, texts, None, reference)
     set_ratios(results, base.name)
     return _write(cfg, results, meta, check_thresholds(results, variant, cfg.min_ratio, cfg.slo_p99_ms))

@@ -198,6 +198,18 @@ def test_a_texts_embedding_does_not_depend_on_its_neighbours(server, texts):
     assert np.abs(alone - asyncio.run(concurrent())).max() <= 1e-6
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_load_generator_checks_an_embedders_vectors(server, texts, protocol):
+    """loadtest's asyncio closed loop (bench, profile, peer comparison) drives an embedding model: every answer
+    is decoded as vectors of the served dim (not refused for lacking LABEL)."""
+    from loadtest.clients import closed_loop
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    res = closed_loop(protocol, url, texts, None, concurrency=2, texts_per_request=3, duration_s=0.5, warmup_s=0.0,
+                      model=DEFAULT_EMBEDDER)
+    assert res.failures == 0 and res.requests > 0 and res.rows == 3 * res.requests, res.first_error
+
+
 def test_the_classifier_still_answers(server, texts, tiny_checkpoint):
     from serving.client import TextClassifier
 
@@ -320,7 +332,8 @@ def test_locust_picks_the_embedding_users_for_an_embedding_model(server, eval_cs
 
 def test_bench_task_embedding(built, server, st_model, eval_csv, tmp_path):
     """encode, the ceiling, the served embedder and a peer (our gateway's OpenAI /v1/embeddings, started
-    apart, as --peer-url measures infinity or any OpenAI-compatible server) side by side."""
+    apart, as --peer-url measures infinity or any OpenAI-compatible server) side by side: every side at every
+    shape in --rounds interleaved rounds."""
     from loadtest.bench import BenchConfig, run_bench
     from serving.gateway.config import GatewayConfig
     from serving.gateway.process import GatewayProcess
@@ -331,12 +344,14 @@ def test_bench_task_embedding(built, server, st_model, eval_csv, tmp_path):
                           n_texts=40, threads=1, batch_size=8, concurrency=(2,), texts_per_request=4,
                           single_text_concurrency=2, served_seconds=1.0, warmup_seconds=0.0, ceiling_processes=1,
                           out=tmp_path / "bench", task="embedding", peer_url=f"{gateway.url}/v1",
-                          peer_api="openai", peer_model=DEFAULT_EMBEDDER)
+                          peer_api="openai", peer_model=DEFAULT_EMBEDDER, rounds=2)
         result = run_bench(cfg)
     names = [r["name"] for r in result["results"]]
     assert names[0] == "sentence-transformers encode b8" and names[1].startswith("ceiling onnxruntime fp32")
-    assert {n for n in names[2:]} == {"served http c2 x4", "served grpc c2 x4", "peer openai c2 x4",
-                                      "peer openai c2 x1"}
+    assert {n for n in names[2:]} == {f"{side} c2 x{k}" for side in ("served http", "served grpc", "peer openai")
+                                      for k in (4, 1)}
+    assert all(len(r["detail"]["rounds_rows_per_s"]) == 2 and r["detail"]["failures"] == 0
+               for r in result["results"][2:])
     assert all(r["accuracy"] > 0.99999 for r in result["results"])  # min cosine to sentence-transformers
     assert all(r["ratio_to_ceiling"] is not None for r in result["results"][1:])
     assert (tmp_path / "bench" / "bench.md").is_file() and (tmp_path / "bench" / "bench.png").is_file()

@@ -134,15 +134,15 @@ class LengthTokenizer:
         if self.long_text == CHUNK:
             return self._windows(text) if pair is None else self._pair_windows(text, pair)
         piece, enc, stable, cut = self.cut(text, self.max_length)
-        if pair is None:
-            out = self.tokenizer.encode(piece)
+        if pair is None:  # the cut's encoding, truncated and with the special tokens: encode(piece), not redone
+            out = self.tokenizer.post_process(enc)
             return _one(out, cut or len(enc.ids) > self.width, self._shift(text, piece))
         second, enc2, stable2, cut2 = self.cut(pair, self.max_length)
         budget = self.max_length - self.pair_specials
         if _odd_token_unknown(budget, stable, cut, stable2, cut2):
             out = self._whole_pair(enc, enc2, text, pair, budget)  # the longer text gets the odd token: count both whole
-        else:
-            out = self.tokenizer.encode(piece, second)
+        else:  # both cuts' encodings, truncated longest-first and with the special tokens: encode(piece, second)
+            out = self.tokenizer.post_process(enc, enc2)
         return _one(out, cut or cut2 or len(enc.ids) + len(enc2.ids) > self.max_length - self.pair_specials)
 
     def _shift(self, text: str, piece: str) -> int:
