@@ -240,6 +240,7 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}
     if kind == int8.STATIC:
-        extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in ctx.data.calibration)),
+        used = ctx.data.calibration[:found.calibration_batches]  # fewer when only a probe was calibrated
+        extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in used)),
                                 "source": ctx.data.calibration_source, "method": "MinMax", "format": "QDQ"}
     return extra, found.eval_record
