@@ -77,7 +77,8 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
     is run (``eval_record`` None, ``skipped`` says why; static int8 is timed on a probe calibrated on a few
     rows before its full calibration: :func:`_slower_than_floor`): keeping nodes in fp32 only slows a variant down,
     so it could never be selected; exporter.variants.run_all records it as not gated (or gates round 0's
-    file if its final speed measure puts it ahead of every passing variant).
+    file if its final speed measure puts it ahead of every passing variant; never a probe's, whose
+    record the builder makes final: exporter.variants.probe_record).
     """
     job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)
     result = SearchResult(path=None)

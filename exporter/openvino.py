@@ -35,7 +35,7 @@ import numpy as np
 from exporter import parity, worker
 from exporter.config import Precision
 from exporter.parity import Batch
-from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made
+from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made, probe_record
 from serving.models import runtime
 
 log = logging.getLogger(__name__)
@@ -195,4 +195,7 @@ def make_int8(ctx: Context, dst: Path) -> Made:
     extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
              "calibration": {"rows": record["quantization"]["calibration_rows"], "source": ctx.data.calibration_source,
                              "method": "NNCF MinMax (TRANSFORMER, MIXED)", "format": "OpenVINO IR FakeQuantize"}}
+    skipped = record["search"][0].get("skipped")
+    if skipped and record["quantization"]["calibration_rows"] < len(calibration):  # left at its probe: final
+        return extra, probe_record(ctx, skipped)
     return extra, None

@@ -239,8 +239,23 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
     extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}
-    if kind == int8.STATIC:
+    if found.eval_record is None and found.calibration_batches < len(ctx.data.calibration):
+        return _with_calibration(ctx, extra, found), probe_record(ctx, found.skipped)
+    return _with_calibration(ctx, extra, found), found.eval_record
+
+
+def probe_record(ctx: Context, why: str) -> ParityResult:
+    """The final record of a variant left at its probe (an int8 round 0 calibrated on a few rows and timed
+    slower than a passing variant): never gated, so never selected (a later speed measure putting it ahead
+    would otherwise gate the probe file, not the calibrated one; --exhaustive calibrates and gates it)."""
+    return ParityResult(n_examples=0, passed=False, reason=f"not gated: {why}", label_agreement=0.0,
+                        gate_mode=ctx.mode, gated=False)
+
+
+def _with_calibration(ctx: Context, extra: dict, found: int8_search.SearchResult) -> dict:
+    """``extra`` with the static calibration record (the rows the kept file was calibrated on)."""
+    if extra["mode"] == int8.STATIC:
         used = ctx.data.calibration[:found.calibration_batches]  # fewer when only a probe was calibrated
         extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in used)),
                                 "source": ctx.data.calibration_source, "method": "MinMax", "format": "QDQ"}
-    return extra, found.eval_record
+    return extra

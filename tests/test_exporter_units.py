@@ -827,3 +827,20 @@ def test_a_probes_graph_has_the_operators_of_the_fully_calibrated_one(tiny_check
         ops[name] = (collections.Counter(n.op_type for n in onnx.load(str(dst)).graph.node),
                      collections.Counter(op.get_type_name() for op in ir.get_ops()))
     assert ops["probe"] == ops["full"] and ops["full"][0]["QuantizeLinear"] and ops["full"][1]["FakeQuantize"]
+
+
+def test_a_variant_left_at_its_probe_is_never_gated_even_when_timed_fastest(tmp_path):
+    """A probe file (calibrated on a few rows) is not the variant: when a later speed measure puts it ahead
+    of every passing variant, it is still not gated (its record is final) and the next passing one is selected."""
+    from exporter import variants as vmod
+    from exporter.build import select
+
+    speeds = {"fp32": 10.0, "fp16": 12.0, "int8_dynamic": 70.0, "int8_static": 90.0}
+    passes = dict.fromkeys(NAMES, True)
+    ctx = _gating_context(tmp_path, Target.CPU, speeds, passes)
+    builders = _stand_in_builders(NAMES)
+    probe = next(b for b in builders if b.name == "int8_static")
+    probe.make = lambda c, dst: (dst.write_bytes(b"probe"), ({}, vmod.probe_record(c, "probe ran slower")))[1]
+    got = vmod.run_all(ctx, builders)
+    assert ctx.gated == ["int8_dynamic"] and select(got, Target.CPU) == "int8_dynamic"
+    assert not got["int8_static"].parity.gated and got["int8_static"].parity.reason == "not gated: probe ran slower"
