@@ -124,9 +124,9 @@ def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[
             if slow:
                 rows_used = probe_rows
                 attempts.append({"round": 0, "ignored_scope": None, "calibration_rows": probe_rows,
-                                 "skipped": "slower than a passing variant (timed on a probe calibrated on "
-                                            f"{probe_rows} rows: the same operators, other scales; the file kept is "
-                                            "that probe): no full calibration, tuning check or sensitivity rounds"})
+                                 "skipped": f"timed on a probe calibrated on {probe_rows} rows (the same "
+                                            "operators, other scales; the file kept is that probe): no full "
+                                            "calibration, tuning check or sensitivity rounds"})
         for i, ignored in enumerate(sensitivity_rounds(excluded) if not attempts else []):
             record = done if i == 0 and done is not None else _quantize(src_onnx, dst, rows, ignored)
             passed, reason = tune(dst)
