@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Fractions of the ranked candidates excluded in rounds 1, 2, 3, ... (round 0 quantizes everything).
 EXCLUSION_SCHEDULE = (0.125, 0.25, 0.5, 0.75)
+PROBE_BATCHES = 1  # calibration batches of the static probe that round 0 is timed on (see _slower_than_floor)
 
 
 def quantize(kind: str, src: Path, dst: Path, settings: QuantSettings, *, exclude: list[str],
@@ -44,6 +45,7 @@ class SearchResult:
     sensitivity: list[dict] = field(default_factory=list)
     eval_record: Verdict | None = None
     skipped: str | None = None
+    calibration_batches: int = 0  # static: the calibration batches the kept file was calibrated on
 
 
 @dataclass
@@ -72,9 +74,11 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
     itself. Returns the last attempt; its
     ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
     ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
-    is run (``eval_record`` None, ``skipped`` says why): keeping nodes in fp32 only slows a variant down,
+    is run (``eval_record`` None, ``skipped`` says why; static int8 is timed on a probe calibrated on a few
+    rows before its full calibration: :func:`_slower_than_floor`): keeping nodes in fp32 only slows a variant down,
     so it could never be selected; exporter.pipeline.run_variants records it as not gated (or gates round 0's
-    file if its final speed measure puts it ahead of every passing variant).
+    file if its final speed measure puts it ahead of every passing variant; never a probe's, whose
+    record the builder makes final: exporter.variants.probe_record).
     """
     job = _Search(kind, settings, tune, final, tuning_batches, calibration, calibration_cache, throughput, speed_floor)
     result = SearchResult(path=None)
@@ -128,17 +132,13 @@ def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], 
     """Quantize and check one round; True when the search should stop (passed, or not worth going on)."""
     t0 = time.perf_counter()
     result.eval_record = None
-    quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
-             calibration_cache=job.calibration_cache if job.kind == STATIC else None)
-    result.path, result.excluded = dst, list(exclude)
-    if round_ == 0 and job.throughput is not None and job.speed_floor:
-        seq_s = job.throughput(dst)
-        if seq_s < job.speed_floor:
-            result.skipped = (f"round 0 runs {seq_s:.1f} seq/s, below the {job.speed_floor:.1f} seq/s of a "
-                              "variant that already passed: no tuning check, gate or exclusion search")
-            result.attempts.append({"round": 0, "excluded": 0, "throughput_seq_s": seq_s, "skipped": result.skipped})
-            log.info("int8 %s: %s", job.kind, result.skipped)
-            return True
+    timed = round_ == 0 and job.throughput is not None and bool(job.speed_floor)
+    if timed and _slower_than_floor(job, src, dst, result):
+        return True
+    if not timed or _probed(job):  # a dynamic round 0 that was timed is already in ``dst``
+        quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
+                 calibration_cache=job.calibration_cache if job.kind == STATIC else None)
+    result.path, result.excluded, result.calibration_batches = dst, list(exclude), len(job.calibration or [])
     tuning = job.tune(dst)
     attempt = {"round": round_, "excluded": len(exclude), "tuning": tuning.brief()}
     if tuning.passed:
@@ -150,3 +150,34 @@ def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], 
              "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
              time.perf_counter() - t0)
     return result.eval_record is not None and result.eval_record.passed
+
+
+def _probed(job: _Search) -> bool:
+    """Whether round 0 is timed on a probe: static quantization with more calibration than ``PROBE_BATCHES``."""
+    return job.kind == STATIC and len(job.calibration or []) > PROBE_BATCHES
+
+
+def _slower_than_floor(job: _Search, src: Path, dst: Path, result: SearchResult) -> bool:
+    """Round 0 timed before any check: True (and ``result.skipped`` says why) when it runs below the speed
+    floor. Static int8 is timed on a probe calibrated on the first ``PROBE_BATCHES`` calibration batches
+    (its own ranges, not the cache later rounds read): the calibration sets the scales, never which
+    operators run, so the probe runs at the speed of the fully calibrated graph, and the full calibration
+    (the slow part) runs only for a variant that could be selected. A skipped variant keeps the probe."""
+    probe = _probed(job)
+    calibration = (job.calibration or [])[:PROBE_BATCHES] if probe else job.calibration
+    with tempfile.TemporaryDirectory(prefix="int8-probe-") as tmp:
+        cache = Path(tmp) / "calibration.json" if probe else job.calibration_cache
+        quantize(job.kind, src, dst, job.settings, exclude=[], calibration=calibration,
+                 calibration_cache=cache if job.kind == STATIC else None)
+    result.path, result.excluded, result.calibration_batches = dst, [], len(calibration or [])
+    seq_s = job.throughput(dst)
+    if seq_s >= job.speed_floor:
+        return False
+    result.skipped = (f"round 0 runs {seq_s:.1f} seq/s, below the {job.speed_floor:.1f} seq/s of a variant that "
+                      "already passed: no tuning check, gate or exclusion search")
+    if probe:
+        result.skipped += (f" (timed on a probe calibrated on {len(calibration)} of the {len(job.calibration)} "
+                           "calibration batches: the same operators, other scales; the file kept is that probe)")
+    result.attempts.append({"round": 0, "excluded": 0, "throughput_seq_s": seq_s, "skipped": result.skipped})
+    log.info("int8 %s: %s", job.kind, result.skipped)
+    return True

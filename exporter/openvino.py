@@ -35,7 +35,7 @@ import numpy as np
 from exporter import parity, worker
 from exporter.config import Precision
 from exporter.parity import Batch
-from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made
+from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made, probe_record
 from serving.models import runtime
 
 log = logging.getLogger(__name__)
@@ -110,28 +110,47 @@ def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
 def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[Path], tuple[bool, str]],
            excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None) -> dict:
     """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
-    the evaluation rows); ``dst`` keeps the last round. No further rounds after a failed round 0 that
-    ``too_slow`` says is slower than a variant that passed (keeping more in float only slows it down, so it
-    could never be selected). Round 0 is timed before its tuning check: when ``too_slow``, neither the
-    check nor a further round runs. Returns the runtime record with the attempts."""
-    attempts, record = [], {}
+    the evaluation rows); ``dst`` keeps the last round. Round 0 is timed before its tuning check when
+    ``too_slow`` is given: when it says round 0 is slower than a variant that passed, neither the check nor
+    a further round runs (keeping more in float only slows it down, so it could never be selected). That
+    timing runs on a probe calibrated on the first ``PROBE_ROWS`` rows; the full
+    calibration runs only when the probe is fast enough (:func:`_probe`). Returns the runtime record with the attempts."""
+    attempts, record, rows_used, done = [], {}, len(calibration), None
     with tempfile.TemporaryDirectory(prefix="ov-int8-calibration-") as tmp:
         rows = worker.save_batches(calibration, Path(tmp) / "calibration.npz")
-        for i, ignored in enumerate(sensitivity_rounds(excluded)):
-            record = _quantize(src_onnx, dst, rows, ignored)
-            if i == 0 and too_slow is not None and too_slow(dst):
-                attempts.append({"round": 0, "ignored_scope": None,
-                                 "skipped": "slower than a passing variant: no tuning check, no sensitivity rounds"})
-                break
+        if too_slow is not None:
+            record, probe_rows, slow = _probe(src_onnx, dst, calibration, Path(tmp), too_slow)
+            done = record if probe_rows == len(calibration) else None  # the probe was round 0 itself
+            if slow:
+                rows_used = probe_rows
+                attempts.append({"round": 0, "ignored_scope": None, "calibration_rows": probe_rows,
+                                 "skipped": f"timed on a probe calibrated on {probe_rows} rows (the same "
+                                            "operators, other scales; the file kept is that probe): no full "
+                                            "calibration, tuning check or sensitivity rounds"})
+        for i, ignored in enumerate(sensitivity_rounds(excluded) if not attempts else []):
+            record = done if i == 0 and done is not None else _quantize(src_onnx, dst, rows, ignored)
             passed, reason = tune(dst)
             attempts.append({"round": i, "ignored_scope": ignored, "tuning_passed": passed, "tuning": reason})
             log.info("ov_int8 round %d (ignored %s): tuning %s", i, ignored, "pass" if passed else reason)
             if passed:
                 break
     record["quantization"] = {"tool": "nncf.quantize", "preset": "MIXED", "model_type": "TRANSFORMER",
-                              "calibration_rows": len(calibration), "ignored_scope": attempts[-1]["ignored_scope"]}
+                              "calibration_rows": rows_used, "ignored_scope": attempts[-1]["ignored_scope"]}
     record["search"] = attempts
     return record
+
+
+PROBE_ROWS = 32  # calibration rows of the probe that ov_int8's round 0 is timed on
+
+
+def _probe(src_onnx: Path, dst: Path, calibration: list[Batch], tmp: Path,
+           too_slow: Callable[[Path], bool]) -> tuple[dict, int, bool]:
+    """Round 0 quantized on the first ``PROBE_ROWS`` calibration rows only into ``dst``: (its runtime record,
+    those rows, whether it is ``too_slow``). NNCF's calibration (its statistics passes: the slow part) sets
+    the scales, never which operators run, so the probe runs at the speed of the fully calibrated IR."""
+    probe = calibration[:PROBE_ROWS]
+    record = _quantize(src_onnx, dst, worker.save_batches(probe, tmp / "probe.npz"), None)
+    return record, len(probe), too_slow(dst)
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -174,6 +193,9 @@ def make_int8(ctx: Context, dst: Path) -> Made:
     record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
     scope = record["quantization"]["ignored_scope"] or {}
     extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
-             "calibration": {"rows": len(calibration), "source": ctx.data.calibration_source,
+             "calibration": {"rows": record["quantization"]["calibration_rows"], "source": ctx.data.calibration_source,
                              "method": "NNCF MinMax (TRANSFORMER, MIXED)", "format": "OpenVINO IR FakeQuantize"}}
+    skipped = record["search"][0].get("skipped")
+    if skipped and record["quantization"]["calibration_rows"] < len(calibration):  # left at its probe: final
+        return extra, probe_record(ctx, skipped)
     return extra, None

@@ -5,11 +5,15 @@ intra-op thread (``GateMode.PER_ROW``); on the GPU target in the served model's 
 rows of one execute call, each sub-batch padded to its own longest row; serving.models.token_batch)."""
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -59,17 +63,41 @@ def load_torch_model(checkpoint: Path):
     return AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
 
 
-def torch_logits(model, batches: list[Batch]) -> np.ndarray:
-    """Reference logits from PyTorch (fp32)."""
+def torch_logits(model, batches: list[Batch], description: str = "") -> np.ndarray:
+    """Reference logits from PyTorch (fp32), in the rows' order. Right-padded batches are run as
+    :func:`by_length` regroups them (the same rows, fewer pad tokens: with the attention mask a row's logits
+    do not depend on its padding); a progress bar named ``description`` when one is given."""
     import torch
 
     names = set(model.forward.__code__.co_varnames)
+    batches = by_length(batches)
     out = []
     with torch.inference_mode():
-        for batch in batches:
+        for batch in track(batches, description, total=len(batches)) if description else batches:
             feed = {k: torch.from_numpy(v) for k, v in batch.items() if k in names}
             out.append(model(**feed).logits.float().numpy())
-    return np.concatenate(out)
+    return _in_order(batches, out)
+
+
+def right_padded(batch: Batch) -> bool:
+    """Whether every row's real tokens come first (what :func:`unbatch` assumes)."""
+    mask = batch[ENCODER_INPUTS[1]]
+    return bool((mask == (np.arange(mask.shape[1]) < mask.sum(1, keepdims=True))).all())
+
+
+def by_length(batches: list[Batch]) -> list[Batch]:
+    """The rows of right-padded ``batches`` sorted by length and cut into batches of the same size, each
+    padded to its own longest row (``ROWS``: the rows' positions); ``batches`` as they are otherwise
+    (already carrying ``ROWS``, left-padded, or of one row each)."""
+    if not batches or ROWS in batches[0] or max(len(b[ENCODER_INPUTS[0]]) for b in batches) == 1 \
+            or not all(right_padded(b) for b in batches):
+        return batches
+    size = max(len(b[ENCODER_INPUTS[0]]) for b in batches)
+    pad_ids = [int(p[0]) for b in batches if (p := b[ENCODER_INPUTS[0]][b[ENCODER_INPUTS[1]] == 0]).size]
+    rows = [{name: value[0] for name, value in row.items()} for row in unbatch(batches)]
+    order = np.argsort([len(r[ENCODER_INPUTS[0]]) for r in rows], kind="stable")
+    return [{**token_batch.pad([rows[i] for i in group], pad_ids[0] if pad_ids else 0), ROWS: group}
+            for group in (order[start:start + size] for start in range(0, len(rows), size))]
 
 
 def providers_for(precision: Precision) -> list[str]:
@@ -145,12 +173,40 @@ def _run(sess, names: set[str], batch: Batch):
     return sess.run([ENCODER_LOGITS, ENCODER_PROBABILITIES], {k: v for k, v in batch.items() if k in names})
 
 
+def concurrent_runs(sess) -> int:
+    """How many ``run`` calls :func:`outputs` overlaps on ``sess``: one per core this process may use for an
+    ONNX Runtime session of one intra-op thread (its ``run`` is thread-safe and releases the GIL; each row
+    still runs alone on one thread, so its answer is the one it gets alone), else 1 (an OpenVINO session
+    has one infer request; a many-thread session already uses every core)."""
+    import onnxruntime as ort
+
+    if not isinstance(sess, ort.InferenceSession) or sess.get_session_options().intra_op_num_threads != 1:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def outputs(sess, batches: Sequence[Batch]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(logits, probabilities) of each batch in turn (:func:`_run`), up to :func:`concurrent_runs` batches
+    running at once, at most twice that many computed ahead of what the caller took (it may stop early)."""
+    names = {i.name for i in sess.get_inputs()}
+    workers = concurrent_runs(sess)
+    if workers == 1:
+        yield from (_run(sess, names, batch) for batch in batches)
+        return
+    items = iter(batches)
+    with ThreadPoolExecutor(workers, thread_name_prefix="parity-row") as pool:
+        pending = collections.deque(pool.submit(_run, sess, names, b) for b in itertools.islice(items, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(_run, sess, names, b) for b in itertools.islice(items, 1))
+            yield result
+
+
 def ort_outputs(sess, batches: list[Batch], description: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) of an ONNX Runtime session over the batches."""
-    names = {i.name for i in sess.get_inputs()}
     logits, probs = [], []
-    for batch in track(batches, description or "parity", total=len(batches)) if description else batches:
-        lo, pr = _run(sess, names, batch)
+    results = outputs(sess, batches)
+    for lo, pr in track(results, description or "parity", total=len(batches)) if description else results:
         logits.append(lo.astype(np.float32))
         probs.append(pr.astype(np.float32))
     return _in_order(batches, logits), _in_order(batches, probs)
@@ -330,10 +386,8 @@ def tuning_check(sess, batches: list[Batch], ref: Reference, budgets: Budgets,
     flips exceed what the budget allows on all rows; otherwise the full :func:`compare` record."""
     width = ref.logits.shape[1] if ref.head is Head.MULTI_LABEL else 1  # decisions per row
     allowed = math.floor((1.0 - budgets.int8_min_agreement) * len(ref.labels) * width + 1e-9)
-    names = {i.name for i in sess.get_inputs()}
     logits, probs, flips, start = [], [], 0, 0
-    for batch in track(batches, "int8 tuning rows", total=len(batches)):
-        lo, pr = _run(sess, names, batch)
+    for batch, (lo, pr) in track(zip(batches, outputs(sess, batches)), "int8 tuning rows", total=len(batches)):
         end = start + len(lo)
         rows = batch[ROWS] if ROWS in batch else slice(start, end)
         flips += int(disagreements(lo.astype(np.float32), ref.logits[rows], ref.head, ref.threshold).sum())

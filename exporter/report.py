@@ -80,7 +80,7 @@ def _notes(report: BuildReport) -> list[str]:
     if opt:
         measured = ", ".join(f"{k} {v:.1f} seq/s" for k, v in (opt.get("throughput_seq_s") or {}).items())
         lines.append(f"- graph optimisation: {opt.get('level')} ({opt.get('tool')}), {opt.get('nodes_before')} -> "
-                     f"{opt.get('nodes_after')} nodes, fused {opt.get('fused_ops')}; measured {measured or '-'}")
+                     f"{opt.get('nodes_after')} nodes, fused {opt.get('fused_ops')}; measured {measured or 'with --exhaustive only'}")
     lines.append(f"- repository: {report.repository or 'not written'}")
     if report.stage_seconds:
         lines.append("- stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items()))

@@ -206,7 +206,26 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
     extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}
-    if kind == int8.STATIC:
-        extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in ctx.data.calibration)),
+    if found.eval_record is None and found.calibration_batches < len(ctx.data.calibration):
+        return _with_calibration(ctx, extra, found), probe_record(ctx, found.skipped)
+    return _with_calibration(ctx, extra, found), found.eval_record
+
+
+def probe_record(ctx: Context, why: str) -> ParityResult:
+    """The final record of a variant left at its probe (an int8 round 0 calibrated on a few rows and timed
+    slower than a passing variant): never gated, so never selected (a later speed measure putting it ahead
+    would otherwise gate the probe file, not the calibrated one; --exhaustive calibrates and gates it)."""
+    passing = [(v.speed.throughput_seq_s, n) for n, v in ctx.variants.items()
+               if n in SERVABLE[ctx.config.target] and v.parity.passed and v.speed is not None]
+    faster = f"slower than {max(passing)[1]}, which passed" if passing else "slower than a variant that passed"
+    return ParityResult(n_examples=0, passed=False, reason=f"not gated: {faster} ({why})", label_agreement=0.0,
+                        gate_mode=ctx.mode, gated=False)
+
+
+def _with_calibration(ctx: Context, extra: dict, found: int8_search.SearchResult) -> dict:
+    """``extra`` with the static calibration record (the rows the kept file was calibrated on)."""
+    if extra["mode"] == int8.STATIC:
+        used = ctx.data.calibration[:found.calibration_batches]  # fewer when only a probe was calibrated
+        extra["calibration"] = {"rows": int(sum(len(b["input_ids"]) for b in used)),
                                 "source": ctx.data.calibration_source, "method": "MinMax", "format": "QDQ"}
-    return extra, found.eval_record
+    return extra

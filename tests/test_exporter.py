@@ -133,7 +133,7 @@ def test_full_build_succeeds_and_reports(tiny):
     assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
     assert rep["optimization"]["fused_ops"], "ORTOptimizer fused nothing"
     assert {"export", "reference", *(f"{n}-speed" for n in rep["variants"])} <= set(rep["stage_seconds"])
-    assert set(rep["optimization"]["throughput_seq_s"]) == {"unoptimized", "O2"}
+    assert "throughput_seq_s" not in rep["optimization"]  # the unfused graph is timed with --exhaustive only
     assert set(rep["stage_seconds"]) <= {s["stage"] for s in rep["memory"]["stages"]}
 
 

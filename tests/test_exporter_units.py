@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -696,3 +697,161 @@ def test_serving_baseline_label_shares_and_confidence():
                              ["x", "y"])
     assert multi["label_share"] == {"x": 0.5, "y": 1.0}  # rows given each label: shares may sum past 1
     assert serving_baseline(Reference(np.array([[0.3]]), np.zeros(1), Head.REGRESSION), []) is None
+
+
+# ------------------------------------------------------------------------------------------ build time
+
+
+_TEXTS = ["a short one", "a somewhat longer text about the weather today and tomorrow", "third", "ok then, fine",
+          "one more row of moderate length here", "x", "the longest text of them all, running on and on and on"] * 3
+
+
+def _tiny_batches(checkpoint, batch_size=4):
+    from transformers import AutoTokenizer
+
+    from exporter import parity
+
+    return parity.tokenize(AutoTokenizer.from_pretrained(checkpoint), _TEXTS, batch_size=batch_size, max_length=32)
+
+
+def test_per_row_gate_runs_rows_side_by_side_with_the_answers_each_row_gets_alone(tiny_checkpoint, tiny_onnx):
+    """A 1-thread ONNX Runtime session runs one row per core at once, in order, each answer bit for bit the
+    one the row gets run alone; a many-thread session and an early-stopping caller stay sequential/bounded."""
+    import os
+
+    from exporter import parity
+
+    rows = parity.unbatch(_tiny_batches(tiny_checkpoint))
+    one = parity.session(tiny_onnx, Precision.FP32, threads=1, arena=False)
+    assert parity.concurrent_runs(one) == len(os.sched_getaffinity(0))
+    assert parity.concurrent_runs(parity.session(tiny_onnx, Precision.FP32)) == 1
+    logits, probs = parity.ort_outputs(one, rows)
+    alone = [parity._run(one, {i.name for i in one.get_inputs()}, row) for row in rows]
+    np.testing.assert_array_equal(logits, np.concatenate([a[0] for a in alone]))
+    np.testing.assert_array_equal(probs, np.concatenate([a[1] for a in alone]))
+    taken = parity.outputs(one, rows)
+    next(taken)
+    taken.close()  # a caller that stops early (tuning_check) leaves no run behind
+
+
+def test_pytorch_reference_runs_rows_grouped_by_length_in_their_own_order(tiny_checkpoint):
+    """The reference regroups right-padded rows by length (fewer pad tokens) and answers in the rows' order,
+    as each row answers alone; batches it cannot regroup run as they are."""
+    from exporter import parity
+
+    batches = _tiny_batches(tiny_checkpoint)
+    model = parity.load_torch_model(tiny_checkpoint)
+    grouped = parity.by_length(batches)
+    pad = lambda bs: sum(int((b["attention_mask"] == 0).sum()) for b in bs)  # noqa: E731
+    assert pad(grouped) < pad(batches) and sum(len(b["input_ids"]) for b in grouped) == len(_TEXTS)
+    alone = np.concatenate([parity.torch_logits(model, [row]) for row in parity.unbatch(batches)])
+    np.testing.assert_allclose(parity.torch_logits(model, batches), alone, atol=1e-5)
+    left = [{k: v[:, ::-1].copy() for k, v in b.items()} for b in batches]  # left-padded: run as they are
+    assert parity.by_length(left) is left and parity.by_length(grouped) is grouped
+
+
+def _probe_search(monkeypatch, tmp_path, seq_s, batches=3):
+    """int8_search.search of static int8 with the quantizer replaced: the calibration batches of each call."""
+    from exporter import int8, int8_search
+    from exporter.artifacts import ParityResult
+
+    calls = []
+    monkeypatch.setattr(int8_search, "quantize",
+                        lambda kind, src, dst, settings, **kw: calls.append((len(kw["calibration"]),
+                                                                             kw["calibration_cache"])))
+    ok = lambda path: ParityResult(n_examples=10, passed=True, reason="within budget", label_agreement=1.0)  # noqa
+    settings = int8.QuantSettings("avx2", True, True, True, None, None)
+    calibration = [{"input_ids": np.zeros((32, 4), np.int64)}] * batches
+    result = int8_search.search(int8.STATIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=ok,
+                                final=ok, tuning_batches=[], calibration=calibration, max_rounds=2,
+                                calibration_cache=tmp_path / "calibration.json", throughput=lambda p: seq_s,
+                                speed_floor=50.0)
+    return result, calls
+
+
+def test_static_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch, tmp_path):
+    """Slower than a passing variant: only the probe (one calibration batch, its own cache) is quantized and
+    the record says so; fast enough: the full calibration follows and writes the cache later rounds read."""
+    result, calls = _probe_search(monkeypatch, tmp_path, seq_s=30.0)
+    assert len(calls) == 1 and calls[0][0] == 1 and calls[0][1] != tmp_path / "calibration.json"
+    assert result.calibration_batches == 1 and result.eval_record is None and "probe calibrated on 1 of the 3" \
+        in result.skipped
+    result, calls = _probe_search(monkeypatch, tmp_path, seq_s=60.0)
+    assert [c[0] for c in calls] == [1, 3] and calls[1][1] == tmp_path / "calibration.json"
+    assert result.calibration_batches == 3 and result.eval_record.passed and not result.skipped
+    result, calls = _probe_search(monkeypatch, tmp_path, seq_s=60.0, batches=1)  # no smaller probe: one call
+    assert [c[0] for c in calls] == [1] and result.eval_record.passed
+
+
+def _ov_search(monkeypatch, tmp_path, slow, rows=40):
+    from exporter import openvino, worker
+
+    calls = []
+
+    def quantize(src, dst, path, ignored):
+        calls.append((len(worker.load_batches(Path(path))), ignored))
+        return {"runtime": "openvino"}
+
+    monkeypatch.setattr(openvino, "_quantize", quantize)
+    calibration = [{"input_ids": np.ones((1, 3), np.int64)}] * rows
+    tune = lambda path: (True, "within budget")  # noqa: E731
+    return openvino.search(tmp_path / "src.onnx", tmp_path / "dst.onnx", calibration, tune, (),
+                           lambda path: slow), calls
+
+
+def test_ov_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch, tmp_path):
+    from exporter.openvino import PROBE_ROWS
+
+    record, calls = _ov_search(monkeypatch, tmp_path, slow=True)
+    assert calls == [(PROBE_ROWS, None)] and record["quantization"]["calibration_rows"] == PROBE_ROWS
+    assert "probe" in record["search"][0]["skipped"]
+    record, calls = _ov_search(monkeypatch, tmp_path, slow=False)
+    assert calls == [(PROBE_ROWS, None), (40, None)] and record["quantization"]["calibration_rows"] == 40
+    assert record["search"][-1]["tuning_passed"]
+    record, calls = _ov_search(monkeypatch, tmp_path, slow=False, rows=PROBE_ROWS)  # the probe was round 0
+    assert calls == [(PROBE_ROWS, None)] and record["search"][0]["tuning_passed"]
+
+
+def test_a_probes_graph_has_the_operators_of_the_fully_calibrated_one(tiny_checkpoint, tiny_onnx, tmp_path):
+    """What makes the probe's speed the variant's: calibrated on one batch or on all, the static int8 file
+    has the same operators (onnxruntime QDQ and NNCF's IR alike); only the scales differ."""
+    import collections
+
+    import onnx
+
+    from exporter import int8, openvino_ir, parity
+
+    batches = _tiny_batches(tiny_checkpoint)
+    settings = int8.QuantSettings.from_preset("avx2", is_static=True)
+    ops = {}
+    for name, calib in (("probe", batches[:1]), ("full", batches)):
+        dst = tmp_path / name / "model.onnx"
+        dst.parent.mkdir()
+        int8.quantize_here(int8.STATIC, tiny_onnx, dst, settings, exclude=[], calibration=calib)
+        xml = tmp_path / name / "ov" / "model.onnx"
+        xml.parent.mkdir()
+        openvino_ir.quantize(tiny_onnx, xml, parity.unbatch(calib), None, "f32")
+        import openvino as ov
+
+        ir = ov.Core().read_model(str(xml.parent / "model.xml"))
+        ops[name] = (collections.Counter(n.op_type for n in onnx.load(str(dst)).graph.node),
+                     collections.Counter(op.get_type_name() for op in ir.get_ops()))
+    assert ops["probe"] == ops["full"] and ops["full"][0]["QuantizeLinear"] and ops["full"][1]["FakeQuantize"]
+
+
+def test_a_variant_left_at_its_probe_is_never_gated_even_when_timed_fastest(tmp_path):
+    """A probe file (calibrated on a few rows) is not the variant: when a later speed measure puts it ahead
+    of every passing variant, it is still not gated (its record is final) and the next passing one is selected."""
+    from exporter import variants as vmod
+    from exporter.build import select
+
+    speeds = {"fp32": 10.0, "fp16": 12.0, "int8_dynamic": 70.0, "int8_static": 90.0}
+    passes = dict.fromkeys(NAMES, True)
+    ctx = _gating_context(tmp_path, Target.CPU, speeds, passes)
+    builders = _stand_in_builders(NAMES)
+    probe = next(b for b in builders if b.name == "int8_static")
+    probe.make = lambda c, dst: (dst.write_bytes(b"probe"), ({}, vmod.probe_record(c, "probe ran slower")))[1]
+    got = vmod.run_all(ctx, builders)
+    assert ctx.gated == ["int8_dynamic"] and select(got, Target.CPU) == "int8_dynamic"
+    assert not got["int8_static"].parity.gated
+    assert got["int8_static"].parity.reason == "not gated: slower than a variant that passed (probe ran slower)"
