@@ -169,13 +169,14 @@ def select(variants, target, forced=None):
     return select_candidates(candidates(variants, target), target, forced)
 
 
-def run_all(ctx, names=None):
-    """exporter.pipeline's variant stage over the classifier task, with ``ctx`` (a variants.Context) as its state."""
+def run_all(ctx, names=None, builders=None):
+    """exporter.pipeline's variant stage over the classifier task, with ``ctx`` (a variants.Context) as its state
+    (over ``builders``, else stand-ins of ``names``)."""
     from exporter.build import ClassifierTask
     from exporter.pipeline import Run, Step, run_variants
 
     run = Run(ctx.config, None, ctx.out, ctx.scratch, ctx.stages, state=ctx, variants=ctx.variants)
-    steps = [Step(b.name, b.precision, b) for b in _stand_in_builders(names or NAMES)]
+    steps = [Step(b.name, b.precision, b) for b in builders or _stand_in_builders(names or NAMES)]
     return run_variants(ClassifierTask(), run, steps)
 
 
@@ -843,7 +844,6 @@ def test_a_variant_left_at_its_probe_is_never_gated_even_when_timed_fastest(tmp_
     """A probe file (calibrated on a few rows) is not the variant: when a later speed measure puts it ahead
     of every passing variant, it is still not gated (its record is final) and the next passing one is selected."""
     from exporter import variants as vmod
-    from exporter.build import select
 
     speeds = {"fp32": 10.0, "fp16": 12.0, "int8_dynamic": 70.0, "int8_static": 90.0}
     passes = dict.fromkeys(NAMES, True)
@@ -851,7 +851,7 @@ def test_a_variant_left_at_its_probe_is_never_gated_even_when_timed_fastest(tmp_
     builders = _stand_in_builders(NAMES)
     probe = next(b for b in builders if b.name == "int8_static")
     probe.make = lambda c, dst: (dst.write_bytes(b"probe"), ({}, vmod.probe_record(c, "probe ran slower")))[1]
-    got = vmod.run_all(ctx, builders)
+    got = run_all(ctx, builders=builders)
     assert ctx.gated == ["int8_dynamic"] and select(got, Target.CPU) == "int8_dynamic"
     assert not got["int8_static"].parity.gated
     assert got["int8_static"].parity.reason == "not gated: slower than a variant that passed (probe ran slower)"
