@@ -269,3 +269,55 @@ def test_left_truncation_offsets_still_index_the_text_as_sent(built, tmp_path, l
         assert ref.entities[-1] and min(e["start"] for e in ref.entities[-1]) > len(texts[-1]) // 2
     result = gate("fp32", built["repo"].parent / "build" / "fp32.onnx", config, ref)
     assert result.passed and result.entity_agreement == 1.0 and result.texts_equal == 1.0, result
+
+
+def test_agreement_counts_texts_whose_entities_equal_the_reference():
+    from loadtest.tagger_bench import agreement
+
+    ref = [[{"entity_group": "PER", "score": 0.9, "start": 0, "end": 3}], [], [{"entity_group": "LOC", "score": 0.5,
+                                                                              "start": 4, "end": 9}]]
+    same = [[dict(e) for e in row] for row in ref]
+    assert agreement(ref, same, "entity_group") == (1.0, 0.0)
+    moved = [[{**ref[0][0], "end": 4}], [], [{**ref[2][0], "score": 0.52}]]  # a span moved, a score drifted
+    share, worst = agreement(ref, moved, "entity_group")
+    assert share == pytest.approx(1 / 3) and worst == pytest.approx(0.02)
+    assert agreement(ref, [[], [], ref[2]], "entity_group")[0] == pytest.approx(2 / 3)  # an entity missed
+
+
+def test_bench_task_token_classification(built, tmp_path):
+    """`loadtest bench --task token-classification`: the pipeline set up as the repository serves the tagger
+    (its aggregation and windows, here first and chunk) beside the served tagger over HTTP and gRPC, closed and
+    open loop; the fp32 graph's entities agree with the pipeline's on every text."""
+    from loadtest.cli import main
+
+    repo, out = tmp_path / "repo", tmp_path / "bench"
+    served = read_repository(built["repo"]).models[DEFAULT_TAGGER]
+    add_model(repo, onnx_model=built["repo"].parent / "build" / "fp32.onnx", tokenizer_dir=built["checkpoint"],
+              model=replace(served.contract, name="ner", aggregation=Aggregation.FIRST),
+              config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1, long_text="chunk",
+                                      chunk_overlap=OVERLAP, max_chunks=16))
+    texts = tmp_path / "texts.csv"
+    with open(texts, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
+    code = main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+                 "--repository", str(repo), "--model-name", "ner", "--texts", str(texts), "--n-texts", str(N_EVAL),
+                 "--batch-size", "4", "--concurrency", "2", "--texts-per-request", "4", "--single-text-concurrency",
+                 "2", "--served-seconds", "0.5", "--warmup-seconds", "0.2", "--open-loop-seconds", "0.5",
+                 "--out", str(out)])
+    assert code == 0
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["task"] == "token-classification" and saved["machine"]["aggregation"] == "first"
+    assert saved["machine"]["long_text"] == "chunk" and saved["machine"]["chunk_overlap"] == OVERLAP
+    rows = {r["name"]: r for r in saved["results"]}
+    assert {"pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "served http c2 x4", "served grpc c2 x4",
+            "served http c2 x1", "served grpc c2 x1"} <= set(rows)
+    assert any(r["kind"] == "open-loop" for r in saved["results"])
+    for r in saved["results"]:
+        assert r["seq_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0, r["name"]
+        assert r["accuracy"] == 1.0 and r["detail"]["max_score_diff"] < 1e-3, r["name"]
+        assert r["kind"] == "in-process" or r["detail"]["load"]["failures"] == 0
+    assert rows["pytorch pipeline fp32 b4"]["ratio_to_pipeline"] == 1.0
+    assert "| served grpc c2 x4 |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+                 "--repository", str(repo), "--model-name", "nope", "--out", str(tmp_path / "x")]) != 0
