@@ -235,7 +235,8 @@ def run_tagger_bench(cfg: BenchConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     texts, _, source = load_bench_texts(cfg)
     meta = {"n_texts": len(texts), "texts_source": source, "cpu": cpu_model(), "cores": os.cpu_count(),
-            "busy_processes_at_start": cpu.busy_processes(), "loadavg_at_start": os.getloadavg(), **asdict(setup)}
+            "busy_processes_at_start": cpu.busy_processes(), "loadavg_at_start": os.getloadavg(), **asdict(setup),
+            "aggregation": setup.aggregation.value}
     pipe = make_pipeline(cfg.checkpoint, setup)
     base, reference = bench_pipeline(pipe, texts, cfg.batch_size, setup, None)
     results = [base]
