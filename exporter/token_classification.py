@@ -4,10 +4,15 @@ label agreement over real tokens) and per entity against ``transformers.pipeline
 aggregation_strategy=...)`` on the eval texts, the way the server runs it (each text alone, cut before
 tokenizing: serving.models.tokenization; entities: serving.models.entities), and served as ``tagger``.
 
-Variants of the fused graph: fp32, fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization); the
-passing variant with the highest per-row 1-thread throughput is served. Long texts are truncated as saved, or
-with ``--long-text chunk`` run in overlapping windows (``--chunk-overlap`` tokens shared, at most ``--max-chunks``)
-whose entities are merged by offset: the pipeline's ``stride`` (its reference then), which refuses aggregation none.
+Variants of the fused graph: fp32, fp16 (exporter.fp16) and int8 (ONNX Runtime's dynamic quantization), and with
+fp32 and ``--openvino`` (the default) ``ov_fp32``: the graph converted to OpenVINO IR (exporter.openvino; run at
+the runtime's default precision, bf16 judged by the fp16 budget; the served tagger opens it through
+serving/models/runtime.py, as the gate does); the passing variant with the highest per-row 1-thread throughput
+is served. No ``ov_int8``: NNCF calibrates on training rows and a tagger build has only its eval texts.
+
+Long texts are truncated as saved, or with ``--long-text chunk`` run in overlapping windows (``--chunk-overlap``
+tokens shared, at most ``--max-chunks``) whose entities are merged by offset: the pipeline's ``stride`` (its
+reference then), which refuses aggregation none.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write_text
-from exporter import pipeline, speed
+from exporter import openvino, pipeline, speed, worker
 from exporter.choices import Precision
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
@@ -34,7 +39,7 @@ from exporter.pipeline import Run, Step
 from exporter.steps import Candidate, Gate
 from serving.contract import DEFAULT_TAGGER, Head, ServedModel, entity_key
 from serving.errors import ServingError
-from serving.models import entities, tokenization
+from serving.models import entities, runtime, tokenization
 from serving.repository import RepositoryConfig, Target, accepts_models, add_model, tokenizer_settings, write_repository
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,7 @@ class TaggerGate:
     rows_per_s: float = 0.0  # per-row, 1 thread, tokenization included (exporter.speed.measure_per_row)
     reasons: list[str] = field(default_factory=list)
     gated: bool = True  # False: not gated (a faster variant passed, so it could not be selected)
+    runtime_settings: dict | None = None  # OpenVINO variants: what ran (exporter.openvino_ir.save_ir's record)
 
     @property
     def reason(self) -> str:
@@ -211,8 +217,8 @@ def pipeline_speed(pipe, texts: list[str]) -> float:
 
 def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, labels: list[str]):
     """text -> (logits [tokens, labels], entities) as the served tagger computes them: the text alone, cut
-    before tokenizing (serving.models.tokenization), one thread."""
-    import onnxruntime as ort
+    before tokenizing (serving.models.tokenization), one thread, the session the served model opens
+    (serving.models.runtime: OpenVINO when an IR lies beside ``onnx_path``, else ONNX Runtime)."""
     from tokenizers import Tokenizer
 
     settings = tokenizer_settings(tokenizer_dir)
@@ -222,9 +228,7 @@ def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, lab
     unk = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("unk_token") \
         if (tokenizer_dir / "tokenizer_config.json").is_file() else None
     vocab = entities.Vocabulary.of(tok.probe, unk.get("content") if isinstance(unk, dict) else unk)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = runtime.open_session(onnx_path, 1)
     names = [i.name for i in session.get_inputs()]
 
     def one(text: str):
@@ -273,8 +277,9 @@ def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str) -> 
     return (matched / total if total else 1.0), equal / max(len(ref), 1), worst
 
 
-def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGate:
-    """Measure one variant; the budgets of its precision decide."""
+def gate(name: str, path: Path, config: BuildConfig, ref: Reference, precision: Precision | None = None
+         ) -> TaggerGate:
+    """Measure one variant; the budgets of its precision (default: the one its name says) decide."""
     result = TaggerGate(name, path.name)
     logits, found, result.rows_per_s = served(path, ref.tokenizer_dir, ref.texts, config, ref.labels)
     agree = count = 0
@@ -292,8 +297,8 @@ def gate(name: str, path: Path, config: BuildConfig, ref: Reference) -> TaggerGa
         ref.entities, found, entity_key(config.aggregation))
     b = config.budgets
     max_abs, minimum = {"fp32": (b.fp32_max_abs, b.fp32_min_agreement), "fp16": (b.fp16_max_abs, b.fp16_min_agreement),
-                        "int8": (float("inf"), b.int8_min_agreement)}[name]
-    if not np.isfinite(worst) and name != "int8" or worst > max_abs:
+                        "int8": (float("inf"), b.int8_min_agreement)}[(precision or Precision(name)).value]
+    if not np.isfinite(worst) and np.isfinite(max_abs) or worst > max_abs:
         result.reasons.append(f"max |logit diff| {worst:.3g} > {max_abs:g}")
     if result.token_agreement < minimum:
         result.reasons.append(f"token label agreement {result.token_agreement:.4f} < {minimum:g}")
@@ -347,21 +352,32 @@ class TaggerTask:
         run.base, run.export_record = export_tagger(run.config.checkpoint, run.scratch / "export", run.config.target)
 
     def plan(self, run: Run) -> list[Step]:
-        return [Step(p.value, p) for p in run.config.precisions]
+        steps = [Step(p.value, p) for p in run.config.precisions]
+        if run.config.openvino and Precision.FP32 in run.config.precisions and openvino.available():
+            steps.append(Step(openvino.OV_FP32, openvino.gate_precision(openvino.default_precision())))
+        return steps
 
     def make(self, run: Run, step: Step) -> tuple[TaggerGate, bool]:
-        path = run.out / f"{step.name}.onnx"
+        ov = step.name == openvino.OV_FP32
+        path = run.out / step.name / runtime.ONNX_FILE if ov else run.out / f"{step.name}.onnx"
+        settings = None
         try:
-            make_variant(step.precision, run.base, path)
+            with run.stages(f"{step.name}-build"):
+                if ov:  # the fused fp32 graph converted to OpenVINO IR (model.xml beside model.onnx), in a worker
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    settings = worker.call("ov-convert", src=str(run.base), dst=str(path))
+                else:
+                    make_variant(step.precision, run.base, path)
         except Exception as exc:  # noqa: BLE001 - a converter/quantizer failure fails the variant, not the build
             log.warning("tagger %s variant failed: %s", step.name, exc)
             return TaggerGate(step.name, "", reasons=[f"conversion failed: {exc}"]), False
         with run.stages(f"{step.name}-speed"):
             rows_per_s = measure_speed(path, run.reference, run.config)
-        return TaggerGate(step.name, path.name, rows_per_s=rows_per_s, gated=False), True
+        return TaggerGate(step.name, path.relative_to(run.out).as_posix(), rows_per_s=rows_per_s, gated=False,
+                          runtime_settings=settings), True
 
     def gate(self, run: Run, step: Step) -> Gate:
-        return lambda path: gate(step.name, path, run.config, run.reference)
+        return lambda path: gate(step.name, path, run.config, run.reference, step.precision)
 
     def file(self, run: Run, record: TaggerGate) -> Path:
         return run.out / record.file

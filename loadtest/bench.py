@@ -55,6 +55,7 @@ from loadtest.long_docs import DefinitionRunner, long_documents, time_in_process
 from loadtest.peer import bench_peer
 from loadtest.report import markdown_table
 from loadtest.serve import served
+from loadtest.tagger_bench import run_tagger_bench
 from serving.contract import DEFAULT_CLASSIFIER, ENCODER_LOGITS, Protocol
 from serving.models import runtime
 from serving.models.token_batch import parse_records
@@ -456,7 +457,8 @@ def _write_reports(cfg: BenchConfig, results, checks: tuple[list[str], list[str]
 
 
 # The bench of each served task that has rows of its own (keyed by --task): a new task adds its entry here.
-TASK_BENCHES: dict[Task, Callable[[BenchConfig], dict[str, Any]]] = {Task.EMBEDDING: run_embedding_bench}
+TASK_BENCHES: dict[Task, Callable[[BenchConfig], dict[str, Any]]] = {
+    Task.EMBEDDING: run_embedding_bench, Task.TOKEN_CLASSIFICATION: run_tagger_bench}
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:

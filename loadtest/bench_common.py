@@ -77,9 +77,11 @@ class BenchConfig:
         "help": "processes of the ceiling run (0: one per usable core)"})
     task: Task = field(default=Task.CLASSIFICATION, metadata={
         "help": "embedding: sentence-transformers encode vs the in-process ceiling vs the served embedder "
-                "(--checkpoint: the sentence-transformers directory; --build: its embedding build)"})
+                "(--checkpoint: the sentence-transformers directory; --build: its embedding build); "
+                "token-classification: transformers.pipeline vs the served tagger (--repository, --no-build)"})
     model_name: str | None = field(default=None, metadata={
-        "help": "served model to measure (default: embedder with --task embedding)"})
+        "help": "served model to measure (default: embedder with --task embedding, tagger with "
+                "--task token-classification)"})
     gateway: bool = field(default=True, metadata={
         "help": "also measure the gateway (docs/GATEWAY.md): the same requests through POST /predict and straight "
                 "over gRPC, alternating, at --single-text-concurrency clients and at 1 (loadtest/gateway_bench.py)"})

@@ -8,7 +8,15 @@ from __future__ import annotations
 import random
 from typing import Any, Mapping, Sequence
 
-from serving.contract import LABEL, ContractError, ServedModel, check_classification, decode_strings
+from serving.contract import (
+    LABEL,
+    ContractError,
+    Head,
+    ServedModel,
+    check_classification,
+    decode_entities,
+    decode_strings,
+)
 
 
 def request_name(protocol: str, n_texts: int) -> str:
@@ -23,9 +31,12 @@ def pick_texts(pool: Sequence[str], n: int, rng: random.Random) -> list[str]:
     return [pool[rng.randrange(len(pool))] for _ in range(n)]
 
 
-def check_response(model: ServedModel | None, outputs: Mapping[str, Any], n_rows: int) -> list[str]:
-    """The LABEL rows of a response, checked against the model's contract (``check_classification``);
-    without a model (label checks off) only one non-empty LABEL per text is required."""
+def check_response(model: ServedModel | None, outputs: Mapping[str, Any], n_rows: int) -> list[Any]:
+    """The LABEL rows of a response, checked against the model's contract (``check_classification``); a
+    tagger's: its ENTITIES rows (``decode_entities``: one list of entities per text); without a model (label
+    checks off) only one non-empty LABEL per text is required."""
+    if model is not None and model.head is Head.TOKEN_CLASSIFICATION:
+        return decode_entities(model, outputs, n_rows)
     if model is not None:
         return check_classification(model, outputs, n_rows)
     if outputs.get(LABEL) is None:

@@ -20,6 +20,7 @@ TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 MAX_LENGTH = 48
 OVERLAP = 8  # --long-text chunk: tokens consecutive windows share (the pipeline's stride)
 WINDOWED = "tagger_windows"
+OPENVINO = "tagger_openvino"  # the ov_fp32 variant (OpenVINO IR), served whatever the build selected
 N_EVAL = 16
 UNICODE = ["Zoë Müller flew from Zürich to Kraków 🙂 with naïve café owners — “quoted” text",
            "東京 and 北京: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﬁne ligatures, e\u0301 combining marks, and an [UNK]-free ✓ line"]
@@ -69,6 +70,10 @@ def built(tmp_path_factory) -> dict:
               model=replace(served.contract, name=WINDOWED, aggregation=Aggregation.SIMPLE),
               config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1, long_text="chunk",
                                       chunk_overlap=OVERLAP, max_chunks=16))
+    if (root / "build" / "ov_fp32" / "model.xml").is_file():
+        add_model(repo, onnx_model=root / "build" / "ov_fp32" / "model.onnx", tokenizer_dir=checkpoint,
+                  model=replace(served.contract, name=OPENVINO, aggregation=Aggregation.SIMPLE),
+                  config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1))
     return {"code": code, "checkpoint": checkpoint, "repo": repo, "report": report}
 
 
@@ -97,7 +102,7 @@ def _name(agg: Aggregation) -> str:
 
 def test_build_detects_the_tagger_and_gates_it_per_token_and_per_entity(built):
     report = built["report"]
-    assert report["selected"] in ("fp32", "int8") and report["aggregation"] == "simple"
+    assert report["selected"] in ("fp32", "int8", "ov_fp32") and report["aggregation"] == "simple"
     chosen = report["variants"][report["selected"]]
     assert chosen["passed"] and chosen["gated"] and chosen["entity_agreement"] >= 0.98
     for name, v in report["variants"].items():  # every variant timed; gated fastest first until one passes
@@ -269,3 +274,92 @@ def test_left_truncation_offsets_still_index_the_text_as_sent(built, tmp_path, l
         assert ref.entities[-1] and min(e["start"] for e in ref.entities[-1]) > len(texts[-1]) // 2
     result = gate("fp32", built["repo"].parent / "build" / "fp32.onnx", config, ref)
     assert result.passed and result.entity_agreement == 1.0 and result.texts_equal == 1.0, result
+
+
+def test_agreement_counts_texts_whose_entities_equal_the_reference():
+    from loadtest.tagger_bench import agreement
+
+    ref = [[{"entity_group": "PER", "score": 0.9, "start": 0, "end": 3}], [], [{"entity_group": "LOC", "score": 0.5,
+                                                                              "start": 4, "end": 9}]]
+    same = [[dict(e) for e in row] for row in ref]
+    assert agreement(ref, same, "entity_group") == (1.0, 0.0)
+    moved = [[{**ref[0][0], "end": 4}], [], [{**ref[2][0], "score": 0.52}]]  # a span moved, a score drifted
+    share, worst = agreement(ref, moved, "entity_group")
+    assert share == pytest.approx(1 / 3) and worst == pytest.approx(0.02)
+    assert agreement(ref, [[], [], ref[2]], "entity_group")[0] == pytest.approx(2 / 3)  # an entity missed
+
+
+def test_bench_task_token_classification(built, tmp_path, capsys):
+    """`loadtest bench --task token-classification`: the pipeline set up as the repository serves the tagger
+    (its aggregation and windows, here first and chunk) beside the served tagger over HTTP and gRPC, closed and
+    open loop; the fp32 graph's entities agree with the pipeline's on every text."""
+    from loadtest.cli import main
+
+    repo, out = tmp_path / "repo", tmp_path / "bench"
+    served = read_repository(built["repo"]).models[DEFAULT_TAGGER]
+    add_model(repo, onnx_model=built["repo"].parent / "build" / "fp32.onnx", tokenizer_dir=built["checkpoint"],
+              model=replace(served.contract, name="ner", aggregation=Aggregation.FIRST),
+              config=RepositoryConfig(max_length=MAX_LENGTH, encoder_instances=1, long_text="chunk",
+                                      chunk_overlap=OVERLAP, max_chunks=16))
+    texts = tmp_path / "texts.csv"
+    with open(texts, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
+    code = main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+                 "--repository", str(repo), "--model-name", "ner", "--texts", str(texts), "--n-texts", str(N_EVAL),
+                 "--batch-size", "4", "--concurrency", "2", "--texts-per-request", "2", "--single-text-concurrency",
+                 "2", "--served-seconds", "1", "--warmup-seconds", "0.2", "--open-loop-seconds", "1",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["task"] == "token-classification" and saved["machine"]["aggregation"] == "first"
+    assert saved["machine"]["long_text"] == "chunk" and saved["machine"]["chunk_overlap"] == OVERLAP
+    rows = {r["name"]: r for r in saved["results"]}
+    assert {"pytorch pipeline fp32 b4", "pytorch pipeline fp32 b1", "served http c2 x2", "served grpc c2 x2",
+            "served http c2 x1", "served grpc c2 x1"} <= set(rows)
+    assert any(r["kind"] == "open-loop" for r in saved["results"])
+    for r in saved["results"]:
+        assert r["seq_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0, r["name"]
+        assert r["accuracy"] == 1.0 and r["detail"]["max_score_diff"] < 1e-3, r["name"]
+        assert r["kind"] == "in-process" or r["detail"]["load"]["failures"] == 0
+    assert rows["pytorch pipeline fp32 b4"]["ratio_to_pipeline"] == 1.0
+    md = (out / "bench.md").read_text()
+    assert "| served grpc c2 x2 |" in md and "aggregation `first`" in md
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+                 "--repository", str(repo), "--model-name", "nope", "--out", str(tmp_path / "x")]) != 0
+
+
+def test_openvino_variant_is_built_gated_and_served_as_measured(server, built):
+    """ov_fp32 (issue 22 item 1): the fused graph converted to OpenVINO IR, timed and gated like every variant
+    (the runtime's default precision: bf16 is judged by the fp16 budget); served, the tagger opens the IR
+    (serving/models/runtime.py) and answers exactly what the gate measured in-process, over gRPC."""
+    import openvino as ov_runtime  # noqa: F401 - installed with the cpu extra
+
+    from exporter import openvino
+    from exporter.config import BuildConfig
+    from exporter.token_classification import served_tagger
+    from serving.client import Tagger
+
+    record = built["report"]["variants"]["ov_fp32"]
+    settings = record["runtime_settings"]
+    assert record["file"] == "ov_fp32/model.onnx" and record["rows_per_s"] > 0
+    assert settings["runtime"] == "openvino" and settings["inference_precision"] == openvino.default_precision()
+    assert {"ov_fp32-build", "ov_fp32-speed"} <= set(built["report"]["stage_seconds"])
+    ir = built["repo"] / OPENVINO / "1" / "model.xml"
+    assert ir.is_file() and (ir.parent / "model.bin").is_file()
+    texts = _texts()
+    config = BuildConfig(checkpoint=built["checkpoint"], repository=None, out=built["repo"].parent / "o",
+                         max_length=MAX_LENGTH)
+    one = served_tagger(ir.parent / "model.onnx", built["checkpoint"], config, list(TAGS))
+    expected = [one(t)[1] for t in texts]
+    with Tagger(url=server.grpc_url, model=OPENVINO, protocol="grpc") as tagger:
+        got = tagger.entities(texts)
+    _assert_equal(texts, expected, got, "entity_group")
+    # gated against the pipeline (the build may not have: a faster variant passed): the budget of its precision
+    from exporter.token_classification import gate, reference
+
+    precision = openvino.gate_precision(settings["inference_precision"])
+    result = gate("ov_fp32", ir.parent / "model.onnx", config, reference(config, texts), precision)
+    max_abs = {"fp32": config.budgets.fp32_max_abs, "fp16": config.budgets.fp16_max_abs}[precision.value]
+    assert result.entity_agreement >= 0.95 and result.token_agreement >= 0.99, result  # labels, words, offsets
+    assert result.passed == (result.max_abs <= max_abs and not result.reasons), result

@@ -1,5 +1,6 @@
-"""Triton python-backend model `<name>` (CPU target, token classification): TEXT -> tokenizer -> ONNX Runtime
-(logits per token) -> ENTITIES (BYTES [1]: a JSON list per text, as ``transformers.pipeline("token-classification",
+"""Triton python-backend model `<name>` (CPU target, token classification): TEXT -> tokenizer -> ONNX Runtime,
+or OpenVINO when the build selected ov_fp32 (runtime.py, through textmodel.row_session) (logits per token) ->
+ENTITIES (BYTES [1]: a JSON list per text, as ``transformers.pipeline("token-classification",
 aggregation_strategy=...)`` answers; ``entities.py`` beside it), in one model.
 
 As for the classifier, every row runs ALONE at its own length (one pinned 1-thread instance per core), so a row's
