@@ -170,9 +170,10 @@ class MemoryRecord:
 
 
 @dataclass(kw_only=True)
-class _BuildRecord:
-    """What every build report records besides its own results: warnings, versions, file hashes, the
-    repository it wrote and the time of each stage (written after the report's own fields)."""
+class BuildRecord:
+    """The one build record: what every task's report (the classifier's BuildReport, EmbeddingReport,
+    exporter.token_classification.TaggerReport) records besides its own results: warnings, versions, file
+    hashes, the repository it wrote and the time of each stage (written after the report's own fields)."""
 
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, Any] = field(default_factory=dict)
@@ -188,7 +189,7 @@ class _BuildRecord:
 
 
 @dataclass
-class BuildReport(_BuildRecord):
+class BuildReport(BuildRecord):
     """Everything `exporter build` decided and measured (build/report.json)."""
 
     checkpoint: str
@@ -212,7 +213,7 @@ class BuildReport(_BuildRecord):
 def to_dict(obj: Any) -> Any:
     """Dataclasses, enums and paths as plain JSON values (dataclass fields in declaration order, keyword-only
     ones last)."""
-    if dataclasses.is_dataclass(obj):  # keyword-only fields (the shared _BuildRecord, schema_version) last
+    if dataclasses.is_dataclass(obj):  # keyword-only fields (the shared BuildRecord, schema_version) last
         fields = sorted(dataclasses.fields(obj), key=lambda f: f.kw_only)
         return {f.name: to_dict(getattr(obj, f.name)) for f in fields}
     if isinstance(obj, enum.Enum):
@@ -370,7 +371,7 @@ class EmbeddingVariantResult:
 
 
 @dataclass
-class EmbeddingReport(_BuildRecord):
+class EmbeddingReport(BuildRecord):
     """Everything `exporter build --task embedding` decided and measured (build/report.json)."""
 
     model_dir: str

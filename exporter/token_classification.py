@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write_text
+from common.provenance import versions
 from exporter import openvino, pipeline, speed, worker
+from exporter.artifacts import BuildRecord, to_dict
 from exporter.choices import Precision
 from exporter.chunking import LongText
 from exporter.config import BuildConfig
@@ -111,7 +113,10 @@ class TaggerGate:
 
 
 @dataclass
-class TaggerReport:
+class TaggerReport(BuildRecord):
+    """Everything a tagger build decided and measured (build/report.json): the one build record plus the
+    tagger's own fields."""
+
     checkpoint: str
     labels: list[str]
     aggregation: str
@@ -120,13 +125,10 @@ class TaggerReport:
     n_texts: int
     variants: dict[str, TaggerGate]
     selected: str | None = None
-    repository: str | None = None
-    repository_error: str | None = None
     optimization: dict = field(default_factory=dict)
     pipeline_rows_per_s: float = 0.0  # transformers.pipeline, one text at a time, 1 thread (same texts, same run)
     long_text: str = "truncate"  # chunk: overlapping windows merged by offset (the pipeline's stride)
     chunk_overlap: int = 0
-    stage_seconds: dict = field(default_factory=dict)
 
 
 def export_tagger(checkpoint: Path, out_dir: Path, target) -> tuple[Path, dict]:
@@ -401,7 +403,7 @@ class TaggerTask:
                             config.max_length, str(config.eval_data), len(run.inputs.texts), run.variants, selected,
                             long_text=config.long_text.value, chunk_overlap=config.chunk_overlap,
                             pipeline_rows_per_s=run.reference_speed, optimization=run.export_record,
-                            stage_seconds=run.stages.seconds)
+                            stage_seconds=run.stages.seconds, versions=versions())
 
     def write_report(self, report: TaggerReport, out: Path, figure: bool = True) -> None:
         write_report(report, out)
@@ -412,7 +414,7 @@ class TaggerTask:
 
 def write_report(report: TaggerReport, out: Path) -> None:
     """``out/report.json``, atomically."""
-    atomic_write_text(Path(out) / "report.json", json.dumps(asdict(report), indent=2, default=str) + "\n")
+    atomic_write_text(Path(out) / "report.json", json.dumps(to_dict(report), indent=2, default=str) + "\n")
 
 
 def _eval_texts(config: BuildConfig) -> list[str]:

@@ -115,6 +115,8 @@ def test_build_detects_the_tagger_and_gates_it_per_token_and_per_entity(built):
         assert fp32["passed"] and fp32["max_abs"] < 1e-4 and fp32["token_agreement"] == 1.0
         assert fp32["entity_agreement"] == 1.0 and fp32["texts_equal"] == 1.0
     assert report["pipeline_rows_per_s"] > 0 and {"reference", "export", "fp32-speed"} <= set(report["stage_seconds"])
+    # the one build record every task's report extends (exporter.artifacts.BuildRecord)
+    assert report["repository"] == str(built["repo"].absolute()) and "onnxruntime" in report["versions"]
     info = read_repository(built["repo"]).models[DEFAULT_TAGGER]
     assert info.contract.head is Head.TOKEN_CLASSIFICATION and info.contract.labels == TAGS
     assert [t.name for t in info.contract.outputs] == [ENTITIES] and info.contract.task == "token-classification"
