@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +121,16 @@ def server(gpu_repository):
         yield srv
 
 
-def _served_token_records(srv) -> token_batch.BatchRecord:
-    return token_batch.parse_records(srv.log_text())
+def _served_token_records(srv, at_least: int = 0, timeout_s: float = 15.0) -> token_batch.BatchRecord:
+    """The model's sub-batch records in the server log once they stopped moving and count at least ``at_least``
+    rows: a record reaches the log a moment after its response (read at once, a test saw 257 rows of 256)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        record = token_batch.parse_records(srv.log_text())
+        if (last is not None and record.rows == last.rows and record.rows >= at_least) or time.monotonic() > deadline:
+            return record
+        last = record
+        time.sleep(0.3)
 
 
 def _probs(preds):
@@ -136,12 +145,13 @@ def test_gpu_repository_as_built_is_served_here(server, gpu_repository, tiny_che
     texts = corpus_texts(CLIENTS * PER_REQUEST * 2, seed=11)
     ref_probs, ref_labels = torch_reference(tiny_checkpoint, texts)
     client = TextClassifier(server.http_url)
+    start = _served_token_records(server)
     alone = _probs([client.classify([t])[0] for t in texts[:24]])
-    before = _served_token_records(server)
+    before = _served_token_records(server, at_least=start.rows + 24)
     requests = [texts[i:i + PER_REQUEST] for i in range(0, len(texts), PER_REQUEST)]
     with ThreadPoolExecutor(CLIENTS) as pool:
         answers = list(pool.map(lambda rows: TextClassifier(server.http_url).classify(rows), requests))
-    after = _served_token_records(server)
+    after = _served_token_records(server, at_least=before.rows + len(texts))
     preds = [p for a in answers for p in a]
     probs = _probs(preds)
     assert [p.label for p in preds] == ref_labels and np.abs(probs - ref_probs).max() < 1e-4
@@ -189,7 +199,7 @@ def test_metrics_count_the_gpu_targets_tokens_per_row(server):
     with ThreadPoolExecutor(CLIENTS) as pool:  # concurrent: sub-batches mix requests, so padding can occur
         answers = list(pool.map(lambda rows: TextClassifier(server.http_url).classify(rows), requests))
     after = settled(server, rows_counted(before, classifier=len(texts)))
-    records_after = _served_token_records(server)
+    records_after = _served_token_records(server, at_least=records_before.rows + len(texts))
     assert sum(len(a) for a in answers) == len(texts)
     moved = {name: delta(after, before, f"textclf_{name}_total", model="classifier")
              for name in ("rows", "input_tokens", "computed_tokens")}
