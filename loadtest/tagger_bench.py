@@ -27,6 +27,7 @@ import numpy as np
 
 from common.atomic import atomic_directory
 from common.provenance import versions
+from exporter.token_classification import compare_entities
 from loadtest import cpu
 from loadtest.bench_common import (
     BackendResult,
@@ -94,21 +95,12 @@ def read_setup(repository: Path | None, model: str | None) -> TaggerSetup:
                        variant if isinstance(variant, str) else None, str(served_model.onnx_path))
 
 
-def agreement(reference: Sequence[Sequence[dict]], got: Sequence[Sequence[dict]], key: str,
-              tolerance: float = SCORE_TOLERANCE) -> tuple[float, float]:
-    """(the share of texts whose entities equal the reference's: same count, each with the same label, start
-    and end and a score within ``tolerance``; the largest score difference of entities with equal spans)."""
-    def spans(row: Sequence[dict]) -> list[tuple[str, int, int, float]]:
-        return sorted((str(e[key]), int(e["start"]), int(e["end"]), float(e["score"])) for e in row)
-
-    equal, worst = 0, 0.0
-    for ref_row, got_row in zip(reference, got, strict=True):
-        a, b = spans(ref_row), spans(got_row)
-        same = len(a) == len(b) and all(x[:3] == y[:3] for x, y in zip(a, b))
-        diffs = [abs(x[3] - y[3]) for x, y in zip(a, b) if x[:3] == y[:3]]
-        worst = max([worst, *diffs])
-        equal += int(same and all(d <= tolerance for d in diffs))
-    return equal / max(len(reference), 1), worst
+def agreement(reference: Sequence[Sequence[dict]], got: Sequence[Sequence[dict]], key: str) -> tuple[float, float]:
+    """(the share of texts whose entities equal the reference's: label, word, start and end, each score within
+    ``SCORE_TOLERANCE``; the largest score difference of equal entities): the gate's own comparison
+    (exporter.token_classification.compare_entities)."""
+    _, texts_equal, worst = compare_entities(list(reference), list(got), key, SCORE_TOLERANCE)
+    return texts_equal, worst
 
 
 def _row(name: str, kind: str, rows_per_call: int, rate: float, lat: Sequence[float], agree: float | None,

@@ -281,14 +281,15 @@ def test_left_truncation_offsets_still_index_the_text_as_sent(built, tmp_path, l
 def test_agreement_counts_texts_whose_entities_equal_the_reference():
     from loadtest.tagger_bench import agreement
 
-    ref = [[{"entity_group": "PER", "score": 0.9, "start": 0, "end": 3}], [], [{"entity_group": "LOC", "score": 0.5,
-                                                                              "start": 4, "end": 9}]]
+    ref = [[{"entity_group": "PER", "word": "ann", "score": 0.9, "start": 0, "end": 3}], [],
+           [{"entity_group": "LOC", "word": "paris", "score": 0.5, "start": 4, "end": 9}]]
     same = [[dict(e) for e in row] for row in ref]
     assert agreement(ref, same, "entity_group") == (1.0, 0.0)
     moved = [[{**ref[0][0], "end": 4}], [], [{**ref[2][0], "score": 0.52}]]  # a span moved, a score drifted
     share, worst = agreement(ref, moved, "entity_group")
     assert share == pytest.approx(1 / 3) and worst == pytest.approx(0.02)
     assert agreement(ref, [[], [], ref[2]], "entity_group")[0] == pytest.approx(2 / 3)  # an entity missed
+    assert agreement(ref, [[{**ref[0][0], "word": "anne"}], [], ref[2]], "entity_group")[0] == pytest.approx(2 / 3)
 
 
 def test_bench_task_token_classification(built, tmp_path, capsys):
