@@ -13,7 +13,6 @@ and to the ceiling. Reports: bench.json, bench.md, bench.png (loadtest.bench's t
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import logging
@@ -42,7 +41,7 @@ from loadtest.bench_common import (
     time_calls,
 )
 from loadtest.errors import LoadtestError
-from loadtest.clients import LoadResult, _closed, _Sender, _TextStream
+from loadtest.clients import LoadResult, closed_loop
 from loadtest.peer import TIMEOUT_S, peer_pass, peer_plan, peer_point
 from loadtest.report import markdown_table
 from loadtest.serve import served
@@ -126,17 +125,8 @@ def bench_ceiling(variant: str, onnx_path: Path, model_dir: Path, texts: list[st
 def _served_point(proto: Protocol, url: str, model: str, texts: list[str], conc: int, k: int,
                   cfg: BenchConfig) -> LoadResult:
     """One closed-loop point against the served embedder: ``conc`` asyncio clients, ``k`` texts each."""
-    res = LoadResult(proto.value, "closed", conc, None, k, cfg.served_seconds, 0, 0, 0)
-
-    async def drive() -> LoadResult:
-        sender = _Sender(proto, url, model, conc)
-        try:
-            await sender.fetch_contract()
-            return await _closed(sender, _TextStream(texts, None, k), res, conc, cfg.warmup_seconds, TIMEOUT_S)
-        finally:
-            await sender.close()
-
-    return asyncio.run(drive())
+    return closed_loop(proto, url, texts, None, concurrency=conc, texts_per_request=k, duration_s=cfg.served_seconds,
+                       warmup_s=cfg.warmup_seconds, timeout_s=TIMEOUT_S, model=model)
 
 
 def _side_row(name: str, kind: str, k: int, runs: list[LoadResult], cosine: float | None,
