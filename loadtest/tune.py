@@ -33,7 +33,7 @@ from loadtest.run import default_out, parse_duration, parse_protocol
 from loadtest.serve import served
 from loadtest.texts import load_texts
 from serving.contract import Protocol, ServedModel
-from serving.repository import PROVENANCE, RepositoryConfig, Target, usable_cores, write_repository
+from serving.repository import PROVENANCE, RepositoryConfig, Target, copy_openvino_ir, usable_cores, write_repository
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class _Sources:
-    """What every trial serves: copies of the served ONNX file and tokenizer, the contract, the base config."""
+    """What every trial serves: copies of the served ONNX file (and its OpenVINO IR, if any) and tokenizer, the
+    contract, the base config."""
 
     onnx: Path
     tokenizer_dir: Path
@@ -131,6 +132,7 @@ def _sources(repository: Path, workdir: Path) -> _Sources:
                             f"machine (the GPU target is sized on its GPU, docs/SERVING.md)")
     onnx = workdir / "model.onnx"
     shutil.copy2(info.onnx, onnx)
+    copy_openvino_ir(info.onnx, workdir)  # an OpenVINO variant's trials (and the result) keep running its IR
     tok = workdir / "tokenizer"
     shutil.copytree(info.tokenizer_dir, tok)
     log.info("tune sources: onnx %s, tokenizer %s", info.onnx, info.tokenizer_dir)

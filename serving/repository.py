@@ -532,13 +532,14 @@ def _write_model_files(root: Path, configs: Mapping[str, Any], model: ServedMode
         shutil.copy2(src, folder / name)
     _copy_tokenizer(folder, tokenizer_dir)
     shutil.copy2(onnx_model, folder / ONNX_FILE)
-    _copy_openvino_ir(onnx_model, folder, target)  # OpenVINO hook
+    copy_openvino_ir(onnx_model, folder, target)  # OpenVINO hook
     write_warmup_files(root / model.name, configs[model.name])
 
 
-def _copy_openvino_ir(onnx_model: Path, folder: Path, target: Target) -> None:
+def copy_openvino_ir(onnx_model: Path, folder: Path, target: Target = Target.CPU) -> None:
     """OpenVINO hook: an OpenVINO variant's IR (model.xml/model.bin beside its model.onnx, converted from it)
-    goes beside the served model.onnx, so the CPU model runs it (serving/models/runtime.py)."""
+    goes beside the copy of model.onnx in ``folder``, so the CPU model runs it (serving/models/runtime.py);
+    nothing is copied for an ONNX Runtime variant."""
     from serving.models import runtime
 
     xml = runtime.ir_beside(onnx_model)

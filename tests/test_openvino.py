@@ -114,6 +114,20 @@ def test_the_repository_carries_the_ir_and_the_runtime_adapter(ov_build):
     validate_repository(ov_build["repo"])
 
 
+def test_tune_trials_serve_the_ir_the_repository_serves(ov_build, tmp_path):
+    """loadtest tune rewrites the repository from copies of what it serves: an OpenVINO repository's trials
+    and its tuned result keep the IR (not its source ONNX on ONNX Runtime)."""
+    from loadtest.tune import _sources
+    from serving.repository import read_repository
+
+    src = _sources(ov_build["repo"], tmp_path)
+    assert runtime.runtime_of(src.onnx) == runtime.OPENVINO
+    trial = src.write(tmp_path / "trial", src.base)
+    folder = read_repository(trial).model().onnx_path.parent
+    assert runtime.runtime_of(folder / "model.onnx") == runtime.OPENVINO
+    assert (folder / "model.bin").read_bytes() == (ov_build["build"] / "ov_fp32" / "model.bin").read_bytes()
+
+
 def test_the_bench_ceiling_opens_what_is_served(ov_build):
     """loadtest's in-process sessions (the ceiling) run an OpenVINO variant's IR, not its source ONNX."""
     from loadtest.bench import ort_session
