@@ -573,7 +573,9 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
             thread.start()
         for thread in threads:
             thread.join()
-        after = scrape()
+        # Triton counts a success when it releases the request, which can come after the client has its
+        # answer: scrape until every request sent is counted (or 10 s pass, and the assertion below says so)
+        after = _settled(scrape, before, m.SUCCESS_METRIC, len(threads))
         # a dead python stub: /v2/health/live stays 200, the liveness exec probe fails
         from serving.supervisor import stub_processes
 
@@ -611,6 +613,19 @@ def test_rendered_triton_args_probes_and_adapter_metric_on_a_real_server(tiny_ch
     print(f"adapter metric on the real server: {per_request:.0f} us queued per request, mean latency "
           f"{sum(latencies) / len(latencies):.0f} us over {successes:.0f} requests; idle stop {stop_s:.2f} s")
     assert 0 < per_request < sum(latencies) / len(latencies), (per_request, latencies)
+
+
+def _settled(scrape, before, name: str, expected: int, timeout_s: float = 10.0):
+    """``scrape()`` once the counter ``name`` has grown by ``expected`` since ``before`` (or at the timeout)."""
+    def total(samples) -> float:
+        return sum(v for n, _, v in samples if n == name)
+
+    deadline = time.monotonic() + timeout_s
+    after = scrape()
+    while total(after) - total(before) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = scrape()
+    return after
 
 
 @pytest.mark.skipif(__import__("shutil").which("kubectl") is None, reason="kubectl is not installed")
