@@ -2,12 +2,13 @@
 hit every side alike (issue 22 item 3): each round measures the ceiling (loadtest.ceiling), then each
 repository's served gRPC points (16 clients x 8 texts, 16 x 1) each followed by the ceiling again; a served
 point's ratio is to the mean of the two ceilings around it. Each served point also records the cores its
-client, tritonserver and stubs used, and its CPU efficiency: texts per CPU-second of that whole stack over the
-ceiling's rows per CPU-second (``rows_per_cpu_second``), which a machine shared with others disturbs far less
-than the wall-clock ratio (on an idle machine: ratio ~= efficiency x cores used / 2). Medians over the
-rounds are printed and written as JSON. A side may add tritonserver flags after its repository, comma-separated
-(``pool=demo/model_repository,--grpc-infer-allocation-pool-size=32``), so server settings are compared on one
-repository.
+client, tritonserver and stubs used, and its CPU efficiency: texts per CPU-second of that whole stack over
+the ceiling's rows per CPU-second (``rows_per_cpu_second``: one pinned process per core, as the ceiling),
+which a machine shared with others disturbs far less than the wall-clock ratio (on an idle machine:
+ratio ~= efficiency x cores used / 2). Medians over the rounds are printed and written as JSON. A side may
+add tritonserver flags after its repository, comma-separated
+(``pool=demo/model_repository,--grpc-infer-allocation-pool-size=32``), so server settings are compared on
+one repository.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/served_vs_ceiling.py --texts demo/data/test.csv \\
         before=demo/model_repository after=demo/repo_after [--rounds 3] [--out results/served_vs_ceiling.json]
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from loadtest import cpu
 from loadtest.artifacts import read_served_repository
-from loadtest.ceiling import CeilingModel, RowRunner, measure_ceiling
+from loadtest.ceiling import CeilingModel, RowRunner, measure_ceiling, usable_cores
 from loadtest.clients import closed_loop
 from loadtest.serve import served
 from loadtest.texts import load_texts
@@ -37,10 +40,11 @@ def _ceiling(model: CeilingModel, texts: list[str], seconds: float) -> float:
     return measure_ceiling(model, texts, 0, seconds).seq_per_s
 
 
-def rows_per_cpu_second(model: CeilingModel, texts: list[str], cpu_seconds: float) -> float:
-    """The ceiling's work per CPU-second: RowRunner (the served per-row work) in this process, rows over the
-    process's CPU time, whole passes until ``cpu_seconds`` (after one untimed pass of 64 rows). A machine
-    shared with others changes how much CPU a side gets far more than what a CPU-second of it does."""
+def _cpu_rows(job: tuple) -> tuple[int, float]:
+    """(rows, CPU seconds) of one process running the served per-row work until ``cpu_seconds`` of CPU."""
+    model, texts, cpu_seconds, core = job
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     run = RowRunner(model)
     for text in texts[:64]:
         run(text)
@@ -49,7 +53,19 @@ def rows_per_cpu_second(model: CeilingModel, texts: list[str], cpu_seconds: floa
         for text in texts:
             run(text)
         rows += len(texts)
-    return rows / (time.process_time() - c0)
+    return rows, time.process_time() - c0
+
+
+def rows_per_cpu_second(model: CeilingModel, texts: list[str], cpu_seconds: float) -> float:
+    """The ceiling's work per CPU-second: RowRunner (the served per-row work) in one pinned process per core at
+    once, as the ceiling runs, rows over the processes' CPU time. A machine shared with others changes how
+    much CPU a side gets far more than what a CPU-second of it does."""
+    cores = usable_cores()
+    pinned = model.intra_op_threads == 1
+    n = len(cores) if pinned else 1
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        got = pool.map(_cpu_rows, [(model, texts, cpu_seconds, cores[i] if pinned else None) for i in range(n)])
+    return sum(rows for rows, _ in got) / sum(cpu for _, cpu in got)
 
 
 def _round(repos: dict[str, tuple[Path, tuple[str, ...]]], model: CeilingModel, texts: list[str], args) -> dict[str, dict[str, float]]:
