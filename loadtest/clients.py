@@ -85,7 +85,7 @@ class _Sender:
     outputs, their names and the timeout argument are fixed per sender. Every answer is still decoded and
     checked against the contract."""
 
-    CACHE_CHUNKS = 1 << 16  # distinct chunks kept built; further ones are built per request
+    CACHE_BYTES = 64 << 20  # characters of text kept built (about its UTF-8 bytes); further chunks are built per request
 
     def __init__(self, protocol: Protocol | str, url: str, model: str, conn_limit: int):
         try:
@@ -99,6 +99,7 @@ class _Sender:
         self.outputs: list[Any] = []
         self.names: tuple[str, ...] = ()
         self._inputs: dict[tuple[str, ...], list[Any]] = {}
+        self._cached_chars = 0
         self._timeout: tuple[float, dict[str, Any]] = (-1.0, {})
 
     async def fetch_contract(self) -> None:
@@ -112,13 +113,16 @@ class _Sender:
         self.outputs = requested_outputs(self.mod, self.names)
 
     def request_inputs(self, texts: Sequence[str]) -> list[Any]:
-        """The request tensors of ``texts``, built once per distinct chunk (up to ``CACHE_CHUNKS`` of them)."""
+        """The request tensors of ``texts``, built once per distinct chunk (while the kept chunks hold less
+        than ``CACHE_BYTES`` characters of text; past that, built per request)."""
         key = tuple(texts)
         inputs = self._inputs.get(key)
         if inputs is None:
             inputs = infer_inputs(self.mod, key)
-            if len(self._inputs) < self.CACHE_CHUNKS:
+            size = sum(map(len, key))
+            if self._cached_chars + size <= self.CACHE_BYTES:
                 self._inputs[key] = inputs
+                self._cached_chars += size
         return inputs
 
     def _timeout_kwargs(self, timeout_s: float) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def test_closed_and_open_loop_clients(server, texts_csv):
 
 
 @pytest.mark.server
-def test_load_generator_builds_each_chunk_once_and_checks_every_answer(server, texts_csv):
+def test_load_generator_builds_each_chunk_once_and_checks_every_answer(server, texts_csv, monkeypatch):
     """The load generator's sender re-uses a chunk's request tensors (built once, sent by concurrent
     requests); every answer is still checked and equals the thin client's, whichever chunk went before."""
     import asyncio
@@ -137,11 +137,11 @@ def test_load_generator_builds_each_chunk_once_and_checks_every_answer(server, t
         expected = [p.label for p in client.classify(texts)]
     chunks = [texts[:3], texts[3:], texts[:3], texts[:1]]
 
-    async def drive(protocol, url):
+    async def drive(protocol, url, same=True):
         sender = _Sender(protocol, url, DEFAULT_CLASSIFIER, 4)
         try:
             await sender.fetch_contract()
-            assert sender.request_inputs(list(texts[:3])) is sender.request_inputs(texts[:3])
+            assert (sender.request_inputs(list(texts[:3])) is sender.request_inputs(texts[:3])) is same
             assert sender.request_inputs(texts[3:]) is not sender.request_inputs(texts[:3])
             answers = await asyncio.gather(*(sender.send(chunk, 30.0) for chunk in chunks * 3))
             return answers, len(sender._inputs)
@@ -152,6 +152,10 @@ def test_load_generator_builds_each_chunk_once_and_checks_every_answer(server, t
         answers, built = asyncio.run(drive(protocol, url))
         assert built == 3  # three distinct chunks, twelve requests
         assert answers == [expected[:3], expected[3:], expected[:3], expected[:1]] * 3
+    # past its budget the sender keeps no more chunks, and still answers them
+    monkeypatch.setattr(_Sender, "CACHE_BYTES", len(texts[0]))
+    answers, built = asyncio.run(drive(Protocol.GRPC, server.grpc_url, same=False))
+    assert built == 1 and answers == [expected[:3], expected[3:], expected[:3], expected[:1]] * 3
 
 
 @pytest.mark.server
