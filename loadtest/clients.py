@@ -77,7 +77,15 @@ class LoadResult:
 
 
 class _Sender:
-    """One asyncio client for either protocol (TLS when the URL says so); ``send`` returns checked labels."""
+    """One asyncio client for either protocol (TLS when the URL says so); ``send`` returns checked labels.
+
+    The load generator re-sends the same texts, so each distinct chunk's request tensors are built once and
+    re-used (as perf_analyzer prepares its input data once): tritonclient only reads an ``InferInput`` when
+    it builds a request, so one object can go out in any number of concurrent requests. The requested
+    outputs, their names and the timeout argument are fixed per sender. Every answer is still decoded and
+    checked against the contract."""
+
+    CACHE_BYTES = 64 << 20  # characters of text kept built (about its UTF-8 bytes); further chunks are built per request
 
     def __init__(self, protocol: Protocol | str, url: str, model: str, conn_limit: int):
         try:
@@ -89,6 +97,10 @@ class _Sender:
         self.mod = tritonclient_module(self.protocol)
         self.served: ServedModel | None = None
         self.outputs: list[Any] = []
+        self.names: tuple[str, ...] = ()
+        self._inputs: dict[tuple[str, ...], list[Any]] = {}
+        self._cached_chars = 0
+        self._timeout: tuple[float, dict[str, Any]] = (-1.0, {})
 
     async def fetch_contract(self) -> None:
         grpc = self.protocol is Protocol.GRPC
@@ -97,15 +109,34 @@ class _Sender:
             self.served = ServedModel.from_config(config)
         except ContractError as exc:
             raise LoadtestError(f"{self.model}: {exc}") from exc
-        self.outputs = requested_outputs(self.mod, self.served.default_outputs)
+        self.names = self.served.default_outputs
+        self.outputs = requested_outputs(self.mod, self.names)
+
+    def request_inputs(self, texts: Sequence[str]) -> list[Any]:
+        """The request tensors of ``texts``, built once per distinct chunk (while the kept chunks hold less
+        than ``CACHE_BYTES`` characters of text; past that, built per request)."""
+        key = tuple(texts)
+        inputs = self._inputs.get(key)
+        if inputs is None:
+            inputs = infer_inputs(self.mod, key)
+            size = sum(map(len, key))
+            if self._cached_chars + size <= self.CACHE_BYTES:
+                self._inputs[key] = inputs
+                self._cached_chars += size
+        return inputs
+
+    def _timeout_kwargs(self, timeout_s: float) -> dict[str, Any]:
+        if self._timeout[0] != timeout_s:
+            self._timeout = (timeout_s, {"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
+                             else {"timeout": int(timeout_s * 1e6)})
+        return self._timeout[1]
 
     async def send(self, texts: Sequence[str], timeout_s: float) -> list:
         """The checked answer of one request: a label per text, or (an embedding model) a vector per text."""
-        timeout = ({"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
-                   else {"timeout": int(timeout_s * 1e6)})
-        result = await self.client.infer(self.model, infer_inputs(self.mod, texts), outputs=self.outputs, **timeout)
         assert self.served is not None, "fetch_contract() first"
-        outputs = {name: result.as_numpy(name) for name in self.served.default_outputs}
+        result = await self.client.infer(self.model, self.request_inputs(texts), outputs=self.outputs,
+                                         **self._timeout_kwargs(timeout_s))
+        outputs = {name: result.as_numpy(name) for name in self.names}
         if self.served.head is Head.EMBEDDING:
             return list(decode_embedding(self.served, outputs, len(texts)))
         return check_response(self.served, outputs, len(texts))

@@ -36,10 +36,11 @@ class Endpoints:
 
 
 @contextlib.contextmanager
-def served(repository: Path, log_file: Path | None = None) -> Iterator[Endpoints]:
-    """Run tritonserver on ``repository`` for the duration of the block; yield its endpoints."""
+def served(repository: Path, log_file: Path | None = None, extra_args: tuple[str, ...] = ()) -> Iterator[Endpoints]:
+    """Run tritonserver on ``repository`` (with ``extra_args``, more tritonserver flags) for the duration of
+    the block; yield its endpoints."""
     try:
-        server = LocalTritonServer(ServerConfig(Path(repository), log_file=log_file))
+        server = LocalTritonServer(ServerConfig(Path(repository), log_file=log_file, extra_args=tuple(extra_args)))
         server.start()
     except ServingError as exc:
         raise LoadtestError(f"could not start tritonserver: {exc}") from exc

@@ -213,6 +213,8 @@ class _Base(ClientConfig):
 
     _client: Any = field(init=False, default=None, repr=False)
     _served: ServedModel | None = field(init=False, default=None, repr=False)
+    # (output names, their InferRequestedOutput objects): built once, tritonclient only reads them
+    _requested: tuple[tuple[str, ...], list[Any]] | None = field(init=False, default=None, repr=False)
 
     _aio = False  # the asyncio transport sets True
 
@@ -240,7 +242,10 @@ class _Base(ClientConfig):
         """(args, kwargs) of ``client.infer`` for one chunk (texts, or (text, pair) tuples), built through
         the contract."""
         module = self._module
-        outputs = requested_outputs(module, self._outputs(served))
+        names = tuple(self._outputs(served))
+        if self._requested is None or self._requested[0] != names:
+            self._requested = (names, requested_outputs(module, names))
+        outputs = self._requested[1]
         texts, pairs = _split_pairs(chunk)
         return (self.model, infer_inputs(module, texts, pairs)), {"outputs": outputs, **self._grpc_timeout()}
 

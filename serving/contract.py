@@ -498,16 +498,17 @@ def check_classification(model: ServedModel, outputs: Mapping[str, Any], n_rows:
         raise ContractError(f"{PROBABILITIES} is not [{n_rows}, num_labels] numbers: {exc}") from exc
     if model.labels and probs.shape[1] != len(model.labels):
         raise ContractError(f"{PROBABILITIES} has {probs.shape[1]} columns for {len(model.labels)} labels")
-    if not np.all(np.isfinite(probs)) or np.any(probs < -PROB_TOLERANCE) or np.any(probs > 1 + PROB_TOLERANCE):
+    # min/max propagate NaN and a comparison with NaN is False, so this one test also refuses NaN and +-Inf
+    if probs.size and not (probs.min() >= -PROB_TOLERANCE and probs.max() <= 1 + PROB_TOLERANCE):
         raise ContractError(f"{PROBABILITIES} has values outside [0, 1] (or NaN/Inf)")
     if model.head is Head.MULTI_LABEL:
         expected = [encode_label_set([model.labels[j] for j in np.flatnonzero(row >= model.threshold)])
                     for row in probs]
     else:
-        worst = float(np.max(np.abs(probs.sum(axis=1) - 1.0)))
+        worst = float(np.abs(probs.sum(axis=1) - 1.0).max()) if n_rows else 0.0
         if worst > PROB_TOLERANCE:
             raise ContractError(f"{PROBABILITIES} rows do not sum to 1 (off by {worst:.4f})")
-        expected = [model.labels[int(j)] for j in probs.argmax(axis=1)] if model.labels else labels
+        expected = [model.labels[j] for j in probs.argmax(axis=1).tolist()] if model.labels else labels
     bad = [(got, exp) for got, exp in zip(labels, expected) if got != exp]
     if bad:
         raise ContractError(f"{LABEL} {bad[0][0]!r} does not match the probabilities ({bad[0][1]!r})")

@@ -85,6 +85,15 @@ def test_check_and_decode_single_label():
         c.check_classification(model, out, 3)
 
 
+@pytest.mark.parametrize("row", [[float("nan"), 0.5, 0.5], [float("inf"), 0.0, 0.0], [-float("inf"), 1.0, 1.0],
+                                 [1.2, -0.2, 0.0], [0.5, 0.5, 0.0 - 2e-3]])
+def test_check_classification_refuses_nan_inf_and_out_of_range(row):
+    model = c.ServedModel(labels=("a", "b", "c"))
+    out = {c.LABEL: np.array([[b"a"]], dtype=object), c.PROBABILITIES: np.array([row])}
+    with pytest.raises(c.ContractError, match="outside"):
+        c.check_classification(model, out, 1)
+
+
 def test_check_and_decode_multi_label():
     model = c.ServedModel(labels=("a", "b", "c"), head=c.Head.MULTI_LABEL)
     row = c.encode_label_set(["a", "c"])

@@ -10,7 +10,7 @@ import pytest
 from serving_helpers import corpus_texts
 
 from loadtest.ceiling import usable_cores
-from serving.contract import Endpoint, Protocol
+from serving.contract import DEFAULT_CLASSIFIER, Endpoint, Protocol
 from serving.repository import RepositoryConfig, read_repository, write_repository
 
 LABELS = ("negative", "neutral", "positive")
@@ -120,6 +120,42 @@ def test_closed_and_open_loop_clients(server, texts_csv):
     o = open_loop("grpc", server.grpc_url, ts.texts, ts.labels, rate_rps=20, texts_per_request=2, duration_s=2,
                   warmup_s=0.5)
     assert o.failures == 0 and 36 <= o.requests <= 41  # 20 req/s for 2 s, paced, not as fast as possible
+
+
+@pytest.mark.server
+def test_load_generator_builds_each_chunk_once_and_checks_every_answer(server, texts_csv, monkeypatch):
+    """The load generator's sender re-uses a chunk's request tensors (built once, sent by concurrent
+    requests); every answer is still checked and equals the thin client's, whichever chunk went before."""
+    import asyncio
+
+    from loadtest.clients import _Sender
+    from loadtest.texts import load_texts
+    from serving.client import TextClassifier
+
+    texts = list(load_texts(texts_csv).texts[:6])
+    with TextClassifier(server.http_url) as client:
+        expected = [p.label for p in client.classify(texts)]
+    chunks = [texts[:3], texts[3:], texts[:3], texts[:1]]
+
+    async def drive(protocol, url, same=True):
+        sender = _Sender(protocol, url, DEFAULT_CLASSIFIER, 4)
+        try:
+            await sender.fetch_contract()
+            assert (sender.request_inputs(list(texts[:3])) is sender.request_inputs(texts[:3])) is same
+            assert sender.request_inputs(texts[3:]) is not sender.request_inputs(texts[:3])
+            answers = await asyncio.gather(*(sender.send(chunk, 30.0) for chunk in chunks * 3))
+            return answers, len(sender._inputs)
+        finally:
+            await sender.close()
+
+    for protocol, url in ((Protocol.GRPC, server.grpc_url), (Protocol.HTTP, server.http_url)):
+        answers, built = asyncio.run(drive(protocol, url))
+        assert built == 3  # three distinct chunks, twelve requests
+        assert answers == [expected[:3], expected[3:], expected[:3], expected[:1]] * 3
+    # past its budget the sender keeps no more chunks, and still answers them
+    monkeypatch.setattr(_Sender, "CACHE_BYTES", len(texts[0]))
+    answers, built = asyncio.run(drive(Protocol.GRPC, server.grpc_url, same=False))
+    assert built == 1 and answers == [expected[:3], expected[3:], expected[:3], expected[:1]] * 3
 
 
 @pytest.mark.server
