@@ -38,7 +38,10 @@ class GateMode(str, enum.Enum):
 
 @dataclass
 class SpeedResult:
-    """In-process speed of one model. ``throughput_seq_s`` is what selection compares."""
+    """In-process speed of one model. ``throughput_seq_s`` is what selection compares. ``warmed_shapes``:
+    distinct input shapes run once, unmeasured, before their first timed row (exporter.speed.FirstPerShape).
+    ``probe``: set when this is the measure of the variant's int8 probe that left it there (the measure that
+    decided; no second one is taken), saying which probe and how long it was timed."""
 
     mode: GateMode
     latency_ms_p50: float
@@ -49,6 +52,8 @@ class SpeedResult:
     throughput_batch_size: int = 1
     intra_op_threads: int | None = None  # None: the runtime's default (all cores)
     tokenization_included: bool = False
+    warmed_shapes: int = 0
+    probe: str | None = None
 
 
 @dataclass

@@ -179,6 +179,10 @@ class RowEncoder:
         self.tokenizer = tokenizer or load_tokenizer(pipeline)
         self.max_length = pipeline.max_seq_length
 
+    def shape(self, text: str) -> tuple[int, ...]:
+        """The token count of each window ``text`` runs as (what the runtime's per-shape work depends on)."""
+        return (len(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]),)
+
     def __call__(self, text: str) -> np.ndarray:
         enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="np")
         feeds = {name: np.asarray(enc[name], dtype=np.int64) for name in self.inputs}
@@ -192,6 +196,10 @@ class WindowEncoder(RowEncoder):
     def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None, *, chunked: Chunked):
         super().__init__(path, pipeline, tokenizer)
         self.chunked = chunked
+
+    def shape(self, text: str) -> tuple[int, ...]:
+        return tuple(len(w["input_ids"]) for w in reference_windows(self.tokenizer, text, None, self.max_length,
+                                                                    self.chunked.chunk))
 
     def __call__(self, text: str) -> np.ndarray:
         vectors = []
@@ -325,12 +333,12 @@ def measure_speed(path: Path, pipeline: EmbeddingPipeline, texts: Sequence[str],
     if isinstance(encoder, BatchEncoder):
         return encode_batched(encoder, texts)[1]
     c0 = time.process_time()
-    timed = speed.measure_per_row(encoder, lambda text: text, texts, seconds, 1)
+    timed = speed.measure_per_row(encoder, lambda text: text, texts, seconds, 1, shape=encoder.shape)
     cpu = time.process_time() - c0
     rows = timed.throughput_rows
     seconds = rows / timed.throughput_seq_s if timed.throughput_seq_s else 0.0
     return EmbeddingSpeed(timed.throughput_seq_s, rows, round(seconds, 4), 1,
-                          (rows + min(3, len(texts))) / cpu if cpu > 0 else 0.0, round(cpu, 4))
+                          (rows + timed.warmed_shapes) / cpu if cpu > 0 else 0.0, round(cpu, 4))
 
 
 def as_dict(record) -> dict:

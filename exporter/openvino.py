@@ -26,6 +26,7 @@ and speed measure: parity.session opens an OpenVINO session when the IR is there
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,7 +36,8 @@ import numpy as np
 from exporter import parity, worker
 from exporter.config import Precision
 from exporter.parity import Batch
-from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made, probe_record
+from exporter.artifacts import MODEL_FILE
+from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made, ProbeSpeed, probe_record
 from serving.models import runtime
 
 log = logging.getLogger(__name__)
@@ -108,18 +110,20 @@ def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
 
 
 def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[Path], tuple[bool, str]],
-           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None) -> dict:
+           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None,
+           started: worker.Started | None = None) -> dict:
     """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
     the evaluation rows); ``dst`` keeps the last round. Round 0 is timed before its tuning check when
     ``too_slow`` is given: when it says round 0 is slower than a variant that passed, neither the check nor
     a further round runs (keeping more in float only slows it down, so it could never be selected). That
     timing runs on a probe calibrated on the first ``PROBE_ROWS`` rows; the full
-    calibration runs only when the probe is fast enough (:func:`_probe`). Returns the runtime record with the attempts."""
+    calibration runs only when the probe is fast enough (:func:`_probe`; ``started``: that probe, quantized ahead
+    by :func:`start_probe`). Returns the runtime record with the attempts."""
     attempts, record, rows_used, done = [], {}, len(calibration), None
     with tempfile.TemporaryDirectory(prefix="ov-int8-calibration-") as tmp:
         rows = worker.save_batches(calibration, Path(tmp) / "calibration.npz")
         if too_slow is not None:
-            record, probe_rows, slow = _probe(src_onnx, dst, calibration, Path(tmp), too_slow)
+            record, probe_rows, slow = _probe(src_onnx, dst, calibration, Path(tmp), too_slow, started)
             done = record if probe_rows == len(calibration) else None  # the probe was round 0 itself
             if slow:
                 rows_used = probe_rows
@@ -144,13 +148,45 @@ PROBE_ROWS = 32  # calibration rows of the probe that ov_int8's round 0 is timed
 
 
 def _probe(src_onnx: Path, dst: Path, calibration: list[Batch], tmp: Path,
-           too_slow: Callable[[Path], bool]) -> tuple[dict, int, bool]:
-    """Round 0 quantized on the first ``PROBE_ROWS`` calibration rows only into ``dst``: (its runtime record,
-    those rows, whether it is ``too_slow``). NNCF's calibration (its statistics passes: the slow part) sets
-    the scales, never which operators run, so the probe runs at the speed of the fully calibrated IR."""
+           too_slow: Callable[[Path], bool], started: worker.Started | None = None) -> tuple[dict, int, bool]:
+    """Round 0 quantized on the first ``PROBE_ROWS`` calibration rows only into ``dst`` (or taken from
+    ``started``, the same job run ahead): (its runtime record, those rows, whether it is ``too_slow``). NNCF's
+    calibration (its statistics passes: the slow part) sets the scales, never which operators run, so the
+    probe runs at the speed of the fully calibrated IR."""
     probe = calibration[:PROBE_ROWS]
-    record = _quantize(src_onnx, dst, worker.save_batches(probe, tmp / "probe.npz"), None)
+    if started is None:
+        record = _quantize(src_onnx, dst, worker.save_batches(probe, tmp / "probe.npz"), None)
+    else:
+        record = _take(started, dst)
     return record, len(probe), too_slow(dst)
+
+
+def _take(started: worker.Started, dst: Path) -> dict:
+    """The started probe's runtime record, its files moved beside ``dst`` (raises what the job raised)."""
+    record = started.future.result()
+    for name in (dst.name, runtime.IR_FILE, runtime.IR_WEIGHTS):
+        shutil.move(started.directory / name, dst.parent / name)
+    return record
+
+
+def start_probe(ctx: Context) -> None:
+    """Start quantizing ov_int8's round-0 probe (what :func:`_probe` would quantize) in a worker now, beside
+    the work that precedes ov_int8 (the int8_dynamic search: a quantization worker and gates, no timing);
+    ``ctx.background`` holds it, so every speed measure waits for it first. Only when the probe will be used:
+    a non-exhaustive build (its floor is known by then, or the probe is discarded unused)."""
+    if ctx.config.exhaustive or OV_INT8 in ctx.background:
+        return
+    directory = ctx.scratch / f"{OV_INT8}-probe"
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = worker.save_batches(_calibration_rows(ctx)[:PROBE_ROWS], directory / "probe.npz")
+    ctx.background[OV_INT8] = worker.start("ov-quantize", directory, src=str(ctx.base),
+                                           dst=str(directory / MODEL_FILE), calibration=str(rows), ignored=None,
+                                           precision=INT8_REST_PRECISION)
+
+
+def _calibration_rows(ctx: Context) -> list[Batch]:
+    """ov_int8's calibration: the first ``CALIBRATION_ROWS`` training rows, each alone."""
+    return parity.unbatch(ctx.data.calibration)[:CALIBRATION_ROWS]
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -178,7 +214,7 @@ def make_embedding(name: str, fp32_onnx: Path, dst: Path, *, calibration: list[B
 
 def make_int8(ctx: Context, dst: Path) -> Made:
     """NNCF PTQ on training rows, the sensitivity rounds judged on the tuning rows; the eval rows decide."""
-    calibration = parity.unbatch(ctx.data.calibration)[:CALIBRATION_ROWS]
+    calibration = _calibration_rows(ctx)
     tuning = parity.unbatch(ctx.data.tuning_batches)
     tune_ref, budgets = ctx.tuning_reference(), ctx.config.budgets
     excluded = sorted({n for v in ctx.variants.values() if not v.runtime_settings for n in v.excluded_nodes or ()})
@@ -188,14 +224,17 @@ def make_int8(ctx: Context, dst: Path) -> Made:
         record = parity.tuning_check(sess, tuning, tune_ref, budgets, ctx.mode)
         return record.passed, record.reason
 
-    floor = None if ctx.config.exhaustive else ctx.best_passing()
-    too_slow = None if floor is None else (lambda path: ctx.speed(path, Precision.INT8, 0.5).throughput_seq_s < floor)
-    record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
+    floor, probe = None if ctx.config.exhaustive else ctx.best_passing(), ProbeSpeed(ctx)
+    too_slow = None if floor is None else (lambda path: probe(path) < floor)
+    started = ctx.background.pop(OV_INT8, None)
+    record = search(ctx.base, dst, calibration, tune, excluded, too_slow, started if too_slow else None)
     scope = record["quantization"]["ignored_scope"] or {}
     extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
              "calibration": {"rows": record["quantization"]["calibration_rows"], "source": ctx.data.calibration_source,
                              "method": "NNCF MinMax (TRANSFORMER, MIXED)", "format": "OpenVINO IR FakeQuantize"}}
-    skipped = record["search"][0].get("skipped")
-    if skipped and record["quantization"]["calibration_rows"] < len(calibration):  # left at its probe: final
-        return extra, probe_record(ctx, skipped)
+    skipped, rows = record["search"][0].get("skipped"), record["quantization"]["calibration_rows"]
+    if skipped:  # round 0 timed slower than a passing variant: that measure is its record
+        extra["speed"] = probe.record(f"ov_int8 round 0, a probe calibrated on {rows} of {len(calibration)} rows")
+        if rows < len(calibration):  # left at its probe: final
+            return extra, probe_record(ctx, skipped)
     return extra, None

@@ -34,7 +34,8 @@ def table_rows(report: BuildReport) -> list[tuple[str, ...]]:
         p, s = v.parity, v.speed
         verdict = ("PASS" if p.passed else "FAIL" if p.gated else "not gated") + \
             (" (selected)" if name == report.selected else "")
-        rows.append((name, _mb(v.size_bytes), _f(s and s.latency_ms_p50, ".2f"), _f(s and s.throughput_seq_s, ".1f"),
+        seq_s = _f(s and s.throughput_seq_s, ".1f") + (" (probe)" if s and s.probe else "")
+        rows.append((name, _mb(v.size_bytes), _f(s and s.latency_ms_p50, ".2f"), seq_s,
                      _f(p.max_abs_diff, ".2e"), _pct(p.label_agreement if p.n_examples else None), _pct(p.accuracy),
                      _f(p.accuracy_drop_pts, ".2f"), verdict))
     return rows
@@ -69,6 +70,8 @@ def _notes(report: BuildReport) -> list[str]:
         if p.label_agreement_batch1 is not None and report.gate_mode is GateMode.BATCHED:
             lines.append(f"- {name}: label agreement one row at a time (as a request served alone) "
                          f"{p.label_agreement_batch1:.2%}")
+        if v.speed is not None and v.speed.probe:
+            lines.append(f"- {name}: seq/s (probe) is {v.speed.probe}")
         if v.excluded_nodes:
             lines.append(f"- {name}: {len(v.excluded_nodes)} nodes kept in fp32 after the sensitivity search")
         if v.fp32_nodes and v.precision == "fp16" and not v.runtime_settings:

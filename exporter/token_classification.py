@@ -218,7 +218,7 @@ def pipeline_speed(pipe, texts: list[str]) -> float:
         torch.set_num_threads(threads)
 
 
-def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, labels: list[str]):
+def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, labels: list[str]) -> "ServedTagger":
     """text -> (logits [tokens, labels], entities) as the served tagger computes them: the text alone, cut
     before tokenizing (serving.models.tokenization), one thread, the session the served model opens
     (serving.models.runtime: OpenVINO when an IR lies beside ``onnx_path``, else ONNX Runtime)."""
@@ -231,19 +231,35 @@ def served_tagger(onnx_path: Path, tokenizer_dir: Path, config: BuildConfig, lab
     unk = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("unk_token") \
         if (tokenizer_dir / "tokenizer_config.json").is_file() else None
     vocab = entities.Vocabulary.of(tok.probe, unk.get("content") if isinstance(unk, dict) else unk)
-    session = runtime.open_session(onnx_path, 1)
-    names = [i.name for i in session.get_inputs()]
+    return ServedTagger(tok, vocab, runtime.open_session(onnx_path, 1), labels, config.aggregation.value)
 
-    def one(text: str):
-        row = tok.encode(text)
-        window = []
+
+@dataclass
+class ServedTagger:
+    """The served tagger's work on one text (:func:`served_tagger` opens it)."""
+
+    tok: tokenization.LengthTokenizer
+    vocab: entities.Vocabulary
+    session: object
+    labels: list[str]
+    aggregation: str
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def shape(self, text: str) -> tuple[int, ...]:
+        """The token count of each window ``text`` runs as (what the runtime's per-shape work depends on)."""
+        return tuple(len(enc.ids) for enc in self.tok.encode(text).encodings)
+
+    def __call__(self, text: str):
+        row = self.tok.encode(text)
+        names, window = self.names, []
         for enc in row.encodings:
             cols = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
-            window.append(session.run(["logits"], {n: np.asarray([cols[n]], np.int64) for n in names})[0][0])
-        return np.concatenate(window), entities.text_entities(text, row.encodings, window, labels, vocab,
-                                                              config.aggregation.value, row.shift)
-
-    return one
+            window.append(self.session.run(["logits"], {n: np.asarray([cols[n]], np.int64) for n in names})[0][0])
+        return np.concatenate(window), entities.text_entities(text, row.encodings, window, self.labels, self.vocab,
+                                                              self.aggregation, row.shift)
 
 
 def served(onnx_path: Path, tokenizer_dir: Path, texts: list[str], config: BuildConfig, labels: list[str]):
@@ -258,7 +274,8 @@ def measure_speed(onnx_path: Path, ref: Reference, config: BuildConfig) -> float
     """The variant's texts/s as served, measured the way the classifier's is (exporter.speed.measure_per_row:
     each text tokenized and run alone on one thread for --speed-seconds)."""
     one = served_tagger(onnx_path, ref.tokenizer_dir, config, ref.labels)
-    return speed.measure_per_row(one, lambda text: text, ref.texts, config.speed_seconds, 1).throughput_seq_s
+    return speed.measure_per_row(one, lambda text: text, ref.texts, config.speed_seconds, 1,
+                                 shape=one.shape).throughput_seq_s
 
 
 def compare_entities(ref: list[list[dict]], got: list[list[dict]], key: str, tolerance: float = math.inf

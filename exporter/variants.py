@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -62,6 +63,9 @@ class Context:
     variants: dict[str, Variant] = field(default_factory=dict)
     tokenizer_dir: Path | None = None  # where the tokenizer files are (default: the checkpoint)
     _tune_ref: Reference | None = None
+    # worker jobs started ahead of the variant that uses them (exporter.worker.start), by name: every speed
+    # measure waits for them first (:meth:`settle`)
+    background: dict[str, worker.Started] = field(default_factory=dict)
 
     def variant_dir(self, name: str) -> Path:
         """``out/<name>/`` with the checkpoint's config and tokenizer files (ORTModel.from_pretrained loads it)."""
@@ -84,11 +88,16 @@ class Context:
     def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
         """Speed: per row, tokenized, 1 thread (cpu, as served); padded batches of --batch-size (gpu)."""
         seconds = seconds or self.config.speed_seconds
+        self.settle()
         threads = parity.gate_threads(self.mode)
         sess = parity.session(path, precision, threads=threads)
         if self.mode is GateMode.PER_ROW:
             return speed.measure_per_row(speed.ort_runner(sess), self.data.encode, self.data.texts, seconds, threads)
         return speed.measure(speed.ort_runner(sess), self.data.singles, self.data.eval_batches, seconds)
+
+    def settle(self) -> None:
+        """Wait for the background worker jobs (what they raised is raised where their result is taken)."""
+        futures.wait([job.future for job in self.background.values()])
 
     def best_passing(self) -> float | None:
         """The throughput of the fastest servable variant that passed so far."""
@@ -156,8 +165,13 @@ def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
             extra, record = builder.make(ctx, dst)
     except Exception as exc:  # a converter/quantizer failure fails the variant, not the build
         return failed(ctx, builder, exc), False
-    with ctx.stages(f"{builder.name}-speed"):
-        speed = ctx.speed(dst, builder.precision)
+    if any(not job.future.done() for job in ctx.background.values()):  # its own stage, not the speed measure's
+        with ctx.stages(f"wait-{'+'.join(ctx.background)}"):
+            ctx.settle()
+    speed = extra.pop("speed", None)  # a variant left at its probe: the probe's measure decided, none is retaken
+    if speed is None:
+        with ctx.stages(f"{builder.name}-speed"):
+            speed = ctx.speed(dst, builder.precision)
     release_memory()
     variant = Variant(name=builder.name, precision=builder.precision.value, file=f"{builder.name}/{MODEL_FILE}",
                       size_bytes=dst.stat().st_size, speed=speed, servable=builder.name in SERVABLE[ctx.config.target],
@@ -197,18 +211,43 @@ def _make_int8(ctx: Context, dst: Path) -> Made:
         sess = parity.session(path, Precision.INT8, threads=parity.gate_threads(ctx.mode), arena=False)
         return parity.tuning_check(sess, tuning_feeds, tune_ref, budgets, ctx.mode)
 
+    probe = ProbeSpeed(ctx)
     found = int8_search.search(kind, ctx.base, dst, settings, tune=tune, final=lambda p: ctx.gate(p, Precision.INT8),
                                tuning_batches=ctx.data.tuning_batches, calibration=ctx.data.calibration,
                                max_rounds=ctx.config.max_exclusion_rounds,
-                               calibration_cache=ctx.scratch / "calibration.json",
-                               throughput=lambda p: ctx.speed(p, Precision.INT8, 0.5).throughput_seq_s,
+                               calibration_cache=ctx.scratch / "calibration.json", throughput=probe,
                                speed_floor=None if ctx.config.exhaustive else ctx.best_passing())
     extra = {"mode": kind, "quantization": settings.describe(), "excluded_nodes": found.excluded,
              "fp32_nodes": found.excluded, "search": {"attempts": found.attempts, "skipped": found.skipped,
                                                       "most_sensitive": found.sensitivity}}
-    if found.eval_record is None and found.calibration_batches < len(ctx.data.calibration):
-        return _with_calibration(ctx, extra, found), probe_record(ctx, found.skipped)
+    if found.skipped:  # round 0 timed slower than a passing variant: that measure is its record
+        probed = found.calibration_batches < len(ctx.data.calibration)
+        extra["speed"] = probe.record(f"int8 {kind} round 0" + (f", a probe calibrated on {found.calibration_batches}"
+                                      f" of {len(ctx.data.calibration)} calibration batches" if probed else ""))
+        if probed:
+            return _with_calibration(ctx, extra, found), probe_record(ctx, found.skipped)
     return _with_calibration(ctx, extra, found), found.eval_record
+
+
+PROBE_SECONDS = 0.5  # timed seconds of an int8 round 0 (or probe) measured against the speed floor
+
+
+@dataclass
+class ProbeSpeed:
+    """The speed measure of an int8 round 0 or probe (``probe(path)`` -> seq/s, what the search compares with
+    the floor); a variant the measure leaves there records it (:meth:`record`) instead of taking another, so
+    its record shows the figure that decided."""
+
+    ctx: Context
+    last: SpeedResult | None = None
+
+    def __call__(self, path: Path) -> float:
+        self.last = self.ctx.speed(path, Precision.INT8, PROBE_SECONDS)
+        return self.last.throughput_seq_s
+
+    def record(self, what: str) -> SpeedResult:
+        self.last.probe = f"{what}, timed {PROBE_SECONDS:g} s: the measure that left it there (not retaken)"
+        return self.last
 
 
 def probe_record(ctx: Context, why: str) -> ParityResult:

@@ -86,7 +86,8 @@ class BenchConfig:
         "help": "also measure the gateway (docs/GATEWAY.md): the same requests through POST /predict and straight "
                 "over gRPC, alternating, at --single-text-concurrency clients and at 1 (loadtest/gateway_bench.py)"})
     ceiling_seconds: float = field(default=8.0, metadata={
-        "help": "timed seconds of each ceiling process (whole passes over the texts, after an untimed pass)"})
+        "help": "timed seconds of each ceiling process (whole passes over the texts, after each distinct "
+                "input shape ran once untimed)"})
     open_loop_load: float = field(default=0.7, metadata={
         "help": "the open-loop point's arrival rate as a fraction of the best closed-loop rate"})
     min_ratio: float = field(default=0.0, metadata={
