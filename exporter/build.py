@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -157,7 +157,6 @@ class ClassifierTask:
 
     adapter: Adapter | None = None  # a PEFT adapter: the checkpoint is its merge, the reference its PeftModel
     label: str = "variant"
-    planned: list[Step] = field(default_factory=list)
 
     def prepare(self, config: BuildConfig) -> _Inputs:
         inputs = validate(config)
@@ -187,12 +186,9 @@ class ClassifierTask:
     def plan(self, run: Run) -> list[Step]:
         config = run.config
         ov = openvino.builders(config.precisions, config.openvino and config.target is Target.CPU)  # OpenVINO hook
-        self.planned = [Step(b.name, b.precision, b) for b in [*variants.builders(config.precisions), *ov]]
-        return self.planned
+        return [Step(b.name, b.precision, b) for b in [*variants.builders(config.precisions), *ov]]
 
     def make(self, run: Run, step: Step) -> tuple[Variant, bool]:
-        if step.name == variants.INT8_DYNAMIC and any(s.name == variants.OV_INT8 for s in self.planned):
-            openvino.start_probe(run.state)  # NNCF beside the int8_dynamic search, which times nothing until its end
         return variants.make(run.state, step.make)
 
     def gate(self, run: Run, step: Step) -> Gate:

@@ -9,6 +9,7 @@ from common.cli import command_parser, prog_name, run_cli, setup_logging
 from common.dataclass_cli import Flag, add_config_arguments, config_from_args
 from exporter.config import Budgets, BuildConfig
 from exporter.errors import ExporterError
+from exporter.memory import freeze_imports
 from exporter.tasks import resolve
 
 PROG = "python -m exporter"
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         config = _config(args)
         flow = resolve(config)
+        freeze_imports()  # after the OMP setting above: it imports torch
         result = flow.build(config)
         print(flow.summary(result.report))
         if result.exit_code:

@@ -26,7 +26,6 @@ and speed measure: parity.session opens an OpenVINO session when the IR is there
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,7 +35,6 @@ import numpy as np
 from exporter import parity, worker
 from exporter.config import Precision
 from exporter.parity import Batch
-from exporter.artifacts import MODEL_FILE
 from exporter.variants import OV_FP32, OV_INT8, Builder, Context, Made, ProbeSpeed, probe_record
 from serving.models import runtime
 
@@ -110,20 +108,18 @@ def sensitivity_rounds(excluded: Sequence[str] = ()) -> list[dict | None]:
 
 
 def search(src_onnx: Path, dst: Path, calibration: list[Batch], tune: Callable[[Path], tuple[bool, str]],
-           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None,
-           started: worker.Started | None = None) -> dict:
+           excluded: Sequence[str] = (), too_slow: Callable[[Path], bool] | None = None) -> dict:
     """Quantize with each of :func:`sensitivity_rounds` until ``tune(dst)`` passes (the tuning rows, never
     the evaluation rows); ``dst`` keeps the last round. Round 0 is timed before its tuning check when
     ``too_slow`` is given: when it says round 0 is slower than a variant that passed, neither the check nor
     a further round runs (keeping more in float only slows it down, so it could never be selected). That
     timing runs on a probe calibrated on the first ``PROBE_ROWS`` rows; the full
-    calibration runs only when the probe is fast enough (:func:`_probe`; ``started``: that probe, quantized ahead
-    by :func:`start_probe`). Returns the runtime record with the attempts."""
+    calibration runs only when the probe is fast enough (:func:`_probe`). Returns the runtime record with the attempts."""
     attempts, record, rows_used, done = [], {}, len(calibration), None
     with tempfile.TemporaryDirectory(prefix="ov-int8-calibration-") as tmp:
         rows = worker.save_batches(calibration, Path(tmp) / "calibration.npz")
         if too_slow is not None:
-            record, probe_rows, slow = _probe(src_onnx, dst, calibration, Path(tmp), too_slow, started)
+            record, probe_rows, slow = _probe(src_onnx, dst, calibration, Path(tmp), too_slow)
             done = record if probe_rows == len(calibration) else None  # the probe was round 0 itself
             if slow:
                 rows_used = probe_rows
@@ -148,40 +144,13 @@ PROBE_ROWS = 32  # calibration rows of the probe that ov_int8's round 0 is timed
 
 
 def _probe(src_onnx: Path, dst: Path, calibration: list[Batch], tmp: Path,
-           too_slow: Callable[[Path], bool], started: worker.Started | None = None) -> tuple[dict, int, bool]:
-    """Round 0 quantized on the first ``PROBE_ROWS`` calibration rows only into ``dst`` (or taken from
-    ``started``, the same job run ahead): (its runtime record, those rows, whether it is ``too_slow``). NNCF's
-    calibration (its statistics passes: the slow part) sets the scales, never which operators run, so the
-    probe runs at the speed of the fully calibrated IR."""
+           too_slow: Callable[[Path], bool]) -> tuple[dict, int, bool]:
+    """Round 0 quantized on the first ``PROBE_ROWS`` calibration rows only into ``dst``: (its runtime record,
+    those rows, whether it is ``too_slow``). NNCF's calibration (its statistics passes: the slow part) sets
+    the scales, never which operators run, so the probe runs at the speed of the fully calibrated IR."""
     probe = calibration[:PROBE_ROWS]
-    if started is None:
-        record = _quantize(src_onnx, dst, worker.save_batches(probe, tmp / "probe.npz"), None)
-    else:
-        record = _take(started, dst)
+    record = _quantize(src_onnx, dst, worker.save_batches(probe, tmp / "probe.npz"), None)
     return record, len(probe), too_slow(dst)
-
-
-def _take(started: worker.Started, dst: Path) -> dict:
-    """The started probe's runtime record, its files moved beside ``dst`` (raises what the job raised)."""
-    record = started.future.result()
-    for name in (dst.name, runtime.IR_FILE, runtime.IR_WEIGHTS):
-        shutil.move(started.directory / name, dst.parent / name)
-    return record
-
-
-def start_probe(ctx: Context) -> None:
-    """Start quantizing ov_int8's round-0 probe (what :func:`_probe` would quantize) in a worker now, beside
-    the work that precedes ov_int8 (the int8_dynamic search: a quantization worker and gates, no timing);
-    ``ctx.background`` holds it, so every speed measure waits for it first. Only when the probe will be used:
-    a non-exhaustive build (its floor is known by then, or the probe is discarded unused)."""
-    if ctx.config.exhaustive or OV_INT8 in ctx.background:
-        return
-    directory = ctx.scratch / f"{OV_INT8}-probe"
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = worker.save_batches(_calibration_rows(ctx)[:PROBE_ROWS], directory / "probe.npz")
-    ctx.background[OV_INT8] = worker.start("ov-quantize", directory, src=str(ctx.base),
-                                           dst=str(directory / MODEL_FILE), calibration=str(rows), ignored=None,
-                                           precision=INT8_REST_PRECISION)
 
 
 def _calibration_rows(ctx: Context) -> list[Batch]:
@@ -226,8 +195,7 @@ def make_int8(ctx: Context, dst: Path) -> Made:
 
     floor, probe = None if ctx.config.exhaustive else ctx.best_passing(), ProbeSpeed(ctx)
     too_slow = None if floor is None else (lambda path: probe(path) < floor)
-    started = ctx.background.pop(OV_INT8, None)
-    record = search(ctx.base, dst, calibration, tune, excluded, too_slow, started if too_slow else None)
+    record = search(ctx.base, dst, calibration, tune, excluded, too_slow)
     scope = record["quantization"]["ignored_scope"] or {}
     extra = {"mode": "static", "runtime_settings": record, "excluded_nodes": scope.get("names") or scope.get("patterns"),
              "calibration": {"rows": record["quantization"]["calibration_rows"], "source": ctx.data.calibration_source,

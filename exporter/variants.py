@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -63,9 +62,6 @@ class Context:
     variants: dict[str, Variant] = field(default_factory=dict)
     tokenizer_dir: Path | None = None  # where the tokenizer files are (default: the checkpoint)
     _tune_ref: Reference | None = None
-    # worker jobs started ahead of the variant that uses them (exporter.worker.start), by name: every speed
-    # measure waits for them first (:meth:`settle`)
-    background: dict[str, worker.Started] = field(default_factory=dict)
 
     def variant_dir(self, name: str) -> Path:
         """``out/<name>/`` with the checkpoint's config and tokenizer files (ORTModel.from_pretrained loads it)."""
@@ -88,16 +84,11 @@ class Context:
     def speed(self, path: Path, precision: Precision, seconds: float | None = None) -> SpeedResult:
         """Speed: per row, tokenized, 1 thread (cpu, as served); padded batches of --batch-size (gpu)."""
         seconds = seconds or self.config.speed_seconds
-        self.settle()
         threads = parity.gate_threads(self.mode)
         sess = parity.session(path, precision, threads=threads)
         if self.mode is GateMode.PER_ROW:
             return speed.measure_per_row(speed.ort_runner(sess), self.data.encode, self.data.texts, seconds, threads)
         return speed.measure(speed.ort_runner(sess), self.data.singles, self.data.eval_batches, seconds)
-
-    def settle(self) -> None:
-        """Wait for the background worker jobs (what they raised is raised where their result is taken)."""
-        futures.wait([job.future for job in self.background.values()])
 
     def best_passing(self) -> float | None:
         """The throughput of the fastest servable variant that passed so far."""
@@ -165,9 +156,6 @@ def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
             extra, record = builder.make(ctx, dst)
     except Exception as exc:  # a converter/quantizer failure fails the variant, not the build
         return failed(ctx, builder, exc), False
-    if any(not job.future.done() for job in ctx.background.values()):  # its own stage, not the speed measure's
-        with ctx.stages(f"wait-{'+'.join(ctx.background)}"):
-            ctx.settle()
     speed = extra.pop("speed", None)  # a variant left at its probe: the probe's measure decided, none is retaken
     if speed is None:
         with ctx.stages(f"{builder.name}-speed"):

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
-from dataclasses import dataclass
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -141,25 +140,6 @@ def call(job: str, **args: Any) -> Any:
     PEAKS.append((job, peak))
     log.info("worker %s: peak RSS %.2f GB", job, peak / 1e9)
     return result
-
-
-@dataclass
-class Started:
-    """A job started ahead (:func:`start`): its Future (the job's result, or what it raised) and the directory
-    it writes its files into."""
-
-    future: Future
-    directory: Path | None = None
-
-
-def start(job: str, directory: Path | None = None, **args: Any) -> Started:
-    """:func:`call` from a thread of its own: the job's worker runs beside what this process does next.
-    Callers that time something wait for it first (exporter.variants.Context.settle): a worker running beside
-    a speed measure would slow it."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{job}")
-    future = pool.submit(call, job, **args)
-    pool.shutdown(wait=False)  # the thread ends with the job
-    return Started(future, directory)
 
 
 def _run(job: str, args: dict) -> tuple[Any, int, list[tuple[str, int]]]:

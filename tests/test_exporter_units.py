@@ -785,7 +785,7 @@ def test_static_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch
     assert [c[0] for c in calls] == [1] and result.eval_record.passed
 
 
-def _ov_search(monkeypatch, tmp_path, slow, rows=40, started=None):
+def _ov_search(monkeypatch, tmp_path, slow, rows=40):
     from exporter import openvino, worker
 
     calls = []
@@ -798,7 +798,7 @@ def _ov_search(monkeypatch, tmp_path, slow, rows=40, started=None):
     calibration = [{"input_ids": np.ones((1, 3), np.int64)}] * rows
     tune = lambda path: (True, "within budget")  # noqa: E731
     return openvino.search(tmp_path / "src.onnx", tmp_path / "dst.onnx", calibration, tune, (),
-                           lambda path: slow, started), calls
+                           lambda path: slow), calls
 
 
 def test_ov_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch, tmp_path):
@@ -812,29 +812,6 @@ def test_ov_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch, tm
     assert record["search"][-1]["tuning_passed"]
     record, calls = _ov_search(monkeypatch, tmp_path, slow=False, rows=PROBE_ROWS)  # the probe was round 0
     assert calls == [(PROBE_ROWS, None)] and record["search"][0]["tuning_passed"]
-
-
-def test_ov_int8_takes_the_probe_a_worker_quantized_ahead(monkeypatch, tmp_path):
-    """The probe started ahead (exporter.openvino.start_probe, beside the int8_dynamic search) is the probe:
-    its files are moved into the variant's directory and no second NNCF run happens; what it raised is raised."""
-    from concurrent.futures import Future
-
-    from exporter import worker
-    from serving.models import runtime
-
-    ahead = tmp_path / "ahead"
-    ahead.mkdir()
-    for name in ("dst.onnx", runtime.IR_FILE, runtime.IR_WEIGHTS):
-        (ahead / name).write_text(name)
-    future = Future()
-    future.set_result({"runtime": "openvino", "made": "ahead"})
-    record, calls = _ov_search(monkeypatch, tmp_path, slow=True, started=worker.Started(future, ahead))
-    assert calls == [] and record["made"] == "ahead" and (tmp_path / runtime.IR_WEIGHTS).read_text() == runtime.IR_WEIGHTS
-    assert "probe" in record["search"][0]["skipped"] and not any(ahead.iterdir())
-    failed = Future()
-    failed.set_exception(RuntimeError("nncf failed"))
-    with pytest.raises(RuntimeError, match="nncf failed"):
-        _ov_search(monkeypatch, tmp_path, slow=True, started=worker.Started(failed, ahead))
 
 
 def test_a_probes_graph_has_the_operators_of_the_fully_calibrated_one(tiny_checkpoint, tiny_onnx, tmp_path):
@@ -960,3 +937,29 @@ def _speed_record(ctx, seq_s):
 
     return SpeedResult(mode=ctx.mode, latency_ms_p50=1.0, latency_ms_p99=1.0, latency_samples=1,
                        throughput_seq_s=seq_s, throughput_rows=1, intra_op_threads=1)
+
+
+def test_a_build_freezes_what_its_imports_made_so_each_stage_collects_only_its_own():
+    """exporter.memory.freeze_imports (the build CLI calls it before any model is loaded): what is alive then
+    is out of the collector's scans, and an object made afterwards in a reference cycle is still collected."""
+    import gc
+    import weakref
+
+    from exporter.memory import freeze_imports, release_memory
+
+    gc.unfreeze()
+    try:
+        freeze_imports()
+        assert gc.get_freeze_count() > 10_000  # torch, transformers and ONNX Runtime's objects
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made after the freeze
+        gone = weakref.ref(a)
+        del a, b
+        release_memory()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
