@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     from common.cli import setup_logging
     from exporter.build import build
     from exporter.config import BuildConfig
+    from exporter.memory import freeze_imports
     from exporter.stages import worker_peaks
 
     setup_logging(False)
+    freeze_imports()  # as `python -m exporter build` does before a build
     t0 = time.perf_counter()
     result = build(BuildConfig(checkpoint=ckpt, out=args.workdir / "build", repository=None,
                                precisions=args.precisions, eval_size=args.eval_size,
