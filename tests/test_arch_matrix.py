@@ -5,6 +5,7 @@ served LOGITS equal PyTorch's within 1e-4, long texts (truncated) included."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _texts() -> list[str]:
     return rows + [joined[:480], (joined * 40)[:20_000], " " * 3_000 + joined, "x" * 5_000 + " " + joined]
 
 
-def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:
+def _build(arch: str, root: Path, ck: Path) -> tuple[Path, Path]:
     """exporter build (fp32 only) of the arch's checkpoint, then its repository under a distinct name."""
     from checkpoint_factory import corpus
 
@@ -40,7 +41,6 @@ def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:
     from serving.contract import ServedModel
     from serving.repository import RepositoryConfig, write_repository
 
-    ck = arch_checkpoint(arch, labels=LABELS)
     eval_csv = root / f"{arch}.csv"
     eval_csv.write_text("text,label\n" + "".join(f"\"{t}\",{i % 2}\n" for i, t in enumerate(corpus(40, seed=2))),
                         encoding="utf-8")
@@ -63,7 +63,11 @@ def served(tmp_path_factory, arch_checkpoint):
 
     root = tmp_path_factory.mktemp("matrix")
     t0 = time.perf_counter()
-    built = {arch: _build(arch, root, arch_checkpoint) for arch in ARCHS}
+    checkpoints = {arch: arch_checkpoint(arch, labels=LABELS) for arch in ARCHS}
+    # two builds at a time: each export runs in worker processes of its own, mostly one core each
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {arch: pool.submit(_build, arch, root, checkpoints[arch]) for arch in ARCHS}
+        built = {arch: future.result() for arch, future in futures.items()}
     repos = [repo for _, repo in built.values()]
     extra = tuple(f"--model-repository={r}" for r in repos[1:])
     with LocalTritonServer(ServerConfig(repos[0], startup_timeout_s=180, extra_args=extra)) as srv:
