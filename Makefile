@@ -38,7 +38,7 @@ check: install
 	$(PY) -m pytest -m "not slow and not gpu" -q --timeout 300 $(CHECK_TESTS)
 
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" --timeout 1200
+	$(PY) -m pytest -m "not slow and not gpu" --timeout 1200 --durations=25
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" --timeout 3600

@@ -46,7 +46,7 @@ def adapter(tmp_path_factory) -> dict:
     return {"base": base, "path": path, "data": data, "root": root}
 
 
-def test_adapter_builds_merged_and_gated_against_the_peft_model(adapter, tmp_path):
+def test_adapter_builds_merged_and_gated_against_the_peft_model(adapter, tmp_path, reuse_exports):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -55,7 +55,8 @@ def test_adapter_builds_merged_and_gated_against_the_peft_model(adapter, tmp_pat
 
     out = tmp_path / "build"
     assert main(["build", str(adapter["path"]), "--eval-data", str(adapter["data"]), "--out", str(out),
-                 "--no-repository", "--precisions", "fp32", "--eval-size", str(N_EVAL), "--speed-seconds", "0.2"]) == 0
+                 "--no-repository", "--precisions", "fp32", "--no-openvino", "--eval-size", str(N_EVAL),
+                 "--speed-seconds", "0.2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"] == str(adapter["path"].absolute()) and report["selected"] == "fp32"
     assert any("merge_and_unload" in w for w in report["warnings"])
@@ -76,7 +77,7 @@ def test_adapter_builds_merged_and_gated_against_the_peft_model(adapter, tmp_pat
     np.testing.assert_allclose(got, peft_logits, atol=1e-4)
 
 
-def test_adapter_with_base_option_and_without_a_local_base(adapter, tmp_path, capsys):
+def test_adapter_with_base_option_and_without_a_local_base(adapter, tmp_path, capsys, reuse_exports):
     from exporter.cli import main
 
     moved = tmp_path / "adapter"
@@ -87,7 +88,7 @@ def test_adapter_with_base_option_and_without_a_local_base(adapter, tmp_path, ca
     config["base_model_name_or_path"] = "some-org/not-on-this-disk"
     (moved / "adapter_config.json").write_text(json.dumps(config))
     args = ["build", str(moved), "--eval-data", str(adapter["data"]), "--no-repository", "--precisions", "fp32",
-            "--eval-size", str(N_EVAL), "--speed-seconds", "0.2"]
+            "--no-openvino", "--eval-size", str(N_EVAL), "--speed-seconds", "0.2"]
     assert main([*args, "--out", str(tmp_path / "b1")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--base" in err[0] and "not-on-this-disk" in err[0]

@@ -31,7 +31,7 @@ def _texts() -> list[str]:
     return rows + [joined[:480], (joined * 40)[:20_000], " " * 3_000 + joined, "x" * 5_000 + " " + joined]
 
 
-def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:
+def _build(arch: str, root: Path, ck: Path) -> tuple[Path, Path]:
     """exporter build (fp32 only) of the arch's checkpoint, then its repository under a distinct name."""
     from checkpoint_factory import corpus
 
@@ -40,13 +40,14 @@ def _build(arch: str, root: Path, arch_checkpoint) -> tuple[Path, Path]:
     from serving.contract import ServedModel
     from serving.repository import RepositoryConfig, write_repository
 
-    ck = arch_checkpoint(arch, labels=LABELS)
     eval_csv = root / f"{arch}.csv"
     eval_csv.write_text("text,label\n" + "".join(f"\"{t}\",{i % 2}\n" for i, t in enumerate(corpus(40, seed=2))),
                         encoding="utf-8")
     out = root / f"build-{arch}"
+    # openvino=False: the served file is the ONNX fp32 one; OpenVINO's conversion is tested in test_openvino
     result = build(BuildConfig(ck, out=out, repository=None, precisions="fp32", eval_data=eval_csv, eval_size=40,
-                               max_length=MAX_LENGTH, speed_seconds=0.05, calibration_size=8, tuning_size=8))
+                               max_length=MAX_LENGTH, speed_seconds=0.05, calibration_size=8, tuning_size=8,
+                               openvino=False))
     assert result.report.selected == "fp32", (arch, result.report.variants["fp32"].parity.reason)
     repo = write_repository(root / f"repo-{arch}", onnx_model=result.report.variant_path("fp32", out),
                             tokenizer_dir=ck, id2label=dict(enumerate(LABELS)),
@@ -61,7 +62,9 @@ def served(tmp_path_factory, arch_checkpoint):
 
     root = tmp_path_factory.mktemp("matrix")
     t0 = time.perf_counter()
-    built = {arch: _build(arch, root, arch_checkpoint) for arch in ARCHS}
+    # one build at a time: transformers loads a model under a process-wide meta-device mode, so a build in a
+    # second thread (its PyTorch reference) ran on meta tensors and left the mode on for the session
+    built = {arch: _build(arch, root, arch_checkpoint(arch, labels=LABELS)) for arch in ARCHS}
     repos = [repo for _, repo in built.values()]
     extra = tuple(f"--model-repository={r}" for r in repos[1:])
     with LocalTritonServer(ServerConfig(repos[0], startup_timeout_s=180, extra_args=extra)) as srv:

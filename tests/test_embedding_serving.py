@@ -57,11 +57,11 @@ def built(st_model, eval_csv, tiny_onnx, tiny_checkpoint, tmp_path_factory) -> d
     classifier_files = {k: v for k, v in json.loads((repo / "provenance.json").read_text())["files"].items()}
     code = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
                  str(root / "build"), "--repository", str(repo), "--precisions", "fp32",
-                 "--eval-size", str(N_EVAL)])
+                 "--no-openvino", "--eval-size", str(N_EVAL)])
     files = {k: v for k, v in json.loads((repo / "provenance.json").read_text())["files"].items()}
     chunked = main(["build", str(st_model), "--task", "embedding", "--eval-data", str(eval_csv), "--out",
                     str(root / "build-chunked"), "--repository", str(repo), "--precisions", "fp32",
-                    "--eval-size", str(N_EVAL), "--model-name", CHUNKED, "--long-text", "chunk",
+                    "--no-openvino", "--eval-size", str(N_EVAL), "--model-name", CHUNKED, "--long-text", "chunk",
                     "--chunk-overlap", str(CHUNK_OVERLAP), "--max-chunks", str(MAX_CHUNKS)])
     return {"code": code, "repo": repo, "out": root / "build", "classifier_files": classifier_files,
             "chunked_code": chunked, "chunked_out": root / "build-chunked", "files_before_chunked": files}

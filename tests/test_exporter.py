@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny_checkpoint
+from conftest import build_tiny_checkpoint, reused_exports
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--speed-seconds", "0.2", "--calibration-size", "64", "--eval-size", "200"]
@@ -69,12 +69,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One full build (all precisions) of the tiny checkpoint, with its repository."""
+def tiny(tmp_path_factory, export_cache):
+    """One full build (all precisions) of the tiny checkpoint, with its repository (its export, a real one, is
+    the one the tests with ``reuse_exports`` below copy)."""
     root = tmp_path_factory.mktemp("exporter")
     ckpt = make_checkpoint(root)
     t0 = time.perf_counter()
-    rc = run_main(["build", ckpt, "--out", root / "build", "--repository", root / "repo", *FAST])
+    with reused_exports(export_cache):
+        rc = run_main(["build", ckpt, "--out", root / "build", "--repository", root / "repo", *FAST])
     report = json.loads((root / "build" / "report.json").read_text())
     return {"root": root, "ckpt": ckpt, "build": root / "build", "repo": root / "repo", "rc": rc,
             "report": report, "seconds": time.perf_counter() - t0}
@@ -406,7 +408,7 @@ def test_nan_injected_fails(tiny, reference, tmp_path):
     assert record.nan_inf > 0 and not record.passed and "NaN" in record.reason
 
 
-def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, tmp_path):
+def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, tmp_path, reuse_exports):
     repo = tmp_path / "repo"
     shutil.copytree(tiny["repo"], repo)
     before = tree_digest(repo)
@@ -421,7 +423,7 @@ def test_no_passing_variant_exits_nonzero_writes_report_keeps_repository(tiny, t
     assert tree_digest(repo) == before
 
 
-def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch):
+def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch, reuse_exports):
     """Negated classifier weights in the exported graph: every variant must fail, nothing is served."""
     import exporter.build
 
@@ -445,7 +447,7 @@ def test_tampered_checkpoint_export_fails_every_gate(tiny, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
-def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkeypatch, exc):
+def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkeypatch, reuse_exports, exc):
     import exporter.build
 
     repo, out = tmp_path / "repo", tmp_path / "build"
@@ -459,11 +461,12 @@ def test_late_failure_keeps_existing_repository_and_build(tiny, tmp_path, monkey
 
     monkeypatch.setattr(exporter.build, "write_repository", boom)  # the build's repository writer
     monkeypatch.setattr(exporter.build, "add_model", boom)  # the repository serves the model: next version
+    args = ["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", "--no-openvino", *FAST]
     if exc is KeyboardInterrupt:
-        assert run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", *FAST]) == 130
+        assert run_main(args) == 130
     else:
         with pytest.raises(RuntimeError):
-            run_main(["build", tiny["ckpt"], "--out", out, "--repository", repo, "--precisions", "fp32", *FAST])
+            run_main(args)
     assert tree_digest(repo) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo")]  # no leftovers beside it
     rep = json.loads((out / "report.json").read_text())
@@ -597,7 +600,7 @@ def test_real_checkpoint_build(tmp_path):
     assert seconds < 180 * 1.5  # 3 minutes on an idle 2-core machine; slack for a shared one
 
 
-def test_rebuilding_the_classifier_keeps_the_other_served_models(tiny, tmp_path):
+def test_rebuilding_the_classifier_keeps_the_other_served_models(tiny, tmp_path, reuse_exports):
     """A repository that serves another model too (an embedder, a second classifier): the classifier's
     build adds itself beside it instead of replacing the repository."""
     from dataclasses import replace
@@ -611,7 +614,7 @@ def test_rebuilding_the_classifier_keeps_the_other_served_models(tiny, tmp_path)
               model=replace(served.contract, name="other"), config=RepositoryConfig())
     assert sorted(read_repository(repo).models) == ["classifier", "other"]
     rc = run_main(["build", tiny["ckpt"], "--out", tmp_path / "build", "--repository", repo,
-                   "--precisions", "fp32", *FAST])
+                   "--precisions", "fp32", "--no-openvino", *FAST])
     assert rc == 0
     info = read_repository(repo)
     assert sorted(info.models) == ["classifier", "other"]

@@ -143,7 +143,7 @@ def _build(tmp: Path, arch_checkpoint, head: Head, *, pairs: bool = False, extra
     extra = (["--text-pair-column", "pair"] if pairs else []) + list(extra)
     rc = main([str(a) for a in ["build", ck, "--out", tmp / "build", "--repository", tmp / "repo", "--precisions",
                                 "fp32", "--max-length", MAX_LENGTH, "--speed-seconds", "0.1", "--eval-size", "80",
-                                "--calibration-size", "16", "--tuning-size", "16", *extra]])
+                                "--calibration-size", "16", "--tuning-size", "16", "--no-openvino", *extra]])
     report = json.loads((tmp / "build" / "report.json").read_text())
     assert rc == 0, report["variants"]["fp32"]["parity"]["reason"]
     return ck, tmp / "repo", report
@@ -169,7 +169,7 @@ def _long_text(chars: int = 500) -> str:
 
 
 @pytest.mark.server
-def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_checkpoint):
+def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_checkpoint, reuse_exports):
     """A multi-label checkpoint whose tokenizer truncates on the left: the build gates it (with rows over
     max_length), the served PROBABILITIES are sigmoids, LABEL the JSON set >= 0.5, and the served logits of
     a long text equal PyTorch's (the served tokenizer truncates on the left too)."""
@@ -210,7 +210,7 @@ def test_multi_label_left_truncation_built_gated_and_served(tmp_path, arch_check
 
 
 @pytest.mark.server
-def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
+def test_regression_built_gated_and_served(tmp_path, arch_checkpoint, reuse_exports):
     from serving.client import TextClassifier
     from serving.server import LocalTritonServer, ServerConfig
 
@@ -230,7 +230,7 @@ def test_regression_built_gated_and_served(tmp_path, arch_checkpoint):
 
 
 @pytest.mark.server
-def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, capsys):
+def test_text_pairs_built_gated_and_served(tmp_path, arch_checkpoint, reuse_exports, capsys):
     """--text-pair-column: the served model takes TEXT_PAIR, encodes pairs as the checkpoint's tokenizer does
     (token_type_ids of the second text: BERT), and the client and `serving classify --pair` send pairs."""
     from checkpoint_factory import corpus
@@ -333,7 +333,7 @@ def _chunk_texts(seed: int) -> list[str]:
     pytest.param("pairs", id="single-label-text-pairs"),
     pytest.param("multi_left", id="multi-label-left-truncation", marks=pytest.mark.slow),
     pytest.param("regression", id="regression", marks=pytest.mark.slow)])
-def test_chunked_build_is_gated_and_served_as_the_reference_definition(tmp_path, arch_checkpoint, head):
+def test_chunked_build_is_gated_and_served_as_the_reference_definition(tmp_path, arch_checkpoint, reuse_exports, head):
     """--long-text chunk: the build gates the chunked answers (long rows of several windows), the served
     logits/scores equal PyTorch's average over the reference windows, WINDOWS counts them (capped at
     --max-chunks), and a text's answer is the same alone and among other texts (batch neighbours)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny_checkpoint
+from conftest import build_tiny_checkpoint, reused_exports
 from serving.contract import DEFAULT_CLASSIFIER, DEFAULT_RERANKER, LOGITS, SCORE, Activation, Head, rank
 from serving.repository import RepositoryConfig, read_repository, write_repository
 from serving_helpers import corpus_texts, torch_reference
@@ -46,7 +46,7 @@ def cross_encoder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(cross_encoder, tiny_checkpoint, tiny_onnx, tmp_path_factory) -> dict:
+def built(cross_encoder, tiny_checkpoint, tiny_onnx, tmp_path_factory, export_cache) -> dict:
     """classifier (written directly) + sentiment_b (exporter build --model-name) + reranker (exporter build)."""
     from exporter.cli import main
 
@@ -62,12 +62,13 @@ def built(cross_encoder, tiny_checkpoint, tiny_onnx, tmp_path_factory) -> dict:
     with open(texts_csv, "w", encoding="utf-8", newline="") as fh:
         csv.writer(fh).writerows([["text", "label"]] + [[t, LABELS[i % 3]] for i, t in
                                                         enumerate(corpus_texts(N_EVAL, seed=5))])
-    common = ["--precisions", "fp32", "--eval-size", str(N_EVAL), "--repository", str(repo), "--instances", "1",
-              "--speed-seconds", "0.2"]
-    codes = {"reranker": main(["build", str(cross_encoder), "--eval-data", str(pairs_csv), "--text-column", "query",
-                               "--text-pair-column", "document", "--out", str(root / "b1"), *common]),
-             SECOND: main(["build", str(tiny_checkpoint), "--eval-data", str(texts_csv), "--model-name", SECOND,
-                           "--out", str(root / "b2"), *common])}
+    common = ["--precisions", "fp32", "--no-openvino", "--eval-size", str(N_EVAL), "--repository", str(repo),
+              "--instances", "1", "--speed-seconds", "0.2"]
+    with reused_exports(export_cache):  # the tiny classifier's export: tests/test_exporter.py's
+        codes = {"reranker": main(["build", str(cross_encoder), "--eval-data", str(pairs_csv), "--text-column",
+                                   "query", "--text-pair-column", "document", "--out", str(root / "b1"), *common]),
+                 SECOND: main(["build", str(tiny_checkpoint), "--eval-data", str(texts_csv), "--model-name", SECOND,
+                               "--out", str(root / "b2"), *common])}
     return {"codes": codes, "repo": repo, "root": root}
 
 
