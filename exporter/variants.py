@@ -19,6 +19,7 @@ from exporter.config import BuildConfig
 from exporter.memory import release_memory
 from exporter.parity import Batch, Reference
 from exporter.stages import Stages
+from serving.models import runtime
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,20 @@ def make(ctx: Context, builder: Builder) -> tuple[Variant, bool]:
             speed = ctx.speed(dst, builder.precision)
     release_memory()
     variant = Variant(name=builder.name, precision=builder.precision.value, file=f"{builder.name}/{MODEL_FILE}",
-                      size_bytes=dst.stat().st_size, speed=speed, servable=builder.name in SERVABLE[ctx.config.target],
+                      size_bytes=served_bytes(dst), speed=speed, servable=builder.name in SERVABLE[ctx.config.target],
                       parity=record or ParityResult(n_examples=0, passed=False, reason="not gated",
                                                     label_agreement=0.0, gate_mode=ctx.mode, gated=False),
                       **extra)
     return variant, record is None
+
+
+def served_bytes(onnx_path: Path) -> int:
+    """What the server loads for a variant: its OpenVINO IR (model.xml + model.bin) when one lies beside its
+    model.onnx (the ONNX file is then only the IR's source), else the ONNX file."""
+    xml = runtime.ir_beside(onnx_path)
+    if xml is None:
+        return Path(onnx_path).stat().st_size
+    return Path(xml).stat().st_size + (Path(xml).parent / runtime.IR_WEIGHTS).stat().st_size
 
 
 def failed(ctx: Context, builder: Builder, exc: BaseException) -> Variant:

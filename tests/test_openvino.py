@@ -65,6 +65,8 @@ def test_openvino_variants_are_built_gated_timed_and_recorded(ov_build):
         assert v["parity"]["gate_mode"] == "per_row" and v["parity"]["n_examples"] >= 120
         assert v["speed"]["throughput_seq_s"] > 0 and v["speed"]["intra_op_threads"] == 1
         assert v["servable"] is True
+        ir = [ov_build["build"] / name / f for f in ("model.xml", "model.bin")]
+        assert v["size_bytes"] == sum(f.stat().st_size for f in ir)  # what the server loads, not the IR's source
     fp32 = rep["variants"]["ov_fp32"]
     assert fp32["runtime_settings"]["inference_precision"] == default
     assert fp32["precision"] == openvino.gate_precision(default).value  # the budget of the precision that ran
