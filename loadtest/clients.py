@@ -82,7 +82,7 @@ class _Sender:
     The load generator re-sends the same texts, so each distinct chunk's request tensors are built once and
     re-used (as perf_analyzer prepares its input data once): tritonclient only reads an ``InferInput`` when
     it builds a request, so one object can go out in any number of concurrent requests. The requested
-    outputs, their names and the timeout argument are fixed per sender. Every answer is still decoded and
+    output objects are built once per sender. Every answer is still decoded and
     checked against the contract."""
 
     CACHE_BYTES = 64 << 20  # characters of text kept built (about its UTF-8 bytes); further chunks are built per request
@@ -97,10 +97,8 @@ class _Sender:
         self.mod = tritonclient_module(self.protocol)
         self.served: ServedModel | None = None
         self.outputs: list[Any] = []
-        self.names: tuple[str, ...] = ()
         self._inputs: dict[tuple[str, ...], list[Any]] = {}
         self._cached_chars = 0
-        self._timeout: tuple[float, dict[str, Any]] = (-1.0, {})
 
     async def fetch_contract(self) -> None:
         grpc = self.protocol is Protocol.GRPC
@@ -109,8 +107,7 @@ class _Sender:
             self.served = ServedModel.from_config(config)
         except ContractError as exc:
             raise LoadtestError(f"{self.model}: {exc}") from exc
-        self.names = self.served.default_outputs
-        self.outputs = requested_outputs(self.mod, self.names)
+        self.outputs = requested_outputs(self.mod, self.served.default_outputs)
 
     def request_inputs(self, texts: Sequence[str]) -> list[Any]:
         """The request tensors of ``texts``, built once per distinct chunk (while the kept chunks hold less
@@ -126,17 +123,15 @@ class _Sender:
         return inputs
 
     def _timeout_kwargs(self, timeout_s: float) -> dict[str, Any]:
-        if self._timeout[0] != timeout_s:
-            self._timeout = (timeout_s, {"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
-                             else {"timeout": int(timeout_s * 1e6)})
-        return self._timeout[1]
+        return ({"client_timeout": timeout_s} if self.protocol is Protocol.GRPC
+                else {"timeout": int(timeout_s * 1e6)})
 
     async def send(self, texts: Sequence[str], timeout_s: float) -> list:
         """The checked answer of one request: a label per text, or (an embedding model) a vector per text."""
         assert self.served is not None, "fetch_contract() first"
         result = await self.client.infer(self.model, self.request_inputs(texts), outputs=self.outputs,
                                          **self._timeout_kwargs(timeout_s))
-        outputs = {name: result.as_numpy(name) for name in self.names}
+        outputs = {name: result.as_numpy(name) for name in self.served.default_outputs}
         if self.served.head is Head.EMBEDDING:
             return list(decode_embedding(self.served, outputs, len(texts)))
         return check_response(self.served, outputs, len(texts))
