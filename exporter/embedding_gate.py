@@ -164,17 +164,7 @@ class RowEncoder:
     """Embeds one text at a time the way the CPU target serves it: own length, 1 intra-op thread."""
 
     def __init__(self, path: Path, pipeline: EmbeddingPipeline, tokenizer=None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
-            self.session = runtime.open_session(path, 1)
-        else:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = runtime.open_session(path, 1)  # the served model's session: ONNX Runtime or OpenVINO
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = tokenizer or load_tokenizer(pipeline)
         self.max_length = pipeline.max_seq_length

@@ -115,8 +115,9 @@ def gate_threads(mode: GateMode) -> int:
 
 
 def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool = True):
-    """An ONNX Runtime session without spinning threads; ``arena=False`` for sessions that only judge
-    (the CPU arena keeps the peak of the largest batch for the session's lifetime)."""
+    """An ONNX Runtime session without spinning threads or the served session's disabled fusions
+    (``runtime.DISABLED_OPTIMIZERS``); ``arena=False`` for sessions that only judge (the CPU arena keeps the
+    peak of the largest batch for the session's lifetime)."""
     import onnxruntime as ort
 
     if runtime.ir_beside(path):  # OpenVINO hook: an OpenVINO variant's directory runs its IR
@@ -129,7 +130,8 @@ def session(path: Path, precision: Precision, *, threads: int = 0, arena: bool =
     options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers_for(precision))
+    return ort.InferenceSession(str(path), options, providers=providers_for(precision),
+                                disabled_optimizers=runtime.DISABLED_OPTIMIZERS)
 
 
 def sub_batches(batches: list[Batch], max_batch_tokens: int = token_batch.DEFAULT_MAX_BATCH_TOKENS,

@@ -47,7 +47,6 @@ class DefinitionRunner:
     window logits averaged. ``label(text)`` -> its label."""
 
     def __init__(self, repository: Path, model: str | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         info = read_repository(Path(repository)).model(model)
@@ -57,12 +56,7 @@ class DefinitionRunner:
             Tokenizer.from_file(str(info.tokenizer_dir / "tokenizer.json")), int(params["max_length"]),
             params.get("truncation_side", "right"), long_text=params.get("long_text", "truncate"),
             overlap=int(params.get("chunk_overlap", "0")), max_windows=int(params.get("max_chunks", "1")))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-        if runtime.ir_beside(info.onnx_path):  # OpenVINO hook: the served model runs its IR
-            self.session = runtime.open_session(info.onnx_path, 1)
-        else:
-            self.session = ort.InferenceSession(str(info.onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = runtime.open_session(info.onnx_path, 1)  # the served model's: ONNX Runtime or OpenVINO
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.windows = 0
 

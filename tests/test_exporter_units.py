@@ -662,6 +662,39 @@ def test_export_without_params_answers_as_the_plain_export_and_fuses_the_same(ti
     assert records[0]["fused_ops"] == records[1]["fused_ops"] and "Attention" in records[0]["fused_ops"]
 
 
+def test_cpu_graphs_keep_residual_add_and_layer_norm_apart_and_sessions_do_not_refuse_them(tmp_path, tiny_checkpoint):
+    """ONNX Runtime's fused SkipLayerNormalization CPU kernel is the slower one (exporter/optimize.py): the CPU
+    target's graph keeps Add + LayerNormalization, and every session that judges or serves it
+    (runtime.DISABLED_OPTIMIZERS) leaves them apart, where a default session would fuse them back. The GPU
+    target keeps the fusion. Outputs equal the fused graph's."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporter import export, optimize
+    from serving.models import runtime
+
+    raw = export.export_onnx(tiny_checkpoint, tmp_path / "raw").parent
+    cpu, record = optimize.optimize_onnx(raw, tmp_path / "cpu", Target.CPU)
+    gpu, _ = optimize.optimize_onnx(raw, tmp_path / "gpu", Target.GPU)
+    ops = {name: {n.op_type for n in onnx.load(str(p)).graph.node} for name, p in (("cpu", cpu), ("gpu", gpu))}
+    assert record["skip_layer_norm"] is False and "Attention" in record["fused_ops"]
+    assert "SkipLayerNormalization" not in ops["cpu"] and "LayerNormalization" in ops["cpu"]
+    assert "SkipLayerNormalization" in ops["gpu"]
+
+    def loaded_ops(disabled):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"loaded-{len(disabled)}.onnx")
+        ort.InferenceSession(str(cpu), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+    assert "SkipLayerNormalization" in loaded_ops([])  # what the served session would otherwise run
+    assert "SkipLayerNormalization" not in loaded_ops(runtime.DISABLED_OPTIMIZERS)
+    feed = {"input_ids": np.random.default_rng(1).integers(5, 90, (1, 13)), "attention_mask": np.ones((1, 13), np.int64),
+            "token_type_ids": np.zeros((1, 13), np.int64)}
+    got, want = (runtime.ort_session(p, 1).run(None, feed)[0] for p in (cpu, gpu))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_save_model_inlines_external_data_one_tensor_at_a_time(tmp_path, tiny_onnx):
     """A model whose weights are ONNX external data (loaded without them) is written as the one-file model."""
     import onnx

@@ -15,6 +15,10 @@ ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"  # OpenVINO IR; its weights are model.bin beside it
 IR_WEIGHTS = "model.bin"
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+# ONNX Runtime's session-level fusions left out: SkipLayerNormFusion would re-fuse the residual Add +
+# LayerNormalization the exporter leaves apart on the CPU target (exporter/optimize.py SKIP_LAYER_NORM: the
+# fused CPU kernel is the slower one). Every session that judges or serves a model file passes these.
+DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 # The IR's rt_info key of the inference precision the exporter gated it at (absent: the runtime's default)
 PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
 
@@ -77,7 +81,7 @@ class OpenVINOSession:
 
 def ort_session(path, threads=1):
     """An ONNX Runtime CPU session: ``threads`` intra-op threads (0: the runtime's default), one inter-op
-    thread, sequential, no spinning (the CPU target's session since before OpenVINO)."""
+    thread, sequential, no spinning, without the ``DISABLED_OPTIMIZERS`` (the CPU target's session)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -87,7 +91,8 @@ def ort_session(path, threads=1):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def open_session(onnx_path, threads=1):
