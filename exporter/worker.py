@@ -20,8 +20,13 @@ from typing import Any
 from common.cli import setup_logging
 from exporter import export, fp16, int8, openvino_ir, optimize, parity, speed
 from exporter.choices import Precision, Target
+from exporter.memory import weights_size
 
 log = logging.getLogger(__name__)
+
+
+# fp32 weights below this are exported and fused in one worker (all-MiniLM-L6-v2: 90 MB, BERT-base: 440 MB)
+SHARED_EXPORT_BYTES = 128 * 2**20
 
 
 class WorkerError(RuntimeError):
@@ -34,10 +39,16 @@ def _export(checkpoint: str, scratch: str, target: str, singles: str | None = No
     with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given.
 
     Each step runs in a worker of its own, one after the other (this process only waits): the torch
-    exporter, the fusions and the speed check's sessions never share a process's memory."""
-    raw = Path(scratch) / "raw"
-    call("export-onnx", checkpoint=checkpoint, raw=str(raw))
-    record = call("fuse", raw=str(raw), fused=str(Path(scratch) / "optimized"), target=target)
+    exporter, the fusions and the speed check's sessions never share a process's memory. A checkpoint whose
+    weights are under :data:`SHARED_EXPORT_BYTES` is exported and fused here, in this worker: their memory is
+    small, and a worker of its own for each would import torch and Optimum twice more (~5 s a build)."""
+    raw, fused = Path(scratch) / "raw", str(Path(scratch) / "optimized")
+    if (weights_size(Path(checkpoint)) or SHARED_EXPORT_BYTES) < SHARED_EXPORT_BYTES:
+        _export_graph(checkpoint, str(raw))
+        record = _fuse(str(raw), fused, target)
+    else:
+        call("export-onnx", checkpoint=checkpoint, raw=str(raw))
+        record = call("fuse", raw=str(raw), fused=fused, target=target)
     if singles and batches:
         record["throughput_seq_s"] = call("fusion-speed", raw=str(raw), fused=str(Path(scratch) / "optimized"),
                                           level=record["level"], singles=singles, batches=batches, seconds=seconds)
