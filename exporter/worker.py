@@ -4,8 +4,9 @@ The torch exporter, the fusion passes, the fp16 converter and the quantizers eac
 the weights at once (measured on a BERT-base-sized checkpoint: +2.6 GB for the export, +3.8 GB for
 ORTOptimizer's O2 pass, +0.5 GB for the fp16 conversion). Run in a worker, all of it goes back to the
 system when the worker exits, and the build process only ever holds the sessions that judge a variant.
-Each job runs in a ``concurrent.futures.ProcessPoolExecutor`` of one spawned process that takes one task
-(``max_tasks_per_child=1``): arguments and results travel pickled, and an exception a job raises arrives in
+Each job runs in a ``concurrent.futures.ProcessPoolExecutor`` of one process that takes one task
+(``max_tasks_per_child=1``), forked from multiprocessing's fork server (started once per calling process, with
+this module imported): arguments and results travel pickled, and an exception a job raises arrives in
 the caller as itself (class, message, and the worker's traceback as its cause).
 """
 from __future__ import annotations
@@ -20,8 +21,13 @@ from typing import Any
 from common.cli import setup_logging
 from exporter import export, fp16, int8, openvino_ir, optimize, parity, speed
 from exporter.choices import Precision, Target
+from exporter.memory import weights_size
 
 log = logging.getLogger(__name__)
+
+
+# fp32 weights below this are exported and fused in one worker (all-MiniLM-L6-v2: 90 MB, BERT-base: 440 MB)
+SHARED_EXPORT_BYTES = 128 * 2**20
 
 
 class WorkerError(RuntimeError):
@@ -34,10 +40,16 @@ def _export(checkpoint: str, scratch: str, target: str, singles: str | None = No
     with the unfused and fused graphs' batch throughput when ``singles``/``batches`` (.npz) are given.
 
     Each step runs in a worker of its own, one after the other (this process only waits): the torch
-    exporter, the fusions and the speed check's sessions never share a process's memory."""
-    raw = Path(scratch) / "raw"
-    call("export-onnx", checkpoint=checkpoint, raw=str(raw))
-    record = call("fuse", raw=str(raw), fused=str(Path(scratch) / "optimized"), target=target)
+    exporter, the fusions and the speed check's sessions never share a process's memory. A checkpoint whose
+    weights are under :data:`SHARED_EXPORT_BYTES` is exported and fused here, in this worker: their memory is
+    small, and a worker of its own for each would import torch and Optimum twice more (~5 s a build)."""
+    raw, fused = Path(scratch) / "raw", str(Path(scratch) / "optimized")
+    if (weights_size(Path(checkpoint)) or SHARED_EXPORT_BYTES) < SHARED_EXPORT_BYTES:
+        _export_graph(checkpoint, str(raw))
+        record = _fuse(str(raw), fused, target)
+    else:
+        call("export-onnx", checkpoint=checkpoint, raw=str(raw))
+        record = call("fuse", raw=str(raw), fused=fused, target=target)
     if singles and batches:
         record["throughput_seq_s"] = call("fusion-speed", raw=str(raw), fused=str(Path(scratch) / "optimized"),
                                           level=record["level"], singles=singles, batches=batches, seconds=seconds)
@@ -133,7 +145,12 @@ def call(job: str, **args: Any) -> Any:
 
     A worker that dies (killed for memory, a crash in native code) raises ``BrokenProcessPool`` (a RuntimeError).
     """
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this process's threads/memory
+    # forked from a fork server: a fresh interpreter started once (no copy of this process's threads or memory)
+    # that imported this module, so a job skips the interpreter start and these imports (~0.8 s each, spawn).
+    # A job runs in the caller's cwd and sys.path but the environment the server started with (the CLI sets
+    # OMP_WAIT_POLICY before its first job)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
         result, peak, peaks = pool.submit(_run, job, args).result()
     PEAKS.extend(peaks)  # the workers that worker ran itself

@@ -4,7 +4,9 @@ DeBERTa-v2 classifiers with locally trained tokenizers (tests/checkpoint_factory
 served LOGITS equal PyTorch's within 1e-4, long texts (truncated) included."""
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ def _texts() -> list[str]:
 
 
 def _build(arch: str, root: Path, ck: Path) -> tuple[Path, Path]:
-    """exporter build (fp32 only) of the arch's checkpoint, then its repository under a distinct name."""
+    """exporter build (fp32 only) of the arch's checkpoint, then its repository under a distinct name (run in
+    a process of the fixture's pool)."""
     from checkpoint_factory import corpus
 
     from exporter.build import build
@@ -62,9 +65,13 @@ def served(tmp_path_factory, arch_checkpoint):
 
     root = tmp_path_factory.mktemp("matrix")
     t0 = time.perf_counter()
-    # one build at a time: transformers loads a model under a process-wide meta-device mode, so a build in a
+    checkpoints = {arch: arch_checkpoint(arch, labels=LABELS) for arch in ARCHS}
+    # two builds at a time, each in a process of its own (a build is mostly one core's imports and worker
+    # starts): not threads, transformers loads a model under a process-wide meta-device mode, so a build in a
     # second thread (its PyTorch reference) ran on meta tensors and left the mode on for the session
-    built = {arch: _build(arch, root, arch_checkpoint(arch, labels=LABELS)) for arch in ARCHS}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {arch: pool.submit(_build, arch, root, ck) for arch, ck in checkpoints.items()}
+        built = {arch: job.result() for arch, job in jobs.items()}
     repos = [repo for _, repo in built.values()]
     extra = tuple(f"--model-repository={r}" for r in repos[1:])
     with LocalTritonServer(ServerConfig(repos[0], startup_timeout_s=180, extra_args=extra)) as srv:

@@ -342,7 +342,7 @@ def test_bench_task_embedding(built, server, st_model, eval_csv, tmp_path):
                                       api_key=None)) as gateway:
         cfg = BenchConfig(checkpoint=st_model, build=built["out"], repository=built["repo"], texts=eval_csv,
                           n_texts=40, threads=1, batch_size=8, concurrency=(2,), texts_per_request=4,
-                          single_text_concurrency=2, served_seconds=1.0, warmup_seconds=0.0, ceiling_processes=1,
+                          single_text_concurrency=2, served_seconds=0.5, warmup_seconds=0.0, ceiling_processes=1,
                           out=tmp_path / "bench", task="embedding", peer_url=f"{gateway.url}/v1",
                           peer_api="openai", peer_model=DEFAULT_EMBEDDER, rounds=2)
         result = run_bench(cfg)

@@ -595,6 +595,34 @@ def test_each_worker_reports_its_own_peak_per_stage(tmp_path, tiny_onnx):
     assert stages.memory.stages[0].worker_peak_rss_bytes == peak == stages.memory.worker_peak_rss_bytes
 
 
+@pytest.mark.parametrize("weights, workers", [(1000, []), (None, ["export-onnx", "fuse"]),
+                                              (200 * 2**20, ["export-onnx", "fuse"])])
+def test_small_weights_are_exported_and_fused_in_the_export_worker(tmp_path, monkeypatch, weights, workers):
+    """Under SHARED_EXPORT_BYTES the export worker exports and fuses itself (a worker of its own for each
+    imports torch and Optimum again); larger or sharded weights (no single file) get a worker per step."""
+    from exporter import worker
+
+    ck, ran = tmp_path / "ck", []
+    ck.mkdir()
+    if weights is not None:
+        with open(ck / "model.safetensors", "wb") as fh:
+            fh.truncate(weights)  # sparse: only its size is read
+
+    def step(name):
+        def run(*args, **kwargs):
+            ran.append(name)
+            (tmp_path / "s" / "raw").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "s" / "raw" / "model.onnx").touch()
+            return {"level": "O2"}
+        return run
+
+    monkeypatch.setattr(worker, "call", lambda job, **kwargs: step(f"worker {job}")())
+    monkeypatch.setattr(worker, "_export_graph", step("export here"))
+    monkeypatch.setattr(worker, "_fuse", step("fuse here"))
+    assert worker._export(str(ck), str(tmp_path / "s"), "cpu") == {"level": "O2"}
+    assert ran == ([f"worker {w}" for w in workers] or ["export here", "fuse here"])
+
+
 def test_lean_calibration_writes_the_ranges_onnxruntime_computes(tiny_checkpoint, tiny_onnx, tmp_path):
     """exporter.calibration's MinMax ranges are onnxruntime's calibrator's, tensor for tensor and bit for bit,
     so the static int8 file quantize_static writes from either cache is the same."""

@@ -64,7 +64,7 @@ def test_locust_http_smoke_with_its_own_server(repository, texts_csv, tmp_path, 
 
     out = tmp_path / "http"
     rc = main(["run", "--start-server", "--repository", str(repository), "--users", "4", "--spawn-rate", "4",
-               "--duration", "10s", "--texts-per-request", "4", "--texts", str(texts_csv), "--out", str(out),
+               "--duration", "4s", "--texts-per-request", "4", "--texts", str(texts_csv), "--out", str(out),
                "--fail-on-error"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     s = _check_reports(out)
@@ -79,7 +79,7 @@ def test_locust_http_smoke_with_its_own_server(repository, texts_csv, tmp_path, 
 def test_locust_grpc_smoke(server, texts_csv, tmp_path):
     from loadtest.run import RunConfig, run_loadtest
 
-    s = run_loadtest(RunConfig(host=server.grpc_url, protocol="grpc", users=4, spawn_rate=4, duration="8s",
+    s = run_loadtest(RunConfig(host=server.grpc_url, protocol="grpc", users=4, spawn_rate=4, duration="3s",
                                texts_per_request=2, texts=texts_csv, out=tmp_path / "grpc"))
     _check_reports(tmp_path / "grpc")
     assert s["requests"] > 0 and s["failures"] == 0
@@ -95,7 +95,7 @@ def test_rejected_requests_count_as_failures(server, texts_csv, tmp_path, capsys
     from loadtest.cli import main
 
     out = tmp_path / "fail"
-    rc = main(["run", "--host", server.http_url, "--users", "2", "--spawn-rate", "2", "--duration", "5s",
+    rc = main(["run", "--host", server.http_url, "--users", "2", "--spawn-rate", "2", "--duration", "3s",
                "--texts-per-request", "48", "--texts", str(texts_csv), "--out", str(out), "--fail-on-error",
                "--processes", "2"])
     assert rc == 1
@@ -273,8 +273,8 @@ def test_bench_served_small(tiny_checkpoint, tiny_onnx, repository, texts_csv, g
     res = run_bench(BenchConfig(checkpoint=tiny_checkpoint, build=_build_dir(tmp_path, tiny_onnx),
                                 repository=repository, texts=texts_csv, n_texts=16, batch_size=8, threads=1,
                                 bf16="off", pipeline_batch1=False, concurrency=(2,), protocols=("grpc", "http"),
-                                texts_per_request=4, single_text_concurrency=2, served_seconds=1.5,
-                                open_loop_seconds=2.0, warmup_seconds=0.5, out=tmp_path / "bench", long_docs=6,
+                                texts_per_request=4, single_text_concurrency=2, served_seconds=0.6,
+                                open_loop_seconds=1.0, warmup_seconds=0.2, out=tmp_path / "bench", long_docs=6,
                                 ceiling_seconds=0.3, peer_url=gateway.url, peer_api="tei", min_ratio=0.001,
                                 slo_p99_ms=60_000))
     kinds = [r["kind"] for r in res["results"]]
@@ -345,7 +345,7 @@ def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
 
     repo = tmp_path / "model_repository"
     shutil.copytree(repository, repo)
-    s = run_tune(TuneConfig(repository=repo, texts=texts_csv, duration_per_trial="2s", warmup="0.5s",
+    s = run_tune(TuneConfig(repository=repo, texts=texts_csv, duration_per_trial="1s", warmup="0.2s",
                             concurrency=4, texts_per_request=4, layouts=((1, 1), (2, 1)), queue_delays_us=(500,),
                             max_batch_sizes=(), n_texts=32, out=tmp_path / "tune"))
     assert len(s["trials"]) == 3 and all(t["failures"] == 0 and t["seq_per_s"] > 0 for t in s["trials"])

@@ -310,7 +310,7 @@ def test_bench_task_token_classification(built, tmp_path, capsys):
     code = main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
                  "--repository", str(repo), "--model-name", "ner", "--texts", str(texts), "--n-texts", str(N_EVAL),
                  "--batch-size", "4", "--concurrency", "2", "--texts-per-request", "2", "--single-text-concurrency",
-                 "2", "--served-seconds", "1", "--warmup-seconds", "0.2", "--open-loop-seconds", "1",
+                 "2", "--served-seconds", "0.5", "--warmup-seconds", "0.2", "--open-loop-seconds", "0.5",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
     saved = json.loads((out / "bench.json").read_text())

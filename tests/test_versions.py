@@ -191,7 +191,9 @@ def test_new_versions_and_rollback_without_a_failed_request(versioned, tiny_chec
         (staged / "classifier" / "4" / "model.py").write_text("raise SystemExit('tampered')\n")
         os.replace(repo, tmp_path / "served-before")  # swapped in whole, as a build swaps its directory
         os.replace(staged, repo)
-        time.sleep(3.0)
+        deadline = time.time() + 30  # the supervisor looks every 0.5 s: wait for its refusal, not a fixed 3 s
+        while "classifier/4/model.py: modified" not in err_path.read_text() and time.time() < deadline:
+            time.sleep(0.2)
         assert control.served_versions("classifier") == (3,)
         assert np.allclose(_logits(url), v1 + shifts[3], atol=1e-4)
         proc.send_signal(signal.SIGTERM)
