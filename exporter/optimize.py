@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 LEVEL = {Target.CPU: 2, Target.GPU: 2}
 # SkipLayerNormalization (residual Add + LayerNorm in one contrib op) only where its kernel is the faster one.
 # ONNX Runtime 1.32's CPU kernel computes each row's mean and variance in a scalar loop with a division per
-# element; the Add + LayerNormalization it replaces are vectorized. Per row, 1 thread, the demo classifier
-# ran 1.35x faster as int8_dynamic and 1.2x as fp32 without it (`scripts/skip_layer_norm_speed.py`).
+# element (14 % of a served stub's CPU samples); the Add + LayerNormalization it replaces are vectorized. Per
+# row, 1 thread, the demo classifier runs 1.16-1.25x faster as int8_dynamic and 1.06x as fp32 without it
+# (`scripts/skip_layer_norm_speed.py`, idle machine).
 SKIP_LAYER_NORM = {Target.CPU: False, Target.GPU: True}
 MS_DOMAIN = "com.microsoft"
 

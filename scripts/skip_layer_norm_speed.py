@@ -2,9 +2,11 @@
 
 Exports CHECKPOINT once, fuses it twice (O2 with and without SkipLayerNormalization), makes each one's
 dynamic int8 the way the exporter does, and times every graph per row (one text at a time, unpadded, a
-1-thread session as the CPU server opens it: serving/models/runtime.py ``ort_session``) in interleaved rounds, in CPU seconds of this process so a
-shared machine disturbs the ratio little. Prints a Markdown table (median rows per CPU-second, the ratio,
-the largest output difference between the two graphs) and writes it as JSON with ``--out``.
+1-thread session as the CPU server opens it: serving/models/runtime.py ``ort_session``), the graphs taking
+turns every ``--block`` rows, in CPU seconds of this thread, so a drift in the machine's speed falls on all
+of them.
+Prints a Markdown table (median rows per CPU-second, the ratio, the largest output difference between the
+two graphs) and writes it as JSON with ``--out``.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/skip_layer_norm_speed.py demo/finetuned_model --texts demo/data/test.csv
 """
@@ -44,11 +46,18 @@ def graphs(checkpoint: Path, work: Path) -> dict[tuple[str, bool], Path]:
     return out
 
 
-def rows_per_cpu_second(session, feeds: list[dict]) -> float:
-    t0 = time.process_time()
-    for feed in feeds:
-        session.run(None, feed)
-    return len(feeds) / (time.process_time() - t0)
+def interleaved_rates(sessions: dict, feeds: list[dict], block: int) -> dict:
+    """Rows per CPU-second of each session, the sessions taking turns every ``block`` rows (each block runs
+    on every session before the next block), so a drift in the machine's speed falls on all of them alike
+    while each session's weights stay warm in the caches through its block."""
+    spent = dict.fromkeys(sessions, 0)
+    for start in range(0, len(feeds), block):
+        for key, session in sessions.items():
+            t0 = time.thread_time_ns()
+            for feed in feeds[start:start + block]:
+                session.run(None, feed)
+            spent[key] += time.thread_time_ns() - t0
+    return {key: len(feeds) / (ns / 1e9) for key, ns in spent.items()}
 
 
 def main() -> int:
@@ -57,6 +66,7 @@ def main() -> int:
     ap.add_argument("--texts", type=Path, required=True, help="CSV with a text column")
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block", type=int, default=25, help="rows a graph runs before the next takes its turn")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -74,8 +84,8 @@ def main() -> int:
         outs = {key: np.concatenate([s.run(None, f)[0] for f in feeds]) for key, s in sessions.items()}  # warm
         rates: dict = {key: [] for key in sessions}
         for _ in range(args.rounds):
-            for key, s in sessions.items():
-                rates[key].append(rows_per_cpu_second(s, feeds))
+            for key, rate in interleaved_rates(sessions, feeds, args.block).items():
+                rates[key].append(rate)
     table = {}
     for variant in ("fp32", "int8_dynamic"):
         on, off = (statistics.median(rates[(variant, f)]) for f in (True, False))
