@@ -51,7 +51,7 @@ def _export(checkpoint: str, scratch: str, target: str, singles: str | None = No
         call("export-onnx", checkpoint=checkpoint, raw=str(raw))
         record = call("fuse", raw=str(raw), fused=fused, target=target)
     if singles and batches:
-        record["throughput_seq_s"] = call("fusion-speed", raw=str(raw), fused=str(Path(scratch) / "optimized"),
+        record["throughput_seq_s"] = call("fusion-speed", raw=str(raw), fused=fused,
                                           level=record["level"], singles=singles, batches=batches, seconds=seconds)
     (raw / "model.onnx").unlink()
     return record

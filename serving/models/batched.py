@@ -14,6 +14,7 @@ import os
 import traceback
 
 import numpy as np
+import runtime
 import textmodel
 import token_batch
 import triton_python_backend_utils as pb_utils
@@ -31,7 +32,8 @@ def batch_session(args, params):
     path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
     chosen = token_batch.providers(params, ort.get_available_providers(), int(params.get("device_id", "0")))
     session = ort.InferenceSession(path, sess_options=options, providers=[p for p, _ in chosen],
-                                   provider_options=[o for _, o in chosen])
+                                   provider_options=[o for _, o in chosen],
+                                   disabled_optimizers=runtime.DISABLED_OPTIMIZERS)  # as the gate's session
     return session, session.get_providers()[0] in token_batch.GPU_PROVIDERS
 
 
