@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.atomic import atomic_write_text  # noqa: E402
 from exporter import int8  # noqa: E402
 from exporter.choices import Target  # noqa: E402
 from exporter.export import export_onnx  # noqa: E402
@@ -70,11 +71,18 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if not (args.checkpoint / "config.json").is_file():
+        ap.error(f"{args.checkpoint}: not a checkpoint directory (no config.json)")
+    if not args.texts.is_file():
+        ap.error(f"{args.texts}: no such file")
+    with open(args.texts, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        if "text" not in (rows.fieldnames or ()):
+            ap.error(f"{args.texts}: no 'text' column")
+        texts = [r["text"] for r in rows][: args.rows]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    with open(args.texts, newline="", encoding="utf-8") as f:
-        texts = [r["text"] for r in csv.DictReader(f)][: args.rows]
     with tempfile.TemporaryDirectory() as tmp:
         paths = graphs(args.checkpoint, Path(tmp))
         sessions = {key: runtime.ort_session(p, 1) for key, p in paths.items()}  # as served
@@ -98,7 +106,7 @@ def main() -> int:
         print(f"| {variant} | {r['fused_rows_per_cpu_s']:.1f} | {r['unfused_rows_per_cpu_s']:.1f} | "
               f"{r['ratio']:.2f}x | {r['max_abs_diff']:.2e} |")
     if args.out:
-        args.out.write_text(json.dumps(table, indent=1))
+        atomic_write_text(args.out, json.dumps(table, indent=1))
     return 0
 
 
