@@ -432,39 +432,70 @@ def test_tuning_check_stops_early_only_when_the_budget_is_already_lost():
 
 
 def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: float, floor: float | None,
-                 max_rounds: int = 3):
-    """Run int8_search.search with the quantizer and the sensitivity ranking replaced by stand-ins."""
+                 max_rounds: int = 3, gate_pass_at: int | None = None):
+    """Run int8_search.search with the quantizer and the sensitivity ranking replaced by stand-ins: a file
+    passes the tuning check when it keeps at least ``tune_pass_at`` nodes in fp32 (None: never), the gate
+    when it keeps ``gate_pass_at`` (default the same). The stand-in quantizer writes the kept nodes into the
+    file, so what the gate read and what is kept can be checked (``gated``: the files the gate saw)."""
     from exporter import int8, int8_search
 
-    calls = []
-    monkeypatch.setattr(int8_search, "quantize", lambda kind, src, dst, settings, **kw: calls.append(list(kw["exclude"])))
+    calls, gated = [], []
+
+    def quantize(kind, src, dst, settings, **kw):
+        calls.append(list(kw["exclude"]))
+        Path(dst).write_text(",".join(kw["exclude"]))
+
+    monkeypatch.setattr(int8_search, "quantize", quantize)
     ranked = [{"node": f"n{i}", "op_type": "MatMul", "local_rel_error": 1.0 / (i + 1)} for i in range(16)]
     monkeypatch.setattr(int8_search, "_rank_in_worker", lambda *a, **k: ranked)
 
     from exporter.artifacts import ParityResult
 
-    def tune(path):
-        ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
-        return ParityResult(n_examples=10, passed=ok, reason="ok" if ok else "label agreement 90% < 98%",
-                            label_agreement=1.0 if ok else 0.9)
-
-    def final(path):
-        ok = tune_pass_at is not None and len(calls) - 1 >= tune_pass_at
+    def verdict(path, need):
+        kept = [n for n in Path(path).read_text().split(",") if n]
+        ok = need is not None and len(kept) >= need
         return ParityResult(n_examples=10, passed=ok, reason="within budget" if ok else "label agreement 90% < 98%",
                             label_agreement=1.0 if ok else 0.9)
 
+    def final(path):
+        gated.append(Path(path).read_text())
+        return verdict(path, tune_pass_at if gate_pass_at is None else gate_pass_at)
+
     settings = int8.QuantSettings("avx2", False, True, True, None, None)
-    result = int8_search.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings, tune=tune,
-                                final=final, tuning_batches=[], calibration=None, max_rounds=max_rounds,
-                                throughput=lambda p: seq_s, speed_floor=floor)
+    result = int8_search.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings,
+                                tune=lambda path: verdict(path, tune_pass_at), final=final, tuning_batches=[],
+                                calibration=None, max_rounds=max_rounds, throughput=lambda p: seq_s, speed_floor=floor)
+    result.gated = gated
     return result, calls
 
 
 def test_search_excludes_the_most_sensitive_nodes_until_it_passes(monkeypatch, tmp_path):
-    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=2, seq_s=100.0, floor=50.0)
-    assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"]]  # 1/8 then 1/4 of 16 ranked nodes
+    """Rounds keep 1/8, then 1/4 of the 16 ranked nodes in fp32; after the first pass the search bisects
+    between the last miss and it, and the miss (3 nodes) puts the passing file back (no gate on the miss)."""
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=4, seq_s=100.0, floor=50.0)
+    assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"], ["n0", "n1", "n2"]]
     assert result.eval_record.passed and result.excluded == ["n0", "n1", "n2", "n3"]
-    assert [a["round"] for a in result.attempts] == [0, 1, 2]
+    assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3" and result.gated == ["n0,n1,n2,n3"]
+    assert [a["round"] for a in result.attempts] == [0, 1, 2, "refine 1"]
+
+
+def test_search_bisects_to_the_fewest_fp32_nodes_that_pass(monkeypatch, tmp_path):
+    """Rounds 0-2 miss (0, 2, 4 nodes), round 3 passes with 8; two bisection rounds find 5 (6 passes, 5 passes)."""
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=5, seq_s=100.0, floor=50.0)
+    assert [len(c) for c in calls] == [0, 2, 4, 8, 6, 5]
+    assert result.eval_record.passed and result.excluded == [f"n{i}" for i in range(5)]
+    assert (tmp_path / "dst.onnx").read_text() == ",".join(f"n{i}" for i in range(5))
+    assert [a["round"] for a in result.attempts] == [0, 1, 2, 3, "refine 1", "refine 2"]
+
+
+def test_a_bisection_round_the_gate_rejects_leaves_the_passing_file_and_its_gate(monkeypatch, tmp_path):
+    """A bisection round that passes the tuning rows but not the gate: the passing file goes back and the gate
+    runs on it again, so the record speaks for the file that is kept."""
+    result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=3, gate_pass_at=4, seq_s=100.0, floor=50.0)
+    assert [len(c) for c in calls] == [0, 2, 4, 3]
+    assert result.excluded == ["n0", "n1", "n2", "n3"] and result.eval_record.passed
+    assert result.gated == ["n0,n1,n2,n3", "n0,n1,n2", "n0,n1,n2,n3"]
+    assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3"
 
 
 def test_search_is_bounded_and_fails_with_the_reason(monkeypatch, tmp_path):
