@@ -15,7 +15,6 @@ texts (min cosine of the first output for an embedder, largest absolute differen
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exporter import int8  # noqa: E402
 from serving.models import runtime  # noqa: E402
-from skip_layer_norm_speed import interleaved_rates  # noqa: E402
+from skip_layer_norm_speed import csv_texts, interleaved_rates  # noqa: E402
 
 RANKING_ROWS = 32  # texts the ranking captures fp32 inputs on (the search ranks on 2 tuning batches of 16)
 
@@ -73,13 +72,7 @@ def main() -> int:
         keeps = [int(k) for k in args.keep.split(",") if k.strip()]
     except ValueError:
         ap.error(f"--keep {args.keep!r}: comma-separated integers")
-    if not args.texts.is_file():
-        ap.error(f"{args.texts}: no such file")
-    with open(args.texts, newline="", encoding="utf-8") as f:
-        rows = csv.DictReader(f)
-        if "text" not in (rows.fieldnames or ()):
-            ap.error(f"{args.texts}: no 'text' column")
-        texts = [r["text"] for r in rows][: args.rows]
+    texts = csv_texts(ap, args.texts, args.rows)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(next(p for p in (args.build / "tokenizer", fp32.parent) if p.is_dir()))

@@ -47,6 +47,17 @@ def graphs(checkpoint: Path, work: Path) -> dict[tuple[str, bool], Path]:
     return out
 
 
+def csv_texts(ap: argparse.ArgumentParser, path: Path, limit: int) -> list[str]:
+    """The first ``limit`` texts of a CSV's ``text`` column; a missing file or column is a usage error."""
+    if not path.is_file():
+        ap.error(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        if "text" not in (rows.fieldnames or ()):
+            ap.error(f"{path}: no 'text' column")
+        return [r["text"] for r in rows][:limit]
+
+
 def interleaved_rates(sessions: dict, feeds: list[dict], block: int) -> dict:
     """Rows per CPU-second of each session, the sessions taking turns every ``block`` rows (each block runs
     on every session before the next block), so a drift in the machine's speed falls on all of them alike
@@ -73,13 +84,7 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.checkpoint / "config.json").is_file():
         ap.error(f"{args.checkpoint}: not a checkpoint directory (no config.json)")
-    if not args.texts.is_file():
-        ap.error(f"{args.texts}: no such file")
-    with open(args.texts, newline="", encoding="utf-8") as f:
-        rows = csv.DictReader(f)
-        if "text" not in (rows.fieldnames or ()):
-            ap.error(f"{args.texts}: no 'text' column")
-        texts = [r["text"] for r in rows][: args.rows]
+    texts = csv_texts(ap, args.texts, args.rows)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
