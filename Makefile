@@ -8,6 +8,11 @@ PY := $(VENV)/bin/python
 PIP_EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed
 
+# make test's two pytest-xdist workers: much of the suite waits (tritonserver starts, Locust, subprocess CLIs,
+# recovery polls), so two overlap it on two cores; a file's tests stay on one worker (its module fixtures and
+# server start once) and tests/conftest.py hands out the longest files first. `make test XDIST=` runs it serially.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+
 # demo knobs: a slice of the corpus keeps the demo to minutes on 2 cores
 DEMO_LIMIT ?= 8000
 DEMO_EPOCHS ?= 1
@@ -38,7 +43,7 @@ check: install
 	$(PY) -m pytest -m "not slow and not gpu" -q --timeout 300 $(CHECK_TESTS)
 
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" --timeout 1200 --durations=25
+	$(PY) -m pytest -m "not slow and not gpu" $(XDIST) --timeout 1200 --durations=25
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" --timeout 3600
