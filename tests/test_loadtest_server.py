@@ -75,6 +75,9 @@ def test_locust_http_smoke_with_its_own_server(repository, texts_csv, tmp_path, 
     assert "http infer x4" in capsys.readouterr().out
 
 
+# alone: its users import tritonclient.grpc at start and the 3 s run must count requests; with the other worker
+# loading the cores it once counted none (Locust's stats CSV still held its first write: `loadtest run` reads it)
+@pytest.mark.alone
 @pytest.mark.server
 def test_locust_grpc_smoke(server, texts_csv, tmp_path):
     from loadtest.run import RunConfig, run_loadtest

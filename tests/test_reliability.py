@@ -75,6 +75,7 @@ def test_repository_writer_sets_a_bounded_rejecting_queue(repository):
         assert not policy.allow_timeout_override, name  # clients cannot raise their own queue timeout
 
 
+@pytest.mark.alone  # saturation measured, then 3x it offered: both with the machine to itself
 def test_overload_3x_saturation(tiny_onnx, tiny_checkpoint, texts, tmp_path):
     """Measure saturation (closed loop), drive ~3x it open-loop: rejections are fast 503/UNAVAILABLE with a
     clear message, accepted requests keep a bounded p99, the typed client error comes within its budget, and

@@ -557,10 +557,13 @@ def test_the_warmup_refuses_a_model_that_fails_on_a_long_text_at_load(tiny_onnx,
     with pytest.raises(ServerError) as exc:
         LocalTritonServer(ServerConfig(repository, startup_timeout_s=120)).start()
     # Triton 2.51 refuses the model naming the sample; now and then (about 1 start in 5 on this machine) it
-    # crashes instead (SIGSEGV) while unloading the failed model: never ready either, the model's error in the log
+    # crashes instead (SIGSEGV) while unloading the failed model: never ready either, the model's error in the log;
+    # the crash can come before Triton logs that error, ONNX Runtime's on the long sample (256 tokens, 128
+    # positions) then ends the log (seen in a serial `make test` run)
     message = str(exc.value)
     assert re.search(r"'classifier'.*warmup sample 'long'", message) or (
-        "during start-up" in message and "classifier: request failed" in message), message
+        "during start-up" in message and ("classifier: request failed" in message or "128 by 256" in message)), \
+        message
 
 
 def _cpu_quota() -> bool:
