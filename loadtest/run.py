@@ -122,7 +122,7 @@ def locust_command(cfg: RunConfig, host: str, workdir: Path) -> list[str]:
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(cfg.users), "-r", f"{cfg.spawn_rate:g}", "-t", f"{cfg.duration_s:g}s",
-        "--host", host, "--csv", str(workdir / PREFIX), "--csv-full-history",
+        "--host", host, "--csv", str(workdir / PREFIX), "--csv-full-history", "--json-file", str(workdir / PREFIX),
         "--html", str(workdir / "report.html"), "--only-summary",
         "--exit-code-on-error", "0", "--stop-timeout", "10",
         "--loglevel", "WARNING", "--logfile", str(workdir / "locust.log"),
@@ -167,8 +167,8 @@ def run_locust(cfg: RunConfig, host: str, workdir: Path) -> int:
 
 
 def summarize(cfg: RunConfig, workdir: Path, host: str, wall_s: float, server: dict[str, Any] | None) -> dict:
-    """summary.json content from Locust's CSVs."""
-    stats = read_locust_stats(workdir / f"{PREFIX}_stats.csv")
+    """summary.json content from Locust's final stats (and its failures CSV)."""
+    stats = read_locust_stats(workdir / f"{PREFIX}.json")
     total = stats["total"]
     return {
         "protocol": cfg.protocol.value,

@@ -276,20 +276,52 @@ def _write_locust_csvs(prefix: Path, requests: int, failures: int):
             w.writerow([t, 4, "POST", "http infer x4", 20, 0, 13, 20, 30, (t - 1000) * 20])
 
 
+_LOCUST_FINAL_STATS = """
+import json, sys
+from locust.stats import RequestStats, save_stats_json
+stats = RequestStats(use_response_times_cache=False)
+for i in range(263):
+    stats.log_request("POST", "http infer x4", 10 + i % 50, 300)
+for i in range(37):
+    stats.log_request("POST", "grpc infer x4", 200 + i, 100)
+stats.log_error("POST", "http infer x4", "refused")
+stats.log_error("POST", "http infer x4", "refused")
+t = stats.total
+span = t.last_request_timestamp - min(e.start_time for e in stats.entries.values())
+want = {"p50": t.get_response_time_percentile(0.5), "p95": t.get_response_time_percentile(0.95),
+        "p99": t.get_response_time_percentile(0.99), "avg": t.avg_response_time, "min": t.min_response_time,
+        "max": t.max_response_time, "rps": t.num_requests / span, "bytes": t.avg_content_length}
+save_stats_json(stats, sys.argv[1])  # Locust's own writer, as --json-file runs it at shutdown
+print(json.dumps(want))
+"""
+
+
 def test_read_locust_stats_and_history(tmp_path):
+    """The summary's totals are Locust's over every request, from the final stats file Locust writes at
+    shutdown (made here by Locust's own writer, in a subprocess: importing locust monkey-patches the process):
+    two names merged into the total, the percentiles by Locust's rule."""
+    import subprocess
+    import sys
+
     from loadtest.report import read_history, read_locust_stats
 
+    out = subprocess.run([sys.executable, "-c", _LOCUST_FINAL_STATS, str(tmp_path / "locust")], check=True,
+                         capture_output=True, text=True).stdout
+    want = json.loads(out.strip().splitlines()[-1])
+    got = read_locust_stats(tmp_path / "locust.json")
+    total = got["total"]
+    assert total["requests"] == 300 and total["failures"] == 2 and total["failure_ratio"] == pytest.approx(2 / 300)
+    assert {k: total["latency_ms"][k] for k in ("p50", "p95", "p99", "min", "max")} == {
+        k: want[k] for k in ("p50", "p95", "p99", "min", "max")} and want["p99"] >= 200 and want["max"] == 236
+    assert total["latency_ms"]["avg"] == pytest.approx(want["avg"])
+    assert total["requests_per_s"] == pytest.approx(want["rps"], rel=1e-2)  # the span: a few µs apart
+    assert total["avg_response_bytes"] == pytest.approx(want["bytes"]) == (263 * 300 + 37 * 100) / 300
+    assert sorted(e["name"] for e in got["per_name"]) == ["grpc infer x4", "http infer x4"]
     _write_locust_csvs(tmp_path / "locust", 263, 2)
-    stats = read_locust_stats(tmp_path / "locust_stats.csv")
-    total = stats["total"]
-    assert total["requests"] == 263 and total["failures"] == 2
-    assert total["failure_ratio"] == pytest.approx(2 / 263)
-    assert total["latency_ms"]["p50"] == 14 and total["latency_ms"]["p99"] == 30
-    assert [e["name"] for e in stats["per_name"]] == ["http infer x4"]
     hist = read_history(tmp_path / "locust_stats_history.csv")
     assert len(hist) == 6 and hist[0]["p50"] is None and hist[-1]["t"] == 5 and hist[-1]["rps"] == 25
     with pytest.raises(LoadtestError):
-        read_locust_stats(tmp_path / "missing_stats.csv")
+        read_locust_stats(tmp_path / "missing.json")
 
 
 def test_plot_history_writes_png(tmp_path):
