@@ -315,19 +315,19 @@ def test_locust_picks_the_embedding_users_for_an_embedding_model(server, eval_cs
     import subprocess
     import sys
 
+    from loadtest.report import read_locust_stats
     from loadtest.run import LOCUSTFILE, _child_env
 
     host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
            "--host", host, "--texts", str(eval_csv), "--texts-per-request", "3", "--model-name", DEFAULT_EMBEDDER,
-           "--csv", str(tmp_path / "l")]
+           "--csv", str(tmp_path / "l"), "--json-file", str(tmp_path / "l")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
     assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
     wanted = "TritonEmbedHttpUser" if scheme == "http" else "TritonEmbedGrpcUser"
     assert f"running {wanted}" in out.stderr + out.stdout
-    with open(tmp_path / "l_stats.csv") as fh:
-        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
-    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    total = read_locust_stats(tmp_path / "l.json")["total"]  # Locust's final stats (its CSV lags the end)
+    assert total["requests"] > 0 and total["failures"] == 0
 
 
 def test_bench_task_embedding(built, server, st_model, eval_csv, tmp_path):

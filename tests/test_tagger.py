@@ -227,6 +227,7 @@ def test_locust_picks_the_tag_users_for_a_tagger(server, scheme, tmp_path):
     import subprocess
     import sys
 
+    from loadtest.report import read_locust_stats
     from loadtest.run import LOCUSTFILE, _child_env
 
     host = f"http://{server.http_url}" if scheme == "http" else f"grpc://{server.grpc_url}"
@@ -235,14 +236,13 @@ def test_locust_picks_the_tag_users_for_a_tagger(server, scheme, tmp_path):
         csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
            "--host", host, "--texts", str(texts), "--texts-per-request", "4", "--model-name", DEFAULT_TAGGER,
-           "--csv", str(tmp_path / "l")]
+           "--csv", str(tmp_path / "l"), "--json-file", str(tmp_path / "l")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
     assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
     wanted = "TritonTagHttpUser" if scheme == "http" else "TritonTagGrpcUser"
     assert f"running {wanted}" in out.stderr + out.stdout
-    with open(tmp_path / "l_stats.csv") as fh:
-        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
-    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    total = read_locust_stats(tmp_path / "l.json")["total"]  # Locust's final stats (its CSV lags the end)
+    assert total["requests"] > 0 and total["failures"] == 0
 
 
 @pytest.mark.parametrize("extra, message", [(["--target", "gpu"], "cpu target"),

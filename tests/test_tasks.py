@@ -177,6 +177,7 @@ def test_locust_picks_the_rerank_users_for_a_reranker(stack, built, scheme, tmp_
     import subprocess
     import sys
 
+    from loadtest.report import read_locust_stats
     from loadtest.run import LOCUSTFILE, _child_env
 
     server = stack[0]
@@ -186,14 +187,13 @@ def test_locust_picks_the_rerank_users_for_a_reranker(stack, built, scheme, tmp_
         csv.writer(fh).writerows([["text"]] + [[t] for t in corpus_texts(30, seed=43)])
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "3s",
            "--host", host, "--texts", str(texts), "--texts-per-request", "4", "--model-name", DEFAULT_RERANKER,
-           "--csv", str(tmp_path / "l")]
+           "--csv", str(tmp_path / "l"), "--json-file", str(tmp_path / "l")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
     assert out.returncode == 0, (out.stdout + out.stderr)[-1500:]
     wanted = "TritonRerankHttpUser" if scheme == "http" else "TritonRerankGrpcUser"
     assert f"running {wanted}" in out.stderr + out.stdout
-    with open(tmp_path / "l_stats.csv") as fh:
-        total = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"][0]
-    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    total = read_locust_stats(tmp_path / "l.json")["total"]  # Locust's final stats (its CSV lags the end)
+    assert total["requests"] > 0 and total["failures"] == 0
 
 
 def test_reranker_client_refuses_bad_arguments_before_any_request():
