@@ -122,11 +122,14 @@ def _refine(job: _Search, src: Path, dst: Path, ranked: list[dict], failed_at: i
     with tempfile.TemporaryDirectory(prefix="int8-refine-", dir=dst.parent) as tmp:
         kept = Path(tmp) / dst.name
         best = _snapshot(dst, kept, result)
-        for i in range(REFINE_ROUNDS):
+        for _ in range(REFINE_ROUNDS):
             if hi - lo <= 1:
                 break
             mid = (lo + hi) // 2
-            if _round(job, src, dst, f"refine {i + 1}", [r["node"] for r in ranked[:mid]], result):
+            log.info("int8 %s: bisection between %d (missed) and %d (passed) nodes in fp32: %d", job.kind, lo, hi, mid)
+            passed = _round(job, src, dst, len(result.attempts), [r["node"] for r in ranked[:mid]], result)
+            result.attempts[-1]["bisection"] = True
+            if passed:
                 hi, best = mid, _snapshot(dst, kept, result)
             else:
                 lo = mid
@@ -171,7 +174,7 @@ def _next_exclusion(ranked: list[dict], exclude: list[str], round_: int) -> list
     return None if k <= len(exclude) else [r["node"] for r in ranked[:k]]
 
 
-def _round(job: _Search, src: Path, dst: Path, round_: int | str, exclude: list[str], result: SearchResult) -> bool:
+def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], result: SearchResult) -> bool:
     """Quantize and check one round; True when the search should stop (passed, or not worth going on)."""
     t0 = time.perf_counter()
     result.eval_record = None
@@ -188,7 +191,7 @@ def _round(job: _Search, src: Path, dst: Path, round_: int | str, exclude: list[
         result.eval_record = job.final(dst)
         attempt["eval"] = result.eval_record.brief()
     result.attempts.append(attempt)
-    log.info("int8 %s round %s: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
+    log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
              "pass" if tuning.passed else f"fail ({tuning.reason})",
              "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
              time.perf_counter() - t0)

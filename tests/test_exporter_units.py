@@ -476,7 +476,8 @@ def test_search_excludes_the_most_sensitive_nodes_until_it_passes(monkeypatch, t
     assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"], ["n0", "n1", "n2"]]
     assert result.eval_record.passed and result.excluded == ["n0", "n1", "n2", "n3"]
     assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3" and result.gated == ["n0,n1,n2,n3"]
-    assert [a["round"] for a in result.attempts] == [0, 1, 2, "refine 1"]
+    assert [a["round"] for a in result.attempts] == [0, 1, 2, 3]
+    assert [a.get("bisection", False) for a in result.attempts] == [False, False, False, True]
 
 
 def test_search_bisects_to_the_fewest_fp32_nodes_that_pass(monkeypatch, tmp_path):
@@ -485,7 +486,8 @@ def test_search_bisects_to_the_fewest_fp32_nodes_that_pass(monkeypatch, tmp_path
     assert [len(c) for c in calls] == [0, 2, 4, 8, 6, 5]
     assert result.eval_record.passed and result.excluded == [f"n{i}" for i in range(5)]
     assert (tmp_path / "dst.onnx").read_text() == ",".join(f"n{i}" for i in range(5))
-    assert [a["round"] for a in result.attempts] == [0, 1, 2, 3, "refine 1", "refine 2"]
+    assert [a["round"] for a in result.attempts] == [0, 1, 2, 3, 4, 5]
+    assert [a.get("bisection", False) for a in result.attempts] == [False] * 4 + [True] * 2
 
 
 def test_a_bisection_round_the_gate_rejects_leaves_the_passing_file_and_its_gate(monkeypatch, tmp_path):
