@@ -1,6 +1,7 @@
 """Readers and writers for load-test reports: Locust's final stats -> summary dict, history -> PNG, Markdown tables."""
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import logging
@@ -38,18 +39,20 @@ def read_locust_stats(stats_json: Path) -> dict[str, Any]:
     starts = [e["start_time"] for e in entries if e.get("start_time")]
     lasts = [e["last_request_timestamp"] for e in entries if e.get("last_request_timestamp")]
     span = max(lasts) - min(starts) if starts and lasts else 0.0
-    total = {"name": AGGREGATED, "method": "", "num_requests": 0, "num_none_requests": 0, "num_failures": 0,
-             "total_response_time": 0, "total_content_length": 0, "max_response_time": 0, "min_response_time": None,
-             "response_times": {}}
+    return {"total": _entry(_merged(entries), span), "per_name": [_entry(e, span) for e in entries]}
+
+
+def _merged(entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The entries' total, as Locust's ``StatsEntry.extend`` adds them up."""
+    total: dict[str, Any] = {key: sum(e.get(key) or 0 for e in entries) for key in (
+        "num_requests", "num_none_requests", "num_failures", "total_response_time", "total_content_length")}
+    mins = [e["min_response_time"] for e in entries if e.get("min_response_time") is not None]
+    times: collections.Counter = collections.Counter()
     for e in entries:
-        for key in ("num_requests", "num_none_requests", "num_failures", "total_response_time", "total_content_length"):
-            total[key] += e.get(key) or 0
-        total["max_response_time"] = max(total["max_response_time"], e.get("max_response_time") or 0)
-        mins = [m for m in (total["min_response_time"], e.get("min_response_time")) if m is not None]
-        total["min_response_time"] = min(mins) if mins else None
-        for ms, n in (e.get("response_times") or {}).items():
-            total["response_times"][ms] = total["response_times"].get(ms, 0) + n
-    return {"total": _entry(total, span), "per_name": [_entry(e, span) for e in entries]}
+        times.update(e.get("response_times") or {})
+    return {**total, "name": AGGREGATED, "method": "", "response_times": dict(times),
+            "max_response_time": max((e.get("max_response_time") or 0 for e in entries), default=0),
+            "min_response_time": min(mins, default=None)}
 
 
 def _percentile(response_times: Mapping[str, int], count: int, percent: float) -> float | None:
@@ -76,9 +79,11 @@ def _entry(e: Mapping[str, Any], span: float) -> dict[str, Any]:
         "requests_per_s": requests / span if span > 0 else 0.0,
         "failures_per_s": failures / span if span > 0 else 0.0,
         "latency_ms": {
-            "avg": e["total_response_time"] / timed if timed > 0 else None,
+            "avg": (e.get("total_response_time") or 0) / timed if timed > 0 else None,
             "min": e.get("min_response_time"),
-            **{f"p{round(p * 100)}": _percentile(times, requests, p) if requests else None for p in (0.5, 0.95, 0.99)},
+            "p50": _percentile(times, requests, 0.50),
+            "p95": _percentile(times, requests, 0.95),
+            "p99": _percentile(times, requests, 0.99),
             "max": e.get("max_response_time") if requests else None,
         },
         "avg_response_bytes": e.get("total_content_length", 0) / requests if requests else None,
