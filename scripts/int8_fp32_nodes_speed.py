@@ -32,11 +32,9 @@ from skip_layer_norm_speed import csv_texts, interleaved_rates  # noqa: E402
 RANKING_ROWS = 32  # texts the ranking captures fp32 inputs on (the search ranks on 2 tuning batches of 16)
 
 
-def fp32_graph(build: Path) -> Path:
-    for path in (build / "fp32.onnx", build / "fp32" / "model.onnx"):  # embedder, classifier builds
-        if path.is_file():
-            return path
-    raise SystemExit(f"{build}: no fp32.onnx or fp32/model.onnx (not an exporter build directory)")
+def fp32_graph(build: Path) -> Path | None:
+    """The build's fp32 graph (an embedder's fp32.onnx, a classifier's fp32/model.onnx); None when absent."""
+    return next((p for p in (build / "fp32.onnx", build / "fp32" / "model.onnx") if p.is_file()), None)
 
 
 def quantized(fp32: Path, feeds: list[dict], keeps: list[int], work: Path) -> dict[int, Path]:
@@ -68,10 +66,14 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
     fp32 = fp32_graph(args.build)
+    if fp32 is None:
+        ap.error(f"{args.build}: no fp32.onnx or fp32/model.onnx (not an exporter build directory)")
     try:
         keeps = [int(k) for k in args.keep.split(",") if k.strip()]
     except ValueError:
-        ap.error(f"--keep {args.keep!r}: comma-separated integers")
+        keeps = []
+    if not keeps or min(keeps) < 0:
+        ap.error(f"--keep {args.keep!r}: comma-separated numbers of nodes, >= 0")
     texts = csv_texts(ap, args.texts, args.rows)
     from transformers import AutoTokenizer
 
