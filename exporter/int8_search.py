@@ -1,4 +1,4 @@
-"""The int8 search, the build process's side of stage 4: quantize in a worker, check on tuning rows, and
+"""The int8 search, the build process's side of stage 4: quantize in a worker, gate it, and (on tuning rows)
 exclude the most sensitive nodes (ranked in a worker by :func:`exporter.int8.rank_sensitivity`) a bounded
 number of times until the budget holds. The conversions themselves live in :mod:`exporter.int8`, which the
 worker process runs.
@@ -76,8 +76,10 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
 
     ``tune(path)`` and ``final(path)`` are gates (exporter.steps.Gate: the task's measure, a Verdict):
     ``tune`` on tuning rows drawn apart from the evaluation set, ``final`` the gate on the evaluation set
-    itself. Returns the last attempt; its
-    ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
+    itself. Round 0 (everything quantized) goes straight to ``final``: it makes no choice the tuning rows
+    could inform, and a task's tuning reference (the fp32 graph on every tuning row) is then only computed
+    when an exclusion round needs it. Each later round is checked on the tuning rows first, and gated only
+    when it passes them. Returns the last attempt; its ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
     ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
     is run (``eval_record`` None, ``skipped`` says why; static int8 is timed on a probe calibrated on a few
     rows before its full calibration: :func:`_slower_than_floor`): keeping nodes in fp32 only slows a variant down,
@@ -185,15 +187,17 @@ def _round(job: _Search, src: Path, dst: Path, round_: int, exclude: list[str], 
         quantize(job.kind, src, dst, job.settings, exclude=exclude, calibration=job.calibration,
                  calibration_cache=job.calibration_cache if job.kind == STATIC else None)
     result.path, result.excluded, result.calibration_batches = dst, list(exclude), len(job.calibration or [])
-    tuning = job.tune(dst)
-    attempt = {"round": round_, "excluded": len(exclude), "tuning": tuning.brief()}
-    if tuning.passed:
+    attempt = {"round": round_, "excluded": len(exclude)}
+    tuning = job.tune(dst) if exclude else None  # round 0 chooses nothing the tuning rows could inform
+    if tuning is not None:
+        attempt["tuning"] = tuning.brief()
+    if tuning is None or tuning.passed:
         result.eval_record = job.final(dst)
         attempt["eval"] = result.eval_record.brief()
     result.attempts.append(attempt)
-    log.info("int8 %s round %d: %d nodes kept fp32, tuning %s%s (%.1fs)", job.kind, round_, len(exclude),
-             "pass" if tuning.passed else f"fail ({tuning.reason})",
-             "" if "eval" not in attempt else f", eval {'pass' if attempt['eval']['passed'] else 'fail'}",
+    log.info("int8 %s round %d: %d nodes kept fp32%s%s (%.1fs)", job.kind, round_, len(exclude),
+             "" if tuning is None else ", tuning " + ("pass" if tuning.passed else f"fail ({tuning.reason})"),
+             "" if "eval" not in attempt else f", gate {'pass' if attempt['eval']['passed'] else 'fail'}",
              time.perf_counter() - t0)
     return result.eval_record is not None and result.eval_record.passed
 
@@ -218,6 +222,8 @@ def _slower_than_floor(job: _Search, src: Path, dst: Path, result: SearchResult)
     result.path, result.excluded, result.calibration_batches = dst, [], len(calibration or [])
     seq_s = job.throughput(dst)
     if seq_s >= job.speed_floor:
+        log.info("int8 %s: round 0 runs %.1f seq/s, at least the %.1f seq/s of a variant that passed: searched",
+                 job.kind, seq_s, job.speed_floor)
         return False
     result.skipped = (f"round 0 runs {seq_s:.1f} seq/s, below the {job.speed_floor:.1f} seq/s of a variant that "
                       "already passed: no tuning check, gate or exclusion search")

@@ -38,10 +38,13 @@ def convert(src_onnx: Path, dst: Path) -> dict:
     return save_ir(ov.convert_model(str(src_onnx)), src_onnx, dst)
 
 
-def quantize(src_onnx: Path, dst: Path, calibration: list[dict], ignored: dict | None, precision: str) -> dict:
+def quantize(src_onnx: Path, dst: Path, calibration: list[dict], ignored: dict | None, precision: str,
+             smooth_quant: bool = True) -> dict:
     """NNCF post-training int8 of ``src_onnx`` calibrated on ``calibration`` (feeds of one row each), the
     nodes ``ignored`` names ({"names": [...], "patterns": [...]}) kept in floating point computed at
-    ``precision``; written into ``dst``'s directory. Returns the runtime record."""
+    ``precision``; written into ``dst``'s directory. Returns the runtime record. ``smooth_quant=False``
+    skips NNCF's SmoothQuant (its own statistics pass and model compile): for a probe that is only timed,
+    since SmoothQuant rescales weights and activations and never removes an operation."""
     import nncf
     import openvino as ov
 
@@ -49,7 +52,10 @@ def quantize(src_onnx: Path, dst: Path, calibration: list[dict], ignored: dict |
     names = [p.get_any_name() for p in model.inputs]
     feeds = [{k: v for k, v in row.items() if k in names} for row in calibration]
     scope = nncf.IgnoredScope(**ignored, validate=False) if ignored else None
+    advanced = None if smooth_quant else nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))  # NNCF: a negative alpha turns it off
     quantized = nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.MIXED,
-                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds), ignored_scope=scope)
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds), ignored_scope=scope,
+                              advanced_parameters=advanced)
     del model
     return save_ir(quantized, src_onnx, dst, precision)

@@ -73,8 +73,9 @@ def measure(run: Callable[[Batch], object], singles: list[Batch], batches: list[
 
 def measure_per_row(run: Callable[[Batch], object], encode: Callable[[str], Batch], texts: Sequence[str],
                     seconds: float, threads: int | None = 1,
-                    shape: Callable[[object], Hashable] = batch_shape) -> SpeedResult:
-    """Time ``run(encode(text))`` one text at a time until ``seconds`` of timed rows: latency percentiles
+                    shape: Callable[[object], Hashable] = batch_shape, rows: int | None = None) -> SpeedResult:
+    """Time ``run(encode(text))`` one text at a time until ``seconds`` of timed rows (or exactly ``rows`` texts,
+    at least 5, whatever the time): latency percentiles
     and seq/s, tokenization included (what one served row costs on one core). The first row of each
     distinct input shape (``shape(encode(text))``; pass one when ``encode`` leaves tokenizing to ``run``)
     runs once more before it is timed, unmeasured (:class:`FirstPerShape`): the steady state, not the
@@ -86,7 +87,7 @@ def measure_per_row(run: Callable[[Batch], object], encode: Callable[[str], Batc
         row = encode(texts[i % len(texts)])
         return time.perf_counter() - t0 + _warm_then_time(warm, run, row)
 
-    latencies = _timed(step, seconds)
+    latencies = _timed(step, seconds) if rows is None else _timed(step, float("inf"), limit=max(rows, 5))
     return SpeedResult(mode=GateMode.PER_ROW, **_percentiles(latencies), latency_samples=len(latencies),
                        throughput_seq_s=round(len(latencies) / sum(latencies), 1), throughput_rows=len(latencies),
                        throughput_batch_size=1, intra_op_threads=threads, tokenization_included=True,

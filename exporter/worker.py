@@ -97,9 +97,11 @@ def _ov_convert(src: str, dst: str) -> dict:
     return openvino_ir.convert(Path(src), Path(dst))
 
 
-def _ov_quantize(src: str, dst: str, calibration: str, ignored: dict | None, precision: str) -> dict:
+def _ov_quantize(src: str, dst: str, calibration: str, ignored: dict | None, precision: str,
+                 smooth_quant: bool = True) -> dict:
     """NNCF int8; ``calibration`` is an .npz of one-row feeds (see :func:`save_batches`)."""
-    return openvino_ir.quantize(Path(src), Path(dst), load_batches(Path(calibration)), ignored, precision)
+    return openvino_ir.quantize(Path(src), Path(dst), load_batches(Path(calibration)), ignored, precision,
+                                smooth_quant)
 
 
 JOBS = {"export": _export, "export-onnx": _export_graph, "fuse": _fuse, "fusion-speed": _fusion_speed, "fp16": _fp16,

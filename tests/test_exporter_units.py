@@ -436,7 +436,8 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
     """Run int8_search.search with the quantizer and the sensitivity ranking replaced by stand-ins: a file
     passes the tuning check when it keeps at least ``tune_pass_at`` nodes in fp32 (None: never), the gate
     when it keeps ``gate_pass_at`` (default the same). The stand-in quantizer writes the kept nodes into the
-    file, so what the gate read and what is kept can be checked (``gated``: the files the gate saw)."""
+    file, so what the gate read and what is kept can be checked (``gated``/``tuned``: the files the gate and the
+    tuning check saw)."""
     from exporter import int8, int8_search
 
     calls, gated = [], []
@@ -461,21 +462,29 @@ def _fake_search(monkeypatch, tmp_path, *, tune_pass_at: int | None, seq_s: floa
         gated.append(Path(path).read_text())
         return verdict(path, tune_pass_at if gate_pass_at is None else gate_pass_at)
 
+    def tune(path):
+        tuned.append(Path(path).read_text())
+        return verdict(path, tune_pass_at)
+
+    tuned: list[str] = []
     settings = int8.QuantSettings("avx2", False, True, True, None, None)
     result = int8_search.search(int8.DYNAMIC, tmp_path / "src.onnx", tmp_path / "dst.onnx", settings,
-                                tune=lambda path: verdict(path, tune_pass_at), final=final, tuning_batches=[],
+                                tune=tune, final=final, tuning_batches=[],
                                 calibration=None, max_rounds=max_rounds, throughput=lambda p: seq_s, speed_floor=floor)
-    result.gated = gated
+    result.gated, result.tuned = gated, tuned
     return result, calls
 
 
 def test_search_excludes_the_most_sensitive_nodes_until_it_passes(monkeypatch, tmp_path):
     """Rounds keep 1/8, then 1/4 of the 16 ranked nodes in fp32; after the first pass the search bisects
-    between the last miss and it, and the miss (3 nodes) puts the passing file back (no gate on the miss)."""
+    between the last miss and it, and the miss (3 nodes) puts the passing file back (no gate on the miss).
+    Round 0 goes straight to the gate; only the exclusion rounds are checked on the tuning rows first."""
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=4, seq_s=100.0, floor=50.0)
     assert calls == [[], ["n0", "n1"], ["n0", "n1", "n2", "n3"], ["n0", "n1", "n2"]]
     assert result.eval_record.passed and result.excluded == ["n0", "n1", "n2", "n3"]
-    assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3" and result.gated == ["n0,n1,n2,n3"]
+    assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3" and result.gated == ["", "n0,n1,n2,n3"]
+    assert result.tuned == ["n0,n1", "n0,n1,n2,n3", "n0,n1,n2"]
+    assert "tuning" not in result.attempts[0] and not result.attempts[0]["eval"]["passed"]
     assert [a["round"] for a in result.attempts] == [0, 1, 2, 3]
     assert [a.get("bisection", False) for a in result.attempts] == [False, False, False, True]
 
@@ -496,7 +505,7 @@ def test_a_bisection_round_the_gate_rejects_leaves_the_passing_file_and_its_gate
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=3, gate_pass_at=4, seq_s=100.0, floor=50.0)
     assert [len(c) for c in calls] == [0, 2, 4, 3]
     assert result.excluded == ["n0", "n1", "n2", "n3"] and result.eval_record.passed
-    assert result.gated == ["n0,n1,n2,n3", "n0,n1,n2", "n0,n1,n2,n3"]
+    assert result.gated == ["", "n0,n1,n2,n3", "n0,n1,n2", "n0,n1,n2,n3"]
     assert (tmp_path / "dst.onnx").read_text() == "n0,n1,n2,n3"
 
 
@@ -515,6 +524,7 @@ def test_search_skips_exclusions_when_already_slower_than_a_passing_variant(monk
         {"round": 0, "excluded": 0, "throughput_seq_s": 30.0, "skipped": result.skipped}]
     result, calls = _fake_search(monkeypatch, tmp_path, tune_pass_at=0, seq_s=60.0, floor=50.0)
     assert calls == [[]] and result.eval_record.passed and not result.skipped
+    assert result.gated == [""] and result.tuned == []  # a round 0 that passes never needs the tuning rows
 
 
 def test_progress_is_silent_off_a_terminal(capsys):
@@ -884,8 +894,8 @@ def _ov_search(monkeypatch, tmp_path, slow, rows=40):
 
     calls = []
 
-    def quantize(src, dst, path, ignored):
-        calls.append((len(worker.load_batches(Path(path))), ignored))
+    def quantize(src, dst, path, ignored, smooth_quant=True):
+        calls.append((len(worker.load_batches(Path(path))), ignored, smooth_quant))
         return {"runtime": "openvino"}
 
     monkeypatch.setattr(openvino, "_quantize", quantize)
@@ -898,14 +908,14 @@ def _ov_search(monkeypatch, tmp_path, slow, rows=40):
 def test_ov_int8_is_timed_on_a_probe_before_its_full_calibration(monkeypatch, tmp_path):
     from exporter.openvino import PROBE_ROWS
 
-    record, calls = _ov_search(monkeypatch, tmp_path, slow=True)
-    assert calls == [(PROBE_ROWS, None)] and record["quantization"]["calibration_rows"] == PROBE_ROWS
-    assert "probe" in record["search"][0]["skipped"]
+    record, calls = _ov_search(monkeypatch, tmp_path, slow=True)  # the probe skips SmoothQuant: only timed
+    assert calls == [(PROBE_ROWS, None, False)] and record["quantization"]["calibration_rows"] == PROBE_ROWS
+    assert "probe" in record["search"][0]["skipped"] and "without SmoothQuant" in record["search"][0]["skipped"]
     record, calls = _ov_search(monkeypatch, tmp_path, slow=False)
-    assert calls == [(PROBE_ROWS, None), (40, None)] and record["quantization"]["calibration_rows"] == 40
+    assert calls == [(PROBE_ROWS, None, False), (40, None, True)] and record["quantization"]["calibration_rows"] == 40
     assert record["search"][-1]["tuning_passed"]
     record, calls = _ov_search(monkeypatch, tmp_path, slow=False, rows=PROBE_ROWS)  # the probe was round 0
-    assert calls == [(PROBE_ROWS, None)] and record["search"][0]["tuning_passed"]
+    assert calls == [(PROBE_ROWS, None, True)] and record["search"][0]["tuning_passed"]
 
 
 def test_a_probes_graph_has_the_operators_of_the_fully_calibrated_one(tiny_checkpoint, tiny_onnx, tmp_path):
@@ -994,13 +1004,16 @@ def test_a_variant_left_at_its_probe_records_the_measure_that_decided(monkeypatc
     from exporter import int8, int8_search, report as render, variants as vmod
     from exporter.artifacts import ParityResult
 
-    taken = {"int8_dynamic": [70.0], "int8_static": [40.0, 95.0]}  # static: the probe, then what a retake says
+    taken = {"int8_dynamic": [70.0], "int8_static": [95.0]}  # the full measures; static's would be a retake
     ctx = _gating_context(tmp_path, Target.CPU, {}, dict.fromkeys(NAMES, True))
     monkeypatch.setattr(type(ctx), "speed", lambda self, path, precision, seconds=None:
                         _speed_record(self, taken[path.parent.name].pop(0)))
+    now = {"int8_dynamic": 35.0, "int8_static": 20.0}  # the probe's rounds: the machine at half speed, 0.57x
+    monkeypatch.setattr(type(ctx), "row_timer", lambda self, path, precision:
+                        lambda texts: _speed_record(self, now[path.parent.name]))
     monkeypatch.setattr(type(ctx), "tuning_reference", lambda self: None)
     ctx.data = types.SimpleNamespace(tuning_batches=[], calibration=[{"input_ids": np.ones((2, 3), np.int64)}] * 4,
-                                     calibration_source="train.csv")
+                                     calibration_source="train.csv", texts=["a", "b", "c"])
     monkeypatch.setattr(int8.QuantSettings, "from_preset", classmethod(
         lambda cls, preset, is_static: cls("avx2", is_static, True, False, None, None)))
 
@@ -1019,11 +1032,42 @@ def test_a_variant_left_at_its_probe_records_the_measure_that_decided(monkeypatc
     static = got["int8_static"]
     assert static.speed.throughput_seq_s == 40.0 and taken["int8_static"] == [95.0]  # no second measure
     assert "probe calibrated on 1 of 4" in static.speed.probe and "int8_static-speed" not in ctx.stages.seconds
+    assert "interleaved with int8_dynamic" in static.speed.probe and "0.57x its recorded 70 seq/s" in static.speed.probe
     assert static.parity.reason.startswith("not gated: slower than int8_dynamic, which passed")
     assert got["int8_dynamic"].speed.throughput_seq_s > static.speed.throughput_seq_s
     report = types.SimpleNamespace(reference=types.SimpleNamespace(size_bytes=None, speed=None, accuracy=None),
                                    variants=got, selected="int8_dynamic")
     assert any(r[0] == "int8_static" and r[3] == "40.0 (probe)" for r in render.table_rows(report))
+
+
+def test_a_probe_is_timed_interleaved_with_the_passing_variant_on_the_same_texts(tmp_path):
+    """The probe and the fastest passing variant take turns (the order alternating) on one window of texts a
+    round; the result is the passing variant's recorded seq/s times the median ratio: below the floor exactly
+    when the probe ran slower in this run, however fast the machine was when the floor was recorded."""
+    import types
+
+    from exporter import variants as vmod
+    from exporter.artifacts import ParityResult
+
+    ctx = _gating_context(tmp_path, Target.CPU, {}, {})
+    ctx.data = types.SimpleNamespace(texts=[f"t{i}" for i in range(50)])
+    ctx.variants["int8_dynamic"] = vmod.Variant(
+        name="int8_dynamic", precision="int8", file="int8_dynamic/model.onnx", size_bytes=1,
+        speed=_speed_record(ctx, 60.0), parity=ParityResult(n_examples=1, passed=True, reason="", label_agreement=1.0))
+    calls, rates = [], {"int8_dynamic": iter([30.0, 20.0, 30.0]), "int8_static": iter([27.0, 22.0, 24.0])}
+
+    def row_timer(path, precision):
+        side = path.parent.name
+        return lambda texts: (calls.append((side, texts[0], len(texts))), _speed_record(ctx, next(rates[side])))[1]
+
+    ctx.row_timer = row_timer
+    probe = vmod.ProbeSpeed(ctx)
+    seq_s = probe(tmp_path / "out" / "int8_static" / "model.onnx")
+    k = round(60.0 * vmod.PROBE_SECONDS)  # about PROBE_SECONDS of the passing variant
+    assert calls == [("int8_dynamic", "t0", k), ("int8_static", "t0", k), ("int8_static", f"t{k}", k),
+                     ("int8_dynamic", f"t{k}", k), ("int8_dynamic", f"t{2 * k}", k), ("int8_static", f"t{2 * k}", k)]
+    assert seq_s == pytest.approx(60.0 * 0.9) and probe.last.throughput_seq_s == seq_s  # ratios 0.9, 1.1, 0.8
+    assert f"3 rounds of {k})" in probe.record("round 0").probe
 
 
 def _speed_record(ctx, seq_s):
