@@ -102,7 +102,10 @@ class Context:
         """(name, record) of the fastest servable variant that passed so far."""
         passing = [(v.speed.throughput_seq_s, n) for n, v in self.variants.items()
                    if n in SERVABLE[self.config.target] and v.parity.passed and v.speed is not None]
-        return None if not passing else (max(passing)[1], self.variants[max(passing)[1]])
+        if not passing:
+            return None
+        name = max(passing)[1]
+        return name, self.variants[name]
 
     def best_passing(self) -> float | None:
         """The throughput of the fastest servable variant that passed so far."""
