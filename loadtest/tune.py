@@ -4,7 +4,7 @@ The CPU target serves each model as ONE python-backend model that runs every row
 docs/SERVING.md), so what there is to tune is how many instances of it run and with how many ONNX Runtime
 intra-op threads each, and how the dynamic batcher groups requests into one execute call. Stage 1 tries
 thread layouts (instances x intra-op threads; by default the repository's own, one per usable core x 1,
-half of that x 2 and twice that x 1) with the repository's batching; stage 2 varies one batching knob at a
+half of that x 2 and twice that x 1; each that fits the cores pinned and unpinned) with the repository's batching; stage 2 varies one batching knob at a
 time (max queue delay, max batch size) around the best layout. Each trial writes a full repository through
 ``serving.repository.write_repository`` into a temporary directory, starts tritonserver on it and measures
 a short closed-loop run at fixed concurrency. The best trial (highest seq/s without failures; within 3 %,
@@ -80,6 +80,9 @@ class TuneConfig:
     layouts: tuple[tuple[int, int], ...] = field(default=(), metadata={
         "help": "INSTANCESxTHREADS list of stage 1 (empty: the repository's layout, one instance per usable core "
                 "x 1 thread, half of that x 2, twice that x 1)"})
+    try_unpinned: bool = field(default=True, metadata={
+        "help": "stage 1 runs each layout that fits the cores both pinned (one core set per instance) and unpinned: "
+                "which is faster depends on the model and the machine (docs/LOADTEST.md)"})
     queue_delays_us: tuple[int, ...] = field(default=(0, 500, 8000),
                                              metadata={"help": "max_queue_delay values to try (stage 2)"})
     max_batch_sizes: tuple[int, ...] = field(default=(32, 128),
@@ -155,8 +158,22 @@ def default_layouts(base) -> tuple[tuple[int, int], ...]:
     return tuple(dict.fromkeys(candidates))
 
 
+def stage1_layouts(cfg: TuneConfig, base) -> list:
+    """Stage 1's RepositoryConfigs: each INSTANCESxTHREADS layout, pinned and unpinned when it fits the cores
+    (``try_unpinned``; the model pins only fixed-thread layouts that fit: serving/models/textmodel.py), once
+    otherwise."""
+    out = []
+    for i, t in cfg.layouts or default_layouts(base):
+        rcfg = dataclasses.replace(base, encoder_instances=i, intra_op_threads=t)
+        fits = t >= 1 and (i or usable_cores()) * t <= usable_cores()
+        pins = (True, False) if cfg.try_unpinned and fits else (rcfg.pin_instances,)
+        out += [dataclasses.replace(rcfg, pin_instances=p) for p in pins]
+    return out
+
+
 def _knobs(cfg) -> dict[str, Any]:
     return {"encoder_instances": cfg.encoder_instances, "intra_op_threads": cfg.intra_op_threads,
+            "pin_instances": cfg.pin_instances,
             "max_batch_size": cfg.max_batch_size, "preferred_batch_sizes": list(cfg.preferred_batch_sizes),
             "max_queue_delay_us": cfg.max_queue_delay_us}
 
@@ -214,8 +231,7 @@ def _sweep(cfg: TuneConfig, base, run_trial) -> tuple[list[dict[str, Any]], dict
     """Both stages, with a progress bar; (trials, best trial, its RepositoryConfig)."""
     trials: list[dict[str, Any]] = []
     best: list = [None, None]  # [record, RepositoryConfig]
-    layouts = [dataclasses.replace(base, encoder_instances=i, intra_op_threads=t)
-               for i, t in cfg.layouts or default_layouts(base)]
+    layouts = stage1_layouts(cfg, base)
     n_stage2 = len(cfg.queue_delays_us) + len(cfg.max_batch_sizes)  # at most
 
     with progress.steps("tune", len(layouts) + n_stage2) as step:
@@ -234,12 +250,13 @@ def _sweep(cfg: TuneConfig, base, run_trial) -> tuple[list[dict[str, Any]], dict
     return trials, best[0], best[1]
 
 
-TABLE_HEADER = ("trial", "stage", "instances", "intra-op", "max batch", "preferred", "delay us", "seq/s",
+TABLE_HEADER = ("trial", "stage", "instances", "intra-op", "pinned", "max batch", "preferred", "delay us", "seq/s",
                 "p50 ms", "p99 ms", "failures")
 
 
 def _table_rows(trials: list[dict[str, Any]]) -> list[tuple]:
-    return [(t["trial"], t["stage"], t["encoder_instances"], t["intra_op_threads"], t["max_batch_size"],
+    return [(t["trial"], t["stage"], t["encoder_instances"], t["intra_op_threads"],
+             "yes" if t["pin_instances"] else "no", t["max_batch_size"],
              ",".join(map(str, t["preferred_batch_sizes"])) or "-", t["max_queue_delay_us"], t["seq_per_s"],
              t["p50_ms"], t["p99_ms"], t["failures"] if t.get("error") is None else f"error: {t['error'][:60]}")
             for t in trials]

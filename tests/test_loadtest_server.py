@@ -344,23 +344,29 @@ def test_served_repository_is_read_through_serving_repository(repository, tiny_o
 def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
     import shutil
 
-    from loadtest.tune import TuneConfig, run_tune
+    from loadtest.tune import TuneConfig, run_tune, stage1_layouts
+    from serving.repository import RepositoryConfig
 
     repo = tmp_path / "model_repository"
     shutil.copytree(repository, repo)
-    s = run_tune(TuneConfig(repository=repo, texts=texts_csv, duration_per_trial="1s", warmup="0.2s",
-                            concurrency=4, texts_per_request=4, layouts=((1, 1), (2, 1)), queue_delays_us=(500,),
-                            max_batch_sizes=(), n_texts=32, out=tmp_path / "tune"))
-    assert len(s["trials"]) == 3 and all(t["failures"] == 0 and t["seq_per_s"] > 0 for t in s["trials"])
+    cfg = TuneConfig(repository=repo, texts=texts_csv, duration_per_trial="1s", warmup="0.2s",
+                     concurrency=4, texts_per_request=4, layouts=((1, 1), (2, 1)), queue_delays_us=(500,),
+                     max_batch_sizes=(), n_texts=32, out=tmp_path / "tune")
+    s = run_tune(cfg)
+    stage1 = [(c.encoder_instances, c.pin_instances) for c in stage1_layouts(cfg, RepositoryConfig())]
+    assert (1, True) in stage1 and (1, False) in stage1  # one instance fits any machine: tried both ways
+    assert [(t["encoder_instances"], t["pin_instances"]) for t in s["trials"][:-1]] == stage1
+    assert len(s["trials"]) == len(stage1) + 1 and all(t["failures"] == 0 and t["seq_per_s"] > 0 for t in s["trials"])
     best = s["best"]
     enc = read_repository(repo).model().encoder_config
     assert sum(g.count for g in enc.instance_group) == best["encoder_instances"]
+    assert enc.parameters["pin_instances"].string_value == ("true" if best["pin_instances"] else "false")
     assert enc.dynamic_batching.max_queue_delay_microseconds == best["max_queue_delay_us"]
     prov = json.loads((repo / "provenance.json").read_text())
     assert prov["exporter"]["tuned"]["best"]["encoder_instances"] == best["encoder_instances"]
     assert prov["exporter"]["variant"] == "fp32"
     saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
-    assert len(saved["trials"]) == 3 and "| trial |" in (tmp_path / "tune" / "tune.md").read_text()
+    assert len(saved["trials"]) == len(stage1) + 1 and "| pinned |" in (tmp_path / "tune" / "tune.md").read_text()
 
 
 @pytest.mark.slow
