@@ -32,7 +32,7 @@ from loadtest.report import markdown_table
 from loadtest.run import default_out, parse_duration, parse_protocol
 from loadtest.serve import served
 from loadtest.texts import load_texts
-from serving.contract import Protocol, ServedModel
+from serving.contract import Head, Protocol, ServedModel
 from serving.repository import PROVENANCE, RepositoryConfig, Target, copy_openvino_ir, usable_cores, write_repository
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ def _sources(repository: Path, workdir: Path) -> _Sources:
     if info.target != Target.CPU.value:
         raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
                             f"machine (the GPU target is sized on its GPU, docs/SERVING.md)")
+    if info.model.head is Head.EMBEDDING:
+        raise LoadtestError(f"{repository} serves the embedder {info.model.name!r}: tune rewrites the repository of a "
+                            "model with labels; set an embedder's layout with "
+                            "python -m exporter build --instances/--intra-op-threads/--no-pin-instances")
     onnx = workdir / "model.onnx"
     shutil.copy2(info.onnx, onnx)
     copy_openvino_ir(info.onnx, workdir)  # an OpenVINO variant's trials (and the result) keep running its IR
@@ -166,7 +170,7 @@ def stage1_layouts(cfg: TuneConfig, base) -> list:
     for i, t in cfg.layouts or default_layouts(base):
         rcfg = dataclasses.replace(base, encoder_instances=i, intra_op_threads=t)
         fits = t >= 1 and (i or usable_cores()) * t <= usable_cores()
-        pins = (True, False) if cfg.try_unpinned and fits else (rcfg.pin_instances,)
+        pins = (True, False) if cfg.try_unpinned and fits else (rcfg.pin_instances and fits,)  # as it will run
         out += [dataclasses.replace(rcfg, pin_instances=p) for p in pins]
     return out
 

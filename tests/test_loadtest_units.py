@@ -457,7 +457,7 @@ def test_tune_default_layouts_and_batching_variations():
 def test_tune_tries_each_layout_that_fits_pinned_and_unpinned(monkeypatch):
     """Pinned or not is a property of the model on the machine (docs/LOADTEST.md "Third pass": the demo
     classifier ran 1.08-1.16x unpinned, the MiniLM embedder 0.91-1.12x): stage 1 runs both for a layout the
-    model would pin (fixed threads, fits the cores), once for one it never pins."""
+    model would pin (fixed threads, fits the cores), once (recorded unpinned, as it runs) for one it never pins."""
     from types import SimpleNamespace
 
     from loadtest import tune
@@ -466,11 +466,26 @@ def test_tune_tries_each_layout_that_fits_pinned_and_unpinned(monkeypatch):
     monkeypatch.setattr(tune, "usable_cores", lambda: 2)
     cfg = SimpleNamespace(layouts=((2, 1), (1, 2), (4, 1), (1, 0)), try_unpinned=True)
     got = [(c.encoder_instances, c.intra_op_threads, c.pin_instances) for c in tune.stage1_layouts(cfg, RepositoryConfig())]
-    assert got == [(2, 1, True), (2, 1, False), (1, 2, True), (1, 2, False), (4, 1, True), (1, 0, True)]
+    assert got == [(2, 1, True), (2, 1, False), (1, 2, True), (1, 2, False), (4, 1, False), (1, 0, False)]
     cfg.try_unpinned = False
     assert [c.pin_instances for c in tune.stage1_layouts(cfg, RepositoryConfig(pin_instances=False))] == [False] * 4
     assert tune._table_rows([{"trial": 1, "stage": "layout", **tune._knobs(RepositoryConfig(pin_instances=False)),
                               "seq_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 2.0, "failures": 0}])[0][4] == "no"
+
+
+def test_tune_refuses_an_embedder_with_one_clear_error(monkeypatch, tmp_path):
+    """tune rewrites a repository through write_repository, which needs labels: an embedding repository is
+    refused up front with what to use instead (it failed deep inside with "id2label must map 0..n-1")."""
+    from types import SimpleNamespace
+
+    from loadtest import tune
+    from loadtest.errors import LoadtestError
+    from serving.contract import Head, ServedModel
+
+    embedder = ServedModel(name="embedder", head=Head.EMBEDDING, embedding_dim=8)
+    monkeypatch.setattr(tune, "read_served_repository", lambda repo: SimpleNamespace(target="cpu", model=embedder))
+    with pytest.raises(LoadtestError, match="serves the embedder 'embedder'.*--no-pin-instances"):
+        tune._sources(tmp_path, tmp_path)
 
 
 def test_build_report_variants(tmp_path):
