@@ -4,10 +4,10 @@ The CPU target serves each model as ONE python-backend model that runs every row
 docs/SERVING.md), so what there is to tune is how many instances of it run and with how many ONNX Runtime
 intra-op threads each, and how the dynamic batcher groups requests into one execute call. Stage 1 tries
 thread layouts (instances x intra-op threads; by default the repository's own, one per usable core x 1,
-half of that x 2 and twice that x 1; each that fits the cores pinned and unpinned) with the repository's batching; stage 2 varies one batching knob at a
-time (max queue delay, max batch size) around the best layout. Each trial writes a full repository through
-``serving.repository.write_repository`` into a temporary directory, starts tritonserver on it and measures
-a short closed-loop run at fixed concurrency. The best trial (highest seq/s without failures; within 3 %,
+half of that x 2 and twice that x 1; each the model would pin, pinned and unpinned) with the repository's
+batching; stage 2 varies one batching knob at a time (max queue delay, max batch size) around the best
+layout. Each trial writes a full repository through ``serving.repository.write_repository`` into a temporary
+directory, starts tritonserver on it and measures a short closed-loop run at fixed concurrency. The best trial (highest seq/s without failures; within 3 %,
 the lower p99) is written into the repository the same way (atomically, same ONNX file, tokenizer and
 contract), and tune.json / tune.md record every trial.
 """
@@ -33,6 +33,7 @@ from loadtest.run import default_out, parse_duration, parse_protocol
 from loadtest.serve import served
 from loadtest.texts import load_texts
 from serving.contract import Head, Protocol, ServedModel
+from serving.models import runtime
 from serving.repository import PROVENANCE, RepositoryConfig, Target, copy_openvino_ir, usable_cores, write_repository
 
 log = logging.getLogger(__name__)
@@ -163,13 +164,12 @@ def default_layouts(base) -> tuple[tuple[int, int], ...]:
 
 
 def stage1_layouts(cfg: TuneConfig, base) -> list:
-    """Stage 1's RepositoryConfigs: each INSTANCESxTHREADS layout, pinned and unpinned when it fits the cores
-    (``try_unpinned``; the model pins only fixed-thread layouts that fit: serving/models/textmodel.py), once
-    otherwise."""
+    """Stage 1's RepositoryConfigs: each INSTANCESxTHREADS layout pinned and unpinned (``try_unpinned``) when
+    the model would pin it (``runtime.pinnable``, the served model's own rule), once and unpinned otherwise."""
     out = []
     for i, t in cfg.layouts or default_layouts(base):
         rcfg = dataclasses.replace(base, encoder_instances=i, intra_op_threads=t)
-        fits = t >= 1 and (i or usable_cores()) * t <= usable_cores()
+        fits = runtime.pinnable(i or usable_cores(), t, usable_cores())
         pins = (True, False) if cfg.try_unpinned and fits else (rcfg.pin_instances and fits,)  # as it will run
         out += [dataclasses.replace(rcfg, pin_instances=p) for p in pins]
     return out

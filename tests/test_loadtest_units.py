@@ -463,10 +463,16 @@ def test_tune_tries_each_layout_that_fits_pinned_and_unpinned(monkeypatch):
     from loadtest import tune
     from serving.repository import RepositoryConfig
 
+    from serving.models import runtime
+
     monkeypatch.setattr(tune, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "_cpu_quota_limited", lambda: False)
     cfg = SimpleNamespace(layouts=((2, 1), (1, 2), (4, 1), (1, 0)), try_unpinned=True)
     got = [(c.encoder_instances, c.intra_op_threads, c.pin_instances) for c in tune.stage1_layouts(cfg, RepositoryConfig())]
     assert got == [(2, 1, True), (2, 1, False), (1, 2, True), (1, 2, False), (4, 1, False), (1, 0, False)]
+    monkeypatch.setattr(runtime, "_cpu_quota_limited", lambda: True)  # under a CPU quota the model never pins
+    assert [c.pin_instances for c in tune.stage1_layouts(cfg, RepositoryConfig())] == [False] * 4
+    monkeypatch.setattr(runtime, "_cpu_quota_limited", lambda: False)
     cfg.try_unpinned = False
     assert [c.pin_instances for c in tune.stage1_layouts(cfg, RepositoryConfig(pin_instances=False))] == [False] * 4
     assert tune._table_rows([{"trial": 1, "stage": "layout", **tune._knobs(RepositoryConfig(pin_instances=False)),

@@ -23,6 +23,26 @@ DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
 
 
+def pinnable(instances, threads, cores):
+    """Whether ``instances`` instances of ``threads`` fixed intra-op threads each are pinned, one core set per
+    instance, on ``cores`` usable cores (serving/models/textmodel.py ``pin_instance`` does it; loadtest tune
+    tries the layouts it pins both ways): every instance fits, the threads are fixed (not 0), and no CPU quota
+    applies."""
+    return threads >= 1 and instances * threads <= cores and not _cpu_quota_limited()
+
+
+def _cpu_quota_limited():
+    """True when a cgroup CPU quota (not a cpuset) limits this process: then the cores in its affinity mask
+    are shared with others, and pinning to some of them would crowd onto those."""
+    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
+        try:
+            with open(path) as fh:
+                return fh.read().split()[0] != unlimited
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 def ir_beside(onnx_path):
     """The OpenVINO IR in ``onnx_path``'s directory, or None when that directory runs on ONNX Runtime."""
     path = os.path.join(os.path.dirname(os.path.abspath(str(onnx_path))), IR_FILE)

@@ -160,18 +160,6 @@ def embedding_output(model, rows):
     return pb_utils.Tensor(contract.EMBEDDING, out)
 
 
-def _cpu_quota_limited():
-    """True when a cgroup CPU quota (not a cpuset) limits this process: then the cores in its affinity mask
-    are shared with others, and pinning to some of them would crowd onto those."""
-    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
-        try:
-            with open(path) as fh:
-                return fh.read().split()[0] != unlimited
-        except (OSError, IndexError):
-            continue
-    return False
-
-
 def pin_instance(args, params):
     """Pin this instance's stub (all its threads) to cores of its own, as the ceiling's processes run: the
     instance's index picks ``intra_op_threads`` cores of the ones the server may use. Only when every
@@ -183,7 +171,7 @@ def pin_instance(args, params):
     count = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
     threads = int(params.get("intra_op_threads", "1"))
     cores = sorted(os.sched_getaffinity(0))
-    if threads < 1 or count * threads > len(cores) or _cpu_quota_limited():
+    if not runtime.pinnable(count, threads, len(cores)):
         return None
     try:  # Triton names instances <group>_<index>
         index = int(str(args["model_instance_name"]).rsplit("_", 1)[-1]) % count
