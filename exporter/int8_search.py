@@ -79,8 +79,8 @@ def search(kind: str, src: Path, dst: Path, settings: QuantSettings, *, tune: Ga
     itself. Round 0 (everything quantized) goes straight to ``final``: it makes no choice the tuning rows
     could inform, and a task's tuning reference (the fp32 graph on every tuning row) is then only computed
     when an exclusion round needs it. Each later round is checked on the tuning rows first, and gated only
-    when it passes them. Returns the last attempt; its ``eval_record`` says whether it passed. When round 0's ``throughput(path)`` is already below
-    ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
+    when it passes them. Returns the last attempt; its ``eval_record`` says whether it passed. When round 0's
+    ``throughput(path)`` is already below ``speed_floor`` (the best passing variant's), neither its tuning check, its gate nor an exclusion round
     is run (``eval_record`` None, ``skipped`` says why; static int8 is timed on a probe calibrated on a few
     rows before its full calibration: :func:`_slower_than_floor`): keeping nodes in fp32 only slows a variant down,
     so it could never be selected; exporter.pipeline.run_variants records it as not gated (or gates round 0's
