@@ -127,7 +127,9 @@ def ort_session(path: Path, threads: int):
 
 def bench_ort(name: str, onnx_path: Path, checkpoint: Path, texts, gold, batch: int, max_length: int,
               threads: int) -> BackendResult:
-    """In-process ONNX Runtime on one exported variant (same tokenizer, same padding as the pipeline)."""
+    """In-process, one exported variant in the runtime the server runs it with (ONNX Runtime, or OpenVINO
+    where the build wrote an IR beside it; the row is named after it), same tokenizer and padding as the
+    pipeline."""
     from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
@@ -146,7 +148,7 @@ def bench_ort(name: str, onnx_path: Path, checkpoint: Path, texts, gold, batch: 
         return [id2label[int(i)] for i in scores.argmax(-1)]
 
     preds, lat, secs = time_calls(run, texts, batch)
-    return result_row(f"onnxruntime {name} b{batch}", "in-process", batch, texts, gold, preds, lat, secs,
+    return result_row(f"{runtime.runtime_of(onnx_path)} {name} b{batch}", "in-process", batch, texts, gold, preds, lat, secs,
                    onnx=str(onnx_path), variant=name)
 
 
@@ -157,7 +159,7 @@ def bench_ceiling(name: str, model: CeilingModel, checkpoint: Path, texts, gold,
 
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(checkpoint).id2label.items()}
     run = measure_ceiling(model, texts, processes, seconds)
-    res = BackendResult(f"ceiling onnxruntime {name} 1 row x {run.processes} proc", "ceiling", 1, run.seq_per_s,
+    res = BackendResult(f"ceiling {runtime.runtime_of(model.onnx)} {name} 1 row x {run.processes} proc", "ceiling", 1, run.seq_per_s,
                         float(np.percentile(run.latencies_ms, 50)), float(np.percentile(run.latencies_ms, 99)),
                         accuracy([id2label[i] for i in run.label_ids], gold), len(texts),
                         {"onnx": str(model.onnx), "variant": name, "processes": run.processes,
@@ -394,7 +396,7 @@ def _bf16_isa(cfg: BenchConfig) -> tuple[str | None, bool]:
 def _ort_rows(cfg: BenchConfig, texts, gold, step) -> list[BackendResult]:
     parity, results = build_parity(cfg.build), []
     for name, path in read_build_variants(cfg.build):
-        step(f"onnxruntime {name}")
+        step(f"{runtime.runtime_of(path)} {name}")
         res = bench_ort(name, path, cfg.checkpoint, texts, gold, cfg.batch_size, cfg.max_length, cfg.threads)
         res.detail["parity_passed"] = parity.get(name)
         if parity.get(name) is False:

@@ -138,6 +138,17 @@ def test_the_bench_ceiling_opens_what_is_served(ov_build):
     assert not isinstance(ort_session(ov_build["build"] / "fp32" / "model.onnx", 1), runtime.OpenVINOSession)
 
 
+def test_the_bench_names_each_in_process_row_after_the_runtime_it_ran(ov_build, texts):
+    """An OpenVINO variant's in-process row is an OpenVINO run, and the table says so (it said onnxruntime)."""
+    from loadtest.bench import bench_ort
+
+    build, rows = ov_build["build"], texts[:8]
+    ov = bench_ort("ov_fp32", build / "ov_fp32" / "model.onnx", ov_build["ckpt"], rows, None, 4, 64, 1)
+    ort = bench_ort("fp32", build / "fp32" / "model.onnx", ov_build["ckpt"], rows, None, 4, 64, 1)
+    assert (ov.name, ort.name) == ("openvino ov_fp32 b4", "onnxruntime fp32 b4")
+    assert ov.seq_per_s > 0 and ort.seq_per_s > 0
+
+
 def _gate_logits(build: Path, tokenizer, texts: list[str]) -> np.ndarray:
     """Each text alone in the session the gate judged ov_fp32 with (parity.session: OpenVINO, 1 thread)."""
     from exporter import parity
