@@ -78,7 +78,7 @@ class BenchConfig:
     task: Task = field(default=Task.CLASSIFICATION, metadata={
         "help": "embedding: sentence-transformers encode vs the in-process ceiling vs the served embedder "
                 "(--checkpoint: the sentence-transformers directory; --build: its embedding build); "
-                "token-classification: transformers.pipeline vs the served tagger (--repository, --no-build)"})
+                "token-classification: transformers.pipeline vs the served tagger (--repository; no build is read)"})
     model_name: str | None = field(default=None, metadata={
         "help": "served model to measure (default: embedder with --task embedding, tagger with "
                 "--task token-classification)"})
@@ -130,6 +130,8 @@ class BenchConfig:
         self.peer_api = PeerApi(self.peer_api)
         if self.peer_url is not None and urlsplit(str(self.peer_url)).scheme not in ("http", "https"):
             raise LoadtestError(f"--peer-url must be an http(s) URL, not {self.peer_url!r}")
+        if self.task is Task.TOKEN_CLASSIFICATION:
+            self.build = None  # the tagger bench has no in-process variant rows: it reads no build
         if self.build is not None:
             self.build = Path(self.build)
             if not (self.build / "report.json").is_file():

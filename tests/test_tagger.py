@@ -292,11 +292,14 @@ def test_agreement_counts_texts_whose_entities_equal_the_reference():
     assert agreement(ref, [[{**ref[0][0], "word": "anne"}], [], ref[2]], "entity_group")[0] == pytest.approx(2 / 3)
 
 
-def test_bench_task_token_classification(built, tmp_path, capsys):
+def test_bench_task_token_classification(built, tmp_path, capsys, monkeypatch):
     """`loadtest bench --task token-classification`: the pipeline set up as the repository serves the tagger
     (its aggregation and windows, here first and chunk) beside the served tagger over HTTP and gRPC, closed and
-    open loop; the fp32 graph's entities agree with the pipeline's on every text."""
+    open loop; the fp32 graph's entities agree with the pipeline's on every text. No build directory is
+    needed (none is read; the default ``build`` does not exist in the working directory)."""
     from loadtest.cli import main
+
+    monkeypatch.chdir(tmp_path)
 
     repo, out = tmp_path / "repo", tmp_path / "bench"
     served = read_repository(built["repo"]).models[DEFAULT_TAGGER]
@@ -307,7 +310,7 @@ def test_bench_task_token_classification(built, tmp_path, capsys):
     texts = tmp_path / "texts.csv"
     with open(texts, "w", encoding="utf-8", newline="") as fh:
         csv.writer(fh).writerows([["text"]] + [[t] for t in _texts()])
-    code = main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+    code = main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]),
                  "--repository", str(repo), "--model-name", "ner", "--texts", str(texts), "--n-texts", str(N_EVAL),
                  "--batch-size", "4", "--concurrency", "2", "--texts-per-request", "2", "--single-text-concurrency",
                  "2", "--served-seconds", "0.5", "--warmup-seconds", "0.2", "--open-loop-seconds", "0.5",
@@ -328,7 +331,7 @@ def test_bench_task_token_classification(built, tmp_path, capsys):
     md = (out / "bench.md").read_text()
     assert "| served grpc c2 x2 |" in md and "aggregation `first`" in md
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]), "--no-build",
+    assert main(["bench", "--task", "token-classification", "--checkpoint", str(built["checkpoint"]),
                  "--repository", str(repo), "--model-name", "nope", "--out", str(tmp_path / "x")]) != 0
 
 
