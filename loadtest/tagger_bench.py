@@ -29,6 +29,7 @@ from common.atomic import atomic_directory
 from common.provenance import versions
 from exporter.token_classification import compare_entities
 from loadtest import cpu
+from loadtest.artifacts import served_record
 from loadtest.bench_common import (
     BackendResult,
     BenchConfig,
@@ -89,7 +90,7 @@ def read_setup(repository: Path | None, model: str | None) -> TaggerSetup:
     def param(key: str, default: str) -> str:
         return params[key].string_value if key in params else default
 
-    variant = (info.provenance.get("exporter") or {}).get("variant")
+    variant = (served_record(info.provenance, name).get("exporter") or {}).get("variant")
     return TaggerSetup(name, served_model.contract.aggregation, int(param("max_length", "128")),
                        param("long_text", "truncate"), int(param("chunk_overlap", "0")),
                        variant if isinstance(variant, str) else None, str(served_model.onnx_path))

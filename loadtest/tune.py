@@ -6,10 +6,11 @@ intra-op threads each, and how the dynamic batcher groups requests into one exec
 thread layouts (instances x intra-op threads; by default the repository's own, one per usable core x 1,
 half of that x 2 and twice that x 1; each the model would pin, pinned and unpinned) with the repository's
 batching; stage 2 varies one batching knob at a time (max queue delay, max batch size) around the best
-layout. Each trial writes a full repository through ``serving.repository.write_repository`` into a temporary
-directory, starts tritonserver on it and measures a short closed-loop run at fixed concurrency. The best trial (highest seq/s without failures; within 3 %,
-the lower p99) is written into the repository the same way (atomically, same ONNX file, tokenizer and
-contract), and tune.json / tune.md record every trial.
+layout. Each trial writes a repository of the tuned model alone through ``serving.repository.add_model`` into
+a temporary directory, starts tritonserver on it and measures a short closed-loop run at fixed concurrency.
+The best trial (highest seq/s without failures; within 3 %, the lower p99) is added to the repository the
+same way: the tuned model's next version (same ONNX file, tokenizer and contract), every other model of the
+repository kept, atomically; tune.json / tune.md record every trial.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 
 from common.atomic import atomic_directory
 from loadtest import progress
-from loadtest.artifacts import read_served_repository
+from loadtest.artifacts import read_served_repository, served_record
 from loadtest.clients import closed_loop
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
@@ -34,7 +35,7 @@ from loadtest.serve import served
 from loadtest.texts import load_texts
 from serving.contract import Head, Protocol, ServedModel
 from serving.models import runtime
-from serving.repository import PROVENANCE, RepositoryConfig, Target, copy_openvino_ir, usable_cores, write_repository
+from serving.repository import PROVENANCE, RepositoryConfig, Target, add_model, copy_openvino_ir, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def parse_ints(text: str, what: str, minimum: int = 0) -> tuple[int, ...]:
 class TuneConfig:
     repository: Path = field(default=Path("model_repository"),
                              metadata={"help": "repository to tune (written by python -m exporter build)"})
+    model_name: str | None = field(default=None, metadata={
+        "help": "served model to tune (default: the only one, or classifier); the repository's other models "
+                "are kept as they are"})
     texts: Path | None = field(default=None,
                                metadata={"help": "CSV with a text column (default data/test.csv, else the corpus)"})
     duration_per_trial: str = field(default="10s", metadata={"help": "measured length of each trial, e.g. 10s"})
@@ -112,31 +116,31 @@ class TuneConfig:
 @dataclass(frozen=True)
 class _Sources:
     """What every trial serves: copies of the served ONNX file (and its OpenVINO IR, if any) and tokenizer, the
-    contract, the base config."""
+    contract, the base config and the model's exporter record."""
 
     onnx: Path
     tokenizer_dir: Path
     model: ServedModel
-    base: Any  # serving.repository.RepositoryConfig the repository was written with
-    provenance: dict[str, Any]
+    base: Any  # serving.repository.RepositoryConfig the model was written with
+    exporter: dict[str, Any]
 
     def write(self, out: Path, rcfg, exporter: dict[str, Any] | None = None) -> Path:
-        """A repository serving the same model with ``rcfg`` (serving.repository writes it atomically)."""
-        return write_repository(out, onnx_model=self.onnx, tokenizer_dir=self.tokenizer_dir,
-                                id2label=dict(enumerate(self.model.labels)), config=rcfg, model=self.model,
-                                provenance=exporter)
+        """``out`` serving the same model with ``rcfg`` (serving.repository.add_model, atomic): a new repository
+        where there is none, else the model's next version beside every other model ``out`` serves."""
+        return add_model(out, onnx_model=self.onnx, tokenizer_dir=self.tokenizer_dir, model=self.model, config=rcfg,
+                         provenance=exporter)
 
 
-def _sources(repository: Path, workdir: Path) -> _Sources:
-    """Copies of what ``repository`` serves (read through serving.repository.read_repository), so that the
-    repository itself can be rewritten from them."""
-    info = read_served_repository(repository)
+def _sources(repository: Path, workdir: Path, model: str | None = None) -> _Sources:
+    """Copies of what ``repository`` serves as ``model`` (read through serving.repository.read_repository), so
+    that the repository itself can be rewritten from them."""
+    info = read_served_repository(repository, model=model)
     if info.target != Target.CPU.value:
         raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
                             f"machine (the GPU target is sized on its GPU, docs/SERVING.md)")
     if info.model.head is Head.EMBEDDING:
-        raise LoadtestError(f"{repository} serves the embedder {info.model.name!r}: tune rewrites the repository of a "
-                            "model with labels; set an embedder's layout with "
+        raise LoadtestError(f"{repository}: {info.model.name!r} is an embedder, and tune's trials measure a "
+                            "classifier's answers; set an embedder's layout with "
                             "python -m exporter build --instances/--intra-op-threads/--no-pin-instances")
     onnx = workdir / "model.onnx"
     shutil.copy2(info.onnx, onnx)
@@ -144,7 +148,8 @@ def _sources(repository: Path, workdir: Path) -> _Sources:
     tok = workdir / "tokenizer"
     shutil.copytree(info.tokenizer_dir, tok)
     log.info("tune sources: onnx %s, tokenizer %s", info.onnx, info.tokenizer_dir)
-    return _Sources(onnx, tok, info.model, _base_config(info.config), dict(info.provenance))
+    exporter = dict(served_record(info.provenance, info.model.name).get("exporter") or {})
+    return _Sources(onnx, tok, info.model, _base_config(info.config), exporter)
 
 
 def _base_config(raw: Mapping[str, Any]):
@@ -191,7 +196,7 @@ def _trial(i: int, stage: str, rcfg, src: _Sources, workdir: Path, cfg: TuneConf
         with served(repo) as ep:
             r = closed_loop(cfg.protocol, ep.url(cfg.protocol), texts, gold, concurrency=cfg.concurrency,
                             texts_per_request=cfg.texts_per_request, duration_s=cfg.duration_s,
-                            warmup_s=cfg.warmup_s)
+                            warmup_s=cfg.warmup_s, model=src.model.name)
         record.update(seq_per_s=r.seq_per_s, p50_ms=r.percentile(50), p99_ms=r.percentile(99),
                       requests=r.requests, failures=r.failures, error=r.first_error)
     except LoadtestError as exc:
@@ -293,16 +298,16 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     texts, gold = list(textset.texts), None if textset.labels is None else list(textset.labels)
     with tempfile.TemporaryDirectory(prefix="tune-") as tmpname:
         workdir = Path(tmpname)
-        src = _sources(cfg.repository, workdir)
+        src = _sources(cfg.repository, workdir, cfg.model_name)
         log.info("tune: base config %s", _knobs(src.base))
         trials, best, best_cfg = _sweep(cfg, src.base, lambda i, stage, rcfg: _trial(
             i, stage, rcfg, src, workdir, cfg, texts, gold))
         if cfg.apply:
-            exporter = dict(src.provenance.get("exporter") or {})
+            exporter = dict(src.exporter)
             exporter["tuned"] = {"best": _knobs(best_cfg), "seq_per_s": best["seq_per_s"],
                                  "p99_ms": best["p99_ms"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             src.write(cfg.repository, best_cfg, exporter)
-            log.info("wrote the best configuration into %s", cfg.repository)
+            log.info("added the best configuration to %s as %s's next version", cfg.repository, src.model.name)
     summary = {
         "repository": str(cfg.repository.absolute()), "applied": cfg.apply, "base": _knobs(src.base),
         "best": {**_knobs(best_cfg), **{k: best[k] for k in _RESULT_KEYS}},

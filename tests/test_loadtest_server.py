@@ -364,11 +364,45 @@ def test_tune_sweeps_and_writes_the_best(repository, texts_csv, tmp_path):
     assert sum(g.count for g in enc.instance_group) == best["encoder_instances"]
     assert enc.parameters["pin_instances"].string_value == ("true" if best["pin_instances"] else "false")
     assert enc.dynamic_batching.max_queue_delay_microseconds == best["max_queue_delay_us"]
-    prov = json.loads((repo / "provenance.json").read_text())
-    assert prov["exporter"]["tuned"]["best"]["encoder_instances"] == best["encoder_instances"]
-    assert prov["exporter"]["variant"] == "fp32"
+    own = json.loads((repo / "provenance.json").read_text())["served"][DEFAULT_CLASSIFIER]
+    assert own["exporter"]["tuned"]["best"]["encoder_instances"] == best["encoder_instances"]
+    assert own["exporter"]["variant"] == "fp32" and own["version"] == 2  # the tuned model's next version
     saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert len(saved["trials"]) == len(stage1) + 1 and "| pinned |" in (tmp_path / "tune" / "tune.md").read_text()
+
+
+def test_tune_keeps_the_repositorys_other_models(repository, texts_csv, tmp_path):
+    """Tuning one model of a repository that serves two adds the tuned model's next version and leaves the
+    other model as it was (tune used to rewrite the whole repository with the tuned model alone)."""
+    import shutil
+
+    from loadtest.tune import TuneConfig, run_tune
+    from serving.contract import ServedModel
+    from serving.repository import add_model
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo)
+    first = read_repository(repo).model()
+    add_model(repo, onnx_model=first.onnx_path, tokenizer_dir=first.tokenizer_dir,
+              model=ServedModel(name="sentiment", labels=tuple(LABELS)),
+              config=RepositoryConfig(max_batch_size=16, intra_op_threads=1, encoder_instances=1),
+              provenance={"variant": "other build"})
+    before = json.loads((repo / "provenance.json").read_text())
+    cfg = TuneConfig(repository=repo, model_name="sentiment", texts=texts_csv, duration_per_trial="1s",
+                     warmup="0.2s", concurrency=2, texts_per_request=2, layouts=((2, 1),), try_unpinned=False,
+                     queue_delays_us=(), max_batch_sizes=(), n_texts=16, out=tmp_path / "tune")
+    s = run_tune(cfg)
+    assert s["trials"][0]["failures"] == 0 and s["trials"][0]["seq_per_s"] > 0  # trials reach the named model
+    after = read_repository(repo)
+    assert set(after.models) == {DEFAULT_CLASSIFIER, "sentiment"}
+    tuned = after.models["sentiment"]
+    assert tuned.instances == 2 and tuned.version == 2
+    prov = json.loads((repo / "provenance.json").read_text())
+    assert prov["served"][DEFAULT_CLASSIFIER] == before["served"][DEFAULT_CLASSIFIER]
+    kept = {k: v for k, v in prov["files"].items() if k.startswith(f"{DEFAULT_CLASSIFIER}/")}
+    assert kept and kept == {k: v for k, v in before["files"].items() if k.startswith(f"{DEFAULT_CLASSIFIER}/")}
+    assert prov["served"]["sentiment"]["exporter"]["variant"] == "other build"
+    assert prov["served"]["sentiment"]["exporter"]["tuned"]["best"]["encoder_instances"] == 2
 
 
 @pytest.mark.slow

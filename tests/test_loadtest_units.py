@@ -480,8 +480,8 @@ def test_tune_tries_each_layout_that_fits_pinned_and_unpinned(monkeypatch):
 
 
 def test_tune_refuses_an_embedder_with_one_clear_error(monkeypatch, tmp_path):
-    """tune rewrites a repository through write_repository, which needs labels: an embedding repository is
-    refused up front with what to use instead (it failed deep inside with "id2label must map 0..n-1")."""
+    """tune's trials measure a classifier's answers: an embedder is refused up front with what to use instead
+    (it failed deep inside with "id2label must map 0..n-1")."""
     from types import SimpleNamespace
 
     from loadtest import tune
@@ -489,8 +489,8 @@ def test_tune_refuses_an_embedder_with_one_clear_error(monkeypatch, tmp_path):
     from serving.contract import Head, ServedModel
 
     embedder = ServedModel(name="embedder", head=Head.EMBEDDING, embedding_dim=8)
-    monkeypatch.setattr(tune, "read_served_repository", lambda repo: SimpleNamespace(target="cpu", model=embedder))
-    with pytest.raises(LoadtestError, match="serves the embedder 'embedder'.*--no-pin-instances"):
+    monkeypatch.setattr(tune, "read_served_repository", lambda repo, model=None: SimpleNamespace(target="cpu", model=embedder))
+    with pytest.raises(LoadtestError, match="'embedder' is an embedder.*--no-pin-instances"):
         tune._sources(tmp_path, tmp_path)
 
 
