@@ -298,9 +298,8 @@ def probe_record(ctx: Context, why: str) -> ParityResult:
     """The final record of a variant left at its probe (an int8 round 0 calibrated on a few rows and timed
     slower than a passing variant): never gated, so never selected (a later speed measure putting it ahead
     would otherwise gate the probe file, not the calibrated one; --exhaustive calibrates and gates it)."""
-    passing = [(v.speed.throughput_seq_s, n) for n, v in ctx.variants.items()
-               if n in SERVABLE[ctx.config.target] and v.parity.passed and v.speed is not None]
-    faster = f"slower than {max(passing)[1]}, which passed" if passing else "slower than a variant that passed"
+    found = ctx.fastest_passing()
+    faster = f"slower than {found[0]}, which passed" if found else "slower than a variant that passed"
     return ParityResult(n_examples=0, passed=False, reason=f"not gated: {faster} ({why})", label_agreement=0.0,
                         gate_mode=ctx.mode, gated=False)
 
