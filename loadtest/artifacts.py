@@ -13,7 +13,7 @@ from exporter.artifacts import ArtifactError, read_report
 from loadtest.errors import LoadtestError
 from serving.contract import ServedModel
 from serving.errors import RepositoryError
-from serving.repository import read_repository
+from serving.repository import read_repository, model_provenance
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def read_served_repository(repository: Path, build: Path | None = None,
         raise LoadtestError(f"{repository} has no provenance.json: was it written by serving.repository?")
     if not served.onnx_path.is_file() or not (served.tokenizer_dir / "tokenizer.json").is_file():
         raise LoadtestError(f"{repository}: the ONNX file or tokenizer of model '{served.name}' is missing")
-    batching, own = served.batching, served_record(info.provenance, served.name)
+    batching, own = served.batching, model_provenance(info.provenance, served.name)
     return ServedRepository(
         path=repository, onnx=served.onnx_path, tokenizer_dir=served.tokenizer_dir,
         labels=tuple(served.contract.labels), variant=_served_variant(own, build),
@@ -105,13 +105,6 @@ def read_served_repository(repository: Path, build: Path | None = None,
         max_batch_size=served.max_batch_size, preferred_batch_sizes=tuple(batching.preferred_batch_size),
         max_queue_delay_us=batching.max_queue_delay_microseconds,
         config=own.get("config") or {}, provenance=info.provenance, model=served.contract)
-
-
-def served_record(provenance: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """One served model's own provenance record (its config, ONNX file and exporter record: ``served[name]``),
-    or the repository's top-level record where it predates per-model records. In a repository of several
-    models the top level holds the first model written, not necessarily ``name``."""
-    return (provenance.get("served") or {}).get(name) or provenance
 
 
 def _served_variant(prov: Mapping[str, Any], build: Path | None) -> str | None:

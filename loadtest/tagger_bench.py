@@ -29,7 +29,6 @@ from common.atomic import atomic_directory
 from common.provenance import versions
 from exporter.token_classification import compare_entities
 from loadtest import cpu
-from loadtest.artifacts import served_record
 from loadtest.bench_common import (
     BackendResult,
     BenchConfig,
@@ -46,7 +45,7 @@ from loadtest.report import markdown_table
 from loadtest.serve import served
 from serving.contract import DEFAULT_TAGGER, Aggregation, Head, Protocol, entity_key
 from serving.errors import RepositoryError
-from serving.repository import read_repository
+from serving.repository import read_repository, model_provenance
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def read_setup(repository: Path | None, model: str | None) -> TaggerSetup:
     def param(key: str, default: str) -> str:
         return params[key].string_value if key in params else default
 
-    variant = (served_record(info.provenance, name).get("exporter") or {}).get("variant")
+    variant = (model_provenance(info.provenance, name).get("exporter") or {}).get("variant")
     return TaggerSetup(name, served_model.contract.aggregation, int(param("max_length", "128")),
                        param("long_text", "truncate"), int(param("chunk_overlap", "0")),
                        variant if isinstance(variant, str) else None, str(served_model.onnx_path))

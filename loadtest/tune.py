@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from common.atomic import atomic_directory
 from loadtest import progress
-from loadtest.artifacts import read_served_repository, served_record
+from loadtest.artifacts import read_served_repository
 from loadtest.clients import closed_loop
 from loadtest.errors import LoadtestError
 from loadtest.report import markdown_table
@@ -35,7 +35,8 @@ from loadtest.serve import served
 from loadtest.texts import load_texts
 from serving.contract import Head, Protocol, ServedModel
 from serving.models import runtime
-from serving.repository import PROVENANCE, RepositoryConfig, Target, add_model, copy_openvino_ir, usable_cores
+from serving.repository import (PROVENANCE, RepositoryConfig, Target, add_model, copy_openvino_ir, model_provenance,
+                                usable_cores)
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ class _Sources:
 
 
 def _sources(repository: Path, workdir: Path, model: str | None = None) -> _Sources:
-    """Copies of what ``repository`` serves as ``model`` (read through serving.repository.read_repository), so
-    that the repository itself can be rewritten from them."""
+    """Copies of what ``repository`` serves as ``model`` (read through serving.repository.read_repository): the
+    trials and the tuned version are written from them."""
     info = read_served_repository(repository, model=model)
     if info.target != Target.CPU.value:
         raise LoadtestError(f"{repository} is a {info.target} repository: tune sweeps the CPU target on this "
@@ -148,7 +149,7 @@ def _sources(repository: Path, workdir: Path, model: str | None = None) -> _Sour
     tok = workdir / "tokenizer"
     shutil.copytree(info.tokenizer_dir, tok)
     log.info("tune sources: onnx %s, tokenizer %s", info.onnx, info.tokenizer_dir)
-    exporter = dict(served_record(info.provenance, info.model.name).get("exporter") or {})
+    exporter = dict(model_provenance(info.provenance, info.model.name).get("exporter") or {})
     return _Sources(onnx, tok, info.model, _base_config(info.config), exporter)
 
 

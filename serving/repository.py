@@ -595,6 +595,14 @@ def _served_record(root: Path, own: Mapping[str, Any], names: Sequence[str], ver
             "versions": records}
 
 
+def model_provenance(provenance: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """One served model's own provenance record (its config, ONNX file, exporter record and versions:
+    ``served[name]``), or the repository's top-level record where it predates per-model records (a one-model
+    repository). In a repository of several models the top level holds the first model written, not
+    necessarily ``name``."""
+    return (provenance.get("served") or {}).get(name) or provenance
+
+
 def _served_model(model: ServedModel | None, id2label: Mapping[int, str]) -> ServedModel:
     one = model is not None and model.head in (Head.REGRESSION, Head.MULTI_LABEL)  # heads with 1 output/label
     labels = _labels(id2label, 1 if one else 2)
@@ -1007,9 +1015,8 @@ def _merged_provenance(tmp: Path, existing: RepositoryInfo | None, config: Repos
     own = _provenance(tmp, config, model, onnx_model, info, exporter)
     record = dict(existing.provenance) if existing is not None else own
     record["models"] = {**record.get("models", {}), model.name: model.to_json()}
-    previous = record.get("served", {}).get(model.name)
-    if previous is None and existing is not None and model.name in existing.models:
-        previous = {k: existing.provenance.get(k) for k in ("onnx", "exporter")}  # a one-model repository
+    previous = model_provenance(existing.provenance, model.name) \
+        if existing is not None and model.name in existing.models else None
     served = _served_record(tmp, own, names, version, previous, kept)
     record["served"] = {**record.get("served", {}), model.name: served}
     record["files"] = hash_tree(tmp)
