@@ -148,8 +148,8 @@ def bench_ort(name: str, onnx_path: Path, checkpoint: Path, texts, gold, batch: 
         return [id2label[int(i)] for i in scores.argmax(-1)]
 
     preds, lat, secs = time_calls(run, texts, batch)
-    return result_row(f"{runtime.runtime_of(onnx_path)} {name} b{batch}", "in-process", batch, texts, gold, preds, lat, secs,
-                   onnx=str(onnx_path), variant=name)
+    return result_row(f"{runtime.runtime_of(onnx_path)} {name} b{batch}", "in-process", batch, texts, gold, preds,
+                      lat, secs, onnx=str(onnx_path), variant=name)
 
 
 def bench_ceiling(name: str, model: CeilingModel, checkpoint: Path, texts, gold, processes: int,
@@ -159,7 +159,8 @@ def bench_ceiling(name: str, model: CeilingModel, checkpoint: Path, texts, gold,
 
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(checkpoint).id2label.items()}
     run = measure_ceiling(model, texts, processes, seconds)
-    res = BackendResult(f"ceiling {runtime.runtime_of(model.onnx)} {name} 1 row x {run.processes} proc", "ceiling", 1, run.seq_per_s,
+    label = f"ceiling {runtime.runtime_of(model.onnx)} {name} 1 row x {run.processes} proc"
+    res = BackendResult(label, "ceiling", 1, run.seq_per_s,
                         float(np.percentile(run.latencies_ms, 50)), float(np.percentile(run.latencies_ms, 99)),
                         accuracy([id2label[i] for i in run.label_ids], gold), len(texts),
                         {"onnx": str(model.onnx), "variant": name, "processes": run.processes,
